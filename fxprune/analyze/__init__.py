@@ -1,0 +1,105 @@
+"""Dependency analysis: a traced graph -> groups of channels that must shrink together.
+
+    slots.py   every axis of every tensor gets a range of element ids
+    rules/     one small coupling function per op family, looked up by ATen op (the table)
+    couple.py  what a rule may write: links, frozen axes, roles, exactness
+    groups.py  connected components -> channels -> groups, and the printable table
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .couple import Coupler, TensorRef, UnsupportedOpWarning, as_ref
+from .groups import ChannelGroups, Group, ParamSlot
+from .rules import IGNORED, RULES
+from .slots import SlotTable, tensor_values
+
+__all__ = ["analyze", "couple_graph", "ChannelGroups", "Group", "ParamSlot", "UnsupportedOpWarning"]
+
+
+def _original_names(gm: fx.GraphModule) -> set[str]:
+    return {n for n, _ in gm.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+
+
+def _flatten_output(args: object) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    stack = [args]
+    while stack:
+        a = stack.pop()
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            stack.extend(a)
+        elif isinstance(a, dict):
+            stack.extend(a.values())
+    return out
+
+
+def couple_graph(gm: fx.GraphModule) -> Coupler:
+    """Run every node's coupling rule; the unknown and the failing freeze what they touch."""
+    ctx = Coupler(SlotTable.build(gm.graph))
+    state = _original_names(gm)
+    first_attr: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            ctx.freeze(node, None, "model input")
+            for k in range(1, len(tensor_values(node))):
+                ctx.freeze(TensorRef(node, k), None, "model input")
+        elif node.op == "get_attr":
+            ref = as_ref(node)
+            if ref is None:
+                continue
+            for a in range(ref.ndim):
+                ctx.set_zero(ref, a, node.target in state)
+            twin = first_attr.setdefault(node.target, node)
+            if twin is not node:  # one parameter read twice: the same positions
+                for a in range(ref.ndim):
+                    ctx.link_axes(twin, a, node, a)
+        elif node.op == "output":
+            for n in _flatten_output(node.args):
+                for k, v in enumerate(tensor_values(n)):
+                    if v is not None:
+                        ctx.freeze(TensorRef(n, k), None, "model output")
+        elif node.op == "call_function" and node.target in IGNORED:
+            continue
+        elif node.op == "call_function" and node.target in RULES:
+            try:
+                RULES[node.target].couple(node, ctx)
+            except Exception as exc:  # noqa: BLE001 - a rule bug must cost channels, never correctness
+                warnings.warn(f"fxprune: coupling rule for {node.target} failed on {node.format_node()}: {exc!r}; "
+                              "its channels are frozen", UnsupportedOpWarning, stacklevel=2)
+                ctx.unknown(node)
+        elif tensor_values(node):
+            ctx.unknown(node)
+    ctx.node = None
+    return ctx
+
+
+def _components(ctx: Coupler) -> np.ndarray:
+    n = ctx.table.total
+    if not ctx.edges_a:
+        return np.arange(n, dtype=np.int64)
+    a = np.concatenate(ctx.edges_a)
+    b = np.concatenate(ctx.edges_b)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def analyze(gm: fx.GraphModule, *, allow_inexact: bool = False) -> ChannelGroups:
+    """Group the channels of a traced graph (from ``fxprune.trace``) that must shrink together.
+
+    ``allow_inexact``: also make prunable the groups where removing a channel is not the same as
+    zeroing it (a LayerNorm, mean or softmax over the pruned axis). Off by default: every
+    compaction is then exactly equivalent to the masked model.
+    """
+    ctx = couple_graph(gm)
+    return ChannelGroups(gm, ctx, _components(ctx), allow_inexact)

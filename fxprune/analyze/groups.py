@@ -1,0 +1,233 @@
+"""Channels and channel groups: the connected components of the coupling relation, and their table.
+
+A *channel* is one connected component of linked elements: the smallest set of positions (across
+every tensor and parameter it touches) that can be removed on its own. A *group* is the set of
+channels that touch exactly the same slots: e.g. the 64 channels of a residual stream, or the 12
+heads of one attention layer. Scoring passes score the channels of a group; selection removes some.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch.fx as fx
+
+from .couple import Coupler
+from .slots import SlotKey, SlotTable
+
+__all__ = ["Group", "ChannelGroups", "META_GROUPS"]
+
+# node.meta key written here (one writer): {axis: group id} for the node's first output.
+META_GROUPS = "fxprune.groups"
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """One axis of one parameter or buffer that a group shrinks."""
+
+    name: str        # parameter/buffer name in the original model (get_attr target)
+    axis: int
+    role: str        # producer / consumer / norm / other
+    key: SlotKey
+
+
+@dataclass
+class Group:
+    id: int
+    channels: np.ndarray                 # component ids, in position order
+    params: list[ParamSlot]
+    frozen: str | None = None            # why it cannot shrink (None = prunable)
+    inexact: str | None = None           # why zeroing is not equivalent to removal (None = exact)
+    block: int = 1                       # positions per channel on its widest parameter slot (head size...)
+    nodes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None
+
+    def layers(self, role: str) -> list[str]:
+        return sorted({_module_of(p.name) for p in self.params if p.role == role})
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class ChannelGroups:
+    """All channel groups of a traced graph. Iterate it, index it, or print it as a table."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: Coupler, labels: np.ndarray, allow_inexact: bool) -> None:
+        self.gm = gm
+        self.table: SlotTable = ctx.table
+        self.coupler = ctx
+        self.labels = labels
+        self.allow_inexact = allow_inexact
+        self.unsupported = dict(ctx.unsupported)
+        self.groups: list[Group] = []
+        ncomp = int(labels.max()) + 1 if len(labels) else 0
+        self.comp_group = np.full(ncomp, -1, dtype=np.int64)
+        self.comp_pos = np.zeros(ncomp, dtype=np.int64)
+        self._build(ncomp)
+
+    # ---- construction ------------------------------------------------------------------
+    def _slot_flags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        t, ctx = self.table, self.coupler
+        nslots = len(t.keys)
+        frozen, inexact, param, role = (np.zeros(nslots, bool) for _ in range(4))
+        attrs = {n.name for n in self.gm.graph.nodes if n.op == "get_attr"}
+        for i, key in enumerate(t.keys):
+            frozen[i] = key in ctx.frozen or t.symbolic[i]
+            inexact[i] = key in ctx.inexact
+            param[i] = key[0] in attrs
+            role[i] = key in ctx.roles
+        return frozen, inexact, param, role
+
+    def _build(self, ncomp: int) -> None:
+        t, ctx, labels = self.table, self.coupler, self.labels
+        slot_of = t.slot_of_elements()
+        frozen_s, inexact_s, param_s, role_s = self._slot_flags()
+        frozen_el = frozen_s[slot_of]
+        for ids, _ in ctx.frozen_elements:
+            frozen_el[ids] = True
+        comp_frozen = np.bincount(labels, weights=frozen_el, minlength=ncomp) > 0
+        comp_inexact = np.bincount(labels, weights=inexact_s[slot_of], minlength=ncomp) > 0
+        comp_param = np.bincount(labels, weights=param_s[slot_of], minlength=ncomp) > 0
+        comp_role = np.bincount(labels, weights=role_s[slot_of], minlength=ncomp) > 0
+        # Signature of a component = the set of slots it touches (hashed), so parallel channels group.
+        pairs = np.unique(labels * len(t.keys) + slot_of)
+        pl, ps = pairs // len(t.keys), pairs % len(t.keys)
+        rng = np.random.default_rng(0)
+        slot_hash = rng.integers(1, 2**62, size=len(t.keys), dtype=np.int64).astype(np.uint64)
+        sig = np.zeros(ncomp, dtype=np.uint64)
+        np.add.at(sig, pl, slot_hash[ps])
+        # Shown: channels with parameters; frozen ones only where they are channel axes of a layer
+        # (not kernel positions or vocabulary rows).
+        interesting = comp_param & (~comp_frozen | comp_role)
+        first_el = np.full(ncomp, t.total, dtype=np.int64)
+        np.minimum.at(first_el, labels, np.arange(t.total))
+        comps = np.nonzero(interesting)[0]
+        comps = comps[np.argsort(first_el[comps], kind="stable")]
+        by_sig: dict[int, list[int]] = {}
+        for c in comps.tolist():
+            by_sig.setdefault(int(sig[c]), []).append(c)
+        slot_lists = _slots_per_component(pl, ps)
+        attrs = {n.name: n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        for members in by_sig.values():
+            arr = np.asarray(members, dtype=np.int64)
+            gid = len(self.groups)
+            self.comp_group[arr] = gid
+            self.comp_pos[arr] = np.arange(len(arr))
+            slots = [t.keys[s] for s in slot_lists[members[0]]]
+            params = [ParamSlot(attrs[k[0]], k[2], ctx.roles.get(k, "other"), k) for k in slots if k[0] in attrs]
+            params = _dedupe_params(params)
+            group = Group(gid, arr, params, nodes=sorted({k[0] for k in slots if k[0] not in attrs}))
+            group.frozen = self._frozen_reason(slots, members) if comp_frozen[arr].any() else None
+            group.inexact = next((ctx.inexact[k] for k in slots if k in ctx.inexact), None) if comp_inexact[arr].any() else None
+            if group.frozen is None and group.inexact is not None and not self.allow_inexact:
+                group.frozen = f"inexact ({group.inexact}); pass allow_inexact=True to prune it"
+            group.block = max((int(np.sum(labels[t.offsets[t.index[p.key]]:t.offsets[t.index[p.key]] + t.size(p.key)] == members[0]))
+                               for p in params), default=1)
+            self.groups.append(group)
+        self._annotate()
+
+    def _frozen_reason(self, slots: list[SlotKey], members: list[int]) -> str:
+        ctx = self.coupler
+        for k in slots:
+            if k in ctx.frozen:
+                return f"{ctx.frozen[k]} ({k[0]})"
+            if self.table.symbolic[self.table.index[k]]:
+                return f"symbolic size ({k[0]})"
+        for ids, reason in ctx.frozen_elements:
+            if np.isin(self.labels[ids], members).any():
+                return reason
+        return "frozen"
+
+    def _annotate(self) -> None:
+        t = self.table
+        for node in self.gm.graph.nodes:
+            axes = {}
+            for a in range(8):
+                key = (node.name, 0, a)
+                if key not in t.index:
+                    break
+                g = self.comp_group[self.labels[t.offsets[t.index[key]]]]
+                if g >= 0:
+                    axes[a] = int(g)
+            node.meta[META_GROUPS] = axes
+
+    # ---- queries -----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Group]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> Group:
+        return self.groups[i]
+
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def positions(self, key: SlotKey) -> np.ndarray:
+        """For each index of slot ``key``: (group id, channel position); -1 where no group."""
+        i = self.table.index[key]
+        comp = self.labels[self.table.offsets[i]:self.table.offsets[i] + self.table.sizes[i]]
+        return np.stack([self.comp_group[comp], self.comp_pos[comp]])
+
+    def channel_sum(self, group: Group, p: ParamSlot, per_index: np.ndarray) -> np.ndarray:
+        """Sum ``per_index`` (one value per index of p's axis) into one value per channel of ``group``."""
+        gid, pos = self.positions(p.key)
+        mask = gid == group.id
+        return np.bincount(pos[mask], weights=np.asarray(per_index, dtype=np.float64)[mask], minlength=len(group))
+
+    def rows(self) -> list[dict]:
+        """One dict per group, for tables and JSON reports."""
+        out = []
+        for g in self.groups:
+            out.append({
+                "group": g.id, "channels": len(g), "block": g.block,
+                "producers": g.layers("producer"), "consumers": g.layers("consumer"), "norms": g.layers("norm"),
+                "status": "prunable" if g.prunable else "frozen",
+                "why": g.frozen or "", "exact": g.inexact is None, "inexact_reason": g.inexact or "",
+            })
+        return out
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        head = f"{len(rows)} channel groups, {sum(r['status'] == 'prunable' for r in rows)} prunable"
+        lines = [head, f"{'id':>4} {'size':>6} {'status':<9} {'producers':<40} {'consumers':<40} note"]
+        for r in rows:
+            size = f"{r['channels']}x{r['block']}" if r["block"] > 1 else str(r["channels"])
+            note = r["why"] or ("" if r["exact"] else f"inexact: {r['inexact_reason']}")
+            lines.append(f"{r['group']:>4} {size:>6} {r['status']:<9} {_short(r['producers']):<40} "
+                         f"{_short(r['consumers']):<40} {note}")
+        if self.unsupported:
+            lines.append("ops without a rule (their channels are frozen): " + ", ".join(sorted(self.unsupported)))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _short(names: list[str], width: int = 40) -> str:
+    s = ", ".join(names) if names else "-"
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def _slots_per_component(pl: np.ndarray, ps: np.ndarray) -> dict[int, list[int]]:
+    starts = np.flatnonzero(np.r_[True, pl[1:] != pl[:-1]])
+    ends = np.r_[starts[1:], len(pl)]
+    return {int(pl[s]): ps[s:e].tolist() for s, e in zip(starts, ends)}
+
+
+def _dedupe_params(params: list[ParamSlot]) -> list[ParamSlot]:
+    seen: dict[tuple[str, int], ParamSlot] = {}
+    for p in params:
+        cur = seen.get((p.name, p.axis))
+        if cur is None or (cur.role == "other" and p.role != "other"):
+            seen[(p.name, p.axis)] = p
+    return list(seen.values())

@@ -1,0 +1,59 @@
+"""scaled_dot_product_attention: heads couple q, k, v and the output; grouped-query attention maps
+each query head to its shared key/value head."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+
+from ..couple import Coupler, TensorRef, as_ref
+from ..schema import bind, set_arg
+from . import ops, rule
+
+
+def _sdpa_rewrite(node: fx.Node, r: Any) -> None:
+    b = bind(node)
+    q = as_ref(b["query"])
+    old_e, new_e = r.old_shape(q)[-1], r.new_shape(q)[-1]
+    if old_e != new_e and b.get("scale") is None:
+        # The default scale is 1/sqrt(E): keep the original one when head dims shrink.
+        set_arg(node, "scale", 1.0 / math.sqrt(old_e))
+
+
+@rule(*ops("aten.scaled_dot_product_attention.default"), rewrite=_sdpa_rewrite)
+def sdpa(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    q, k, v, out = as_ref(b["query"]), as_ref(b["key"]), as_ref(b["value"]), TensorRef(node)
+    nd = q.ndim
+    for a in range(nd - 3):
+        for ref in (k, v, out):
+            ctx.link_axes(q, a, ref, a)
+    if nd >= 3:
+        h, hk = ctx.shape(q)[-3], ctx.shape(k)[-3]
+        ctx.link_axes(q, -3, out, -3)
+        ctx.link_axes(k, -3, v, -3)
+        if h == hk:
+            ctx.link_axes(q, -3, k, -3)
+        elif hk and h % hk == 0:
+            ctx.link(ctx.el(q, -3), ctx.el(k, -3)[np.arange(h) // (h // hk)])
+        else:
+            ctx.freeze(q, -3, "query heads do not divide key heads")
+    ctx.link_axes(q, -2, out, -2)
+    ctx.link_axes(k, -2, v, -2)
+    ctx.mark_inexact(k, -2, "attention softmax over keys")
+    ctx.link_axes(q, -1, k, -1)
+    if not (ctx.is_zero(q, -1) or ctx.is_zero(k, -1)):
+        ctx.mark_inexact(q, -1, "attention scores sum over this axis")
+    ctx.link_axes(v, -1, out, -1)
+    ctx.set_zero(out, -1, ctx.is_zero(v, -1))
+    mask = as_ref(b.get("attn_mask"))
+    if mask is not None:
+        full = list(ctx.shape(out)[:-1]) + [ctx.shape(k)[-2]]
+        refs = [(q, a) for a in range(nd - 1)] + [(k, nd - 2)]
+        shift = len(full) - mask.ndim
+        for a in range(mask.ndim):
+            ref, ra = refs[a + shift]
+            if ctx.shape(mask)[a] == full[a + shift]:
+                ctx.link_axes(mask, a, ref, ra)

@@ -1,0 +1,150 @@
+"""Elementwise ops: broadcasting identity maps; exact-zero propagation for pruned positions."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch.fx as fx
+
+from ..couple import Coupler, TensorRef, as_ref
+from ..schema import bind
+from . import IGNORED, ops, rule
+
+# f(0) == 0: a pruned (zeroed) position stays zero.
+ZERO_PRESERVING = ops(
+    "aten.relu.default", "aten.relu_.default", "aten.gelu.default", "aten.gelu_.default",
+    "aten.silu.default", "aten.silu_.default", "aten.tanh.default", "aten.tanh_.default",
+    "aten.hardswish.default", "aten.hardswish_.default", "aten.leaky_relu.default", "aten.leaky_relu_.default",
+    "aten.elu.default", "aten.elu_.default", "aten.mish.default", "aten.mish_.default", "aten.neg.default",
+    "aten.abs.default", "aten.sqrt.default", "aten.square.default", "aten.sin.default", "aten.erf.default",
+    "aten.sign.default", "aten.selu.default", "aten.celu.default", "aten.prelu.default",
+    "aten.dropout.default", "aten.dropout_.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",
+    "aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
+    "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
+    "aten.to.device", "aten.to.other", "aten.type_as.default", "aten.hardtanh.default", "aten.hardtanh_.default",
+    "aten.relu6.default", "aten.floor.default", "aten.ceil.default", "aten.round.default", "aten.trunc.default",
+    "aten.zeros_like.default",
+)
+# f(0) != 0 (or unknown): a pruned position becomes a nonzero constant.
+NOT_ZERO_PRESERVING = ops(
+    "aten.sigmoid.default", "aten.sigmoid_.default", "aten.exp.default", "aten.cos.default",
+    "aten.hardsigmoid.default", "aten.hardsigmoid_.default", "aten.rsqrt.default", "aten.reciprocal.default",
+    "aten.log.default", "aten.softplus.default", "aten.erfc.default", "aten.logical_not.default",
+    "aten.bitwise_not.default", "aten.isnan.default", "aten.log1p.default", "aten.expm1.default",
+    "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default", "aten.rand_like.default",
+    "aten.randn_like.default", "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
+    "aten.pow.Tensor_Scalar", "aten.nan_to_num.default", "aten.gelu_backward.default",
+)
+SUM_LIKE = ops("aten.add.Tensor", "aten.add_.Tensor", "aten.sub.Tensor", "aten.sub_.Tensor",
+               "aten.maximum.default", "aten.minimum.default", "aten.where.self")
+PRODUCT_LIKE = ops("aten.mul.Tensor", "aten.mul_.Tensor")
+QUOTIENT_LIKE = ops("aten.div.Tensor", "aten.div_.Tensor", "aten.div.Tensor_mode")
+_WHERE = ops("aten.where.self")
+OTHER_BROADCAST = ops(
+    "aten.eq.Tensor", "aten.ne.Tensor", "aten.lt.Tensor", "aten.le.Tensor", "aten.gt.Tensor", "aten.ge.Tensor",
+    "aten.eq.Scalar", "aten.ne.Scalar", "aten.lt.Scalar", "aten.le.Scalar", "aten.gt.Scalar", "aten.ge.Scalar",
+    "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.masked_fill_.Scalar", "aten.pow.Tensor_Tensor",
+    "aten.remainder.Tensor", "aten.remainder.Scalar", "aten.fmod.Tensor", "aten.__and__.Tensor",
+    "aten.__or__.Tensor", "aten.bitwise_and.Tensor", "aten.bitwise_or.Tensor", "aten.logical_and.default",
+    "aten.logical_or.default", "aten.floor_divide.default", "aten.rsub.Scalar", "aten.rsub.Tensor",
+    "aten.atan2.default", "aten.lerp.Scalar", "aten.lerp.Tensor", "aten.addcmul.default", "aten.addcdiv.default",
+)
+
+IGNORED.update(ops(
+    "aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten._assert_async.msg",
+    "aten.sym_constrain_range_for_size.default", "aten.sym_constrain_range.default",
+    "aten.sym_size.int", "aten.sym_numel.default", "aten.sym_stride.int", "aten._functional_assert_async.msg",
+))
+IGNORED.update({operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.mod,
+                operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge})
+
+
+def broadcast_link(node: fx.Node, ctx: Coupler) -> list[TensorRef]:
+    """Link every tensor input to the output along right-aligned axes of equal size."""
+    out = TensorRef(node)
+    inputs = [r for r in (as_ref(a) for a in _flat_args(node)) if r is not None]
+    for ref in inputs:
+        shift = out.ndim - ref.ndim
+        if shift < 0:
+            ctx.freeze(ref, None, f"{node.target} reduces rank")
+            continue
+        for a in range(ref.ndim):
+            ctx.link_axes(ref, a, out, a + shift)
+    return inputs
+
+
+def _flat_args(node: fx.Node) -> list[Any]:
+    flat: list[Any] = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        flat.extend(a if isinstance(a, (list, tuple)) else [a])
+    return flat
+
+
+def _full_inputs_on(ctx: Coupler, out: TensorRef, inputs: list[TensorRef], axis: int) -> list[tuple[TensorRef, int]]:
+    """Inputs that carry output axis ``axis`` at full size (not broadcast)."""
+    found = []
+    for ref in inputs:
+        a = axis - (out.ndim - ref.ndim)
+        if 0 <= a < ref.ndim and ctx.shape(ref)[a] == ctx.shape(out)[axis]:
+            found.append((ref, a))
+    return found
+
+
+def _scalars(node: fx.Node) -> list[Any]:
+    return [a for a in _flat_args(node) if isinstance(a, (int, float, bool))]
+
+
+@rule(*ZERO_PRESERVING)
+def unary_zero(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    inputs = broadcast_link(node, ctx)
+    src = inputs[0] if inputs else None
+    for a in range(out.ndim):
+        ctx.set_zero(out, a, src is not None and src.ndim == out.ndim and ctx.is_zero(src, a))
+
+
+@rule(*NOT_ZERO_PRESERVING, *OTHER_BROADCAST)
+def unary_other(node: fx.Node, ctx: Coupler) -> None:
+    broadcast_link(node, ctx)
+
+
+@rule(*SUM_LIKE)
+def sum_like(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    inputs = broadcast_link(node, ctx)
+    if node.target in _WHERE and len(inputs) == 3:
+        inputs = inputs[1:]  # the condition does not carry values
+    for a in range(out.ndim):
+        carriers = _full_inputs_on(ctx, out, inputs, a)
+        ctx.set_zero(out, a, bool(carriers) and not _has_scalar_operand(node) and all(ctx.is_zero(r, x) for r, x in carriers))
+
+
+def _has_scalar_operand(node: fx.Node) -> bool:
+    """add(x, 3.0) shifts zeros; alpha alone does not."""
+    b = bind(node)
+    for name in ("other", "self", "input"):
+        v = b.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0:
+            return True
+    return False
+
+
+@rule(*PRODUCT_LIKE)
+def product_like(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    inputs = broadcast_link(node, ctx)
+    zero_scalar = any(isinstance(s, (int, float)) and s == 0 for s in _scalars(node))
+    for a in range(out.ndim):
+        carriers = _full_inputs_on(ctx, out, inputs, a)
+        ctx.set_zero(out, a, zero_scalar or any(ctx.is_zero(r, x) for r, x in carriers))
+
+
+@rule(*QUOTIENT_LIKE)
+def quotient_like(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    inputs = broadcast_link(node, ctx)
+    num = as_ref(node.args[0])
+    for a in range(out.ndim):
+        ax = a - (out.ndim - num.ndim) if num is not None else -1
+        ctx.set_zero(out, a, num is not None and 0 <= ax < num.ndim
+                     and ctx.shape(num)[ax] == ctx.shape(out)[a] and ctx.is_zero(num, ax))

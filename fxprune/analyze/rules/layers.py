@@ -1,0 +1,141 @@
+"""Parameterised layers: convolutions (plain, grouped, depthwise, transposed), linear, matmul, embedding."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+
+from ..couple import Coupler, TensorRef, as_ref
+from ..schema import bind, set_arg
+from . import ops, rule
+
+PRODUCER, CONSUMER = "producer", "consumer"
+
+_TRANSPOSED = set(ops("aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input"))
+
+
+def _conv_args(node: fx.Node) -> tuple[Any, Any, Any, bool, int]:
+    b = bind(node)
+    transposed = node.target in _TRANSPOSED or bool(b.get("transposed", False))
+    return b["input"], b["weight"], b.get("bias"), transposed, int(b.get("groups", 1) or 1)
+
+
+def _conv_rewrite(node: fx.Node, r: Any) -> None:
+    x_arg, w_arg, _, transposed, groups = _conv_args(node)
+    if groups == 1:
+        return
+    x = as_ref(x_arg)
+    c = r.old_ndim(x) - (r.old_ndim(as_ref(w_arg)) - 2) - 1
+    old, new = r.old_shape(x)[c], r.new_shape(x)[c]
+    if old != new:
+        set_arg(node, "groups", groups * new // old)
+
+
+@rule(*ops("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
+           "aten.conv2d.padding", "aten.conv3d.padding", "aten.convolution.default",
+           "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input"),
+      rewrite=_conv_rewrite)
+def conv(node: fx.Node, ctx: Coupler) -> None:
+    x_arg, w_arg, b_arg, transposed, groups = _conv_args(node)
+    x, w, out = as_ref(x_arg), as_ref(w_arg), TensorRef(node)
+    nd = w.ndim - 2
+    c = x.ndim - nd - 1  # channel axis (0 for unbatched input)
+    if c == 1:
+        ctx.link_axes(x, 0, out, 0)
+    for s in range(c + 1, x.ndim):
+        ctx.freeze(x, s, "convolved spatial axis")
+        ctx.freeze(out, s, "convolved spatial axis")
+    for s in range(2, w.ndim):
+        ctx.freeze(w, s, "kernel axis")
+    if groups == 1:
+        w_in, w_out = (0, 1) if transposed else (1, 0)
+        ctx.link_axes(x, c, w, w_in)
+        ctx.role(w, w_in, CONSUMER)
+        ctx.link_axes(out, c, w, w_out)
+        ctx.role(w, w_out, PRODUCER)
+    else:
+        # A conv group is the unit: its input and output channels go together (depthwise: in c <-> out c).
+        cin, cout = ctx.shape(x)[c], ctx.shape(out)[c]
+        ipg, opg = cin // groups, cout // groups
+        xe, oe = ctx.el(x, c), ctx.el(out, c)
+        ctx.link(xe, oe[(np.arange(cin) // ipg) * opg])
+        ctx.link(oe, oe[(np.arange(cout) // opg) * opg])
+        ctx.freeze(w, 1, "per-group axis of a grouped convolution")
+        ctx.link_axes(x if transposed else out, c, w, 0)
+        ctx.role(w, 0, PRODUCER)
+    if as_ref(b_arg) is not None:
+        ctx.link_axes(out, c, b_arg, 0)
+        ctx.role(b_arg, 0, PRODUCER)
+    ctx.set_zero(out, c, True)
+
+
+@rule(*ops("aten.linear.default"))
+def linear(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    x, w, out = as_ref(b["input"]), as_ref(b["weight"]), TensorRef(node)
+    for a in range(x.ndim - 1):
+        ctx.link_axes(x, a, out, a)
+    ctx.link_axes(x, -1, w, 1)
+    ctx.link_axes(out, -1, w, 0)
+    ctx.role(w, 1, CONSUMER)
+    ctx.role(w, 0, PRODUCER)
+    if as_ref(b["bias"]) is not None:
+        ctx.link_axes(out, -1, b["bias"], 0)
+        ctx.role(b["bias"], 0, PRODUCER)
+    ctx.set_zero(out, -1, True)
+
+
+def _contract(ctx: Coupler, x: TensorRef, xa: int, y: TensorRef, ya: int, why: str) -> None:
+    """Positions summed over by a product of two tensors: exact only if one side is zero there."""
+    ctx.link_axes(x, xa, y, ya)
+    if not (ctx.is_zero(x, xa) or ctx.is_zero(y, ya)):
+        ctx.mark_inexact(x, xa, why)
+
+
+@rule(*ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default"))
+def matmul(node: fx.Node, ctx: Coupler) -> None:
+    x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)
+    if x.ndim < 2 or y.ndim < 2:
+        ctx.unknown(node)
+        return
+    batch = out.ndim - 2
+    for ref in (x, y):
+        shift = batch - (ref.ndim - 2)
+        for a in range(ref.ndim - 2):
+            ctx.link_axes(ref, a, out, a + shift)
+    ctx.link_axes(x, -2, out, -2)
+    ctx.link_axes(y, -1, out, -1)
+    _contract(ctx, x, -1, y, -2, "matmul sums over this axis")
+    for ref, inner, outer in ((x, -1, -2), (y, -2, -1)):
+        ctx.role(ref, inner, CONSUMER)
+        ctx.role(ref, outer, PRODUCER)
+    ctx.set_zero(out, -2, ctx.is_zero(x, -2))
+    ctx.set_zero(out, -1, ctx.is_zero(y, -1))
+
+
+@rule(*ops("aten.addmm.default"))
+def addmm(node: fx.Node, ctx: Coupler) -> None:
+    bias, x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), as_ref(node.args[2]), TensorRef(node)
+    ctx.link_axes(x, 0, out, 0)
+    ctx.link_axes(y, 1, out, 1)
+    _contract(ctx, x, 1, y, 0, "matmul sums over this axis")
+    ctx.role(y, 0, CONSUMER)
+    ctx.role(y, 1, PRODUCER)
+    shift = 2 - bias.ndim
+    for a in range(bias.ndim):
+        ctx.link_axes(bias, a, out, a + shift)
+        ctx.role(bias, a, PRODUCER)
+    ctx.set_zero(out, 1, ctx.is_zero(y, 1) and ctx.is_zero(bias, bias.ndim - 1))
+
+
+@rule(*ops("aten.embedding.default"))
+def embedding(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    w, idx, out = as_ref(b["weight"]), as_ref(b["indices"]), TensorRef(node)
+    ctx.freeze(w, 0, "vocabulary axis of an embedding")
+    ctx.link_axes(w, 1, out, -1)
+    ctx.role(w, 1, PRODUCER)
+    for a in range(idx.ndim):
+        ctx.link_axes(idx, a, out, a)
+    ctx.set_zero(out, -1, True)

@@ -1,0 +1,416 @@
+"""Shape ops: views, permutations, concat/split/slice, expand. Their literal sizes are rewritten at compaction."""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+
+from ..couple import Coupler, TensorRef, as_ref
+from ..schema import bind, set_arg
+from . import ops, rule
+
+# ---------------------------------------------------------------------------------------------
+# rewrites shared by the shape family
+
+
+def _is_literal(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def shape_arg(name: str, start: int = 0):
+    """Rewrite: list argument ``name`` holds the output's sizes from axis ``start``; refresh its literals."""
+    def rewrite(node: fx.Node, r: Any) -> None:
+        b = bind(node)
+        old = list(b[name])
+        new = r.new_shape(TensorRef(node))[start:start + len(old)]
+        set_arg(node, name, [n if _is_literal(o) and o != -1 else o for o, n in zip(old, new)])
+    return rewrite
+
+
+def _unflatten_rewrite(node: fx.Node, r: Any) -> None:
+    b = bind(node)
+    dim = b["dim"] % r.old_ndim(as_ref(b["self"]))
+    shape_arg("sizes", dim)(node, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# reshape: match input and output axes into chunks of equal product
+
+
+def reshape_chunks(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Split two shapes with equal numel into aligned chunks ([in axes], [out axes]) of equal product."""
+    chunks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            chunks.append(([i], []))
+            i += 1
+            continue
+        if j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            chunks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            raise ValueError("shapes do not match")
+        ia, jb, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a):
+                    raise ValueError("shapes do not match")
+                ia.append(i); pa *= a[i]; i += 1
+            else:
+                if j >= len(b):
+                    raise ValueError("shapes do not match")
+                jb.append(j); pb *= b[j]; j += 1
+        chunks.append((ia, jb))
+    return chunks
+
+
+def _selected_axes(node: fx.Node) -> set[int]:
+    """Axes of ``node``'s output that some user picks apart (select/unbind/index) after pure permutes."""
+    picked: set[int] = set()
+    stack: list[tuple[fx.Node, list[int]]] = [(node, list(range(len(node.meta["val"].shape))))]
+    while stack:
+        n, axes = stack.pop()  # axes[i] = original axis now at position i
+        for u in n.users:
+            if u.target in _PICKERS:
+                dim = bind(u).get("dim", 0)
+                picked.add(axes[dim % len(axes)])
+            elif u.target in _PERMUTE:
+                dims = [d % len(axes) for d in bind(u)["dims"]]
+                stack.append((u, [axes[d] for d in dims]))
+            elif u.target in _TRANSPOSE:
+                b = bind(u)
+                d0, d1 = b["dim0"] % len(axes), b["dim1"] % len(axes)
+                nxt = list(axes)
+                nxt[d0], nxt[d1] = nxt[d1], nxt[d0]
+                stack.append((u, nxt))
+            elif u.target in _CONTIGUOUS:
+                stack.append((u, axes))
+    return picked
+
+
+def _carrier(sizes: list[int], axes: list[int], avoid: set[int]) -> int | None:
+    """Which factor axis carries the channel identity of a merged/split axis: the outermost real one."""
+    real = [x for x in axes if sizes[x] > 1]
+    preferred = [x for x in real if x not in avoid]
+    pick = preferred or real
+    return pick[0] if pick else None
+
+
+def _link_factorisation(ctx: Coupler, flat: TensorRef, flat_axis: int, multi: TensorRef, axes: list[int],
+                        carrier: int | None, why: str) -> None:
+    """flat axis == product of ``axes`` of ``multi``; positions follow the carrier axis in blocks."""
+    sizes = ctx.shape(multi)
+    for x in axes:
+        if x != carrier:
+            ctx.freeze(multi, x, why)
+    if carrier is None:
+        ctx.freeze(flat, flat_axis, why)
+        return
+    inner = math.prod(sizes[x] for x in axes if x > carrier)
+    f = np.arange(ctx.shape(flat)[flat_axis])
+    ctx.link(ctx.el(flat, flat_axis), ctx.el(multi, carrier)[(f // inner) % sizes[carrier]])
+
+
+def couple_reshape(node: fx.Node, ctx: Coupler, src: Any) -> None:
+    x, out = as_ref(src), TensorRef(node)
+    a, b = list(ctx.shape(x)), list(ctx.shape(out))
+    try:
+        chunks = reshape_chunks(a, b)
+    except ValueError:
+        ctx.freeze(x, None, "reshape with symbolic sizes")
+        ctx.freeze(out, None, "reshape with symbolic sizes")
+        return
+    avoid = _selected_axes(node)
+    for ia, jb in chunks:
+        if len(ia) == 1 and len(jb) == 1:
+            ctx.link_axes(x, ia[0], out, jb[0])
+            ctx.set_zero(out, jb[0], ctx.is_zero(x, ia[0]))
+        elif len(jb) == 1 and ia:       # merge: in axes -> one out axis
+            c = _carrier(a, ia, set())
+            _link_factorisation(ctx, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
+            ctx.set_zero(out, jb[0], c is not None and ctx.is_zero(x, c))
+        elif len(ia) == 1 and jb:       # split: one in axis -> out axes
+            c = _carrier(b, jb, avoid)
+            _link_factorisation(ctx, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
+            if c is not None:
+                ctx.set_zero(out, c, ctx.is_zero(x, ia[0]))
+        else:
+            for i in ia:
+                ctx.freeze(x, i, "reshape mixes axes")
+            for j in jb:
+                ctx.freeze(out, j, "reshape mixes axes")
+
+
+def _view_size_rewrite(node: fx.Node, r: Any) -> None:
+    # view names its argument "size", reshape "shape".
+    shape_arg("size" if "size" in bind(node) else "shape")(node, r)
+
+
+@rule(*ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"), rewrite=_view_size_rewrite)
+def view(node: fx.Node, ctx: Coupler) -> None:
+    couple_reshape(node, ctx, node.args[0])
+
+
+@rule(*ops("aten.flatten.using_ints"))
+def flatten(node: fx.Node, ctx: Coupler) -> None:
+    couple_reshape(node, ctx, node.args[0])
+
+
+@rule(*ops("aten.unflatten.int"), rewrite=_unflatten_rewrite)
+def unflatten(node: fx.Node, ctx: Coupler) -> None:
+    couple_reshape(node, ctx, node.args[0])
+
+
+@rule(*ops("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", "aten.unsqueeze.default",
+           "aten.squeeze_.dim", "aten.unsqueeze_.default"))
+def squeeze(node: fx.Node, ctx: Coupler) -> None:
+    couple_reshape(node, ctx, node.args[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# permutations
+
+_PERMUTE = set(ops("aten.permute.default"))
+_TRANSPOSE = set(ops("aten.transpose.int", "aten.swapaxes.default"))
+_CONTIGUOUS = set(ops("aten.contiguous.default", "aten.clone.default", "aten.alias.default"))
+_PICKERS = set(ops("aten.select.int", "aten.unbind.int", "aten.index_select.default"))
+
+
+def _permute_link(ctx: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:
+    for i, p in enumerate(perm):
+        ctx.link_axes(x, p, out, i)
+        ctx.set_zero(out, i, ctx.is_zero(x, p))
+
+
+@rule(*_PERMUTE)
+def permute(node: fx.Node, ctx: Coupler) -> None:
+    x = as_ref(node.args[0])
+    _permute_link(ctx, x, TensorRef(node), [d % x.ndim for d in bind(node)["dims"]])
+
+
+@rule(*_TRANSPOSE, *ops("aten.t.default"))
+def transpose(node: fx.Node, ctx: Coupler) -> None:
+    x = as_ref(node.args[0])
+    perm = list(range(x.ndim))
+    if x.ndim >= 2:
+        b = bind(node)
+        d0, d1 = (b.get("dim0", 0), b.get("dim1", 1)) if "dim0" in b else (b.get("axis0", 0), b.get("axis1", 1))
+        d0, d1 = d0 % x.ndim, d1 % x.ndim
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    _permute_link(ctx, x, TensorRef(node), perm)
+
+
+# ---------------------------------------------------------------------------------------------
+# expand / repeat
+
+
+@rule(*ops("aten.expand.default"), rewrite=shape_arg("size"))
+def expand(node: fx.Node, ctx: Coupler) -> None:
+    x, out = as_ref(node.args[0]), TensorRef(node)
+    shift = out.ndim - x.ndim
+    for a in range(x.ndim):
+        if ctx.shape(x)[a] == ctx.shape(out)[a + shift]:
+            ctx.link_axes(x, a, out, a + shift)
+            ctx.set_zero(out, a + shift, ctx.is_zero(x, a))
+
+
+@rule(*ops("aten.repeat.default"))
+def repeat(node: fx.Node, ctx: Coupler) -> None:
+    x, out = as_ref(node.args[0]), TensorRef(node)
+    reps = list(bind(node)["repeats"])
+    shift = out.ndim - x.ndim
+    for a in range(x.ndim):
+        if reps[a + shift] == 1:
+            ctx.link_axes(x, a, out, a + shift)
+        else:
+            ctx.freeze(x, a, "repeated axis")
+    for j in range(out.ndim):
+        if j < shift or reps[j] != 1:
+            ctx.freeze(out, j, "repeated axis")
+
+
+# ---------------------------------------------------------------------------------------------
+# concat / stack / split / slice / select
+
+
+@rule(*ops("aten.cat.default", "aten.concat.default"))
+def cat(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    b = bind(node)
+    dim = b["dim"] % out.ndim
+    inputs = [r for r in (as_ref(t) for t in b["tensors"]) if r is not None and r.ndim == out.ndim]
+    off = 0
+    oe = ctx.el(out, dim)
+    zero = True
+    for ref in inputs:
+        n = ctx.shape(ref)[dim]
+        ctx.link(ctx.el(ref, dim), oe[off:off + n])
+        zero = zero and ctx.is_zero(ref, dim)
+        off += n
+        for a in range(out.ndim):
+            if a != dim:
+                ctx.link_axes(ref, a, out, a)
+    ctx.set_zero(out, dim, False)  # zero-ness differs per input range; conservative
+
+
+@rule(*ops("aten.stack.default"))
+def stack(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    b = bind(node)
+    dim = b["dim"] % out.ndim
+    ctx.freeze(out, dim, "stacked axis")
+    for t in b["tensors"]:
+        ref = as_ref(t)
+        for a in range(ref.ndim):
+            ctx.link_axes(ref, a, out, a if a < dim else a + 1)
+
+
+def _split_rewrite(node: fx.Node, r: Any) -> None:
+    import torch
+
+    x = as_ref(node.args[0])
+    dim = bind(node)["dim"] % r.old_ndim(x)
+    if r.kept(x, dim) is None:
+        return
+    sizes = [r.new_shape(TensorRef(node, k))[dim] for k in range(len(node.meta["val"]))]
+    node.target = torch.ops.aten.split_with_sizes.default
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+@rule(*ops("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
+           "aten.tensor_split.sections", "aten.split_with_sizes_copy.default"), rewrite=_split_rewrite)
+def split(node: fx.Node, ctx: Coupler) -> None:
+    x = as_ref(node.args[0])
+    dim = bind(node).get("dim", 0) % x.ndim
+    xe = ctx.el(x, dim)
+    off = 0
+    for k, val in enumerate(node.meta["val"]):
+        part = TensorRef(node, k)
+        n = int(val.shape[dim])
+        ctx.link(ctx.el(part, dim), xe[off:off + n])
+        off += n
+        for a in range(x.ndim):
+            ctx.set_zero(part, a, ctx.is_zero(x, a))
+            if a != dim:
+                ctx.link_axes(x, a, part, a)
+
+
+@rule(*ops("aten.unbind.int"))
+def unbind(node: fx.Node, ctx: Coupler) -> None:
+    x = as_ref(node.args[0])
+    dim = bind(node).get("dim", 0) % x.ndim
+    ctx.freeze(x, dim, "unbind picks positions apart")
+    for k in range(len(node.meta["val"])):
+        part = TensorRef(node, k)
+        for a in range(x.ndim):
+            if a != dim:
+                ctx.link_axes(x, a, part, a if a < dim else a - 1)
+                ctx.set_zero(part, a if a < dim else a - 1, ctx.is_zero(x, a))
+
+
+@rule(operator.getitem)
+def getitem(node: fx.Node, ctx: Coupler) -> None:
+    src, k = node.args[0], node.args[1]
+    out = as_ref(node)
+    if out is None or not isinstance(src, fx.Node) or not isinstance(k, int):
+        ctx.unknown(node)
+        return
+    vals = src.meta.get("val")
+    if not isinstance(vals, (list, tuple)):
+        ctx.unknown(node)
+        return
+    part = TensorRef(src, k)
+    for a in range(out.ndim):
+        ctx.link_axes(part, a, out, a)
+        ctx.set_zero(out, a, ctx.is_zero(part, a))
+
+
+def _bound(v: Any, size: int, default: int) -> int | None:
+    if v is None:
+        return default
+    if not _is_literal(v):
+        return None
+    v = v + size if v < 0 else v
+    return max(0, min(v, size))
+
+
+def _slice_rewrite(node: fx.Node, r: Any) -> None:
+    b = bind(node)
+    x = as_ref(b["self"])
+    dim = b["dim"] % r.old_ndim(x)
+    kept = r.kept(x, dim)
+    if kept is None:
+        return
+    size = r.old_shape(x)[dim]
+    start, end = _bound(b["start"], size, 0), _bound(b["end"], size, size)
+    set_arg(node, "start", int(np.searchsorted(kept, start)))
+    set_arg(node, "end", int(np.searchsorted(kept, end)))
+
+
+@rule(*ops("aten.slice.Tensor"), rewrite=_slice_rewrite)
+def slice_(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    x, out = as_ref(b["self"]), TensorRef(node)
+    dim = b["dim"] % x.ndim
+    size = ctx.shape(x)[dim]
+    start, end = _bound(b["start"], size, 0), _bound(b["end"], size, size)
+    for a in range(x.ndim):
+        ctx.set_zero(out, a, ctx.is_zero(x, a))
+        if a != dim:
+            ctx.link_axes(x, a, out, a)
+    if start is None or end is None or b["step"] != 1 or end - start != ctx.shape(out)[dim]:
+        ctx.freeze(x, dim, "slice with a step or symbolic bounds")
+        ctx.freeze(out, dim, "slice with a step or symbolic bounds")
+        return
+    ctx.link(ctx.el(x, dim)[start:end], ctx.el(out, dim))
+
+
+@rule(*ops("aten.select.int", "aten.index_select.default"))
+def select(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    x, out = as_ref(b["self"]), TensorRef(node)
+    dim = b["dim"] % x.ndim
+    ctx.freeze(x, dim, f"{node.target} picks positions")
+    keep_axis = node.target in _PICKERS and "index_select" in str(node.target)
+    for a in range(x.ndim):
+        if a == dim:
+            if keep_axis:
+                ctx.freeze(out, a, "indexed axis")
+            continue
+        j = a if (a < dim or keep_axis) else a - 1
+        ctx.link_axes(x, a, out, j)
+        ctx.set_zero(out, j, ctx.is_zero(x, a))
+
+
+# ---------------------------------------------------------------------------------------------
+# factories: constant-valued tensors whose sizes are literal arguments
+
+
+@rule(*ops("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.empty.memory_format"),
+      rewrite=shape_arg("size"))
+def factory(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    for a in range(out.ndim):
+        ctx.set_zero(out, a, "zeros" in str(node.target))
+
+
+@rule(*ops("aten.new_zeros.default", "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default"),
+      rewrite=shape_arg("size"))
+def new_factory(node: fx.Node, ctx: Coupler) -> None:
+    out = TensorRef(node)
+    for a in range(out.ndim):
+        ctx.set_zero(out, a, "zeros" in str(node.target))
+
+
+@rule(*ops("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.randn.default",
+           "aten.rand.default", "aten.linspace.default", "aten.eye.default", "aten.tril.default", "aten.triu.default"))
+def frozen_factory(node: fx.Node, ctx: Coupler) -> None:
+    ctx.freeze(TensorRef(node), None, f"values of {node.target} depend on position")
+    for arg in node.all_input_nodes:
+        ctx.freeze(arg, None, f"values of {node.target} depend on position")

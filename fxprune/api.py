@@ -1,0 +1,68 @@
+"""The public entry point: ``fxprune.prune(model, example_inputs, method="l1", ratio=0.5)``.
+
+trace -> analyze -> score (the pass) -> select -> compact. The user's model is never modified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .analyze import ChannelGroups, analyze
+from .compact import Plan, Resizer, add_aliases, build_plan, emit
+from .pass_api import Pass, PassContext
+from .registry import make_pass
+from .select import check_ratio, select_per_group
+from .trace import trace
+
+__all__ = ["prune", "PruneResult", "compact"]
+
+
+@dataclass
+class PruneResult:
+    module: fx.GraphModule                 # the compacted, trainable model
+    plan: Plan                             # original parameter/buffer name -> {dim: kept indices}
+    groups: ChannelGroups                  # the analysis it was planned on
+    removed: np.ndarray                    # bool per channel component
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Kept/total channels per prunable group."""
+        rows = []
+        for g in self.groups.prunable:
+            rows.append({"group": g.id, "kept": int((~self.removed[g.channels]).sum()), "total": len(g),
+                         "producers": g.layers("producer")})
+        return rows
+
+
+def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, model: torch.nn.Module | None = None,
+            *, verify: bool = True) -> tuple[fx.GraphModule, Plan]:
+    """Apply a removal (bool per channel) to a traced graph: the compacted module and its plan."""
+    resizer = Resizer(groups, removed)
+    plan = build_plan(gm, resizer)
+    module = emit(gm, resizer, plan, verify=verify)
+    if model is not None:
+        plan = add_aliases(plan, model)
+    return module, plan
+
+
+def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
+          options: dict[str, Any] | None = None, allow_inexact: bool = False, verify: bool = True,
+          **data: Any) -> PruneResult:
+    """Prune ``model``: remove ``ratio`` of the channels of every prunable group, scored by ``method``.
+
+    ``example_inputs``: a tuple of positional inputs (or a dict of keyword inputs).
+    ``options``: the pass's options. ``data``: train_loader=, val_loader=, loss=, evaluate= for passes
+    that need data. Returns a :class:`PruneResult`; ``model`` is left bit-identical.
+    """
+    check_ratio(ratio)
+    the_pass = make_pass(method, options)
+    gm = trace(model, example_inputs)
+    groups = analyze(gm, allow_inexact=allow_inexact)
+    scores = the_pass.score(PassContext(gm, groups, model, data)) if ratio > 0 else {}
+    removed = select_per_group(groups, scores, ratio)
+    module, plan = compact(gm, groups, removed, model, verify=verify)
+    return PruneResult(module, plan, groups, removed, scores)

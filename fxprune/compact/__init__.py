@@ -1,0 +1,13 @@
+"""Compaction: a selection of channels to remove -> the plan and an exactly equivalent smaller module.
+
+    resize.py     kept indices / new sizes per tensor axis
+    plan.py       kept indices per parameter (pure slicing: works tensor by tensor)
+    emit.py       copy, slice, rewrite literal arguments, verify
+    trainable.py  BatchNorm/dropout back as modules so .train()/.eval() work
+    verify.py     fake-tensor shape check of every node against the plan
+"""
+from .emit import CompactionError, emit
+from .plan import Plan, add_aliases, apply_plan, build_plan, slice_tensor
+from .resize import Resizer
+
+__all__ = ["emit", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases", "Resizer"]

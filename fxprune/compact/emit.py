@@ -1,0 +1,137 @@
+"""Emit the compacted module: the only stage that rewrites the graph.
+
+1. copy the traced graph;
+2. slice every parameter/buffer by the plan (new tensors; the user's model is never touched);
+3. run each op's rewrite (literal shapes, split sizes, slice bounds, group counts, heads);
+4. drop export-only guards, give BatchNorm/dropout back their train/eval switch;
+5. lint, recompile, and verify every node's shape against the expected compacted shape.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..analyze.couple import TensorRef
+from ..analyze.rules import IGNORED, RULES
+from ..analyze.slots import tensor_values
+from .plan import Plan, slice_tensor
+from .resize import Resizer
+from .trainable import make_trainable
+from .verify import verify_shapes
+
+__all__ = ["emit", "CompactionError"]
+
+
+class CompactionError(RuntimeError):
+    """A rewrite produced a graph whose shapes disagree with the plan (names the node)."""
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    mod_path, _, name = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    return name in mod._parameters
+
+
+def _sliced_tensors(gm: fx.GraphModule, plan: Plan) -> dict[str, torch.Tensor]:
+    """Every get_attr target, sliced (or cloned), as a Parameter where the original was one."""
+    out: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in out:
+            continue
+        orig = _fetch(gm, node.target)
+        if not isinstance(orig, torch.Tensor):
+            continue
+        t = slice_tensor(plan.get(node.target), orig.detach())
+        if _is_parameter(gm, node.target):
+            t = nn.Parameter(t, requires_grad=orig.requires_grad)
+        out[node.target] = t
+    for name, buf in gm.named_buffers():  # e.g. num_batches_tracked, read by nothing in the graph
+        if name not in out and name.endswith("num_batches_tracked"):
+            out[name] = buf.detach().clone()
+    return out
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+            continue
+        if node.op != "call_function":
+            continue
+        if node.target in IGNORED and not tensor_values(node) and node.target is not operator.getitem:
+            if not node.users:
+                graph.erase_node(node)  # shape assertions of the traced sizes
+            continue
+        rule = RULES.get(node.target)
+        if rule is not None and rule.rewrite is not None:
+            try:
+                rule.rewrite(node, resizer)
+            except Exception as exc:  # noqa: BLE001 - named, then re-raised
+                raise CompactionError(f"rewriting {node.format_node()} failed: {exc!r}") from exc
+
+
+def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> nn.Module:
+    root = nn.Module()
+
+    def parent_of(path: str) -> tuple[nn.Module, str]:
+        mod = root
+        *parents, leaf = path.split(".")
+        for p in parents:
+            child = mod._modules.get(p)
+            if child is None:
+                child = nn.Module()
+                mod.add_module(p, child)
+            mod = child
+        return mod, leaf
+
+    for path, m in sorted(modules.items(), key=lambda kv: kv[0].count(".")):
+        parent, leaf = parent_of(path)
+        parent.add_module(leaf, m)
+    for name, t in tensors.items():
+        parent, leaf = parent_of(name)
+        if leaf in parent._parameters or leaf in parent._buffers:
+            continue  # already owned by an un-lowered module
+        if isinstance(t, nn.Parameter):
+            parent.register_parameter(leaf, t)
+        else:
+            parent.register_buffer(leaf, t)
+    return root
+
+
+def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True) -> fx.GraphModule:
+    """A new trainable GraphModule with the plan applied; ``gm`` and its tensors are untouched."""
+    graph = _copy_graph(gm)
+    _rewrite_ops(graph, resizer)
+    tensors = _sliced_tensors(gm, plan)
+    modules = make_trainable(graph, tensors)
+    root = _build_root(tensors, modules)
+    out = fx.GraphModule(root, graph, class_name="CompactedModule")
+    out.graph.eliminate_dead_code()
+    out.graph.lint()
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(out, attr, getattr(gm, attr))
+    out.meta.update({k: v for k, v in gm.meta.items()})
+    out.recompile()
+    if verify:
+        verify_shapes(out, resizer, CompactionError)
+    return out

@@ -1,0 +1,57 @@
+"""Finding passes: Python entry points in the group ``fxprune.passes`` (built-ins register the same way),
+or ``package.module:Class`` for a pass that is not installed."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from .pass_api import Pass
+
+__all__ = ["available_passes", "load_pass", "make_pass", "PassError", "GROUP"]
+
+GROUP = "fxprune.passes"
+
+
+class PassError(ValueError):
+    """Unknown pass, duplicate name, or an option the pass does not have."""
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name; two providers of one name is an error naming both."""
+    found: dict[str, tuple[str, Any]] = {}
+    for ep in entry_points(group=GROUP):
+        if ep.name in found and found[ep.name][0] != ep.value:
+            raise PassError(f"two passes are named {ep.name!r}: {found[ep.name][0]} and {ep.value}; "
+                            "uninstall one of the packages that provide them")
+        found[ep.name] = (ep.value, ep)
+    return {name: ep.load() for name, (_, ep) in sorted(found.items())}
+
+
+def load_pass(name: str) -> type[Pass]:
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PassError(f"cannot load pass {name!r}: {exc}") from exc
+        return cls
+    passes = available_passes()
+    if name not in passes:
+        raise PassError(f"unknown pass {name!r}; available: {', '.join(passes) or 'none (is fxprune installed?)'}")
+    return passes[name]
+
+
+def make_pass(name: str | Pass, options: dict[str, Any] | None = None) -> Pass:
+    """Instantiate a pass by name with options; unknown options are an error listing the valid ones."""
+    if isinstance(name, Pass):
+        return dataclasses.replace(name, **(options or {})) if options else name
+    cls = load_pass(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    options = dict(options or {})
+    bad = sorted(set(options) - set(fields))
+    if bad:
+        raise PassError(f"pass {name!r} has no option {', '.join(map(repr, bad))}; "
+                        f"its options: {', '.join(fields) or 'none'}")
+    return cls(**options)

@@ -1,0 +1,53 @@
+"""Helpers to check a pruning result: the masked model and the central equivalence assertion."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .compact.plan import Plan
+from .trace import normalize_inputs
+
+__all__ = ["masked_model", "assert_equivalent"]
+
+
+def masked_model(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """A copy of ``model`` with every pruned position of every planned tensor set to zero."""
+    masked = copy.deepcopy(model)
+    state = dict(masked.named_parameters(remove_duplicate=False)) | dict(masked.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, entry in plan.items():
+            t = state[name]
+            for dim, kept in entry.items():
+                drop = torch.ones(t.shape[dim], dtype=torch.bool, device=t.device)
+                drop[torch.as_tensor(kept, dtype=torch.long, device=t.device)] = False
+                index = [slice(None)] * t.dim()
+                index[dim] = drop
+                t[tuple(index)] = 0
+    return masked.eval()
+
+
+def _run(module: torch.nn.Module, example_inputs: Any) -> Any:
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, *, rtol: float = 1e-4,
+                      atol: float = 1e-4) -> None:
+    """The compacted module equals the masked original on ``example_inputs`` (to float tolerance)."""
+    ref = _run(masked_model(model, result.plan), example_inputs)
+    got = _run(result.module.eval(), example_inputs)
+    torch.testing.assert_close(_plain(got), _plain(ref), rtol=rtol, atol=atol)
+
+
+def _plain(x: Any) -> Any:
+    """ModelOutput and other mappings compare as plain dicts."""
+    if hasattr(x, "to_tuple") and hasattr(x, "keys"):
+        return {k: _plain(x[k]) for k in x.keys()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x

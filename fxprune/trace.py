@@ -1,0 +1,123 @@
+"""Front end: a user's model + example inputs -> a torch.fx GraphModule with shapes on every node.
+
+We use ``torch.export.export(strict=False)``: measured on this project's machines it traces every
+torchvision classifier, 30 timm families and the Hugging Face models that ``symbolic_trace``
+cannot. The export graph is an ATen-level torch.fx graph, so the coupling rules speak one op
+vocabulary. Every node carries ``meta["val"]`` (a FakeTensor), which is all the analysis needs:
+tracing works on models whose parameters live on the meta device.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+__all__ = ["trace", "TraceError", "normalize_inputs", "META_INPUTS"]
+
+# GraphModule.meta keys written here (one writer: this module).
+META_INPUTS = "fxprune.example_inputs"
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message names the failing op and the user's source line."""
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Export in eval mode, then restore every submodule's own training flag (the user's model is untouched)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """Dim.AUTO on axis 0 of every tensor input, so the compacted model accepts other batch sizes."""
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {0: Dim.AUTO}
+        if isinstance(x, (tuple, list)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    if dynamic_batch:
+        dyn_args, dyn_kwargs = _batch_dims(args, kwargs)
+        dynamic_shapes: Any = dyn_args if not kwargs else {**_positional_names(model, dyn_args), **dyn_kwargs}
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception:  # noqa: BLE001 - some models pin the batch size; fall back to a static graph
+            pass
+    return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _positional_names(model: torch.nn.Module, specs: tuple) -> dict[str, Any]:
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters]
+    return dict(zip(names, specs))
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The deepest traceback frame outside torch/our package: the user's line that failed."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/fxprune/" not in f.filename and "site-packages/typer" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True) -> fx.GraphModule:
+    """Trace ``model`` on ``example_inputs`` into a GraphModule whose nodes all carry ``meta["val"]``.
+
+    The returned module shares parameters with ``model`` (it is an analysis view); ``fxprune.prune``
+    never hands it to the user. ``gm.meta[META_INPUTS]`` keeps the (args, kwargs) it was traced on.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    with _eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = _export(model, args, kwargs, dynamic_batch)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
+            where = _user_frame(exc)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__}: {first}"
+                + (f"\n  at {where}" if where else "")
+                + "\n  fix: make that line traceable (no data-dependent Python control flow on tensor values), "
+                "or pass example inputs the model accepts"
+            ) from exc
+    gm = ep.module()
+    gm.meta[META_INPUTS] = (args, kwargs)
+    return gm

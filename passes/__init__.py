@@ -1,0 +1,1 @@
+"""fxprune's built-in scoring passes (installed as ``fxprune.passes``; registered as entry points)."""
