@@ -127,6 +127,8 @@ class ChannelGroups:
             group = Group(gid, arr, params, nodes=sorted({k[0] for k in slots if k[0] not in attrs}))
             group.frozen = self._frozen_reason(slots, members) if comp_frozen[arr].any() else None
             group.inexact = next((ctx.inexact[k] for k in slots if k in ctx.inexact), None) if comp_inexact[arr].any() else None
+            if group.frozen is None and not any(p.role != "other" for p in params):
+                group.frozen = "no layer produces or consumes these positions"
             if group.frozen is None and group.inexact is not None and not self.allow_inexact:
                 group.frozen = f"inexact ({group.inexact}); pass allow_inexact=True to prune it"
             group.block = max((int(np.sum(labels[t.offsets[t.index[p.key]]:t.offsets[t.index[p.key]] + t.size(p.key)] == members[0]))

@@ -33,7 +33,8 @@ NOT_ZERO_PRESERVING = ops(
     "aten.bitwise_not.default", "aten.isnan.default", "aten.log1p.default", "aten.expm1.default",
     "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default", "aten.rand_like.default",
     "aten.randn_like.default", "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
-    "aten.pow.Tensor_Scalar", "aten.nan_to_num.default", "aten.gelu_backward.default",
+    "aten.pow.Tensor_Scalar", "aten.nan_to_num.default", "aten.fill_.Tensor", "aten.fill_.Scalar",
+    "aten.fill.Scalar", "aten.fill.Tensor", "aten.copy_.default", "aten.copy.default", "aten.zero_.default",
 )
 SUM_LIKE = ops("aten.add.Tensor", "aten.add_.Tensor", "aten.sub.Tensor", "aten.sub_.Tensor",
                "aten.maximum.default", "aten.minimum.default", "aten.where.self")

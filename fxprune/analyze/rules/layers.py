@@ -139,3 +139,44 @@ def embedding(node: fx.Node, ctx: Coupler) -> None:
     for a in range(idx.ndim):
         ctx.link_axes(idx, a, out, a)
     ctx.set_zero(out, -1, True)
+
+
+def _einsum_operands(equation: str, n: int) -> tuple[list[str], str] | None:
+    eq = equation.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    return (terms, rhs) if len(terms) == n else None
+
+
+@rule(*ops("aten.einsum.default"))
+def einsum(node: fx.Node, ctx: Coupler) -> None:
+    """Axes sharing a letter are linked; letters missing from the output are contracted."""
+    refs = [as_ref(t) for t in node.args[1]]
+    parsed = _einsum_operands(node.args[0], len(refs))
+    if parsed is None or any(r is None for r in refs):
+        ctx.unknown(node)
+        return
+    terms, rhs = parsed
+    out = TensorRef(node)
+    seen: dict[str, tuple[TensorRef, int]] = {}
+    for ref, term in zip(refs, terms):
+        if len(set(term)) != len(term) or len(term) != ref.ndim:
+            ctx.unknown(node)
+            return
+    for ref, term in zip(refs, terms):
+        for a, letter in enumerate(term):
+            if letter in seen:
+                ctx.link_axes(*seen[letter], ref, a)
+            else:
+                seen[letter] = (ref, a)
+            if letter in rhs:
+                ctx.link_axes(ref, a, out, rhs.index(letter))
+    for letter, (ref, a) in seen.items():
+        holders = [(r, t.index(letter)) for r, t in zip(refs, terms) if letter in t]
+        zero = any(ctx.is_zero(r, x) for r, x in holders)
+        if letter not in rhs and not zero:
+            ctx.mark_inexact(ref, a, "einsum sums over this axis")
+        if letter in rhs:
+            ctx.set_zero(out, rhs.index(letter), zero if len(holders) > 1 else ctx.is_zero(ref, a))

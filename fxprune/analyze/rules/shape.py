@@ -70,27 +70,49 @@ def reshape_chunks(a: list[int], b: list[int]) -> list[tuple[list[int], list[int
     return chunks
 
 
+def _transpose_dims(node: fx.Node, ndim: int) -> tuple[int, int]:
+    b = bind(node)
+    d0, d1 = (b["dim0"], b["dim1"]) if "dim0" in b else (b.get("axis0", 0), b.get("axis1", 1))
+    return d0 % ndim, d1 % ndim
+
+
+def _follow_axes(u: fx.Node, axes: list[int | None]) -> list[int | None] | None:
+    """Where the original axes sit after a pure re-layout op ``u`` (None: not such an op)."""
+    if u.target in _PERMUTE:
+        return [axes[d % len(axes)] for d in bind(u)["dims"]]
+    if u.target in _TRANSPOSE:
+        d0, d1 = _transpose_dims(u, len(axes))
+        nxt = list(axes)
+        nxt[d0], nxt[d1] = nxt[d1], nxt[d0]
+        return nxt
+    if u.target in _CONTIGUOUS:
+        return axes
+    if u.target in _UNSQUEEZE:
+        d = bind(u)["dim"] % (len(axes) + 1)
+        return axes[:d] + [None] + axes[d:]
+    if u.target in _SQUEEZE_DIM:
+        d = bind(u)["dim"]
+        dims = {x % len(axes) for x in ([d] if isinstance(d, int) else d)}
+        shape = u.args[0].meta["val"].shape
+        return [a for i, a in enumerate(axes) if not (i in dims and shape[i] == 1)]
+    return None
+
+
 def _selected_axes(node: fx.Node) -> set[int]:
-    """Axes of ``node``'s output that some user picks apart (select/unbind/index) after pure permutes."""
+    """Axes of ``node``'s output that some user picks apart (select/unbind/index) after pure re-layouts."""
     picked: set[int] = set()
-    stack: list[tuple[fx.Node, list[int]]] = [(node, list(range(len(node.meta["val"].shape))))]
+    stack: list[tuple[fx.Node, list[int | None]]] = [(node, list(range(len(node.meta["val"].shape))))]
     while stack:
         n, axes = stack.pop()  # axes[i] = original axis now at position i
         for u in n.users:
             if u.target in _PICKERS:
-                dim = bind(u).get("dim", 0)
-                picked.add(axes[dim % len(axes)])
-            elif u.target in _PERMUTE:
-                dims = [d % len(axes) for d in bind(u)["dims"]]
-                stack.append((u, [axes[d] for d in dims]))
-            elif u.target in _TRANSPOSE:
-                b = bind(u)
-                d0, d1 = b["dim0"] % len(axes), b["dim1"] % len(axes)
-                nxt = list(axes)
-                nxt[d0], nxt[d1] = nxt[d1], nxt[d0]
+                a = axes[bind(u).get("dim", 0) % len(axes)]
+                if a is not None:
+                    picked.add(a)
+                continue
+            nxt = _follow_axes(u, axes)
+            if nxt is not None:
                 stack.append((u, nxt))
-            elif u.target in _CONTIGUOUS:
-                stack.append((u, axes))
     return picked
 
 
@@ -180,6 +202,8 @@ _PERMUTE = set(ops("aten.permute.default"))
 _TRANSPOSE = set(ops("aten.transpose.int", "aten.swapaxes.default"))
 _CONTIGUOUS = set(ops("aten.contiguous.default", "aten.clone.default", "aten.alias.default"))
 _PICKERS = set(ops("aten.select.int", "aten.unbind.int", "aten.index_select.default"))
+_UNSQUEEZE = set(ops("aten.unsqueeze.default"))
+_SQUEEZE_DIM = set(ops("aten.squeeze.dim", "aten.squeeze.dims"))
 
 
 def _permute_link(ctx: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:
@@ -199,9 +223,7 @@ def transpose(node: fx.Node, ctx: Coupler) -> None:
     x = as_ref(node.args[0])
     perm = list(range(x.ndim))
     if x.ndim >= 2:
-        b = bind(node)
-        d0, d1 = (b.get("dim0", 0), b.get("dim1", 1)) if "dim0" in b else (b.get("axis0", 0), b.get("axis1", 1))
-        d0, d1 = d0 % x.ndim, d1 % x.ndim
+        d0, d1 = _transpose_dims(node, x.ndim) if "dim0" in bind(node) or "axis0" in bind(node) else (0, 1)
         perm[d0], perm[d1] = perm[d1], perm[d0]
     _permute_link(ctx, x, TensorRef(node), perm)
 
@@ -414,3 +436,25 @@ def frozen_factory(node: fx.Node, ctx: Coupler) -> None:
     ctx.freeze(TensorRef(node), None, f"values of {node.target} depend on position")
     for arg in node.all_input_nodes:
         ctx.freeze(arg, None, f"values of {node.target} depend on position")
+
+
+@rule(*ops("aten.index.Tensor"))
+def index(node: fx.Node, ctx: Coupler) -> None:
+    """x[..., idx, ...] with one index tensor: the indexed axis is frozen, the others pass through."""
+    x, out = as_ref(node.args[0]), TensorRef(node)
+    indices = list(node.args[1])
+    tensors = [i for i, t in enumerate(indices) if t is not None]
+    if len(tensors) != 1:
+        ctx.unknown(node)
+        return
+    p = tensors[0]
+    idx = as_ref(indices[p])
+    ctx.freeze(x, p, "indexed axis")
+    width = idx.ndim if idx is not None else 0
+    for a in range(x.ndim):
+        if a < p:
+            ctx.link_axes(x, a, out, a)
+        elif a > p:
+            ctx.link_axes(x, a, out, a + width - 1)
+    for a in range(width):
+        ctx.link_axes(idx, a, out, p + a)

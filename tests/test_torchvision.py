@@ -1,0 +1,28 @@
+"""Masked-vs-compacted equivalence on torchvision models (small inputs; the full zoo is benchmarks/zoo.py)."""
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.testing import assert_equivalent
+
+MODELS = {
+    "resnet18": 64, "mobilenet_v2": 64, "shufflenet_v2_x0_5": 64, "efficientnet_b0": 64,
+    "resnext50_32x4d": 64, "googlenet": 64, "regnet_x_400mf": 64, "squeezenet1_0": 64, "convnext_tiny": 64,
+    "mnasnet0_5": 64, "vgg11_bn": 64, "swin_t": 64, "densenet121": 64,
+}
+
+
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_l1_half_is_exact_and_smaller(name):
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(**kwargs).eval()
+    x = torch.randn(2, 3, MODELS[name], MODELS[name])
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.plan, "something must be pruned"
+    assert_equivalent(model, res, (x,))
+    assert _params(res.module) < 0.8 * _params(model)
