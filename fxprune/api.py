@@ -23,7 +23,7 @@ __all__ = ["prune", "PruneResult", "compact"]
 
 @dataclass
 class PruneResult:
-    module: fx.GraphModule                 # the compacted, trainable model
+    module: fx.GraphModule                 # the compacted, trainable model (same train/eval mode as the input)
     plan: Plan                             # original parameter/buffer name -> {dim: kept indices}
     groups: ChannelGroups                  # the analysis it was planned on
     removed: np.ndarray                    # bool per channel component
@@ -43,7 +43,7 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, mode
     """Apply a removal (bool per channel) to a traced graph: the compacted module and its plan."""
     resizer = Resizer(groups, removed)
     plan = build_plan(gm, resizer)
-    module = emit(gm, resizer, plan, verify=verify)
+    module = emit(gm, resizer, plan, verify=verify, training=bool(model.training) if model is not None else False)
     if model is not None:
         plan = add_aliases(plan, model)
     return module, plan

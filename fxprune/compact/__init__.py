@@ -6,8 +6,8 @@
     trainable.py  BatchNorm/dropout back as modules so .train()/.eval() work
     verify.py     fake-tensor shape check of every node against the plan
 """
-from .emit import CompactionError, emit
+from .emit import CompactionError, as_trainable, emit
 from .plan import Plan, add_aliases, apply_plan, build_plan, slice_tensor
 from .resize import Resizer
 
-__all__ = ["emit", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases", "Resizer"]
+__all__ = ["emit", "as_trainable", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases", "Resizer"]

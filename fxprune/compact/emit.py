@@ -23,7 +23,7 @@ from .resize import Resizer
 from .trainable import make_trainable
 from .verify import verify_shapes
 
-__all__ = ["emit", "CompactionError"]
+__all__ = ["emit", "as_trainable", "CompactionError"]
 
 
 class CompactionError(RuntimeError):
@@ -117,11 +117,9 @@ def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module])
     return root
 
 
-def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True) -> fx.GraphModule:
-    """A new trainable GraphModule with the plan applied; ``gm`` and its tensors are untouched."""
-    graph = _copy_graph(gm)
-    _rewrite_ops(graph, resizer)
-    tensors = _sliced_tensors(gm, plan)
+def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tensor],
+              training: bool = False) -> fx.GraphModule:
+    """Tensors + graph -> a plain trainable GraphModule that keeps ``gm``'s input/output structure."""
     modules = make_trainable(graph, tensors)
     root = _build_root(tensors, modules)
     out = fx.GraphModule(root, graph, class_name="CompactedModule")
@@ -130,8 +128,27 @@ def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = Tru
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))
-    out.meta.update({k: v for k, v in gm.meta.items()})
+    out.meta.update(gm.meta)
     out.recompile()
+    return out.train(training)
+
+
+def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True,
+         training: bool = False) -> fx.GraphModule:
+    """A new trainable GraphModule with the plan applied (in mode ``training``); ``gm`` is untouched."""
+    graph = _copy_graph(gm)
+    _rewrite_ops(graph, resizer)
+    out = _assemble(gm, graph, _sliced_tensors(gm, plan), training)
     if verify:
         verify_shapes(out, resizer, CompactionError)
     return out
+
+
+def as_trainable(gm: fx.GraphModule) -> fx.GraphModule:
+    """An exported module (e.g. ``torch.export.load(path).module()``) as a trainable GraphModule, in eval
+    mode: own copies of its tensors, BatchNorm/dropout that follow ``.train()``/``.eval()``, guards dropped."""
+    graph = _copy_graph(gm)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return _assemble(gm, graph, _sliced_tensors(gm, {}))
