@@ -37,7 +37,7 @@ NOT_ZERO_PRESERVING = ops(
     "aten.fill.Scalar", "aten.fill.Tensor", "aten.copy_.default", "aten.copy.default", "aten.zero_.default",
 )
 SUM_LIKE = ops("aten.add.Tensor", "aten.add_.Tensor", "aten.sub.Tensor", "aten.sub_.Tensor",
-               "aten.maximum.default", "aten.minimum.default", "aten.where.self")
+               "aten.maximum.default", "aten.minimum.default", "aten.max.other", "aten.min.other", "aten.where.self")
 PRODUCT_LIKE = ops("aten.mul.Tensor", "aten.mul_.Tensor")
 QUOTIENT_LIKE = ops("aten.div.Tensor", "aten.div_.Tensor", "aten.div.Tensor_mode")
 _WHERE = ops("aten.where.self")
@@ -49,6 +49,8 @@ OTHER_BROADCAST = ops(
     "aten.__or__.Tensor", "aten.bitwise_and.Tensor", "aten.bitwise_or.Tensor", "aten.logical_and.default",
     "aten.logical_or.default", "aten.floor_divide.default", "aten.rsub.Scalar", "aten.rsub.Tensor",
     "aten.atan2.default", "aten.lerp.Scalar", "aten.lerp.Tensor", "aten.addcmul.default", "aten.addcdiv.default",
+    "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar", "aten.xlogy.Tensor",
+    "aten.bitwise_xor.Tensor", "aten.logical_xor.default", "aten.__xor__.Tensor",
 )
 
 IGNORED.update(ops(

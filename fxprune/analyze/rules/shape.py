@@ -458,3 +458,35 @@ def index(node: fx.Node, ctx: Coupler) -> None:
             ctx.link_axes(x, a, out, a + width - 1)
     for a in range(width):
         ctx.link_axes(idx, a, out, p + a)
+
+
+@rule(*ops("aten.gather.default"))
+def gather(node: fx.Node, ctx: Coupler) -> None:
+    """out[i][j] = x[index[i][j]][j] along ``dim``: out follows the index's shape; ``dim`` is frozen."""
+    b = bind(node)
+    x, idx, out = as_ref(b["self"]), as_ref(b["index"]), TensorRef(node)
+    dim = b["dim"] % x.ndim
+    ctx.freeze(x, dim, "gathered axis")
+    ctx.freeze(out, dim, "gathered axis")
+    for a in range(out.ndim):
+        ctx.link_axes(idx, a, out, a)
+        if a != dim and ctx.shape(x)[a] == ctx.shape(out)[a]:
+            ctx.link_axes(x, a, out, a)
+
+
+@rule(*ops("aten.diff.default"))
+def diff(node: fx.Node, ctx: Coupler) -> None:
+    """Differences along ``dim`` mix neighbours there; other axes pass through."""
+    b = bind(node)
+    x, out = as_ref(b["self"]), TensorRef(node)
+    dim = b["dim"] % x.ndim
+    for a in range(x.ndim):
+        if a == dim:
+            ctx.freeze(x, a, "differenced axis")
+            ctx.freeze(out, a, "differenced axis")
+        else:
+            ctx.link_axes(x, a, out, a)
+    for extra in ("prepend", "append"):
+        ref = as_ref(b.get(extra))
+        if ref is not None:
+            ctx.freeze(ref, None, "prepended to a differenced axis")
