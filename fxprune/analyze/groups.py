@@ -114,7 +114,7 @@ class ChannelGroups:
         by_sig: dict[int, list[int]] = {}
         for c in comps.tolist():
             by_sig.setdefault(int(sig[c]), []).append(c)
-        slot_lists = _slots_per_component(pl, ps)
+        slot_lists = _slots_per_component(pl, ps, [m[0] for m in by_sig.values()])
         attrs = {n.name: n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
         for members in by_sig.values():
             arr = np.asarray(members, dtype=np.int64)
@@ -220,10 +220,12 @@ def _short(names: list[str], width: int = 40) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
-def _slots_per_component(pl: np.ndarray, ps: np.ndarray) -> dict[int, list[int]]:
-    starts = np.flatnonzero(np.r_[True, pl[1:] != pl[:-1]])
-    ends = np.r_[starts[1:], len(pl)]
-    return {int(pl[s]): ps[s:e].tolist() for s, e in zip(starts, ends)}
+def _slots_per_component(pl: np.ndarray, ps: np.ndarray, wanted: list[int]) -> dict[int, list[int]]:
+    """Slots touched by each wanted component (pl is sorted: pairs come from np.unique)."""
+    w = np.asarray(wanted, dtype=np.int64)
+    starts = np.searchsorted(pl, w, side="left")
+    ends = np.searchsorted(pl, w, side="right")
+    return {int(c): ps[s:e].tolist() for c, s, e in zip(w, starts, ends)}
 
 
 def _dedupe_params(params: list[ParamSlot]) -> list[ParamSlot]:
