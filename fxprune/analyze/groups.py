@@ -98,7 +98,8 @@ class ChannelGroups:
         comp_param = np.bincount(labels, weights=param_s[slot_of], minlength=ncomp) > 0
         comp_role = np.bincount(labels, weights=role_s[slot_of], minlength=ncomp) > 0
         # Signature of a component = the set of slots it touches (hashed), so parallel channels group.
-        pairs = np.unique(labels * len(t.keys) + slot_of)
+        pairs = np.sort(labels * len(t.keys) + slot_of)  # sort + dedupe beats np.unique's hashing here
+        pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
         pl, ps = pairs // len(t.keys), pairs % len(t.keys)
         rng = np.random.default_rng(0)
         slot_hash = rng.integers(1, 2**62, size=len(t.keys), dtype=np.int64).astype(np.uint64)

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind, set_arg
+from ..slots import size_hint
 from . import ops, rule
 
 # ---------------------------------------------------------------------------------------------
@@ -116,10 +117,38 @@ def _selected_axes(node: fx.Node) -> set[int]:
     return picked
 
 
-def _carrier(sizes: list[int], axes: list[int], avoid: set[int]) -> int | None:
-    """Which factor axis carries the channel identity of a merged/split axis: the outermost real one."""
+def _merged_back(node: fx.Node, split: list[int]) -> int | None:
+    """If the axes ``split`` of ``node``'s output are merged again by a later reshape (after pure
+    re-layouts, e.g. a channel shuffle's view -> transpose -> reshape), the one that merge will take
+    as its carrier (its outermost real axis): both reshapes must agree, or every position freezes."""
+    stack: list[tuple[fx.Node, list[int | None]]] = [(node, list(range(len(node.meta["val"].shape))))]
+    while stack:
+        n, axes = stack.pop()
+        for u in n.users:
+            if u.target in _RESHAPES and u.args[0] is n:
+                a = [size_hint(s)[0] for s in n.meta["val"].shape]
+                try:
+                    chunks = reshape_chunks(a, [size_hint(s)[0] for s in u.meta["val"].shape])
+                except ValueError:
+                    continue
+                for ia, jb in chunks:
+                    real = [axes[i] for i in ia if a[i] > 1]
+                    if len(jb) == 1 and len(real) > 1 and set(real) <= set(split):
+                        return real[0]
+                continue
+            nxt = _follow_axes(u, axes)
+            if nxt is not None:
+                stack.append((u, nxt))
+    return None
+
+
+def _carrier(sizes: list[int], axes: list[int], avoid: set[int], prefer: int | None = None) -> int | None:
+    """Which factor axis carries the channel identity of a merged/split axis: ``prefer`` if given and
+    usable, else the outermost real one."""
     real = [x for x in axes if sizes[x] > 1]
     preferred = [x for x in real if x not in avoid]
+    if prefer in preferred:
+        return prefer
     pick = preferred or real
     return pick[0] if pick else None
 
@@ -158,7 +187,7 @@ def couple_reshape(node: fx.Node, ctx: Coupler, src: Any) -> None:
             _link_factorisation(ctx, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
             ctx.set_zero(out, jb[0], c is not None and ctx.is_zero(x, c))
         elif len(ia) == 1 and jb:       # split: one in axis -> out axes
-            c = _carrier(b, jb, avoid)
+            c = _carrier(b, jb, avoid, _merged_back(node, jb))
             _link_factorisation(ctx, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
             if c is not None:
                 ctx.set_zero(out, c, ctx.is_zero(x, ia[0]))
@@ -204,6 +233,7 @@ _CONTIGUOUS = set(ops("aten.contiguous.default", "aten.clone.default", "aten.ali
 _PICKERS = set(ops("aten.select.int", "aten.unbind.int", "aten.index_select.default"))
 _UNSQUEEZE = set(ops("aten.unsqueeze.default"))
 _SQUEEZE_DIM = set(ops("aten.squeeze.dim", "aten.squeeze.dims"))
+_RESHAPES = set(ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints"))
 
 
 def _permute_link(ctx: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:
@@ -255,6 +285,28 @@ def repeat(node: fx.Node, ctx: Coupler) -> None:
     for j in range(out.ndim):
         if j < shift or reps[j] != 1:
             ctx.freeze(out, j, "repeated axis")
+
+
+def _repeat_interleave_rewrite(node: fx.Node, r: Any) -> None:
+    if bind(node).get("output_size") is not None:
+        set_arg(node, "output_size", r.new_shape(TensorRef(node))[bind(node)["dim"] % r.old_ndim(TensorRef(node))])
+
+
+@rule(*ops("aten.repeat_interleave.self_int"), rewrite=_repeat_interleave_rewrite)
+def repeat_interleave(node: fx.Node, ctx: Coupler) -> None:
+    """Each position of ``dim`` repeated ``repeats`` times in place (GQA's shared kv heads): block expansion."""
+    b = bind(node)
+    x, out = as_ref(b["self"]), TensorRef(node)
+    reps = b["repeats"]
+    if b["dim"] is None or not isinstance(reps, int) or x.ndim != out.ndim:
+        ctx.unknown(node)
+        return
+    dim = b["dim"] % x.ndim
+    for a in range(x.ndim):
+        if a != dim:
+            ctx.link_axes(x, a, out, a)
+        ctx.set_zero(out, a, ctx.is_zero(x, a))
+    ctx.link(ctx.el(out, dim), ctx.el(x, dim)[np.arange(ctx.shape(out)[dim]) // reps])
 
 
 # ---------------------------------------------------------------------------------------------
