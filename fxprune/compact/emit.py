@@ -47,15 +47,23 @@ def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
 def _sliced_tensors(gm: fx.GraphModule, plan: Plan) -> dict[str, torch.Tensor]:
     """Every get_attr target, sliced (or cloned), as a Parameter where the original was one."""
     out: dict[str, torch.Tensor] = {}
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in out:
+    by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+    # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
+    attrs = sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users)
+    for node in attrs:
+        if node.target in out:
             continue
         orig = _fetch(gm, node.target)
         if not isinstance(orig, torch.Tensor):
             continue
-        t = slice_tensor(plan.get(node.target), orig.detach())
-        if _is_parameter(gm, node.target):
-            t = nn.Parameter(t, requires_grad=orig.requires_grad)
+        t = by_id.get(id(orig))
+        if t is None:
+            t = slice_tensor(plan.get(node.target), orig.detach())
+            if _is_parameter(gm, node.target):
+                t = nn.Parameter(t, requires_grad=orig.requires_grad)
+            by_id[id(orig)] = t
+        elif node.users and plan.get(node.target) != plan.get(next(k for k, v in out.items() if v is t)):
+            raise CompactionError(f"tied tensor {node.target} is read with two different plans")
         out[node.target] = t
     for name, buf in gm.named_buffers():  # e.g. num_batches_tracked, read by nothing in the graph
         if name not in out and name.endswith("num_batches_tracked"):
