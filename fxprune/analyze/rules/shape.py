@@ -542,3 +542,15 @@ def diff(node: fx.Node, ctx: Coupler) -> None:
         ref = as_ref(b.get(extra))
         if ref is not None:
             ctx.freeze(ref, None, "prepended to a differenced axis")
+
+
+@rule(*ops("aten.reshape_as.default", "aten.view_as.default", "aten.expand_as.default"))
+def as_other(node: fx.Node, ctx: Coupler) -> None:
+    """x.reshape_as(other): the output takes other's shape at run time, so other's axes shrink with it."""
+    other, out = as_ref(node.args[1]), TensorRef(node)
+    if "expand" in str(node.target):
+        expand(node, ctx)
+    else:
+        couple_reshape(node, ctx, node.args[0])
+    for a in range(out.ndim):
+        ctx.link_axes(other, a, out, a)
