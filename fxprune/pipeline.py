@@ -1,0 +1,239 @@
+"""``fxprune run`` as a function: model file -> pruned, fine-tuned, measured model in an output folder.
+
+    check   every cheap validation, before any work (bad input stops here with a clear message)
+    run     load -> measure -> prune -> evaluate -> fine-tune -> evaluate -> measure -> write the folder
+
+The command line is a thin layer over :func:`run`; progress goes through a small :class:`Feedback`
+object so this module never imports a UI library.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import sys
+import time
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .measure import count_macs, count_params, latency_ms, to_device
+from .modelfile import ModelFile, load_model_file
+from .registry import PassError, load_pass, make_pass
+from .report import group_rows, plot_channels, render_markdown
+from .select import check_ratio
+from .train import Hook, finetune
+
+__all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success", "REPORT_JSON", "REPORT_MD",
+           "CHART"]
+
+REPORT_JSON, REPORT_MD, CHART = "report.json", "report.md", "channels.png"
+
+
+class OptionError(ValueError):
+    """An ``--opt`` value that does not parse, or a device that is not available."""
+
+
+@dataclass
+class RunConfig:
+    model_file: Path
+    method: str
+    ratio: float
+    out: Path
+    finetune_epochs: int = 0
+    lr: float = 0.01
+    options: dict[str, str] = field(default_factory=dict)  # raw key=value strings from --opt
+    device: str = "cpu"
+    force: bool = False
+
+
+class Feedback:
+    """Progress reporting; the default reports nothing (``--quiet``, or use from Python)."""
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        yield
+
+    def training(self, epochs: int, batches: int | None) -> Hook | None:
+        return None
+
+
+# ---- option parsing: --opt key=value strings -> the pass's dataclass field types -----------------
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _convert(text: str, kind: Any, key: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union or type(kind).__name__ == "UnionType":
+        if text.lower() == "none" and type(None) in args:
+            return None
+        return _convert(text, next(a for a in args if a is not type(None)), key)
+    if origin is typing.Literal:
+        match = [a for a in args if str(a) == text]
+        if not match:
+            raise OptionError(f"option {key!r} must be one of {', '.join(map(str, args))}, got {text!r}")
+        return match[0]
+    if kind is bool:
+        if text.lower() not in _TRUE | _FALSE:
+            raise OptionError(f"option {key!r} is a bool: use true or false, got {text!r}")
+        return text.lower() in _TRUE
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise OptionError(f"option {key!r} must be {kind.__name__}, got {text!r}") from None
+    return text
+
+
+def parse_options(pass_cls: type, pairs: dict[str, str], name: str) -> dict[str, Any]:
+    """Typed options for ``pass_cls`` from raw strings; an unknown key is a PassError listing the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(pass_cls)} if dataclasses.is_dataclass(pass_cls) else {}
+    unknown = sorted(set(pairs) - set(fields))
+    if unknown:
+        raise PassError(f"pass {name!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(fields) or 'none'}")
+    hints = typing.get_type_hints(pass_cls)
+    return {k: _convert(v, hints.get(k, str), k) for k, v in pairs.items()}
+
+
+# ---- validation ------------------------------------------------------------------------------------
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise OptionError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: CUDA is not available on this machine")
+
+
+def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
+    """Everything that can be checked before any work: returns the model file and the configured pass."""
+    check_ratio(cfg.ratio)
+    artifacts.check_target(cfg.out, cfg.force)
+    if cfg.finetune_epochs < 0:
+        raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
+    _check_device(cfg.device)
+    pass_cls = load_pass(cfg.method)
+    the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
+    mf = load_model_file(cfg.model_file)
+    mf.require("model", "example_inputs", why="pruning")
+    if cfg.finetune_epochs > 0:
+        mf.require("train_loader", why=f"--finetune-epochs {cfg.finetune_epochs}")
+    needs = tuple(getattr(pass_cls, "needs", ()))  # a pass may declare the model-file functions it reads
+    if needs:
+        mf.require(*needs, why=f"pass {cfg.method!r}")
+    return mf, the_pass
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def _costs(module: nn.Module, inputs: Any) -> dict[str, Any]:
+    return {"macs": count_macs(module, inputs), "params": count_params(module),
+            "latency_ms": latency_ms(module, inputs)}
+
+
+def _data(mf: ModelFile) -> dict[str, Any]:
+    """What passes may read (``fxprune.prune``'s data keywords): loaders built once, functions as they are."""
+    data: dict[str, Any] = {name: mf.loader(name) for name in ("train_loader", "val_loader") if mf.has(name)}
+    data.update({name: mf.get(name) for name in ("loss", "evaluate") if mf.has(name)})
+    return data
+
+
+def _shapes(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return list(inputs.shape)
+    if isinstance(inputs, (tuple, list)):
+        return [_shapes(v) for v in inputs]
+    if isinstance(inputs, dict):
+        return {k: _shapes(v) for k, v in inputs.items()}
+    return repr(inputs)
+
+
+def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, report: dict[str, Any]) -> None:
+    """Every file of the output folder, into a temporary folder renamed into place at the end."""
+    with artifacts.staging_folder(out, force=force) as tmp:
+        artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
+        artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
+        artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
+        artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
+        artifacts.write_json(report, tmp / REPORT_JSON)
+        (tmp / REPORT_MD).write_text(render_markdown(report))
+        plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+
+
+def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
+    """Run the whole pipeline; returns the report (as written to report.json) and the PruneResult."""
+    from .api import prune
+
+    fb = feedback or Feedback()
+    clock = {"start": time.perf_counter()}
+    mf, the_pass = check(cfg)
+    with fb.step(f"loading {mf.path.name}"):
+        model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
+        inputs = to_device(mf.example_inputs(), cfg.device)
+        data = _data(mf)
+    start = time.perf_counter()
+    with fb.step(f"pruning ({cfg.method}): trace, analyze, score, compact"):
+        with stderr_only_on_success():
+            result = prune(model, inputs, the_pass, cfg.ratio, **data)  # first: an untraceable model fails early
+    clock["prune"] = time.perf_counter() - start
+    with fb.step("measuring the original model"):
+        before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
+    with fb.step("evaluating the pruned model"):
+        pruned = {"metrics": mf.evaluate(result.module)}
+    log: list[dict[str, float]] = []
+    if cfg.finetune_epochs > 0:
+        start = time.perf_counter()
+        loader = data["train_loader"]
+        hook = fb.training(cfg.finetune_epochs, _length(loader))
+        log = finetune(result.module, loader, mf.loss(), cfg.finetune_epochs, cfg.lr, cfg.device, hook)
+        clock["finetune"] = time.perf_counter() - start
+    with fb.step("measuring the pruned model"):
+        result.module.eval()
+        after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
+    report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock)
+    with fb.step(f"writing {cfg.out}"):
+        cpu_inputs = to_device(inputs, "cpu")
+        result.module.cpu().eval()
+        _write(cfg.out, cfg.force, model.cpu(), result, cpu_inputs, report)
+    return report, result
+
+
+@contextlib.contextmanager
+def stderr_only_on_success() -> Iterator[None]:
+    """Hold back what is written to stderr; show it only if the block succeeds.
+
+    On failure torch.export prints its partial graph to stderr; the TraceError we raise already names
+    the failing line, and a page of graph above it buries the message.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        yield
+    sys.stderr.write(buffer.getvalue())
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
+            log: list[dict[str, float]], clock: dict[str, float]) -> dict[str, Any]:
+    from . import __version__
+
+    groups = group_rows(result)
+    return {
+        "fxprune_version": __version__, "torch_version": torch.__version__,
+        "model_file": str(cfg.model_file), "pass": cfg.method, "options": dataclasses.asdict(the_pass),
+        "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
+        "before": before, "pruned": pruned, "after": after,
+        "finetune": {"epochs": cfg.finetune_epochs, "lr": cfg.lr, "log": log},
+        "groups": groups, "frozen_groups": len(result.groups) - len(groups),
+        "seconds": {"prune": clock.get("prune"), "finetune": clock.get("finetune"),
+                    "total": time.perf_counter() - clock["start"]},
+    }
