@@ -1,0 +1,358 @@
+"""The command line end to end: the output folder, the reload, the bundled example, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import fxprune
+from fxprune.artifacts import staging_folder
+from fxprune.cli import app
+from fxprune.measure import count_macs
+from fxprune.pipeline import OptionError, RunConfig, parse_options, run
+from fxprune.registry import PassError
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ["model.pt2", "original.pt2", "model.safetensors", "plan.json", "report.json", "report.md", "channels.png"]
+
+TINY = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = x + torch.relu(self.c2(x))
+        return self.fc(self.drop(x.flatten(1)))
+
+
+def model():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def example_inputs():
+    return (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
+
+
+def train_loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 4, 4, generator=g), torch.randint(0, 4, (32,), generator=g)
+    return [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+
+
+def evaluate(m):
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 3, 4, 4, generator=g), torch.randint(0, 4, (16,), generator=g)
+    m.eval()
+    with torch.no_grad():
+        return {"accuracy": (m(x).argmax(1) == y).float().mean().item()}
+'''
+
+UNTRACEABLE = '''
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def model():
+    return Branchy()
+
+
+def example_inputs():
+    return (torch.randn(2, 3),)
+'''
+
+CUSTOM_PASS = '''
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxprune.pass_api import Pass
+
+
+@dataclass(frozen=True)
+class Reverse(Pass):
+    name = "reverse"
+    description = "keeps the last channels (a test pass)"
+    power: float = 1.0
+    flip: bool = True
+
+    def score(self, ctx):
+        sign = -1.0 if self.flip else 1.0
+        return {g.id: sign * np.arange(len(g), dtype=float) ** self.power for g in self.prunable(ctx)}
+'''
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: thread start-up dominates, and on a shared 2-core box it thrashes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One fxprune run on the tiny model, through the Python pipeline the CLI calls (keeps the module)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model_file = _write(folder, "tiny.py", TINY)
+    out = folder / "out"
+    report, result = run(RunConfig(model_file, "l1", 0.5, out, finetune_epochs=1))
+    return model_file, out, report, result
+
+
+# ---- the output folder -------------------------------------------------------------------------------
+def test_every_file_of_the_output_folder(tiny_run):
+    _, out, report, result = tiny_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert (out / "channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MACs" in (out / "report.md").read_text() and "accuracy" in (out / "report.md").read_text()
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["before"]["macs"] > on_disk["after"]["macs"] > 0
+    assert on_disk["before"]["params"] > on_disk["after"]["params"] > 0
+    assert set(on_disk["before"]["metrics"]) == set(on_disk["after"]["metrics"]) == {"accuracy"}
+    assert [g["kept"] for g in on_disk["groups"]] == [4] and [g["total"] for g in on_disk["groups"]] == [8]
+    assert len(on_disk["finetune"]["log"]) == 1
+
+
+def test_weights_and_plan_match_the_compacted_module(tiny_run):
+    _, out, _, result = tiny_run
+    weights = load_file(str(out / "model.safetensors"))
+    state = result.module.state_dict()
+    assert weights.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(weights[name], tensor.cpu())
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan == {k: {str(d): list(v) for d, v in e.items()} for k, e in result.plan.items()}
+    for name, entry in plan.items():  # every planned tensor has exactly its kept indices left
+        for dim, kept in entry.items():
+            assert weights[name].shape[int(dim)] == len(kept)
+
+
+def test_report_macs_are_flop_counter_macs(tiny_run):
+    model_file, out, report, _ = tiny_run
+    reloaded = fxprune.load(out)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert report["after"]["macs"] == count_macs(reloaded, (x,))
+
+
+def test_reload_equals_the_in_memory_module_and_trains(tiny_run):
+    _, out, _, result = tiny_run
+    loaded = fxprune.load(out)
+    x = torch.randn(5, 3, 4, 4)  # another batch size than the example inputs: the batch axis is dynamic
+    expected = result.module.eval()(x)
+    torch.testing.assert_close(loaded(x), expected)
+    loaded.train()
+    assert all(m.training for m in loaded.modules())
+    bn = next(m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    loaded(x).sum().backward()
+    assert not torch.equal(bn.running_mean, before)  # BatchNorm really switched to training
+    assert all(p.grad is not None for p in loaded.parameters())
+    torch.testing.assert_close(loaded.eval()(x).shape, expected.shape)
+
+
+def test_plain_pytorch_loads_the_model_without_fxprune(tiny_run, tmp_path):
+    _, out, _, result = tiny_run
+    x = torch.randn(3, 3, 4, 4)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = (f"import json, sys, torch\nfrom safetensors.torch import load_file, save_file\n"
+              f"ep = torch.export.load({str(out / 'model.pt2')!r})\n"
+              f"x = load_file({str(tmp_path / 'x.safetensors')!r})['x']\n"
+              "print(json.dumps(ep.module()(x).tolist()))\nassert 'fxprune' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    torch.testing.assert_close(torch.tensor(json.loads(done.stdout)), result.module.eval()(x))
+
+
+def test_help_is_fast_and_python_m_works():
+    done = subprocess.run([sys.executable, "-c", "import sys, fxprune.cli; assert 'torch' not in sys.modules"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "fxprune", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "inspect" in done.stdout and "bench" in done.stdout
+
+
+# ---- the commands --------------------------------------------------------------------------------
+def test_run_json_and_force(tmp_path):
+    model_file = _write(tmp_path, "tiny.py", TINY)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    result = _invoke("run", model_file, "--pass", "l1", "--ratio", "0.25", "--out", out, "--force", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ratio"] == 0.25 and report["out"] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_run_prints_a_summary_table(tmp_path):
+    model_file = _write(tmp_path, "tiny.py", TINY)
+    result = _invoke("run", model_file, "--ratio", "0.5", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "MACs" in result.stdout and "accuracy" in result.stdout and "params" in result.stdout
+    quiet = _invoke("run", model_file, "--out", tmp_path / "out2", "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_opt_values_are_typed_for_a_plugin_pass(tmp_path, monkeypatch):
+    _write(tmp_path, "reverse_pass.py", CUSTOM_PASS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_file = _write(tmp_path, "tiny.py", TINY)
+    result = _invoke("run", model_file, "--pass", "reverse_pass:Reverse", "--opt", "power=2", "--opt", "flip=false",
+                     "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"] == {"power": 2.0, "flip": False}
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["c1.weight"]["0"] == [4, 5, 6, 7]  # flip=false: the first channels score lowest and go
+
+
+def test_parse_options_converts_by_field_type():
+    @dataclass(frozen=True)
+    class Opts:
+        a: bool = False
+        b: int = 1
+        c: float = 0.5
+        d: str = "x"
+        e: Optional[int] = None
+        f: Literal["global", "group"] = "group"
+
+    got = parse_options(Opts, {"a": "true", "b": "3", "c": "1e-3", "d": "y", "e": "none", "f": "global"}, "t")
+    assert got == {"a": True, "b": 3, "c": 1e-3, "d": "y", "e": None, "f": "global"}
+    with pytest.raises(OptionError, match="'b' must be int"):
+        parse_options(Opts, {"b": "x"}, "t")
+    with pytest.raises(OptionError, match="bool"):
+        parse_options(Opts, {"a": "maybe"}, "t")
+    with pytest.raises(PassError, match="no option 'zz'"):
+        parse_options(Opts, {"zz": "1"}, "t")
+
+
+def test_inspect_shows_groups(tmp_path):
+    model_file = _write(tmp_path, "tiny.py", TINY)
+    result = _invoke("inspect", model_file)
+    assert result.exit_code == 0, result.output
+    assert "prunable" in result.stdout and "frozen" in result.stdout and "model input" in result.stdout
+    info = json.loads(_invoke("inspect", model_file, "--json").stdout)
+    assert [g["status"] for g in info["groups"]].count("prunable") == 1 and info["macs"] > 0
+
+
+def test_passes_lists_l1():
+    result = _invoke("passes")
+    assert result.exit_code == 0 and "l1" in result.stdout and "Li et al" in result.stdout
+    rows = json.loads(_invoke("passes", "--json").stdout)
+    assert {"name": "l1", "scope": "group"}.items() <= rows[0].items()
+
+
+def test_bench_compares_original_and_pruned(tiny_run):
+    _, out, _, _ = tiny_run
+    result = _invoke("bench", out, "--repeats", "3", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    cpu = {r["model"]: r for r in rows if r["device"] == "cpu"}
+    assert cpu["original"]["latency_ms"] > 0 and cpu["pruned"]["latency_ms"] > 0
+    assert 0 < cpu["pruned"]["peak_memory_bytes"] < cpu["original"]["peak_memory_bytes"]
+
+
+# ---- bad input: exit code 2, a clear message, no traceback, no output folder --------------------------
+def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    tiny = _write(tmp, "tiny.py", TINY)
+    no_model = _write(tmp, "no_model.py", "import torch\n\ndef example_inputs():\n    return (torch.randn(2, 3),)\n")
+    untraceable = _write(tmp, "branchy.py", UNTRACEABLE)
+    no_train = _write(tmp, "no_train.py", TINY.replace("def train_loader", "def _train_loader"))
+    existing = tmp / "existing"
+    existing.mkdir()
+    return [
+        (["run", tmp / "missing.py"], "model file not found"),
+        (["run", no_model], "does not define model"),
+        (["run", untraceable], "branchy.py:12: if x.sum() > 0:"),
+        (["inspect", untraceable], "if x.sum() > 0:"),
+        (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
+        (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+        (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: l1"),
+        (["run", tiny, "--opt", "foo=1"], "pass 'l1' has no option 'foo'"),
+        (["run", tiny, "--opt", "foo"], "--opt expects key=value"),
+        (["run", no_train, "--finetune-epochs", "1"], "does not define train_loader"),
+        (["run", tiny, "--out", existing], "already exists; pass --force"),
+        (["bench", tmp / "nowhere"], "not an fxprune output folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_bad_input(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output folder would land here
+    args, message = _bad_input_cases(tmp_path)[case]
+    if "--out" not in args and args[0] == "run":
+        args = [*args, "--out", tmp_path / "out"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no temporary leftovers
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), staging_folder(out) as tmp:
+        (tmp / "model.pt2").write_text("half")
+        raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the bundled example -------------------------------------------------------------------------
+def test_digits_example_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITS_EPOCHS", "3")  # a shorter pre-training than the README run
+    out = tmp_path / "digits"
+    result = _invoke("run", REPO / "examples" / "digits.py", "--pass", "l1", "--ratio", "0.5",
+                     "--finetune-epochs", "1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["before"]["metrics"]["accuracy"] > 0.9
+    assert report["after"]["metrics"]["accuracy"] > 0.85
+    assert report["after"]["macs"] < 0.4 * report["before"]["macs"]
+    x = torch.randn(4, 1, 8, 8)
+    loaded = fxprune.load(out)
+    assert loaded(x).shape == (4, 10)
