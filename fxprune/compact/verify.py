@@ -17,6 +17,8 @@ __all__ = ["verify_shapes"]
 
 
 def _meta(x: Any) -> Any:
+    if isinstance(x, torch.device):
+        return torch.device("meta")
     return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
 
@@ -34,6 +36,13 @@ class _MetaRun(fx.Interpreter):
         mod = self.fetch_attr_module(target)
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         return torch.func.functional_call(mod, state, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # Factories in the graph name a real device (arange(..., device="cpu")): keep everything on meta.
+        args, kwargs = pytree.tree_map(_meta, (args, kwargs))
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": torch.device("meta")}
+        return target(*args, **kwargs)
 
     def fetch_attr_module(self, target: str) -> torch.nn.Module:
         return self.module.get_submodule(target)
