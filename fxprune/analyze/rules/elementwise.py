@@ -17,7 +17,7 @@ ZERO_PRESERVING = ops(
     "aten.hardswish.default", "aten.hardswish_.default", "aten.leaky_relu.default", "aten.leaky_relu_.default",
     "aten.elu.default", "aten.elu_.default", "aten.mish.default", "aten.mish_.default", "aten.neg.default",
     "aten.abs.default", "aten.sqrt.default", "aten.square.default", "aten.sin.default", "aten.erf.default",
-    "aten.sign.default", "aten.selu.default", "aten.celu.default", "aten.prelu.default",
+    "aten.sign.default", "aten.selu.default", "aten.celu.default",
     "aten.dropout.default", "aten.dropout_.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",
     "aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
     "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
@@ -151,3 +151,17 @@ def quotient_like(node: fx.Node, ctx: Coupler) -> None:
         ax = a - (out.ndim - num.ndim) if num is not None else -1
         ctx.set_zero(out, a, num is not None and 0 <= ax < num.ndim
                      and ctx.shape(num)[ax] == ctx.shape(out)[a] and ctx.is_zero(num, ax))
+
+
+@rule(*ops("aten.prelu.default", "aten._prelu_kernel.default"))
+def prelu(node: fx.Node, ctx: Coupler) -> None:
+    """PReLU's weight is per channel (axis 1, or 0 for 1-D input), not right-aligned like broadcasting."""
+    x, w, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)
+    for a in range(x.ndim):
+        ctx.link_axes(x, a, out, a)
+        ctx.set_zero(out, a, ctx.is_zero(x, a))
+    if w is not None and w.ndim == 1:
+        ctx.link_axes(w, 0, out, 1 if x.ndim >= 2 else 0)  # a single shared slope (size 1) links nothing
+    elif w is not None:
+        ctx.freeze(w, None, "prelu weight of unusual rank")
+        ctx.freeze(out, None, "prelu weight of unusual rank")
