@@ -358,7 +358,8 @@ def _split_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
-           "aten.tensor_split.sections", "aten.split_with_sizes_copy.default"), rewrite=_split_rewrite)
+           "aten.tensor_split.sections", "aten.tensor_split.indices", "aten.split_with_sizes_copy.default"),
+      rewrite=_split_rewrite)
 def split(node: fx.Node, ctx: Coupler) -> None:
     x = as_ref(node.args[0])
     dim = bind(node).get("dim", 0) % x.ndim
