@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -83,11 +83,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and n
 @app.command()
 def run(
     model_file: ModelArg,
-    method: Annotated[str, typer.Option("--pass", "-p", help="scoring pass (see `fxprune passes`) or package.module:Class")] = "l1",
-    ratio: Annotated[float, typer.Option("--ratio", "-r", help="fraction of each group's channels to remove, in [0, 1)")] = 0.5,
+    method: Annotated[str, typer.Option("--pass", "-p",
+                                        help="scoring pass (see `fxprune passes`) or package.module:Class")] = "l1",
+    ratio: Annotated[float, typer.Option("--ratio", "-r",
+                                         help="fraction of each group's channels to remove, in [0, 1)")] = 0.5,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/MODEL-PASS-RATIO)",
                                                 show_default=False)] = None,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="fine-tune the pruned model (needs train_loader())")] = 0,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs",
+                                                 help="fine-tune the pruned model (needs train_loader())")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
@@ -126,7 +129,8 @@ def _quiet_torch_logs() -> None:
 
 
 def _run(cfg: Any, quiet: bool) -> dict[str, Any]:
-    from .pipeline import check, run as run_pipeline
+    from .pipeline import check
+    from .pipeline import run as run_pipeline
     from .ui import RichFeedback
 
     _quiet_torch_logs()

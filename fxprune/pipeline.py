@@ -30,8 +30,8 @@ from .report import group_rows, plot_channels, render_markdown
 from .select import check_ratio
 from .train import Hook, finetune
 
-__all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success", "REPORT_JSON", "REPORT_MD",
-           "CHART"]
+__all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
+           "REPORT_JSON", "REPORT_MD", "CHART"]
 
 REPORT_JSON, REPORT_MD, CHART = "report.json", "report.md", "channels.png"
 
@@ -182,8 +182,10 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     clock["prune"] = time.perf_counter() - start
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
-    with fb.step("evaluating the pruned model"):
-        pruned = {"metrics": mf.evaluate(result.module)}
+    pruned: dict[str, Any] = {"metrics": None}
+    if mf.has("evaluate"):
+        with fb.step("evaluating the pruned model"):
+            pruned["metrics"] = mf.evaluate(result.module)
     log: list[dict[str, float]] = []
     if cfg.finetune_epochs > 0:
         start = time.perf_counter()

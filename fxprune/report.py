@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["group_rows", "render_markdown", "plot_channels", "cost_rows", "human"]
+__all__ = ["group_rows", "render_markdown", "plot_channels", "cost_rows", "human", "format_ms"]
 
 
 def group_rows(result: Any) -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     b, a = report["before"], report["after"]
     rows = [("MACs", human(b["macs"]), human(a["macs"]), _ratio(b["macs"], a["macs"])),
             ("params", human(b["params"]), human(a["params"]), _ratio(b["params"], a["params"])),
-            ("latency (ms)", f"{b['latency_ms']:.3g}", f"{a['latency_ms']:.3g}", _ratio(b["latency_ms"], a["latency_ms"]))]
+            ("latency (ms)", format_ms(b["latency_ms"]), format_ms(a["latency_ms"]), _ratio(b["latency_ms"], a["latency_ms"]))]
     pruned = report.get("pruned", {}).get("metrics") or {}
     for name, value in (b.get("metrics") or {}).items():
         if report["finetune"]["epochs"] and name in pruned:
@@ -47,6 +47,10 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         after = (a.get("metrics") or {}).get(name)
         rows.append((name, _fmt(value), _fmt(after), _diff(value, after)))
     return rows
+
+
+def format_ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _diff(before: float | None, after: float | None) -> str:

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .pipeline import Feedback
-from .report import cost_rows, human
+from .report import cost_rows, format_ms, human
 from .train import Hook, TrainState
 
 __all__ = ["RichFeedback", "summary_table", "groups_table", "passes_table", "bench_table"]
@@ -32,7 +32,8 @@ class _TrainBar(Hook):
 
     def after_epoch(self, state: TrainState) -> None:
         if state.epoch + 1 == self.epochs:
-            self.progress.update(self.task, description=f"fine-tuned {self.epochs} epoch{'s' * (self.epochs > 1)}, loss {state.log[-1]['loss']:.3f}")
+            epochs = f"{self.epochs} epoch{'s' * (self.epochs > 1)}"
+            self.progress.update(self.task, description=f"fine-tuned {epochs}, loss {state.log[-1]['loss']:.3f}")
 
 
 class RichFeedback(Feedback):
@@ -102,6 +103,6 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     for col in ("device", "model", "latency ms (median)", "peak memory", "speed-up"):
         table.add_column(col, justify="left" if col in ("device", "model") else "right")
     for r in rows:
-        table.add_row(r["device"], r["model"], f"{r['latency_ms']:.3g}", human(r["peak_memory_bytes"], "B"),
+        table.add_row(r["device"], r["model"], format_ms(r['latency_ms']), human(r["peak_memory_bytes"], "B"),
                       f"{r['speedup']:.2f}x" if r.get("speedup") else "")
     return table
