@@ -114,9 +114,11 @@ class ModelFile:
         if not self.has("evaluate"):
             return None
         metrics = self.call("evaluate", model)
-        if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
-            raise ModelFileError(f"evaluate() in {self.path} returned {metrics!r}; expected {CONTRACT['evaluate']}")
-        return {str(k): float(v) for k, v in metrics.items()}
+        try:  # numpy scalars and 0-d tensors are numbers too
+            return {str(k): float(v) for k, v in metrics.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ModelFileError(f"evaluate() in {self.path} returned {metrics!r}; "
+                                 f"expected {CONTRACT['evaluate']}") from None
 
 
 def load_model_file(path: str | Path) -> ModelFile:

@@ -297,30 +297,39 @@ def test_bench_compares_original_and_pruned(tiny_run):
 
 
 # ---- bad input: exit code 2, a clear message, no traceback, no output folder --------------------------
-def _bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
+def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     tiny = _write(tmp, "tiny.py", TINY)
     no_model = _write(tmp, "no_model.py", "import torch\n\ndef example_inputs():\n    return (torch.randn(2, 3),)\n")
     untraceable = _write(tmp, "branchy.py", UNTRACEABLE)
     no_train = _write(tmp, "no_train.py", TINY.replace("def train_loader", "def _train_loader"))
+    raises = _write(tmp, "raises.py", TINY.replace("    torch.manual_seed(0)\n", "    raise ValueError('no weights')\n"))
+    bad_metrics = _write(tmp, "bad_metrics.py", TINY + "\n\ndef evaluate(m):\n    return 'good'\n")
     existing = tmp / "existing"
     existing.mkdir()
-    return [
-        (["run", tmp / "missing.py"], "model file not found"),
-        (["run", no_model], "does not define model"),
-        (["run", untraceable], "branchy.py:12: if x.sum() > 0:"),
-        (["inspect", untraceable], "if x.sum() > 0:"),
-        (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
-        (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
-        (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: l1"),
-        (["run", tiny, "--opt", "foo=1"], "pass 'l1' has no option 'foo'"),
-        (["run", tiny, "--opt", "foo"], "--opt expects key=value"),
-        (["run", no_train, "--finetune-epochs", "1"], "does not define train_loader"),
-        (["run", tiny, "--out", existing], "already exists; pass --force"),
-        (["bench", tmp / "nowhere"], "not an fxprune output folder"),
-    ]
+    return {
+        "missing file": (["run", tmp / "missing.py"], "model file not found"),
+        "no model()": (["run", no_model], "does not define model"),
+        "untraceable": (["run", untraceable], "branchy.py:12: if x.sum() > 0:"),
+        "inspect untraceable": (["inspect", untraceable], "if x.sum() > 0:"),
+        "ratio 1": (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
+        "ratio < 0": (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+        "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: l1"),
+        "unknown option": (["run", tiny, "--opt", "foo=1"], "pass 'l1' has no option 'foo'"),
+        "malformed option": (["run", tiny, "--opt", "foo"], "--opt expects key=value"),
+        "no train_loader": (["run", no_train, "--finetune-epochs", "1"], "does not define train_loader"),
+        "existing out": (["run", tiny, "--out", existing], "already exists; pass --force"),
+        "model() raises": (["run", raises], "model() in " + str(raises) + " raised ValueError: no weights"),
+        "evaluate() wrong type": (["run", bad_metrics], "evaluate() in " + str(bad_metrics) + " returned 'good'"),
+        "bench elsewhere": (["bench", tmp / "nowhere"], "not an fxprune output folder"),
+    }
 
 
-@pytest.mark.parametrize("case", range(12))
+BAD_INPUT = ["missing file", "no model()", "untraceable", "inspect untraceable", "ratio 1", "ratio < 0", "unknown pass",
+             "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
+             "evaluate() wrong type", "bench elsewhere"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default output folder would land here
     args, message = _bad_input_cases(tmp_path)[case]
