@@ -4,21 +4,24 @@ trace -> analyze -> score (the pass) -> select -> compact. The user's model is n
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from .analyze import ChannelGroups, analyze
-from .compact import Plan, Resizer, add_aliases, build_plan, emit
+from .analyze import ChannelGroups, UnsupportedOpWarning, analyze
+from .compact import CompactionError, Plan, Resizer, add_aliases, build_plan, emit
+from .compact.emit import GraphEdit
 from .pass_api import Pass, PassContext
 from .registry import make_pass
 from .select import check_ratio, select_per_group
 from .trace import trace
 
-__all__ = ["prune", "PruneResult", "compact"]
+__all__ = ["prune", "PruneResult", "compact", "Compacted"]
 
 
 @dataclass
@@ -39,14 +42,40 @@ class PruneResult:
 
 
 def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, model: torch.nn.Module | None = None,
-            *, verify: bool = True) -> tuple[fx.GraphModule, Plan]:
-    """Apply a removal (bool per channel) to a traced graph: the compacted module and its plan."""
-    resizer = Resizer(groups, removed)
-    plan = build_plan(gm, resizer)
-    module = emit(gm, resizer, plan, verify=verify, training=bool(model.training) if model is not None else False)
+            *, verify: bool = True, weights: Mapping[str, torch.Tensor] | None = None,
+            edits: Sequence[GraphEdit] = ()) -> Compacted:
+    """Apply a removal (bool per channel) to a traced graph: the compacted module, its plan, and the
+    removal actually applied.
+
+    A rewrite that fails (an op whose literal arguments we cannot fix) never crashes the run: the
+    groups around that node are kept whole, a warning names the node, and compaction is retried.
+    """
+    removed = removed.copy()
+    training = bool(model.training) if model is not None else False
+    while True:
+        resizer = Resizer(groups, removed)
+        plan = build_plan(gm, resizer)
+        try:
+            module = emit(gm, resizer, plan, verify=verify, training=training, weights=weights, edits=edits)
+            break
+        except CompactionError as exc:
+            culprits = [g for g in sorted(groups.groups_near(exc.node)) if removed[groups[g].channels].any()] \
+                if exc.node else []
+            if not culprits:
+                raise
+            warnings.warn(f"fxprune: {exc}; keeping channel groups {culprits} whole", UnsupportedOpWarning,
+                          stacklevel=2)
+            for g in culprits:
+                removed[groups[g].channels] = False
     if model is not None:
         plan = add_aliases(plan, model)
-    return module, plan
+    return Compacted(module, plan, removed)
+
+
+class Compacted(NamedTuple):
+    module: fx.GraphModule
+    plan: Plan
+    removed: np.ndarray
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
@@ -64,5 +93,5 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     groups = analyze(gm, allow_inexact=allow_inexact)
     scores = the_pass.score(PassContext(gm, groups, model, data)) if ratio > 0 else {}
     removed = select_per_group(groups, scores, ratio)
-    module, plan = compact(gm, groups, removed, model, verify=verify)
-    return PruneResult(module, plan, groups, removed, scores)
+    out = compact(gm, groups, removed, model, verify=verify)
+    return PruneResult(out.module, out.plan, groups, out.removed, scores)

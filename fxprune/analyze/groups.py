@@ -182,6 +182,17 @@ class ChannelGroups:
         comp = self.labels[self.table.offsets[i]:self.table.offsets[i] + self.table.sizes[i]]
         return np.stack([self.comp_group[comp], self.comp_pos[comp]])
 
+    def groups_near(self, node_name: str) -> set[int]:
+        """Ids of the groups that touch a node's outputs or inputs (to back off from a failing rewrite)."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        names = {node_name} | ({a.name for a in nodes[node_name].all_input_nodes} if node_name in nodes else set())
+        found: set[int] = set()
+        for key, i in self.table.index.items():
+            if key[0] in names:
+                comp = self.labels[self.table.offsets[i]:self.table.offsets[i] + self.table.sizes[i]]
+                found.update(int(g) for g in np.unique(self.comp_group[comp]) if g >= 0)
+        return found
+
     def channel_sum(self, group: Group, p: ParamSlot, per_index: np.ndarray) -> np.ndarray:
         """Sum ``per_index`` (one value per index of p's axis) into one value per channel of ``group``."""
         gid, pos = self.positions(p.key)

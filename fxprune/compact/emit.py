@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -23,11 +24,21 @@ from .resize import Resizer
 from .trainable import make_trainable
 from .verify import verify_shapes
 
-__all__ = ["emit", "as_trainable", "CompactionError"]
+__all__ = ["emit", "as_trainable", "CompactionError", "GraphEdit"]
 
 
 class CompactionError(RuntimeError):
-    """A rewrite produced a graph whose shapes disagree with the plan (names the node)."""
+    """A rewrite failed or produced shapes that disagree with the plan; ``node`` names the culprit."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+# A graph edit runs after the per-op rewrites, on the copied graph and the (sliced) tensors by name.
+# Later methods plug in here without touching the rest: remove a residual block (TAS), replace a
+# linear by a factorised pair (FLOP), insert per-sample gating (SANP).
+GraphEdit = Callable[[fx.Graph, dict[str, torch.Tensor]], None]
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
@@ -44,8 +55,12 @@ def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
     return name in mod._parameters
 
 
-def _sliced_tensors(gm: fx.GraphModule, plan: Plan) -> dict[str, torch.Tensor]:
-    """Every get_attr target, sliced (or cloned), as a Parameter where the original was one."""
+def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
+                    weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every get_attr target, sliced (or cloned), as a Parameter where the original was one.
+
+    ``weights`` replaces original full-size tensors before slicing: reconstructed next-layer weights
+    (ThiNet, LASSO) or folded scales (ANP) go through the same plan as everything else."""
     out: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
@@ -54,6 +69,13 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan) -> dict[str, torch.Tensor]:
         if node.target in out:
             continue
         orig = _fetch(gm, node.target)
+        if weights and node.target in weights:
+            new = weights[node.target]
+            if not isinstance(orig, torch.Tensor) or new.shape != orig.shape:
+                raise CompactionError(f"replacement weight {node.target} must keep shape "
+                                      f"{tuple(getattr(orig, 'shape', ()))}, got {tuple(new.shape)}", node.name)
+            orig = nn.Parameter(new.detach(), requires_grad=orig.requires_grad) if isinstance(orig, nn.Parameter) \
+                else new.detach()
         if not isinstance(orig, torch.Tensor):
             continue
         t = by_id.get(id(orig))
@@ -94,7 +116,7 @@ def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
             try:
                 rule.rewrite(node, resizer)
             except Exception as exc:  # noqa: BLE001 - named, then re-raised
-                raise CompactionError(f"rewriting {node.format_node()} failed: {exc!r}") from exc
+                raise CompactionError(f"rewriting {node.format_node()} failed: {exc!r}", node.name) from exc
 
 
 def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> nn.Module:
@@ -141,12 +163,15 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
     return out.train(training)
 
 
-def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True,
-         training: bool = False) -> fx.GraphModule:
+def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True, training: bool = False,
+         weights: Mapping[str, torch.Tensor] | None = None, edits: Sequence[GraphEdit] = ()) -> fx.GraphModule:
     """A new trainable GraphModule with the plan applied (in mode ``training``); ``gm`` is untouched."""
     graph = _copy_graph(gm)
     _rewrite_ops(graph, resizer)
-    out = _assemble(gm, graph, _sliced_tensors(gm, plan), training)
+    tensors = _sliced_tensors(gm, plan, weights)
+    for edit in edits:
+        edit(graph, tensors)
+    out = _assemble(gm, graph, tensors, training)
     if verify:
         verify_shapes(out, resizer, CompactionError)
     return out

@@ -48,6 +48,7 @@ class _MetaRun(fx.Interpreter):
         return self.module.get_submodule(target)
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n.name
         out = super().run_node(n)
         vals = out if isinstance(out, (tuple, list)) else [out]
         self.shapes[n.name] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
@@ -64,7 +65,8 @@ def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) 
         with torch.no_grad():
             run.run(*leaves)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
-        raise error(f"the compacted graph does not run: {exc}") from exc
+        node = getattr(run, "current", None)
+        raise error(f"the compacted graph does not run at {node}: {exc}", node) from exc
     for src in resizer.groups.gm.graph.nodes:
         got = run.shapes.get(src.name)
         if got is None or src.op in ("placeholder", "output"):
@@ -75,4 +77,5 @@ def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) 
             expected = resizer.new_shape(TensorRef(src, k))
             if tuple(got[k]) != expected:
                 node = next(n for n in gm.graph.nodes if n.name == src.name)
-                raise error(f"{node.format_node()}: shape {tuple(got[k])} after compaction, plan expects {expected}")
+                raise error(f"{node.format_node()}: shape {tuple(got[k])} after compaction, plan expects {expected}",
+                            src.name)
