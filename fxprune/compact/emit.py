@@ -112,7 +112,8 @@ def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
                 graph.erase_node(node)  # shape assertions of the traced sizes
             continue
         rule = RULES.get(node.target)
-        if rule is not None and rule.rewrite is not None:
+        if rule is not None and rule.rewrite is not None and \
+                resizer.touches(node.name, [a.name for a in node.all_input_nodes]):
             try:
                 rule.rewrite(node, resizer)
             except Exception as exc:  # noqa: BLE001 - named, then re-raised

@@ -36,6 +36,22 @@ class Resizer:
                 self._kept[key] = None if keep.all() else np.flatnonzero(keep)
         return self._kept[key]
 
+    def touches(self, node_name: str, inputs: list[str]) -> bool:
+        """Does anything shrink on the node's outputs or inputs? (Untouched nodes need no rewrite.)"""
+        names = {node_name, *inputs}
+        if not hasattr(self, "_changed_nodes"):
+            t = self.table
+            changed = ~self.removed[self.groups.labels]
+            self._changed_nodes = set()
+            starts = np.asarray(t.offsets)
+            sizes = np.asarray(t.sizes)
+            cum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
+            kept_per_slot = cum[starts + sizes] - cum[starts]
+            for key, kept, size in zip(t.keys, kept_per_slot.tolist(), sizes.tolist()):
+                if kept != size:
+                    self._changed_nodes.add(key[0])
+        return bool(names & self._changed_nodes)
+
     def kept(self, ref: TensorRef, axis: int) -> np.ndarray | None:
         return self.kept_slot(self._key(ref, axis))
 

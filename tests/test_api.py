@@ -1,0 +1,153 @@
+"""The public API's contracts: plan shape, pure slicing, robustness of compaction, extension hooks."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fxprune
+from fxprune.analyze.rules import RULES, Rule
+from fxprune.compact import apply_plan
+from fxprune.testing import assert_equivalent, masked_model
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.fc(x.view(x.size(0), 32 * 4 * 4))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_plan_matches_compacted_tensors_and_slicing_is_pure():
+    model = Net().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fxprune.prune(model, (X,), "l1", 0.5)
+    compacted = res.module.state_dict()
+    assert set(res.plan) <= set(state)
+    assert set(res.plan) >= {"c1.weight", "c1.bias", "b1.weight", "b1.running_var", "c2.weight", "fc.weight"}
+    for name, entry in res.plan.items():
+        for dim, kept in entry.items():
+            assert kept == sorted(kept) and len(set(kept)) == len(kept)
+            assert compacted[name].shape[dim] == len(kept)
+        # slicing is a pure function of (plan, name, tensor): a checkpoint can be compacted offline
+        torch.testing.assert_close(apply_plan(res.plan, name, state[name]), compacted[name], rtol=0, atol=0)
+        torch.testing.assert_close(state[name], model.state_dict()[name], rtol=0, atol=0)
+    assert len(res.plan["c1.weight"][0]) == 8 and len(res.plan["fc.weight"][1]) == 16 * 16
+    assert_equivalent(model, res, (X,))
+
+
+def test_failing_rewrite_keeps_groups_whole_instead_of_crashing(monkeypatch):
+    def broken(node, r):
+        raise RuntimeError("cannot rewrite this view")
+
+    view = torch.ops.aten.view.default
+    monkeypatch.setitem(RULES, view, Rule(RULES[view].couple, broken))
+    model = Net().eval()
+    with pytest.warns(UserWarning, match="keeping channel groups"):
+        res = fxprune.prune(model, (X,), "l1", 0.5)
+    assert "fc.weight" not in res.plan          # the group feeding the view stayed whole
+    assert len(res.plan["c1.weight"][0]) == 8  # the others were still pruned
+    assert_equivalent(model, res, (X,))
+
+
+def test_weight_overrides_go_through_the_plan():
+    model = Net().eval()
+    gm = fxprune.trace(model, (X,))
+    groups = fxprune.analyze(gm)
+    removed = fxprune.select.select_per_group(groups, fxprune.registry.make_pass("l1").score(
+        fxprune.PassContext(gm, groups, model)), 0.5)
+    new_w = torch.randn_like(model.c2.weight)
+    out = fxprune.compact(gm, groups, removed, model, weights={"c2.weight": new_w})
+    reference = Net().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.c2.weight.copy_(new_w)
+    ref = masked_model(reference, out.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(out.module(X), ref(X), rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.c2.weight, gm.get_parameter("c2.weight"))  # originals untouched
+
+
+def test_graph_edits_run_after_rewrites():
+    model = Net().eval()
+    gm = fxprune.trace(model, (X,))
+    groups = fxprune.analyze(gm)
+    removed = np.zeros(len(groups.comp_group), dtype=bool)
+
+    def double_output(graph, tensors):
+        out = next(n for n in graph.nodes if n.op == "output")
+        (value,) = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+        with graph.inserting_before(out):
+            doubled = graph.call_function(torch.ops.aten.mul.Tensor, (value, 2.0))
+        out.replace_input_with(value, doubled)
+
+    res = fxprune.compact(gm, groups, removed, model, edits=[double_output], verify=False)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(X), 2 * model(X))
+
+
+class LNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.ln = nn.LayerNorm(32)
+        self.b = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(self.ln(self.a(x)))
+
+
+def test_layernorm_group_reported_inexact_and_frozen_unless_allowed():
+    model = LNNet().eval()
+    x = torch.randn(2, 8)
+    groups = fxprune.analyze(fxprune.trace(model, (x,)))
+    ln_group = next(g for g in groups if any(p.name == "ln.weight" for p in g.params))
+    assert ln_group.inexact and "layer_norm" in ln_group.inexact and not ln_group.prunable
+    assert "inexact" in str(groups)
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.plan == {}
+    res = fxprune.prune(model, (x,), "l1", 0.5, allow_inexact=True)
+    assert res.module.get_parameter("ln.weight").shape == (16,)
+    assert res.module(x).shape == (2, 4)
+
+
+def test_bad_ratio_and_unknown_pass():
+    with pytest.raises(ValueError, match="ratio"):
+        fxprune.prune(Net(), (X,), "l1", 1.0)
+    with pytest.raises(ValueError, match="unknown pass 'nope'.*l1"):
+        fxprune.prune(Net(), (X,), "nope", 0.5)
+    with pytest.raises(ValueError, match="no option 'alpha'"):
+        fxprune.prune(Net(), (X,), "l1", 0.5, options={"alpha": 1})
+
+
+def test_untraceable_model_names_the_users_line():
+    class Bad(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x
+            return -x
+
+    with pytest.raises(fxprune.TraceError, match="test_api.py"):
+        fxprune.trace(Bad(), (torch.randn(2, 3),))
+
+
+def test_other_batch_sizes_after_compaction():
+    model = torchvision.models.resnet18().eval()
+    res = fxprune.prune(model, (torch.randn(2, 3, 32, 32),), "l1", 0.3)
+    masked = masked_model(model, res.plan)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), masked(x), rtol=1e-4, atol=1e-4)
