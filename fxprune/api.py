@@ -5,7 +5,7 @@ trace -> analyze -> score (the pass) -> select -> compact. The user's model is n
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -80,18 +80,25 @@ class Compacted(NamedTuple):
 
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
           options: dict[str, Any] | None = None, allow_inexact: bool = False, verify: bool = True,
-          **data: Any) -> PruneResult:
+          progress: Callable[[str], None] | None = None, **data: Any) -> PruneResult:
     """Prune ``model``: remove ``ratio`` of the channels of every prunable group, scored by ``method``.
 
     ``example_inputs``: a tuple of positional inputs (or a dict of keyword inputs).
     ``options``: the pass's options. ``data``: train_loader=, val_loader=, loss=, evaluate= for passes
-    that need data. Returns a :class:`PruneResult`; ``model`` is left bit-identical.
+    that need data. ``progress`` is called with the name of each stage as it starts ("trace",
+    "analyze", "score", "select", "compact"). Returns a :class:`PruneResult`; ``model`` is left bit-identical.
     """
     check_ratio(ratio)
     the_pass = make_pass(method, options)
+    stage = progress or (lambda name: None)
+    stage("trace")
     gm = trace(model, example_inputs)
+    stage("analyze")
     groups = analyze(gm, allow_inexact=allow_inexact)
+    stage("score")
     scores = the_pass.score(PassContext(gm, groups, model, data)) if ratio > 0 else {}
+    stage("select")
     removed = select_per_group(groups, scores, ratio)
+    stage("compact")
     out = compact(gm, groups, removed, model, verify=verify)
     return PruneResult(out.module, out.plan, groups, out.removed, scores)

@@ -43,6 +43,7 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     scope: ClassVar[str] = "group"  # the paper's default selection scope: "group" or "global"
+    needs: ClassVar[tuple[str, ...]] = ()  # model-file functions / data keywords it reads, e.g. ("train_loader",)
 
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError

@@ -123,7 +123,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     mf.require("model", "example_inputs", why="pruning")
     if cfg.finetune_epochs > 0:
         mf.require("train_loader", why=f"--finetune-epochs {cfg.finetune_epochs}")
-    needs = tuple(getattr(pass_cls, "needs", ()))  # a pass may declare the model-file functions it reads
+    needs = tuple(getattr(pass_cls, "needs", ()))  # the model-file functions the pass reads (Pass.needs)
     if needs:
         mf.require(*needs, why=f"pass {cfg.method!r}")
     return mf, the_pass
@@ -176,9 +176,14 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         inputs = to_device(mf.example_inputs(), cfg.device)
         data = _data(mf)
     start = time.perf_counter()
-    with fb.step(f"pruning ({cfg.method}): trace, analyze, score, compact"):
-        with stderr_only_on_success():
-            result = prune(model, inputs, the_pass, cfg.ratio, **data)  # first: an untraceable model fails early
+    stages = contextlib.ExitStack()
+
+    def stage(name: str) -> None:  # one progress line per pipeline stage, each ticked off when the next starts
+        stages.close()
+        stages.enter_context(fb.step(f"{name} ({cfg.method})" if name == "score" else name))
+
+    with stages, stderr_only_on_success():
+        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
