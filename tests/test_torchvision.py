@@ -6,6 +6,11 @@ import torchvision
 import fxprune
 from fxprune.testing import assert_equivalent
 
+# Depthwise convolutions have no fast float64 kernel on CPU (~40x slower): check these in float32,
+# with a tolerance relative to the output's magnitude.
+FLOAT32 = {"mobilenet_v2", "efficientnet_b0", "convnext_tiny", "mnasnet0_5", "shufflenet_v2_x0_5", "regnet_x_400mf",
+           "swin_t"}
+
 MODELS = {
     "resnet18": 64, "mobilenet_v2": 64, "shufflenet_v2_x0_5": 64, "efficientnet_b0": 64,
     "resnext50_32x4d": 64, "googlenet": 64, "regnet_x_400mf": 64, "squeezenet1_0": 64, "convnext_tiny": 64,
@@ -24,5 +29,5 @@ def test_l1_half_is_exact_and_smaller(name):
     x = torch.randn(2, 3, MODELS[name], MODELS[name])
     res = fxprune.prune(model, (x,), "l1", 0.5)
     assert res.plan, "something must be pruned"
-    assert_equivalent(model, res, (x,))
+    assert_equivalent(model, res, (x,), dtype=torch.float32 if name in FLOAT32 else torch.float64)
     assert _params(res.module) < 0.8 * _params(model)
