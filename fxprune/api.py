@@ -18,10 +18,13 @@ from .compact import CompactionError, Plan, Resizer, add_aliases, build_plan, em
 from .compact.emit import GraphEdit
 from .pass_api import Pass, PassContext
 from .registry import make_pass
-from .select import check_ratio, select_per_group
+from .cost import Cost, CostCounter
+from .select import Selection, SelectionError, check_ratio, search_budget, select
 from .trace import trace
 
-__all__ = ["prune", "PruneResult", "compact", "Compacted"]
+__all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY"]
+
+RECOVERY = ("finetune", "scratch-e", "scratch-b")
 
 
 @dataclass
@@ -31,6 +34,10 @@ class PruneResult:
     groups: ChannelGroups                  # the analysis it was planned on
     removed: np.ndarray                    # bool per channel component
     scores: dict[int, np.ndarray] = field(default_factory=dict)
+    cost_before: Cost | None = None        # MACs (on the example inputs) and parameters, counted on the graph
+    cost_after: Cost | None = None
+    selection: Selection | None = None     # the budget as applied (after a target search: the ratio found)
+    log: list[dict[str, Any]] = field(default_factory=list)  # recovery training log, one record per epoch
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -79,26 +86,63 @@ class Compacted(NamedTuple):
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
-          options: dict[str, Any] | None = None, allow_inexact: bool = False, verify: bool = True,
-          progress: Callable[[str], None] | None = None, **data: Any) -> PruneResult:
-    """Prune ``model``: remove ``ratio`` of the channels of every prunable group, scored by ``method``.
+          options: dict[str, Any] | None = None, scope: str | None = None,
+          ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (), min_channels: int = 1,
+          round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
+          allow_inexact: bool = False, verify: bool = True, progress: Callable[[str], None] | None = None,
+          recover: str | None = None, epochs: int = 0, distill: bool = False,
+          **data: Any) -> PruneResult:
+    """Prune ``model`` and return the compacted module with its plan.
 
-    ``example_inputs``: a tuple of positional inputs (or a dict of keyword inputs).
-    ``options``: the pass's options. ``data``: train_loader=, val_loader=, loss=, evaluate= for passes
-    that need data. ``progress`` is called with the name of each stage as it starts ("trace",
-    "analyze", "score", "select", "compact"). Returns a :class:`PruneResult`; ``model`` is left bit-identical.
+    ``example_inputs``: a tuple of positional inputs, a tensor, or a dict of keyword inputs.
+    ``method``: a registered pass name, ``"package.module:Class"``, or a Pass instance; ``options``
+    are its fields. Budget: ``ratio`` (fraction of channels removed) in ``scope`` "group" (same
+    fraction per group) or "global" (one threshold; default: the pass's paper default), with
+    ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
+    ``min_channels`` and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
+    fraction to KEEP), reached by binary search to within 1%. ``recover``: "finetune", "scratch-e" or
+    "scratch-b" for ``epochs`` epochs (``distill=True`` adds knowledge distillation from ``model``).
+    ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
+    file's functions). ``progress(stage)`` is called as each stage starts. ``model`` is left
+    bit-identical.
     """
-    check_ratio(ratio)
     the_pass = make_pass(method, options)
+    sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
+                    protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                    normalize=getattr(the_pass, "normalize", "mean"))
+    if target_macs is not None and target_params is not None:
+        raise SelectionError("give target_macs or target_params, not both")
+    if recover is not None and recover not in RECOVERY:
+        raise SelectionError(f"recover must be one of {RECOVERY}, got {recover!r}")
+    if recover is not None and data.get("train_loader") is None:
+        raise SelectionError(f"recover={recover!r} needs train_loader=")
     stage = progress or (lambda name: None)
     stage("trace")
     gm = trace(model, example_inputs)
     stage("analyze")
     groups = analyze(gm, allow_inexact=allow_inexact)
+    counter = CostCounter(groups)
+    before = counter()
+    target = target_macs if target_macs is not None else target_params
     stage("score")
-    scores = the_pass.score(PassContext(gm, groups, model, data)) if ratio > 0 else {}
+    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
+    scores = the_pass.score(PassContext(gm, groups, model, data)) if needs_scores else {}
     stage("select")
-    removed = select_per_group(groups, scores, ratio)
+    if target is None:
+        removed = select(groups, scores, sel)
+    else:
+        which = "macs" if target_macs is not None else "params"
+        kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
+        removed, sel = search_budget(groups, scores, sel, kept, float(target))
     stage("compact")
     out = compact(gm, groups, removed, model, verify=verify)
-    return PruneResult(out.module, out.plan, groups, out.removed, scores)
+    after = counter(out.removed)
+    log: list[dict[str, Any]] = []
+    if recover is not None:
+        stage("recover")
+        from .train.recover import recover as run_recovery
+
+        log = run_recovery(out.module, mode=recover, original=model, train_loader=data["train_loader"],
+                           loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
+                           macs_full=before.macs, macs_pruned=after.macs)
+    return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log)

@@ -1,0 +1,146 @@
+"""Budgets and selection: scopes, per-layer overrides, protections, rounding, resource targets, cost counting."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxprune
+from fxprune.cost import count
+from fxprune.testing import assert_equivalent
+
+X = torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return torchvision.models.resnet18().eval()
+
+
+def _kept(res, group):
+    return int((~res.removed[group.channels]).sum())
+
+
+def _macs(module, *args):
+    with FlopCounterMode(display=False) as f, torch.no_grad():
+        module(*args)
+    return f.get_total_flops() // 2
+
+
+def test_per_group_scope_removes_the_same_fraction_everywhere(resnet):
+    res = fxprune.prune(resnet, (X,), "l1", 0.3)
+    for g in res.groups.prunable:
+        assert _kept(res, g) == len(g) - math.floor(0.3 * len(g))
+
+
+def test_global_scope_uses_one_threshold(resnet):
+    res = fxprune.prune(resnet, (X,), "l1", 0.5, scope="global")
+    groups = res.groups.prunable
+    total = sum(len(g) for g in groups)
+    removed = sum(len(g) - _kept(res, g) for g in groups)
+    assert removed == math.floor(0.5 * total)
+    fractions = {round(_kept(res, g) / len(g), 3) for g in groups}
+    assert len(fractions) > 1  # not uniform: the threshold is global
+    # the threshold: every removed normalised score <= every kept one
+    kept_scores, dropped_scores = [], []
+    for g in groups:
+        s = res.scores[g.id] / np.mean(np.abs(res.scores[g.id]))
+        mask = res.removed[g.channels]
+        dropped_scores += list(s[mask])
+        kept_scores += list(s[~mask])
+    assert max(dropped_scores) <= min(kept_scores)
+    assert_equivalent(resnet, res, (X,))
+
+
+def test_overrides_protections_and_minimum(resnet):
+    res = fxprune.prune(resnet, (X,), "l1", 0.5, ratio_for={"layer4.*": 0.75}, protect=["layer1.*"], min_channels=40)
+    for g in res.groups.prunable:
+        names = [p.name for p in g.params]
+        kept = _kept(res, g)
+        if any(n.startswith("layer1.") for n in names):
+            assert kept == len(g)
+        elif any(n.startswith("layer4.") for n in names):
+            assert kept == max(len(g) - math.floor(0.75 * len(g)), 40)
+        else:
+            assert kept == max(len(g) - math.floor(0.5 * len(g)), 40)
+
+
+def test_round_to_keeps_multiples_of_eight(resnet):
+    res = fxprune.prune(resnet, (X,), "l1", 0.37, round_to=8)
+    for g in res.groups.prunable:
+        assert _kept(res, g) % 8 == 0
+    assert_equivalent(resnet, res, (X,))
+
+
+def test_round_to_keeps_heads_whole():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4, intermediate_size=96, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    res = fxprune.prune(model, (torch.randint(0, 100, (2, 8)),), "l1", 0.3, round_to=8)
+    heads = [g for g in res.groups.prunable if g.block == 16]
+    assert heads and all(_kept(res, g) in (3, 4) for g in heads)  # whole heads of 16 positions
+    mlp = [g for g in res.groups.prunable if g.block == 1]
+    assert mlp and all(_kept(res, g) % 8 == 0 for g in mlp)
+
+
+@pytest.mark.parametrize("which", ["macs", "params"])
+def test_resource_target_within_one_percent(resnet, which):
+    res = fxprune.prune(resnet, (X,), "l1", **{f"target_{which}": 0.5})
+    before, after = res.cost_before, res.cost_after
+    assert abs(getattr(after, which) / getattr(before, which) - 0.5) <= 0.01
+    if which == "macs":  # torch's own counter agrees
+        assert abs(_macs(res.module, X) / _macs(resnet, X) - 0.5) <= 0.01
+    else:
+        n = sum(p.numel() for p in res.module.parameters())
+        assert abs(n / sum(p.numel() for p in resnet.parameters()) - 0.5) <= 0.01
+
+
+def test_unreachable_target_warns(resnet):
+    with pytest.warns(UserWarning, match="cannot reach"):
+        res = fxprune.prune(resnet, (X,), "l1", target_macs=0.001, min_channels=16)
+    assert res.cost_after.macs < res.cost_before.macs
+
+
+class Mixed(nn.Module):
+    """Conv1d, ConvTranspose2d (grouped), linear and matmul: every counted op family."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 32, 2, stride=2, groups=2)
+        self.fc = nn.Linear(32, 24)
+        self.w = nn.Parameter(torch.randn(24, 8))
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))                      # [B, 16, L]
+        y = self.up(y.unsqueeze(-1))                     # [B, 32, 2L, 2]
+        y = self.fc(y.mean(dim=(2, 3)))                  # [B, 24]
+        return torch.relu(y) @ self.w
+
+
+@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: torchvision.models.mobilenet_v2(),
+                                   lambda: Mixed()])
+def test_cost_counter_agrees_with_flop_counter(build):
+    model = build().eval()
+    x = torch.randn(2, 4, 10) if isinstance(model, Mixed) else X
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.cost_before.macs == _macs(model, x)
+    assert res.cost_after.macs == _macs(res.module, x) < res.cost_before.macs
+    assert res.cost_before.params == sum(p.numel() for p in model.parameters())
+    assert res.cost_after.params == sum(p.numel() for p in res.module.parameters())
+    assert count(res.groups, res.removed) == res.cost_after
+
+
+def test_bad_budgets(resnet):
+    with pytest.raises(ValueError, match="scope"):
+        fxprune.prune(resnet, (X,), "l1", 0.5, scope="layer")
+    with pytest.raises(ValueError, match="ratio for 'fc'"):
+        fxprune.prune(resnet, (X,), "l1", 0.5, ratio_for={"fc": 1.5})
+    with pytest.raises(ValueError, match="not both"):
+        fxprune.prune(resnet, (X,), "l1", target_macs=0.5, target_params=0.5)
+    with pytest.raises(ValueError, match="fraction to keep"):
+        fxprune.prune(resnet, (X,), "l1", target_macs=1.5)
