@@ -70,6 +70,21 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _parse_ratio_for(pairs: list[str]) -> dict[str, float]:
+    from .pipeline import OptionError
+
+    out: dict[str, float] = {}
+    for pair in pairs:
+        pattern, sep, value = pair.rpartition("=")
+        try:
+            out[pattern.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern.strip():
+            raise OptionError(f"--ratio-for expects 'PATTERN=RATIO' (e.g. 'layer4.*=0.7'), got {pair!r}")
+    return out
+
+
 def _default_out(model_file: Path, method: str, ratio: float) -> Path:
     return Path("runs") / f"{model_file.stem}-{method.replace(':', '.')}-{ratio:g}"
 
@@ -96,6 +111,19 @@ def run(
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    scope: Annotated[Optional[str], typer.Option("--scope", help="group (same fraction per group) or global "
+                                                 "(one threshold); default: the pass's paper default",
+                                                 show_default=False)] = None,
+    ratio_for: Annotated[Optional[list[str]], typer.Option("--ratio-for", help="per-layer ratio, "
+                                                           "'PATTERN=RATIO' (repeatable)", show_default=False)] = None,
+    protect: Annotated[Optional[list[str]], typer.Option("--protect", help="layer-name pattern never pruned "
+                                                         "(repeatable)", show_default=False)] = None,
+    min_channels: Annotated[int, typer.Option("--min-channels", help="channels every group keeps at least")] = 1,
+    round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="fraction of MACs to keep "
+                                                         "(replaces --ratio)", show_default=False)] = None,
+    target_params: Annotated[Optional[float], typer.Option("--target-params", help="fraction of parameters to "
+                                                           "keep (replaces --ratio)", show_default=False)] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -103,8 +131,11 @@ def run(
     from .pipeline import RunConfig
 
     with _user_errors():
+        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
+                  "min_channels": min_channels, "round_to": round_to, "target_macs": target_macs,
+                  "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
-                        lr, _parse_opts(opt or []), device, force)
+                        lr, _parse_opts(opt or []), device, force, budget)
         report = _run(cfg, quiet or as_json)
     report["out"] = str(cfg.out)
     if as_json:

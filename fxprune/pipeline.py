@@ -27,7 +27,7 @@ from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from .registry import PassError, load_pass, make_pass
 from .report import group_rows, plot_channels, render_markdown
-from .select import check_ratio
+from .select import Selection, check_ratio
 from .train import Hook, finetune
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
@@ -51,6 +51,7 @@ class RunConfig:
     options: dict[str, str] = field(default_factory=dict)  # raw key=value strings from --opt
     device: str = "cpu"
     force: bool = False
+    budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
 
 
 class Feedback:
@@ -110,9 +111,24 @@ def _check_device(device: str) -> None:
         raise OptionError("--device cuda: CUDA is not available on this machine")
 
 
+def check_budget(ratio: float, budget: dict[str, Any]) -> None:
+    """The selection keywords are valid (same checks as fxprune.prune, before any work)."""
+    targets = {k: budget[k] for k in ("target_macs", "target_params") if budget.get(k) is not None}
+    if len(targets) > 1:
+        raise OptionError("give --target-macs or --target-params, not both")
+    for key, value in targets.items():
+        if not 0.0 < value <= 1.0:
+            raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
+    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "round_to") if k in budget}
+    if fields.get("scope") is None:
+        fields.pop("scope", None)
+    Selection(ratio=ratio, **fields)
+
+
 def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     """Everything that can be checked before any work: returns the model file and the configured pass."""
     check_ratio(cfg.ratio)
+    check_budget(cfg.ratio, cfg.budget)
     artifacts.check_target(cfg.out, cfg.force)
     if cfg.finetune_epochs < 0:
         raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
@@ -183,7 +199,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         stages.enter_context(fb.step(f"{name} ({cfg.method})" if name == "score" else name))
 
     with stages, stderr_only_on_success():
-        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, **data)  # an untraceable model fails early
+        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched

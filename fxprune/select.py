@@ -183,4 +183,7 @@ def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: C
         warnings.warn(f"fxprune: cannot reach a kept fraction of {target:.3f}; the smallest reachable is "
                       f"{cost(removed):.3f} (frozen groups, min_channels or round_to bound it)", stacklevel=2)
         return removed, trial
+    warnings.warn(f"fxprune: the closest kept fraction to {target:.3f} at or under it is {best[2]:.3f}: the budget "
+                  "moves in steps here (few groups, round_to, or per-group scope); scope='global' is finer",
+                  stacklevel=2)
     return best[0], best[1]
