@@ -144,3 +144,42 @@ def test_bad_budgets(resnet):
         fxprune.prune(resnet, (X,), "l1", target_macs=0.5, target_params=0.5)
     with pytest.raises(ValueError, match="fraction to keep"):
         fxprune.prune(resnet, (X,), "l1", target_macs=1.5)
+
+
+MODEL_FILE = '''
+import torch, torchvision
+
+def model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+def example_inputs():
+    return (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+'''
+
+
+def test_cli_target_macs_and_bad_budget_options(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--target-macs", "0.5", "--scope", "global", "--round-to", "8",
+                                 "--protect", "layer1.*", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["after"]["macs"] / report["before"]["macs"] - 0.5) <= 0.01
+    plan = json.loads((out / "plan.json").read_text())
+    plan = plan.get("plan", plan)
+    assert not any(name.startswith("layer1.") for name in plan)
+    for args, message in ((["--target-macs", "1.5"], "fraction to keep"), (["--scope", "layer"], "scope"),
+                          (["--ratio-for", "fc"], "PATTERN=RATIO"), (["--round-to", "0"], "round_to"),
+                          (["--target-macs", "0.5", "--target-params", "0.5"], "not both")):
+        bad = runner.invoke(app, ["run", str(path), *args, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+        assert not (tmp_path / "bad").exists()
