@@ -1,4 +1,14 @@
-"""The one training engine: recovery after pruning and, later, every pass that trains."""
-from .engine import Hook, TrainState, finetune, train
+"""The one training engine: recovery after pruning and every pass that trains.
 
-__all__ = ["train", "finetune", "Hook", "TrainState"]
+    engine.py       train(): the loop, optimisers, schedules, AMP, clipping, evaluation, checkpoints
+    recover.py      recover(): finetune / scratch-e / scratch-b, distillation, re-initialisation
+    checkpoint.py   pickle-free checkpoints (.safetensors + .json)
+    curves.py       the per-epoch JSON-lines log and its training-curve PNG
+    distributed.py  data-parallel under torchrun (DDP, sharded loaders, rank-0 writes)
+"""
+from .curves import plot_log, read_log
+from .engine import Hook, TrainState, finetune, load_weights, train
+from .recover import DistillHook, recover, reinitialize, scratch_b_epochs
+
+__all__ = ["train", "finetune", "Hook", "TrainState", "recover", "reinitialize", "scratch_b_epochs",
+           "DistillHook", "load_weights", "plot_log", "read_log"]
