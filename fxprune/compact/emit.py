@@ -3,7 +3,8 @@
 1. copy the traced graph;
 2. slice every parameter/buffer by the plan (new tensors; the user's model is never touched);
 3. run each op's rewrite (literal shapes, split sizes, slice bounds, group counts, heads);
-4. drop export-only guards, give BatchNorm/dropout back their train/eval switch;
+4. drop export-only guards, give BatchNorm/dropout back their train/eval switch, make device
+   literals follow the module's device;
 5. lint, recompile, and verify every node's shape against the expected compacted shape.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..analyze.rules import IGNORED, RULES
 from ..analyze.slots import tensor_values
 from .plan import Plan, slice_tensor
 from .resize import Resizer
+from .portable import make_device_portable
 from .trainable import make_trainable
 from .verify import verify_shapes
 
@@ -152,6 +154,7 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
               training: bool = False) -> fx.GraphModule:
     """Tensors + graph -> a plain trainable GraphModule that keeps ``gm``'s input/output structure."""
     modules = make_trainable(graph, tensors)
+    make_device_portable(graph)
     root = _build_root(tensors, modules)
     out = fx.GraphModule(root, graph, class_name="CompactedModule")
     out.graph.eliminate_dead_code()
