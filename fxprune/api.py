@@ -38,6 +38,7 @@ class PruneResult:
     cost_after: Cost | None = None
     selection: Selection | None = None     # the budget as applied (after a target search: the ratio found)
     log: list[dict[str, Any]] = field(default_factory=list)  # recovery training log, one record per epoch
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors the pass gave compaction
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -126,7 +127,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     target = target_macs if target_macs is not None else target_params
     stage("score")
     needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
-    scores = the_pass.score(PassContext(gm, groups, model, data)) if needs_scores else {}
+    ctx = PassContext(gm, groups, model, data, sel)
+    scores = the_pass.score(ctx) if needs_scores else {}
     stage("select")
     if target is None:
         removed = select(groups, scores, sel)
@@ -135,7 +137,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
         removed, sel = search_budget(groups, scores, sel, kept, float(target))
     stage("compact")
-    out = compact(gm, groups, removed, model, verify=verify)
+    weights = the_pass.weights(ctx, removed) if needs_scores else {}
+    out = compact(gm, groups, removed, model, verify=verify, weights=weights or None)
+    if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
+        weights = the_pass.weights(ctx, out.removed)
+        out = compact(gm, groups, out.removed, model, verify=verify, weights=weights or None)
     after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:
@@ -145,4 +151,4 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         log = run_recovery(out.module, mode=recover, original=model, train_loader=data["train_loader"],
                            loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
                            macs_full=before.macs, macs_pruned=after.macs)
-    return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log)
+    return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights)
