@@ -3,6 +3,15 @@
 A pass is a frozen dataclass whose fields are its options (``--opt key=value`` on the command line).
 It must ``score`` every prunable group: one float per channel, higher = keep (``-inf`` must go,
 ``+inf`` must stay). Passes that train or insert gates extend this in later stages.
+
+What a pass may read: everything in :class:`PassContext`. What it may write: nothing in place (the
+graph's parameters are the user's tensors). A pass that changes weights, not only shapes (slimming
+after sparsity training, ThiNet / LASSO least-squares reconstruction), hands NEW full-size tensors
+to compaction instead: either it fills ``ctx.weights`` while scoring (e.g. a trained copy's state),
+or it overrides :meth:`Pass.weights`, called once after selection with the removal, which returns
+``{parameter or buffer name: new full-size tensor}``. Compaction substitutes them before slicing by
+the plan, so they go through the same rewrite as everything else; ``PruneResult.weights`` records
+them, and ``fxprune.testing.assert_equivalent`` loads them into the masked reference.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ class PassContext:
     groups: ChannelGroups
     model: torch.nn.Module
     data: dict[str, Any] = field(default_factory=dict)  # train_loader, val_loader, loss, evaluate
+    selection: Any = None  # the budget (fxprune.select.Selection) the scores will be selected with
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors a pass hands to compaction
 
     def tensor(self, name: str) -> torch.Tensor:
         obj: Any = self.gm
@@ -47,6 +58,11 @@ class Pass:
 
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError
+
+    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
+        """New full-size tensors for compaction, given the selected removal (a bool per channel
+        component, ``removed[group.channels]`` per group). Default: what ``score`` left in ``ctx.weights``."""
+        return dict(ctx.weights)
 
     @staticmethod
     def prunable(ctx: PassContext) -> list[Group]:

@@ -9,7 +9,7 @@ import torch
 from .compact.plan import Plan
 from .trace import normalize_inputs
 
-__all__ = ["masked_model", "assert_equivalent"]
+__all__ = ["masked_model", "with_weights", "assert_equivalent"]
 
 
 def masked_model(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
@@ -28,6 +28,20 @@ def masked_model(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     return masked.eval()
 
 
+def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """A copy of ``model`` with the full-size tensors a pass handed to compaction loaded by name (no copy
+    when there are none): the reference a weight-changing pass (slimming, ThiNet, LASSO) is checked against."""
+    if not weights:
+        return model
+    model = copy.deepcopy(model)
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in weights.items():
+            if name in state:
+                state[name].copy_(t)
+    return model
+
+
 def _run(module: torch.nn.Module, example_inputs: Any) -> Any:
     args, kwargs = normalize_inputs(example_inputs)
     with torch.no_grad():
@@ -36,14 +50,15 @@ def _run(module: torch.nn.Module, example_inputs: Any) -> Any:
 
 def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, *, tol: float | None = None,
                       dtype: torch.dtype | None = torch.float64) -> None:
-    """The compacted module equals the masked original on ``example_inputs``.
+    """The compacted module equals the masked original on ``example_inputs``; when the pass changed
+    weights (``result.weights``), the masked original carries them (see :func:`with_weights`).
 
     Both run in float64 by default, so the tolerance measures the rewrite, not float32 summation
     order. ``tol`` is relative to the largest output magnitude (default 1e-6 in float64, 1e-4 in
     float32: random-weight models produce outputs in the thousands). float32 is the fast choice for
     models full of depthwise convolutions, whose float64 kernels are ~40x slower on CPU.
     """
-    masked = masked_model(model, result.plan)
+    masked = masked_model(with_weights(model, getattr(result, "weights", None)), result.plan)
     compacted = copy.deepcopy(result.module).eval()
     if dtype is not None:
         masked, compacted = masked.to(dtype), compacted.to(dtype)
