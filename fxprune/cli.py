@@ -104,8 +104,12 @@ def run(
                                          help="fraction of each group's channels to remove, in [0, 1)")] = 0.5,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/MODEL-PASS-RATIO)",
                                                 show_default=False)] = None,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs",
-                                                 help="fine-tune the pruned model (needs train_loader())")] = 0,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
+                                                 help="recovery epochs after pruning (needs train_loader())")] = 0,
+    recover: Annotated[str, typer.Option("--recover", help="recovery: finetune (inherited weights), scratch-e or "
+                                         "scratch-b (re-initialised; Liu et al. 2019 budgets)")] = "finetune",
+    distill: Annotated[bool, typer.Option("--distill", help="distil from the unpruned model during recovery "
+                                          "(T=4, alpha=0.9)")] = False,
     lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
@@ -135,7 +139,7 @@ def run(
                   "min_channels": min_channels, "round_to": round_to, "target_macs": target_macs,
                   "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
-                        lr, _parse_opts(opt or []), device, force, budget)
+                        lr, _parse_opts(opt or []), device, force, budget, recover, distill)
         report = _run(cfg, quiet or as_json)
     report["out"] = str(cfg.out)
     if as_json:

@@ -28,12 +28,15 @@ from .modelfile import ModelFile, load_model_file
 from .registry import PassError, load_pass, make_pass
 from .report import group_rows, plot_channels, render_markdown
 from .select import Selection, check_ratio
-from .train import Hook, finetune
+from .train import Hook
+from .train.curves import plot_log, write_log
+from .train.recover import MODES, recover, scratch_b_epochs
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
            "REPORT_JSON", "REPORT_MD", "CHART"]
 
 REPORT_JSON, REPORT_MD, CHART = "report.json", "report.md", "channels.png"
+TRAIN_LOG, TRAIN_CHART = "train_log.jsonl", "training.png"  # only when recovery ran
 
 
 class OptionError(ValueError):
@@ -52,6 +55,8 @@ class RunConfig:
     device: str = "cpu"
     force: bool = False
     budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
+    recover: str = "finetune"  # what --finetune-epochs/--epochs runs: finetune, scratch-e or scratch-b
+    distill: bool = False       # knowledge distillation from the unpruned model during recovery
 
 
 class Feedback:
@@ -132,6 +137,8 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     artifacts.check_target(cfg.out, cfg.force)
     if cfg.finetune_epochs < 0:
         raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
+    if cfg.recover not in MODES:
+        raise OptionError(f"--recover must be one of {', '.join(MODES)}, got {cfg.recover!r}")
     _check_device(cfg.device)
     pass_cls = load_pass(cfg.method)
     the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
@@ -178,6 +185,10 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))
         plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+        log = report["finetune"]["log"]
+        if log:
+            write_log(tmp / TRAIN_LOG, log)
+            plot_log(log, tmp / TRAIN_CHART, title=f"{report['finetune']['mode']} after {report['pass']}")
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
@@ -211,8 +222,14 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     if cfg.finetune_epochs > 0:
         start = time.perf_counter()
         loader = data["train_loader"]
-        hook = fb.training(cfg.finetune_epochs, _length(loader))
-        log = finetune(result.module, loader, mf.loss(), cfg.finetune_epochs, cfg.lr, cfg.device, hook)
+        epochs = cfg.finetune_epochs
+        if cfg.recover == "scratch-b":
+            epochs = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
+        hook = fb.training(epochs, _length(loader))
+        log = recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
+                      epochs=cfg.finetune_epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
+                      distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
+                      lr=cfg.lr, device=cfg.device, progress=hook)
         clock["finetune"] = time.perf_counter() - start
     with fb.step("measuring the pruned model"):
         result.module.eval()
@@ -255,7 +272,7 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "model_file": str(cfg.model_file), "pass": cfg.method, "options": dataclasses.asdict(the_pass),
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
         "before": before, "pruned": pruned, "after": after,
-        "finetune": {"epochs": cfg.finetune_epochs, "lr": cfg.lr, "log": log},
+        "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),
         "seconds": {"prune": clock.get("prune"), "finetune": clock.get("finetune"),
                     "total": time.perf_counter() - clock["start"]},

@@ -18,29 +18,41 @@ class PassError(ValueError):
     """Unknown pass, duplicate name, or an option the pass does not have."""
 
 
-def available_passes() -> dict[str, type[Pass]]:
-    """Every registered pass by name; two providers of one name is an error naming both."""
-    found: dict[str, tuple[str, Any]] = {}
+def _entry_points() -> dict[str, Any]:
+    """Registered entry points by name (not loaded); two providers of one name is an error naming both."""
+    found: dict[str, Any] = {}
     for ep in entry_points(group=GROUP):
-        if ep.name in found and found[ep.name][0] != ep.value:
-            raise PassError(f"two passes are named {ep.name!r}: {found[ep.name][0]} and {ep.value}; "
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise PassError(f"two passes are named {ep.name!r}: {found[ep.name].value} and {ep.value}; "
                             "uninstall one of the packages that provide them")
-        found[ep.name] = (ep.value, ep)
-    return {name: ep.load() for name, (_, ep) in sorted(found.items())}
+        found[ep.name] = ep
+    return dict(sorted(found.items()))
+
+
+def _load(name: str, ep: Any) -> type[Pass]:
+    try:
+        return ep.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
+        raise PassError(f"pass {name!r} ({ep.value}) is registered but does not load: {exc}") from exc
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name, loaded (a plugin that fails to import is an error naming it)."""
+    return {name: _load(name, ep) for name, ep in _entry_points().items()}
 
 
 def load_pass(name: str) -> type[Pass]:
+    """A pass by registered name (only that plugin is imported), or ``package.module:Class``."""
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
-            cls = getattr(importlib.import_module(module), attr)
+            return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise PassError(f"cannot load pass {name!r}: {exc}") from exc
-        return cls
-    passes = available_passes()
-    if name not in passes:
-        raise PassError(f"unknown pass {name!r}; available: {', '.join(passes) or 'none (is fxprune installed?)'}")
-    return passes[name]
+    eps = _entry_points()
+    if name not in eps:
+        raise PassError(f"unknown pass {name!r}; available: {', '.join(eps) or 'none (is fxprune installed?)'}")
+    return _load(name, eps[name])
 
 
 def make_pass(name: str | Pass, options: dict[str, Any] | None = None) -> Pass:

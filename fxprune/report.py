@@ -71,7 +71,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what was run, cost and metrics before/after, kept/total per group, training log."""
     lines = [f"# fxprune report: {Path(report['model_file']).name}", "",
              f"pass `{report['pass']}`, ratio {report['ratio']}, options {report['options'] or '{}'}, "
-             f"fine-tune epochs {report['finetune']['epochs']}, device {report['device']}", ""]
+             f"recovery {report['finetune'].get('mode', 'finetune')}"
+             f"{' + distillation' if report['finetune'].get('distill') else ''} for {report['finetune']['epochs']} "
+             f"epochs, device {report['device']}", ""]
     lines += [f"Costs of one forward pass on example_inputs {report['example_inputs']}; metrics from evaluate().", ""]
     lines += _table(["", "before", "after", "change"], cost_rows(report)) + [""]
     lines += [f"## Channel groups ({len(report['groups'])} prunable, {report['frozen_groups']} frozen)", ""]
@@ -79,7 +81,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     [[g["group"], f"{g['kept']} / {g['total']}", ", ".join(g["producers"]) or "-",
                       ", ".join(g["consumers"]) or "-"] for g in report["groups"]]) + [""]
     if report["finetune"]["log"]:
-        lines += ["## Fine-tuning", ""]
+        lines += ["## Recovery training (curve: training.png, log: train_log.jsonl)", ""]
         lines += _table(["epoch", "loss", "lr", "seconds"],
                         [[r["epoch"], f"{r['loss']:.4f}", f"{r['lr']:.3g}", f"{r['seconds']:.1f}"]
                          for r in report["finetune"]["log"]]) + [""]

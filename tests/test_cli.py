@@ -146,8 +146,10 @@ def tiny_run(tmp_path_factory):
 # ---- the output folder -------------------------------------------------------------------------------
 def test_every_file_of_the_output_folder(tiny_run):
     _, out, report, result = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES + ["train_log.jsonl", "training.png"])  # it trained
     assert (out / "channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
     assert "MACs" in (out / "report.md").read_text() and "accuracy" in (out / "report.md").read_text()
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["before"]["macs"] > on_disk["after"]["macs"] > 0

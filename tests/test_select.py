@@ -183,3 +183,32 @@ def test_cli_target_macs_and_bad_budget_options(tmp_path):
         bad = runner.invoke(app, ["run", str(path), *args, "--out", str(tmp_path / "bad")])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_cli_recovery_modes_write_log_and_curve(tmp_path):
+    """--recover scratch-b --distill: re-initialised training with the Scratch-B epoch budget, logged."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE + '''
+
+def train_loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    return [(x[i:i + 8], y[i:i + 8]) for i in range(0, 16, 8)]
+''')
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--ratio", "0.5", "--epochs", "1", "--recover", "scratch-b",
+                                      "--distill", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    ratio = report["before"]["macs"] / report["after"]["macs"]
+    assert report["finetune"]["mode"] == "scratch-b" and report["finetune"]["distill"]
+    assert report["finetune"]["epochs"] == round(ratio) == len((out / "train_log.jsonl").read_text().splitlines())
+    assert (out / "training.png").stat().st_size > 0
+    bad = CliRunner().invoke(app, ["run", str(path), "--recover", "magic", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--recover" in bad.output
