@@ -18,7 +18,7 @@ def masked_model(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     state = dict(masked.named_parameters(remove_duplicate=False)) | dict(masked.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for name, entry in plan.items():
-            t = state[name]
+            t = state[name] if name in state else _attribute(masked, name)  # a plain tensor constant
             for dim, kept in entry.items():
                 drop = torch.ones(t.shape[dim], dtype=torch.bool, device=t.device)
                 drop[torch.as_tensor(kept, dtype=torch.long, device=t.device)] = False
@@ -40,6 +40,13 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
             if name in state:
                 state[name].copy_(t)
     return model
+
+
+def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
+    obj: Any = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _run(module: torch.nn.Module, example_inputs: Any) -> Any:
