@@ -65,6 +65,7 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
     (ThiNet, LASSO) or folded scales (ANP) go through the same plan as everything else."""
     out: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+    alive: list[object] = []  # replacement Parameters stay referenced, so their ids are never reused
     # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
     attrs = sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users)
     for node in attrs:
@@ -78,6 +79,7 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
                                       f"{tuple(getattr(orig, 'shape', ()))}, got {tuple(new.shape)}", node.name)
             orig = nn.Parameter(new.detach(), requires_grad=orig.requires_grad) if isinstance(orig, nn.Parameter) \
                 else new.detach()
+            alive.append(orig)
         if not isinstance(orig, torch.Tensor):
             continue
         t = by_id.get(id(orig))
