@@ -467,17 +467,11 @@ def select(node: fx.Node, ctx: Coupler) -> None:
 # factories: constant-valued tensors whose sizes are literal arguments
 
 
-@rule(*ops("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.empty.memory_format"),
+@rule(*ops("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.empty.memory_format",
+           "aten.new_zeros.default", "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default"),
       rewrite=shape_arg("size"))
 def factory(node: fx.Node, ctx: Coupler) -> None:
-    out = TensorRef(node)
-    for a in range(out.ndim):
-        ctx.set_zero(out, a, "zeros" in str(node.target))
-
-
-@rule(*ops("aten.new_zeros.default", "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default"),
-      rewrite=shape_arg("size"))
-def new_factory(node: fx.Node, ctx: Coupler) -> None:
+    """zeros(size) / x.new_ones(size)...: the output links to nothing; its size argument is rewritten."""
     out = TensorRef(node)
     for a in range(out.ndim):
         ctx.set_zero(out, a, "zeros" in str(node.target))
