@@ -1,0 +1,202 @@
+"""Shared machinery of the data-driven passes (thinet, lasso): calibration batches, the consumers of a
+group (the NEXT layer: a Conv2d with groups=1 or a Linear reading the group's channels), sampled
+inputs and outputs of those layers, masking a working copy, and sequential least-squares
+reconstruction of the consumers' weights.
+
+Activations come from forward hooks on eager copies of the user's model (its parameter names are the
+traced graph's, so a group's consumer slot ``"conv2.weight"`` is the module ``conv2``). Sampling is
+seeded per (layer, batch), so the original and the pruned copy are sampled at the same locations.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.analyze.groups import ChannelGroups, ParamSlot
+from fxprune.pass_api import PassContext
+
+__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct"]
+
+
+@dataclass
+class Consumer:
+    layer: str              # module path, e.g. "conv2"
+    module: nn.Module       # in the user's model (read only)
+    slot: ParamSlot         # its weight's input-axis slot
+    units: np.ndarray       # per input index: group id (-1: none) and channel position, shape (2, C)
+    order: int              # position of its first use in the graph
+
+
+def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
+def _usable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str) and m.padding_mode == "zeros"
+
+
+def consumers(ctx: PassContext) -> dict[int, list[Consumer]]:
+    """Prunable group id -> its consumer layers; a group with any consumer we cannot model is absent."""
+    order = {n.target: i for i, n in enumerate(ctx.gm.graph.nodes) if n.op == "get_attr"}
+    out: dict[int, list[Consumer]] = {}
+    for group in ctx.groups.prunable:
+        found: list[Consumer] = []
+        ok = True
+        for p in group.params:
+            if p.role != "consumer":
+                continue
+            layer, _, leaf = p.name.rpartition(".")
+            try:
+                m = ctx.model.get_submodule(layer)
+            except AttributeError:
+                m = None
+            if m is None or leaf != "weight" or p.axis != 1 or not _usable(m):
+                ok = False
+                break
+            found.append(Consumer(layer, m, p, ctx.groups.positions(p.key), order.get(p.name, 0)))
+        if ok and found:
+            out[group.id] = found
+    return out
+
+
+def calibration(ctx: PassContext, source: str, batches: int) -> list[Any]:
+    """Up to ``batches`` input batches from ``train_loader`` or ``val_loader`` (the other as fallback)."""
+    names = ["train_loader", "val_loader"] if source == "train" else ["val_loader", "train_loader"]
+    loader = next((ctx.data[n] for n in names if ctx.data.get(n) is not None), None)
+    if loader is None:
+        raise ValueError("this pass needs calibration data: give train_loader= or val_loader=")
+    if callable(loader) and not isinstance(loader, Iterable):
+        loader = loader()
+    out = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        out.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return out
+
+
+def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Inputs as (N, C, K, L): K kernel taps, L output locations (Linear: K = L = 1, leading dims folded)."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1], 1, 1)
+    u = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+    return u.reshape(x.shape[0], m.in_channels, -1, u.shape[-1])
+
+
+def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_batch: int,
+                  stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``batches`` through ``model`` and sample each layer at ``per_batch`` (image, location) pairs
+    per batch: {layer: (inputs (S, C, K), outputs (S, O))}, float64. Sampling is seeded by (layer,
+    batch): another copy of the model is sampled at the same places."""
+    got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    step = [0]
+
+    class _Stop(Exception):
+        pass
+
+    def hook(name: str) -> Callable:
+        def fn(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            u = _patches(m, args[0].detach()).double()
+            y = out.detach().double()
+            y = y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.flatten(2)  # (N, O) / (N, O, L)
+            gen = torch.Generator().manual_seed(hash((name, step[0])) % (2 ** 31))
+            n = torch.randint(u.shape[0], (per_batch,), generator=gen)
+            loc = torch.randint(u.shape[-1], (per_batch,), generator=gen)
+            ys = y[n] if y.dim() == 2 else y[n, :, loc]
+            got[name].append((u[n, :, :, loc].cpu(), ys.cpu()))
+            if name == stop_after:
+                raise _Stop
+
+        return fn
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                step[0] = i
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in got.items() if v}
+
+
+def mask_(model: nn.Module, groups: ChannelGroups, removed: np.ndarray, only: set[int] | None = None) -> None:
+    """Zero, in place on a working copy, every slot position of every removed channel (of ``only`` groups)."""
+    state = state_of(model)
+    with torch.no_grad():
+        for group in groups.prunable:
+            if only is not None and group.id not in only:
+                continue
+            gone = removed[group.channels]
+            if not gone.any():
+                continue
+            for p in group.params:
+                if p.name not in state:
+                    continue
+                gid, pos = groups.positions(p.key)
+                idx = np.nonzero((gid == group.id) & gone[np.clip(pos, 0, len(group) - 1)])[0]
+                if len(idx):
+                    state[p.name].index_fill_(p.axis, torch.as_tensor(idx, device=state[p.name].device), 0.0)
+
+
+def unit_matrix(c: Consumer, removed: np.ndarray, groups: ChannelGroups) -> tuple[np.ndarray, np.ndarray]:
+    """Per input index of a consumer: its unit (a channel of a group, or the index alone) and whether it is removed."""
+    gid, pos = c.units
+    keys = [(int(g), int(q)) if g >= 0 else (-1, i) for i, (g, q) in enumerate(zip(gid, pos))]
+    ids = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    unit = np.array([ids[k] for k in keys])
+    gone = np.array([g >= 0 and bool(removed[groups[int(g)].channels[int(q)]]) for g, q in zip(gid, pos)])
+    return unit, gone
+
+
+Solver = Callable[[Consumer, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray],
+                  dict[str, torch.Tensor]]
+
+
+def reconstruct(ctx: PassContext, removed: np.ndarray, todo: list[Consumer], solve: Solver, batches: list[Any],
+                per_batch: int) -> dict[str, torch.Tensor]:
+    """Sequential reconstruction, in graph order: each consumer's targets Y come from the original model,
+    its inputs X from the working copy already pruned (masked) and reconstructed up to it, so errors
+    do not accumulate. ``solve(consumer, X, Y, W, unit, gone)`` returns the consumer's new tensors."""
+    todo = sorted(todo, key=lambda c: c.order)
+    layers = [c.layer for c in todo]
+    target = sample_layers(ctx.model, layers, batches, per_batch)
+    work = copy.deepcopy(ctx.model).eval()
+    mask_(work, ctx.groups, removed)
+    new: dict[str, torch.Tensor] = {}
+    state = state_of(work)
+    for c in todo:
+        if c.layer not in target:
+            continue
+        x, _ = sample_layers(work, [c.layer], batches, per_batch, stop_after=c.layer)[c.layer]
+        unit, gone = unit_matrix(c, removed, ctx.groups)
+        w = state[c.slot.name].detach().double().cpu()
+        tensors = solve(c, x, target[c.layer][1], w, unit, gone)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                state[name].copy_(t.to(state[name].dtype))
+        new.update({name: t.to(state[name].dtype) for name, t in tensors.items()})
+    return new
+
+
+def contributions(x: torch.Tensor, w: torch.Tensor, unit: np.ndarray, n_units: int) -> torch.Tensor:
+    """(S, O, U): each unit's contribution to each output at each sampled location."""
+    wk = w.reshape(w.shape[0], w.shape[1], -1)                        # (O, C, K)
+    per_index = torch.einsum("ock,sck->soc", wk, x)                   # (S, O, C)
+    p = torch.zeros(w.shape[1], n_units, dtype=per_index.dtype)
+    p[torch.arange(w.shape[1]), torch.as_tensor(unit)] = 1.0
+    return per_index @ p
