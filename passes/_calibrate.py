@@ -22,7 +22,7 @@ from torch import nn
 from fxprune.analyze.groups import ChannelGroups, ParamSlot
 from fxprune.pass_api import PassContext
 
-__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct"]
+__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct", "reconstruct_into"]
 
 
 @dataclass
@@ -172,11 +172,17 @@ def reconstruct(ctx: PassContext, removed: np.ndarray, todo: list[Consumer], sol
     """Sequential reconstruction, in graph order: each consumer's targets Y come from the original model,
     its inputs X from the working copy already pruned (masked) and reconstructed up to it, so errors
     do not accumulate. ``solve(consumer, X, Y, W, unit, gone)`` returns the consumer's new tensors."""
-    todo = sorted(todo, key=lambda c: c.order)
-    layers = [c.layer for c in todo]
-    target = sample_layers(ctx.model, layers, batches, per_batch)
+    target = sample_layers(ctx.model, [c.layer for c in todo], batches, per_batch)
     work = copy.deepcopy(ctx.model).eval()
     mask_(work, ctx.groups, removed)
+    return reconstruct_into(work, ctx, removed, todo, solve, batches, per_batch, target)
+
+
+def reconstruct_into(work: nn.Module, ctx: PassContext, removed: np.ndarray, todo: list[Consumer], solve: Solver,
+                     batches: list[Any], per_batch: int,
+                     target: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The loop of :func:`reconstruct` on a working copy (already masked), which it updates in place."""
+    todo = sorted(todo, key=lambda c: c.order)
     new: dict[str, torch.Tensor] = {}
     state = state_of(work)
     for c in todo:
