@@ -1,0 +1,252 @@
+"""The "Rethinking" passes (slimming, thinet, lasso) and the plugin interface.
+
+Each weight-changing pass is checked for exact equivalence against the masked original WITH the
+weights it handed to compaction (fxprune.testing.assert_equivalent loads result.weights), plus a
+property of the method itself. Tiny models and random data: the whole file runs in well under two
+minutes on two loaded cores.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import fxprune
+from fxprune.cli import app
+from fxprune.registry import PassError, available_passes, load_pass
+from fxprune.testing import assert_equivalent, masked_model, with_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Net(nn.Module):
+    """conv-bn-relu -> residual conv-bn -> conv-bn -> flatten -> linear: every coupling kind the passes meet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b0 = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b0(self.c0(x)))
+        x = torch.relu(x + self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and scales
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _loader(n: int = 96, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 5, (n,), generator=g)
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
+
+
+INPUTS = (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(7)),)
+
+
+def _gamma_l1(state: dict[str, torch.Tensor]) -> float:
+    return float(sum(state[f"{b}.weight"].detach().abs().sum() for b in ("b0", "b1", "b2")))
+
+
+# ---------------------------------------------------------------- slimming
+
+def test_slimming_trains_sparse_gammas_prunes_globally_and_is_exact() -> None:
+    net = _net()
+    before = _gamma_l1(dict(net.named_parameters()))
+    opts = {"epochs": 3, "lr": 0.01}
+    sparse = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.1}, train_loader=_loader())
+    plain = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.0}, train_loader=_loader())
+    # the L1 subgradient shrinks |gamma|: below the start and below the same training without it
+    assert _gamma_l1(sparse.weights) < before
+    assert _gamma_l1(sparse.weights) < _gamma_l1(plain.weights) - 0.2
+    assert _gamma_l1(dict(net.named_parameters())) == before  # the user's model untouched
+    # one global threshold: every removed channel's score <= every kept channel's score
+    assert sparse.selection.scope == "global"
+    gone = np.concatenate([sparse.scores[g.id][sparse.removed[g.channels]] for g in sparse.groups.prunable])
+    kept = np.concatenate([sparse.scores[g.id][~sparse.removed[g.channels]] for g in sparse.groups.prunable])
+    assert len(gone) and gone.max() <= kept.min()
+    assert_equivalent(net, sparse, INPUTS)  # against the masked SPARSITY-TRAINED model
+
+
+def test_slimming_without_training_scores_the_given_gammas() -> None:
+    net = _net()
+    res = fxprune.prune(net, INPUTS, "slimming", 0.5, options={"train": False})
+    assert res.weights == {}
+    g = next(g for g in res.groups.prunable if any(p.name == "b2.weight" for p in g.params))
+    np.testing.assert_allclose(res.scores[g.id], net.b2.weight.detach().abs().numpy(), rtol=1e-6)
+    assert_equivalent(net, res, INPUTS)
+
+
+# ---------------------------------------------------------------- thinet and lasso
+
+def _fc_input_error(net: nn.Module, res: fxprune.PruneResult, batches: list) -> tuple[float, float]:
+    """Output error of the last layer vs the original on calibration data: (plain removal, reconstructed)."""
+    plain = masked_model(net, res.plan)
+    recon = masked_model(with_weights(net, res.weights), res.plan)
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        y = net(x)
+        return float((plain(x) - y).pow(2).mean()), float((recon(x) - y).pow(2).mean())
+
+
+@pytest.mark.parametrize("method", ["thinet", "lasso"])
+def test_reconstruction_is_exact_through_compaction_and_reduces_error(method: str) -> None:
+    net = _net()
+    data = _loader(192)
+    res = fxprune.prune(net, INPUTS, method, 0.5, options={"batches": 6, "per_batch": 32}, train_loader=data)
+    assert {"c1.weight", "c2.weight", "fc.weight"} <= set(res.weights)  # the consumers were reconstructed
+    assert_equivalent(net, res, INPUTS)
+    plain, recon = _fc_input_error(net, res, data)
+    assert recon < 0.8 * plain, (plain, recon)
+
+
+def test_thinet_scores_are_the_greedy_order() -> None:
+    from fxprune.passes.thinet import greedy_order
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) * np.array([0.1, 3, 1, 0.2, 2, 1])
+    order = greedy_order(x)
+    assert order[0] == 0 and sorted(order) == list(range(6))
+    s = x[:, order[:2]].sum(1)  # the second step is the best extension of the first
+    costs = [((x[:, order[0]] + x[:, j]) ** 2).sum() for j in range(6) if j != order[0]]
+    assert np.isclose((s ** 2).sum(), min(costs))
+
+
+def test_lasso_lambda_search_hits_the_target_count() -> None:
+    from fxprune.passes.lasso import lasso_select
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(600, 40))
+    y = z @ rng.uniform(0.1, 2.0, size=40) + 0.1 * rng.normal(size=600)
+    y /= np.sqrt((y * y).mean())
+    for keep in (10, 20, 30):
+        beta, lam, count = lasso_select(z, y, keep)
+        assert keep <= count <= int(1.1 * keep), (keep, count, lam)
+        assert count == int((beta != 0).sum())
+
+
+def test_lasso_keeps_exactly_the_selected_count() -> None:
+    net = _net()
+    res = fxprune.prune(net, INPUTS, "lasso", 0.5, options={"batches": 3, "per_batch": 32}, train_loader=_loader())
+    for row in res.summary():
+        assert row["kept"] == row["total"] - int(0.5 * row["total"]) or row["kept"] == row["total"] // 2
+
+
+# ---------------------------------------------------------------- plugins
+
+def _dist_info(site: Path, dist: str, entry_points: dict[str, str]) -> None:
+    info = site / f"{dist}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    info.joinpath("entry_points.txt").write_text(f"[fxprune.passes]\n{lines}")
+
+
+@pytest.fixture
+def installed_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """examples/custom_pass installed the way pip lays it out: its package and a dist-info declaring the
+    entry point read from its own pyproject.toml, on sys.path (importlib.metadata rescans sys.path)."""
+    example = REPO / "examples" / "custom_pass"
+    meta = tomllib.loads((example / "pyproject.toml").read_text())
+    site = tmp_path / "site"
+    site.mkdir()
+    import shutil
+    shutil.copytree(example / "fxprune_l2", site / "fxprune_l2")
+    _dist_info(site, "fxprune_l2", meta["project"]["entry-points"]["fxprune.passes"])
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("fxprune_l2", None)
+
+
+def test_example_plugin_is_small_discovered_listed_and_runs(installed_example: Path, tmp_path: Path) -> None:
+    code = [line for f in (REPO / "examples" / "custom_pass").rglob("*.py") for line in f.read_text().splitlines()]
+    assert len(code) < 60
+    assert available_passes()["l2"].__module__ == "fxprune_l2"
+    runner = CliRunner()
+    listing = runner.invoke(app, ["passes"])
+    assert listing.exit_code == 0 and "l2" in listing.output
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(textwrap.dedent(TINY_MODEL))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(model_file), "--pass", "l2", "--ratio", "0.5", "--opt", "power=1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "plan.json").exists()
+
+
+def test_pass_given_as_module_colon_class_without_installing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_uninstalled_pass.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        import numpy as np
+        from fxprune.pass_api import Pass
+
+        @dataclass(frozen=True)
+        class Reverse(Pass):
+            name = "reverse"
+            def score(self, ctx):
+                return {g.id: -np.arange(len(g), dtype=float) for g in self.prunable(ctx)}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "reverse" not in available_passes()
+    res = fxprune.prune(_net(), INPUTS, "my_uninstalled_pass:Reverse", 0.5)
+    g = res.groups.prunable[0]
+    assert res.removed[g.channels][0] == False and res.removed[g.channels][-1] == True  # noqa: E712
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(textwrap.dedent(TINY_MODEL))
+    result = CliRunner().invoke(app, ["run", str(model_file), "--pass", "my_uninstalled_pass:Reverse",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(PassError, match="cannot load"):
+        load_pass("my_uninstalled_pass:Nothing")
+
+
+def test_two_passes_with_one_name_is_an_error_naming_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _dist_info(tmp_path, "evil_l1", {"l1": "evil_l1:L1"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PassError, match=r"fxprune\.passes\.l1:L1Norm.*evil_l1:L1|evil_l1:L1.*fxprune\.passes\.l1"):
+        available_passes()
+
+
+def test_builtin_passes_register_through_entry_points() -> None:
+    found = available_passes()
+    for name in ("l1", "slimming", "thinet", "lasso"):
+        assert found[name].name == name and found[name].__module__ == f"fxprune.passes.{name}"
+
+
+TINY_MODEL = '''
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 4, 3, padding=1)).eval()
+
+    def example_inputs():
+        return (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
+'''
