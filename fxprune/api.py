@@ -101,7 +101,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     fraction per group) or "global" (one threshold; default: the pass's paper default), with
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
     ``min_channels`` and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
-    fraction to KEEP), reached by binary search to within 1%. ``recover``: "finetune", "scratch-e" or
+    fraction to KEEP), reached by binary search to within the pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
     "scratch-b" for ``epochs`` epochs (``distill=True`` adds knowledge distillation from ``model``).
     ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
     file's functions). ``progress(stage)`` is called as each stage starts. ``model`` is left
@@ -135,7 +135,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     else:
         which = "macs" if target_macs is not None else "params"
         kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
-        removed, sel = search_budget(groups, scores, sel, kept, float(target))
+        removed, sel = search_budget(groups, scores, sel, kept, float(target),
+                                     tolerance=getattr(the_pass, "tolerance", 0.01))
     stage("compact")
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
     out = compact(gm, groups, removed, model, verify=verify, weights=weights or None)

@@ -55,6 +55,8 @@ class Pass:
     description: ClassVar[str] = ""
     scope: ClassVar[str] = "group"  # the paper's default selection scope: "group" or "global"
     needs: ClassVar[tuple[str, ...]] = ()  # model-file functions / data keywords it reads, e.g. ("train_loader",)
+    tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
+    default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
 
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError
