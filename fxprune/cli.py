@@ -106,8 +106,10 @@ def run(
                                                 show_default=False)] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
                                                  help="recovery epochs after pruning (needs train_loader())")] = 0,
-    recover: Annotated[str, typer.Option("--recover", help="recovery: finetune (inherited weights), scratch-e or "
-                                         "scratch-b (re-initialised; Liu et al. 2019 budgets)")] = "finetune",
+    recover: Annotated[Optional[str], typer.Option("--recover", help="recovery: finetune (inherited weights), "
+                                                   "scratch-e or scratch-b (re-initialised; Liu et al. 2019 budgets); "
+                                                   "default: the pass's own (scratch: scratch-b), else finetune",
+                                                   show_default=False)] = None,
     distill: Annotated[bool, typer.Option("--distill", help="distil from the unpruned model during recovery "
                                           "(T=4, alpha=0.9)")] = False,
     lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,

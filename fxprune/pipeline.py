@@ -55,7 +55,7 @@ class RunConfig:
     device: str = "cpu"
     force: bool = False
     budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
-    recover: str = "finetune"  # what --finetune-epochs/--epochs runs: finetune, scratch-e or scratch-b
+    recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's default_recovery, else finetune
     distill: bool = False       # knowledge distillation from the unpruned model during recovery
 
 
@@ -137,7 +137,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     artifacts.check_target(cfg.out, cfg.force)
     if cfg.finetune_epochs < 0:
         raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
-    if cfg.recover not in MODES:
+    if cfg.recover is not None and cfg.recover not in MODES:
         raise OptionError(f"--recover must be one of {', '.join(MODES)}, got {cfg.recover!r}")
     _check_device(cfg.device)
     pass_cls = load_pass(cfg.method)
@@ -198,6 +198,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     fb = feedback or Feedback()
     clock = {"start": time.perf_counter()}
     mf, the_pass = check(cfg)
+    cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune")
     with fb.step(f"loading {mf.path.name}"):
         model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
         inputs = to_device(mf.example_inputs(), cfg.device)
