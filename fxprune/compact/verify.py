@@ -1,5 +1,6 @@
-"""The verifier after every rewrite: run the compacted graph on the meta device (shapes only, no
-arithmetic) and check that each node has exactly the shape the plan predicts."""
+"""The verifier after every rewrite: run the compacted graph once on the example inputs (on the meta
+device when the weights are there: shapes only) and check that each node has exactly the shape the
+plan predicts."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,12 +23,25 @@ def _meta(x: Any) -> Any:
     return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
 
-class _MetaRun(fx.Interpreter):
-    """Interpreter that swaps every tensor for a meta tensor of the same shape and dtype."""
+class _ShapeRun(fx.Interpreter):
+    """Runs the graph on the example inputs and records every node's output shapes. With real
+    weights a real forward is the cheapest check (meta kernels run Python reference code)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.shapes: dict[str, list[tuple[int, ...] | None]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n.name
+        out = super().run_node(n)
+        vals = out if isinstance(out, (tuple, list)) else [out]
+        self.shapes[n.name] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+        return out
+
+
+class _MetaRun(_ShapeRun):
+    """The same on the meta device: every tensor swapped for a meta tensor of the same shape and dtype
+    (for models planned on meta, or larger than memory)."""
 
     def fetch_attr(self, target: str) -> Any:
         return _meta(super().fetch_attr(target))
@@ -47,20 +61,18 @@ class _MetaRun(fx.Interpreter):
     def fetch_attr_module(self, target: str) -> torch.nn.Module:
         return self.module.get_submodule(target)
 
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n.name
-        out = super().run_node(n)
-        vals = out if isinstance(out, (tuple, list)) else [out]
-        self.shapes[n.name] = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
-        return out
-
 
 def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) -> None:
     args, kwargs = gm.meta[META_INPUTS]
-    leaves = [_meta(x) for x in pytree.tree_leaves((args, kwargs))]
+    leaves = list(pytree.tree_leaves((args, kwargs)))
     if len(leaves) != sum(n.op == "placeholder" for n in gm.graph.nodes):
         return  # an input structure we cannot replay; the equivalence tests cover these
-    run = _MetaRun(gm)
+    tensors = [t for t in list(gm.parameters()) + list(gm.buffers())] + \
+        [x for x in leaves if isinstance(x, torch.Tensor)]
+    real = all(t.device.type != "meta" for t in tensors)
+    run = _ShapeRun(gm) if real else _MetaRun(gm)
+    if not real:
+        leaves = [_meta(x) for x in leaves]
     try:
         with torch.no_grad():
             run.run(*leaves)
