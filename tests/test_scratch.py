@@ -1,0 +1,159 @@
+"""The scratch pass (Pruning from Scratch): gates, gate-only training, budget search, compaction, CLI."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxprune
+from fxprune.pass_api import PassContext
+from fxprune.registry import PassError, make_pass
+from fxprune.testing import assert_equivalent
+from fxprune.passes.scratch import Gates, Scratch, reinitialize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    """Stem + one residual block (BN groups, one of them a residual stream) + a BN-less hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.hidden = nn.Linear(8, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        x = x.mean(dim=(2, 3))
+        return self.fc(torch.relu(self.hidden(x)))
+
+
+def _loader(n: int = 32, size: int = 8, classes: int = 4, batch: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def _ctx(model: nn.Module, inputs: torch.Tensor, loader: DataLoader) -> PassContext:
+    gm = fxprune.trace(model, (inputs,))
+    return PassContext(gm, fxprune.analyze(gm), model, {"train_loader": loader})
+
+
+def _bn_groups(ctx: PassContext) -> list:
+    return [g for g in ctx.groups.prunable if any(p.role == "norm" and p.name.endswith(".weight") for p in g.params)]
+
+
+def test_gates_inserted_where_expected():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    ctx = _ctx(model, torch.randn(2, 3, 8, 8), _loader())
+    bn_groups = _bn_groups(ctx)
+    gates = Gates(model, ctx.groups, ctx.groups.prunable, residual=True)
+    assert set(gates.params) == {g.id for g in bn_groups}
+    assert gates.count == sum(len(g) for g in bn_groups) == 8 + 12  # residual stream (stem, bn2) + inner (bn1)
+    assert set(gates.modules) == {"stem.1", "bn1", "bn2"}
+    inner = Gates(model, ctx.groups, ctx.groups.prunable)  # the default, as the authors: inner channels only
+    inner_groups = [g for g in bn_groups if len(g.layers("producer")) == 1]
+    assert inner.count == sum(len(g) for g in inner_groups) == 12 and set(inner.modules) == {"bn1"}
+    # gates of 1 change nothing; a zero gate silences that channel of the BatchNorm's output
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    gates.attach()
+    try:
+        assert torch.allclose(model(x), ref)
+    finally:
+        gates.remove()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_only_gates_train_and_stay_in_unit_interval():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    ctx = _ctx(model, torch.randn(2, 3, 8, 8), _loader())
+    pass_ = Scratch(epochs=2, lr=0.05, residual=True)
+    work, gates = pass_.learn(ctx)
+    init = reinitialize(copy.deepcopy(model), pass_.seed)
+    for (name, p), (_, q) in zip(work.named_parameters(), init.named_parameters()):
+        assert torch.equal(p, q), f"{name} changed: only the gates may train"
+        assert not p.requires_grad
+    assert not torch.equal(work.bn1.running_mean, init.bn1.running_mean)  # BN statistics still update
+    values = torch.cat([g.detach() for g in gates.params.values()])
+    assert not torch.all(values == 1.0), "the gates did not move"
+    assert values.min() >= 0.0 and values.max() <= 1.0
+    assert not any(m._forward_hooks for m in work.modules()) and not any(m._forward_hooks for m in model.modules())
+    l1 = Scratch(epochs=1, sparsity="l1").learn(ctx)[1]
+    assert all(0.0 <= float(v.min()) and float(v.max()) <= 1.0 for v in l1.params.values())
+
+
+def test_prune_is_equivalent_to_the_gated_masked_model_and_has_no_gates():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.prune(model, (x,), "scratch", 0.4, options={"epochs": 1}, train_loader=_loader())
+    assert res.removed.any()
+    assert res.selection.scope == "global"
+    # the gates are folded into the BatchNorms: gamma * g and beta * g
+    assert {"stem.1.weight", "bn1.weight", "bn1.bias", "bn2.weight"} <= set(res.weights)
+    assert_equivalent(model, res, (x,))
+    assert not any("gate" in str(n.target) or "hook" in n.name for n in res.module.graph.nodes)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in res.module.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+    rows = res.summary()
+    assert rows and all({"kept", "total", "producers"} <= set(r) for r in rows)
+    assert any(r["kept"] < r["total"] for r in rows)
+
+
+def test_budget_search_hits_target_macs_within_0_1_percent_on_resnet18():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    loader = _loader(n=8, size=32, batch=4)
+    res = fxprune.prune(model, (x,), "scratch", options={"epochs": 1}, target_macs=0.5, train_loader=loader)
+    kept = res.cost_after.macs / res.cost_before.macs
+    assert abs(kept - 0.5) <= 0.001, kept
+    assert not any(m._forward_hooks for m in res.module.modules())
+    assert any(r["kept"] < r["total"] for r in res.summary())
+
+
+def test_options_and_class_defaults():
+    assert Scratch.tolerance == 0.001 and Scratch.default_recovery == "scratch-b" and Scratch.scope == "global"
+    assert isinstance(make_pass("scratch", {"epochs": 1}), Scratch)
+    with pytest.raises(PassError, match="not supported yet"):
+        make_pass("scratch", {"expand": 1.25})
+    with pytest.raises(PassError, match="sparsity"):
+        Scratch(sparsity="l2")
+
+
+def test_cli_run_defaults_to_scratch_b(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    monkeypatch.setenv("DIGITS_EPOCHS", "1")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "digits.py"), "--pass", "scratch",
+                                      "--target-macs", "0.5", "--epochs", "1", "--opt", "epochs=1",
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["mode"] == "scratch-b"
+    assert report["finetune"]["epochs"] >= 1
+    assert abs(report["after"]["macs"] / report["before"]["macs"] - 0.5) <= 0.002
+    assert report["groups"] and any(g["kept"] < g["total"] for g in report["groups"])
+    bad = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "digits.py"), "--pass", "scratch",
+                                   "--opt", "expand=1.25", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not supported yet" in bad.output
