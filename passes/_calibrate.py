@@ -22,7 +22,8 @@ from torch import nn
 from fxprune.analyze.groups import ChannelGroups, ParamSlot
 from fxprune.pass_api import PassContext
 
-__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct", "reconstruct_into"]
+__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct", "reconstruct_into",
+           "reconstruct_removed"]
 
 
 @dataclass
@@ -165,6 +166,15 @@ def unit_matrix(c: Consumer, removed: np.ndarray, groups: ChannelGroups) -> tupl
 
 Solver = Callable[[Consumer, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray],
                   dict[str, torch.Tensor]]
+
+
+def reconstruct_removed(ctx: PassContext, removed: np.ndarray, solve: Solver, source: str, n_batches: int,
+                        per_batch: int) -> dict[str, torch.Tensor]:
+    """New weights for every next layer that lost input channels (``Pass.weights`` of thinet and lasso)."""
+    todo = {c.layer: c for gid, cs in consumers(ctx).items() if removed[ctx.groups[gid].channels].any() for c in cs}
+    if not todo:
+        return {}
+    return reconstruct(ctx, removed, list(todo.values()), solve, calibration(ctx, source, n_batches), per_batch)
 
 
 def reconstruct(ctx: PassContext, removed: np.ndarray, todo: list[Consumer], solve: Solver, batches: list[Any],

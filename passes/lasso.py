@@ -142,13 +142,8 @@ class Lasso(Pass):
         return scores
 
     def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        cons = C.consumers(ctx)
-        todo = {c.layer: c for gid, cs in cons.items() if removed[ctx.groups[gid].channels].any() for c in cs}
-        if not todo:
-            return {}
-        batches = C.calibration(ctx, self.calibration, self.batches)
-        return C.reconstruct(ctx, removed, list(todo.values()), functools.partial(_least_squares, ridge=self.ridge),
-                             batches, self.per_batch)
+        solve = functools.partial(_least_squares, ridge=self.ridge)
+        return C.reconstruct_removed(ctx, removed, solve, self.calibration, self.batches, self.per_batch)
 
 
 def _least_squares(c: C.Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,

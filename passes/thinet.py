@@ -98,12 +98,7 @@ class ThiNet(Pass):
         return scores
 
     def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        cons = C.consumers(ctx)
-        todo = {c.layer: c for gid, cs in cons.items() if removed[ctx.groups[gid].channels].any() for c in cs}
-        if not todo:
-            return {}
-        batches = C.calibration(ctx, self.calibration, self.batches)
-        return C.reconstruct(ctx, removed, list(todo.values()), _rescale, batches, self.per_batch)
+        return C.reconstruct_removed(ctx, removed, _rescale, self.calibration, self.batches, self.per_batch)
 
 
 def _rescale(c: C.Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,
