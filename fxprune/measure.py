@@ -21,14 +21,14 @@ from .trace import normalize_inputs
 __all__ = ["count_macs", "count_params", "latency_ms", "peak_memory_bytes", "to_device"]
 
 
-def to_device(x: Any, device: str | torch.device) -> Any:
+def to_device(x: Any, device: str | torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``x`` (tensor / tuple / list / dict) to ``device``."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return x.to(device, non_blocking=non_blocking)
     if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
+        return type(x)(to_device(v, device, non_blocking) for v in x)
     if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: to_device(v, device, non_blocking) for k, v in x.items()}
     return x
 
 

@@ -29,6 +29,7 @@ from .registry import PassError, load_pass, make_pass
 from .report import group_rows, plot_channels, render_markdown
 from .select import Selection, check_ratio
 from .train import Hook
+from .train.engine import batches_per_epoch
 from .train.curves import plot_log, write_log
 from .train.recover import MODES, recover, scratch_b_epochs
 
@@ -226,7 +227,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         epochs = cfg.finetune_epochs
         if cfg.recover == "scratch-b":
             epochs = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
-        hook = fb.training(epochs, _length(loader))
+        hook = fb.training(epochs, batches_per_epoch(loader))
         log = recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
                       epochs=cfg.finetune_epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
                       distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
@@ -254,13 +255,6 @@ def stderr_only_on_success() -> Iterator[None]:
     with contextlib.redirect_stderr(buffer):
         yield
     sys.stderr.write(buffer.getvalue())
-
-
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,

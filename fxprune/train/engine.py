@@ -36,9 +36,10 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import (checkpoint_exists, flatten_state, load_checkpoint, module_tensors, rng_state,
                          save_checkpoint, set_rng_state, unflatten_state)
+from ..measure import to_device
 from .curves import append_log, plot_log, write_log
 
-__all__ = ["train", "finetune", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS", "SCHEDULES",
+__all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS", "SCHEDULES",
            "load_weights"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -104,16 +105,6 @@ class Hook:
         pass
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 def _forward(module: nn.Module, inputs: Any) -> Any:
     """A batch's inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs."""
     if isinstance(inputs, dict):
@@ -123,7 +114,8 @@ def _forward(module: nn.Module, inputs: Any) -> Any:
     return module(inputs)
 
 
-def _length(loader: Iterable[Any]) -> int | None:
+def batches_per_epoch(loader: Iterable[Any]) -> int | None:
+    """len(loader) when the loader has a length (a plain iterable may not)."""
     try:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -200,7 +192,7 @@ def _epoch(state: TrainState, run: _Run) -> float:
     total, count = 0.0, 0
     device = state.device
     for state.batch, batch in enumerate(run.loader):
-        inputs, target = _to(batch, device)
+        inputs, target = to_device(batch, device, non_blocking=True)
         state.inputs = inputs
         with torch.autocast(device.type, enabled=run.amp):
             output = _forward(run.runner, inputs)
@@ -322,7 +314,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(D.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler, use_amp,
                max_grad_norm)
-    state = TrainState(module, opt, epochs, _length(loader), scaler=scaler if use_amp else None, device=device,
+    state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None, device=device,
                        rank=ctx.rank, world=ctx.world)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     log_path = Path(log_file) if log_file is not None else (folder / "training.jsonl" if folder else None)
