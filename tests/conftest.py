@@ -12,3 +12,12 @@ def _seed():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread start-up dominates, and a second thread only adds contention on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

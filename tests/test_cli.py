@@ -114,13 +114,7 @@ class Reverse(Pass):
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: thread start-up dominates, and on a shared 2-core box it thrashes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(folder: Path, name: str, text: str) -> Path:
