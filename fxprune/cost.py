@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from .analyze.couple import TensorRef, as_ref

@@ -1,5 +1,4 @@
 """The public API's contracts: plan shape, pure slicing, robustness of compaction, extension hooks."""
-import warnings
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ minutes on two loaded cores.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import textwrap
 import tomllib

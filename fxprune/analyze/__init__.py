@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 import torch.fx as fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components

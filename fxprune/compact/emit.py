@@ -17,7 +17,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..analyze.couple import TensorRef
 from ..analyze.rules import IGNORED, RULES
 from ..analyze.slots import tensor_values
 from .plan import Plan, slice_tensor

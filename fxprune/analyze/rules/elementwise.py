@@ -145,7 +145,7 @@ def product_like(node: fx.Node, ctx: Coupler) -> None:
 @rule(*QUOTIENT_LIKE)
 def quotient_like(node: fx.Node, ctx: Coupler) -> None:
     out = TensorRef(node)
-    inputs = broadcast_link(node, ctx)
+    broadcast_link(node, ctx)
     num = as_ref(node.args[0])
     for a in range(out.ndim):
         ax = a - (out.ndim - num.ndim) if num is not None else -1

@@ -1,7 +1,6 @@
 """Reductions, softmax, pooling and other spatial ops."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch.fx as fx
 
