@@ -37,7 +37,7 @@ def _conv(node: fx.Node, shape: Shape) -> int:
     b = bind(node)
     x, w, out = as_ref(b["input"]), as_ref(b["weight"]), TensorRef(node)
     ws, xs, os = shape(w), shape(x), shape(out)
-    transposed = "transpose" in str(node.target) or bool(b.get("transposed", False))
+    transposed = node.target in _TRANSPOSED_CONV or bool(b.get("transposed", False))
     nd = len(ws) - 2
     batch = xs[0] if len(xs) == nd + 2 else 1
     spatial = xs[-nd:] if transposed else os[-nd:]
@@ -78,6 +78,8 @@ def _einsum(node: fx.Node, shape: Shape) -> int:
     return math.prod(sizes.values())
 
 
+_TRANSPOSED_CONV = set(ops("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",
+                           "aten.conv_transpose3d.input"))
 _TABLE: dict[object, Callable[[fx.Node, Shape], int]] = {}
 for _t in ops("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
               "aten.conv2d.padding", "aten.conv3d.padding", "aten.convolution.default",

@@ -8,6 +8,8 @@ from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind
 from . import ops, rule
 
+_CUMPROD = set(ops("aten.cumprod.default"))
+_CONSTANT_PAD = set(ops("aten.constant_pad_nd.default"))
 # Reductions whose result changes when zero positions are dropped (count, max, statistics).
 _NOT_SUM = set(ops(
     "aten.mean.dim", "aten.mean.default", "aten.amax.default", "aten.amin.default", "aten.var.correction",
@@ -56,7 +58,7 @@ def cumulative(node: fx.Node, ctx: Coupler) -> None:
     dim = bind(node)["dim"] % x.ndim
     for a in range(x.ndim):
         ctx.link_axes(x, a, out, a)
-    if "cumprod" in str(node.target) or not ctx.is_zero(x, dim):
+    if node.target in _CUMPROD or not ctx.is_zero(x, dim):
         ctx.mark_inexact(x, dim, f"{node.target} accumulates along this axis")
 
 
@@ -134,7 +136,7 @@ def pad(node: fx.Node, ctx: Coupler) -> None:
             ctx.freeze(out, a, "padded axis")
         else:
             ctx.link_axes(x, a, out, a)
-            ctx.set_zero(out, a, value == 0 and "constant" in str(node.target) and ctx.is_zero(x, a))
+            ctx.set_zero(out, a, value == 0 and node.target in _CONSTANT_PAD and ctx.is_zero(x, a))
 
 
 @rule(*ops("aten.pixel_shuffle.default", "aten.pixel_unshuffle.default", "aten.channel_shuffle.default",

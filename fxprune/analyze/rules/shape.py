@@ -232,6 +232,9 @@ _TRANSPOSE = set(ops("aten.transpose.int", "aten.swapaxes.default"))
 _CONTIGUOUS = set(ops("aten.contiguous.default", "aten.clone.default", "aten.alias.default"))
 _PICKERS = set(ops("aten.select.int", "aten.unbind.int", "aten.index_select.default"))
 _UNSQUEEZE = set(ops("aten.unsqueeze.default"))
+_INDEX_SELECT = set(ops("aten.index_select.default"))
+_ZEROS = set(ops("aten.zeros.default", "aten.new_zeros.default"))
+_EXPAND_AS = set(ops("aten.expand_as.default"))
 _SQUEEZE_DIM = set(ops("aten.squeeze.dim", "aten.squeeze.dims"))
 _RESHAPES = set(ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints"))
 
@@ -452,7 +455,7 @@ def select(node: fx.Node, ctx: Coupler) -> None:
     x, out = as_ref(b["self"]), TensorRef(node)
     dim = b["dim"] % x.ndim
     ctx.freeze(x, dim, f"{node.target} picks positions")
-    keep_axis = node.target in _PICKERS and "index_select" in str(node.target)
+    keep_axis = node.target in _INDEX_SELECT  # index_select keeps the axis (its size changes); select drops it
     for a in range(x.ndim):
         if a == dim:
             if keep_axis:
@@ -474,7 +477,7 @@ def factory(node: fx.Node, ctx: Coupler) -> None:
     """zeros(size) / x.new_ones(size)...: the output links to nothing; its size argument is rewritten."""
     out = TensorRef(node)
     for a in range(out.ndim):
-        ctx.set_zero(out, a, "zeros" in str(node.target))
+        ctx.set_zero(out, a, node.target in _ZEROS)
 
 
 @rule(*ops("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.randn.default",
@@ -543,7 +546,7 @@ def diff(node: fx.Node, ctx: Coupler) -> None:
 def as_other(node: fx.Node, ctx: Coupler) -> None:
     """x.reshape_as(other): the output takes other's shape at run time, so other's axes shrink with it."""
     other, out = as_ref(node.args[1]), TensorRef(node)
-    if "expand" in str(node.target):
+    if node.target in _EXPAND_AS:
         expand(node, ctx)
     else:
         couple_reshape(node, ctx, node.args[0])
