@@ -150,3 +150,16 @@ def test_other_batch_sizes_after_compaction():
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+def test_model_in_train_mode_batch_one_keeps_its_running_statistics():
+    """Verification runs the compacted graph in eval mode: it neither fails on a batch of one (BatchNorm
+    in train mode refuses it) nor updates the compacted model's running statistics."""
+    model = Net().train()
+    with torch.no_grad():
+        model.b1.running_mean.uniform_(-1, 1)
+    res = fxprune.prune(model, (torch.randn(1, 3, 8, 8),), "l1", 0.5)
+    assert res.module.training and model.training
+    kept = res.plan["b1.running_mean"][0]
+    torch.testing.assert_close(res.module.state_dict()["b1.running_mean"], model.b1.running_mean[kept], rtol=0, atol=0)
+    assert int(res.module.state_dict()["b1.num_batches_tracked"]) == int(model.b1.num_batches_tracked) == 0

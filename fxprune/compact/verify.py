@@ -73,12 +73,17 @@ def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) 
     run = _ShapeRun(gm) if real else _MetaRun(gm)
     if not real:
         leaves = [_meta(x) for x in leaves]
+    flags = [(m, m.training) for m in gm.modules()]
+    gm.eval()  # a check must not update BatchNorm statistics (nor fail on a batch of one in train mode)
     try:
         with torch.no_grad():
             run.run(*leaves)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         node = getattr(run, "current", None)
         raise error(f"the compacted graph does not run at {node}: {exc}", node) from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
     for src in resizer.groups.gm.graph.nodes:
         got = run.shapes.get(src.name)
         if got is None or src.op in ("placeholder", "output"):
