@@ -5,6 +5,7 @@
     emit.py       copy, slice, rewrite literal arguments, verify
     trainable.py  BatchNorm/dropout back as modules so .train()/.eval() work
     verify.py     fake-tensor shape check of every node against the plan
+    widen.py      the inverse: every prunable group wider (scratch's expand), same rewrites
 """
 from .emit import CompactionError, as_trainable, emit
 from .plan import Plan, add_aliases, apply_plan, build_plan, slice_tensor

@@ -1,4 +1,11 @@
-"""What a selection means for every slot: kept indices and new sizes (read by rewrites and the plan)."""
+"""What a selection means for every slot: kept indices and new sizes (read by rewrites and the plan).
+
+A selection is a number of copies per channel: 0 (removed) or 1 (kept) when pruning; widening
+(Pruning from Scratch's ``expand``) gives some channels 2 or more. A slot's index list then repeats
+each RUN of consecutive positions of one channel as a block (a head of 8 positions duplicated is
+``0..7, 0..7``, not ``0, 0, 1, 1, ...``), in the original order: that is what keeps a flat axis and
+its reshaped (heads, dim) form consistent, and concat blocks and split ranges contiguous. Every
+rewrite (sizes, slice bounds, group counts) is the same code for shrinking and growing."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,28 +19,48 @@ from ..analyze.slots import SlotKey
 __all__ = ["Resizer"]
 
 
+def _repeat_runs(labels: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Indices 0..n-1 with every run of equal labels repeated ``count`` times as a block."""
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    lengths = np.diff(np.r_[starts, len(labels)])
+    sizes = lengths * count[starts]
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) - first) % np.repeat(lengths, sizes)
+
+
 class Resizer:
     """Answers, for the original graph's tensors, which positions survive a removal."""
 
-    def __init__(self, groups: ChannelGroups, removed: np.ndarray) -> None:
+    def __init__(self, groups: ChannelGroups, removed: np.ndarray | None = None, *,
+                 copies: np.ndarray | None = None) -> None:
+        if (removed is None) == (copies is None):
+            raise ValueError("give removed (a bool per channel) or copies (a count per channel), not both")
         self.groups = groups
         self.table = groups.table
-        self.removed = removed  # bool per component (channel)
+        self.copies = (~np.asarray(removed, dtype=bool)).astype(np.int64) if copies is None \
+            else np.asarray(copies, dtype=np.int64)
+        self.removed = self.copies == 0  # bool per component (channel)
         self._kept: dict[SlotKey, np.ndarray | None] = {}
 
     def _key(self, ref: TensorRef | Any, axis: int) -> SlotKey:
         return (ref.node.name, ref.k, axis % max(self.old_ndim(ref), 1))
 
     def kept_slot(self, key: SlotKey) -> np.ndarray | None:
-        """Kept indices of one slot, or None when nothing is removed there."""
+        """Kept indices of one slot (a position repeated once per copy), or None when it is unchanged."""
         if key not in self._kept:
             t = self.table
             i = t.index.get(key)
             if i is None:
                 self._kept[key] = None
             else:
-                keep = ~self.removed[self.groups.labels[t.offsets[i]:t.offsets[i] + t.sizes[i]]]
-                self._kept[key] = None if keep.all() else np.flatnonzero(keep)
+                labels = self.groups.labels[t.offsets[i]:t.offsets[i] + t.sizes[i]]
+                count = self.copies[labels]
+                if (count == 1).all():
+                    self._kept[key] = None
+                elif count.max() <= 1:  # pruning
+                    self._kept[key] = np.flatnonzero(count)
+                else:
+                    self._kept[key] = _repeat_runs(labels, count)
         return self._kept[key]
 
     def touches(self, node_name: str, inputs: list[str]) -> bool:
@@ -41,14 +68,14 @@ class Resizer:
         names = {node_name, *inputs}
         if not hasattr(self, "_changed_nodes"):
             t = self.table
-            changed = ~self.removed[self.groups.labels]
+            changed = self.copies[self.groups.labels] != 1
             self._changed_nodes = set()
             starts = np.asarray(t.offsets)
             sizes = np.asarray(t.sizes)
             cum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
-            kept_per_slot = cum[starts + sizes] - cum[starts]
-            for key, kept, size in zip(t.keys, kept_per_slot.tolist(), sizes.tolist()):
-                if kept != size:
+            changed_per_slot = cum[starts + sizes] - cum[starts]
+            for key, n in zip(t.keys, changed_per_slot.tolist()):
+                if n:
                     self._changed_nodes.add(key[0])
         return bool(names & self._changed_nodes)
 

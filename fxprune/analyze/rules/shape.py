@@ -427,8 +427,9 @@ def _slice_rewrite(node: fx.Node, r: Any) -> None:
         return
     size = r.old_shape(x)[dim]
     start, end = _bound(b["start"], size, 0), _bound(b["end"], size, size)
-    set_arg(node, "start", int(np.searchsorted(kept, start)))
-    set_arg(node, "end", int(np.searchsorted(kept, end)))
+    # new positions whose source lies before the bound (kept is sorted when pruning, block-ordered when widening)
+    set_arg(node, "start", int(np.count_nonzero(kept < start)))
+    set_arg(node, "end", int(np.count_nonzero(kept < end)))
 
 
 @rule(*ops("aten.slice.Tensor"), rewrite=_slice_rewrite)
