@@ -7,7 +7,8 @@ Every method gets the same MACs target (binary search; scratch must land within 
 and the same recovery budget: ``--epochs`` E recovery epochs through fxprune's recovery (finetune:
 E epochs on the inherited weights; scratch-b: re-initialised, E x MACs_full / MACs_pruned epochs).
 l1 and slimming prune the trained model (examples/digits.py, deterministic); scratch learns its gates
-on a re-initialised copy (no pre-training needed). "search s" is the architecture search: slimming's
+on a re-initialised copy (no pre-training needed), once at the original width and once on a x1.25 wider
+copy (``expand=1.25``; its channel totals are the wide model's). "search s" is the architecture search: slimming's
 sparsity training and scratch's gate training, both for ``--search-epochs`` epochs (it is the whole
 prune() call: trace, analysis and budget search included; l1 has no training).
 One thread (torch.set_num_threads(1)): the timings are comparable, not fast.
@@ -48,7 +49,8 @@ def main() -> None:
     runs = [("l1", {}, "finetune"), ("l1", {}, "scratch-b"),
             ("slimming", {"epochs": args.search_epochs}, "finetune"),
             ("slimming", {"epochs": args.search_epochs}, "scratch-b"),
-            ("scratch", {"epochs": args.search_epochs}, "scratch-b")]
+            ("scratch", {"epochs": args.search_epochs}, "scratch-b"),
+            ("scratch", {"epochs": args.search_epochs, "expand": 1.25}, "scratch-b")]
     for method, options, recovery in runs:
         data = {"train_loader": digits.train_loader(), "loss": digits.loss, "evaluate": digits.evaluate}
         start = time.perf_counter()
@@ -60,7 +62,7 @@ def main() -> None:
         log = recover(res.module, mode=recovery, original=model, train_loader=data["train_loader"], loss=digits.loss,
                       epochs=args.epochs, evaluate=None, macs_full=res.cost_before.macs,
                       macs_pruned=res.cost_after.macs)
-        row = {"method": method, "recovery": recovery, "macs_kept": res.cost_after.macs / res.cost_before.macs,
+        row = {"method": method, "options": options, "recovery": recovery, "macs_kept": res.cost_after.macs / res.cost_before.macs,
                "acc_pruned": acc0, "acc": digits.evaluate(res.module)["accuracy"], "recovery_epochs": len(log),
                "search_s": search, "recovery_s": time.perf_counter() - start,
                "channels": [(r["kept"], r["total"]) for r in res.summary()]}

@@ -30,7 +30,7 @@ RECOVERY = ("finetune", "scratch-e", "scratch-b")
 @dataclass
 class PruneResult:
     module: fx.GraphModule                 # the compacted, trainable model (same train/eval mode as the input)
-    plan: Plan                             # original parameter/buffer name -> {dim: kept indices}
+    plan: Plan                             # original parameter/buffer name -> {dim: kept indices} (of `base` if set)
     groups: ChannelGroups                  # the analysis it was planned on
     removed: np.ndarray                    # bool per channel component
     scores: dict[int, np.ndarray] = field(default_factory=dict)
@@ -39,6 +39,8 @@ class PruneResult:
     selection: Selection | None = None     # the budget as applied (after a target search: the ratio found)
     log: list[dict[str, Any]] = field(default_factory=list)  # recovery training log, one record per epoch
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors the pass gave compaction
+    base: torch.nn.Module | None = None    # the model the plan refers to when a pass pruned another model than
+    #                                        the user's (Pass.prepare, e.g. scratch's wider copy); None: the user's
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -128,6 +130,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     stage("score")
     needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
     ctx = PassContext(gm, groups, model, data, sel)
+    prepared = the_pass.prepare(ctx) if needs_scores else None
+    if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
+        ctx = prepared
+        gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
+    base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}
     stage("select")
     if target is None:
@@ -139,10 +146,10 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                                      tolerance=getattr(the_pass, "tolerance", 0.01))
     stage("compact")
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
-    out = compact(gm, groups, removed, model, verify=verify, weights=weights or None)
+    out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
     if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
         weights = the_pass.weights(ctx, out.removed)
-        out = compact(gm, groups, out.removed, model, verify=verify, weights=weights or None)
+        out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
     after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:
@@ -152,4 +159,5 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         log = run_recovery(out.module, mode=recover, original=model, train_loader=data["train_loader"],
                            loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
                            macs_full=before.macs, macs_pruned=after.macs)
-    return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights)
+    return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
+                       base if prepared is not None else None)

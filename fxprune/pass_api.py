@@ -58,6 +58,15 @@ class Pass:
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
 
+    def prepare(self, ctx: PassContext) -> PassContext | None:
+        """Optionally prune a different model than the user's: return a context with its own ``gm``,
+        ``groups`` and ``model`` (e.g. Pruning from Scratch's wider copy, see
+        ``fxprune.compact.widen``), or None (the default) to prune the user's model. Scoring,
+        selection and compaction then run on the returned model, ``PruneResult.plan`` refers to its
+        tensors and ``PruneResult.base`` is that model; ``--target-macs``/``--target-params`` stay
+        fractions of the USER's model."""
+        return None
+
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError
 

@@ -269,6 +269,9 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),
+        # a pass that pruned a model of its own (scratch's expand): totals and plan.json refer to it
+        "base": None if result.base is None else {
+            "built_by_pass": True, "params": sum(p.numel() for p in result.base.parameters())},
         "seconds": {"prune": clock.get("prune"), "finetune": clock.get("finetune"),
                     "total": time.perf_counter() - clock["start"]},
     }

@@ -77,6 +77,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"Costs of one forward pass on example_inputs {report['example_inputs']}; metrics from evaluate().", ""]
     lines += _table(["", "before", "after", "change"], cost_rows(report)) + [""]
     lines += [f"## Channel groups ({len(report['groups'])} prunable, {report['frozen_groups']} frozen)", ""]
+    if report.get("base"):
+        lines += [f"The pass pruned a model it built ({human(report['base']['params'])} parameters, e.g. scratch's "
+                  "wider copy): totals below and plan.json refer to that model, not to the original.", ""]
     lines += _table(["group", "kept / total", "producers", "consumers"],
                     [[g["group"], f"{g['kept']} / {g['total']}", ", ".join(g["producers"]) or "-",
                       ", ".join(g["consumers"]) or "-"] for g in report["groups"]]) + [""]

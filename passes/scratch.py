@@ -31,8 +31,19 @@ this pass). No pre-training is used.
   only ever live as hooks on the eager working copy, removed after training. Recovery (scratch-b)
   re-initialises those weights anyway; without recovery the output is the searched architecture with
   the gated random weights.
-- ``expand`` (learning the gates on a wider copy, x1.25 in the paper) is not supported yet: any value
-  other than 1.0 is an error.
+- ``expand`` (the paper's x1.25): learn the gates on a WIDER copy. ``prepare`` widens every prunable
+  group of the traced graph to ``round(expand * n)`` channels (``fxprune.compact.widen``: the
+  inverse of compaction, through the same literal rewrites and shape verifier), re-initialises the
+  whole wide model (``fxprune.train.recover.reinitialize``: each layer type's PyTorch default at
+  the new widths; it needs ``reinit=True``) and traces it; gates, selection and compaction then run
+  on it, so the searched architecture may keep more channels in a layer than the original had. A
+  ``--target-macs`` budget stays a fraction of the ORIGINAL model's MACs (x1.25 widths cost ~1.56x
+  the MACs, so 0.5 keeps ~32% of the wide model). ``PruneResult.plan`` and ``base`` refer to the wide
+  model. Unprunable groups (inputs, outputs, exactness-protected normalised streams) are not widened.
+  Residual streams are widened too (``expand_residual=True``, as the authors' CIFAR ResNets, whose
+  base width scales every stage) and, being ungated by default, stay x``expand`` wide in the result;
+  ``expand_residual=False`` widens only inner channels (as their ImageNet ResNet-50, which scales the
+  bottleneck widths and keeps the block outputs).
 """
 from __future__ import annotations
 
@@ -174,16 +185,37 @@ class Scratch(Pass):
     reinit: bool = True      # learn the gates on a randomly re-initialised copy (the method); False: as given
     seed: int = 0
     residual: bool = False   # also gate residual streams (default: only inner channels, as the authors' code)
-    expand: float = 1.0      # learn the gates on a wider copy: not supported yet
+    expand: float = 1.0      # learn the gates on a copy this much wider (the paper: 1.25)
+    expand_residual: bool = True  # widen residual streams too (authors' CIFAR ResNets); False: inner only (their ResNet-50)
 
     def __post_init__(self) -> None:
-        if self.expand != 1.0:
-            raise PassError(f"scratch: expand={self.expand} (learning gates on a wider copy) is not supported yet; "
-                            "use expand=1.0")
+        if not (1.0 <= self.expand <= 4.0):
+            raise PassError(f"scratch: expand must be between 1.0 and 4.0 (the paper uses 1.25), got {self.expand}")
+        if self.expand != 1.0 and not self.reinit:
+            raise PassError("scratch: expand > 1 needs reinit=true (the added channels have no trained weights, and "
+                            "copies of existing ones would get identical gradients)")
         if self.sparsity not in ("mean", "l1"):
             raise PassError(f"scratch: sparsity must be 'mean' or 'l1', got {self.sparsity!r}")
         if self.epochs < 0:
             raise PassError(f"scratch: epochs must be >= 0, got {self.epochs}")
+
+    def prepare(self, ctx: PassContext) -> PassContext | None:
+        """With ``expand > 1``: a re-initialised copy ``expand`` times wider, traced and analysed."""
+        if self.expand == 1.0:
+            return None
+        from fxprune.analyze import analyze
+        from fxprune.compact.widen import widen
+        from fxprune.trace import META_INPUTS, trace
+        from fxprune.train.recover import reinitialize as reinitialize_graph
+
+        only = [g.id for g in ctx.groups.prunable if self.expand_residual or len(g.layers("producer")) <= 1]
+        wide, _ = widen(ctx.gm, ctx.groups, self.expand, only=only, training=ctx.model.training)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            reinitialize_graph(wide)
+        args, kwargs = ctx.gm.meta[META_INPUTS]
+        gm = trace(wide, kwargs if kwargs else args)
+        return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection)
 
     def learn(self, ctx: PassContext) -> tuple[nn.Module, Gates]:
         """Train gates on a (re-initialised) copy; returns the copy (hooks removed) and its gates."""
@@ -191,7 +223,7 @@ class Scratch(Pass):
         if loader is None:
             raise ValueError("scratch needs train_loader= to learn its gates")
         work = copy.deepcopy(ctx.model)
-        if self.reinit:
+        if self.reinit and self.expand == 1.0:  # a wide copy (prepare) is already freshly initialised
             reinitialize(work, self.seed)
         for p in work.parameters():
             p.requires_grad_(False)

@@ -132,8 +132,11 @@ def test_budget_search_hits_target_macs_within_0_1_percent_on_resnet18():
 def test_options_and_class_defaults():
     assert Scratch.tolerance == 0.001 and Scratch.default_recovery == "scratch-b" and Scratch.scope == "global"
     assert isinstance(make_pass("scratch", {"epochs": 1}), Scratch)
-    with pytest.raises(PassError, match="not supported yet"):
-        make_pass("scratch", {"expand": 1.25})
+    assert make_pass("scratch", {"expand": 1.25}).expand == 1.25
+    with pytest.raises(PassError, match="between 1.0 and 4.0"):
+        make_pass("scratch", {"expand": 0.8})
+    with pytest.raises(PassError, match="reinit"):
+        make_pass("scratch", {"expand": 1.25, "reinit": False})
     with pytest.raises(PassError, match="sparsity"):
         Scratch(sparsity="l2")
 
@@ -156,5 +159,70 @@ def test_cli_run_defaults_to_scratch_b(tmp_path, monkeypatch):
     assert 0.45 <= report["after"]["macs"] / report["before"]["macs"] <= 0.501
     assert report["groups"] and any(g["kept"] < g["total"] for g in report["groups"])
     bad = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "digits.py"), "--pass", "scratch",
-                                   "--opt", "expand=1.25", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "not supported yet" in bad.output
+                                   "--opt", "expand=0.5", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "expand" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_expand_learns_gates_on_a_wider_copy():
+    """--opt expand=1.25: gates, selection and compaction run on a re-initialised copy 1.25x wider; the
+    result equals that gated wide model masked; the budget stays a fraction of the ORIGINAL's MACs."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.prune(model, (x,), "scratch", 0.3, options={"epochs": 1, "expand": 1.25, "residual": True},
+                        train_loader=_loader())
+    wide = res.base
+    assert wide is not None and wide is not model
+    assert tuple(wide.state_dict()["conv1.weight"].shape) == (15, 10, 3, 3)  # 12 -> 15 out, 8 -> 10 in
+    assert tuple(wide.state_dict()["hidden.weight"].shape) == (20, 10)
+    assert tuple(wide.state_dict()["fc.weight"].shape) == (4, 20)  # the output keeps its 4 classes
+    assert res.removed.any()
+    state = wide.state_dict()
+    for name, entry in res.plan.items():  # the plan indexes the wide tensors
+        assert all(len(kept) < state[name].shape[dim] for dim, kept in entry.items())
+    assert {len(g) for g in res.groups.prunable} == {10, 15, 20}
+    assert_equivalent(model, res, (x,))  # against the gated wide model (res.base), masked by res.plan
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the wide copy is freshly initialised, not a copy of the user's weights
+    assert not torch.equal(wide.state_dict()["conv1.weight"][:12, :8], model.conv1.weight)
+
+
+def test_expand_hits_target_macs_of_the_original_on_resnet18():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    loader = _loader(n=8, size=32, batch=4)
+    res = fxprune.prune(model, (x,), "scratch", options={"epochs": 1, "expand": 1.25}, target_macs=0.5,
+                        train_loader=loader)
+    assert abs(res.cost_after.macs / res.cost_before.macs - 0.5) <= 0.001
+    full = fxprune.analyze(fxprune.trace(model, (x,)))
+    assert res.cost_before.macs == fxprune.cost.CostCounter(full)().macs  # the budget is the original's
+    # residual streams are widened (authors' CIFAR ResNets) and, ungated, stay 1.25x wide
+    assert res.module.state_dict()["conv1.weight"].shape[0] == 80
+    inner = Scratch(epochs=1, expand=1.25, expand_residual=False)
+    res2 = fxprune.prune(model, (x,), inner, target_macs=0.5, train_loader=loader)
+    assert res2.module.state_dict()["conv1.weight"].shape[0] == 64
+    assert res2.base.state_dict()["layer1.0.conv1.weight"].shape[0] == 80
+    assert abs(res2.cost_after.macs / res2.cost_before.macs - 0.5) <= 0.001
+
+
+def test_cli_expand_without_recovery(tmp_path, monkeypatch):
+    """`--opt expand=1.25` end to end, exporting the searched architecture without training it."""
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    monkeypatch.setenv("DIGITS_EPOCHS", "1")
+    out = tmp_path / "wide"
+    result = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "digits.py"), "--pass", "scratch",
+                                      "--target-macs", "0.5", "--epochs", "0", "--opt", "epochs=1",
+                                      "--opt", "expand=1.25", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["base"]["built_by_pass"] and report["finetune"]["epochs"] == 0
+    assert 0.45 <= report["after"]["macs"] / report["before"]["macs"] <= 0.501
+    assert "wider copy" in (out / "report.md").read_text()
+    loaded = fxprune.load(out)
+    assert loaded(torch.randn(2, 1, 8, 8)).shape == (2, 10)
