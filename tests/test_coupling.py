@@ -6,6 +6,7 @@ the channel groups or of the compacted graph, and (c) that the parameter count f
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import pytest
@@ -17,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxprune
 from fxprune.analyze import UnsupportedOpWarning
 from fxprune.analyze.schema import bind
-from fxprune.testing import assert_equivalent
+from fxprune.testing import assert_equivalent, masked_model
 
 aten = torch.ops.aten
 RATIOS = (0.5, 0.3)
@@ -679,14 +680,48 @@ def test_torch_multihead_attention_is_exact():
     assert res.plan["mha.in_proj_weight"][1] == res.plan["inp.weight"][0]
 
 
-@pytest.mark.xfail(strict=True, reason="nn.MultiheadAttention folds the head count into the batch axis "
-                   "(view(T, B*heads, head_dim) with B*heads computed by a SymInt multiply): the rule "
-                   "freezes reshapes that mix a symbolic axis, and the literal head count sits in an "
-                   "operator.mul node that no rewrite reaches")
-def test_torch_multihead_attention_heads_prunable():
-    gm = fxprune.trace(TorchMHA().eval(), (torch.randn(2, 5, 8),))
-    g = group_of(fxprune.analyze(gm), "mha.in_proj_weight", 0)
-    assert g.prunable and len(g) == 4
+class MixedReshape(nn.Module):
+    """(4, 6) -> (8, 3): a reshape that splits and merges at once, without any batch involved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 24, 1), nn.Conv2d(24, 5, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        n, _, h, w = y.shape
+        y = F.relu(y.view(n, 4, 6, h * w).view(n, 8, 3, h * w))
+        return self.c2(y.reshape(n, 24, h, w))
+
+
+def test_reshape_that_splits_and_merges_links_the_shared_factor():
+    res = prune_checked(MixedReshape(), IMG)
+    g = group_of(res.groups, "c1.weight", 0)
+    assert g.prunable and len(g) == 4 and g.block == 6  # the common outer factor carries the channel
+    assert group_of(res.groups, "c2.weight", 1) is g
+    assert res.plan["c2.weight"][1] == res.plan["c1.weight"][0]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_torch_multihead_attention_heads_prunable(batch):
+    """nn.MultiheadAttention folds its heads into the batch: view(T, B*heads, dim) with B*heads a
+    symbolic product (batch >= 2) or a literal (batch 1). Heads stay the unit either way; traced at
+    batch >= 2 the compacted model takes other batch sizes (batch 1 traces a static graph)."""
+    model = TorchMHA().eval()
+    x = torch.randn(batch, 5, 8)
+    res = prune_checked(model, (x,))
+    g = group_of(res.groups, "mha.in_proj_weight", 0)
+    assert g.prunable and len(g) == 4 and g.block == 24  # 4 heads x (q, k, v) x 8 dims
+    kept_rows = res.plan["mha.in_proj_weight"][0]
+    assert len(kept_rows) == 2 * 24 and res.plan["mha.out_proj.weight"][1] == kept_rows[:16]
+    assert sorted({i // 8 % 4 for i in kept_rows}) == sorted({i // 8 for i in kept_rows[:16]})
+    if batch > 1:  # the symbolic product batch * 4 became batch * 2 in a new node
+        assert any(n.target is operator.mul and 2 in n.args for n in res.module.graph.nodes)
+    masked = masked_model(model, res.plan)
+    for other in ((1, 3) if batch > 1 else ()):
+        y = torch.randn(other, 5, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(res.module(y), masked(y), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

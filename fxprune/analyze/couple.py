@@ -80,6 +80,11 @@ class Coupler:
         ref = as_ref(x)
         return self.table.elements(ref.key(axis))
 
+    def symbolic(self, x: Any, axis: int) -> bool:
+        """Is this axis a plain symbolic size (the batch)? Such an axis never carries a channel."""
+        ref = as_ref(x)
+        return ref is not None and self.table.symbolic[self.table.index[ref.key(axis)]]
+
     def is_zero(self, x: Any, axis: int) -> bool:
         ref = as_ref(x)
         return ref is not None and self.zero.get(ref.key(axis), False)

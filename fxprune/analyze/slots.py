@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-__all__ = ["SlotKey", "SlotTable", "tensor_values", "size_hint"]
+__all__ = ["SlotKey", "SlotTable", "tensor_values", "size_hint", "concrete_factor"]
 
 SlotKey = tuple[str, int, int]  # (node name, output index, axis)
 
@@ -26,6 +26,22 @@ def size_hint(s: Any) -> tuple[int, bool]:
         hint = s.node.hint if s.node.has_hint() else None
         return (int(hint) if hint is not None else 1), True
     return int(s), False
+
+
+def concrete_factor(s: Any) -> int:
+    """For a size ``c * s0`` (an integer times one symbol, e.g. ``batch * heads`` when a model folds
+    its heads into the batch axis): ``c``. 1 for a plain symbol or any other expression, and for ints
+    the int itself."""
+    if not isinstance(s, torch.SymInt):
+        return int(s)
+    import sympy
+
+    expr = s.node.expr
+    if isinstance(expr, sympy.Mul) and len(expr.free_symbols) == 1:
+        coeff, rest = expr.as_coeff_Mul()
+        if isinstance(rest, sympy.Symbol) and coeff.is_Integer and int(coeff) > 1:
+            return int(coeff)
+    return 1
 
 
 def tensor_values(node: fx.Node) -> list[Any]:
@@ -46,7 +62,7 @@ class SlotTable:
     index: dict[SlotKey, int] = field(default_factory=dict)
     offsets: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
-    symbolic: list[bool] = field(default_factory=list)
+    symbolic: list[bool] = field(default_factory=list)  # a symbolic size with no concrete factor: frozen
     total: int = 0
 
     @classmethod
@@ -57,7 +73,10 @@ class SlotTable:
                 if val is None:
                     continue
                 for axis, dim in enumerate(val.shape):
-                    table._add((node.name, k, axis), *size_hint(dim))
+                    hint, symbolic = size_hint(dim)
+                    # batch * heads keeps its head factor prunable (the reshape rules never carry
+                    # channels on the symbolic factor); any other symbolic size is frozen
+                    table._add((node.name, k, axis), hint, symbolic and concrete_factor(dim) == 1)
         return table
 
     def _add(self, key: SlotKey, size: int, symbolic: bool) -> None:

@@ -21,13 +21,30 @@ def _is_literal(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _scaled_symbol(node: fx.Node, entry: Any, old: int, new: int) -> Any:
+    """A size computed as ``symbol * c`` (``batch * heads``): a new ``symbol * c'`` node with
+    ``c' = c * new / old`` (the shared original node is left to the other ops that read it)."""
+    if not isinstance(entry, fx.Node) or entry.target is not operator.mul or old == new:
+        return entry
+    sym, c = entry.args
+    if isinstance(sym, int):
+        sym, c = c, sym
+    if not _is_literal(c) or (c * new) % old:
+        raise ValueError(f"cannot rescale {entry.format_node()} from {old} to {new}")
+    with node.graph.inserting_before(node):
+        return node.graph.call_function(operator.mul, (sym, c * new // old))
+
+
 def shape_arg(name: str, start: int = 0):
-    """Rewrite: list argument ``name`` holds the output's sizes from axis ``start``; refresh its literals."""
+    """Rewrite: list argument ``name`` holds the output's sizes from axis ``start``; refresh its literals
+    (and ``batch * c`` products whose concrete factor shrinks)."""
     def rewrite(node: fx.Node, r: Any) -> None:
         b = bind(node)
         old = list(b[name])
+        before = r.old_shape(TensorRef(node))[start:start + len(old)]
         new = r.new_shape(TensorRef(node))[start:start + len(old)]
-        set_arg(node, name, [n if _is_literal(o) and o != -1 else o for o, n in zip(old, new)])
+        set_arg(node, name, [n if _is_literal(o) and o != -1 else _scaled_symbol(node, o, p, n)
+                             for o, p, n in zip(old, before, new)])
     return rewrite
 
 
@@ -168,6 +185,71 @@ def _link_factorisation(ctx: Coupler, flat: TensorRef, flat_axis: int, multi: Te
     ctx.link(ctx.el(flat, flat_axis), ctx.el(multi, carrier)[(f // inner) % sizes[carrier]])
 
 
+def _atoms(a: list[int], b: list[int]) -> list[int] | None:
+    """The common refinement of two factorisations of one flat range: the strides (from the inner
+    end) at which either shape has an axis boundary, if they nest (each divides the next)."""
+    def cuts(sizes: list[int]) -> set[int]:
+        out, p = set(), 1
+        for n in reversed(sizes):
+            p *= n
+            out.add(p)
+        return out
+    points = sorted(cuts(a) | cuts(b))
+    if any(q % p for p, q in zip(points, points[1:])):
+        return None
+    return points
+
+
+def _link_mixed(ctx: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: list[int], avoid: set[int]) -> bool:
+    """A chunk that splits and merges at once, e.g. ``(batch, heads * dim) -> (batch * heads, dim)``
+    (nn.MultiheadAttention folds its heads into the batch). Cut the flat range into atoms (the
+    common refinement of both shapes); each axis carries its channel on its outermost real atom that
+    is not the batch; an input and an output axis with the same carrier atom are linked by that
+    atom's value, every other axis is frozen. Exact by construction: a channel removes the same flat
+    positions on both sides (those whose carrier-atom value it holds). False if the shapes do not nest."""
+    a, b = [ctx.shape(x)[i] for i in ia], [ctx.shape(out)[j] for j in jb]
+    points = _atoms(a, b)
+    if points is None:
+        return False
+    atom_size = {p: q // p for p, q in zip([1] + points, points)}  # atom = its inner stride -> its size
+
+    def members(sizes: list[int], axes: list[int]) -> dict[int, tuple[int, list[int]]]:
+        """axis -> (its inner stride, its atoms' inner strides, outermost first)."""
+        found, stride = {}, 1
+        for axis, n in reversed(list(zip(axes, sizes))):
+            found[axis] = (stride, [p for p in sorted(atom_size, reverse=True) if stride <= p < stride * n])
+            stride *= n
+        return found
+
+    def carrier(ref: TensorRef, axis: int, stride: int, atoms: list[int], symbolic_atoms: set[int]) -> int | None:
+        if ref is out and axis in avoid:
+            return None
+        real = [p for p in atoms if atom_size[p] > 1 and p not in symbolic_atoms]
+        return real[0] if real else None
+
+    ins, outs = members(a, ia), members(b, jb)
+    symbolic_atoms = {p for ref, axes in ((x, ins), (out, outs)) for axis, (_, atoms) in axes.items()
+                      if ctx.symbolic(ref, axis) for p in atoms}
+    in_carrier = {i: carrier(x, i, *ins[i], symbolic_atoms) for i in ia}
+    out_carrier = {j: carrier(out, j, *outs[j], symbolic_atoms) for j in jb}
+    linked_out: set[int] = set()
+    for i, atom in in_carrier.items():
+        j = next((j for j, c in out_carrier.items() if c is not None and c == atom), None)
+        if atom is None or j is None:
+            ctx.freeze(x, i, "reshape mixes axes")
+            continue
+        value = lambda n, stride: (np.arange(n) * stride // atom) % atom_size[atom]  # noqa: E731
+        rep = ctx.el(out, j)[value(ctx.shape(out)[j], outs[j][0]) * (atom // outs[j][0])]
+        ctx.link(ctx.el(x, i), ctx.el(out, j)[value(ctx.shape(x)[i], ins[i][0]) * (atom // outs[j][0])])
+        ctx.link(ctx.el(out, j), rep)
+        ctx.set_zero(out, j, ctx.is_zero(x, i))
+        linked_out.add(j)
+    for j in jb:
+        if j not in linked_out:
+            ctx.freeze(out, j, "reshape mixes axes")
+    return True
+
+
 def couple_reshape(node: fx.Node, ctx: Coupler, src: Any) -> None:
     x, out = as_ref(src), TensorRef(node)
     a, b = list(ctx.shape(x)), list(ctx.shape(out))
@@ -178,20 +260,22 @@ def couple_reshape(node: fx.Node, ctx: Coupler, src: Any) -> None:
         ctx.freeze(out, None, "reshape with symbolic sizes")
         return
     avoid = _selected_axes(node)
+    batch_in = {i for i in range(len(a)) if ctx.symbolic(x, i)}  # the batch never carries a channel
+    batch_out = {j for j in range(len(b)) if ctx.symbolic(out, j)}
     for ia, jb in chunks:
         if len(ia) == 1 and len(jb) == 1:
             ctx.link_axes(x, ia[0], out, jb[0])
             ctx.set_zero(out, jb[0], ctx.is_zero(x, ia[0]))
         elif len(jb) == 1 and ia:       # merge: in axes -> one out axis
-            c = _carrier(a, ia, set())
+            c = _carrier(a, ia, batch_in)
             _link_factorisation(ctx, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
             ctx.set_zero(out, jb[0], c is not None and ctx.is_zero(x, c))
         elif len(ia) == 1 and jb:       # split: one in axis -> out axes
-            c = _carrier(b, jb, avoid, _merged_back(node, jb))
+            c = _carrier(b, jb, avoid | batch_out, _merged_back(node, jb))
             _link_factorisation(ctx, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
             if c is not None:
                 ctx.set_zero(out, c, ctx.is_zero(x, ia[0]))
-        else:
+        elif not _link_mixed(ctx, x, ia, out, jb, avoid):
             for i in ia:
                 ctx.freeze(x, i, "reshape mixes axes")
             for j in jb:
