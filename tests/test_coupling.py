@@ -335,24 +335,27 @@ def _conv_groups(gm: torch.fx.GraphModule) -> list[int]:
     return [int(bind(n)["groups"]) for n in nodes(gm, aten.conv2d.default)]
 
 
-def test_grouped_and_depthwise_conv_remove_whole_groups():
+def test_grouped_conv_prunes_every_group_alike_and_depthwise_whole_groups():
     model = randomize_bn(Grouped())
     results = prune_all(model, IMG)
     for ratio, res in results.items():
-        g = group_of(res.groups, "grouped.weight", 0)
-        assert len(g) == 4, "a conv group is the unit"
-        assert group_of(res.groups, "stem.0.weight", 0) is g
-        assert group_of(res.groups, "dw2.weight", 0) is g
-        assert g.prunable
-        k = kept(res, g)
-        assert k == 4 - int(4 * ratio)
-        # 1 conv group = 4 stem channels = 8 channels after `grouped` and dw = 16 after dw2
-        assert _conv_groups(res.module) == [1, k, 8 * k, 8 * k, 1]
-        assert res.module.dw2.weight.shape == (16 * k, 1, 3, 3)
-        assert len(res.plan["stem.0.weight"][0]) == 4 * k
-        # whole conv groups: kept stem channels come in aligned blocks of 4
+        # grouped (4 groups, 4 inputs and 8 outputs each): position j of every group is one channel
+        g_in = group_of(res.groups, "stem.0.weight", 0)
+        assert len(g_in) == 4 and g_in.block == 4 and g_in.prunable
+        assert group_of(res.groups, "grouped.weight", 1) is g_in  # the per-group input axis
+        g_out = group_of(res.groups, "grouped.weight", 0)
+        assert len(g_out) == 8 and g_out.prunable
+        # depthwise convs keep whole groups: each channel goes through dw and dw2 (x2) into pw
+        assert group_of(res.groups, "dw2.weight", 0) is g_out and group_of(res.groups, "pw.weight", 1) is g_out
+        k_in, k_out = kept(res, g_in), kept(res, g_out)
+        assert (k_in, k_out) == (4 - int(4 * ratio), 8 - int(8 * ratio))
+        assert _conv_groups(res.module) == [1, 4, 4 * k_out, 4 * k_out, 1], "the grouped conv keeps its 4 groups"
+        assert res.module.grouped.weight.shape == (4 * k_out, k_in, 3, 3)
+        assert res.module.dw2.weight.shape == (8 * k_out, 1, 3, 3)
+        # the same offsets are kept in every group of the stem's outputs
         kept_stem = res.plan["stem.0.weight"][0]
-        assert all(kept_stem[i] % 4 == i % 4 for i in range(len(kept_stem)))
+        offsets = sorted({i % 4 for i in kept_stem})
+        assert kept_stem == [g * 4 + j for g in range(4) for j in offsets]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,13 +832,16 @@ def test_conv_transpose_plain_and_grouped():
     for ratio, res in results.items():
         assert group_of(res.groups, "up.weight", 0) is group_of(res.groups, "enc.0.weight", 0)
         assert group_of(res.groups, "up.weight", 1) is group_of(res.groups, "bn.weight", 0)
-        g = group_of(res.groups, "gup.weight", 0)
-        assert len(g) == 3 and g.prunable, "conv groups of the transposed conv are the unit"
-        k = kept(res, g)
+        # grouped transposed conv (3 groups, 8 inputs and 4 outputs each; weight (in, out per group)):
+        # position j of every group is one channel, inputs and outputs separately
+        g_in, g_out = group_of(res.groups, "gup.weight", 0), group_of(res.groups, "gup.weight", 1)
+        assert g_in is group_of(res.groups, "bn.weight", 0) and g_out is group_of(res.groups, "out.weight", 1)
+        assert (len(g_in), len(g_out)) == (8, 4) and g_in.prunable and g_out.prunable
+        k_in, k_out = kept(res, g_in), kept(res, g_out)
         (gup,) = [n for n in res.module.graph.nodes if n.op == "call_function" and "conv_transpose" in str(n.target)
                   and bind(n).get("groups", 1) != 1]
-        assert bind(gup)["groups"] == k
-        assert res.module.gup.weight.shape[:2] == (8 * k, 4)
+        assert bind(gup)["groups"] == 3
+        assert res.module.gup.weight.shape[:2] == (3 * k_in, k_out)
         assert run(res.module, IMG).shape == (2, 2, 16, 16)
 
 

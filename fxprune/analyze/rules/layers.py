@@ -27,9 +27,26 @@ def _conv_rewrite(node: fx.Node, r: Any) -> None:
         return
     x = as_ref(x_arg)
     c = r.old_ndim(x) - (r.old_ndim(as_ref(w_arg)) - 2) - 1
-    old, new = r.old_shape(x)[c], r.new_shape(x)[c]
-    if old != new:
-        set_arg(node, "groups", groups * new // old)
+    kept = r.kept(x, c)
+    if kept is not None:  # the groups that keep input positions (all of them when pruned uniformly)
+        per_group = r.old_shape(x)[c] // groups
+        set_arg(node, "groups", len(np.unique(kept // per_group)) if per_group > 1 else len(kept))
+
+
+def _grouped_uniform(ctx: Coupler, x: TensorRef, w: TensorRef, out: TensorRef, c: int, groups: int,
+                     transposed: bool) -> None:
+    """Position j of every conv group linked (inputs and outputs separately); the weight's per-group
+    axis follows position j of group 0."""
+    cin, cout = ctx.shape(x)[c], ctx.shape(out)[c]
+    ipg, opg = cin // groups, cout // groups
+    xe, oe = ctx.el(x, c), ctx.el(out, c)
+    ctx.link(xe, xe[np.arange(cin) % ipg])
+    ctx.link(oe, oe[np.arange(cout) % opg])
+    full, per_group = (x, out) if transposed else (out, x)  # weight axis 0 spans all groups, axis 1 one group
+    ctx.link_axes(full, c, w, 0)
+    ctx.link(ctx.el(w, 1), ctx.el(per_group, c)[: ctx.shape(w)[1]])
+    ctx.role(w, 0, CONSUMER if transposed else PRODUCER)
+    ctx.role(w, 1, PRODUCER if transposed else CONSUMER)
 
 
 @rule(*ops("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
@@ -54,16 +71,23 @@ def conv(node: fx.Node, ctx: Coupler) -> None:
         ctx.role(w, w_in, CONSUMER)
         ctx.link_axes(out, c, w, w_out)
         ctx.role(w, w_out, PRODUCER)
-    else:
-        # A conv group is the unit: its input and output channels go together (depthwise: in c <-> out c).
+    elif ctx.shape(x)[c] == groups:
+        # Depthwise (one input per group, any depth multiplier): a conv group is the unit, its input
+        # channel and its outputs go together.
         cin, cout = ctx.shape(x)[c], ctx.shape(out)[c]
-        ipg, opg = cin // groups, cout // groups
+        opg = cout // groups
         xe, oe = ctx.el(x, c), ctx.el(out, c)
-        ctx.link(xe, oe[(np.arange(cin) // ipg) * opg])
+        ctx.link(xe, oe[np.arange(cin) * opg])
         ctx.link(oe, oe[(np.arange(cout) // opg) * opg])
         ctx.freeze(w, 1, "per-group axis of a grouped convolution")
         ctx.link_axes(x if transposed else out, c, w, 0)
         ctx.role(w, 0, PRODUCER)
+    else:
+        # Grouped (ResNeXt, RegNet): the same position of every group is one channel, on the input
+        # and on the output separately, so every group shrinks alike and the group count stays. At a
+        # ratio r this removes r of the conv's input AND output widths (MACs x (1-r)^2, as a dense
+        # conv), where removing whole groups would only remove r of the groups (MACs x (1-r)).
+        _grouped_uniform(ctx, x, w, out, c, groups, transposed)
     if as_ref(b_arg) is not None:
         ctx.link_axes(out, c, b_arg, 0)
         ctx.role(b_arg, 0, PRODUCER)
