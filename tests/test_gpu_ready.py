@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import fxprune
+import fxprune.testing
 
 CUDA = torch.cuda.is_available()
 
@@ -49,6 +50,39 @@ def test_half_precision(resnet, dtype):
         ref, got = res.module(x), half(x.to(dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref, rtol=0.1, atol=0.1 * float(ref.abs().max()))
+
+
+class WeightDtypeCast(torch.nn.Module):
+    """``pos.to(self.pos_proj.weight.dtype)`` (timm's PositionalEncodingFourier) is traced as a float32
+    literal; the float32 position math before it is deliberate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.pos_proj = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(1, 8, 1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))
+        grid = torch.linspace(0, 1, x.shape[-1], dtype=torch.float32, device=x.device)
+        pos = grid.expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
+        return self.head(torch.relu(h + self.pos_proj(pos.to(self.pos_proj.weight.dtype))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_weight_dtype_literals_follow_the_module(dtype):
+    torch.manual_seed(0)
+    model = WeightDtypeCast().eval()
+    x = torch.randn(2, 3, 6, 6)
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.removed.any()
+    cast = copy.deepcopy(res.module).to(dtype)
+    with torch.no_grad():
+        got = cast(x.to(dtype))
+    assert got.dtype == dtype
+    if dtype == torch.float64:
+        fxprune.testing.assert_equivalent(model, res, (x,))  # casts both to float64
+    # the deliberate float32 literal of the position math is kept
+    assert any(v is torch.float32 for n in res.module.graph.nodes for v in n.kwargs.values())
 
 
 def test_channels_last(resnet):

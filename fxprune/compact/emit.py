@@ -21,7 +21,7 @@ from ..analyze.rules import IGNORED, RULES
 from ..analyze.slots import tensor_values
 from .plan import Plan, slice_tensor
 from .resize import Resizer
-from .portable import make_device_portable
+from .portable import make_device_portable, make_dtype_portable
 from .trainable import make_trainable
 from .verify import verify_shapes
 
@@ -156,6 +156,7 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
     """Tensors + graph -> a plain trainable GraphModule that keeps ``gm``'s input/output structure."""
     modules = make_trainable(graph, tensors)
     make_device_portable(graph)
+    make_dtype_portable(graph)
     root = _build_root(tensors, modules)
     out = fx.GraphModule(root, graph, class_name="CompactedModule")
     out.graph.eliminate_dead_code()
