@@ -40,6 +40,8 @@ this pass). No pre-training is used.
   ``--target-macs`` budget stays a fraction of the ORIGINAL model's MACs (x1.25 widths cost ~1.56x
   the MACs, so 0.5 keeps ~32% of the wide model). ``PruneResult.plan`` and ``base`` refer to the wide
   model. Unprunable groups (inputs, outputs, exactness-protected normalised streams) are not widened.
+  With ``expand``, groups without a BatchNorm (the L1 fallback) are scored on the re-initialised wide
+  copy, i.e. by random weights: gate BatchNorm models, or keep expand=1 elsewhere.
   Residual streams are widened too (``expand_residual=True``, as the authors' CIFAR ResNets, whose
   base width scales every stage) and, being ungated by default, stay x``expand`` wide in the result;
   ``expand_residual=False`` widens only inner channels (as their ImageNet ResNet-50, which scales the
