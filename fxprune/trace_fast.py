@@ -209,6 +209,28 @@ def _lift_state(traced: fx.GraphModule, state: dict[str, torch.Tensor], readers:
     return owned
 
 
+_SIZES = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _dedupe_size_nodes(graph: fx.Graph) -> None:
+    """One node per symbolic-size expression, as in export's graph: make_fx records ``sym_size(x, 0)``
+    and ``s0 * 4`` again at every use (nn.MultiheadAttention: one ``mul`` per view), export once."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs or not isinstance(node.meta.get("val"), _SIZES):
+            continue
+        if not (node.target is torch.ops.aten.sym_size.int or getattr(node.target, "__module__", None) == "_operator"):
+            continue
+        key = (node.target, *node.args)
+        try:
+            twin = seen.setdefault(key, node)
+        except TypeError:  # an unhashable argument
+            continue
+        if twin is not node:
+            node.replace_all_uses_with(twin)
+            graph.erase_node(node)
+
+
 def _name_inputs(graph: fx.Graph, names: list[str]) -> None:
     """Placeholders named after the forward's parameters (make_fx names them arg1_1, arg1_2...)."""
     for node, name in zip((n for n in graph.nodes if n.op == "placeholder"), names):
@@ -253,6 +275,8 @@ def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch:
             {name: state[name] for name in readers}, fake_leaves)
     del fake_state
     owned = _lift_state(traced, state, readers)
+    if dynamic_batch:
+        _dedupe_size_nodes(traced.graph)
     forward_names = _forward_arg_names(model, args, kwargs)
     _name_inputs(traced.graph, _input_names(forward_names, args, kwargs))
     traced.graph._codegen = _get_codegen(in_spec, out_spec[-1], forward_names)
