@@ -120,10 +120,11 @@ def _wants_dynamic_batch(args: tuple, kwargs: dict) -> bool:
 
 
 def _fast(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> fx.GraphModule | None:
-    """The make_fx front end (``fxprune.trace_fast``), or None when it cannot trace the model."""
-    from .trace_fast import fast_trace
-
+    """The make_fx front end (``fxprune.trace_fast``), or None when it cannot trace the model. It uses
+    private torch helpers: on a torch where they moved, the import fails and export takes over."""
     try:
+        from .trace_fast import fast_trace
+
         return fast_trace(model, args, kwargs, dynamic_batch and _wants_dynamic_batch(args, kwargs))
     except Exception as exc:  # noqa: BLE001 - anything it cannot do, torch.export does (or explains)
         log.debug("fxprune: fast trace failed (%s: %s); using torch.export", type(exc).__name__, exc)
