@@ -4,8 +4,10 @@ trace -> analyze -> score (the pass) -> select -> compact. The user's model is n
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -82,6 +84,23 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, mode
     return Compacted(module, plan, removed)
 
 
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Objects that exist before pruning (torch's own, the model) are left out of garbage collection
+    while it runs (``gc.freeze``), and put back after. Tracing allocates enough long-lived objects to
+    trigger full collections, and each walks every object in the process: measured 0.25-0.45 s per
+    collection with torch and torchvision imported, about a fifth of pruning efficientnet_b1 at 64x64.
+    Skipped when the caller froze objects itself or turned collection off."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class Compacted(NamedTuple):
     module: fx.GraphModule
     plan: Plan
@@ -120,37 +139,38 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     if recover is not None and data.get("train_loader") is None:
         raise SelectionError(f"recover={recover!r} needs train_loader=")
     stage = progress or (lambda name: None)
-    stage("trace")
-    gm = trace(model, example_inputs)
-    stage("analyze")
-    groups = analyze(gm, allow_inexact=allow_inexact)
-    counter = CostCounter(groups)
-    before = counter()
-    target = target_macs if target_macs is not None else target_params
-    stage("score")
-    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
-    ctx = PassContext(gm, groups, model, data, sel)
-    prepared = the_pass.prepare(ctx) if needs_scores else None
-    if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
-        ctx = prepared
-        gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-    base = ctx.model
-    scores = the_pass.score(ctx) if needs_scores else {}
-    stage("select")
-    if target is None:
-        removed = select(groups, scores, sel)
-    else:
-        which = "macs" if target_macs is not None else "params"
-        kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
-        removed, sel = search_budget(groups, scores, sel, kept, float(target),
-                                     tolerance=getattr(the_pass, "tolerance", 0.01))
-    stage("compact")
-    weights = the_pass.weights(ctx, removed) if needs_scores else {}
-    out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
-    if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
-        weights = the_pass.weights(ctx, out.removed)
-        out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
-    after = counter(out.removed)
+    with _gc_frozen():
+        stage("trace")
+        gm = trace(model, example_inputs)
+        stage("analyze")
+        groups = analyze(gm, allow_inexact=allow_inexact)
+        counter = CostCounter(groups)
+        before = counter()
+        target = target_macs if target_macs is not None else target_params
+        stage("score")
+        needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
+        ctx = PassContext(gm, groups, model, data, sel)
+        prepared = the_pass.prepare(ctx) if needs_scores else None
+        if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
+            ctx = prepared
+            gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
+        base = ctx.model
+        scores = the_pass.score(ctx) if needs_scores else {}
+        stage("select")
+        if target is None:
+            removed = select(groups, scores, sel)
+        else:
+            which = "macs" if target_macs is not None else "params"
+            kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
+            removed, sel = search_budget(groups, scores, sel, kept, float(target),
+                                         tolerance=getattr(the_pass, "tolerance", 0.01))
+        stage("compact")
+        weights = the_pass.weights(ctx, removed) if needs_scores else {}
+        out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
+        if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
+            weights = the_pass.weights(ctx, out.removed)
+            out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
+        after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:
         stage("recover")

@@ -1,0 +1,175 @@
+"""The front end: the fast make_fx path gives export's graph contract, and torch.export takes over where it cannot."""
+import collections
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils import _pytree as pytree
+
+import fxprune
+from fxprune.trace import META_FRONTEND, META_INPUTS
+
+
+def _ops(gm):
+    """call_function targets as a multiset; symbolic-size bookkeeping (sym_size) aside."""
+    return collections.Counter(str(n.target) for n in gm.graph.nodes
+                               if n.op == "call_function" and "sym_size" not in str(n.target))
+
+
+def _same_values(a, b):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb, "same output structure"
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        else:
+            assert x == y
+
+
+class Block(nn.Module):
+    """In-place ReLU, BatchNorm, dropout, a dict + tuple output with a size in it, a keyword input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, scale=None):
+        y = self.act(self.bn(self.conv(x)))
+        if scale is not None:
+            y = y * scale
+        return {"logits": self.fc(self.drop(y.mean((2, 3)))), "extra": (y, x.shape[0])}
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(F.relu(self.fc(self.embed(ids))))
+
+
+CASES = {
+    "block": lambda: (Block(), {"x": torch.randn(2, 3, 8, 8), "scale": torch.randn(1, 8, 1, 1)}),
+    "tied": lambda: (TiedLM(), (torch.randint(0, 50, (2, 7)),)),
+    "resnet18": lambda: (torchvision.models.resnet18(), (torch.randn(2, 3, 32, 32),)),
+    "mobilenet_v3_small": lambda: (torchvision.models.mobilenet_v3_small(), (torch.randn(1, 3, 32, 32),)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_path_matches_export(case, one_thread):
+    """Same ops, same get_attr names, same outputs (structure and values), same channel groups."""
+    model, inputs = CASES[case]()
+    model.eval()
+    fast = fxprune.trace(model, inputs)
+    ref = fxprune.trace(model, inputs, fast=False)
+    assert fast.meta[META_FRONTEND] == "make_fx" and ref.meta[META_FRONTEND] == "export"
+    assert _ops(fast) == _ops(ref)
+    attrs = lambda gm: sorted(n.target for n in gm.graph.nodes if n.op == "get_attr")  # noqa: E731
+    assert attrs(fast) == attrs(ref)
+    used = lambda gm: sorted(n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users)  # noqa: E731
+    assert used(fast) == used(ref), "tied weights are read under the same name as export reads them"
+    args, kwargs = fast.meta[META_INPUTS]
+    with torch.no_grad():
+        _same_values(fast(*args, **kwargs), ref(*args, **kwargs))
+        _same_values(fast(*args, **kwargs), model(*args, **kwargs))
+    assert all("val" in n.meta for n in fast.graph.nodes if n.op != "output")
+    assert fxprune.analyze(fast).rows() == fxprune.analyze(ref).rows()
+
+
+def test_fast_path_records_module_paths_and_leaves_the_model_alone():
+    model = Block().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxprune.trace(model, (torch.randn(2, 3, 8, 8),))
+    assert gm.meta[META_FRONTEND] == "make_fx"
+    stacks = {n.name: n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_function"
+              and "sym_size" not in str(n.target)}
+    assert all(stacks.values()), "every op knows its module"
+    assert [p for p, _ in stacks["dropout"].values()] == ["", "drop"]
+    assert "BatchNorm2d" in list(stacks["batch_norm"].values())[-1][1]
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
+    res = fxprune.prune(model, (torch.randn(2, 3, 8, 8),), "l1", 0.5)
+    assert isinstance(res.module.get_submodule("drop"), nn.Dropout), "dropout keeps its name after compaction"
+
+
+class PlainTensorAttribute(nn.Module):
+    """A tensor that is neither a parameter nor a buffer: export lifts it as a constant, the fast path
+    refuses (it would be a real tensor among fake ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.offset = torch.ones(4)
+
+    def forward(self, x):
+        return self.fc(x) + self.offset
+
+
+class CountsCalls(nn.Module):
+    """A buffer updated in place in forward: a state update, left to export."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc(x)
+
+
+class ReassignsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        self.last = x.detach().mean(0)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("cls", [PlainTensorAttribute, CountsCalls, ReassignsBuffer])
+def test_falls_back_to_export_where_the_fast_path_cannot_follow(cls):
+    from fxprune.trace_fast import fast_trace
+
+    model = cls().eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(Exception):
+        fast_trace(model, (x,), {}, True)
+    gm = fxprune.trace(model, (x,))
+    assert gm.meta[META_FRONTEND] == "export"
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.module(x).shape == (3, 4)
+
+
+def test_untraceable_model_still_names_the_users_line_after_both_front_ends():
+    class Bad(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x
+            return -x
+
+    with pytest.raises(fxprune.TraceError, match="test_trace.py"):
+        fxprune.trace(Bad(), (torch.randn(2, 3),))
+
+
+def test_batch_axis_symbolic_only_from_batch_two():
+    model = torchvision.models.resnet18().eval()
+    sym = lambda gm: [n for n in gm.graph.nodes if n.op == "placeholder"][0].meta["val"].shape[0]  # noqa: E731
+    assert isinstance(sym(fxprune.trace(model, (torch.randn(2, 3, 32, 32),))), torch.SymInt)
+    assert sym(fxprune.trace(model, (torch.randn(1, 3, 32, 32),))) == 1
+    assert sym(fxprune.trace(model, (torch.randn(2, 3, 32, 32),), dynamic_batch=False)) == 2
