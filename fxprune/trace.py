@@ -20,6 +20,7 @@ Two front ends produce it:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -67,6 +68,35 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables: tracing restores them
+
+
+@contextlib.contextmanager
+def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Put every module's plain Python state back after tracing. A forward may write it: timm's
+    EfficientFormer caches its attention bias per device in a dict in eval mode, which a fake trace
+    would leave holding a FakeTensor (the user's model then fails on its next real forward); a forward
+    may append to a list or set a flag. Attributes are restored by identity, the contents of plain
+    dict/list/set attributes by value, and attributes the forward added are removed."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_TABLES}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
+                del state[k]
+            state.update(attrs)
+            for k, before in contents.items():
+                now = attrs[k]
+                now.clear()
+                now.extend(before) if isinstance(now, list) else now.update(before)
 
 
 def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
@@ -143,7 +173,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
-    with _eval_mode(model), warnings.catch_warnings():
+    with _eval_mode(model), _python_state_kept(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = _fast(model, args, kwargs, dynamic_batch) if fast else None
         if gm is not None:

@@ -9,6 +9,7 @@ import torchvision
 from torch.utils import _pytree as pytree
 
 import fxprune
+import fxprune.testing
 from fxprune.trace import META_FRONTEND, META_INPUTS
 
 
@@ -173,3 +174,45 @@ def test_batch_axis_symbolic_only_from_batch_two():
     assert isinstance(sym(fxprune.trace(model, (torch.randn(2, 3, 32, 32),))), torch.SymInt)
     assert sym(fxprune.trace(model, (torch.randn(1, 3, 32, 32),))) == 1
     assert sym(fxprune.trace(model, (torch.randn(2, 3, 32, 32),), dynamic_batch=False)) == 2
+
+
+class CachesInEval(nn.Module):
+    """Like timm's EfficientFormer: in eval mode the forward caches a derived tensor per device in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bias_table = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        key = str(x.device)
+        if not self.training and key not in self.cache:
+            self.cache[key] = self.bias_table * 2
+        self.calls.append(1)
+        self.seen = True  # an attribute the forward adds
+        return torch.relu(self.conv(x)) + self.cache[key].view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_python_state_written_by_the_forward_is_put_back(warm):
+    """A trace must not leave FakeTensors (or anything else) in the user's module: the eager model still
+    runs afterwards and its Python state is what it was."""
+    model = CachesInEval().eval()
+    x = torch.randn(2, 3, 8, 8)
+    if warm:
+        with torch.no_grad():
+            model(x)
+    before = ({k: v.clone() for k, v in model.cache.items()}, list(model.calls), hasattr(model, "seen"))
+    for fast in (True, False):
+        gm = fxprune.trace(model, (x,), fast=fast)
+        # warm: the cached real tensor is a constant the fast path leaves to export
+        assert gm.meta[META_FRONTEND] == ("make_fx" if fast and not warm else "export")
+        assert set(model.cache) == set(before[0]) and all(torch.equal(model.cache[k], v) for k, v in before[0].items())
+        assert model.calls == before[1] and hasattr(model, "seen") == before[2]
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert not any(isinstance(v, torch._subclasses.FakeTensor) for v in model.cache.values())
+    with torch.no_grad():
+        model(x)  # the eager model still runs
+    fxprune.testing.assert_equivalent(model, res, (x,))
