@@ -70,7 +70,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables: tracing restores them
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables: restored by their entries
 
 
 @contextlib.contextmanager
@@ -78,17 +78,20 @@ def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
     """Put every module's plain Python state back after tracing. A forward may write it: timm's
     EfficientFormer caches its attention bias per device in a dict in eval mode, which a fake trace
     would leave holding a FakeTensor (the user's model then fails on its next real forward); a forward
-    may append to a list or set a flag. Attributes are restored by identity, the contents of plain
-    dict/list/set attributes by value, and attributes the forward added are removed."""
+    may append to a list or set a flag; and the fast front end's re-parametrisation can leave a module
+    that is reachable under two paths (timm CoaT's shared conv_list) holding its FakeTensors.
+    Attributes are restored by identity, the contents of plain dict/list/set attributes and of the
+    parameter/buffer/submodule tables by value, and attributes the forward added are removed."""
     saved = []
     for m in model.modules():
         attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_TABLES}
         contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
-        saved.append((m, attrs, contents))
+        tables = {k: dict(getattr(m, k)) for k in _MODULE_TABLES}
+        saved.append((m, attrs, contents, tables))
     try:
         yield
     finally:
-        for m, attrs, contents in saved:
+        for m, attrs, contents, tables in saved:
             state = vars(m)
             for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
                 del state[k]
@@ -97,6 +100,8 @@ def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
                 now = attrs[k]
                 now.clear()
                 now.extend(before) if isinstance(now, list) else now.update(before)
+            for k, before in tables.items():  # a module shared under two paths can come back re-parametrised
+                getattr(m, k).update(before)
 
 
 def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:

@@ -216,3 +216,28 @@ def test_python_state_written_by_the_forward_is_put_back(warm):
     with torch.no_grad():
         model(x)  # the eager model still runs
     fxprune.testing.assert_equivalent(model, res, (x,))
+
+
+class SharedUnderTwoPaths(nn.Module):
+    """One module reachable under two names (timm CoaT shares its conv position encodings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(self.enc, nn.ReLU()), nn.Conv2d(8, 4, 1)])
+
+    def forward(self, x):
+        return self.blocks[1](self.blocks[0](x))
+
+
+def test_module_shared_under_two_paths_keeps_its_real_parameters():
+    model = SharedUnderTwoPaths().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = {n: p.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert type(p) is nn.Parameter and not isinstance(p.data, torch._subclasses.FakeTensor), name
+        assert torch.equal(p, ref[name])
+    with torch.no_grad():
+        model(x)
+    fxprune.testing.assert_equivalent(model, res, (x,))
