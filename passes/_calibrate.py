@@ -10,6 +10,7 @@ seeded per (layer, batch), so the original and the pruned copy are sampled at th
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,8 @@ def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_b
             u = _patches(m, args[0].detach()).double()
             y = out.detach().double()
             y = y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.flatten(2)  # (N, O) / (N, O, L)
-            gen = torch.Generator().manual_seed(hash((name, step[0])) % (2 ** 31))
+            # zlib.crc32, not hash(): str hashes are salted per process, and runs must be reproducible
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step[0]}".encode()))
             n = torch.randint(u.shape[0], (per_batch,), generator=gen)
             loc = torch.randint(u.shape[-1], (per_batch,), generator=gen)
             ys = y[n] if y.dim() == 2 else y[n, :, loc]

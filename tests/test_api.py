@@ -133,6 +133,7 @@ def test_bad_ratio_and_unknown_pass():
 
 
 def test_untraceable_model_names_the_users_line():
+    """After both front ends (the fast path fails first, then torch.export) the error names the user's line."""
     class Bad(nn.Module):
         def forward(self, x):
             if x.sum() > 0:  # data-dependent control flow

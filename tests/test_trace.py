@@ -157,17 +157,6 @@ def test_falls_back_to_export_where_the_fast_path_cannot_follow(cls):
     assert res.module(x).shape == (3, 4)
 
 
-def test_untraceable_model_still_names_the_users_line_after_both_front_ends():
-    class Bad(nn.Module):
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow
-                return x
-            return -x
-
-    with pytest.raises(fxprune.TraceError, match="test_trace.py"):
-        fxprune.trace(Bad(), (torch.randn(2, 3),))
-
-
 def test_batch_axis_symbolic_only_from_batch_two():
     model = torchvision.models.resnet18().eval()
     sym = lambda gm: [n for n in gm.graph.nodes if n.op == "placeholder"][0].meta["val"].shape[0]  # noqa: E731
