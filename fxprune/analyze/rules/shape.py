@@ -221,7 +221,8 @@ def _link_mixed(ctx: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: l
             stride *= n
         return found
 
-    def carrier(ref: TensorRef, axis: int, stride: int, atoms: list[int], symbolic_atoms: set[int]) -> int | None:
+    def carrier(ref: TensorRef, axis: int, atoms: list[int]) -> int | None:
+        """The axis's outermost real atom that is not the batch (None: it carries no channel here)."""
         if ref is out and axis in avoid:
             return None
         real = [p for p in atoms if atom_size[p] > 1 and p not in symbolic_atoms]
@@ -230,8 +231,8 @@ def _link_mixed(ctx: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: l
     ins, outs = members(a, ia), members(b, jb)
     symbolic_atoms = {p for ref, axes in ((x, ins), (out, outs)) for axis, (_, atoms) in axes.items()
                       if ctx.symbolic(ref, axis) for p in atoms}
-    in_carrier = {i: carrier(x, i, *ins[i], symbolic_atoms) for i in ia}
-    out_carrier = {j: carrier(out, j, *outs[j], symbolic_atoms) for j in jb}
+    in_carrier = {i: carrier(x, i, ins[i][1]) for i in ia}
+    out_carrier = {j: carrier(out, j, outs[j][1]) for j in jb}
     linked_out: set[int] = set()
     for i, atom in in_carrier.items():
         j = next((j for j, c in out_carrier.items() if c is not None and c == atom), None)
