@@ -298,6 +298,19 @@ def _tiny():
 # ----------------------------------------------------------------------------------------------------
 # Workers (one model, one tool, one fresh process)
 # ----------------------------------------------------------------------------------------------------
+def _measured(r: dict[str, Any], run: Any) -> Any:
+    """Run one tool's pruning call, recording wall time, CPU time and peak extra memory in ``r``
+    (the same measurement for both tools); returns what ``run`` returned."""
+    with PeakRSS() as mem:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = run()
+        r["time_s"], r["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    r["peak_extra_bytes"] = mem.extra
+    r["memory_method"] = mem.method
+    _partial(r, "prune")
+    return out
+
+
 def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dict[str, Any]:
     import torch
     import fxprune
@@ -319,13 +332,7 @@ def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dic
         r["status"] = "build failed: " + r["status"]
         return r
     try:
-        with PeakRSS() as mem:
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = fxprune.prune(model, inputs, "l1", ratio)
-            r["time_s"], r["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-        r["peak_extra_bytes"] = mem.extra
-        r["memory_method"] = mem.method
-        _partial(r, "prune")
+        res = _measured(r, lambda: fxprune.prune(model, inputs, "l1", ratio))
     except Exception as exc:  # noqa: BLE001
         r.update(_err(exc))
         try:
@@ -437,16 +444,12 @@ def worker_tp(suite: str, name: str, size: int | None, ratio: float) -> dict[str
         return r
     example = inputs[0] if len(inputs) == 1 else inputs
     try:
-        with PeakRSS() as mem:
-            t0, c0 = time.perf_counter(), time.process_time()
+        def step() -> None:
             pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                                pruning_ratio=ratio, ignored_layers=ignored,
                                                **({"num_heads": heads} if heads else {}))
             pruner.step()
-            r["time_s"], r["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-        r["peak_extra_bytes"] = mem.extra
-        r["memory_method"] = mem.method
-        _partial(r, "prune")
+        _measured(r, step)
     except Exception as exc:  # noqa: BLE001
         r.update(_err(exc))
         return r
