@@ -39,7 +39,6 @@ class Resizer:
         self.table = groups.table
         self.copies = (~np.asarray(removed, dtype=bool)).astype(np.int64) if copies is None \
             else np.asarray(copies, dtype=np.int64)
-        self.removed = self.copies == 0  # bool per component (channel)
         self._kept: dict[SlotKey, np.ndarray | None] = {}
 
     def _key(self, ref: TensorRef | Any, axis: int) -> SlotKey:
