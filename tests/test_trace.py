@@ -1,4 +1,4 @@
-"""The front end: the fast make_fx path gives export's graph contract, and torch.export takes over where it cannot."""
+"""The front ends: the recorder and make_fx give export's graph contract, and the next one takes over where one cannot."""
 import collections
 
 import pytest
@@ -68,14 +68,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("frontend", ["record", "make_fx"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_path_matches_export(case, one_thread):
-    """Same ops, same get_attr names, same outputs (structure and values), same channel groups."""
+def test_quick_front_ends_match_export(case, frontend, one_thread):
+    """Same ops, same get_attr names, same outputs (structure and values), same channel groups. The
+    recorder traces static graphs: compared with export's static graph."""
     model, inputs = CASES[case]()
     model.eval()
-    fast = fxprune.trace(model, inputs)
-    ref = fxprune.trace(model, inputs, fast=False)
-    assert fast.meta[META_FRONTEND] == "make_fx" and ref.meta[META_FRONTEND] == "export"
+    dynamic = frontend != "record"
+    fast = fxprune.trace(model, inputs, frontend=frontend, dynamic_batch=dynamic)
+    ref = fxprune.trace(model, inputs, fast=False, dynamic_batch=dynamic)
+    assert fast.meta[META_FRONTEND] == frontend and ref.meta[META_FRONTEND] == "export"
     assert _ops(fast) == _ops(ref)
     attrs = lambda gm: sorted(n.target for n in gm.graph.nodes if n.op == "get_attr")  # noqa: E731
     assert attrs(fast) == attrs(ref)
@@ -230,3 +233,111 @@ def test_module_shared_under_two_paths_keeps_its_real_parameters():
     with torch.no_grad():
         model(x)
     fxprune.testing.assert_equivalent(model, res, (x,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recorder runs the real model: what a real run would silently specialise or change, it refuses.
+# ----------------------------------------------------------------------------------------------------
+class BranchesOnValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.sum() > 0 else y  # data-dependent control flow
+
+
+class MasksByValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[y > 0]  # a data-dependent output shape
+
+
+class ForcesBatchStats(nn.Module):
+    """Normalises with batch statistics even in eval mode, updating its running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.batch_norm(self.fc(x), self.bn.running_mean, self.bn.running_var, training=True)
+
+
+class NoGradInside(nn.Module):
+    """A frozen branch inside the forward: make_fx records the grad-mode switch, the recorder cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.frozen(x)
+        return self.fc(x) + t
+
+
+@pytest.mark.parametrize("cls", [BranchesOnValues, MasksByValue, ForcesBatchStats, NoGradInside, PlainTensorAttribute,
+                                 CountsCalls, ReassignsBuffer])
+def test_recorder_refuses_what_a_real_run_would_specialise_or_change(cls):
+    from fxprune.trace_fast import Unsupported
+
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(3, 4)
+    x_before = x.clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    with pytest.raises(Unsupported):
+        fxprune.trace(model, (x,), frontend="record", dynamic_batch=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "the model's tensors are untouched"
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert torch.equal(x, x_before)
+    try:
+        gm = fxprune.trace(model, (x,))
+    except fxprune.TraceError:
+        assert cls in (BranchesOnValues, MasksByValue), "only the data-dependent ones are untraceable"
+        return
+    assert gm.meta[META_FRONTEND] in ("make_fx", "export")
+
+
+class WritesIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("idx", torch.tensor([3, 0, 1]))
+
+    def forward(self, x):
+        x.relu_()
+        return self.fc(x)[:, self.idx] * torch.tensor(2.0)  # an integer index and a literal tensor
+
+
+def test_recorder_copies_the_inputs_and_records_literals_and_integer_indexing():
+    model = WritesIntoItsInput().eval()
+    x = torch.randn(1, 4)
+    x_before = x.clone()
+    gm = fxprune.trace(model, (x,))
+    assert gm.meta[META_FRONTEND] == "record"
+    assert torch.equal(x, x_before), "the user's input is not written"
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert {"aten.relu_.default", "aten.index.Tensor", "aten.lift_fresh_copy.default"} <= targets
+    with torch.no_grad():
+        _same_values(gm(x.clone()), model(x.clone()))
+
+
+def test_recorder_traces_a_model_on_the_meta_device():
+    """Weights on meta: the recording runs meta kernels, and plans the same groups as the real model."""
+    real = torchvision.models.resnet18().eval()
+    with torch.device("meta"):
+        meta = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = fxprune.trace(meta, (x,), frontend="record")
+    assert all(n.meta["val"].device.type == "meta" for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor))
+    assert fxprune.analyze(gm).rows() == fxprune.analyze(fxprune.trace(real, (x,))).rows()

@@ -123,31 +123,37 @@ def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
                 raise CompactionError(f"rewriting {node.format_node()} failed: {exc!r}", node.name) from exc
 
 
-def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> nn.Module:
-    root = nn.Module()
+def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module that owns ``path`` under ``root`` (created empty where missing), and the leaf name."""
+    mod = root
+    *parents, leaf = path.split(".")
+    for p in parents:
+        child = mod._modules.get(p)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(p, child)
+        mod = child
+    return mod, leaf
 
-    def parent_of(path: str) -> tuple[nn.Module, str]:
-        mod = root
-        *parents, leaf = path.split(".")
-        for p in parents:
-            child = mod._modules.get(p)
-            if child is None:
-                child = nn.Module()
-                mod.add_module(p, child)
-            mod = child
-        return mod, leaf
 
-    for path, m in sorted(modules.items(), key=lambda kv: kv[0].count(".")):
-        parent, leaf = parent_of(path)
-        parent.add_module(leaf, m)
+def _own(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Register each tensor under its state name, unless a module there already owns one."""
     for name, t in tensors.items():
-        parent, leaf = parent_of(name)
+        parent, leaf = _parent_of(root, name)
         if leaf in parent._parameters or leaf in parent._buffers:
             continue  # already owned by an un-lowered module
         if isinstance(t, nn.Parameter):
             parent.register_parameter(leaf, t)
         else:
             parent.register_buffer(leaf, t)
+
+
+def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> nn.Module:
+    root = nn.Module()
+    for path, m in sorted(modules.items(), key=lambda kv: kv[0].count(".")):
+        parent, leaf = _parent_of(root, path)
+        parent.add_module(leaf, m)
+    _own(root, tensors)
     return root
 
 
@@ -158,14 +164,15 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
     make_device_portable(graph)
     make_dtype_portable(graph)
     root = _build_root(tensors, modules)
+    # dead code goes before the GraphModule compiles the graph (once): BatchNorm/dropout modules are pure
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_module" and n.is_impure())
     out = fx.GraphModule(root, graph, class_name="CompactedModule")
-    out.graph.eliminate_dead_code()
+    _own(out, tensors)  # the GraphModule copied only what the graph reads: tied names and unread buffers too
     out.graph.lint()
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))
     out.meta.update(gm.meta)
-    out.recompile()
     return out.train(training)
 
 
