@@ -116,6 +116,16 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
         h2.remove()
 
 
+def graph_module(root: dict[str, Any], graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule that generates and compiles its Python code on first use (torch's
+    ``_LazyGraphModule``): the analysis only reads the graph, and compiling costs 10-25 ms per trace."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule as cls
+    except ImportError:  # a torch without it: compile now
+        cls = fx.GraphModule
+    return cls(root, graph)
+
+
 def _make_fx_graph() -> fx.Graph | None:
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
@@ -286,6 +296,6 @@ def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch:
     forward_names = _forward_arg_names(model, args, kwargs)
     _name_inputs(traced.graph, _input_names(forward_names, args, kwargs))
     traced.graph._codegen = _get_codegen(in_spec, out_spec[-1], forward_names)
-    gm = fx.GraphModule(owned, traced.graph)
+    gm = graph_module(owned, traced.graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec[-1]
     return gm

@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .trace_fast import (Unsupported, _forward_arg_names, _input_names, _module_stack, _owners, _reader_names,
-                         _state)
+                         _state, graph_module)
 
 __all__ = ["record_trace"]
 
@@ -108,7 +108,8 @@ class _Recorder:
         check = self._check(func, args, kwargs)
         if func in _LIFT:  # torch.tensor(...) in forward: a constant, copied at run time (as make_fx does)
             func, args = aten.lift_fresh_copy.default, (self._constant(args[0]),) + tuple(args[1:])
-        node_args, node_kwargs = pytree.tree_map_only(torch.Tensor, self.node_of, (args, kwargs))
+        node_args = tuple(self._as_arg(a) for a in args)
+        node_kwargs = {k: self._as_arg(v) for k, v in kwargs.items()}
         if check.backend_flag is not None and check.backend_flag < len(node_args):
             node_args = (*node_args[:check.backend_flag], False, *node_args[check.backend_flag + 1:])
         graph = self.graph
@@ -117,6 +118,14 @@ class _Recorder:
         out = func(*args, **kwargs)
         self._track(out, node)
         return out
+
+    def _as_arg(self, x: Any) -> Any:
+        """An op argument as the graph writes it: tensors (also inside lists) as their nodes."""
+        if isinstance(x, torch.Tensor):
+            return self.node_of(x)
+        if type(x) in (list, tuple):
+            return type(x)(self._as_arg(v) for v in x)
+        return x
 
     def _constant(self, t: torch.Tensor) -> torch.Tensor:
         name = f"_tensor_constant{len(self.constants)}"
@@ -271,6 +280,6 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphM
     flat, out_spec = pytree.tree_flatten(out)
     graph.output(tuple(recorder.node_of(x) if isinstance(x, torch.Tensor) else x for x in flat))
     graph._codegen = _get_codegen(in_spec, out_spec, forward_names)
-    gm = fx.GraphModule({**state, **recorder.constants}, graph)
+    gm = graph_module({**state, **recorder.constants}, graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec
     return gm
