@@ -341,3 +341,58 @@ def test_recorder_traces_a_model_on_the_meta_device():
     gm = fxprune.trace(meta, (x,), frontend="record")
     assert all(n.meta["val"].device.type == "meta" for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor))
     assert fxprune.analyze(gm).rows() == fxprune.analyze(fxprune.trace(real, (x,))).rows()
+
+
+class MakesTensorsOnItsDevice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        pos = torch.arange(8, device=x.device, dtype=x.dtype).view(1, 8, 1, 1)
+        y = self.norm(torch.relu(self.conv(x)) + pos)
+        return self.fc(F.layer_norm(y.mean((2, 3)), (8,)))
+
+
+@pytest.mark.parametrize("make", [lambda: (torchvision.models.resnet18(), torch.randn(1, 3, 32, 32)),
+                                  lambda: (MakesTensorsOnItsDevice(), torch.randn(1, 3, 8, 8))])
+def test_recording_on_meta_copies_of_real_weights(make, monkeypatch):
+    """A heavy model is recorded on meta copies: same ops and groups as the real recording, device
+    literals name the real device, the user's weights stay real and untouched, and pruning through
+    that path (verified on meta) is still exactly the masked model."""
+    import fxprune.trace_record as rec
+
+    model, x = make()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = rec.record_trace(model, (x,), {}, on_meta=False)
+    meta = rec.record_trace(model, (x,), {}, on_meta=True)
+    assert meta.meta[rec.META_ON_META] and not real.meta[rec.META_ON_META]
+    assert _ops(meta) == _ops(real)
+    assert fxprune.analyze(meta).rows() == fxprune.analyze(real).rows()
+    devices = {v for n in meta.graph.nodes for v in list(n.args) + list(n.kwargs.values()) if isinstance(v, torch.device)}
+    assert devices <= {torch.device("cpu")}
+    with torch.no_grad():
+        _same_values(meta(x), model(x))
+    assert all(v.device.type == "cpu" and torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monkeypatch.setattr(rec, "HEAVY_MACS", 0)  # every model is heavy now: prune records and verifies on meta
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert res.groups.gm.meta[rec.META_ON_META]
+    fxprune.testing.assert_equivalent(model, res, (x,))
+
+
+def test_meta_normalisations_check_their_shapes():
+    from fxprune.trace_record import norm_output
+
+    x = torch.empty(2, 8, 4, 4, device="meta")
+    w = torch.empty(8, device="meta")
+    assert norm_output(torch.ops.aten.batch_norm.default, (x, w, w, w, w)).shape == x.shape
+    assert norm_output(torch.ops.aten.layer_norm.default, (x, [4], torch.empty(4, device="meta"))).shape == x.shape
+    with pytest.raises(RuntimeError):
+        norm_output(torch.ops.aten.batch_norm.default, (x, torch.empty(6, device="meta"), None, None, None))
+    with pytest.raises(RuntimeError):
+        norm_output(torch.ops.aten.group_norm.default, (x, 3, w, w))
+    with pytest.raises(RuntimeError):
+        norm_output(torch.ops.aten.layer_norm.default, (x, [8]))

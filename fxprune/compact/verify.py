@@ -1,17 +1,19 @@
 """The verifier after every rewrite: run the compacted graph once on the example inputs (on the meta
-device when the weights are there: shapes only) and check that each node has exactly the shape the
-plan predicts."""
+device when the weights are there, or when the trace ran on meta because a real forward looked
+expensive: shapes only) and check that each node has exactly the shape the plan predicts."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..analyze.couple import TensorRef
 from ..analyze.slots import tensor_values
 from ..trace import META_INPUTS
+from ..trace_record import _SHAPE_OF_INPUT, META_ON_META, norm_output
 from .resize import Resizer
 
 __all__ = ["verify_shapes"]
@@ -48,6 +50,9 @@ class _MetaRun(_ShapeRun):
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr_module(target)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not kwargs:
+            return norm_output(torch.ops.aten.batch_norm.default,
+                               (args[0], mod.weight, mod.bias, mod.running_mean, mod.running_var))
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         return torch.func.functional_call(mod, state, args, kwargs)
 
@@ -56,6 +61,8 @@ class _MetaRun(_ShapeRun):
         args, kwargs = pytree.tree_map(_meta, (args, kwargs))
         if "device" in kwargs:
             kwargs = {**kwargs, "device": torch.device("meta")}
+        if target in _SHAPE_OF_INPUT and not kwargs:
+            return norm_output(target, args)
         return target(*args, **kwargs)
 
     def fetch_attr_module(self, target: str) -> torch.nn.Module:
@@ -69,7 +76,7 @@ def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) 
         return  # an input structure we cannot replay; the equivalence tests cover these
     tensors = [t for t in list(gm.parameters()) + list(gm.buffers())] + \
         [x for x in leaves if isinstance(x, torch.Tensor)]
-    real = all(t.device.type != "meta" for t in tensors)
+    real = all(t.device.type != "meta" for t in tensors) and not gm.meta.get(META_ON_META)
     run = _ShapeRun(gm) if real else _MetaRun(gm)
     if not real:
         leaves = [_meta(x) for x in leaves]
