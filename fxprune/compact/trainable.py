@@ -40,9 +40,10 @@ def _batch_norm(node: fx.Node, tensors: dict[str, torch.Tensor], modules: dict[s
     ref = next(t for t in (w, rm) if t is not None) if (w is not None or rm is not None) else None
     if ref is None:
         return None
+    # built empty (no tensors to allocate and initialise), then given the sliced ones
     bn = _BN.get(x.dim(), nn.BatchNorm2d)(ref.shape[0], eps=b["eps"], momentum=b["momentum"],
-                                          affine=w is not None, track_running_stats=rm is not None,
-                                          device="meta")
+                                          affine=False, track_running_stats=False)
+    bn.affine, bn.track_running_stats = w is not None, rm is not None
     if w is not None:
         bn.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w)
     if bias is not None:
