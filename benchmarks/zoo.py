@@ -658,6 +658,16 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return float(slope), float(icpt), 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
 
 
+def least_squares(columns: list[list[float]], ys: list[float]) -> tuple[list[float], float]:
+    """y ~ c0 + c1 x1 + c2 x2 + ...: the coefficients (intercept first) and R^2."""
+    import numpy as np
+    y = np.asarray(ys, float)
+    x = np.column_stack([np.ones_like(y)] + [np.asarray(c, float) for c in columns])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    ss_res, ss_tot = float(((y - x @ coef) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    return [float(c) for c in coef], 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+
+
 def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     fx_ok = [r for r in runs if r["fxprune"].get("status") in ("ok", "inexact")]
     tp_ok = [r for r in fx_ok if (r.get("tp") or {}).get("status") == "ok"]
@@ -680,6 +690,12 @@ def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if len(timed) >= 3:
             slope, icpt, r2 = linear_fit([r["fxprune"]["nodes"] for r in timed], [r["fxprune"][key] for r in timed])
             t[label].update(fit_n=len(timed), fit_ms_per_node=slope * 1e3, fit_intercept_s=icpt, fit_r2=r2)
+            # time also grows with the bytes of weights sliced and copied: nodes and GB together
+            coef, r2b = least_squares([[r["fxprune"]["nodes"] for r in timed],
+                                       [r["fxprune"].get("param_bytes", 0) / 1e9 for r in timed]],
+                                      [r["fxprune"][key] for r in timed])
+            t[label].update(fit2_intercept_s=coef[0], fit2_ms_per_node=coef[1] * 1e3, fit2_s_per_gb=coef[2],
+                            fit2_r2=r2b)
     t["tp_timeouts"] = [r["model"] for r in runs if (r.get("tp") or {}).get("status", "").startswith("timeout")]
     mem = sorted(((r["fxprune"]["peak_extra_bytes"] / r["fxprune"]["param_bytes"], r["model"]) for r in fx_ok
                   if r["fxprune"].get("peak_extra_bytes") is not None and r["fxprune"].get("param_bytes")),
@@ -716,6 +732,10 @@ def summary(runs: list[dict[str, Any]]) -> str:
             out.append(f"  - fxprune {what} vs traced-graph nodes ({s['fit_n']} models): "
                        f"{s['fit_ms_per_node']:.3f} ms/node, intercept {s['fit_intercept_s']:.2f} s, "
                        f"R^2 = {s['fit_r2']:.3f}")
+        if "fit2_r2" in s:
+            out.append(f"  - fxprune {what} vs nodes and parameter bytes together: {s['fit2_ms_per_node']:.3f} ms/node "
+                       f"+ {s['fit2_s_per_gb']:.2f} s/GB, intercept {s['fit2_intercept_s']:.2f} s, "
+                       f"R^2 = {s['fit2_r2']:.3f}")
     if t["tp_timeouts"]:
         out.append(f"- Torch-Pruning timed out on: {', '.join(t['tp_timeouts'])}")
     if "mem_worst_x" in t:
