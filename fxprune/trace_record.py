@@ -209,11 +209,10 @@ class _Recorder:
         check = self.checks.get(func)
         if check is None:
             check = self.checks[func] = _OpCheck(func)
-        if not self.meta:
-            if check.data_dependent:
-                raise Unsupported(f"{func} reads tensor values (data-dependent)")
-            if check.dynamic_shape and not _integer_index(func, args):
-                raise Unsupported(f"{func} has a data-dependent output shape")
+        if check.data_dependent:  # (on meta these would fail anyway: the same message either way)
+            raise Unsupported(f"{func} reads tensor values (data-dependent)")
+        if check.dynamic_shape and not _integer_index(func, args):
+            raise Unsupported(f"{func} has a data-dependent output shape")
         for i in check.writes:
             value = args[i] if i < len(args) else kwargs.get(check.names[i])
             if self._is_state(value):
