@@ -15,7 +15,8 @@ with the real device, and normalisations are shaped, not run (their meta kernels
 
 It only records a static graph, and it refuses (raises ``Unsupported``; ``fxprune.trace`` then
 uses make_fx, then torch.export) whatever a real run would silently specialise or change:
-  * values read out of tensors (``.item()``, ``bool(t)``, ``nonzero``, boolean masks): data-dependent;
+  * values read out of tensors (``.item()``, ``bool(t)``, ``.tolist()``, ``.numpy()``, ``nonzero``,
+    boolean masks): data-dependent;
   * writes into a parameter or buffer, or a forward that reassigns one: a state update;
   * a tensor no recorded op produced (a plain tensor attribute, a cached tensor): a constant;
   * a forward that switches gradients or autocast off or on inside: make_fx records those switches.
@@ -254,6 +255,32 @@ def _mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+_VALUE_READERS = ("tolist", "numpy")  # Tensor methods that read values without going through the dispatcher
+
+
+@contextlib.contextmanager
+def _values_unreadable() -> Iterator[None]:
+    """``Tensor.tolist()`` and ``Tensor.numpy()`` (so ``np.asarray(t)`` too) read a tensor's values in C++,
+    past the dispatcher, where the recording cannot see them: for the trace they raise ``Unsupported``
+    (class attributes shadowed, put back after; process-wide for the duration, like the flags above)."""
+    def refuse(name: str) -> Any:
+        def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            raise Unsupported(f"Tensor.{name}() reads tensor values (data-dependent)")
+        return method
+
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _VALUE_READERS}
+    for name in _VALUE_READERS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            if before is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, before)
+
+
 @contextlib.contextmanager
 def _no_param_grads(state: dict[str, torch.Tensor]) -> Iterator[None]:
     """``requires_grad`` off on the model's tensors for the trace (so that it can run with gradients on
@@ -346,7 +373,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     # their traceable paths (Hugging Face skips its data-dependent mask shortcuts)
     with _module_stack(model, lambda: graph), weights, _mha_fastpath_off(), torch.enable_grad(), \
             _compiling_state_context():
-        with enable_python_dispatcher(), _Mode(recorder):
+        with _values_unreadable(), enable_python_dispatcher(), _Mode(recorder):
             out = model(*run_args, **run_kwargs)
         _check_state_kept(owners, run_state)
     flat, out_spec = pytree.tree_flatten(out)

@@ -1,6 +1,8 @@
 """The front ends: the recorder and make_fx give export's graph contract, and the next one takes over where one cannot."""
 import collections
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -284,8 +286,26 @@ class NoGradInside(nn.Module):
         return self.fc(x) + t
 
 
+class ReadsValuesPastTheDispatcher(nn.Module):
+    """``tolist()`` / ``numpy()`` read values in C++ without an ATen call the recording could see."""
+
+    def __init__(self, read=lambda v: v.tolist()):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.read = read
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[:, :max(int(self.read((y > 0).sum())), 1)]
+
+
+class ReadsValuesThroughNumpy(ReadsValuesPastTheDispatcher):
+    def __init__(self):
+        super().__init__(read=lambda v: np.asarray(v))
+
+
 @pytest.mark.parametrize("cls", [BranchesOnValues, MasksByValue, ForcesBatchStats, NoGradInside, PlainTensorAttribute,
-                                 CountsCalls, ReassignsBuffer])
+                                 CountsCalls, ReassignsBuffer, ReadsValuesPastTheDispatcher, ReadsValuesThroughNumpy])
 def test_recorder_refuses_what_a_real_run_would_specialise_or_change(cls):
     from fxprune.trace_fast import Unsupported
 
@@ -300,10 +320,12 @@ def test_recorder_refuses_what_a_real_run_would_specialise_or_change(cls):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "the model's tensors are untouched"
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
     assert torch.equal(x, x_before)
+    assert "tolist" not in torch.Tensor.__dict__ and torch.randn(2).tolist(), "Tensor methods are put back"
     try:
         gm = fxprune.trace(model, (x,))
     except fxprune.TraceError:
-        assert cls in (BranchesOnValues, MasksByValue), "only the data-dependent ones are untraceable"
+        assert cls in (BranchesOnValues, MasksByValue, ReadsValuesPastTheDispatcher, ReadsValuesThroughNumpy), \
+            "only the data-dependent ones are untraceable"
         return
     assert gm.meta[META_FRONTEND] in ("make_fx", "export")
 
