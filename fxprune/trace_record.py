@@ -38,8 +38,8 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .trace_fast import (Unsupported, _forward_arg_names, _input_names, _module_stack, _owners, _reader_names,
-                         _state, graph_module)
+from .trace_fast import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
+                         _reader_names, _state, graph_module)
 
 __all__ = ["record_trace", "norm_output", "META_ON_META"]
 
@@ -317,12 +317,6 @@ def _heavy(state: dict[str, torch.Tensor], leaves: list[Any]) -> bool:
     positions = max((x.numel() // (1 if not x.is_floating_point() else 256)
                      for x in leaves if isinstance(x, torch.Tensor)), default=1)
     return weights * max(positions, 1) >= HEAVY_MACS
-
-
-def _check_state_kept(owners: list[tuple[str, dict[str, Any], str]], state: dict[str, torch.Tensor]) -> None:
-    for name, table, leaf in owners:
-        if table.get(leaf) is not state[name]:
-            raise Unsupported(f"forward reassigns {name}")
 
 
 def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: bool | None = None) -> fx.GraphModule:
