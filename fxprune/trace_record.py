@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .trace_fast import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
                          _reader_names, _state, graph_module)
 
-__all__ = ["record_trace", "norm_output", "META_ON_META"]
+__all__ = ["record_trace", "norm_output", "META_ON_META", "SHAPE_OF_INPUT"]
 
 META_ON_META = "fxprune.recorded_on_meta"  # GraphModule.meta: True when recorded on meta copies of real weights
 
@@ -54,12 +54,12 @@ _UPDATES_STATS = {aten.batch_norm.default: (5, (3, 4)), aten.instance_norm.defau
 
 # Normalisations: on meta their output (the input's shape and dtype) is made, not computed: their meta
 # kernels run Python reference code, 1-3 ms each. op -> (positions of weight-like arguments).
-_SHAPE_OF_INPUT = {aten.batch_norm.default: (1, 2, 3, 4), aten.instance_norm.default: (1, 2, 3, 4),
+SHAPE_OF_INPUT = {aten.batch_norm.default: (1, 2, 3, 4), aten.instance_norm.default: (1, 2, 3, 4),
                    aten.group_norm.default: (2, 3), aten.layer_norm.default: (2, 3)}
 
 
 def norm_output(func: Any, args: tuple) -> torch.Tensor:
-    """The output of a normalisation in ``_SHAPE_OF_INPUT`` on meta tensors, after the shape checks its
+    """The output of a normalisation in ``SHAPE_OF_INPUT`` on meta tensors, after the shape checks its
     kernel makes: per-channel tensors match axis 1 (layer norm: the normalised trailing shape)."""
     x = args[0]
     if func is aten.layer_norm.default:
@@ -70,7 +70,7 @@ def norm_output(func: Any, args: tuple) -> torch.Tensor:
         want = (x.shape[1],)
         if func is aten.group_norm.default and x.shape[1] % args[1]:
             raise RuntimeError(f"group_norm: {x.shape[1]} channels in {args[1]} groups")
-    for i in _SHAPE_OF_INPUT[func]:
+    for i in SHAPE_OF_INPUT[func]:
         w = args[i] if i < len(args) else None
         if isinstance(w, torch.Tensor) and tuple(w.shape) != want and w.numel() != (x.shape[1] if len(want) == 1 else -1):
             raise RuntimeError(f"{func}: a per-channel tensor of shape {tuple(w.shape)} for {want}")
@@ -160,7 +160,7 @@ class _Recorder:
         graph = self.graph
         node = graph.create_node("call_function", func, node_args, node_kwargs,
                                  name=graph._target_to_str(func.overloadpacket.__name__))
-        if self.meta and func in _SHAPE_OF_INPUT:
+        if self.meta and func in SHAPE_OF_INPUT:
             out = norm_output(func, args)
         else:
             out = func(*args, **kwargs)

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from ..analyze.couple import TensorRef
 from ..analyze.slots import tensor_values
 from ..trace import META_INPUTS
-from ..trace_record import _SHAPE_OF_INPUT, META_ON_META, norm_output
+from ..trace_record import SHAPE_OF_INPUT, META_ON_META, norm_output
 from .resize import Resizer
 
 __all__ = ["verify_shapes"]
@@ -61,7 +61,7 @@ class _MetaRun(_ShapeRun):
         args, kwargs = pytree.tree_map(_meta, (args, kwargs))
         if "device" in kwargs:
             kwargs = {**kwargs, "device": torch.device("meta")}
-        if target in _SHAPE_OF_INPUT and not kwargs:
+        if target in SHAPE_OF_INPUT and not kwargs:
             return norm_output(target, args)
         return target(*args, **kwargs)
 
