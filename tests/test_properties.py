@@ -9,6 +9,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.analyze import UnsupportedOpWarning
+from fxprune.analyze import UnsupportedOpWarning, couple_graph
+from fxprune.analyze import _components as contracted_components
 from fxprune.testing import assert_equivalent
 
 WIDTHS = (2, 4, 6, 8, 12, 16)
@@ -194,3 +196,37 @@ def test_ratio_zero_is_identity(spec: Spec) -> None:
     got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert n_params(res.module) == n_params(model)
+
+
+def _by_first_element(labels: np.ndarray) -> np.ndarray:
+    """A partition written canonically: each element labelled by the first element of its component."""
+    first = np.full(int(labels.max()) + 1, len(labels))
+    np.minimum.at(first, labels, np.arange(len(labels)))
+    return first[labels]
+
+
+def _element_components(ctx) -> np.ndarray:
+    """The definition: every link, whole-axis identity links included, expanded to element pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    t = ctx.table
+    ranges = [np.arange(t.offsets[i], t.offsets[i] + t.sizes[i]) for pair in ctx.same for i in pair]
+    a = np.concatenate(list(ctx.edges_a) + ranges[0::2] + [np.zeros(0, np.int64)])
+    b = np.concatenate(list(ctx.edges_b) + ranges[1::2] + [np.zeros(0, np.int64)])
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(t.total, t.total))
+    return connected_components(graph, directed=False)[1]
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(spec=specs())
+def test_contracted_components_equal_element_components(spec: Spec) -> None:
+    """The analysis contracts whole-axis identity links per slot before expanding the rest to
+    elements; the channels it finds are exactly those of linking every element."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = couple_graph(fxprune.trace(Net(spec).eval(), INPUTS))
+    assert ctx.same  # the contraction has something to do
+    got = contracted_components(ctx)
+    assert len(got) == ctx.table.total
+    assert np.array_equal(_by_first_element(got), _by_first_element(_element_components(ctx)))

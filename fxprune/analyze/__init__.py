@@ -83,14 +83,43 @@ def couple_graph(gm: fx.GraphModule) -> Coupler:
 
 
 def _components(ctx: Coupler) -> np.ndarray:
-    n = ctx.table.total
-    if not ctx.edges_a:
-        return np.arange(n, dtype=np.int64)
-    a = np.concatenate(ctx.edges_a)
-    b = np.concatenate(ctx.edges_b)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
-    _, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64)
+    """The component (channel) label of every element id.
+
+    Whole-axis identity links (``ctx.same``) are contracted first, per slot: each class of identical
+    slots is represented by its first slot, so only the other links are expanded to element pairs, on
+    the representatives' elements. Same labels as linking every element, at a tenth of the edges."""
+    t = ctx.table
+    nslots = len(t.keys)
+    offsets = np.asarray(t.offsets, dtype=np.int64)
+    sizes = np.asarray(t.sizes, dtype=np.int64)
+    rep = _first_of_class(nslots, ctx.same)
+    is_rep = rep == np.arange(nslots)
+    compact_off = np.cumsum(np.where(is_rep, sizes, 0)) - np.where(is_rep, sizes, 0)
+    shift = compact_off[rep] - offsets  # element e of slot s -> e + shift[s] among the representatives'
+    n = int(sizes[is_rep].sum())
+    if ctx.edges_a:
+        a = np.concatenate(ctx.edges_a)
+        b = np.concatenate(ctx.edges_b)
+        a += shift[np.searchsorted(offsets, a, side="right") - 1]
+        b += shift[np.searchsorted(offsets, b, side="right") - 1]
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+        del a, b
+        _, small = connected_components(graph, directed=False)
+    else:
+        small = np.arange(n)
+    return small.astype(np.int64)[np.arange(t.total, dtype=np.int64) + np.repeat(shift, sizes)]
+
+
+def _first_of_class(nslots: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """For each slot, the lowest slot index it is identity-linked to (itself when none)."""
+    if not pairs:
+        return np.arange(nslots, dtype=np.int64)
+    p = np.asarray(pairs, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(p), dtype=np.int8), (p[:, 0], p[:, 1])), shape=(nslots, nslots)).tocsr()
+    _, cls = connected_components(graph, directed=False)
+    first = np.full(int(cls.max()) + 1, nslots, dtype=np.int64)
+    np.minimum.at(first, cls, np.arange(nslots, dtype=np.int64))
+    return first[cls]
 
 
 def analyze(gm: fx.GraphModule, *, allow_inexact: bool = False) -> ChannelGroups:
@@ -101,4 +130,6 @@ def analyze(gm: fx.GraphModule, *, allow_inexact: bool = False) -> ChannelGroups
     compaction is then exactly equivalent to the masked model.
     """
     ctx = couple_graph(gm)
-    return ChannelGroups(gm, ctx, _components(ctx), allow_inexact)
+    labels = _components(ctx)
+    ctx.edges_a, ctx.edges_b, ctx.same = [], [], []  # no reader after this: not kept with the groups
+    return ChannelGroups(gm, ctx, labels, allow_inexact)

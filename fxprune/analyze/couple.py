@@ -63,6 +63,9 @@ class Coupler:
     table: SlotTable
     edges_a: list[np.ndarray] = field(default_factory=list)
     edges_b: list[np.ndarray] = field(default_factory=list)
+    # whole-axis identity links (slot index pairs of equal size): nine in ten links of a typical graph,
+    # kept as pairs and contracted before the element-level components (no element arrays for them)
+    same: list[tuple[int, int]] = field(default_factory=list)
     frozen: dict[SlotKey, str] = field(default_factory=dict)
     frozen_elements: list[tuple[np.ndarray, str]] = field(default_factory=list)
     inexact: dict[SlotKey, str] = field(default_factory=dict)
@@ -104,7 +107,8 @@ class Coupler:
         kx, ky = rx.key(ax), ry.key(ay)
         sx, sy = self.table.size(kx), self.table.size(ky)
         if sx == sy:
-            self.link(self.table.elements(kx), self.table.elements(ky))
+            if sx:
+                self.same.append((self.table.index[kx], self.table.index[ky]))
         elif sx != 1 and sy != 1:
             self.freeze(rx, ax, "size mismatch")
             self.freeze(ry, ay, "size mismatch")
