@@ -27,6 +27,7 @@ from torch.export import Dim
 from .compact import as_trainable
 from .compact.plan import Plan
 from .trace import normalize_inputs
+from .trace_fast import compiled
 
 __all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
            "staging_folder", "check_target", "OutputExistsError", "MODEL", "ORIGINAL", "WEIGHTS", "PLAN"]
@@ -52,6 +53,7 @@ def _batch_axis(x: Any) -> Any:
 def export_program(module: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
     """``module`` in eval mode as an ExportedProgram, with a dynamic batch axis where the model allows one."""
     args, kwargs = normalize_inputs(example_inputs)
+    compiled(module)  # export binds keyword inputs to the forward's signature
     was_training = module.training
     module.eval()
     try:

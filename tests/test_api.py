@@ -164,3 +164,35 @@ def test_model_in_train_mode_batch_one_keeps_its_running_statistics():
     kept = res.plan["b1.running_mean"][0]
     torch.testing.assert_close(res.module.state_dict()["b1.running_mean"], model.b1.running_mean[kept], rtol=0, atol=0)
     assert int(res.module.state_dict()["b1.num_batches_tracked"]) == int(model.b1.num_batches_tracked) == 0
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, image, scale):
+        return self.net(image) * scale
+
+
+def test_compacted_module_compiles_on_first_use_and_keeps_its_signature():
+    """The compacted GraphModule generates its Python code on first use; what reads its forward's
+    signature first (tracing it again, exporting it) sees the real parameter names, not *args/**kwargs."""
+    import inspect
+
+    from fxprune.artifacts import export_program
+
+    model = KeywordNet().eval()
+    inputs = (torch.randn(1, 3, 8, 8), torch.rand(1, 10))
+    res = fxprune.prune(model, inputs, "l1", 0.5)
+    again = fxprune.prune(res.module, inputs, "l1", 0.5)  # traced before it ever ran
+    assert list(inspect.signature(res.module.forward).parameters) == ["image", "scale"]
+    assert [n.target for n in again.groups.gm.graph.nodes if n.op == "placeholder"] == ["image", "scale"]
+    assert_equivalent(res.module, again, inputs)
+    fresh = fxprune.prune(model, inputs, "l1", 0.5).module
+    ep = export_program(fresh, inputs)  # exported before it ever ran
+    assert [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == ["image", "scale"]
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(*inputs), fresh(*inputs))
+        torch.testing.assert_close(fresh(*inputs), masked_model(model, res.plan)(*inputs))
+    assert "def forward(self, image, scale)" in fresh.code

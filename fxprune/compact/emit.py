@@ -19,6 +19,7 @@ from torch import nn
 
 from ..analyze.rules import IGNORED, RULES
 from ..analyze.slots import tensor_values
+from ..trace_fast import lazy_graph_module
 from .plan import Plan, slice_tensor
 from .resize import Resizer
 from .portable import make_device_portable, make_dtype_portable
@@ -166,7 +167,7 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
     root = _build_root(tensors, modules)
     # dead code goes before the GraphModule compiles the graph (once): BatchNorm/dropout modules are pure
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_module" and n.is_impure())
-    out = fx.GraphModule(root, graph, class_name="CompactedModule")
+    out = lazy_graph_module(root, graph, class_name="CompactedModule")
     _own(out, tensors)  # the GraphModule copied only what the graph reads: tied names and unread buffers too
     out.graph.lint()
     for attr in ("_in_spec", "_out_spec"):
