@@ -175,8 +175,11 @@ class _Recorder:
                                  name=graph._target_to_str(func.overloadpacket.__name__))
         if self.meta and func in SHAPE_OF_INPUT:
             out = norm_output(func, args)
-        else:
+        elif self.meta:
             out = func(*args, **kwargs)
+        else:  # a real kernel: torch's own C++ dispatch, not the Python dispatcher the recording needs
+            with torch._C._DisablePythonDispatcher():
+                out = func(*args, **kwargs)
         self._track(out, node)
         return out
 
