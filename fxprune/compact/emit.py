@@ -51,12 +51,6 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
-    mod_path, _, name = target.rpartition(".")
-    mod = gm.get_submodule(mod_path) if mod_path else gm
-    return name in mod._parameters
-
-
 def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
                     weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every get_attr target, sliced (or cloned), as a Parameter where the original was one.
@@ -66,12 +60,14 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
     out: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     alive: list[object] = []  # replacement Parameters stay referenced, so their ids are never reused
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    state = {**params, **dict(gm.named_buffers(remove_duplicate=False))}  # one walk, not one per name
     # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
     attrs = sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users)
     for node in attrs:
         if node.target in out:
             continue
-        orig = _fetch(gm, node.target)
+        orig = state[node.target] if node.target in state else _fetch(gm, node.target)
         if weights and node.target in weights:
             new = weights[node.target]
             if not isinstance(orig, torch.Tensor) or new.shape != orig.shape:
@@ -85,7 +81,7 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
         t = by_id.get(id(orig))
         if t is None:
             t = slice_tensor(plan.get(node.target), orig.detach())
-            if _is_parameter(gm, node.target):
+            if node.target in params:
                 t = nn.Parameter(t, requires_grad=orig.requires_grad)
             by_id[id(orig)] = t
         elif node.users and plan.get(node.target) != plan.get(next(k for k, v in out.items() if v is t)):

@@ -8,6 +8,7 @@ its reshaped (heads, dim) form consistent, and concat blocks and split ranges co
 rewrite (sizes, slice bounds, group counts) is the same code for shrinking and growing."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -49,34 +50,33 @@ class Resizer:
         if key not in self._kept:
             t = self.table
             i = t.index.get(key)
-            if i is None:
+            if i is None or not self._changed_per_slot[i]:
                 self._kept[key] = None
             else:
                 labels = self.groups.labels[t.offsets[i]:t.offsets[i] + t.sizes[i]]
                 count = self.copies[labels]
-                if (count == 1).all():
-                    self._kept[key] = None
-                elif count.max() <= 1:  # pruning
+                if count.max() <= 1:  # pruning
                     self._kept[key] = np.flatnonzero(count)
                 else:
                     self._kept[key] = _repeat_runs(labels, count)
         return self._kept[key]
 
+    @functools.cached_property
+    def _changed_per_slot(self) -> np.ndarray:
+        """For each slot, how many of its positions lose or gain copies (one pass over every element)."""
+        t = self.table
+        changed = self.copies[self.groups.labels] != 1
+        starts = np.asarray(t.offsets, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
+        return cum[starts + np.asarray(t.sizes, dtype=np.int64)] - cum[starts]
+
+    @functools.cached_property
+    def _changed_nodes(self) -> set[str]:
+        return {key[0] for key, n in zip(self.table.keys, self._changed_per_slot.tolist()) if n}
+
     def touches(self, node_name: str, inputs: list[str]) -> bool:
         """Does anything shrink on the node's outputs or inputs? (Untouched nodes need no rewrite.)"""
-        names = {node_name, *inputs}
-        if not hasattr(self, "_changed_nodes"):
-            t = self.table
-            changed = self.copies[self.groups.labels] != 1
-            self._changed_nodes = set()
-            starts = np.asarray(t.offsets)
-            sizes = np.asarray(t.sizes)
-            cum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
-            changed_per_slot = cum[starts + sizes] - cum[starts]
-            for key, n in zip(t.keys, changed_per_slot.tolist()):
-                if n:
-                    self._changed_nodes.add(key[0])
-        return bool(names & self._changed_nodes)
+        return node_name in self._changed_nodes or any(n in self._changed_nodes for n in inputs)
 
     def kept(self, ref: TensorRef, axis: int) -> np.ndarray | None:
         return self.kept_slot(self._key(ref, axis))
