@@ -40,7 +40,9 @@ Status: ``ok``; ``inexact`` (max rel err > 1e-6); ``ErrorClass: message`` when a
 ``timeout (after prune)`` (the worker, which also builds the model and runs the checks, ran out of time; what
 it had measured is kept);
 ``crash`` when the worker died. Torch-Pruning is ``ok`` only if the pruned model still runs and returns
-outputs of the original shapes.
+outputs of the original shapes. A Torch-Pruning run that removed nothing (parameters and MACs unchanged, e.g.
+GPT-2, whose ``Conv1D`` layers it does not know) did not do the same job: the summary lists it and leaves it out
+of the time comparison.
 """
 from __future__ import annotations
 
@@ -670,7 +672,9 @@ def least_squares(columns: list[list[float]], ys: list[float]) -> tuple[list[flo
 
 def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     fx_ok = [r for r in runs if r["fxprune"].get("status") in ("ok", "inexact")]
-    tp_ok = [r for r in fx_ok if (r.get("tp") or {}).get("status") == "ok"]
+    tp_ran = [r for r in fx_ok if (r.get("tp") or {}).get("status") == "ok"]
+    # a Torch-Pruning run that removed nothing did not do the same job: its time is not compared
+    tp_ok = [r for r in tp_ran if not _tp_pruned_nothing(r)]
     t: dict[str, Any] = {"models": len(runs), "fxprune_ok": sum(r["fxprune"].get("status") == "ok" for r in runs),
                          "fxprune_inexact": sum(r["fxprune"].get("status") == "inexact" for r in runs),
                          "fxprune_failed": len(runs) - len(fx_ok),
@@ -696,6 +700,8 @@ def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                       [r["fxprune"][key] for r in timed])
             t[label].update(fit2_intercept_s=coef[0], fit2_ms_per_node=coef[1] * 1e3, fit2_s_per_gb=coef[2],
                             fit2_r2=r2b)
+    t["tp_pruned_nothing"] = [f"{r['model']} ({r['tp'].get('cpu_s', 0):.2f} s against fxprune's "
+                              f"{r['fxprune'].get('cpu_s', 0):.2f} s)" for r in tp_ran if _tp_pruned_nothing(r)]
     t["tp_timeouts"] = [r["model"] for r in runs if (r.get("tp") or {}).get("status", "").startswith("timeout")]
     mem = sorted(((r["fxprune"]["peak_extra_bytes"] / r["fxprune"]["param_bytes"], r["model"]) for r in fx_ok
                   if r["fxprune"].get("peak_extra_bytes") is not None and r["fxprune"].get("param_bytes")),
@@ -704,6 +710,12 @@ def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         t.update(mem_worst_x=mem[0], mem_median_x=mem[len(mem) // 2][0],
                  mem_over_2x=[f"{m} ({q:.2f}x)" for q, m in mem if q > 2])
     return t
+
+
+def _tp_pruned_nothing(r: dict[str, Any]) -> bool:
+    tp = r.get("tp") or {}
+    return tp.get("params_after") is not None and tp.get("params_after") == r["fxprune"].get("params_before") \
+        and tp.get("macs_after") == r["fxprune"].get("macs_before")
 
 
 def markdown(runs: list[dict[str, Any]], title: str = "") -> str:
@@ -736,6 +748,9 @@ def summary(runs: list[dict[str, Any]]) -> str:
             out.append(f"  - fxprune {what} vs nodes and parameter bytes together: {s['fit2_ms_per_node']:.3f} ms/node "
                        f"+ {s['fit2_s_per_gb']:.2f} s/GB, intercept {s['fit2_intercept_s']:.2f} s, "
                        f"R^2 = {s['fit2_r2']:.3f}")
+    if t["tp_pruned_nothing"]:
+        out.append(f"- Torch-Pruning ran but removed nothing (same parameters and MACs; not in the time "
+                   f"comparison) on: {', '.join(t['tp_pruned_nothing'])}")
     if t["tp_timeouts"]:
         out.append(f"- Torch-Pruning timed out on: {', '.join(t['tp_timeouts'])}")
     if "mem_worst_x" in t:
