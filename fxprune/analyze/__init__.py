@@ -17,7 +17,7 @@ from scipy.sparse.csgraph import connected_components
 from .couple import Coupler, TensorRef, UnsupportedOpWarning, as_ref
 from .groups import ChannelGroups, Group, ParamSlot
 from .rules import IGNORED, RULES
-from .slots import SlotTable, tensor_values
+from .slots import SlotTable, index_dtype, tensor_values
 
 __all__ = ["analyze", "couple_graph", "ChannelGroups", "Group", "ParamSlot", "UnsupportedOpWarning"]
 
@@ -107,7 +107,10 @@ def _components(ctx: Coupler) -> np.ndarray:
         _, small = connected_components(graph, directed=False)
     else:
         small = np.arange(n)
-    return small.astype(np.int64)[np.arange(t.total, dtype=np.int64) + np.repeat(shift, sizes)]
+    ids = index_dtype(max(t.total, n))
+    where = np.repeat(shift.astype(ids), sizes)  # element -> its position among the representatives' elements
+    where += np.arange(t.total, dtype=ids)
+    return small.astype(index_dtype(n), copy=False)[where]
 
 
 def _first_of_class(nslots: int, pairs: list[tuple[int, int]]) -> np.ndarray:

@@ -93,23 +93,27 @@ class ChannelGroups:
         frozen_el = frozen_s[slot_of]
         for ids, _ in ctx.frozen_elements:
             frozen_el[ids] = True
-        comp_frozen = np.bincount(labels, weights=frozen_el, minlength=ncomp) > 0
-        comp_inexact = np.bincount(labels, weights=inexact_s[slot_of], minlength=ncomp) > 0
-        comp_param = np.bincount(labels, weights=param_s[slot_of], minlength=ncomp) > 0
-        comp_role = np.bincount(labels, weights=role_s[slot_of], minlength=ncomp) > 0
+        comp_frozen = _any_per_component(labels, frozen_el, ncomp)
+        del frozen_el
+        comp_inexact, comp_param, comp_role = (_any_per_component(labels, flag[slot_of], ncomp)
+                                               for flag in (inexact_s, param_s, role_s))
         # Signature of a component = the set of slots it touches (hashed), so parallel channels group.
-        pairs = np.sort(labels * len(t.keys) + slot_of)  # sort + dedupe beats np.unique's hashing here
+        nkeys = len(t.keys)
+        pairs = labels.astype(np.int64) * nkeys + slot_of
+        del slot_of
+        pairs.sort()  # sort + dedupe beats np.unique's hashing here
         pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
-        pl, ps = pairs // len(t.keys), pairs % len(t.keys)
+        pl, ps = np.divmod(pairs, nkeys)
+        del pairs
         rng = np.random.default_rng(0)
-        slot_hash = rng.integers(1, 2**62, size=len(t.keys), dtype=np.int64).astype(np.uint64)
+        slot_hash = rng.integers(1, 2**62, size=nkeys, dtype=np.int64).astype(np.uint64)
         sig = np.zeros(ncomp, dtype=np.uint64)
         np.add.at(sig, pl, slot_hash[ps])
         # Shown: channels with parameters; frozen ones only where they are channel axes of a layer
         # (not kernel positions or vocabulary rows).
         interesting = comp_param & (~comp_frozen | comp_role)
         first_el = np.full(ncomp, t.total, dtype=np.int64)
-        np.minimum.at(first_el, labels, np.arange(t.total))
+        np.minimum.at(first_el, labels, np.arange(t.total, dtype=labels.dtype))
         comps = np.nonzero(interesting)[0]
         comps = comps[np.argsort(first_el[comps], kind="stable")]
         by_sig: dict[int, list[int]] = {}
@@ -225,6 +229,13 @@ class ChannelGroups:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _any_per_component(labels: np.ndarray, flag: np.ndarray, ncomp: int) -> np.ndarray:
+    """Per component: does any of its elements have ``flag``?"""
+    out = np.zeros(ncomp, dtype=bool)
+    out[labels[flag]] = True
+    return out
 
 
 def _short(names: list[str], width: int = 40) -> str:

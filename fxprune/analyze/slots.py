@@ -15,9 +15,15 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-__all__ = ["SlotKey", "SlotTable", "tensor_values", "size_hint", "concrete_factor"]
+__all__ = ["SlotKey", "SlotTable", "tensor_values", "size_hint", "concrete_factor", "index_dtype"]
 
 SlotKey = tuple[str, int, int]  # (node name, output index, axis)
+
+
+def index_dtype(n: int) -> type:
+    """The narrowest integer type for ids below ``n``: int32 halves every per-element array of the
+    analysis (a graph's elements are counted in the hundreds of thousands, rarely billions)."""
+    return np.int32 if n < 2**31 else np.int64
 
 
 def size_hint(s: Any) -> tuple[int, bool]:
@@ -99,4 +105,4 @@ class SlotTable:
 
     def slot_of_elements(self) -> np.ndarray:
         """For each element id, the index of its slot."""
-        return np.repeat(np.arange(len(self.keys), dtype=np.int64), self.sizes)
+        return np.repeat(np.arange(len(self.keys), dtype=index_dtype(len(self.keys))), self.sizes)

@@ -63,12 +63,15 @@ class Resizer:
 
     @functools.cached_property
     def _changed_per_slot(self) -> np.ndarray:
-        """For each slot, how many of its positions lose or gain copies (one pass over every element)."""
+        """For each slot, whether any of its positions loses or gains copies (one pass over the elements)."""
         t = self.table
-        changed = self.copies[self.groups.labels] != 1
-        starts = np.asarray(t.offsets, dtype=np.int64)
-        cum = np.concatenate([[0], np.cumsum(changed, dtype=np.int64)])
-        return cum[starts + np.asarray(t.sizes, dtype=np.int64)] - cum[starts]
+        out = np.zeros(len(t.keys), dtype=bool)
+        changed = self.copies != 1  # per channel
+        if changed.any():
+            starts, sizes = np.asarray(t.offsets, dtype=np.int64), np.asarray(t.sizes, dtype=np.int64)
+            full = sizes > 0  # slots are contiguous: each non-empty one runs to the next non-empty start
+            out[full] = np.logical_or.reduceat(changed[self.groups.labels], starts[full])
+        return out
 
     @functools.cached_property
     def _changed_nodes(self) -> set[str]:
