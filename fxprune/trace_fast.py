@@ -28,6 +28,11 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # a torch without it: GraphModules compile their code at once
+    _LazyGraphModule = None
+
 __all__ = ["fast_trace", "Unsupported"]
 
 
@@ -126,21 +131,13 @@ def lazy_graph_module(root: Any, graph: fx.Graph, class_name: str = "GraphModule
     """A GraphModule that compiles its ``forward`` on first use (torch's ``_LazyGraphModule``). Compiling
     a graph's code holds about 8 KB per node while it runs (xcit_nano's 1000 nodes: 8 MB), more than
     the rest of its compaction; a plan, its weights or an analysis never need it."""
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule as cls
-    except ImportError:  # a torch without it: compile now
-        cls = fx.GraphModule
-    return cls(root, graph, class_name=class_name)
+    return (_LazyGraphModule or fx.GraphModule)(root, graph, class_name=class_name)
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
     """``model``, with its ``forward`` compiled now if it is a lazy GraphModule, whose ``forward`` is a
     generic ``(*args, **kwargs)`` until first use: tracing and export read the real signature."""
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
-    except ImportError:
-        return model
-    if isinstance(model, _LazyGraphModule):
+    if _LazyGraphModule is not None and isinstance(model, _LazyGraphModule):
         model.real_recompile()
     return model
 
