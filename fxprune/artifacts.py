@@ -27,7 +27,7 @@ from torch.export import Dim
 from .compact import as_trainable
 from .compact.plan import Plan
 from .trace import normalize_inputs
-from .trace_fast import compiled
+from .lazy_module import compiled
 
 __all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
            "staging_folder", "check_target", "OutputExistsError", "MODEL", "ORIGINAL", "WEIGHTS", "PLAN"]

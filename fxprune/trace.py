@@ -36,6 +36,8 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from .lazy_module import compiled
+
 __all__ = ["trace", "TraceError", "normalize_inputs", "META_INPUTS", "META_FRONTEND"]
 
 # GraphModule.meta keys written here (one writer: this module).
@@ -197,8 +199,6 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if frontend is not None and frontend not in FRONTENDS:
         raise ValueError(f"frontend must be one of {sorted(FRONTENDS)}, got {frontend!r}")
-    from .trace_fast import compiled
-
     compiled(model)  # a compacted module traced again: the front ends read its forward's signature
     args, kwargs = normalize_inputs(example_inputs)
     dynamic = dynamic_batch and _wants_dynamic_batch(args, kwargs)

@@ -28,10 +28,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-try:
-    from torch.fx._lazy_graph_module import _LazyGraphModule
-except ImportError:  # a torch without it: GraphModules compile their code at once
-    _LazyGraphModule = None
+from .lazy_module import lazy_graph_module
 
 __all__ = ["fast_trace", "Unsupported"]
 
@@ -119,27 +116,6 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
     finally:
         h1.remove()
         h2.remove()
-
-
-def graph_module(root: dict[str, Any], graph: fx.Graph) -> fx.GraphModule:
-    """The traced GraphModule; its Python code is generated and compiled on first use (the analysis only
-    reads the graph, and compiling costs 10-25 ms per trace)."""
-    return lazy_graph_module(root, graph)
-
-
-def lazy_graph_module(root: Any, graph: fx.Graph, class_name: str = "GraphModule") -> fx.GraphModule:
-    """A GraphModule that compiles its ``forward`` on first use (torch's ``_LazyGraphModule``). Compiling
-    a graph's code holds about 8 KB per node while it runs (xcit_nano's 1000 nodes: 8 MB), more than
-    the rest of its compaction; a plan, its weights or an analysis never need it."""
-    return (_LazyGraphModule or fx.GraphModule)(root, graph, class_name=class_name)
-
-
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """``model``, with its ``forward`` compiled now if it is a lazy GraphModule, whose ``forward`` is a
-    generic ``(*args, **kwargs)`` until first use: tracing and export read the real signature."""
-    if _LazyGraphModule is not None and isinstance(model, _LazyGraphModule):
-        model.real_recompile()
-    return model
 
 
 def _make_fx_graph() -> fx.Graph | None:
@@ -312,6 +288,6 @@ def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch:
     forward_names = _forward_arg_names(model, args, kwargs)
     _name_inputs(traced.graph, _input_names(forward_names, args, kwargs))
     traced.graph._codegen = _get_codegen(in_spec, out_spec[-1], forward_names)
-    gm = graph_module(owned, traced.graph)
+    gm = lazy_graph_module(owned, traced.graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec[-1]
     return gm

@@ -38,43 +38,18 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .lazy_module import lazy_graph_module
+from .meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
 from .trace_fast import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
-                         _reader_names, _state, graph_module)
+                         _reader_names, _state)
 
 __all__ = ["record_trace", "norm_output", "META_ON_META", "SHAPE_OF_INPUT"]
-
-META_ON_META = "fxprune.recorded_on_meta"  # GraphModule.meta: True when recorded on meta copies of real weights
 
 aten = torch.ops.aten
 _LIFT = (aten.lift_fresh.default, aten.lift_fresh_copy.default)
 # Functional ops that still update running statistics when their training flag is set:
 # op -> (index of the flag, indices of the statistics).
 _UPDATES_STATS = {aten.batch_norm.default: (5, (3, 4)), aten.instance_norm.default: (5, (3, 4))}
-
-
-# Normalisations: on meta their output (the input's shape and dtype) is made, not computed: their meta
-# kernels run Python reference code, 1-3 ms each. op -> (positions of weight-like arguments).
-SHAPE_OF_INPUT = {aten.batch_norm.default: (1, 2, 3, 4), aten.instance_norm.default: (1, 2, 3, 4),
-                   aten.group_norm.default: (2, 3), aten.layer_norm.default: (2, 3)}
-
-
-def norm_output(func: Any, args: tuple) -> torch.Tensor:
-    """The output of a normalisation in ``SHAPE_OF_INPUT`` on meta tensors, after the shape checks its
-    kernel makes: per-channel tensors match axis 1 (layer norm: the normalised trailing shape)."""
-    x = args[0]
-    if func is aten.layer_norm.default:
-        want = tuple(args[1])
-        if tuple(x.shape[x.dim() - len(want):]) != want:
-            raise RuntimeError(f"layer_norm over {want} of an input of shape {tuple(x.shape)}")
-    else:
-        want = (x.shape[1],)
-        if func is aten.group_norm.default and x.shape[1] % args[1]:
-            raise RuntimeError(f"group_norm: {x.shape[1]} channels in {args[1]} groups")
-    for i in SHAPE_OF_INPUT[func]:
-        w = args[i] if i < len(args) else None
-        if isinstance(w, torch.Tensor) and tuple(w.shape) != want and w.numel() != (x.shape[1] if len(want) == 1 else -1):
-            raise RuntimeError(f"{func}: a per-channel tensor of shape {tuple(w.shape)} for {want}")
-    return torch.empty_like(x)
 
 # Real compute above this many estimated multiply-adds (CPU): record on meta copies instead (see _heavy).
 HEAVY_MACS = 1e10
@@ -400,7 +375,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     flat, out_spec = pytree.tree_flatten(out)
     graph.output(tuple(recorder.node_of(x) if isinstance(x, torch.Tensor) else x for x in flat))
     graph._codegen = _get_codegen(in_spec, out_spec, forward_names)
-    gm = graph_module({**state, **recorder.constants}, graph)
+    gm = lazy_graph_module({**state, **recorder.constants}, graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec
     gm.meta[META_ON_META] = copies
     return gm

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..analyze.rules import IGNORED, RULES
 from ..analyze.slots import tensor_values
-from ..trace_fast import lazy_graph_module
+from ..lazy_module import lazy_graph_module
 from .plan import Plan, slice_tensor
 from .resize import Resizer
 from .portable import make_device_portable, make_dtype_portable

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from ..analyze.couple import TensorRef
 from ..analyze.slots import tensor_values
 from ..trace import META_INPUTS
-from ..trace_record import SHAPE_OF_INPUT, META_ON_META, norm_output
+from ..meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
 from .resize import Resizer
 
 __all__ = ["verify_shapes"]
