@@ -652,12 +652,9 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    import numpy as np
-    x, y = np.asarray(xs, float), np.asarray(ys, float)
-    slope, icpt = np.polyfit(x, y, 1)
-    pred = slope * x + icpt
-    ss_res, ss_tot = float(((y - pred) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
-    return float(slope), float(icpt), 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    """y ~ slope x + intercept: (slope, intercept, R^2)."""
+    (icpt, slope), r2 = least_squares([xs], ys)
+    return slope, icpt, r2
 
 
 def least_squares(columns: list[list[float]], ys: list[float]) -> tuple[list[float], float]:

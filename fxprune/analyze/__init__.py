@@ -94,9 +94,10 @@ def _components(ctx: Coupler) -> np.ndarray:
     sizes = np.asarray(t.sizes, dtype=np.int64)
     rep = _first_of_class(nslots, ctx.same)
     is_rep = rep == np.arange(nslots)
-    compact_off = np.cumsum(np.where(is_rep, sizes, 0)) - np.where(is_rep, sizes, 0)
+    rep_sizes = np.where(is_rep, sizes, 0)
+    compact_off = np.cumsum(rep_sizes) - rep_sizes
     shift = compact_off[rep] - offsets  # element e of slot s -> e + shift[s] among the representatives'
-    n = int(sizes[is_rep].sum())
+    n = int(rep_sizes.sum())
     if ctx.edges_a:
         a = np.concatenate(ctx.edges_a)
         b = np.concatenate(ctx.edges_b)
