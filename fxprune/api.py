@@ -21,12 +21,17 @@ from .compact.emit import GraphEdit
 from .pass_api import Pass, PassContext
 from .registry import make_pass
 from .cost import Cost, CostCounter
+from .diagnose import nothing_prunable
 from .select import Selection, SelectionError, check_ratio, search_budget, select
 from .trace import trace
 
-__all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY"]
+__all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
 RECOVERY = ("finetune", "scratch-e", "scratch-b")
+
+
+class NothingToPruneError(SelectionError):
+    """A removal was asked for, but every channel group of the model is frozen."""
 
 
 @dataclass
@@ -43,6 +48,7 @@ class PruneResult:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors the pass gave compaction
     base: torch.nn.Module | None = None    # the model the plan refers to when a pass pruned another model than
     #                                        the user's (Pass.prepare, e.g. scratch's wider copy); None: the user's
+    report: dict[str, Any] = field(default_factory=dict)  # what the pass reported (PassContext.report), JSON-able
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -110,8 +116,9 @@ class Compacted(NamedTuple):
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
           options: dict[str, Any] | None = None, scope: str | None = None,
           ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (), min_channels: int = 1,
-          round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
-          allow_inexact: bool = False, verify: bool = True, progress: Callable[[str], None] | None = None,
+          min_keep: float | None = None, round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
+          allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
+          progress: Callable[[str], None] | None = None,
           recover: str | None = None, epochs: int = 0, distill: bool = False,
           **data: Any) -> PruneResult:
     """Prune ``model`` and return the compacted module with its plan.
@@ -121,17 +128,21 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     are its fields. Budget: ``ratio`` (fraction of channels removed) in ``scope`` "group" (same
     fraction per group) or "global" (one threshold; default: the pass's paper default), with
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
-    ``min_channels`` and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
+    ``min_channels``, ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
+    the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
     fraction to KEEP), reached by binary search to within the pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
     "scratch-b" for ``epochs`` epochs (``distill=True`` adds knowledge distillation from ``model``).
     ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
     file's functions). ``progress(stage)`` is called as each stage starts. ``model`` is left
-    bit-identical.
+    bit-identical. ``require_prunable=True``: a budget that asks for a removal on a model none of whose
+    groups can shrink raises :class:`NothingToPruneError` right after the analysis (before any training),
+    naming the largest frozen groups' reasons; otherwise that case warns.
     """
     the_pass = make_pass(method, options)
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                    normalize=getattr(the_pass, "normalize", "mean"))
+                    normalize=getattr(the_pass, "normalize", "mean"),
+                    min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep)
     if target_macs is not None and target_params is not None:
         raise SelectionError("give target_macs or target_params, not both")
     if recover is not None and recover not in RECOVERY:
@@ -147,23 +158,24 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         counter = CostCounter(groups)
         before = counter()
         target = target_macs if target_macs is not None else target_params
-        stage("score")
         needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
+        if needs_scores and not groups.prunable:
+            if require_prunable:
+                raise NothingToPruneError(nothing_prunable(groups))
+            warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
+        stage("score")
         ctx = PassContext(gm, groups, model, data, sel)
         prepared = the_pass.prepare(ctx) if needs_scores else None
         if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
             ctx = prepared
             gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
+        which = "macs" if target_macs is not None else "params"
+        budget = _Budget(groups, sel, counter, before, which, target, getattr(the_pass, "tolerance", 0.01))
+        ctx.select = budget.removal
         base = ctx.model
         scores = the_pass.score(ctx) if needs_scores else {}
         stage("select")
-        if target is None:
-            removed = select(groups, scores, sel)
-        else:
-            which = "macs" if target_macs is not None else "params"
-            kept = lambda rem: getattr(counter(rem), which) / max(getattr(before, which), 1)  # noqa: E731
-            removed, sel = search_budget(groups, scores, sel, kept, float(target),
-                                         tolerance=getattr(the_pass, "tolerance", 0.01))
+        removed, sel = budget(scores)
         stage("compact")
         weights = the_pass.weights(ctx, removed) if needs_scores else {}
         out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
@@ -180,4 +192,31 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                            loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
                            macs_full=before.macs, macs_pruned=after.macs)
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
-                       base if prepared is not None else None)
+                       base if prepared is not None else None, ctx.report)
+
+
+@dataclass
+class _Budget:
+    """The selection a run applies: a ratio budget (``select``) or a MACs/parameter target (binary search)."""
+
+    groups: ChannelGroups
+    sel: Selection
+    counter: CostCounter
+    before: Cost
+    which: str                 # "macs" or "params": what a target is a fraction of
+    target: float | None
+    tolerance: float
+
+    def __call__(self, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, Selection]:
+        if self.target is None:
+            return select(self.groups, scores, self.sel), self.sel
+        full = max(getattr(self.before, self.which), 1)
+        kept = lambda rem: getattr(self.counter(rem), self.which) / full  # noqa: E731
+        return search_budget(self.groups, scores, self.sel, kept, float(self.target), tolerance=self.tolerance)
+
+    def removal(self, scores: dict[int, np.ndarray]) -> np.ndarray:
+        """What the budget would remove under ``scores`` (for passes that train toward the selection);
+        the target search's warnings are left to the final selection."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self(scores)[0]

@@ -104,8 +104,16 @@ def run(
                                          help="fraction of each group's channels to remove, in [0, 1)")] = 0.5,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/MODEL-PASS-RATIO)",
                                                 show_default=False)] = None,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
-                                                 help="recovery epochs after pruning (needs train_loader())")] = 0,
+    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", "--epochs",
+                                                           help="recovery epochs after pruning (needs train_loader()); "
+                                                           "default: recovery for a number of epochs chosen from the "
+                                                           "data when the model file defines train_loader()",
+                                                           show_default=False)] = None,
+    no_recover: Annotated[bool, typer.Option("--no-recover", help="no recovery, even when the model file can "
+                                             "train")] = False,
+    allow_inexact: Annotated[bool, typer.Option("--allow-inexact", help="also prune groups where removing a "
+                                                "channel is not exactly the masked model (behind a normalisation "
+                                                "over channels); recover afterwards")] = False,
     recover: Annotated[Optional[str], typer.Option("--recover", help="recovery: finetune (inherited weights), "
                                                    "scratch-e or scratch-b (re-initialised; Liu et al. 2019 budgets); "
                                                    "default: the pass's own (scratch: scratch-b), else finetune",
@@ -125,6 +133,8 @@ def run(
     protect: Annotated[Optional[list[str]], typer.Option("--protect", help="layer-name pattern never pruned "
                                                          "(repeatable)", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option("--min-channels", help="channels every group keeps at least")] = 1,
+    min_keep: Annotated[Optional[float], typer.Option("--min-keep", help="fraction of every group always kept "
+                                                      "(default: the pass's; slimming 0.1)", show_default=False)] = None,
     round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
     target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="fraction of MACs to keep "
                                                          "(replaces --ratio)", show_default=False)] = None,
@@ -138,10 +148,10 @@ def run(
 
     with _user_errors():
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
-                  "min_channels": min_channels, "round_to": round_to, "target_macs": target_macs,
+                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
                   "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
-                        lr, _parse_opts(opt or []), device, force, budget, recover, distill)
+                        lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact)
         report = _run(cfg, quiet or as_json)
     report["out"] = str(cfg.out)
     if as_json:

@@ -114,14 +114,39 @@ class CostCounter:
         # Parameters the graph never reads (e.g. a tied twin) still count once in the original.
         self.unread = sum(p.numel() for name, p in gm.named_parameters() if name not in seen)
 
-    def __call__(self, removed=None) -> Cost:
+    def _shape(self, removed) -> Shape:
         import numpy as np
 
-        r = Resizer(self.groups, removed if removed is not None else np.zeros(len(self.groups.comp_group), bool))
-        shape: Shape = r.new_shape
+        return Resizer(self.groups, removed if removed is not None else
+                       np.zeros(len(self.groups.comp_group), bool)).new_shape
+
+    def __call__(self, removed=None) -> Cost:
+        shape = self._shape(removed)
         macs = sum(_TABLE[n.target](n, shape) for n in self.compute)
         params = sum(math.prod(shape(TensorRef(n))) for n in self.params) + self.unread
         return Cost(int(macs), int(params))
+
+
+    def per_layer(self, removed=None) -> dict[str, int]:
+        """MACs per layer: keyed by the module that owns the op's weight (``layer4.0.conv1``), else by
+        the graph node (attention, matmuls of activations)."""
+        shape = self._shape(removed)
+        out: dict[str, int] = {}
+        for n in self.compute:
+            name = _layer_of(n)
+            out[name] = out.get(name, 0) + _TABLE[n.target](n, shape)
+        return out
+
+
+def _layer_of(node: fx.Node) -> str:
+    weight = bind(node).get("weight") if node.target not in _NO_WEIGHT else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return weight.target.rsplit(".", 1)[0] if "." in weight.target else weight.target
+    return node.name
+
+
+_NO_WEIGHT = set(ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default", "aten.addmm.default",
+                     "aten.scaled_dot_product_attention.default", "aten.einsum.default"))
 
 
 def count(groups: ChannelGroups, removed=None) -> Cost:

@@ -15,6 +15,7 @@ them, and ``fxprune.testing.assert_equivalent`` loads them into the masked refer
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,13 @@ class PassContext:
     data: dict[str, Any] = field(default_factory=dict)  # train_loader, val_loader, loss, evaluate
     selection: Any = None  # the budget (fxprune.select.Selection) the scores will be selected with
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors a pass hands to compaction
+    # the budget as a function: scores -> the removal it would select (a bool per channel component);
+    # passes that train toward the selection (slimming's adaptive sparsity) ask it which channels would go
+    select: Callable[[Scores], np.ndarray] | None = None
+    # what the pass reports (JSON-able): it lands in report.json under "pass_report"; an entry
+    # "histograms": {name: {"before": [...], "after": [...], "threshold": t, "xlabel": "..."}} is also
+    # drawn as NAME_histogram.png in the output folder
+    report: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor:
         obj: Any = self.gm
@@ -56,6 +64,7 @@ class Pass:
     scope: ClassVar[str] = "group"  # the paper's default selection scope: "group" or "global"
     needs: ClassVar[tuple[str, ...]] = ()  # model-file functions / data keywords it reads, e.g. ("train_loader",)
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
+    min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
 
     def prepare(self, ctx: PassContext) -> PassContext | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import sys
 import time
 import typing
@@ -26,7 +27,8 @@ from . import artifacts
 from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from .registry import PassError, load_pass, make_pass
-from .report import group_rows, plot_channels, render_markdown
+from .diagnose import removable_fraction, shortfall
+from .report import group_rows, layer_rows, pass_report, plot_channels, plot_histogram, render_markdown
 from .select import Selection, check_ratio
 from .train import Hook
 from .train.engine import batches_per_epoch
@@ -34,10 +36,13 @@ from .train.curves import plot_log, write_log
 from .train.recover import MODES, recover, scratch_b_epochs
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
-           "REPORT_JSON", "REPORT_MD", "CHART"]
+           "default_epochs", "REPORT_JSON", "REPORT_MD", "CHART"]
 
 REPORT_JSON, REPORT_MD, CHART = "report.json", "report.md", "channels.png"
 TRAIN_LOG, TRAIN_CHART = "train_log.jsonl", "training.png"  # only when recovery ran
+HISTOGRAM = "_histogram.png"  # NAME_histogram.png for each histogram a pass reports (slimming: gamma)
+DEFAULT_STEPS = 250  # recovery without --epochs: about this many optimiser steps (1 to 10 epochs)
+DROP_POINTS = 0.03   # a metric in [0, 1] that fell by more than this (3 points) gets a line saying how to recover
 
 
 class OptionError(ValueError):
@@ -50,7 +55,7 @@ class RunConfig:
     method: str
     ratio: float
     out: Path
-    finetune_epochs: int = 0
+    finetune_epochs: int | None = None  # None: the default recovery when the file defines train_loader()
     lr: float = 0.01
     options: dict[str, str] = field(default_factory=dict)  # raw key=value strings from --opt
     device: str = "cpu"
@@ -58,6 +63,8 @@ class RunConfig:
     budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
     recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's default_recovery, else finetune
     distill: bool = False       # knowledge distillation from the unpruned model during recovery
+    no_recover: bool = False    # --no-recover: no recovery even when the model file can train
+    allow_inexact: bool = False  # --allow-inexact: also prune groups where removal is not exactly the masked model
 
 
 class Feedback:
@@ -69,6 +76,9 @@ class Feedback:
 
     def training(self, epochs: int, batches: int | None) -> Hook | None:
         return None
+
+    def note(self, text: str) -> None:
+        """One line the user should read (a default the run chose, a result far from what was asked)."""
 
 
 # ---- option parsing: --opt key=value strings -> the pass's dataclass field types -----------------
@@ -125,9 +135,11 @@ def check_budget(ratio: float, budget: dict[str, Any]) -> None:
     for key, value in targets.items():
         if not 0.0 < value <= 1.0:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
-    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "round_to") if k in budget}
-    if fields.get("scope") is None:
-        fields.pop("scope", None)
+    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to")
+              if k in budget}
+    for key in ("scope", "min_keep"):
+        if fields.get(key) is None:
+            fields.pop(key, None)
     Selection(ratio=ratio, **fields)
 
 
@@ -136,8 +148,10 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     check_ratio(cfg.ratio)
     check_budget(cfg.ratio, cfg.budget)
     artifacts.check_target(cfg.out, cfg.force)
-    if cfg.finetune_epochs < 0:
+    if cfg.finetune_epochs is not None and cfg.finetune_epochs < 0:
         raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
+    if cfg.no_recover and cfg.finetune_epochs:
+        raise OptionError("--no-recover and --finetune-epochs/--epochs contradict each other: give one")
     if cfg.recover is not None and cfg.recover not in MODES:
         raise OptionError(f"--recover must be one of {', '.join(MODES)}, got {cfg.recover!r}")
     _check_device(cfg.device)
@@ -145,7 +159,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
     mf = load_model_file(cfg.model_file)
     mf.require("model", "example_inputs", why="pruning")
-    if cfg.finetune_epochs > 0:
+    if cfg.finetune_epochs:
         mf.require("train_loader", why=f"--finetune-epochs {cfg.finetune_epochs}")
     needs = tuple(getattr(pass_cls, "needs", ()))  # the model-file functions the pass reads (Pass.needs)
     if needs:
@@ -186,10 +200,69 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))
         plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+        for name, hist in result.report.get("histograms", {}).items():
+            plot_histogram(hist, tmp / f"{name}{HISTOGRAM}", title=f"{report['pass']}: {hist.get('xlabel', name)}")
         log = report["finetune"]["log"]
         if log:
             write_log(tmp / TRAIN_LOG, log)
             plot_log(log, tmp / TRAIN_CHART, title=f"{report['finetune']['mode']} after {report['pass']}")
+
+
+def default_epochs(loader: Any) -> int:
+    """Recovery epochs when none are given: about ``DEFAULT_STEPS`` optimiser steps, 1 to 10 epochs
+    (small data sets get several passes, a large one a single epoch); 1 for a loader without a length."""
+    batches = batches_per_epoch(loader)
+    return 1 if not batches else min(10, max(1, math.ceil(DEFAULT_STEPS / batches)))
+
+
+def _recovery_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Feedback,
+                     notes: list[str]) -> int:
+    """What the run recovers for: the given epochs, else the default when the file can train."""
+    if cfg.no_recover:
+        return 0
+    if cfg.finetune_epochs is not None:
+        return cfg.finetune_epochs
+    if "train_loader" not in data:
+        return 0
+    epochs = default_epochs(data["train_loader"])
+    _note(fb, notes, f"recovering with {cfg.recover} for {epochs} epoch{'s' * (epochs > 1)} (the default when the "
+                     "model file defines train_loader(); --epochs N sets it, --no-recover turns it off)")
+    return epochs
+
+
+def _note(fb: Feedback, notes: list[str], text: str) -> None:
+    notes.append(text)
+    fb.note(text)
+
+
+def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
+    """One line when the run removed far less than asked, naming why and what to do."""
+    if cfg.budget.get("target_macs") is not None or cfg.budget.get("target_params") is not None:
+        which = "macs" if cfg.budget.get("target_macs") is not None else "params"
+        target = cfg.budget.get(f"target_{which}")
+        after, before = getattr(result.cost_after, which), max(getattr(result.cost_before, which), 1)
+        found = shortfall(result.groups, 1.0 - float(target), 1.0 - after / before)
+        what = "MACs" if which == "macs" else "parameters"
+    else:
+        found = shortfall(result.groups, cfg.ratio, removable_fraction(result.groups, result.removed))
+        what = "channels"
+    if found is not None:
+        _note(fb, notes, found.line(what))
+
+
+def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,
+                notes: list[str]) -> None:
+    """Without recovery: one line when evaluate() fell by more than a few points, and how to recover."""
+    if not before or not pruned:
+        return
+    name = next(iter(before))
+    b, a = before.get(name), pruned.get(name)
+    if b is None or a is None:
+        return
+    fell = (b - a) >= DROP_POINTS if 0.0 <= b <= 1.0 else abs(a - b) > DROP_POINTS * max(abs(b), 1e-12)
+    if fell:
+        _note(fb, notes, f"{name} changed from {b:.4g} to {a:.4g} by pruning and nothing recovered it: define "
+                         "train_loader() in the model file (recovery then runs by default) or give --epochs N")
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
@@ -198,6 +271,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
 
     fb = feedback or Feedback()
     clock = {"start": time.perf_counter()}
+    notes: list[str] = []
     mf, the_pass = check(cfg)
     cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune")
     with fb.step(f"loading {mf.path.name}"):
@@ -212,31 +286,39 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         stages.enter_context(fb.step(f"{name} ({cfg.method})" if name == "score" else name))
 
     with stages, stderr_only_on_success():
-        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, **cfg.budget, **data)  # an untraceable model fails early
+        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
+                       require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
+    _check_shortfall(cfg, result, fb, notes)
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
     pruned: dict[str, Any] = {"metrics": None}
     if mf.has("evaluate"):
         with fb.step("evaluating the pruned model"):
             pruned["metrics"] = mf.evaluate(result.module)
+    epochs = _recovery_epochs(cfg, mf, data, fb, notes)
+    if epochs == 0:
+        _check_drop(before["metrics"], pruned["metrics"], fb, notes)
+        if cfg.allow_inexact and any(g.inexact for g in result.groups.prunable):
+            _note(fb, notes, "--allow-inexact pruned groups whose removal is not exactly the masked model, and "
+                             "nothing recovered it: recover with --epochs N (needs train_loader())")
     log: list[dict[str, float]] = []
-    if cfg.finetune_epochs > 0:
+    if epochs > 0:
         start = time.perf_counter()
         loader = data["train_loader"]
-        epochs = cfg.finetune_epochs
+        total = epochs
         if cfg.recover == "scratch-b":
-            epochs = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
-        hook = fb.training(epochs, batches_per_epoch(loader))
+            total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
+        hook = fb.training(total, batches_per_epoch(loader))
         log = recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
-                      epochs=cfg.finetune_epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
+                      epochs=epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
                       distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
                       lr=cfg.lr, device=cfg.device, progress=hook)
         clock["finetune"] = time.perf_counter() - start
     with fb.step("measuring the pruned model"):
         result.module.eval()
         after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
-    report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock)
+    report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes)
     with fb.step(f"writing {cfg.out}"):
         cpu_inputs = to_device(inputs, "cpu")
         result.module.cpu().eval()
@@ -258,7 +340,7 @@ def stderr_only_on_success() -> Iterator[None]:
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
-            log: list[dict[str, float]], clock: dict[str, float]) -> dict[str, Any]:
+            log: list[dict[str, float]], clock: dict[str, float], notes: list[str]) -> dict[str, Any]:
     from . import __version__
 
     groups = group_rows(result)
@@ -269,6 +351,8 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),
+        "layers": layer_rows(result), "allow_inexact": cfg.allow_inexact,
+        "pass_report": pass_report(result.report), "notes": notes,
         # a pass that pruned a model of its own (scratch's expand): totals and plan.json refer to it
         "base": None if result.base is None else {
             "built_by_pass": True, "params": sum(p.numel() for p in result.base.parameters())},

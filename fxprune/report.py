@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["group_rows", "render_markdown", "plot_channels", "cost_rows", "human", "format_ms"]
+__all__ = ["group_rows", "layer_rows", "pass_report", "render_markdown", "plot_channels", "plot_histogram",
+           "cost_rows", "human", "format_ms"]
+
+HISTOGRAM_BINS = 40
 
 
 def group_rows(result: Any) -> list[dict[str, Any]]:
@@ -12,6 +15,37 @@ def group_rows(result: Any) -> list[dict[str, Any]]:
     by_id = {r["group"]: r for r in result.groups.rows()}
     return [{**s, "consumers": by_id[s["group"]]["consumers"], "block": by_id[s["group"]]["block"]}
             for s in result.summary()]
+
+
+def layer_rows(result: Any) -> list[dict[str, Any]]:
+    """MACs per layer before and after (on the example inputs), largest first."""
+    from .cost import CostCounter
+
+    counter = CostCounter(result.groups)
+    before, after = counter.per_layer(), counter.per_layer(result.removed)
+    rows = [{"layer": name, "macs_before": macs, "macs_after": after.get(name, 0)} for name, macs in before.items()]
+    return sorted(rows, key=lambda r: -r["macs_before"])
+
+
+def _binned(hist: dict[str, Any]) -> dict[str, Any]:
+    """A pass's raw histogram values as shared bin edges and counts (report.json stays small)."""
+    import numpy as np
+
+    series = {k: np.asarray(v, dtype=float) for k, v in hist.items() if k in ("before", "after")}
+    values = np.concatenate(list(series.values())) if series else np.zeros(1)
+    edges = np.linspace(0.0, max(float(values.max()), 1e-12), HISTOGRAM_BINS + 1)
+    out = {k: v for k, v in hist.items() if k not in series}
+    out["edges"] = edges.tolist()
+    out.update({k: np.histogram(v, edges)[0].tolist() for k, v in series.items()})
+    return out
+
+
+def pass_report(report: dict[str, Any]) -> dict[str, Any]:
+    """What the pass reported, for report.json: histograms as bin edges and counts."""
+    out = {k: v for k, v in report.items() if k != "histograms"}
+    if report.get("histograms"):
+        out["histograms"] = {name: _binned(h) for name, h in report["histograms"].items()}
+    return out
 
 
 def human(n: float | None, unit: str = "") -> str:
@@ -83,6 +117,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _table(["group", "kept / total", "producers", "consumers"],
                     [[g["group"], f"{g['kept']} / {g['total']}", ", ".join(g["producers"]) or "-",
                       ", ".join(g["consumers"]) or "-"] for g in report["groups"]]) + [""]
+    if report.get("layers"):
+        lines += ["## MACs per layer", ""]
+        lines += _table(["layer", "MACs before", "MACs after", "kept"],
+                        [[r["layer"], human(r["macs_before"]), human(r["macs_after"]),
+                          f"{r['macs_after'] / r['macs_before']:.0%}" if r["macs_before"] else "-"]
+                         for r in report["layers"]]) + [""]
+    sparsity = (report.get("pass_report") or {}).get("sparsity")
+    if sparsity:
+        lines += ["## Sparsity training", "",
+                  f"Schedule `{sparsity['schedule']}`; threshold {sparsity['threshold']:.3g}; scales below it: "
+                  f"{sparsity['fraction_below_before']:.1%} before, {sparsity['fraction_below_after']:.1%} after "
+                  f"sparsity training; every selected channel below it: "
+                  f"{'yes' if sparsity['selected_below_threshold'] else 'no'}. Histogram: "
+                  + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {})), ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if report["finetune"]["log"]:
         lines += ["## Recovery training (curve: training.png, log: train_log.jsonl)", ""]
         lines += _table(["epoch", "loss", "lr", "seconds"],
@@ -113,6 +163,32 @@ def plot_channels(groups: list[dict[str, Any]], path: Path, title: str = "channe
     ax.set_xlabel("channels")
     ax.set_title(title)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_histogram(hist: dict[str, Any], path: Path, title: str) -> None:
+    """The values a pass reported before and after its training (slimming: |gamma|), threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    before, after = np.asarray(hist["before"], float), np.asarray(hist["after"], float)
+    top = max(float(before.max(initial=0)), float(after.max(initial=0)), 1e-12)
+    edges = np.linspace(0.0, top, HISTOGRAM_BINS + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
+    for ax, values, label in ((axes[0], before, "before"), (axes[1], after, "after")):
+        ax.hist(values, edges, color="#2b7bba")
+        if "threshold" in hist:
+            ax.axvline(hist["threshold"], color="#d62728", linestyle="--", label=f"threshold {hist['threshold']:.3g}")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{label} ({len(values)} values)", fontsize=9)
+        ax.set_xlabel(hist.get("xlabel", "value"), fontsize=8)
+    axes[0].set_ylabel("count")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -47,6 +47,7 @@ class Selection:
     min_channels: int = 1
     round_to: int = 1
     normalize: str = "mean"
+    min_keep: float = 0.0   # per-group floor: every group keeps at least this fraction of its channels
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -58,6 +59,8 @@ class Selection:
             raise SelectionError(f"normalize must be one of {NORMALISE}, got {self.normalize!r}")
         if self.min_channels < 1 or self.round_to < 1:
             raise SelectionError("min_channels and round_to must be at least 1")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise SelectionError(f"min_keep is the fraction of each group always kept, in [0, 1]; got {self.min_keep}")
 
 
 def _layers(group: Group) -> list[str]:
@@ -77,9 +80,10 @@ def _protected(group: Group, sel: Selection) -> bool:
 
 
 def _keep_count(group: Group, keep: int, sel: Selection) -> int:
-    """At least ``min_channels`` (and one); positions kept a multiple of ``round_to`` where possible."""
+    """At least ``min_channels``, ``min_keep`` of the group (and one); positions kept a multiple of
+    ``round_to`` where possible."""
     n = len(group)
-    keep = min(n, max(keep, sel.min_channels, 1))
+    keep = min(n, max(keep, sel.min_channels, math.ceil(sel.min_keep * n - 1e-9), 1))
     while keep < n and (keep * group.block) % sel.round_to:
         keep += 1
     return keep

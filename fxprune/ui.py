@@ -65,6 +65,9 @@ class RichFeedback(Feedback):
     def training(self, epochs: int, batches: int | None) -> Hook:
         return _TrainBar(self.progress, epochs, batches)
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
+
 
 def summary_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"{report['pass']} at ratio {report['ratio']}: {report['out']}", title_justify="left")

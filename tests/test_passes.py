@@ -77,8 +77,9 @@ def _gamma_l1(state: dict[str, torch.Tensor]) -> float:
 def test_slimming_trains_sparse_gammas_prunes_globally_and_is_exact() -> None:
     net = _net()
     before = _gamma_l1(dict(net.named_parameters()))
-    opts = {"epochs": 3, "lr": 0.01}
-    sparse = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.1}, train_loader=_loader())
+    opts = {"epochs": 3, "lr": 0.01, "schedule": "fixed"}  # the paper's subgradient alone
+    sparse = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.1}, train_loader=_loader(),
+                           min_keep=0.0)
     plain = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.0}, train_loader=_loader())
     # the L1 subgradient shrinks |gamma|: below the start and below the same training without it
     assert _gamma_l1(sparse.weights) < before
@@ -90,6 +91,37 @@ def test_slimming_trains_sparse_gammas_prunes_globally_and_is_exact() -> None:
     kept = np.concatenate([sparse.scores[g.id][~sparse.removed[g.channels]] for g in sparse.groups.prunable])
     assert len(gone) and gone.max() <= kept.min()
     assert_equivalent(net, sparse, INPUTS)  # against the masked SPARSITY-TRAINED model
+
+
+def test_slimming_adaptive_zeroes_what_it_removes_so_pruning_costs_nothing() -> None:
+    net = _net()
+    res = fxprune.prune(net, INPUTS, "slimming", 0.5, options={"epochs": 4, "lr": 0.01}, train_loader=_loader())
+    sparsity = res.report["sparsity"]
+    assert sparsity["selected_below_threshold"] and sparsity["fraction_below_before"] == 0.0
+    assert sparsity["fraction_below_after"] >= sparsity["selected_fraction"] > 0.3
+    # every removed channel's gamma AND beta are exactly zero: the compacted model equals the
+    # sparsity-trained model itself, not only its masked copy
+    trained = with_weights(net, res.weights).eval()
+    for g in res.groups.prunable:
+        for p in (p for p in g.params if p.role == "norm"):
+            gid, pos = res.groups.positions(p.key)
+            gone = torch.as_tensor((gid == g.id) & res.removed[g.channels[np.where(gid == g.id, pos, 0)]])
+            bn = trained.get_submodule(p.name.rsplit(".", 1)[0])
+            assert not bn.weight[gone].any() and not bn.bias[gone].any()
+    torch.testing.assert_close(res.module(*INPUTS), trained(*INPUTS), rtol=1e-4, atol=1e-5)
+    assert res.removed.sum() >= 8
+    assert_equivalent(net, res, INPUTS)
+    hist = res.report["histograms"]["gamma"]
+    assert len(hist["before"]) == len(hist["after"]) == 8 + 8 + 12
+
+
+def test_slimming_floor_keeps_a_fraction_of_every_group() -> None:
+    net = _net()
+    res = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, min_keep=0.5)
+    for g in res.groups.prunable:
+        assert (~res.removed[g.channels]).sum() >= len(g) / 2
+    low = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, min_keep=0.0)
+    assert low.removed.sum() > res.removed.sum()
 
 
 def test_slimming_without_training_scores_the_given_gammas() -> None:
