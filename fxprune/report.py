@@ -130,7 +130,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{sparsity['fraction_below_before']:.1%} before, {sparsity['fraction_below_after']:.1%} after "
                   f"sparsity training; every selected channel below it: "
                   f"{'yes' if sparsity['selected_below_threshold'] else 'no'}. Histogram: "
-                  + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {})), ""]
+                  + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {}))
+                  + (f". The sparsity-trained network before pruning: {report['pass_report']['trained_metrics']}"
+                     if report["pass_report"].get("trained_metrics") else ""), ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if report["finetune"]["log"]:

@@ -26,7 +26,8 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
   names what to raise (``epochs``, ``lr``).
 - The report (``report.json``'s ``pass_report``, and ``gamma_histogram.png``) shows the |gamma|
   histogram before and after sparsity training (the paper's figure), the threshold
-  (``threshold`` x the mean |gamma| before training) and the fraction of scales below it.
+  (``threshold`` x the mean |gamma| before training), the fraction of scales below it and, when an
+  ``evaluate`` is given, the sparsity-trained network's metrics (``trained_metrics``).
 - ``train=False``: score the given model's |gamma| directly (an already-slimmed model).
 - Score of a channel: the mean |gamma| over the group's BatchNorm scales (a residual stream has
   several; the mean keeps such groups comparable with single-BN groups under one threshold).
@@ -193,6 +194,8 @@ class Slimming(Pass):
         train(work, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
               hooks=self._hooks(ctx, loader, mean_gamma))
         ctx.weights.update({k: v.detach().clone() for k, v in work.state_dict().items()})
+        if ctx.data.get("evaluate") is not None:  # the bar pruning is held to: the sparsity-trained network
+            ctx.report["trained_metrics"] = ctx.data["evaluate"](work)
         return work
 
     def score(self, ctx: PassContext) -> Scores:

@@ -217,12 +217,94 @@ def test_run_json_and_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
-    result = _invoke("run", model_file, "--pass", "l1", "--ratio", "0.25", "--out", out, "--force", "--json")
+    result = _invoke("run", model_file, "--pass", "l1", "--ratio", "0.25", "--out", out, "--force", "--json",
+                     "--no-recover")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ratio"] == 0.25 and report["out"] == str(out)
+    assert report["finetune"]["epochs"] == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # replaced, not merged
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_run_recovers_by_default_when_the_file_can_train(tmp_path):
+    model_file = _write(tmp_path, "tiny.py", TINY)  # 4 batches per epoch: the default is 10 epochs (~250 steps)
+    result = _invoke("run", model_file, "--ratio", "0.5", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["finetune"]["mode"] == "finetune" and report["finetune"]["epochs"] == 10
+    assert any("recovering with finetune for 10 epochs" in n and "--no-recover" in n for n in report["notes"])
+    assert {"train_log.jsonl", "training.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    given = json.loads(_invoke("run", model_file, "--out", tmp_path / "out2", "--json", "--epochs", "2").stdout)
+    assert given["finetune"]["epochs"] == 2 and not any("recovering" in n for n in given["notes"])
+    both = _invoke("run", model_file, "--out", tmp_path / "out3", "--epochs", "2", "--no-recover")
+    assert both.exit_code == 2 and "contradict" in both.output and not (tmp_path / "out3").exists()
+
+
+def test_a_large_drop_without_recovery_says_how_to_recover(tmp_path):
+    no_train = _write(tmp_path, "no_train.py", TINY.replace("def train_loader", "def _train_loader")
+                      + "\n\ndef evaluate(m):\n    return {'accuracy': 0.9 if dict(m.named_parameters())['fc.weight'].shape[1] == 128 else 0.5}\n")
+    report = json.loads(_invoke("run", no_train, "--ratio", "0.5", "--out", tmp_path / "out", "--json").stdout)
+    assert report["finetune"]["epochs"] == 0
+    assert any("accuracy changed from 0.9 to 0.5" in n and "train_loader()" in n and "--epochs N" in n
+               for n in report["notes"])
+
+
+NORMED = """
+import torch
+from torch import nn
+
+
+class Normed(nn.Module):  # every channel of the stream sits behind a LayerNorm: frozen as inexact
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.mix, self.head = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.up, self.down = nn.Linear(32, WIDTH), nn.Linear(WIDTH, 32)
+
+    def forward(self, x):
+        x = self.norm(self.inp(x))
+        x = x + self.mix(x)
+        x = x + self.down(torch.relu(self.up(x)))
+        return self.head(x)
+
+
+def model():
+    torch.manual_seed(0)
+    return Normed()
+
+
+def example_inputs():
+    return (torch.randn(3, 16, generator=torch.Generator().manual_seed(0)),)
+"""
+
+
+def test_nothing_prunable_exits_2_unless_forced_and_allow_inexact_prunes_it(tmp_path):
+    path = _write(tmp_path, "normed.py", NORMED.replace("self.up, self.down = nn.Linear(32, WIDTH), "
+                                                        "nn.Linear(WIDTH, 32)", "").replace(
+        "        x = x + self.down(torch.relu(self.up(x)))\n", ""))
+    refused = _invoke("run", path, "--out", tmp_path / "out")
+    assert refused.exit_code == 2 and not (tmp_path / "out").exists()
+    assert "nothing can be pruned" in refused.output and "32 channels of inp, mix" in refused.output
+    assert "layer_norm" in refused.output and "--allow-inexact" in refused.output and "--force" in refused.output
+    forced = _invoke("run", path, "--out", tmp_path / "forced", "--force", "--json")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["after"]["macs"] == json.loads(forced.stdout)["before"]["macs"]
+    inexact = _invoke("run", path, "--out", tmp_path / "inexact", "--allow-inexact", "--json")
+    assert inexact.exit_code == 0, inexact.output
+    report = json.loads(inexact.stdout)
+    assert report["allow_inexact"] and report["after"]["params"] < report["before"]["params"]
+    assert any("--allow-inexact pruned groups" in n and "--epochs N" in n for n in report["notes"])
+
+
+def test_a_run_far_below_its_request_says_why(tmp_path):
+    path = _write(tmp_path, "normed.py", NORMED.replace("WIDTH", "8"))  # 8 prunable MLP units, a frozen stream of 32
+    report = json.loads(_invoke("run", path, "--ratio", "0.5", "--out", tmp_path / "out", "--json").stdout)
+    assert report["after"]["params"] < report["before"]["params"]
+    line = next(n for n in report["notes"] if n.startswith("removed"))
+    assert "removed 10% of the channels where 50% was asked" in line
+    assert "32 channels of down, inp, mix: inexact" in line and "--allow-inexact" in line
+    wide = _write(tmp_path, "wide.py", NORMED.replace("WIDTH", "256"))  # most channels prunable: no line
+    report = json.loads(_invoke("run", wide, "--ratio", "0.5", "--out", tmp_path / "wide", "--json").stdout)
+    assert not any(n.startswith("removed") for n in report["notes"])
 
 
 def test_run_prints_a_summary_table(tmp_path):
@@ -348,6 +430,28 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path):
 
 
 # ---- the bundled example -------------------------------------------------------------------------
+def test_the_headline_command_keeps_accuracy(tmp_path):
+    """`fxprune run examples/digits.py --pass slimming --ratio 0.5` with no other flag."""
+    out = tmp_path / "headline"
+    result = _invoke("run", REPO / "examples" / "digits.py", "--pass", "slimming", "--ratio", "0.5", "--out", out,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    before, after = report["before"]["metrics"]["accuracy"], report["after"]["metrics"]["accuracy"]
+    assert before > 0.95 and after >= before - 0.02 and report["finetune"]["epochs"] > 0  # recovered by default
+    assert report["after"]["macs"] < 0.3 * report["before"]["macs"]
+    # before any recovery, pruning cost (almost) nothing against the sparsity-trained network
+    trained = report["pass_report"]["trained_metrics"]["accuracy"]
+    assert report["pruned"]["metrics"]["accuracy"] >= trained - 0.05
+    sparsity = report["pass_report"]["sparsity"]
+    assert sparsity["selected_below_threshold"] and sparsity["fraction_below_after"] > 0.4
+    assert (out / "gamma_histogram.png").stat().st_size > 0
+    layers = {r["layer"]: r for r in report["layers"]}  # MACs per layer add up to torch's own count
+    assert set(layers) == {"stem.0", "conv1", "conv2", "conv3", "conv4", "fc"}
+    assert sum(r["macs_before"] for r in layers.values()) == report["before"]["macs"]
+    assert sum(r["macs_after"] for r in layers.values()) == report["after"]["macs"]
+
+
 def test_digits_example_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITS_EPOCHS", "3")  # a shorter pre-training than the README run
     out = tmp_path / "digits"
