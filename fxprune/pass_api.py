@@ -43,7 +43,8 @@ class PassContext:
     # the budget as a function: scores -> the removal it would select (a bool per channel component);
     # passes that train toward the selection (slimming's adaptive sparsity) ask it which channels would go
     select: Callable[[Scores], np.ndarray] | None = None
-    # what the pass reports (JSON-able): it lands in report.json under "pass_report"; an entry
+    # what the pass reports (JSON-able): it lands in report.json under "pass_report"; "trained_metrics":
+    # evaluate() of the network the pass trained, before pruning (a row of the summary table); an entry
     # "histograms": {name: {"before": [...], "after": [...], "threshold": t, "xlabel": "..."}} is also
     # drawn as NAME_histogram.png in the output folder
     report: dict[str, Any] = field(default_factory=dict)

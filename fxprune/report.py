@@ -75,7 +75,11 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("params", human(b["params"]), human(a["params"]), _ratio(b["params"], a["params"])),
             ("latency (ms)", format_ms(b["latency_ms"]), format_ms(a["latency_ms"]), _ratio(b["latency_ms"], a["latency_ms"]))]
     pruned = report.get("pruned", {}).get("metrics") or {}
+    trained = (report.get("pass_report") or {}).get("trained_metrics") or {}
     for name, value in (b.get("metrics") or {}).items():
+        if name in trained:  # the network the pass trained (slimming's sparse copy, scratch's gated one)
+            rows.append((f"{name} (trained by the pass, before pruning)", _fmt(value), _fmt(trained[name]),
+                         _diff(value, trained[name])))
         if report["finetune"]["epochs"] and name in pruned:
             rows.append((f"{name} (pruned, not fine-tuned)", _fmt(value), _fmt(pruned[name]), _diff(value, pruned[name])))
         after = (a.get("metrics") or {}).get(name)
@@ -130,9 +134,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{sparsity['fraction_below_before']:.1%} before, {sparsity['fraction_below_after']:.1%} after "
                   f"sparsity training; every selected channel below it: "
                   f"{'yes' if sparsity['selected_below_threshold'] else 'no'}. Histogram: "
-                  + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {}))
-                  + (f". The sparsity-trained network before pruning: {report['pass_report']['trained_metrics']}"
-                     if report["pass_report"].get("trained_metrics") else ""), ""]
+                  + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {})), ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if report["finetune"]["log"]:

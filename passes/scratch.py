@@ -245,6 +245,9 @@ class Scratch(Pass):
         state = {k: v.detach().clone() for k, v in work.state_dict().items()}
         state.update(gates.fold())
         ctx.weights.update(state)
+        if ctx.data.get("evaluate") is not None and gates.params:  # the gated network, before pruning
+            work.load_state_dict(state)
+            ctx.report["trained_metrics"] = ctx.data["evaluate"](work)
         values = {gid: p.detach().float().cpu().numpy().astype(np.float64) for gid, p in gates.params.items()}
         mean_gate = float(np.mean(np.concatenate(list(values.values())))) if values else 1.0
         scores: Scores = {}

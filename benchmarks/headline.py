@@ -1,0 +1,81 @@
+"""The headline command on the bundled example, for several passes and ratios, exactly as a user runs it:
+
+    fxprune run examples/digits.py --pass PASS --ratio R        (no other flag)
+
+    python benchmarks/headline.py [--passes l1 slimming scratch] [--ratios 0.5 0.7]
+                                  [--out benchmarks/results/headline.json]
+
+Each row is one `fxprune run` (the same pipeline function the command line calls, with its defaults:
+recovery by default because digits.py defines train_loader(): finetune for l1 and slimming,
+scratch-b for scratch). Recorded: MACs and params kept, accuracy of the unpruned model, of the
+pruned model before recovery, after recovery, and (slimming) of the sparsity-trained network before
+pruning; wall time of pruning and of recovery. Prints a Markdown table for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from fxprune.pipeline import RunConfig, run  # noqa: E402
+
+
+def one(method: str, ratio: float, folder: Path) -> dict:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report, _ = run(RunConfig(ROOT / "examples" / "digits.py", method, ratio, folder / f"{method}-{ratio}"))
+    trained = (report.get("pass_report") or {}).get("trained_metrics") or {}
+    return {"pass": method, "ratio": ratio, "recovery": report["finetune"]["mode"],
+            "recovery_epochs": report["finetune"]["epochs"],
+            "macs_kept": report["after"]["macs"] / report["before"]["macs"],
+            "params_kept": report["after"]["params"] / report["before"]["params"],
+            "acc_unpruned": report["before"]["metrics"]["accuracy"],
+            "acc_trained_copy": trained.get("accuracy"),
+            "acc_pruned": report["pruned"]["metrics"]["accuracy"],
+            "acc_recovered": report["after"]["metrics"]["accuracy"],
+            "kept": [g["kept"] for g in report["groups"]], "total": [g["total"] for g in report["groups"]],
+            "seconds_prune": report["seconds"]["prune"], "seconds_recovery": report["seconds"]["finetune"],
+            "seconds_total": time.perf_counter() - start, "notes": report["notes"]}
+
+
+def table(rows: list[dict]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| pass | ratio | recovery (epochs) | MACs kept | acc. unpruned | acc. sparsity-trained copy | "
+             "acc. pruned, before recovery | acc. after recovery | channels kept | run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['ratio']} | {r['recovery']} ({r['recovery_epochs']}) | "
+                     f"{100 * r['macs_kept']:.1f}% | {pct(r['acc_unpruned'])} | {pct(r['acc_trained_copy'])} | "
+                     f"{pct(r['acc_pruned'])} | {pct(r['acc_recovered'])} | "
+                     f"{', '.join(f'{k}/{t}' for k, t in zip(r['kept'], r['total']))} | {r['seconds_total']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--passes", nargs="+", default=["l1", "slimming", "scratch"])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "headline.json")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for ratio in args.ratios:
+            for method in args.passes:
+                rows.append(one(method, ratio, Path(folder)))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "notes"}), file=sys.stderr, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
