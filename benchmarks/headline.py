@@ -49,7 +49,7 @@ def table(rows: list[dict]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
-    lines = ["| pass | ratio | recovery (epochs) | MACs kept | acc. unpruned | acc. sparsity-trained copy | "
+    lines = ["| pass | ratio | recovery (epochs) | MACs kept | acc. unpruned | acc. network the pass trained | "
              "acc. pruned, before recovery | acc. after recovery | channels kept | run (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -23,7 +23,10 @@ import digits  # noqa: E402
 import fxprune  # noqa: E402
 from fxprune.train.engine import finetune  # noqa: E402
 
-METHODS = {"l1": {}, "slimming": {"epochs": 10, "s": 1e-4}, "thinet": {}, "lasso": {}}
+# row name -> (pass, options); "slimming (fixed)" is the paper's fixed-s subgradient alone
+METHODS = {"l1": ("l1", {}), "slimming": ("slimming", {"epochs": 10, "s": 1e-4}),
+           "slimming (fixed)": ("slimming", {"epochs": 10, "s": 1e-4, "schedule": "fixed"}),
+           "thinet": ("thinet", {}), "lasso": ("lasso", {})}
 
 
 def main() -> None:
@@ -47,7 +50,8 @@ def main() -> None:
     for ratio in args.ratios:
         for method in args.methods:
             start = time.perf_counter()
-            res = fxprune.prune(model, inputs, method, ratio, options=METHODS[method],
+            name, options = METHODS[method]
+            res = fxprune.prune(model, inputs, name, ratio, options=options,
                                 train_loader=digits.train_loader(), val_loader=digits.val_loader())
             seconds = time.perf_counter() - start
             acc = digits.evaluate(res.module)["accuracy"]
