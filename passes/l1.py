@@ -6,11 +6,29 @@ No data needed. Per-group selection by default, as in the paper (same fraction i
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from fxprune.analyze.groups import ChannelGroups, Group
 from fxprune.pass_api import Pass, PassContext, Scores
+
+__all__ = ["L1Norm", "producer_l1"]
+
+
+def producer_l1(groups: ChannelGroups, group: Group, tensor: Callable[[str], torch.Tensor]) -> np.ndarray:
+    """Per channel of ``group``: the sum of |W| of its producing filters (every slot when it has no
+    producer), over all other axes; ``tensor(name)`` looks a parameter up. Also the fallback score
+    of slimming and scratch for groups without a BatchNorm."""
+    total = np.zeros(len(group))
+    for p in [p for p in group.params if p.role == "producer"] or group.params:
+        w = tensor(p.name).detach()
+        dims = [d for d in range(w.dim()) if d != p.axis]
+        per_index = (w.abs().sum(dim=dims) if dims else w.abs()).float().cpu().numpy()
+        total += groups.channel_sum(group, p, per_index)
+    return total
 
 
 @dataclass(frozen=True)
@@ -20,14 +38,4 @@ class L1Norm(Pass):
     scope = "group"
 
     def score(self, ctx: PassContext) -> Scores:
-        scores: Scores = {}
-        for group in self.prunable(ctx):
-            total = np.zeros(len(group))
-            slots = [p for p in group.params if p.role == "producer"] or group.params
-            for p in slots:
-                w = ctx.tensor(p.name).detach()
-                dims = [d for d in range(w.dim()) if d != p.axis]
-                per_index = w.abs().sum(dim=dims).float().cpu().numpy() if dims else w.abs().float().cpu().numpy()
-                total += ctx.groups.channel_sum(group, p, per_index)
-            scores[group.id] = total
-        return scores
+        return {group.id: producer_l1(ctx.groups, group, ctx.tensor) for group in self.prunable(ctx)}

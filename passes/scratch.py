@@ -60,6 +60,7 @@ from torch import nn
 
 from fxprune.analyze.groups import ChannelGroups, Group
 from fxprune.pass_api import Pass, PassContext, Scores
+from fxprune.passes.l1 import producer_l1
 from fxprune.registry import PassError
 from fxprune.train.engine import Hook, TrainState, train
 
@@ -258,11 +259,6 @@ class Scratch(Pass):
             if not self.residual and len(group.layers("producer")) > 1 and any(p.role == "norm" for p in group.params):
                 scores[group.id] = np.full(len(group), np.inf)  # an ungated residual stream: kept whole
                 continue
-            total = np.zeros(len(group))  # fallback: producer L1 of the given model, rescaled to the mean gate
-            for p in [p for p in group.params if p.role == "producer"] or group.params:
-                w = ctx.tensor(p.name).detach()
-                dims = [d for d in range(w.dim()) if d != p.axis]
-                per_index = (w.abs().sum(dim=dims) if dims else w.abs()).float().cpu().numpy()
-                total += ctx.groups.channel_sum(group, p, per_index)
+            total = producer_l1(ctx.groups, group, ctx.tensor)  # fallback: the given model's, rescaled to the mean gate
             scores[group.id] = total * max(mean_gate, 1e-6) / max(float(total.mean()), 1e-12)
         return scores

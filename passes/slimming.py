@@ -51,6 +51,7 @@ from torch import nn
 
 from fxprune.analyze.groups import ChannelGroups
 from fxprune.pass_api import Pass, PassContext, Scores
+from fxprune.passes.l1 import producer_l1
 from fxprune.registry import PassError
 from fxprune.train.engine import Hook, TrainState, batches_per_epoch, train
 
@@ -90,12 +91,7 @@ def gamma_scores(ctx: PassContext, model: nn.Module) -> Scores:
         if norm:
             scores[group.id] = sum(ctx.groups.channel_sum(group, p, gammas[p.name]) for p in norm) / len(norm)
             continue
-        total = np.zeros(len(group))
-        for p in [p for p in group.params if p.role == "producer"] or group.params:
-            w = state[p.name].detach() if p.name in state else ctx.tensor(p.name).detach()
-            dims = [d for d in range(w.dim()) if d != p.axis]
-            per_index = (w.abs().sum(dim=dims) if dims else w.abs()).float().cpu().numpy()
-            total += ctx.groups.channel_sum(group, p, per_index)
+        total = producer_l1(ctx.groups, group, lambda name: state[name] if name in state else ctx.tensor(name))
         scores[group.id] = total * mean_gamma / max(float(total.mean()), 1e-12)
     return scores
 
