@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,13 +97,14 @@ def gamma_scores(ctx: PassContext, model: nn.Module) -> Scores:
     return scores
 
 
-def _targets(groups: ChannelGroups, removed: np.ndarray, model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<bn>.weight": bool per index}``: the BatchNorm entries of the channels ``removed`` selects."""
-    gammas = bn_scales(model)
+def _targets(groups: ChannelGroups, removed: np.ndarray, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``{"<bn>.weight": bool per index}`` for the BatchNorm scales ``names``: the entries of the
+    channels ``removed`` selects."""
+    names = set(names)
     out: dict[str, torch.Tensor] = {}
     for group in groups.prunable:
         for p in group.params:
-            if p.role != "norm" or p.name not in gammas:
+            if p.role != "norm" or p.name not in names:
                 continue
             gid, pos = groups.positions(p.key)
             hit = np.zeros(len(gid), bool)
@@ -119,28 +121,26 @@ class TargetedShrink(Hook):
 
     def __init__(self, ctx: PassContext, s: float, s_max: float, ramp: float) -> None:
         self.ctx, self.s, self.s_max, self.ramp = ctx, s, s_max, ramp
-        self.masks: dict[str, torch.Tensor] = {}
-        self.strength = s
+        self.targets: list[tuple[nn.Module, torch.Tensor]] = []  # (BatchNorm, bool per channel on its device)
 
     def before_epoch(self, state: TrainState) -> None:
         assert self.ctx.select is not None
         removed = self.ctx.select(gamma_scores(self.ctx, state.module))
-        self.masks = _targets(self.ctx.groups, removed, state.module)
+        modules = dict(state.module.named_modules())
+        masks = _targets(self.ctx.groups, removed, bn_scales(state.module))
+        self.targets = [(bn, mask.to(bn.weight.device)) for name, mask in masks.items()
+                        for bn in [modules[name.rsplit(".", 1)[0] if "." in name else ""]]]
 
     def after_step(self, state: TrainState) -> None:
         total = max(state.epochs * (state.batches or 1), 1)
         progress = min(state.step / max(self.ramp * total, 1.0), 1.0)
-        self.strength = self.s + (self.s_max - self.s) * progress
-        amount = state.optimizer.param_groups[0]["lr"] * self.strength
-        modules = dict(state.module.named_modules())
+        amount = state.optimizer.param_groups[0]["lr"] * (self.s + (self.s_max - self.s) * progress)
         with torch.no_grad():
-            for name, mask in self.masks.items():
-                bn = modules[name.rsplit(".", 1)[0] if "." in name else ""]
-                m = mask.to(bn.weight.device)
+            for bn, mask in self.targets:
                 for t in (bn.weight, bn.bias):
                     if t is not None:
                         shrunk = torch.sign(t) * torch.clamp(t.abs() - amount, min=0.0)
-                        t.copy_(torch.where(m, shrunk, t))
+                        t.copy_(torch.where(mask, shrunk, t))
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class Slimming(Pass):
             hooks.append(TargetedShrink(ctx, self.s, s_max, self.ramp))
         return hooks
 
-    def _slimmed(self, ctx: PassContext) -> nn.Module:
+    def _slimmed(self, ctx: PassContext, mean_gamma: float) -> nn.Module:
         if not self.train:
             return ctx.model
         loader = ctx.data.get("train_loader")
@@ -186,7 +186,6 @@ class Slimming(Pass):
             raise ValueError("slimming needs train_loader= for sparsity training (or --opt train=false)")
         work = copy.deepcopy(ctx.model)
         device = next(work.parameters()).device
-        mean_gamma = _mean_abs(bn_scales(work))
         train(work, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
               hooks=self._hooks(ctx, loader, mean_gamma))
         ctx.weights.update({k: v.detach().clone() for k, v in work.state_dict().items()})
@@ -196,7 +195,7 @@ class Slimming(Pass):
 
     def score(self, ctx: PassContext) -> Scores:
         before = _abs_values(bn_scales(ctx.model))
-        model = self._slimmed(ctx)
+        model = self._slimmed(ctx, float(before.mean()) if len(before) else 1.0)
         scores = gamma_scores(ctx, model)
         if self.train:
             self._report(ctx, before, model, scores)
@@ -206,11 +205,12 @@ class Slimming(Pass):
         """The paper's figure (|gamma| before/after) and how sparse the scales became."""
         if not len(before):
             return
-        after = _abs_values(bn_scales(trained))
+        scales = bn_scales(trained)
+        after = _abs_values(scales)
         threshold = self.threshold * float(before.mean())
         removal = ctx.select(scores) if ctx.select is not None else None
-        chosen = _targets(ctx.groups, removal, trained) if removal is not None else {}
-        gammas = {k: v.detach().abs().cpu() for k, v in bn_scales(trained).items()}
+        chosen = _targets(ctx.groups, removal, scales) if removal is not None else {}
+        gammas = {k: v.detach().abs().cpu() for k, v in scales.items()}
         chosen_values = torch.cat([gammas[k][m] for k, m in chosen.items()]) if chosen else torch.zeros(0)
         reached = bool((chosen_values < threshold).all()) if len(chosen_values) else True
         ctx.report.update({
@@ -233,7 +233,3 @@ def _abs_values(scales: dict[str, torch.Tensor]) -> np.ndarray:
         return np.zeros(0)
     return np.concatenate([v.detach().abs().float().cpu().numpy() for v in scales.values()])
 
-
-def _mean_abs(scales: dict[str, torch.Tensor]) -> float:
-    values = _abs_values(scales)
-    return float(values.mean()) if len(values) else 1.0
