@@ -139,14 +139,11 @@ class CostCounter:
 
 
 def _layer_of(node: fx.Node) -> str:
-    weight = bind(node).get("weight") if node.target not in _NO_WEIGHT else None
+    weight = bind(node).get("weight")
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
         return weight.target.rsplit(".", 1)[0] if "." in weight.target else weight.target
     return node.name
 
-
-_NO_WEIGHT = set(ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default", "aten.addmm.default",
-                     "aten.scaled_dot_product_attention.default", "aten.einsum.default"))
 
 
 def count(groups: ChannelGroups, removed=None) -> Cost:

@@ -237,9 +237,9 @@ def _note(fb: Feedback, notes: list[str], text: str) -> None:
 
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
     """One line when the run removed far less than asked, naming why and what to do."""
-    if cfg.budget.get("target_macs") is not None or cfg.budget.get("target_params") is not None:
-        which = "macs" if cfg.budget.get("target_macs") is not None else "params"
-        target = cfg.budget.get(f"target_{which}")
+    which = "macs" if cfg.budget.get("target_macs") is not None else "params"
+    target = cfg.budget.get(f"target_{which}")
+    if target is not None:
         after, before = getattr(result.cost_after, which), max(getattr(result.cost_before, which), 1)
         found = shortfall(result.groups, 1.0 - float(target), 1.0 - after / before)
         what = "MACs" if which == "macs" else "parameters"

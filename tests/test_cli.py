@@ -302,6 +302,9 @@ def test_a_run_far_below_its_request_says_why(tmp_path):
     line = next(n for n in report["notes"] if n.startswith("removed"))
     assert "removed 10% of the channels where 50% was asked" in line
     assert "32 channels of down, inp, mix: inexact" in line and "--allow-inexact" in line
+    target = json.loads(_invoke("run", path, "--target-macs", "0.3", "--out", tmp_path / "target", "--json").stdout)
+    line = next(n for n in target["notes"] if n.startswith("removed"))
+    assert "of the MACs where 70% was asked" in line and "32 channels of down, inp, mix: inexact" in line
     wide = _write(tmp_path, "wide.py", NORMED.replace("WIDTH", "256"))  # most channels prunable: no line
     report = json.loads(_invoke("run", wide, "--ratio", "0.5", "--out", tmp_path / "wide", "--json").stdout)
     assert not any(n.startswith("removed") for n in report["notes"])

@@ -9,7 +9,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.cost import count
+from fxprune.cost import CostCounter, count
 from fxprune.testing import assert_equivalent
 
 X = torch.randn(2, 3, 32, 32)
@@ -133,6 +133,16 @@ def test_cost_counter_agrees_with_flop_counter(build):
     assert res.cost_before.params == sum(p.numel() for p in model.parameters())
     assert res.cost_after.params == sum(p.numel() for p in res.module.parameters())
     assert count(res.groups, res.removed) == res.cost_after
+
+
+def test_macs_per_layer_add_up_and_name_the_layer():
+    model = Mixed().eval()
+    res = fxprune.prune(model, (torch.randn(2, 4, 10),), "l1", 0.5)
+    counter = CostCounter(res.groups)
+    before, after = counter.per_layer(), counter.per_layer(res.removed)
+    assert set(before) == {"c1", "up", "fc", "matmul"}  # layers by their weight's module; a matmul by its node
+    assert sum(before.values()) == res.cost_before.macs and sum(after.values()) == res.cost_after.macs
+    assert after["c1"] < before["c1"]
 
 
 def test_bad_budgets(resnet):
