@@ -32,12 +32,19 @@ def _binned(hist: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     series = {k: np.asarray(v, dtype=float) for k, v in hist.items() if k in ("before", "after")}
-    values = np.concatenate(list(series.values())) if series else np.zeros(1)
-    edges = np.linspace(0.0, max(float(values.max()), 1e-12), HISTOGRAM_BINS + 1)
+    edges = _edges(*series.values())
     out = {k: v for k, v in hist.items() if k not in series}
     out["edges"] = edges.tolist()
     out.update({k: np.histogram(v, edges)[0].tolist() for k, v in series.items()})
     return out
+
+
+def _edges(*series: Any) -> Any:
+    """HISTOGRAM_BINS equal bins from 0 to the largest value of any series (shared, so counts compare)."""
+    import numpy as np
+
+    top = max([float(np.max(v, initial=0.0)) for v in series] + [1e-12])
+    return np.linspace(0.0, top, HISTOGRAM_BINS + 1)
 
 
 def pass_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +188,7 @@ def plot_histogram(hist: dict[str, Any], path: Path, title: str) -> None:
     import numpy as np
 
     before, after = np.asarray(hist["before"], float), np.asarray(hist["after"], float)
-    top = max(float(before.max(initial=0)), float(after.max(initial=0)), 1e-12)
-    edges = np.linspace(0.0, top, HISTOGRAM_BINS + 1)
+    edges = _edges(before, after)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
     for ax, values, label in ((axes[0], before, "before"), (axes[1], after, "after")):
         ax.hist(values, edges, color="#2b7bba")

@@ -449,6 +449,9 @@ def test_the_headline_command_keeps_accuracy(tmp_path):
     sparsity = report["pass_report"]["sparsity"]
     assert sparsity["selected_below_threshold"] and sparsity["fraction_below_after"] > 0.4
     assert (out / "gamma_histogram.png").stat().st_size > 0
+    hist = report["pass_report"]["histograms"]["gamma"]  # binned in report.json: 224 BatchNorm scales
+    assert sum(hist["before"]) == sum(hist["after"]) == 32 + 32 + 32 + 64 + 64
+    assert hist["before"][0] == 0 and hist["after"][0] >= 0.4 * 224 and len(hist["edges"]) == len(hist["after"]) + 1
     layers = {r["layer"]: r for r in report["layers"]}  # MACs per layer add up to torch's own count
     assert set(layers) == {"stem.0", "conv1", "conv2", "conv3", "conv4", "fc"}
     assert sum(r["macs_before"] for r in layers.values()) == report["before"]["macs"]
