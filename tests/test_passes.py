@@ -102,12 +102,15 @@ def test_slimming_adaptive_zeroes_what_it_removes_so_pruning_costs_nothing() -> 
     # every removed channel's gamma AND beta are exactly zero: the compacted model equals the
     # sparsity-trained model itself, not only its masked copy
     trained = with_weights(net, res.weights).eval()
+    checked = 0
     for g in res.groups.prunable:
         for p in (p for p in g.params if p.role == "norm"):
             gid, pos = res.groups.positions(p.key)
             gone = torch.as_tensor((gid == g.id) & res.removed[g.channels[np.where(gid == g.id, pos, 0)]])
             bn = trained.get_submodule(p.name.rsplit(".", 1)[0])
             assert not bn.weight[gone].any() and not bn.bias[gone].any()
+            checked += int(gone.sum())
+    assert checked >= 8  # the loop above saw the removed channels' BatchNorm entries
     torch.testing.assert_close(res.module(*INPUTS), trained(*INPUTS), rtol=1e-4, atol=1e-5)
     assert res.removed.sum() >= 8
     assert_equivalent(net, res, INPUTS)
