@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,30 @@ def _note(fb: Feedback, notes: list[str], text: str) -> None:
     fb.note(text)
 
 
+@contextlib.contextmanager
+def _warnings_as_notes(fb: Feedback, notes: list[str]) -> Iterator[None]:
+    """fxprune's own warnings while pruning (a budget it cannot meet, sparsity training that ran out of
+    epochs, a rewrite that kept groups whole) become notes: printed as such and kept in report.json.
+    Warnings from elsewhere (torch, the user's code) pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        if _ours(w.filename):
+            text = str(w.message).removeprefix("fxprune: ")
+            if text not in notes:
+                _note(fb, notes, text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _ours(filename: str) -> bool:
+    """A warning issued from fxprune's own code or its built-in passes."""
+    from . import passes
+
+    here = Path(filename).resolve()
+    return any(here.is_relative_to(Path(m.__file__).resolve().parent) for m in (sys.modules[__package__], passes))
+
+
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
     """One line when the run removed far less than asked, naming why and what to do."""
     which = "macs" if cfg.budget.get("target_macs") is not None else "params"
@@ -285,7 +310,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         stages.close()
         stages.enter_context(fb.step(f"{name} ({cfg.method})" if name == "score" else name))
 
-    with stages, stderr_only_on_success():
+    with stages, stderr_only_on_success(), _warnings_as_notes(fb, notes):
         result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
                        require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start

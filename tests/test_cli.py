@@ -310,6 +310,16 @@ def test_a_run_far_below_its_request_says_why(tmp_path):
     assert not any(n.startswith("removed") for n in report["notes"])
 
 
+def test_fxprune_warnings_while_pruning_become_notes(tmp_path):
+    model_file = _write(tmp_path, "tiny.py", TINY)  # 4 batches: one epoch of sparsity training cannot zero them
+    result = _invoke("run", model_file, "--pass", "slimming", "--opt", "epochs=1", "--out", tmp_path / "out",
+                     "--json", "--no-recover")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pass_report"]["sparsity"]["selected_below_threshold"] is False
+    assert any(n.startswith("slimming: the training budget ended") and "--opt epochs=" in n for n in report["notes"])
+
+
 def test_run_prints_a_summary_table(tmp_path):
     model_file = _write(tmp_path, "tiny.py", TINY)
     result = _invoke("run", model_file, "--ratio", "0.5", "--out", tmp_path / "out")
