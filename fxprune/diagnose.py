@@ -7,6 +7,7 @@ their reasons map to what the user can do, as a table.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +35,8 @@ class Shortfall:
 
     def line(self, what: str) -> str:
         because = "; ".join(self.reasons) if self.reasons else "the budget's floors (min_channels, min_keep, round_to)"
-        return (f"removed {self.achieved:.0%} of the {what} where {self.requested:.0%} was asked: the largest frozen "
-                f"groups are {because}. " + " ".join(self.advice))
+        return (f"removed {self.achieved:.0%} of the {what} where {self.requested:.0%} was asked; what held it "
+                f"back: {because}. " + " ".join(self.advice))
 
 
 def _eligible(group: Group) -> bool:
@@ -75,12 +76,20 @@ def _describe(g: Group) -> str:
     return f"{_size(g)} channels of {where or f'group {g.id}'}: {g.frozen}"
 
 
-def shortfall(groups: ChannelGroups, requested: float, achieved: float, factor: float = 0.5) -> Shortfall | None:
-    """A Shortfall when ``achieved`` is below ``factor`` x ``requested`` (None when the run got close)."""
+def shortfall(groups: ChannelGroups, requested: float, achieved: float, factor: float = 0.5,
+              protect: Sequence[str] = ()) -> Shortfall | None:
+    """A Shortfall when ``achieved`` is below ``factor`` x ``requested`` (None when the run got close);
+    ``protect``: the layer patterns the budget kept whole, named as a cause when given."""
     if requested <= 0 or achieved >= factor * requested:
         return None
     frozen = _frozen_reasons(groups)
-    return Shortfall(requested, achieved, [_describe(g) for g in frozen], _advice(frozen))
+    reasons = [_describe(g) for g in frozen]
+    advice = _advice(frozen)
+    if protect:
+        patterns = ", ".join(protect)
+        reasons.append(f"the groups --protect {patterns} keeps whole")
+        advice.insert(0, f"Protecting fewer layers than {patterns} lets more of the model shrink.")
+    return Shortfall(requested, achieved, reasons, advice)
 
 
 def nothing_prunable(groups: ChannelGroups) -> str:

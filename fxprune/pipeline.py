@@ -263,13 +263,13 @@ def _ours(filename: str) -> bool:
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
     """One line when the run removed far less than asked, naming why and what to do."""
     which = "macs" if cfg.budget.get("target_macs") is not None else "params"
-    target = cfg.budget.get(f"target_{which}")
+    target, protect = cfg.budget.get(f"target_{which}"), tuple(cfg.budget.get("protect") or ())
     if target is not None:
         after, before = getattr(result.cost_after, which), max(getattr(result.cost_before, which), 1)
-        found = shortfall(result.groups, 1.0 - float(target), 1.0 - after / before)
+        found = shortfall(result.groups, 1.0 - float(target), 1.0 - after / before, protect=protect)
         what = "MACs" if which == "macs" else "parameters"
     else:
-        found = shortfall(result.groups, cfg.ratio, removable_fraction(result.groups, result.removed))
+        found = shortfall(result.groups, cfg.ratio, removable_fraction(result.groups, result.removed), protect=protect)
         what = "channels"
     if found is not None:
         _note(fb, notes, found.line(what))

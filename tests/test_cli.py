@@ -308,6 +308,10 @@ def test_a_run_far_below_its_request_says_why(tmp_path):
     wide = _write(tmp_path, "wide.py", NORMED.replace("WIDTH", "256"))  # most channels prunable: no line
     report = json.loads(_invoke("run", wide, "--ratio", "0.5", "--out", tmp_path / "wide", "--json").stdout)
     assert not any(n.startswith("removed") for n in report["notes"])
+    protected = json.loads(_invoke("run", wide, "--ratio", "0.5", "--protect", "up", "--out", tmp_path / "protected",
+                                   "--json").stdout)  # the only prunable group protected: the line names it
+    line = next(n for n in protected["notes"] if n.startswith("removed"))
+    assert "removed 0% of the channels" in line and "--protect up keeps whole" in line and "Protecting fewer" in line
 
 
 def test_fxprune_warnings_while_pruning_become_notes(tmp_path):
