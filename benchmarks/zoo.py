@@ -381,7 +381,7 @@ def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dic
 def equivalence_error(model, res, inputs, masked_model, dtype: Any = "float64") -> float:
     import torch
     dt = getattr(torch, dtype) if dtype else None
-    masked = masked_model(model, res.plan).eval()
+    masked = masked_model(model, res.plan, res.groups).eval()
     compacted = copy.deepcopy(res.module).eval()
     if dt is not None:
         masked, compacted = masked.to(dt), compacted.to(dt)

@@ -6,26 +6,39 @@ from typing import Any
 
 import torch
 
+from .analyze.rules.norm import DIRECTION
 from .compact.plan import Plan
 from .trace import normalize_inputs
 
 __all__ = ["masked_model", "with_weights", "assert_equivalent"]
 
 
-def masked_model(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-    """A copy of ``model`` with every pruned position of every planned tensor set to zero."""
+def masked_model(model: torch.nn.Module, plan: Plan, groups: Any = None) -> torch.nn.Module:
+    """A copy of ``model`` with every pruned position of every planned tensor set to zero.
+
+    With ``groups`` (the analysis of ``model``), a weight-normalised direction (``v`` of ``g * v / ||v||``)
+    keeps its pruned output slices: zeroing one would make ``0 / 0``; the zeroed ``g`` zeroes that output."""
     masked = copy.deepcopy(model)
     state = dict(masked.named_parameters(remove_duplicate=False)) | dict(masked.named_buffers(remove_duplicate=False))
+    directions = _directions(groups)
     with torch.no_grad():
         for name, entry in plan.items():
             t = state[name] if name in state else _attribute(masked, name)  # a plain tensor constant
             for dim, kept in entry.items():
+                if (name, dim) in directions:
+                    continue
                 drop = torch.ones(t.shape[dim], dtype=torch.bool, device=t.device)
                 drop[torch.as_tensor(kept, dtype=torch.long, device=t.device)] = False
                 index = [slice(None)] * t.dim()
                 index[dim] = drop
                 t[tuple(index)] = 0
     return masked.eval()
+
+
+def _directions(groups: Any) -> set[tuple[str, int]]:
+    if groups is None:
+        return set()
+    return {(p.name, p.axis) for g in groups for p in g.params if p.role == DIRECTION}
 
 
 def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
@@ -67,7 +80,7 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     """
     base = getattr(result, "base", None)  # a pass that pruned its own model (scratch's wider copy)
     masked = masked_model(with_weights(base if base is not None else model, getattr(result, "weights", None)),
-                          result.plan)
+                          result.plan, getattr(result, "groups", None))
     compacted = copy.deepcopy(result.module).eval()
     if dtype is not None:
         masked, compacted = masked.to(dtype), compacted.to(dtype)

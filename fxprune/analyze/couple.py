@@ -75,6 +75,7 @@ class Coupler:
     roles: dict[SlotKey, str] = field(default_factory=dict)
     zero: dict[SlotKey, bool] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)  # op -> first node
+    facts: dict[str, dict[str, bool]] = field(default_factory=dict)  # memoised value facts (e.g. "nonneg")
     node: fx.Node | None = None  # the node whose rule is running (for messages)
 
     # ---- reading ---------------------------------------------------------------------------

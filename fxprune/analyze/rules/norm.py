@@ -1,5 +1,8 @@
 """Normalisation layers. Per-channel statistics (BatchNorm, InstanceNorm, whole GroupNorm groups) are
-exact under removal; statistics over a pruned axis (LayerNorm, RMSNorm) are not, and say so."""
+exact under removal; statistics over a pruned axis are not, and say so: LayerNorm and RMSNorm over
+their normalised axes, batch norm from the batch (training mode, or weight standardisation, which
+normalises each filter over its input channels), instance and group norm over the axes past the
+channels. A weight norm's L2 norm is exact over the zeroed positions of its direction ``v``."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +15,7 @@ from ..schema import bind, set_arg
 from . import ops, rule
 
 NORM = "norm"
+DIRECTION = "direction"  # v of a weight norm: its scale g carries a removed slice's zero
 
 
 def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, params: list[Any], weight: Any) -> None:
@@ -22,21 +26,54 @@ def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, para
         if as_ref(p) is not None:
             ctx.link_axes(out, c, p, 0)
             ctx.role(p, 0, NORM)
-    ctx.set_zero(out, c, as_ref(weight) is not None)
+    # a removed channel's statistics are its own: zero in, or a zeroed scale, gives zero out
+    ctx.set_zero(out, c, as_ref(weight) is not None or ctx.is_zero(x, c))
 
 
-@rule(*ops("aten.batch_norm.default", "aten.instance_norm.default"))
+def _statistics_over(ctx: Coupler, x: TensorRef, axes: range, why: str) -> None:
+    """Statistics computed over ``axes`` (a mean and a variance): a pruned position there changes them."""
+    for a in axes:
+        ctx.mark_inexact(x, a, why)
+
+
+def _batch_statistics(ctx: Coupler, x: TensorRef, computed: bool) -> None:
+    """Batch norm from the batch (training mode, or no running statistics) reduces every axis but the
+    channel axis: weight standardisation (``F.batch_norm(w.reshape(1, out, -1), None, None,
+    training=True)``) reduces over a weight's input channels."""
+    if computed:
+        c = 1 if x.ndim > 1 else 0
+        _statistics_over(ctx, x, range(0, c), "batch-norm statistics over this axis")
+        _statistics_over(ctx, x, range(c + 1, x.ndim), "batch-norm statistics over this axis")
+
+
+_BN_OUTPUTS = ("input", "weight", "bias", "running_mean", "running_var")
+
+
+@rule(*ops("aten.batch_norm.default"))
 def batch_norm(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
-    _per_channel(node, ctx, as_ref(b["input"]), TensorRef(node),
-                 [b["weight"], b["bias"], b["running_mean"], b["running_var"]], b["weight"])
+    x = as_ref(b["input"])
+    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_OUTPUTS[1:]], b["weight"])
+    _batch_statistics(ctx, x, bool(b["training"]) or as_ref(b["running_mean"]) is None)
 
 
-@rule(*ops("aten._native_batch_norm_legit_no_training.default"))
+@rule(*ops("aten.instance_norm.default"))
+def instance_norm(node: fx.Node, ctx: Coupler) -> None:
+    b = bind(node)
+    x = as_ref(b["input"])
+    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_OUTPUTS[1:]], b["weight"])
+    if b["use_input_stats"] or as_ref(b["running_mean"]) is None:
+        _statistics_over(ctx, x, range(2, x.ndim), "instance-norm statistics over this axis")
+
+
+@rule(*ops("aten._native_batch_norm_legit_no_training.default", "aten._native_batch_norm_legit.default",
+           "aten._native_batch_norm_legit.no_stats", "aten.native_batch_norm.default"))
 def batch_norm_legit(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
-    _per_channel(node, ctx, as_ref(b["input"]), TensorRef(node, 0),
-                 [b["weight"], b["bias"], b["running_mean"], b["running_var"]], b["weight"])
+    x = as_ref(b["input"])
+    stats = [b.get("running_mean"), b.get("running_var")]
+    _per_channel(node, ctx, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats], b["weight"])
+    _batch_statistics(ctx, x, bool(b.get("training", False)) or as_ref(stats[0]) is None)
     for k in range(1, len(node.meta["val"])):
         ctx.freeze(TensorRef(node, k), None, "batch-norm statistics output")
 
@@ -58,6 +95,7 @@ def group_norm(node: fx.Node, ctx: Coupler) -> None:
     cpg = ctx.shape(x)[1] // int(b["num_groups"])
     xe = ctx.el(x, 1)
     ctx.link(xe, xe[(np.arange(len(xe)) // cpg) * cpg])
+    _statistics_over(ctx, x, range(2, x.ndim), "group-norm statistics over this axis")
 
 
 def _normalized_shape_rewrite(node: fx.Node, r: Any) -> None:
@@ -92,3 +130,24 @@ def layer_norm(node: fx.Node, ctx: Coupler) -> None:
 @rule(*ops("aten.rms_norm.default"), rewrite=_normalized_shape_rewrite)
 def rms_norm(node: fx.Node, ctx: Coupler) -> None:
     _normalised_shape(node, ctx, [bind(node)["weight"]])
+
+
+@rule(*ops("aten._weight_norm.default"))
+def weight_norm(node: fx.Node, ctx: Coupler) -> None:
+    """``v * g / ||v||`` with the norm over every axis but ``dim`` (every axis when ``dim`` is -1): an L2
+    norm, so exact over positions where ``v`` is zero, as a parameter's pruned positions are."""
+    b = bind(node)
+    v, g, out = as_ref(b["v"]), as_ref(b["g"]), TensorRef(node)
+    dim = int(b["dim"])
+    kept = dim % v.ndim if dim != -1 else None
+    for a in range(v.ndim):
+        ctx.link_axes(v, a, out, a)
+        if a == kept:
+            ctx.link_axes(g, a, out, a)
+            ctx.role(v, a, DIRECTION)
+            ctx.role(g, a, NORM)
+            ctx.set_zero(out, a, ctx.is_zero(v, a) or ctx.is_zero(g, a))
+            continue
+        if not ctx.is_zero(v, a):
+            ctx.mark_inexact(v, a, "weight norm over this axis")
+        ctx.set_zero(out, a, ctx.is_zero(v, a))

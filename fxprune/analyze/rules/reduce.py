@@ -10,15 +10,82 @@ from . import ops, rule
 
 _CUMPROD = set(ops("aten.cumprod.default"))
 _CONSTANT_PAD = set(ops("aten.constant_pad_nd.default"))
-# Reductions whose result changes when zero positions are dropped (count, max, statistics).
-_NOT_SUM = set(ops(
-    "aten.mean.dim", "aten.mean.default", "aten.amax.default", "aten.amin.default", "aten.var.correction",
-    "aten.var.dim", "aten.std.correction", "aten.std.dim", "aten.logsumexp.default", "aten.prod.dim_int",
-    "aten.linalg_vector_norm.default", "aten.norm.ScalarOpt_dim", "aten.argmax.default", "aten.argmin.default",
-    "aten.any.dim", "aten.all.dim", "aten.max.dim", "aten.min.dim", "aten.var_mean.correction",
-    "aten.max.default", "aten.min.default", "aten.median.dim",
+
+# A reduction over an axis with pruned positions (zeros in the masked model) is exact only if dropping
+# those zeros leaves its value unchanged. The table says when that holds:
+#   ZERO    the input is zero there (sums, counts of nonzeros, any, Lp norms with p > 0)
+#   NONNEG  the input is zero there and non-negative everywhere (the max of non-negative values)
+#   NEVER   the value depends on how many entries there are or where they sit (means, variances,
+#           products, minima, medians, log-sum-exp, argmax and the indices of max/min)
+ZERO, NONNEG, NEVER = "zero", "nonneg", "never"
+EXACT_WHEN: dict[object, str] = {
+    **dict.fromkeys(ops("aten.sum.dim_IntList", "aten.sum.default", "aten.nansum.default",
+                        "aten.count_nonzero.dim_IntList", "aten.count_nonzero.default", "aten.any.dim",
+                        "aten.any.dims", "aten.any.default"), ZERO),
+    **dict.fromkeys(ops("aten.amax.default", "aten.max.default"), NONNEG),
+    **dict.fromkeys(ops(
+        "aten.mean.dim", "aten.mean.default", "aten.amin.default", "aten.min.default", "aten.var.correction",
+        "aten.var.dim", "aten.std.correction", "aten.std.dim", "aten.var_mean.correction", "aten.var_mean.dim",
+        "aten.std_mean.correction", "aten.std_mean.dim", "aten.logsumexp.default", "aten.prod.dim_int",
+        "aten.argmax.default", "aten.argmin.default", "aten.all.dim", "aten.all.dims", "aten.max.dim",
+        "aten.min.dim", "aten.median.dim"), NEVER),
+}
+# Lp norms: exact over zeros for p > 0 (and p = inf, the largest |x|); p <= 0 counts or inverts entries.
+NORMS = set(ops("aten.linalg_vector_norm.default", "aten.norm.ScalarOpt_dim", "aten.norm.Scalar"))
+# f(all zeros) is not zero: the output is not zero where the input was.
+_NONZERO_OF_ZEROS = set(ops("aten.logsumexp.default", "aten.argmax.default", "aten.argmin.default",
+                            "aten.max.dim", "aten.min.dim", "aten.median.dim"))
+
+# Non-negative outputs, whatever the input; and ops whose output is non-negative when every input is.
+_NONNEG_OUT = set(ops(
+    "aten.relu.default", "aten.relu_.default", "aten.relu6.default", "aten.abs.default", "aten.square.default",
+    "aten.sigmoid.default", "aten.sigmoid_.default", "aten.exp.default", "aten.softmax.int", "aten._softmax.default",
+    "aten.hardsigmoid.default", "aten.hardsigmoid_.default", "aten.sqrt.default", "aten.rsqrt.default",
+    "aten.linalg_vector_norm.default", "aten.norm.ScalarOpt_dim", "aten.norm.Scalar",
 ))
-_SUM = set(ops("aten.sum.dim_IntList", "aten.sum.default", "aten.nansum.default", "aten.count_nonzero.dim_IntList"))
+_NONNEG_IF_INPUTS = set(ops(
+    "aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
+    "aten.dropout.default", "aten._to_copy.default", "aten.view.default", "aten.reshape.default",
+    "aten._unsafe_view.default", "aten.permute.default", "aten.transpose.int", "aten.flatten.using_ints",
+    "aten.unflatten.int", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.expand.default",
+    "aten.slice.Tensor", "aten.select.int", "aten.cat.default", "aten.max_pool2d.default",
+    "aten.max_pool1d.default", "aten.avg_pool2d.default", "aten.adaptive_avg_pool2d.default",
+    "aten.adaptive_max_pool2d.default", "aten.mean.dim", "aten.sum.dim_IntList", "aten.amax.default",
+    "aten.mul.Tensor", "aten.add.Tensor", "aten.maximum.default", "aten.clamp_min.default",
+))
+
+
+def is_nonneg(x: fx.Node, ctx: Coupler) -> bool:
+    """Is every value of ``x`` >= 0? Proven from the ops that produced it (memoised per graph)."""
+    known = ctx.facts.setdefault("nonneg", {})
+    if x.name not in known:
+        known[x.name] = False  # a cycle cannot happen in a graph, but a deep chain is walked once
+        if x.op == "call_function" and x.target in _NONNEG_OUT:
+            known[x.name] = True
+        elif x.op == "call_function" and x.target in _NONNEG_IF_INPUTS:
+            scalars = [a for a in node_scalars(x) if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            shape_op = x.target not in _ARITHMETIC
+            known[x.name] = all(is_nonneg(a, ctx) for a in x.all_input_nodes) and (shape_op or min(scalars, default=0) >= 0)
+    return known[x.name]
+
+
+_ARITHMETIC = set(ops("aten.mul.Tensor", "aten.add.Tensor", "aten.maximum.default", "aten.clamp_min.default"))
+
+
+def node_scalars(node: fx.Node) -> list[object]:
+    flat: list[object] = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        flat.extend(a if isinstance(a, (list, tuple)) else [a])
+    return flat
+
+
+def _exact_when(node: fx.Node) -> str:
+    if node.target in NORMS:
+        b = bind(node)
+        p = b.get("ord", b.get("p"))
+        p = 2.0 if p is None else float(p)
+        return ZERO if p > 0 else NEVER
+    return EXACT_WHEN[node.target]
 
 
 def _reduced_axes(node: fx.Node, ndim: int) -> tuple[set[int], bool]:
@@ -32,14 +99,24 @@ def _reduced_axes(node: fx.Node, ndim: int) -> tuple[set[int], bool]:
     return {d % ndim for d in dims}, bool(b.get("keepdim", False))
 
 
-@rule(*_NOT_SUM, *_SUM)
+def _reduction_is_exact(node: fx.Node, ctx: Coupler, x: TensorRef, axis: int) -> bool:
+    when = _exact_when(node)
+    if when == NEVER or not ctx.is_zero(x, axis):
+        return False
+    try:
+        return when == ZERO or is_nonneg(x.node, ctx)
+    except RecursionError:  # a chain deeper than Python's stack: not proven
+        return False
+
+
+@rule(*EXACT_WHEN, *NORMS)
 def reduction(node: fx.Node, ctx: Coupler) -> None:
     x = as_ref(node.args[0])
     reduced, keepdim = _reduced_axes(node, x.ndim)
     outs = [TensorRef(node, k) for k, v in enumerate(node.meta["val"])] if isinstance(node.meta["val"], (list, tuple)) \
         else [TensorRef(node)]
     for a in sorted(reduced):
-        if node.target in _NOT_SUM or not ctx.is_zero(x, a):
+        if not _reduction_is_exact(node, ctx, x, a):
             ctx.mark_inexact(x, a, f"{node.target} reduces over this axis")
     j = 0
     for a in range(x.ndim):
@@ -48,7 +125,7 @@ def reduction(node: fx.Node, ctx: Coupler) -> None:
         for out in outs:
             if a not in reduced and out.ndim > j:
                 ctx.link_axes(x, a, out, j)
-                ctx.set_zero(out, j, node.target in _SUM and ctx.is_zero(x, a))
+                ctx.set_zero(out, j, node.target not in _NONZERO_OF_ZEROS and ctx.is_zero(x, a))
         j += 1
 
 
