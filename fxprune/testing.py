@@ -23,7 +23,9 @@ def masked_model(model: torch.nn.Module, plan: Plan, groups: Any = None) -> torc
     directions = _directions(groups)
     with torch.no_grad():
         for name, entry in plan.items():
-            t = state[name] if name in state else _attribute(masked, name)  # a plain tensor constant
+            t = state[name] if name in state else _attribute(masked, name)  # a plain tensor attribute
+            if t is None:  # a constant made in forward (torch.tensor(...)): the analysis never took it as zero
+                continue
             for dim, kept in entry.items():
                 if (name, dim) in directions:
                     continue
@@ -55,11 +57,11 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
     return model
 
 
-def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
+def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     obj: Any = module
     for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _run(module: torch.nn.Module, example_inputs: Any) -> Any:

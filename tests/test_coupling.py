@@ -1056,3 +1056,24 @@ def test_trace_and_analyze_on_meta_device():
     assert groups.rows() == ref.rows()
     g = group_of(groups, "q_proj.weight", 0)
     assert len(g) == 4 and g.block == 8 and g.prunable
+
+
+class ConstantInForward(nn.Module):
+    """A per-channel constant made in forward (``torch.tensor([...])``, as timm's CSATv2 does): it is
+    sliced with the channels, and never assumed to be zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor([0.5, -1.0, 2.0, 0.25, 1.5, -0.75]).view(1, 6, 1, 1)
+        return self.c2(torch.relu(self.c1(x)) + shift)
+
+
+def test_constant_made_in_forward_is_sliced_and_exact():
+    model = ConstantInForward().eval()
+    res = fxprune.prune(model, IMG, "l1", 0.5)
+    constants = [name for name in res.plan if name.startswith("_tensor_constant")]
+    assert constants and len(res.plan[constants[0]][0]) == 3
+    assert_equivalent(model, res, IMG)

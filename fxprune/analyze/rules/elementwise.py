@@ -20,7 +20,7 @@ ZERO_PRESERVING = ops(
     "aten.sign.default", "aten.selu.default", "aten.celu.default",
     "aten.dropout.default", "aten.dropout_.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",
     "aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
-    "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
+    "aten.detach_.default", "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
     "aten.to.device", "aten.to.other", "aten.type_as.default", "aten.hardtanh.default", "aten.hardtanh_.default",
     "aten.relu6.default", "aten.floor.default", "aten.ceil.default", "aten.round.default", "aten.trunc.default",
     "aten.zeros_like.default",
