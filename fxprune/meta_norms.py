@@ -1,6 +1,6 @@
 """Normalisations on the meta device, shaped instead of run.
 
-Their meta kernels run Python reference code (1-3 ms each), so a recording on meta copies of the
+Their meta kernels run Python reference code, slow next to a shape rule, so a recording on meta copies of the
 weights (``fxprune.trace_record``) and the verifier that follows it on meta (``fxprune.compact.verify``)
 make the output (the input's shape and dtype) after the shape checks the kernel would make.
 Only public torch imports: compaction uses this without importing the tracing front ends.

@@ -22,7 +22,7 @@ class PassError(ValueError):
 
 def _entry_points() -> dict[str, Any]:
     """Registered entry points by name (not loaded); two providers of one name is an error naming both.
-    Reading every installed distribution's metadata takes ~15 ms, so the result is kept for as long as
+    Reading every installed distribution's metadata is not free, so the result is kept for as long as
     ``sys.path`` stays the same (a plugin put on the path is found; one pip-installed into a directory
     already on it is found by the next process)."""
     return dict(_scan(tuple(sys.path)))

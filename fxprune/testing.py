@@ -78,7 +78,7 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     Both run in float64 by default, so the tolerance measures the rewrite, not float32 summation
     order. ``tol`` is relative to the largest output magnitude (default 1e-6 in float64, 1e-4 in
     float32: random-weight models produce outputs in the thousands). float32 is the fast choice for
-    models full of depthwise convolutions, whose float64 kernels are ~40x slower on CPU.
+    models full of depthwise convolutions, whose float64 kernels are far slower on CPU.
     """
     base = getattr(result, "base", None)  # a pass that pruned its own model (scratch's wider copy)
     masked = masked_model(with_weights(base if base is not None else model, getattr(result, "weights", None)),
