@@ -5,17 +5,19 @@ anybody can reproduce with plain PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
+import warnings
 import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .compat import CompatWarning, dispatch_mode_base, tree_leaves
 from .trace import normalize_inputs
 
 __all__ = ["count_macs", "count_params", "latency_ms", "peak_memory_bytes", "to_device"]
@@ -77,15 +79,16 @@ def latency_ms(module: nn.Module, example_inputs: Any, *, repeats: int = 20, war
     return statistics.median(times)
 
 
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes:
     """Tracks bytes of the storages produced during a forward pass, and their peak.
 
     CPU has no allocator statistics, so we count the storages ops return and drop them when the last
-    tensor viewing them is freed (weakref finalizers); views share a storage and add nothing.
+    tensor viewing them is freed (weakref finalizers); views share a storage and add nothing. A mixin:
+    ``_live_bytes_mode()`` puts it on torch's (private) ``TorchDispatchMode``.
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # the dispatch mode's
         self.live: dict[int, list[int]] = {}  # storage data_ptr -> [nbytes, tensors alive]
         self.current = 0
         self.peak = 0
@@ -113,10 +116,16 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
+
+
+@functools.cache
+def _live_bytes_mode() -> type | None:
+    base = dispatch_mode_base()
+    return None if base is None else type("_LiveBytesMode", (_LiveBytes, base), {})
 
 
 def peak_memory_bytes(module: nn.Module, example_inputs: Any) -> int:
@@ -131,7 +140,12 @@ def peak_memory_bytes(module: nn.Module, example_inputs: Any) -> int:
         _call(module, example_inputs)
         _sync(device)
         return weights + torch.cuda.max_memory_allocated(device) - base
-    mode = _LiveBytes()
+    cls = _live_bytes_mode()
+    if cls is None:
+        warnings.warn("fxprune: this torch lacks torch.utils._python_dispatch.TorchDispatchMode: the CPU peak "
+                      "memory counts the weights only", CompatWarning, stacklevel=2)
+        return weights
+    mode = cls()
     with mode:
         _call(module, example_inputs)
     return weights + mode.peak

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..compat import is_op_overload
 from .slots import SlotKey, SlotTable, tensor_values
 
 __all__ = ["Coupler", "TensorRef", "UnsupportedOpWarning"]
@@ -168,4 +169,4 @@ def _op_name(node: fx.Node | None) -> str:
     if node is None:
         return "?"
     t = node.target
-    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+    return str(t) if is_op_overload(t) else getattr(t, "__name__", str(t))

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.fx as fx
+
+from ..compat import is_op_overload
 
 __all__ = ["bind", "set_arg"]
 
@@ -15,7 +16,7 @@ def _schema(target: Any) -> list[tuple[str, Any, bool]]:
     names = _NAMES.get(target)
     if names is None:
         names = []
-        if isinstance(target, torch._ops.OpOverload):
+        if is_op_overload(target):
             for a in target._schema.arguments:
                 default = a.default_value if a.has_default_value() else None
                 names.append((a.name, default, a.kwarg_only))

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
-from torch.utils import _pytree as pytree
 
 from ..analyze.couple import TensorRef
 from ..analyze.slots import tensor_values
+from ..compat import batch_norm_types, tree_leaves, tree_map
 from ..trace import META_INPUTS
 from ..meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
 from .resize import Resizer
@@ -50,7 +49,7 @@ class _MetaRun(_ShapeRun):
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr_module(target)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not kwargs:
+        if isinstance(mod, batch_norm_types()) and not kwargs:
             return norm_output(torch.ops.aten.batch_norm.default,
                                (args[0], mod.weight, mod.bias, mod.running_mean, mod.running_var))
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
@@ -58,7 +57,7 @@ class _MetaRun(_ShapeRun):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         # Factories in the graph name a real device (arange(..., device="cpu")): keep everything on meta.
-        args, kwargs = pytree.tree_map(_meta, (args, kwargs))
+        args, kwargs = tree_map(_meta, (args, kwargs))
         if "device" in kwargs:
             kwargs = {**kwargs, "device": torch.device("meta")}
         if target in SHAPE_OF_INPUT and not kwargs:
@@ -71,7 +70,7 @@ class _MetaRun(_ShapeRun):
 
 def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) -> None:
     args, kwargs = gm.meta[META_INPUTS]
-    leaves = list(pytree.tree_leaves((args, kwargs)))
+    leaves = list(tree_leaves((args, kwargs)))
     if len(leaves) != sum(n.op == "placeholder" for n in gm.graph.nodes):
         return  # an input structure we cannot replay; the equivalence tests cover these
     tensors = [t for t in list(gm.parameters()) + list(gm.buffers())] + \

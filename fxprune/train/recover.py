@@ -27,20 +27,21 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import aten_ops, fan_in
 from .engine import Evaluate, Hook, LossFn, TrainState, train
 
 __all__ = ["recover", "reinitialize", "scratch_b_epochs", "DistillHook", "distill_loss", "MODES"]
 
 MODES = ("finetune", "scratch-e", "scratch-b")
 
-_aten = torch.ops.aten
-# Ops whose ``weight`` is a matmul-like kernel (kaiming init) and whose ``bias`` takes 1/sqrt(fan_in).
-_KERNEL_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.convolution.default,
-               _aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input,
-               _aten.linear.default}
-_NORM_OPS = {_aten.layer_norm.default, _aten.group_norm.default, _aten.batch_norm.default,
-             _aten.instance_norm.default, _aten.rms_norm.default, _aten._native_batch_norm_legit_no_training.default,
-             _aten.native_layer_norm.default}
+# Ops whose ``weight`` is a matmul-like kernel (kaiming init) and whose ``bias`` takes 1/sqrt(fan_in). Looked
+# up by name (fxprune.compat.aten_ops): an op this torch lacks (a private one renamed) is left out, never an
+# ImportError.
+_KERNEL_OPS = aten_ops("conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
+                       "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input", "linear.default")
+_NORM_OPS = aten_ops("layer_norm.default", "group_norm.default", "batch_norm.default", "instance_norm.default",
+                     "rms_norm.default", "_native_batch_norm_legit_no_training.default", "native_layer_norm.default")
+_PRELU_OPS = aten_ops("prelu.default", "_prelu_kernel.default")
 
 
 def logits(output: Any) -> torch.Tensor:
@@ -149,11 +150,11 @@ def _graph_roles(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]
                 for key, role in (("running_mean", "running_mean"), ("running_var", "running_var")):
                     if attr(b.get(key)) is not None:
                         roles[attr(b.get(key))] = (role, None)
-        elif node.target == _aten.embedding.default:
+        elif node.target is torch.ops.aten.embedding.default:
             w = attr(node.args[0])
             if w is not None:
                 roles[w] = ("embedding", None)
-        elif node.target in (_aten.prelu.default, _aten._prelu_kernel.default):
+        elif node.target in _PRELU_OPS:
             w = attr(node.args[1])
             if w is not None:
                 roles[w] = ("prelu", None)
@@ -161,8 +162,8 @@ def _graph_roles(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]
 
 
 def _bias_init(bias: torch.Tensor, kernel: torch.Tensor) -> None:
-    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(kernel)
-    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    fans = fan_in(kernel)
+    bound = 1 / math.sqrt(fans) if fans > 0 else 0.0
     nn.init.uniform_(bias, -bound, bound)
 
 
