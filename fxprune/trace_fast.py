@@ -10,24 +10,23 @@ same tracer; export adds dynamo-level bookkeeping, stack-trace recording and the
 ``ep.module()`` on top.
 
 Anything this path does not handle raises ``Unsupported`` (or whatever the tracer raised), and
-``fxprune.trace`` then falls back to ``torch.export``.
+``fxprune.trace`` then falls back to ``torch.export``. The private torch names it uses come from
+``fxprune.compat`` (``make_fx_support()``), looked up when a trace starts: importing this module
+never touches them.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils import _pytree as pytree
 
+from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
 from .lazy_module import lazy_graph_module
 
 __all__ = ["fast_trace", "Unsupported"]
@@ -56,15 +55,16 @@ def _reader_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return {name: last[id(t)] for name, t in state.items()}
 
 
-def _fake_inputs(mode: FakeTensorMode, leaves: list[Any], dynamic_batch: bool) -> list[Any]:
-    """User input leaves as fake tensors; with ``dynamic_batch`` axis 0 of each tensor is symbolic."""
+def _fake_inputs(tc: Support, mode: Any, leaves: list[Any], dynamic_batch: bool) -> list[Any]:
+    """User input leaves as fake tensors (``mode``: a FakeTensorMode); with ``dynamic_batch`` axis 0 of
+    each tensor is symbolic."""
     out = []
     for x in leaves:
         if not isinstance(x, torch.Tensor):
             out.append(x)
         elif dynamic_batch and x.dim() > 0:
-            dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (x.dim() - 1)
-            out.append(mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)))
+            dims = [tc.DimDynamic.DYNAMIC] + [tc.DimDynamic.STATIC] * (x.dim() - 1)
+            out.append(mode.from_tensor(x, symbolic_context=tc.StatelessSymbolicContext(dynamic_sizes=dims)))
         else:
             out.append(mode.from_tensor(x, static_shapes=True))
     return out
@@ -75,13 +75,16 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
     """Record ``meta["nn_module_stack"]`` ({path: (path, class name)}, outermost first, as export writes it)
     on every op node, via global module hooks that label the nodes created since the previous module
     entry or exit (the model itself gets no hooks). ``graph_of()``: the graph being recorded (default:
-    make_fx's). Measured: 5-10% of the trace time on mobilenet_v3_small and resnet50."""
+    make_fx's). Measured: 5-10% of the trace time on mobilenet_v3_small and resnet50. The hooks are
+    torch's global ones, so they act in the tracing thread only: another thread running modules
+    meanwhile (the same model included) is not recorded."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     graph_of = graph_of or _make_fx_graph
     names = {id(m): name for name, m in model.named_modules()}
     stack: dict[str, tuple[str, str]] = {}
     cursor: list[fx.Node | None] = [None]
+    tracing_thread = threading.get_ident()
 
     def label() -> None:
         graph = graph_of()
@@ -97,7 +100,7 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
 
     def pre(mod: torch.nn.Module, args: Any) -> None:
         name = names.get(id(mod))
-        if name is not None:
+        if name is not None and threading.get_ident() == tracing_thread:
             label()
             key = name or "L__self__"
             while key in stack:  # a module called inside itself (recursion): keep keys unique
@@ -105,7 +108,7 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
             stack[key] = (name, f"{type(mod).__module__}.{type(mod).__qualname__}")
 
     def post(mod: torch.nn.Module, args: Any, out: Any) -> None:
-        if names.get(id(mod)) is not None and stack:
+        if names.get(id(mod)) is not None and stack and threading.get_ident() == tracing_thread:
             label()
             stack.popitem()
 
@@ -119,9 +122,7 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
 
 
 def _make_fx_graph() -> fx.Graph | None:
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    mode = get_proxy_mode()
+    mode = make_fx_support().get_proxy_mode()
     return mode.tracer.graph if mode is not None else None
 
 
@@ -137,15 +138,16 @@ def _forward_arg_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> lis
     return names + list(kwargs)
 
 
-def _traced(model: torch.nn.Module, readers: list[str], in_spec: pytree.TreeSpec,
-            out_spec: list[pytree.TreeSpec]) -> Any:
+def _traced(tc: Support, model: torch.nn.Module, readers: list[str], in_spec: Any, out_spec: list[Any]) -> Any:
     """The function make_fx traces: (state by name, flat user leaves) -> flat outputs. Two plain
-    arguments, not ``*flat``: make_fx compiles a wrapper for varargs functions."""
+    arguments, not ``*flat``: make_fx compiles a wrapper for varargs functions. ``in_spec``, ``out_spec``:
+    pytree specs."""
     owners = _owners(model, readers)
+    pytree = tc.pytree
 
     def fn(params: dict[str, torch.Tensor], leaves: list[Any]) -> tuple[Any, ...]:
         args, kwargs = pytree.tree_unflatten(leaves, in_spec)
-        with _reparametrize_module(model, params, tie_weights=True, strict=False):
+        with tc.reparametrize_module(model, params, tie_weights=True, strict=False):
             out = model(*args, **kwargs)
             _check_state_kept(owners, params)
         flat, spec = pytree.tree_flatten(out)
@@ -174,9 +176,9 @@ def _owners(model: torch.nn.Module, names: list[str]) -> list[tuple[str, dict[st
 def _check_no_state_mutation(graph: fx.Graph, state_nodes: set[fx.Node]) -> None:
     """An op that writes into a parameter or buffer in place (a state update) is export's job."""
     for node in graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        if node.op != "call_function" or not is_op_overload(node.target):
             continue
-        schema = node.target._schema
+        schema = op_schema(node.target)
         if not schema.is_mutable:
             continue
         for arg, value in zip(schema.arguments, node.args):
@@ -187,7 +189,8 @@ def _check_no_state_mutation(graph: fx.Graph, state_nodes: set[fx.Node]) -> None
                 raise Unsupported(f"{node.format_node()} writes a parameter or buffer in place")
 
 
-def _lift_state(traced: fx.GraphModule, state: dict[str, torch.Tensor], readers: list[str]) -> dict[str, Any]:
+def _lift_state(tc: Support, traced: fx.GraphModule, state: dict[str, torch.Tensor],
+                readers: list[str]) -> dict[str, Any]:
     """Turn the state placeholders into get_attr nodes (first in the graph, one per state name, as in
     export's graph); return the attributes the GraphModule must own, by target."""
     graph = traced.graph
@@ -210,7 +213,7 @@ def _lift_state(traced: fx.GraphModule, state: dict[str, torch.Tensor], readers:
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in owned:
             value = getattr(traced, node.target)
-            if isinstance(value, FakeTensor):
+            if isinstance(value, tc.FakeTensor):
                 raise Unsupported(f"a fake constant {node.target}")
             owned[node.target] = value
     _check_no_state_mutation(graph, set(attrs.values()))
@@ -239,10 +242,10 @@ def _dedupe_size_nodes(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _name_inputs(graph: fx.Graph, names: list[str]) -> None:
+def _name_inputs(tc: Support, graph: fx.Graph, names: list[str]) -> None:
     """Placeholders named after the forward's parameters (make_fx names them arg1_1, arg1_2...)."""
     for node, name in zip((n for n in graph.nodes if n.op == "placeholder"), names):
-        node._rename(name)
+        tc.rename_node(node, name)
         node.target = node.name
 
 
@@ -250,44 +253,80 @@ def _input_names(forward_names: list[str], args: tuple, kwargs: dict) -> list[st
     """Placeholder names: the forward parameter's name, suffixed by the leaf's position when it holds several."""
     out: list[str] = []
     for name, value in zip(forward_names, list(args) + list(kwargs.values())):
-        n = len(pytree.tree_leaves(value))
+        n = len(tree_leaves(value))
         out.extend([name] if n == 1 else [f"{name}_{i}" for i in range(n)])
     return out
 
 
-def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> fx.GraphModule:
-    """Trace ``model`` (already in eval mode) into an export-like GraphModule. Raises on anything unsupported."""
-    from torch.export._trace import _ignore_backend_decomps
-    from torch.export._unlift import _get_codegen
+def _backends_off_in_graph(graph: fx.Graph) -> None:
+    """As in export's graph, normalisations record ``cudnn_enabled=False`` (export traces with the
+    backends switched off; F.batch_norm & co. pass the global flag as an argument)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not is_op_overload(node.target):
+            continue
+        arguments = op_schema(node.target).arguments
+        for i, arg in enumerate(arguments):
+            if arg.name not in _BACKEND_FLAGS:
+                continue
+            if i < len(node.args):
+                node.args = (*node.args[:i], False, *node.args[i + 1:])
+            elif arg.name in node.kwargs or arg.kwarg_only or any(a.name in node.kwargs for a in arguments[:i]):
+                node.kwargs = {**node.kwargs, arg.name: False}
+            else:  # left out as a default (true) with the defaults before it: written out, as export's graph has it
+                node.args = (*node.args, *(a.default_value for a in arguments[len(node.args):i]), False)
 
+
+_BACKEND_FLAGS = ("cudnn_enabled", "cudnn_enable")
+
+
+@contextlib.contextmanager
+def _backends_off_on_accelerators(tensors: list[Any]) -> Iterator[None]:
+    """mkldnn/nnpack/cudnn off while tracing tensors that live on an accelerator, as export does (a
+    cuDNN LSTM would otherwise flatten its fake weights in place). These flags are process-wide, so
+    on the CPU, where no backend choice reaches a pre-dispatch graph but the normalisations' flag
+    (``_backends_off_in_graph``), they are left alone: another thread's kernels are unaffected."""
+    if all(t.device.type in ("cpu", "meta") for t in tensors if isinstance(t, torch.Tensor)):
+        yield
+        return
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False), \
+            torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
+def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> fx.GraphModule:
+    """Trace ``model`` (already in eval mode) into an export-like GraphModule. Raises on anything
+    unsupported, and ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
+    tc = make_fx_support().require()
+    pytree = tc.pytree
     state = _state(model)
     reader_of = _reader_names(state)
     readers = list(dict.fromkeys(reader_of.values()))
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
-    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv(), static_shapes=not dynamic_batch)
+    mode = tc.FakeTensorMode(allow_non_fake_inputs=False, shape_env=tc.ShapeEnv(), static_shapes=not dynamic_batch)
     # Fakified here (static shapes); make_fx's own conversion of the real tensors then hits the mode's
     # memo, which holds the fakes weakly: keep them referenced until the trace is done.
     fake_state = [mode.from_tensor(state[name], static_shapes=True) for name in readers]
-    fake_leaves = _fake_inputs(mode, leaves, dynamic_batch)
-    if not any(isinstance(x, FakeTensor) for x in fake_leaves):
+    fake_leaves = _fake_inputs(tc, mode, leaves, dynamic_batch)
+    if not any(isinstance(x, tc.FakeTensor) for x in fake_leaves):
         raise Unsupported("no tensor among the inputs")
-    out_spec: list[pytree.TreeSpec] = []
-    fn = _traced(model, readers, in_spec, out_spec)
-    # As export: no grad, and mkldnn/nnpack/cudnn off so that no backend-specific choice is baked in
-    # (F.batch_norm records cudnn_enabled=False, as in export's graph). The torch-function metadata
-    # mode only records meta["torch_fn"] (unused here) and maps aten.size to sym_size on symbolic
-    # sizes: off for a static trace, where it cost 5-15% of the time (mobilenet_v3_small, efficientnet_b1).
-    with _module_stack(model), torch.no_grad(), _ignore_backend_decomps():
-        traced = make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_stack_traces=False,
-                         _disable_torch_fn_metadata_mode=not dynamic_batch)(
+    out_spec: list[Any] = []
+    fn = _traced(tc, model, readers, in_spec, out_spec)
+    # As export: no grad, and no backend-specific choice baked in (_backends_off_in_graph,
+    # _backends_off_on_accelerators). The torch-function metadata mode only records meta["torch_fn"]
+    # (unused here) and maps aten.size to sym_size on symbolic sizes: off for a static trace, where it
+    # cost 5-15% of the time (mobilenet_v3_small, efficientnet_b1).
+    with _module_stack(model), torch.no_grad(), _backends_off_on_accelerators(list(state.values()) + leaves):
+        traced = tc.make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_stack_traces=False,
+                            _disable_torch_fn_metadata_mode=not dynamic_batch)(
             {name: state[name] for name in readers}, fake_leaves)
     del fake_state
-    owned = _lift_state(traced, state, readers)
+    owned = _lift_state(tc, traced, state, readers)
+    _backends_off_in_graph(traced.graph)
     if dynamic_batch:
         _dedupe_size_nodes(traced.graph)
     forward_names = _forward_arg_names(model, args, kwargs)
-    _name_inputs(traced.graph, _input_names(forward_names, args, kwargs))
-    traced.graph._codegen = _get_codegen(in_spec, out_spec[-1], forward_names)
+    _name_inputs(tc, traced.graph, _input_names(forward_names, args, kwargs))
+    traced.graph.set_codegen(tc.get_codegen(in_spec, out_spec[-1], forward_names))
     gm = lazy_graph_module(owned, traced.graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec[-1]
     return gm

@@ -23,10 +23,17 @@ uses make_fx, then torch.export) whatever a real run would silently specialise o
 The model's own tensors are never written: example inputs are copied, state writes are refused
 before they run, and parameters are traced with ``requires_grad`` off (put back afterwards), so
 that a ``torch.no_grad()`` region inside the forward shows up as grad mode turning off.
+
+Nothing here changes torch for other threads: the value readers are refused and the fused
+attention kernels avoided by a torch-function mode, which torch keeps per thread
+(``_TracingThreadOnly``), and the "compiling" flags read true in the tracing thread only
+(``compat.compiling_in_this_thread``). The private torch names it uses come from ``fxprune.compat``
+(``recorder_support()``), looked up when a recording starts.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import weakref
 from collections.abc import Iterator
@@ -34,10 +41,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
+from .compat import Support, compiling_in_this_thread, op_schema, recorder_support
 from .lazy_module import lazy_graph_module
 from .meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
 from .trace_fast import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
@@ -59,18 +65,24 @@ def _is_meta_device(x: Any) -> bool:
     return isinstance(x, torch.device) and x.type == "meta"
 
 
-class _Mode(ProxyTorchDispatchMode):
-    """Torch admits only its own mode classes onto the pre-dispatch stack; none of the parent's
-    tracing machinery runs (its ``__init__`` is skipped), every op goes to the recorder."""
+@functools.cache
+def _mode_class(rs: Support) -> type:
+    """The dispatch mode the recording runs under (made on first use: its base class is private)."""
 
-    def __init__(self, recorder: _Recorder) -> None:
-        TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
-        self._mode_key = torch._C._TorchDispatchModeKey.PROXY
-        self.enter_stack: list[Any] = []
-        self.recorder = recorder
+    class _Mode(rs.ProxyTorchDispatchMode):
+        """Torch admits only its own mode classes onto the pre-dispatch stack; none of the parent's
+        tracing machinery runs (its ``__init__`` is skipped), every op goes to the recorder."""
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        return self.recorder.call(func, args, kwargs or {})
+        def __init__(self, recorder: _Recorder) -> None:
+            rs.TorchDispatchMode.__init__(self, rs.PreDispatchKey)
+            self._mode_key = rs.ProxyModeKey
+            self.enter_stack: list[Any] = []
+            self.recorder = recorder
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            return self.recorder.call(func, args, kwargs or {})
+
+    return _Mode
 
 
 def _meta_val(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +108,7 @@ class _OpCheck:
     depends on tensor values."""
 
     def __init__(self, func: Any) -> None:
-        schema = func._schema
+        schema = op_schema(func)
         self.writes = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
         self.names = [a.name for a in schema.arguments]
         returns_values = any("Tensor" not in str(r.type) for r in schema.returns)
@@ -110,8 +122,9 @@ class _OpCheck:
 
 
 class _Recorder:
-    def __init__(self, graph: fx.Graph, meta: bool, state_storages: set[int], state_ids: set[int],
+    def __init__(self, rs: Support, graph: fx.Graph, meta: bool, state_storages: set[int], state_ids: set[int],
                  device: torch.device | None = None) -> None:
+        self.rs = rs
         self.graph = graph
         self.meta = meta
         self.device = device  # the model's real device when it runs on meta copies: what device literals say
@@ -147,13 +160,13 @@ class _Recorder:
             node_kwargs = {k: self.device if _is_meta_device(v) else v for k, v in node_kwargs.items()}
         graph = self.graph
         node = graph.create_node("call_function", func, node_args, node_kwargs,
-                                 name=graph._target_to_str(func.overloadpacket.__name__))
+                                 name=self.rs.target_to_str(graph, func.overloadpacket.__name__))
         if self.meta and func in SHAPE_OF_INPUT:
             out = norm_output(func, args)
         elif self.meta:
             out = func(*args, **kwargs)
         else:  # a real kernel: torch's own C++ dispatch, not the Python dispatcher the recording needs
-            with torch._C._DisablePythonDispatcher():
+            with self.rs.DisablePythonDispatcher():
                 out = func(*args, **kwargs)
         self._track(out, node)
         return out
@@ -206,7 +219,7 @@ class _Recorder:
     def _check(self, func: Any, args: tuple, kwargs: dict) -> _OpCheck:
         if not torch.is_grad_enabled():
             raise Unsupported("the forward turns gradients off (torch.no_grad)")
-        if torch._C._is_any_autocast_enabled():
+        if self.rs.is_any_autocast_enabled():
             raise Unsupported("the forward enables autocast")
         check = self.checks.get(func)
         if check is None:
@@ -243,43 +256,29 @@ def _integer_index(func: Any, args: tuple) -> bool:
     return all(i is None or not (i.dtype == torch.bool or i.dtype == torch.uint8) for i in args[1])
 
 
-@contextlib.contextmanager
-def _mha_fastpath_off() -> Iterator[None]:
-    """nn.MultiheadAttention and nn.TransformerEncoderLayer take a fused kernel when nothing needs
-    gradients and no tensor is traced (``_native_multi_head_attention``, which no rule knows); make_fx's
-    proxies and export's fakes never take it, nor does the recording."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+# Tensor methods that read values without going through the dispatcher (``np.asarray(t)`` calls ``__array__``)
+_VALUE_READERS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy", torch.Tensor.__array__: "__array__"}
 
 
-_VALUE_READERS = ("tolist", "numpy")  # Tensor methods that read values without going through the dispatcher
+class _TracingThreadOnly(TorchFunctionMode):
+    """What the recording must change in torch, for the tracing thread only (torch keeps its
+    torch-function mode stack per thread; another thread using torch meanwhile is unaffected):
 
+    * ``Tensor.tolist()``, ``Tensor.numpy()`` and ``np.asarray(t)`` read a tensor's values in C++, past
+      the dispatcher, where the recording cannot see them: they raise ``Unsupported``. (Torch routes
+      these methods through the active torch-function mode, which the recorder's dispatch mode is not.)
+    * nn.MultiheadAttention and nn.TransformerEncoder(Layer) take a fused kernel when nothing needs
+      gradients and no tensor is traced (``_native_multi_head_attention``, which no rule knows): with
+      a torch-function mode active, ``has_torch_function`` holds for every tensor, and their fast paths
+      step aside, as under make_fx's proxies and export's fakes. (The alternative,
+      ``torch.backends.mha.set_fastpath_enabled(False)``, is one process-wide flag: it would switch
+      the fast path off for every thread while the trace runs.)"""
 
-@contextlib.contextmanager
-def _values_unreadable() -> Iterator[None]:
-    """``Tensor.tolist()`` and ``Tensor.numpy()`` (so ``np.asarray(t)`` too) read a tensor's values in C++,
-    past the dispatcher, where the recording cannot see them: for the trace they raise ``Unsupported``
-    (class attributes shadowed, put back after; process-wide for the duration, like the flags above)."""
-    def refuse(name: str) -> Any:
-        def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = _VALUE_READERS.get(func)
+        if name is not None:
             raise Unsupported(f"Tensor.{name}() reads tensor values (data-dependent)")
-        return method
-
-    saved = {name: torch.Tensor.__dict__.get(name) for name in _VALUE_READERS}
-    for name in _VALUE_READERS:
-        setattr(torch.Tensor, name, refuse(name))
-    try:
-        yield
-    finally:
-        for name, before in saved.items():
-            if before is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, before)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -324,12 +323,9 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     """Trace ``model`` (already in eval mode) into an export-like static GraphModule. Raises on anything
     unsupported. ``on_meta``: run the ops on meta copies of the weights and inputs (default: when the
     weights are on meta, or a real forward looks expensive, ``_heavy``); device literals then name the
-    model's real device."""
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch._export.utils import _compiling_state_context
-    from torch.export._unlift import _get_codegen
-    from torch.nn.utils.stateless import _reparametrize_module
-
+    model's real device. Raises ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
+    rs = recorder_support().require()
+    pytree = rs.pytree
     state = _state(model)
     reader_of = _reader_names(state)
     readers = list(dict.fromkeys(reader_of.values()))
@@ -345,7 +341,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     device = next((t.device for t in list(state.values()) + leaves if isinstance(t, torch.Tensor)), None) \
         if copies else None
     graph = fx.Graph()
-    recorder = _Recorder(graph, meta, {t.untyped_storage().data_ptr() for t in run_state.values()
+    recorder = _Recorder(rs, graph, meta, {t.untyped_storage().data_ptr() for t in run_state.values()
                                        if not meta and t.untyped_storage().nbytes()},
                          {id(t) for t in run_state.values()}, device)
     for name, t in state.items():  # one get_attr per state name; a tied tensor is read under its last name
@@ -362,19 +358,18 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
             recorder.bind(x, node)
     run_args, run_kwargs = pytree.tree_unflatten(run_leaves, in_spec)
     owners = _owners(model, readers)
-    weights = _reparametrize_module(model, run_state, tie_weights=True, strict=False) if copies \
+    weights = rs.reparametrize_module(model, run_state, tie_weights=True, strict=False) if copies \
         else _no_param_grads(state)
-    # torch.compiler.is_compiling()/is_exporting() say True, as under torch.export: libraries then take
-    # their traceable paths (Hugging Face skips its data-dependent mask shortcuts)
-    with _module_stack(model, lambda: graph), weights, _mha_fastpath_off(), torch.enable_grad(), \
-            _compiling_state_context():
-        with _values_unreadable(), enable_python_dispatcher(), _Mode(recorder):
+    # torch.compiler.is_compiling()/is_exporting() say True in this thread, as under torch.export:
+    # libraries then take their traceable paths (Hugging Face skips its data-dependent mask shortcuts)
+    with _module_stack(model, lambda: graph), weights, torch.enable_grad(), compiling_in_this_thread():
+        with _TracingThreadOnly(), rs.enable_python_dispatcher(), _mode_class(rs)(recorder):
             out = model(*run_args, **run_kwargs)
         _check_state_kept(owners, run_state)
     recorder.finish()
     flat, out_spec = pytree.tree_flatten(out)
     graph.output(tuple(recorder.node_of(x) if isinstance(x, torch.Tensor) else x for x in flat))
-    graph._codegen = _get_codegen(in_spec, out_spec, forward_names)
+    graph.set_codegen(rs.get_codegen(in_spec, out_spec, forward_names))
     gm = lazy_graph_module({**state, **recorder.constants}, graph)
     gm._in_spec, gm._out_spec = in_spec, out_spec
     gm.meta[META_ON_META] = copies
