@@ -92,10 +92,13 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, mode
 
 @contextlib.contextmanager
 def _gc_frozen() -> Iterator[None]:
-    """Objects that exist before pruning (torch's own, the model) are left out of garbage collection
-    while it runs (``gc.freeze``), and put back after. Tracing allocates enough long-lived objects to
-    trigger full collections, and each walks every object in the process: measured 0.25-0.45 s per
-    collection with torch and torchvision imported, about a fifth of pruning efficientnet_b1 at 64x64.
+    """Objects that exist before the trace (torch's own, the model) are left out of garbage collection
+    while the trace and the analysis run (``gc.freeze``), and put back after. They allocate enough
+    long-lived objects to trigger full collections, and each walks every object in the process:
+    measured 0.25-0.45 s per collection with torch and torchvision imported, about a fifth of pruning
+    efficientnet_b1 at 64x64. Only around fxprune's own work: the pass (which may train, reading the
+    user's loaders) and recovery run with collection as usual. ``gc.freeze`` is process-wide, but it
+    only postpones, for those objects, the collection of cycles: it changes no thread's results.
     Skipped when the caller froze objects itself or turned collection off."""
     if gc.get_freeze_count() or not gc.isenabled():
         yield
@@ -157,32 +160,32 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         groups = analyze(gm, allow_inexact=allow_inexact)
         counter = CostCounter(groups)
         before = counter()
-        target = target_macs if target_macs is not None else target_params
-        needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
-        if needs_scores and not groups.prunable:
-            if require_prunable:
-                raise NothingToPruneError(nothing_prunable(groups))
-            warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
-        stage("score")
-        ctx = PassContext(gm, groups, model, data, sel)
-        prepared = the_pass.prepare(ctx) if needs_scores else None
-        if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
-            ctx = prepared
-            gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-        which = "macs" if target_macs is not None else "params"
-        budget = _Budget(groups, sel, counter, before, which, target, getattr(the_pass, "tolerance", 0.01))
-        ctx.select = budget.removal
-        base = ctx.model
-        scores = the_pass.score(ctx) if needs_scores else {}
-        stage("select")
-        removed, sel = budget(scores)
-        stage("compact")
-        weights = the_pass.weights(ctx, removed) if needs_scores else {}
-        out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
-        if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
-            weights = the_pass.weights(ctx, out.removed)
-            out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
-        after = counter(out.removed)
+    target = target_macs if target_macs is not None else target_params
+    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
+    if needs_scores and not groups.prunable:
+        if require_prunable:
+            raise NothingToPruneError(nothing_prunable(groups))
+        warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
+    stage("score")
+    ctx = PassContext(gm, groups, model, data, sel)
+    prepared = the_pass.prepare(ctx) if needs_scores else None
+    if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
+        ctx = prepared
+        gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
+    which = "macs" if target_macs is not None else "params"
+    budget = _Budget(groups, sel, counter, before, which, target, getattr(the_pass, "tolerance", 0.01))
+    ctx.select = budget.removal
+    base = ctx.model
+    scores = the_pass.score(ctx) if needs_scores else {}
+    stage("select")
+    removed, sel = budget(scores)
+    stage("compact")
+    weights = the_pass.weights(ctx, removed) if needs_scores else {}
+    out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
+    if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
+        weights = the_pass.weights(ctx, out.removed)
+        out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
+    after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:
         stage("recover")

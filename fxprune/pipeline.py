@@ -13,6 +13,7 @@ import dataclasses
 import io
 import math
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -309,8 +310,10 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     def stage(name: str) -> None:  # one progress line per pipeline stage, each ticked off when the next starts
         stages.close()
         stages.enter_context(fb.step(f"{name} ({cfg.method})" if name == "score" else name))
+        if name == "trace":  # torch.export's partial graphs on failure: held back for the trace only
+            stages.enter_context(stderr_only_on_success())
 
-    with stages, stderr_only_on_success(), _warnings_as_notes(fb, notes):
+    with stages, _warnings_as_notes(fb, notes):
         result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
                        require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
@@ -353,15 +356,47 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
 
 @contextlib.contextmanager
 def stderr_only_on_success() -> Iterator[None]:
-    """Hold back what is written to stderr; show it only if the block succeeds.
+    """Hold back what this thread writes to ``sys.stderr``; show it only if the block succeeds.
 
     On failure torch.export prints its partial graph to stderr; the TraceError we raise already names
-    the failing line, and a page of graph above it buries the message.
+    the failing line, and a page of graph above it buries the message. ``sys.stderr`` is one object for
+    the whole process, so it is replaced by one that holds back this thread's writes only: other
+    threads keep writing through to the real stream.
     """
-    buffer = io.StringIO()
-    with contextlib.redirect_stderr(buffer):
+    held = _ThreadHeldStream(sys.stderr, threading.get_ident())
+    sys.stderr = held
+    try:
         yield
-    sys.stderr.write(buffer.getvalue())
+    finally:
+        held.owner = None  # from now on it writes everything through, should anything still hold it
+        if sys.stderr is held:
+            sys.stderr = held.stream
+    held.stream.write(held.buffer.getvalue())
+
+
+class _ThreadHeldStream:
+    """A text stream that buffers the writes of thread ``owner`` and passes every other write (and
+    everything else) on to ``stream``."""
+
+    def __init__(self, stream: Any, owner: int | None) -> None:
+        self.stream = stream
+        self.owner = owner
+        self.buffer = io.StringIO()
+
+    def _target(self) -> Any:
+        return self.buffer if self.owner is not None and threading.get_ident() == self.owner else self.stream
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def writelines(self, lines: Any) -> None:
+        self._target().writelines(lines)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
