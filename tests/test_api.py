@@ -201,3 +201,31 @@ def test_compacted_module_compiles_on_first_use_and_keeps_its_signature():
         torch.testing.assert_close(ep.module()(*inputs), fresh(*inputs))
         torch.testing.assert_close(fresh(*inputs), masked_model(model, res.plan)(*inputs))
     assert "def forward(self, image, scale)" in fresh.code
+
+
+class _TokenBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + token
+
+
+class _ClassToken(nn.Module):
+    """A view of a parameter handed to a submodule as an argument, as timm's CaiT does with its class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 4))
+        self.block = _TokenBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, self.token.expand(x.shape[0], -1))
+
+
+def test_macs_of_a_model_handing_a_parameter_view_to_a_submodule():
+    """FlopCounterMode's module tracker fails on such an argument without grad mode; the count still works."""
+    from fxprune.measure import count_macs
+
+    assert count_macs(_ClassToken(), (torch.randn(2, 4),)) == 2 * 4 * 4
