@@ -94,9 +94,8 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, mode
 def _gc_frozen() -> Iterator[None]:
     """Objects that exist before the trace (torch's own, the model) are left out of garbage collection
     while the trace and the analysis run (``gc.freeze``), and put back after. They allocate enough
-    long-lived objects to trigger full collections, and each walks every object in the process:
-    measured 0.25-0.45 s per collection with torch and torchvision imported, about a fifth of pruning
-    efficientnet_b1 at 64x64. Only around fxprune's own work: the pass (which may train, reading the
+    long-lived objects to trigger full collections, and each walks every object in the process (with
+    torch imported, a sizeable share of pruning a small network). Only around fxprune's own work: the pass (which may train, reading the
     user's loaders) and recovery run with collection as usual. ``gc.freeze`` is process-wide, but it
     only postpones, for those objects, the collection of cycles: it changes no thread's results.
     Skipped when the caller froze objects itself or turned collection off."""

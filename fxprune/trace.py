@@ -10,11 +10,10 @@ Three front ends produce it, tried in this order (``FRONTENDS``):
 * ``fxprune.trace_record``: runs the model once on its example inputs and records every ATen call
   at the pre-dispatch level; static graphs only (a batch of 1, or ``dynamic_batch=False``). It
   refuses whatever a real run would silently specialise (values read out of tensors), state
-  updates and constants it did not see made. Measured (one thread, 64x64, cold): 3-7x quicker than
-  make_fx, e.g. mobilenet_v3_small 0.10 s against 0.70 s, resnet50 0.13 s against 0.65 s.
+  updates and constants it did not see made. Several times quicker than make_fx (no fake tensors,
+  proxies or symbolic shapes).
 * ``fxprune.trace_fast``: ``make_fx`` over the forward with fake parameters, with a symbolic batch
-  axis from a batch of 2. About half of torch.export's time, e.g. resnet50 at 224: 0.55 s against
-  0.85 s for ``export`` + ``ep.module()``.
+  axis from a batch of 2. Quicker than torch.export, which it shares its graph format with.
 * ``torch.export.export(strict=False)`` + ``ep.module()``: whenever the others raise or meet
   something they do not reproduce (state updates in forward, plain tensor attributes). It traces
   every torchvision classifier, 30 timm families and the Hugging Face models that
@@ -25,7 +24,7 @@ Three front ends produce it, tried in this order (``FRONTENDS``):
 The two quick front ends are built on private torch names, all looked up through ``fxprune.compat``.
 On a torch that lacks one (or where a quick front end fails even on a trivial model: torch changed
 underneath it), it is skipped with one ``compat.CompatWarning`` per process naming what is missing;
-tracing then takes the next front end, which is slower (see the timings above). A front end that
+tracing then takes the next front end, which is slower. A front end that
 cannot trace one particular model is not a warning: the next one takes over quietly (logged at DEBUG).
 
 ``FXPRUNE_FRONTEND=record|make_fx|export`` in the environment forces one front end wherever

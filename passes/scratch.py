@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from fxprune.analyze.groups import ChannelGroups, Group
+from fxprune.compat import batch_norm_types
 from fxprune.pass_api import Pass, PassContext, Scores
 from fxprune.passes.l1 import producer_l1
 from fxprune.registry import PassError
@@ -66,7 +67,7 @@ from fxprune.train.engine import Hook, TrainState, train
 
 __all__ = ["Scratch", "Gates", "GateHook", "reinitialize"]
 
-_BN = nn.modules.batchnorm._BatchNorm
+_BN = batch_norm_types()
 
 
 def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from fxprune.analyze.groups import ChannelGroups
+from fxprune.compat import batch_norm_types
 from fxprune.pass_api import Pass, PassContext, Scores
 from fxprune.passes.l1 import producer_l1
 from fxprune.registry import PassError
@@ -58,7 +59,7 @@ from fxprune.train.engine import Hook, TrainState, batches_per_epoch, train
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
 
-_BN = nn.modules.batchnorm._BatchNorm
+_BN = batch_norm_types()
 SCHEDULES = ("adaptive", "fixed")
 
 

@@ -406,9 +406,6 @@ def test_gc_freeze_covers_the_trace_and_analysis_not_the_pass(monkeypatch):
 # ---- (d) nothing else touches private names; importing never needs them --------------------------
 
 _SCANNED = ("fxprune", "passes")
-# Uses outside this task's files, to be moved behind fxprune.compat (compat.batch_norm_types()).
-_KNOWN_ELSEWHERE = {("passes/scratch.py", "torch.nn.modules.batchnorm._BatchNorm"),
-                    ("passes/slimming.py", "torch.nn.modules.batchnorm._BatchNorm")}
 
 
 def _private_uses(path: pathlib.Path) -> set[str]:
@@ -452,7 +449,7 @@ def test_only_compat_touches_private_torch_names():
             rel = path.relative_to(ROOT).as_posix()
             if rel != "fxprune/compat.py":
                 found |= {(rel, name) for name in _private_uses(path)}
-    assert found <= _KNOWN_ELSEWHERE, sorted(found - _KNOWN_ELSEWHERE)
+    assert not found, sorted(found)
     assert _private_uses(ROOT / "fxprune/compat.py") == set(), "compat names them as strings, looked up on use"
 
 
@@ -473,7 +470,6 @@ _WITHOUT_PRIVATE_NAMES = textwrap.dedent("""
 
     sys.path.insert(0, {root!r})
     SPECS = {specs!r}
-    NOT_YET = {not_yet!r}  # modules with a known private use outside compat (see _KNOWN_ELSEWHERE)
 
 
     class Without:
@@ -523,7 +519,6 @@ _WITHOUT_PRIVATE_NAMES = textwrap.dedent("""
     for pkg in (fxprune, passes):
         names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
                   if not m.name.endswith("__main__")]  # (runs the command line)
-    names = [n for n in names if n not in NOT_YET]
     for name in names:
         importlib.import_module(name)
     from fxprune import compat
@@ -550,8 +545,7 @@ def test_importing_fxprune_needs_no_private_torch_name():
     """In a fresh process, every private name fxprune uses is removed from torch (for whoever looks it up
     from then on: torch's own code keeps its references), then every module of fxprune and passes is
     imported, and compat's helpers fall back to their own implementations."""
-    not_yet = sorted({path.removesuffix(".py").replace("/", ".") for path, _ in _KNOWN_ELSEWHERE})
-    code = _WITHOUT_PRIVATE_NAMES.format(root=str(ROOT), specs=list(compat.PRIVATE_NAMES.values()), not_yet=not_yet)
+    code = _WITHOUT_PRIVATE_NAMES.format(root=str(ROOT), specs=list(compat.PRIVATE_NAMES.values()))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
