@@ -5,6 +5,7 @@ Run from the repository root (fxprune installed or importable from the checkout)
     python benchmarks/zoo.py --suite torchvision --out benchmarks/results/zoo_torchvision.json
     python benchmarks/zoo.py --suite timm --out benchmarks/results/zoo_timm.json
     python benchmarks/zoo.py --suite hf --out benchmarks/results/zoo_hf.json
+    python benchmarks/zoo.py --suite timm-families --no-tp --out benchmarks/results/zoo_timm_families.json
     python benchmarks/zoo.py --suite torchvision --models resnet18,resnet50 --no-tp
     python benchmarks/zoo.py --markdown --from-json benchmarks/results/zoo_*.json   # tables only, no runs
 
@@ -35,6 +36,17 @@ What is measured (batch 1, random weights, eval mode):
 * **threads**: each worker runs with ``torch.set_num_threads(1)`` by default (``--threads``); the pruning
   itself is single-threaded Python for both tools.
 * **nodes**: nodes of the traced (torch.export) graph, for the time-vs-size linear fit.
+
+The ``timm-families`` suite runs the smallest model (by parameter count, counted on the meta device) of every
+model module timm has (``timm.list_modules()``: one per family; the list is cached in
+``benchmarks/results/timm_families.json`` per timm version) and sorts each into a verdict: **exact** (compacted ==
+masked), **exact, inexact frozen** (exact, and some groups were refused because removal is not zeroing there),
+**exact, nothing prunable** (every group frozen, e.g. an RMSNorm or a mean over the channels everywhere),
+**exact (float32)** (the float64 check cannot run, e.g. the traced graph casts to float32 where the model's
+code follows its input's dtype, and the float32 check is within 1e-5), **refused** (a clear fxprune error:
+TraceError, CompactionError, SelectionError), **failed** (anything else:
+another exception, a timeout, a crash) or **SILENT INEXACT** (the compacted model differs from the masked one
+and nothing said so: the bug this suite exists to catch).
 
 Status: ``ok``; ``inexact`` (max rel err > 1e-6); ``ErrorClass: message`` when a stage raised; ``timeout`` or
 ``timeout (after prune)`` (the worker, which also builds the model and runs the checks, ran out of time; what
@@ -86,7 +98,40 @@ HF_MODELS = ["bert", "gpt2", "llama", "vit", "distilbert", "qwen2", "mistral"]
 TV_224 = ("vit_", "swin", "maxvit")
 
 
+FAMILIES_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "timm_families.json")
+
+
+def timm_families(cache: str = FAMILIES_CACHE) -> dict[str, str]:
+    """timm model module -> its smallest model by parameter count (built on the meta device: no memory,
+    no weights). Scanning all ~1400 models takes a few minutes, so the answer is cached per timm version."""
+    import timm
+    import torch
+    if os.path.exists(cache):
+        with open(cache) as f:
+            data = json.load(f)
+        if data.get("timm") == timm.__version__:
+            return data["families"]
+    families: dict[str, str] = {}
+    for module in timm.list_modules():
+        best: tuple[int, str] | None = None
+        for name in timm.list_models(module=module):
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    n = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # noqa: BLE001 - a model that cannot be built on meta is not a candidate
+                continue
+            if best is None or n < best[0]:
+                best = (n, name)
+        if best is not None:
+            families[module] = best[1]
+    save_results(cache, {"timm": timm.__version__, "families": families})
+    return families
+
+
 def list_models(suite: str) -> list[str]:
+    if suite == "timm-families":
+        return sorted(set(timm_families().values()))
     if suite == "torchvision":
         import torchvision
         return list(torchvision.models.list_models(module=torchvision.models))
@@ -137,7 +182,7 @@ def build(suite: str, name: str):
         model = torchvision.models.get_model(name, **kwargs)
         sizes = [224] if name.startswith(TV_224) else [64, 128, 224, 299]
         return model.eval(), "image", sizes
-    if suite == "timm":
+    if suite in ("timm", "timm-families"):
         import timm
         model = timm.create_model(name, pretrained=False)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -213,7 +258,7 @@ def classifier_layers(model, suite: str) -> list:
             out.append(m)
         elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes:
             out.append(m)
-    if suite == "timm" and hasattr(model, "get_classifier"):
+    if suite.startswith("timm") and hasattr(model, "get_classifier"):
         c = model.get_classifier()
         for m in (c if isinstance(c, (tuple, list)) else [c]):
             if isinstance(m, nn.Module) and all(m is not o for o in out):
@@ -237,8 +282,17 @@ def tensor_leaves(x: Any) -> list:
 def count_macs(model, inputs) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(*inputs)
+    # FlopCounterMode's module tracker hooks every argument that requires grad, which fails under no_grad for
+    # a parameter handed to a submodule (timm CaiT's class token): count with the parameters' flags off
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return int(fc.get_total_flops()) // 2
 
 
@@ -354,6 +408,9 @@ def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dic
             frozen[reason] = frozen.get(reason, 0) + len(g)
     r["frozen_reasons"] = dict(sorted(frozen.items(), key=lambda kv: -kv[1])[:12])
     r["frozen_channels"] = int(sum(len(g) for g in groups if not g.prunable))
+    refused = [g for g in groups if g.inexact is not None and not g.prunable]
+    r["inexact_frozen_groups"], r["inexact_frozen_channels"] = len(refused), int(sum(len(g) for g in refused))
+    r["inexact_reasons"] = sorted({g.inexact for g in refused})[:6]
     r["prunable_channels"] = int(sum(len(g) for g in groups.prunable))
     r["macs_before"] = count_macs(model, inputs)
     r["params_after"] = count_params(res.module)
@@ -587,7 +644,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         for i, name in enumerate(names):
             if (suite, name) in done or not _claim(args, suite, name):
                 continue
-            row: dict[str, Any] = {"suite": suite, "model": name}
+            row: dict[str, Any] = {"suite": suite, "model": name, "fxprune_commit": data["env"].get("fxprune_commit")}
             with _big_lock(args, name):
                 row["fxprune"] = run_worker("fxprune", suite, name, args.size, args.ratio, args.timeout, args.threads)
                 if have_tp:
@@ -709,6 +766,46 @@ def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return t
 
 
+CLEAR_ERRORS = ("TraceError", "CompactionError", "SelectionError", "NothingToPruneError")
+
+
+def verdict(fx: dict[str, Any]) -> str:
+    """One word for a family's outcome (see the module docstring)."""
+    status = fx.get("status", "")
+    if status == "inexact":
+        return "SILENT INEXACT"
+    if status == "ok":
+        if fx.get("prunable_channels") == 0:
+            return "exact, nothing prunable"  # every group frozen: the note says why
+        return "exact, inexact frozen" if fx.get("inexact_frozen_groups") else "exact"
+    if status.split(":")[0] in CLEAR_ERRORS:
+        return "refused"
+    if status.startswith("equivalence check failed") and (fx.get("max_rel_err_float32") or 1.0) <= 1e-5:
+        return "exact (float32)"  # the graph fixes a dtype, so only the float32 check can run
+    return "failed"
+
+
+def family_markdown(runs: list[dict[str, Any]]) -> str:
+    families = {v: k for k, v in timm_families().items()}
+    out = ["| family (timm module) | smallest model | size | verdict | prunable / frozen channels | "
+           "inexact groups frozen | max rel err | time s | note |", "|---|---|---|---|---|---|---|---|---|"]
+    counts: dict[str, int] = {}
+    for r in sorted(runs, key=lambda r: families.get(r["model"], r["model"])):
+        fx = r.get("fxprune", {})
+        v = verdict(fx)
+        counts[v] = counts.get(v, 0) + 1
+        note = "; ".join(fx.get("inexact_reasons") or []) if v.startswith("exact") else fx.get("status", "")
+        if v == "exact, nothing prunable":
+            note = next(iter(fx.get("frozen_reasons") or {}), note)
+        out.append(f"| {families.get(r['model'], '?')} | {r['model']} | {fx.get('size', '-')} | {v} | "
+                   f"{fx.get('prunable_channels', '-')} / {fx.get('frozen_channels', '-')} | "
+                   f"{fx.get('inexact_frozen_groups', '-')} | {_fmt(fx.get('max_rel_err'), '.1e')} | "
+                   f"{_fmt(fx.get('time_s'), '.2f')} | {note[:120].replace('|', '/')} |")
+    total = sum(counts.values())
+    out += ["", "- " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + f" (of {total} families)"]
+    return "\n".join(out) + "\n"
+
+
 def _tp_pruned_nothing(r: dict[str, Any]) -> bool:
     tp = r.get("tp") or {}
     return tp.get("params_after") is not None and tp.get("params_after") == r["fxprune"].get("params_before") \
@@ -776,7 +873,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "hf", "all"])
+    ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "timm-families", "hf", "all"])
     ap.add_argument("--models", default="", help="comma-separated model names (default: the whole suite)")
     ap.add_argument("--size", type=int, default=None, help="input size (default: 64 where the model allows)")
     ap.add_argument("--ratio", type=float, default=0.5)
@@ -821,7 +918,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, runs in groups:
         if not runs:
             continue
-        if args.markdown:
+        if name == "timm-families":
+            print(family_markdown(runs))
+        elif args.markdown:
             print(markdown(runs, name))
         else:
             print_table(runs)
