@@ -1077,3 +1077,24 @@ def test_constant_made_in_forward_is_sliced_and_exact():
     constants = [name for name in res.plan if name.startswith("_tensor_constant")]
     assert constants and len(res.plan[constants[0]][0]) == 3
     assert_equivalent(model, res, IMG)
+
+
+class ClampByTensor(nn.Module):
+    """``clamp`` with per-channel tensor bounds (timm's Gemma 4 ViT): an elementwise op with a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.lo, self.hi = nn.Parameter(-torch.rand(1, 6, 1, 1)), nn.Parameter(torch.rand(1, 6, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.clamp(self.c1(x), self.lo, self.hi))
+
+
+def test_clamp_by_tensor_bounds_prunes_with_its_bounds():
+    model = ClampByTensor().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        res = fxprune.prune(model, IMG, "l1", 0.5)
+    assert len(res.plan["lo"][1]) == len(res.plan["hi"][1]) == 3
+    assert_equivalent(model, res, IMG)

@@ -48,6 +48,7 @@ OTHER_BROADCAST = ops(
     "aten.remainder.Tensor", "aten.remainder.Scalar", "aten.fmod.Tensor", "aten.__and__.Tensor",
     "aten.__or__.Tensor", "aten.bitwise_and.Tensor", "aten.bitwise_or.Tensor", "aten.logical_and.default",
     "aten.logical_or.default", "aten.floor_divide.default", "aten.rsub.Scalar", "aten.rsub.Tensor",
+    "aten.clamp.Tensor", "aten.clamp_min.Tensor", "aten.clamp_max.Tensor",
     "aten.atan2.default", "aten.lerp.Scalar", "aten.lerp.Tensor", "aten.addcmul.default", "aten.addcdiv.default",
     "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar", "aten.xlogy.Tensor",
     "aten.bitwise_xor.Tensor", "aten.logical_xor.default", "aten.__xor__.Tensor",
