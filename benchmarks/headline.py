@@ -9,7 +9,8 @@ Each row is one `fxprune run` (the same pipeline function the command line calls
 recovery by default because digits.py defines train_loader(): finetune for l1 and slimming,
 scratch-b for scratch). Recorded: MACs and params kept, accuracy of the unpruned model, of the
 pruned model before recovery, after recovery, and (slimming) of the sparsity-trained network before
-pruning; wall time of pruning and of recovery. Prints a Markdown table for the README.
+pruning; MACs, parameters and latency (a batch of 8, this machine's CPU) before and after; wall time of
+pruning, of recovery and of the whole run. Prints a Markdown table for the README.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def one(method: str, ratio: float, folder: Path) -> dict:
     trained = (report.get("pass_report") or {}).get("trained_metrics") or {}
     return {"pass": method, "ratio": ratio, "recovery": report["finetune"]["mode"],
             "recovery_epochs": report["finetune"]["epochs"],
+            "macs_before": report["before"]["macs"], "macs_after": report["after"]["macs"],
+            "params_before": report["before"]["params"], "params_after": report["after"]["params"],
+            "latency_ms_before": report["before"].get("latency_ms"), "latency_ms_after": report["after"].get("latency_ms"),
             "macs_kept": report["after"]["macs"] / report["before"]["macs"],
             "params_kept": report["after"]["params"] / report["before"]["params"],
             "acc_unpruned": report["before"]["metrics"]["accuracy"],
