@@ -18,7 +18,8 @@ NORM = "norm"
 DIRECTION = "direction"  # v of a weight norm: its scale g carries a removed slice's zero
 
 
-def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, params: list[Any], weight: Any) -> None:
+def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, params: list[Any]) -> None:
+    """``params``: weight, bias, then the running statistics (mean first) where the op has them."""
     c = 1 if x.ndim > 1 else 0
     for a in range(x.ndim):
         ctx.link_axes(x, a, out, a)
@@ -26,8 +27,18 @@ def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, para
         if as_ref(p) is not None:
             ctx.link_axes(out, c, p, 0)
             ctx.role(p, 0, NORM)
-    # a removed channel's statistics are its own: zero in, or a zeroed scale, gives zero out
-    ctx.set_zero(out, c, as_ref(weight) is not None or ctx.is_zero(x, c))
+    ctx.set_zero(out, c, _zero_out(ctx, x, c, *params[:3]))
+
+
+def _zero_out(ctx: Coupler, x: TensorRef, c: int, weight: Any, bias: Any, mean: Any = None) -> bool:
+    """A removed channel's output is zero in the masked model: its bias is zero, and either its scale is
+    zero or its input is zero and so is the mean subtracted from it (a running mean that is zeroed too,
+    or statistics computed from the channel itself: a whole GroupNorm group is one channel)."""
+    def zero(t: Any, axis: int = 0) -> bool:
+        return as_ref(t) is None or ctx.is_zero(t, axis)
+
+    scaled_out = as_ref(weight) is not None and ctx.is_zero(weight, 0)
+    return zero(bias) and (scaled_out or (ctx.is_zero(x, c) and zero(mean)))
 
 
 def _statistics_over(ctx: Coupler, x: TensorRef, axes: range, why: str) -> None:
@@ -46,14 +57,14 @@ def _batch_statistics(ctx: Coupler, x: TensorRef, computed: bool) -> None:
         _statistics_over(ctx, x, range(c + 1, x.ndim), "batch-norm statistics over this axis")
 
 
-_BN_OUTPUTS = ("input", "weight", "bias", "running_mean", "running_var")
+_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
 
 
 @rule(*ops("aten.batch_norm.default"))
 def batch_norm(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
-    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_OUTPUTS[1:]], b["weight"])
+    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
     _batch_statistics(ctx, x, bool(b["training"]) or as_ref(b["running_mean"]) is None)
 
 
@@ -61,7 +72,7 @@ def batch_norm(node: fx.Node, ctx: Coupler) -> None:
 def instance_norm(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
-    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_OUTPUTS[1:]], b["weight"])
+    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
     if b["use_input_stats"] or as_ref(b["running_mean"]) is None:
         _statistics_over(ctx, x, range(2, x.ndim), "instance-norm statistics over this axis")
 
@@ -72,7 +83,7 @@ def batch_norm_legit(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
     stats = [b.get("running_mean"), b.get("running_var")]
-    _per_channel(node, ctx, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats], b["weight"])
+    _per_channel(node, ctx, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats])
     _batch_statistics(ctx, x, bool(b.get("training", False)) or as_ref(stats[0]) is None)
     for k in range(1, len(node.meta["val"])):
         ctx.freeze(TensorRef(node, k), None, "batch-norm statistics output")
@@ -90,7 +101,7 @@ def _group_norm_rewrite(node: fx.Node, r: Any) -> None:
 def group_norm(node: fx.Node, ctx: Coupler) -> None:
     b = bind(node)
     x, out = as_ref(b["input"]), TensorRef(node)
-    _per_channel(node, ctx, x, out, [b["weight"], b["bias"]], b["weight"])
+    _per_channel(node, ctx, x, out, [b["weight"], b["bias"]])
     # A whole group of channels shares statistics: it is removed as one unit, which stays exact.
     cpg = ctx.shape(x)[1] // int(b["num_groups"])
     xe = ctx.el(x, 1)
