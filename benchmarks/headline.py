@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from fxprune.pipeline import RunConfig, run  # noqa: E402
+from fxprune.cli.pipeline import RunConfig, run  # noqa: E402
 
 
 def one(method: str, ratio: float, folder: Path) -> dict:

@@ -6,7 +6,7 @@
 Each model (torchvision, random weights) is pruned with l1 at ``--ratio`` (fxprune's default per-group
 scope) and the original and the compacted module are timed in eval mode, float32, on this machine's CPU
 with torch's default thread count: the median of ``--repeats`` forwards after a warm-up
-(``fxprune.measure.latency_ms``, what ``fxprune bench`` uses). Original and pruned runs alternate in
+(``fxprune.cli.measure.latency_ms``, what ``fxprune bench`` uses). Original and pruned runs alternate in
 rounds so that a load change on the machine affects both. MACs are FlopCounterMode's, as everywhere.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.measure import count_macs, latency_ms
+from fxprune.cli.measure import count_macs, latency_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 

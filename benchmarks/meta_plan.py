@@ -1,7 +1,7 @@
 """Trace and analyze a LLaMA-70B-shaped model whose weights are on the meta device (no weight memory).
 
 The analysis needs shapes only, so a model far larger than memory can be planned: this measures the
-time and peak memory of ``fxprune.trace`` and ``fxprune.analyze`` on the 70B configuration (80 layers,
+time and peak memory of ``fxprune.tracing.tracer`` and ``fxprune.analysis`` on the 70B configuration (80 layers,
 hidden 8192, MLP 28672, 64 query heads sharing 8 key/value heads, vocabulary 128256), built from its
 config directly on the meta device, on a short token sequence.
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import digits  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.train.engine import finetune  # noqa: E402
+from fxprune.recovery.engine import finetune  # noqa: E402
 
 # row name -> (pass, options); "slimming (fixed)" is the paper's fixed-s subgradient alone
 METHODS = {"l1": ("l1", {}), "slimming": ("slimming", {"epochs": 10, "s": 1e-4}),

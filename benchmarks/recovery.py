@@ -7,7 +7,7 @@ Run from the repository root::
     python benchmarks/recovery.py --ratios 0.5 --epochs 2 --seeds 0   # a quick look
 
 For each ratio: prune the trained DigitsNet with ``fxprune.prune(model, x, "l1", ratio)``, measure
-validation accuracy without recovery, then run :func:`fxprune.train.recover.recover` on a fresh copy
+validation accuracy without recovery, then run :func:`fxprune.recovery.modes.recover` on a fresh copy
 of the compacted module for each mode:
 
 * ``finetune``: inherited weights, ``--epochs`` epochs at ``--finetune-lr`` (Liu et al. fine-tune at a
@@ -19,7 +19,7 @@ of the compacted module for each mode:
 each without and with distillation from the unpruned model (T = 4, alpha = 0.9). Every run uses AdamW
 with a cosine schedule (the example's own pre-training uses AdamW, 6 epochs, lr 3e-3) and the
 model file's loss and evaluate(); the accuracy is that of the final epoch (not the best epoch),
-averaged over ``--seeds``. MACs are FlopCounterMode's (fxprune.measure.count_macs) on example_inputs().
+averaged over ``--seeds``. MACs are FlopCounterMode's (fxprune.cli.measure.count_macs) on example_inputs().
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fxprune  # noqa: E402
-from fxprune.measure import count_macs  # noqa: E402
-from fxprune.modelfile import load_model_file  # noqa: E402
-from fxprune.train.recover import recover, scratch_b_epochs  # noqa: E402
+from fxprune.cli.measure import count_macs  # noqa: E402
+from fxprune.cli.modelfile import load_model_file  # noqa: E402
+from fxprune.recovery.modes import recover, scratch_b_epochs  # noqa: E402
 
 MODES = ("finetune", "scratch-e", "scratch-b")
 

@@ -58,7 +58,7 @@ def main() -> None:
         search = time.perf_counter() - start
         acc0 = digits.evaluate(res.module)["accuracy"]
         start = time.perf_counter()
-        from fxprune.train.recover import recover
+        from fxprune.recovery.modes import recover
         log = recover(res.module, mode=recovery, original=model, train_loader=data["train_loader"], loss=digits.loss,
                       epochs=args.epochs, evaluate=None, macs_full=res.cost_before.macs,
                       macs_pruned=res.cost_after.macs)

@@ -1,33 +1,43 @@
 """fxprune: a structured-pruning compiler for PyTorch built on torch.fx.
 
-    trace (trace.py) -> analyze (analyze/) -> score (passes/) -> select (select.py) -> compact (compact/)
+One folder per stage of the pipeline, in order:
+
+    tracing/      model + example inputs -> an ATen-level GraphModule with shapes (three front ends)
+    analysis/     the graph -> groups of channels that must shrink together (rules/: one table per op family)
+    passes/       scoring passes (installed as fxprune.passes): the Pass interface, the registry, l1, slimming...
+    selection/    scores + a budget -> which channels go; the cost model; why a budget falls short
+    compaction/   the selection -> a plan and an exactly equivalent smaller module
+    recovery/     the training engine: fine-tune / scratch-e / scratch-b, distillation, checkpoints, DDP
+    cli/          the command line around them: pipeline, output folder, report, bench, measurement
+
+``api.py`` chains the stages (``prune``); ``testing.py`` holds the equivalence check.
 """
 from __future__ import annotations
 
 import importlib
-import types
 import typing
 from typing import Any
 
 if typing.TYPE_CHECKING:
-    from .analyze import ChannelGroups, Group, analyze
+    from .analysis import ChannelGroups, Group, analyze
     from .api import PruneResult, compact, prune
-    from .artifacts import load
-    from .compact import CompactionError, Plan, apply_plan, slice_tensor
-    from .pass_api import Pass, PassContext
-    from .registry import available_passes
-    from .trace import TraceError, trace
+    from .cli.artifacts import load
+    from .compaction import CompactionError, Plan, apply_plan, slice_tensor
+    from .passes.base import Pass, PassContext
+    from .passes.registry import available_passes
+    from .tracing.tracer import TraceError, trace
 
 # Public name -> the submodule that defines it. Imported on first use, so that importing fxprune (and
-# `fxprune --help`) does not pay for importing torch.
+# `fxprune --help`) does not pay for importing torch. No submodule shares a public name, so a plain
+# module __getattr__ serves them.
 _EXPORTS = {
-    "analyze": "analyze", "ChannelGroups": "analyze", "Group": "analyze",
+    "analyze": "analysis", "ChannelGroups": "analysis", "Group": "analysis",
     "prune": "api", "compact": "api", "PruneResult": "api",
-    "load": "artifacts",
-    "CompactionError": "compact", "Plan": "compact", "apply_plan": "compact", "slice_tensor": "compact",
-    "Pass": "pass_api", "PassContext": "pass_api",
-    "available_passes": "registry",
-    "trace": "trace", "TraceError": "trace",
+    "load": "cli.artifacts",
+    "CompactionError": "compaction", "Plan": "compaction", "apply_plan": "compaction", "slice_tensor": "compaction",
+    "Pass": "passes.base", "PassContext": "passes.base",
+    "available_passes": "passes.registry",
+    "trace": "tracing.tracer", "TraceError": "tracing.tracer",
 }
 
 __all__ = ["prune", "trace", "analyze", "compact", "PruneResult", "ChannelGroups", "Group", "Pass", "PassContext",
@@ -35,22 +45,11 @@ __all__ = ["prune", "trace", "analyze", "compact", "PruneResult", "ChannelGroups
 __version__ = "0.1.0"
 
 
-class _Package(types.ModuleType):
-    """The public names always mean the API objects: importing the submodules ``fxprune.trace``,
-    ``fxprune.analyze`` or ``fxprune.compact`` binds a module attribute of the same name, and
-    ``fxprune.trace(...)`` must still be the function."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in _EXPORTS:
-            module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-            return module.__dict__[name]
-        return super().__getattribute__(name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted({*__all__, "__version__"})
-
-
-import sys as _sys  # noqa: E402 - the class swap needs the module object, which exists only now
-
-_sys.modules[__name__].__class__ = _Package

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .analyze import ChannelGroups, UnsupportedOpWarning, analyze
-from .compact import CompactionError, Plan, Resizer, add_aliases, build_plan, emit
-from .compact.emit import GraphEdit
-from .pass_api import Pass, PassContext
-from .registry import make_pass
-from .cost import Cost, CostCounter
-from .diagnose import nothing_prunable
-from .select import Selection, SelectionError, check_ratio, search_budget, select
-from .trace import trace
+from .analysis import ChannelGroups, UnsupportedOpWarning, analyze
+from .compaction import CompactionError, Plan, Resizer, add_aliases, build_plan, emit
+from .compaction.emit import GraphEdit
+from .passes.base import Pass, PassContext
+from .passes.registry import make_pass
+from .selection.cost import Cost, CostCounter
+from .selection.diagnose import nothing_prunable
+from .selection.budget import Selection, SelectionError, check_ratio, search_budget, select
+from .tracing.tracer import trace
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -188,7 +188,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     log: list[dict[str, Any]] = []
     if recover is not None:
         stage("recover")
-        from .train.recover import recover as run_recovery
+        from .recovery.modes import recover as run_recovery
 
         log = run_recovery(out.module, mode=recover, original=model, train_loader=data["train_loader"],
                            loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,

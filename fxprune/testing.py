@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from .analyze.rules.norm import DIRECTION
-from .compact.plan import Plan
-from .trace import normalize_inputs
+from .analysis.rules.norm import DIRECTION
+from .compaction.plan import Plan
+from .tracing.tracer import normalize_inputs
 
 __all__ = ["masked_model", "with_weights", "assert_equivalent"]
 

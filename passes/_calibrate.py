@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.analyze.groups import ChannelGroups, ParamSlot
-from fxprune.pass_api import PassContext
+from fxprune.analysis.groups import ChannelGroups, ParamSlot
+from .base import PassContext
 
 __all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct", "reconstruct_into",
            "reconstruct_removed"]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxprune.analyze.groups import ChannelGroups, Group
-from fxprune.pass_api import Pass, PassContext, Scores
+from fxprune.analysis.groups import ChannelGroups, Group
+from .base import Pass, PassContext, Scores
 
 __all__ = ["L1Norm", "producer_l1"]
 

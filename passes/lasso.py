@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxprune.pass_api import Pass, PassContext, Scores
+from .base import Pass, PassContext, Scores
 
 from . import _calibrate as C
 from .l1 import L1Norm
@@ -74,7 +74,7 @@ def lasso_select(z: np.ndarray, y: np.ndarray, keep: int, lam: float = 1e-3,
 
 
 def _keep_counts(ctx: PassContext) -> dict[int, int]:
-    from fxprune.select import Selection, select
+    from fxprune.selection.budget import Selection, select
 
     sel = ctx.selection if ctx.selection is not None else Selection()
     sel = dataclasses.replace(sel, scope="group")

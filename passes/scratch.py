@@ -32,9 +32,9 @@ this pass). No pre-training is used.
   re-initialises those weights anyway; without recovery the output is the searched architecture with
   the gated random weights.
 - ``expand`` (the paper's x1.25): learn the gates on a WIDER copy. ``prepare`` widens every prunable
-  group of the traced graph to ``round(expand * n)`` channels (``fxprune.compact.widen``: the
+  group of the traced graph to ``round(expand * n)`` channels (``fxprune.compaction.widen``: the
   inverse of compaction, through the same literal rewrites and shape verifier), re-initialises the
-  whole wide model (``fxprune.train.recover.reinitialize``: each layer type's PyTorch default at
+  whole wide model (``fxprune.recovery.modes.reinitialize``: each layer type's PyTorch default at
   the new widths; it needs ``reinit=True``) and traces it; gates, selection and compaction then run
   on it, so the searched architecture may keep more channels in a layer than the original had. A
   ``--target-macs`` budget stays a fraction of the ORIGINAL model's MACs (x1.25 widths cost ~1.56x
@@ -58,12 +58,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.analyze.groups import ChannelGroups, Group
-from fxprune.compat import batch_norm_types
-from fxprune.pass_api import Pass, PassContext, Scores
-from fxprune.passes.l1 import producer_l1
-from fxprune.registry import PassError
-from fxprune.train.engine import Hook, TrainState, train
+from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.tracing.compat import batch_norm_types
+from .base import Pass, PassContext, Scores
+from .l1 import producer_l1
+from .registry import PassError
+from fxprune.recovery.engine import Hook, TrainState, train
 
 __all__ = ["Scratch", "Gates", "GateHook", "reinitialize"]
 
@@ -207,10 +207,10 @@ class Scratch(Pass):
         """With ``expand > 1``: a re-initialised copy ``expand`` times wider, traced and analysed."""
         if self.expand == 1.0:
             return None
-        from fxprune.analyze import analyze
-        from fxprune.compact.widen import widen
-        from fxprune.trace import META_INPUTS, trace
-        from fxprune.train.recover import reinitialize as reinitialize_graph
+        from fxprune.analysis import analyze
+        from fxprune.compaction.widen import widen
+        from fxprune.tracing.tracer import META_INPUTS, trace
+        from fxprune.recovery.modes import reinitialize as reinitialize_graph
 
         only = [g.id for g in ctx.groups.prunable if self.expand_residual or len(g.layers("producer")) <= 1]
         wide, _ = widen(ctx.gm, ctx.groups, self.expand, only=only, training=ctx.model.training)

@@ -5,7 +5,7 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
 - Training (``train=True``, the default): a deep copy of the user's eager model (its BatchNorm gammas
   are real parameters) is trained with the shared engine for ``epochs`` epochs, with the paper's L1
   subgradient ``s * sign(gamma)`` added to the gradient of every BatchNorm scale after each backward
-  (a :class:`~fxprune.train.engine.Hook`, not a loss term, so the logged loss stays the task loss).
+  (a :class:`~fxprune.recovery.engine.Hook`, not a loss term, so the logged loss stays the task loss).
   The channels are scored on the trained copy, and the trained copy's whole state goes to compaction
   through ``ctx.weights``: the pruned model is the slimmed network, not the original one.
 - ``schedule="fixed"`` is the paper exactly: that subgradient and nothing else. It needs the paper's
@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.analyze.groups import ChannelGroups
-from fxprune.compat import batch_norm_types
-from fxprune.pass_api import Pass, PassContext, Scores
-from fxprune.passes.l1 import producer_l1
-from fxprune.registry import PassError
-from fxprune.train.engine import Hook, TrainState, batches_per_epoch, train
+from fxprune.analysis.groups import ChannelGroups
+from fxprune.tracing.compat import batch_norm_types
+from .base import Pass, PassContext, Scores
+from .l1 import producer_l1
+from .registry import PassError
+from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch, train
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
 

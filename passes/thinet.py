@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxprune.pass_api import Pass, PassContext, Scores
+from .base import Pass, PassContext, Scores
 
 from . import _calibrate as C
 from .l1 import L1Norm

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from fxprune.analyze.rules import RULES, Rule
-from fxprune.compact import apply_plan
+from fxprune.analysis.rules import RULES, Rule
+from fxprune.compaction import apply_plan
 from fxprune.testing import assert_equivalent, masked_model
 
 
@@ -71,7 +71,7 @@ def test_weight_overrides_go_through_the_plan():
     model = Net().eval()
     gm = fxprune.trace(model, (X,))
     groups = fxprune.analyze(gm)
-    removed = fxprune.select.select_per_group(groups, fxprune.registry.make_pass("l1").score(
+    removed = fxprune.selection.budget.select_per_group(groups, fxprune.passes.registry.make_pass("l1").score(
         fxprune.PassContext(gm, groups, model)), 0.5)
     new_w = torch.randn_like(model.c2.weight)
     out = fxprune.compact(gm, groups, removed, model, weights={"c2.weight": new_w})
@@ -185,7 +185,7 @@ def test_compacted_module_compiles_on_first_use_and_keeps_its_signature():
     signature first (tracing it again, exporting it) sees the real parameter names, not *args/**kwargs."""
     import inspect
 
-    from fxprune.artifacts import export_program
+    from fxprune.cli.artifacts import export_program
 
     model = KeywordNet().eval()
     inputs = (torch.randn(1, 3, 8, 8), torch.rand(1, 10))
@@ -226,6 +226,6 @@ class _ClassToken(nn.Module):
 
 def test_macs_of_a_model_handing_a_parameter_view_to_a_submodule():
     """FlopCounterMode's module tracker fails on such an argument without grad mode; the count still works."""
-    from fxprune.measure import count_macs
+    from fxprune.cli.measure import count_macs
 
     assert count_macs(_ClassToken(), (torch.randn(2, 4),)) == 2 * 4 * 4

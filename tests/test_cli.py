@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fxprune
-from fxprune.artifacts import staging_folder
+from fxprune.cli.artifacts import staging_folder
 from fxprune.cli import app
-from fxprune.pipeline import OptionError, RunConfig, parse_options, run
-from fxprune.registry import PassError
+from fxprune.cli.pipeline import OptionError, RunConfig, parse_options, run
+from fxprune.passes.registry import PassError
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["model.pt2", "original.pt2", "model.safetensors", "plan.json", "report.json", "report.md", "channels.png"]
@@ -95,7 +95,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxprune.pass_api import Pass
+from fxprune.passes.base import Pass
 
 
 @dataclass(frozen=True)

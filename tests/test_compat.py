@@ -1,4 +1,4 @@
-"""Torch-version resilience: every private torch name behind ``fxprune.compat``; each front end works end
+"""Torch-version resilience: every private torch name behind ``fxprune.tracing.compat``; each front end works end
 to end; a missing private name costs speed (one warning), never a failure; a trace changes nothing
 for another thread."""
 import ast
@@ -20,11 +20,11 @@ import torchvision
 import fxprune
 import fxprune.api
 import fxprune.testing
-from fxprune import compat
-from fxprune.trace import FRONTEND_ENV, META_FRONTEND
+from fxprune.tracing import compat
+from fxprune.tracing.tracer import FRONTEND_ENV, META_FRONTEND
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-trace_module = importlib.import_module("fxprune.trace")  # (the attribute fxprune.trace is the function)
+trace_module = importlib.import_module("fxprune.tracing.tracer")  # (the attribute fxprune.trace is the function)
 
 
 class Attention(nn.Module):
@@ -193,12 +193,12 @@ def test_a_forced_front_end_that_is_missing_says_what_is_missing(monkeypatch, fr
 def test_a_front_end_broken_by_torch_is_found_and_warned_about_once(monkeypatch, fresh_compat, frontends_used):
     """Every name present, but the recorder fails on a trivial model too (torch changed its
     internals): one warning naming the error, then it is skipped."""
-    import fxprune.trace_record
+    import fxprune.tracing.record
 
     def broken(*args, **kwargs):
         raise AttributeError("'_Mode' object has no attribute '_mode_key'")
 
-    monkeypatch.setattr(fxprune.trace_record, "record_trace", broken)
+    monkeypatch.setattr(fxprune.tracing.record, "record_trace", broken)
     model, x = MODELS["residual_concat"](1)
     model.eval()
     with warnings.catch_warnings(record=True) as caught:
@@ -339,7 +339,7 @@ def test_another_thread_is_unaffected_while_prune_traces(frontend, monkeypatch, 
 
 def test_the_recorder_still_refuses_value_reads_and_the_fused_attention_kernel():
     """What the recorder changes for its own thread only still takes effect there."""
-    from fxprune.trace_fast import Unsupported
+    from fxprune.tracing.makefx import Unsupported
 
     class ReadsValues(nn.Module):
         def __init__(self):
@@ -362,7 +362,7 @@ def test_the_recorder_still_refuses_value_reads_and_the_fused_attention_kernel()
 def test_stderr_is_held_back_for_the_tracing_thread_only():
     import io
 
-    from fxprune.pipeline import stderr_only_on_success
+    from fxprune.cli.pipeline import stderr_only_on_success
 
     real, sink = sys.stderr, io.StringIO()
     sys.stderr = sink
@@ -447,10 +447,10 @@ def test_only_compat_touches_private_torch_names():
     for root in _SCANNED:
         for path in (ROOT / root).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
-            if rel != "fxprune/compat.py":
+            if rel != "fxprune/tracing/compat.py":
                 found |= {(rel, name) for name in _private_uses(path)}
     assert not found, sorted(found)
-    assert _private_uses(ROOT / "fxprune/compat.py") == set(), "compat names them as strings, looked up on use"
+    assert _private_uses(ROOT / "fxprune/tracing/compat.py") == set(), "compat names them as strings, looked up on use"
 
 
 def test_every_private_name_exists_on_this_torch(fresh_compat):
@@ -521,7 +521,7 @@ _WITHOUT_PRIVATE_NAMES = textwrap.dedent("""
                   if not m.name.endswith("__main__")]  # (runs the command line)
     for name in names:
         importlib.import_module(name)
-    from fxprune import compat
+    from fxprune.tracing import compat
     rec, mfx = compat.recorder_support(), compat.make_fx_support()
     assert not rec and not mfx
     assert "torch.fx.experimental.proxy_tensor.ProxyTorchDispatchMode" in rec.missing, rec.missing

@@ -16,14 +16,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.analyze import UnsupportedOpWarning
-from fxprune.analyze.schema import bind
+from fxprune.analysis import UnsupportedOpWarning
+from fxprune.analysis.schema import bind
 from fxprune.testing import assert_equivalent, masked_model
 
 aten = torch.ops.aten
 RATIOS = (0.5, 0.3)
 # No op here lacks a rule, no rule may fail and compaction may not fall back to keeping groups whole.
-pytestmark = pytest.mark.filterwarnings("error::fxprune.analyze.couple.UnsupportedOpWarning")
+pytestmark = pytest.mark.filterwarnings("error::fxprune.analysis.couple.UnsupportedOpWarning")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import fxprune
 from fxprune.cli import app
-from fxprune.registry import PassError, available_passes, load_pass
+from fxprune.passes.registry import PassError, available_passes, load_pass
 from fxprune.testing import assert_equivalent, masked_model, with_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def test_pass_given_as_module_colon_class_without_installing(tmp_path: Path, mon
     (tmp_path / "my_uninstalled_pass.py").write_text(textwrap.dedent('''
         from dataclasses import dataclass
         import numpy as np
-        from fxprune.pass_api import Pass
+        from fxprune.passes.base import Pass
 
         @dataclass(frozen=True)
         class Reverse(Pass):

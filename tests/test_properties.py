@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.analyze import UnsupportedOpWarning, couple_graph
-from fxprune.analyze import _components as contracted_components
+from fxprune.analysis import UnsupportedOpWarning, couple_graph
+from fxprune.analysis import _components as contracted_components
 from fxprune.testing import assert_equivalent
 
 WIDTHS = (2, 4, 6, 8, 12, 16)

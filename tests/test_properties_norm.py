@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.analyze import UnsupportedOpWarning
+from fxprune.analysis import UnsupportedOpWarning
 from fxprune.testing import assert_equivalent
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

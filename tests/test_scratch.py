@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from fxprune.pass_api import PassContext
-from fxprune.registry import PassError, make_pass
+from fxprune.passes.base import PassContext
+from fxprune.passes.registry import PassError, make_pass
 from fxprune.testing import assert_equivalent
 from fxprune.passes.scratch import Gates, Scratch, reinitialize
 
@@ -129,7 +129,7 @@ def test_budget_search_hits_target_macs_within_0_1_percent_on_resnet18(expand):
     kept = res.cost_after.macs / res.cost_before.macs
     assert abs(kept - 0.5) <= 0.001, kept
     full = fxprune.analyze(fxprune.trace(model, (x,)))
-    assert res.cost_before.macs == fxprune.cost.CostCounter(full)().macs
+    assert res.cost_before.macs == fxprune.selection.cost.CostCounter(full)().macs
     assert not any(m._forward_hooks for m in res.module.modules())
     assert any(r["kept"] < r["total"] for r in res.summary())
     # residual streams: ungated, so they keep their (widened) width

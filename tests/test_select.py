@@ -9,7 +9,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.cost import CostCounter, count
+from fxprune.selection.cost import CostCounter, count
 from fxprune.testing import assert_equivalent
 
 X = torch.randn(2, 3, 32, 32)

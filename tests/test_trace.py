@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 import fxprune
 import fxprune.testing
-from fxprune.trace import META_FRONTEND, META_INPUTS
+from fxprune.tracing.tracer import META_FRONTEND, META_INPUTS
 
 
 def _ops(gm):
@@ -150,7 +150,7 @@ class ReassignsBuffer(nn.Module):
 
 @pytest.mark.parametrize("cls", [PlainTensorAttribute, CountsCalls, ReassignsBuffer])
 def test_falls_back_to_export_where_the_fast_path_cannot_follow(cls):
-    from fxprune.trace_fast import fast_trace
+    from fxprune.tracing.makefx import fast_trace
 
     model = cls().eval()
     x = torch.randn(3, 4)
@@ -307,7 +307,7 @@ class ReadsValuesThroughNumpy(ReadsValuesPastTheDispatcher):
 @pytest.mark.parametrize("cls", [BranchesOnValues, MasksByValue, ForcesBatchStats, NoGradInside, PlainTensorAttribute,
                                  CountsCalls, ReassignsBuffer, ReadsValuesPastTheDispatcher, ReadsValuesThroughNumpy])
 def test_recorder_refuses_what_a_real_run_would_specialise_or_change(cls):
-    from fxprune.trace_fast import Unsupported
+    from fxprune.tracing.makefx import Unsupported
 
     torch.manual_seed(0)
     model = cls().eval()
@@ -385,7 +385,7 @@ def test_recording_on_meta_copies_of_real_weights(make, monkeypatch):
     """A heavy model is recorded on meta copies: same ops and groups as the real recording, device
     literals name the real device, the user's weights stay real and untouched, and pruning through
     that path (verified on meta) is still exactly the masked model."""
-    import fxprune.trace_record as rec
+    import fxprune.tracing.record as rec
 
     model, x = make()
     model.eval()
@@ -407,7 +407,7 @@ def test_recording_on_meta_copies_of_real_weights(make, monkeypatch):
 
 
 def test_meta_normalisations_check_their_shapes():
-    from fxprune.trace_record import norm_output
+    from fxprune.tracing.record import norm_output
 
     x = torch.empty(2, 8, 4, 4, device="meta")
     w = torch.empty(8, device="meta")

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fxprune
-from fxprune.train import Hook, TrainState, plot_log, read_log, recover, reinitialize, scratch_b_epochs, train
-from fxprune.train.distributed import DistContext, shard_loader
-from fxprune.train.recover import DistillHook, distill_loss
+from fxprune.recovery import Hook, TrainState, plot_log, read_log, recover, reinitialize, scratch_b_epochs, train
+from fxprune.recovery.distributed import DistContext, shard_loader
+from fxprune.recovery.modes import DistillHook, distill_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 4
@@ -401,8 +401,8 @@ import json, os, sys
 import torch
 sys.path.insert(0, {examples!r})
 import digits
-from fxprune.train import train
-from fxprune.train.distributed import cleanup
+from fxprune.recovery import train
+from fxprune.recovery.distributed import cleanup
 
 torch.manual_seed(0)
 net = digits.DigitsNet(width=8)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.compact.widen import widen, widen_copies
+from fxprune.compaction.widen import widen, widen_copies
 from test_coupling import (IMG, MHA, Concat, Conv1dNet, Deconv, GN, Grouped, Residual, Shuffle, Split, ViewHead,
                            randomize_bn)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxprune.pass_api import Pass, PassContext, Scores
+from fxprune.passes.base import Pass, PassContext, Scores
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""The output folder and ``fxprune.load``: portable, pickle-free artifacts of a pruning run.
+
+    model.pt2           the compacted model (torch.export; loads in plain PyTorch without fxprune)
+    original.pt2        the model before pruning, for ``fxprune bench``
+    model.safetensors   the compacted model's state dict
+    plan.json           kept indices per parameter/buffer of the original model
+
+Folders are written under a temporary name next to the target and renamed into place at the end, so
+a failed run never leaves a half-written folder behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export import Dim
+
+from fxprune.compaction import as_trainable
+from fxprune.compaction.plan import Plan
+from fxprune.tracing.tracer import normalize_inputs
+from fxprune.tracing.lazy_module import compiled
+
+__all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
+           "staging_folder", "check_target", "OutputExistsError", "MODEL", "ORIGINAL", "WEIGHTS", "PLAN"]
+
+MODEL, ORIGINAL, WEIGHTS, PLAN = "model.pt2", "original.pt2", "model.safetensors", "plan.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and overwriting it was not asked for."""
+
+
+def _batch_axis(x: Any) -> Any:
+    """Dim.AUTO on axis 0 of every tensor, so the saved model takes any batch size."""
+    if isinstance(x, torch.Tensor):
+        return {0: Dim.AUTO} if x.dim() > 0 else None
+    if isinstance(x, (tuple, list)):
+        return type(x)(_batch_axis(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _batch_axis(v) for k, v in x.items()}
+    return None
+
+
+def export_program(module: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """``module`` in eval mode as an ExportedProgram, with a dynamic batch axis where the model allows one."""
+    args, kwargs = normalize_inputs(example_inputs)
+    compiled(module)  # export binds keyword inputs to the forward's signature
+    was_training = module.training
+    module.eval()
+    try:
+        try:
+            dynamic = _batch_axis(kwargs) if kwargs and not args else _batch_axis(args)
+            if kwargs and args:
+                raise ValueError("mixed positional and keyword inputs: export with a static batch")
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        except Exception:  # noqa: BLE001 - some models pin the batch size: a static graph still works
+            return torch.export.export(module, args, kwargs, strict=False)
+    finally:
+        module.train(was_training)
+
+
+def save_program(module: nn.Module, example_inputs: Any, path: Path) -> None:
+    torch.export.save(export_program(module, example_inputs), str(path))
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    """The state dict as safetensors: contiguous CPU tensors, shared tensors stored once per name."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "producer": "fxprune"})
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    """``{name: {dim: [kept indices]}}``; JSON keys are strings, so dims are written as "0", "1"."""
+    data = {name: {str(dim): [int(i) for i in kept] for dim, kept in entry.items()} for name, entry in plan.items()}
+    write_json(data, path)
+
+
+def write_json(data: Any, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"output folder {out} already exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it vanishes."""
+    out = Path(out).resolve()
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _publishable(tmp)
+        check_target(out, force)  # it may have appeared while we worked
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publishable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def load(folder: str | os.PathLike[str]) -> fx.GraphModule:
+    """The compacted model of an output folder as a trainable GraphModule, in eval mode.
+
+    Reads ``model.pt2`` with ``torch.export.load`` (no pickle, no user code): ``.train()``/``.eval()``
+    switch BatchNorm and dropout, gradients flow, and the state-dict names are the original model's.
+    """
+    path = Path(folder) / MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {folder} an fxprune output folder?")
+    return as_trainable(torch.export.load(str(path)).module())

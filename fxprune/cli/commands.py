@@ -1,0 +1,286 @@
+"""The ``fxprune`` command line: thin typer commands over the Python API.
+
+Nothing heavy is imported at module level (torch takes seconds), so ``fxprune --help`` is instant;
+each command imports what it needs. Bad input ends with ``error: ...`` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fxprune",
+    help="Structured pruning for PyTorch: trace a model, group coupled channels, emit a smaller exact model.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (imported lazily: they live next to torch code)."""
+    from .artifacts import OutputExistsError
+    from .bench import BenchError
+    from .modelfile import ModelFileError
+    from .pipeline import OptionError
+    from fxprune.passes.registry import PassError
+    from fxprune.selection.budget import SelectionError
+    from fxprune.tracing.tracer import TraceError
+
+    return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input -> 'error: message' on stderr and exit code 2, without a traceback."""
+    try:
+        yield
+    except _bad_input_errors() as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _console(quiet: bool) -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr, quiet=quiet)  # bound now: unaffected by later stderr redirection
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _parse_opts(pairs: list[str]) -> dict[str, str]:
+    from .pipeline import OptionError
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--opt expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_ratio_for(pairs: list[str]) -> dict[str, float]:
+    from .pipeline import OptionError
+
+    out: dict[str, float] = {}
+    for pair in pairs:
+        pattern, sep, value = pair.rpartition("=")
+        try:
+            out[pattern.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern.strip():
+            raise OptionError(f"--ratio-for expects 'PATTERN=RATIO' (e.g. 'layer4.*=0.7'), got {pair!r}")
+    return out
+
+
+def _default_out(model_file: Path, method: str, ratio: float) -> Path:
+    return Path("runs") / f"{model_file.stem}-{method.replace(':', '.')}-{ratio:g}"
+
+
+ModelArg = Annotated[Path, typer.Argument(help="the model file: defines model() and example_inputs(); see the README",
+                                          show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
+
+
+@app.command()
+def run(
+    model_file: ModelArg,
+    method: Annotated[str, typer.Option("--pass", "-p",
+                                        help="scoring pass (see `fxprune passes`) or package.module:Class")] = "l1",
+    ratio: Annotated[float, typer.Option("--ratio", "-r",
+                                         help="fraction of each group's channels to remove, in [0, 1)")] = 0.5,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/MODEL-PASS-RATIO)",
+                                                show_default=False)] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", "--epochs",
+                                                           help="recovery epochs after pruning (needs train_loader()); "
+                                                           "default: recovery for a number of epochs chosen from the "
+                                                           "data when the model file defines train_loader()",
+                                                           show_default=False)] = None,
+    no_recover: Annotated[bool, typer.Option("--no-recover", help="no recovery, even when the model file can "
+                                             "train")] = False,
+    allow_inexact: Annotated[bool, typer.Option("--allow-inexact", help="also prune groups where removing a "
+                                                "channel is not exactly the masked model (behind a normalisation "
+                                                "over channels); recover afterwards")] = False,
+    recover: Annotated[Optional[str], typer.Option("--recover", help="recovery: finetune (inherited weights), "
+                                                   "scratch-e or scratch-b (re-initialised; Liu et al. 2019 budgets); "
+                                                   "default: the pass's own (scratch: scratch-b), else finetune",
+                                                   show_default=False)] = None,
+    distill: Annotated[bool, typer.Option("--distill", help="distil from the unpruned model during recovery "
+                                          "(T=4, alpha=0.9)")] = False,
+    lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,
+    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
+                                                     show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    scope: Annotated[Optional[str], typer.Option("--scope", help="group (same fraction per group) or global "
+                                                 "(one threshold); default: the pass's paper default",
+                                                 show_default=False)] = None,
+    ratio_for: Annotated[Optional[list[str]], typer.Option("--ratio-for", help="per-layer ratio, "
+                                                           "'PATTERN=RATIO' (repeatable)", show_default=False)] = None,
+    protect: Annotated[Optional[list[str]], typer.Option("--protect", help="layer-name pattern never pruned "
+                                                         "(repeatable)", show_default=False)] = None,
+    min_channels: Annotated[int, typer.Option("--min-channels", help="channels every group keeps at least")] = 1,
+    min_keep: Annotated[Optional[float], typer.Option("--min-keep", help="fraction of every group always kept "
+                                                      "(default: the pass's; slimming 0.1)", show_default=False)] = None,
+    round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="fraction of MACs to keep "
+                                                         "(replaces --ratio)", show_default=False)] = None,
+    target_params: Annotated[Optional[float], typer.Option("--target-params", help="fraction of parameters to "
+                                                           "keep (replaces --ratio)", show_default=False)] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune a model file, optionally fine-tune, evaluate before/after, and write the output folder."""
+    from .pipeline import RunConfig
+
+    with _user_errors():
+        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
+                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
+                  "target_params": target_params}
+        cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
+                        lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact)
+        report = _run(cfg, quiet or as_json)
+    report["out"] = str(cfg.out)
+    if as_json:
+        _print_json(report)
+    elif not quiet:
+        from rich.console import Console
+
+        from .ui import summary_table
+
+        Console().print(summary_table(report))
+
+
+_NOISY_TORCH_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
+
+
+def _quiet_torch_logs() -> None:
+    """torch.export logs graph dumps while it fails on a model; the CLI reports the failure itself."""
+    import logging
+
+    for name in _NOISY_TORCH_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run(cfg: Any, quiet: bool) -> dict[str, Any]:
+    from .pipeline import check
+    from .pipeline import run as run_pipeline
+    from .ui import RichFeedback
+
+    _quiet_torch_logs()
+    if quiet:
+        return run_pipeline(cfg)[0]
+    check(cfg)  # bad input fails before the progress display starts
+    with RichFeedback(_console(False)) as feedback:
+        return run_pipeline(cfg, feedback)[0]
+
+
+@app.command()
+def inspect(model_file: ModelArg, as_json: JsonOpt = False) -> None:
+    """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why."""
+    import fxprune
+
+    from .measure import count_macs, count_params
+    from .modelfile import load_model_file
+    from .pipeline import stderr_only_on_success
+
+    with _user_errors():
+        mf = load_model_file(model_file)
+        mf.require("model", "example_inputs", why="inspect")
+        _quiet_torch_logs()
+        model, inputs = mf.model().eval(), mf.example_inputs()
+        with stderr_only_on_success():
+            groups = fxprune.analyze(fxprune.trace(model, inputs))
+    rows = groups.rows()
+    info = {"model_file": str(model_file), "macs": count_macs(model, inputs), "params": count_params(model),
+            "groups": rows, "unsupported_ops": sorted(groups.unsupported)}
+    if as_json:
+        _print_json(info)
+        return
+    from rich.console import Console
+
+    from .report import human
+    from .ui import groups_table
+
+    prunable = sum(r["status"] == "prunable" for r in rows)
+    title = (f"{model_file.name}: {len(rows)} channel groups, {prunable} prunable; "
+             f"{human(info['macs'])} MACs, {human(info['params'])} params")
+    console = Console()
+    console.print(groups_table(rows, title))
+    if info["unsupported_ops"]:
+        console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
+
+
+def _pass_rows() -> list[dict[str, Any]]:
+    import dataclasses
+    import typing
+
+    from fxprune.passes.registry import available_passes
+
+    rows = []
+    for name, cls in available_passes().items():
+        hints = typing.get_type_hints(cls)
+        options = [{"name": f.name, "type": getattr(hints.get(f.name), "__name__", str(hints.get(f.name))),
+                    "default": f.default if f.default is not dataclasses.MISSING else None}
+                   for f in dataclasses.fields(cls)]
+        rows.append({"name": name, "description": cls.description, "scope": cls.scope, "options": options,
+                     "provider": f"{cls.__module__}:{cls.__qualname__}"})
+    return rows
+
+
+@app.command()
+def passes(as_json: JsonOpt = False) -> None:
+    """List every registered pass with its description and its options (with defaults)."""
+    with _user_errors():
+        rows = _pass_rows()
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.console import Console
+
+    from .ui import passes_table
+
+    Console().print(passes_table(rows))
+
+
+@app.command()
+def bench(
+    folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
+    repeats: Annotated[int, typer.Option("--repeats", help="timed runs per model (median reported)")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency and peak memory of the original vs the compacted model (CPU, and CUDA when present)."""
+    from .bench import bench as bench_folder
+
+    with _user_errors():
+        rows = bench_folder(folder, repeats=repeats)
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.console import Console
+
+    from .ui import bench_table
+
+    Console().print(bench_table(rows, f"{folder}: median of up to {repeats} runs on the saved example inputs"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``fxprune``) and ``python -m fxprune``."""
+    app(args=argv, prog_name="fxprune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Terminal feedback for the command line (rich): progress for each stage, tables for results."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .pipeline import Feedback
+from .report import cost_rows, format_ms, human
+from fxprune.recovery import Hook, TrainState
+
+__all__ = ["RichFeedback", "summary_table", "groups_table", "passes_table", "bench_table"]
+
+
+class _TrainBar(Hook):
+    """The fine-tuning progress bar: one tick per batch, loss in the description."""
+
+    def __init__(self, progress: Progress, epochs: int, batches: int | None) -> None:
+        self.progress, self.epochs = progress, epochs
+        self.task = progress.add_task("fine-tuning", total=epochs * batches if batches else None)
+
+    def before_epoch(self, state: TrainState) -> None:
+        self.progress.update(self.task, description=f"fine-tuning: epoch {state.epoch + 1}/{self.epochs}")
+
+    def after_step(self, state: TrainState) -> None:
+        self.progress.update(self.task, advance=1,
+                             description=f"fine-tuning: epoch {state.epoch + 1}/{self.epochs}, loss {state.loss:.3f}")
+
+    def after_epoch(self, state: TrainState) -> None:
+        if state.epoch + 1 == self.epochs:
+            epochs = f"{self.epochs} epoch{'s' * (self.epochs > 1)}"
+            self.progress.update(self.task, description=f"fine-tuned {epochs}, loss {state.log[-1]['loss']:.3f}")
+
+
+class RichFeedback(Feedback):
+    """Spinners for stages, a bar for training epochs; everything on ``console`` (stderr by default)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"),
+                                 BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=console or Console(stderr=True))
+
+    def __enter__(self) -> RichFeedback:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        task = self.progress.add_task(description, total=1)
+        try:
+            yield
+        except BaseException:
+            self.progress.update(task, description=f"[red]failed: {description}")
+            self.progress.stop_task(task)
+            raise
+        self.progress.update(task, completed=1)
+
+    def training(self, epochs: int, batches: int | None) -> Hook:
+        return _TrainBar(self.progress, epochs, batches)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"{report['pass']} at ratio {report['ratio']}: {report['out']}", title_justify="left")
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in cost_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def groups_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("id", "size", "status", "producers", "consumers", "why / note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        size = f"{r['channels']}x{r['block']}" if r["block"] > 1 else str(r["channels"])
+        note = r["why"] or ("" if r["exact"] else f"inexact: {r['inexact_reason']}")
+        status = "[green]prunable" if r["status"] == "prunable" else "[yellow]frozen"
+        table.add_row(str(r["group"]), size, status, ", ".join(r["producers"]) or "-",
+                      ", ".join(r["consumers"]) or "-", note)
+    return table
+
+
+def passes_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="registered passes (use with --pass NAME, options with --opt key=value)", title_justify="left")
+    for col in ("pass", "description", "scope", "options"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in r["options"]) or "-"
+        table.add_row(r["name"], r["description"], r["scope"], opts)
+    return table
+
+
+def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("device", "model", "latency ms (median)", "peak memory", "speed-up"):
+        table.add_column(col, justify="left" if col in ("device", "model") else "right")
+    for r in rows:
+        table.add_row(r["device"], r["model"], format_ms(r['latency_ms']), human(r["peak_memory_bytes"], "B"),
+                      f"{r['speedup']:.2f}x" if r.get("speedup") else "")
+    return table

@@ -1,0 +1,193 @@
+"""Selection: scores + a budget -> which channels go (a boolean per channel).
+
+Scope "group" removes the same fraction in every group, ranked within the group (Li et al.);
+scope "global" ranks all channels against one threshold, after normalising each group's scores
+where a method's raw scores are not comparable across layers. Per-layer ratios and protections
+match layer names with shell patterns; ``round_to`` makes kept counts multiples of N positions
+(heads stay whole: a head is one channel). A MACs or parameter target is reached by binary search
+over the ratio (each step counts cost on the graph, without compacting).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.passes.base import Scores
+
+__all__ = ["Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio"]
+
+SCOPES = ("group", "global")
+NORMALISE = ("mean", "max", "l2", "none")
+
+
+class SelectionError(ValueError):
+    """Scores that do not fit the groups, or a budget that makes no sense."""
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    r = float(ratio)
+    if math.isnan(r) or not 0.0 <= r < 1.0:
+        raise SelectionError(f"{what} must be in [0, 1) (the fraction of channels removed), got {ratio}")
+    return r
+
+
+@dataclass(frozen=True)
+class Selection:
+    ratio: float = 0.5
+    scope: str = "group"
+    ratio_for: Mapping[str, float] = field(default_factory=dict)  # layer-name pattern -> ratio
+    protect: Sequence[str] = ()                                   # layer-name patterns never pruned
+    min_channels: int = 1
+    round_to: int = 1
+    normalize: str = "mean"
+    min_keep: float = 0.0   # per-group floor: every group keeps at least this fraction of its channels
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        for pattern, r in self.ratio_for.items():
+            check_ratio(r, f"ratio for {pattern!r}")
+        if self.scope not in SCOPES:
+            raise SelectionError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.normalize not in NORMALISE:
+            raise SelectionError(f"normalize must be one of {NORMALISE}, got {self.normalize!r}")
+        if self.min_channels < 1 or self.round_to < 1:
+            raise SelectionError("min_channels and round_to must be at least 1")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise SelectionError(f"min_keep is the fraction of each group always kept, in [0, 1]; got {self.min_keep}")
+
+
+def _layers(group: Group) -> list[str]:
+    return [p.name.rsplit(".", 1)[0] for p in group.params]
+
+
+def _matches(group: Group, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in _layers(group))
+
+
+def _override(group: Group, sel: Selection) -> float | None:
+    return next((r for pattern, r in sel.ratio_for.items() if _matches(group, pattern)), None)
+
+
+def _protected(group: Group, sel: Selection) -> bool:
+    return any(_matches(group, p) for p in sel.protect)
+
+
+def _keep_count(group: Group, keep: int, sel: Selection) -> int:
+    """At least ``min_channels``, ``min_keep`` of the group (and one); positions kept a multiple of
+    ``round_to`` where possible."""
+    n = len(group)
+    keep = min(n, max(keep, sel.min_channels, math.ceil(sel.min_keep * n - 1e-9), 1))
+    while keep < n and (keep * group.block) % sel.round_to:
+        keep += 1
+    return keep
+
+
+def _drop_lowest(s: np.ndarray, keep: int) -> np.ndarray:
+    """Mask of channels to drop: the lowest scores (earlier index first among ties); +inf stays, -inf goes."""
+    order = np.lexsort((np.arange(len(s)), s))
+    order = order[~np.isposinf(s[order])]
+    mask = np.zeros(len(s), bool)
+    mask[order[: max(len(s) - keep, 0)]] = True
+    mask |= np.isneginf(s)
+    if mask.all():
+        mask[int(np.argmax(s))] = False
+    return mask
+
+
+def _scores_of(group: Group, scores: Scores) -> np.ndarray | None:
+    s = scores.get(group.id)
+    if s is None:
+        return None
+    s = np.asarray(s, dtype=np.float64)
+    if s.shape != (len(group),):
+        raise SelectionError(f"group {group.id}: expected {len(group)} scores, got shape {s.shape}")
+    return s
+
+
+def _normalise(s: np.ndarray, how: str) -> np.ndarray:
+    finite = s[np.isfinite(s)]
+    if how == "none" or not len(finite):
+        return s
+    scale = {"mean": np.mean(np.abs(finite)), "max": np.max(np.abs(finite)),
+             "l2": np.sqrt(np.sum(finite ** 2))}[how]
+    return s / scale if scale > 0 else s
+
+
+def _global_drops(groups: list[tuple[Group, np.ndarray]], ratio: float, how: str) -> dict[int, int]:
+    """How many channels each group loses under one threshold over normalised scores."""
+    if not groups:
+        return {}
+    values = np.concatenate([_normalise(s, how) for _, s in groups])
+    owner = np.concatenate([np.full(len(s), g.id) for g, s in groups])
+    n_drop = int(math.floor(ratio * len(values) + 1e-9))
+    order = np.lexsort((np.arange(len(values)), values))[:n_drop]
+    counts = np.bincount(owner[order], minlength=max(g.id for g, _ in groups) + 1)
+    return {g.id: int(counts[g.id]) for g, _ in groups}
+
+
+def select(groups: ChannelGroups, scores: Scores, sel: Selection) -> np.ndarray:
+    """Which channels go (bool per channel component of ``groups``)."""
+    removed = np.zeros(len(groups.comp_group), dtype=bool)
+    pool: list[tuple[Group, np.ndarray]] = []
+    plan: dict[int, tuple[Group, np.ndarray, int]] = {}
+    for group in groups.prunable:
+        s = _scores_of(group, scores)
+        if s is None or _protected(group, sel):
+            continue
+        r = _override(group, sel)
+        if r is None and sel.scope == "global":
+            pool.append((group, s))
+            continue
+        r = sel.ratio if r is None else r
+        plan[group.id] = (group, s, len(group) - int(math.floor(r * len(group) + 1e-9)))
+    for gid, n_drop in _global_drops(pool, sel.ratio, sel.normalize).items():
+        group, s = next((g, s) for g, s in pool if g.id == gid)
+        plan[gid] = (group, s, len(group) - n_drop)
+    for group, s, keep in plan.values():
+        removed[group.channels[_drop_lowest(s, _keep_count(group, keep, sel))]] = True
+    return removed
+
+
+def select_per_group(groups: ChannelGroups, scores: Scores, ratio: float) -> np.ndarray:
+    """The same fraction in every prunable group (Li et al.): ``select`` with the defaults."""
+    return select(groups, scores, Selection(ratio=ratio))
+
+
+def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: Callable[[np.ndarray], float],
+                  target: float, tolerance: float = 0.01, steps: int = 40) -> tuple[np.ndarray, Selection]:
+    """Binary search on the ratio until ``cost(removed)`` (a kept fraction, 1.0 = full model) is within
+    ``tolerance`` of ``target``; returns the closest selection at or under the target if none is."""
+    if not 0.0 < target <= 1.0:
+        raise SelectionError(f"a resource target is the fraction to keep, in (0, 1], got {target}")
+    lo, hi = 0.0, 0.999
+    best: tuple[np.ndarray, Selection, float] | None = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        trial = dataclasses.replace(sel, ratio=mid)
+        removed = select(groups, scores, trial)
+        kept = cost(removed)
+        if kept <= target + tolerance and (best is None or abs(kept - target) < abs(best[2] - target)):
+            best = (removed, trial, kept)
+        if abs(kept - target) <= tolerance and kept <= target + tolerance:
+            return removed, trial
+        if kept > target:
+            lo = mid
+        else:
+            hi = mid
+    if best is None:
+        trial = dataclasses.replace(sel, ratio=0.999)
+        removed = select(groups, scores, trial)
+        warnings.warn(f"fxprune: cannot reach a kept fraction of {target:.3f}; the smallest reachable is "
+                      f"{cost(removed):.3f} (frozen groups, min_channels or round_to bound it)", stacklevel=2)
+        return removed, trial
+    warnings.warn(f"fxprune: the closest kept fraction to {target:.3f} at or under it is {best[2]:.3f}: the budget "
+                  "moves in steps here (few groups, round_to, or per-group scope); scope='global' is finer",
+                  stacklevel=2)
+    return best[0], best[1]

@@ -1,0 +1,324 @@
+"""Front end: a user's model + example inputs -> a torch.fx GraphModule with shapes on every node.
+
+The graph is export's training IR: ATen-level ops before decomposition (``aten.conv2d``,
+``aten.linear``, ``aten.batch_norm``...), so the coupling rules speak one op vocabulary. Every node
+carries ``meta["val"]`` (a FakeTensor or a meta tensor), which is all the analysis needs: tracing works on models
+whose parameters live on the meta device.
+
+Three front ends produce it, tried in this order (``FRONTENDS``):
+
+* ``fxprune.tracing.record``: runs the model once on its example inputs and records every ATen call
+  at the pre-dispatch level; static graphs only (a batch of 1, or ``dynamic_batch=False``). It
+  refuses whatever a real run would silently specialise (values read out of tensors), state
+  updates and constants it did not see made. Several times quicker than make_fx (no fake tensors,
+  proxies or symbolic shapes).
+* ``fxprune.tracing.makefx``: ``make_fx`` over the forward with fake parameters, with a symbolic batch
+  axis from a batch of 2. Quicker than torch.export, which it shares its graph format with.
+* ``torch.export.export(strict=False)`` + ``ep.module()``: whenever the others raise or meet
+  something they do not reproduce (state updates in forward, plain tensor attributes). It traces
+  every torchvision classifier, 30 timm families and the Hugging Face models that
+  ``symbolic_trace`` cannot, and its error is the one reported when none can trace.
+
+``tests/test_trace.py`` checks that all three give the same ops, outputs and channel groups.
+
+The two quick front ends are built on private torch names, all looked up through ``fxprune.tracing.compat``.
+On a torch that lacks one (or where a quick front end fails even on a trivial model: torch changed
+underneath it), it is skipped with one ``compat.CompatWarning`` per process naming what is missing;
+tracing then takes the next front end, which is slower. A front end that
+cannot trace one particular model is not a warning: the next one takes over quietly (logged at DEBUG).
+
+``FXPRUNE_FRONTEND=record|make_fx|export`` in the environment forces one front end wherever
+``trace`` is called without ``frontend=`` (``fxprune.prune`` included), as ``frontend=`` does: used
+by the tests that run every front end end to end.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from . import compat
+from .lazy_module import compiled
+from .makefx import Unsupported
+
+__all__ = ["trace", "TraceError", "normalize_inputs", "META_INPUTS", "META_FRONTEND", "FRONTEND_ENV"]
+
+# GraphModule.meta keys written here (one writer: this module).
+META_INPUTS = "fxprune.example_inputs"
+META_FRONTEND = "fxprune.frontend"
+FRONTEND_ENV = "FXPRUNE_FRONTEND"  # forces one front end (see the module docstring)
+
+log = logging.getLogger(__name__)
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message names the failing op and the user's source line."""
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Export in eval mode, then restore every submodule's own training flag (the user's model is untouched)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables: restored by their entries
+
+
+@contextlib.contextmanager
+def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Put every module's plain Python state back after tracing. A forward may write it: timm's
+    EfficientFormer caches its attention bias per device in a dict in eval mode, which a fake trace
+    would leave holding a FakeTensor (the user's model then fails on its next real forward); a forward
+    may append to a list or set a flag; and the fast front end's re-parametrisation can leave a module
+    that is reachable under two paths (timm CoaT's shared conv_list) holding its FakeTensors.
+    Attributes are restored by identity, the contents of plain dict/list/set attributes and of the
+    parameter/buffer/submodule tables by value, and attributes the forward added are removed."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_TABLES}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        tables = {k: dict(getattr(m, k)) for k in _MODULE_TABLES}
+        saved.append((m, attrs, contents, tables))
+    try:
+        yield
+    finally:
+        for m, attrs, contents, tables in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
+                del state[k]
+            state.update(attrs)
+            for k, before in contents.items():
+                now = attrs[k]
+                now.clear()
+                now.extend(before) if isinstance(now, list) else now.update(before)
+            for k, before in tables.items():  # a module shared under two paths can come back re-parametrised
+                getattr(m, k).update(before)
+
+
+def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """Dim.AUTO on axis 0 of every tensor input, so the compacted model accepts other batch sizes."""
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {0: Dim.AUTO}
+        if isinstance(x, (tuple, list)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """Export with a symbolic batch axis where the model allows it (``dynamic_batch``), else static."""
+    if dynamic_batch:
+        dyn_args, dyn_kwargs = _batch_dims(args, kwargs)
+        dynamic_shapes: Any = dyn_args if not kwargs else {**_positional_names(model, dyn_args), **dyn_kwargs}
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception:  # noqa: BLE001 - some models pin the batch size; fall back to a static graph
+            pass
+    return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _positional_names(model: torch.nn.Module, specs: tuple) -> dict[str, Any]:
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters]
+    return dict(zip(names, specs))
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The deepest traceback frame outside torch/our package: the user's line that failed."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/fxprune/" not in f.filename and "site-packages/typer" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _wants_dynamic_batch(args: tuple, kwargs: dict) -> bool:
+    """A symbolic batch axis only pays off when some input's axis 0 is at least 2: export's Dim.AUTO
+    specialises a size-1 axis to a static graph anyway (and a static trace is several times cheaper)."""
+    return any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= 2
+               for x in compat.tree_leaves((args, kwargs)))
+
+
+def _record(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    if dynamic:
+        raise Unsupported("the recorder traces static graphs only")
+    from .record import record_trace
+
+    return record_trace(model, args, kwargs)
+
+
+def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    from .makefx import fast_trace
+
+    return fast_trace(model, args, kwargs, dynamic)
+
+
+def _torch_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    return _export(model, args, kwargs, dynamic).module()
+
+
+# The front ends, quickest first; each raises on what it cannot trace and the next one takes over. The
+# first two use private torch helpers (``compat.SUPPORT`` probes them): on a torch where those moved,
+# they are skipped with a warning, export remains.
+FRONTENDS = {"record": _record, "make_fx": _make_fx, "export": _torch_export}
+_FALLBACK_NAMES = {"record": "the recorder", "make_fx": "make_fx", "export": "torch.export"}
+
+# Front end -> None when it traced a trivial model in this process, else the exception it raised then
+# (torch changed underneath it: skipped from then on). Filled on a front end's first failure only.
+_SELF_TEST: dict[str, BaseException | None] = {}
+
+
+def _self_test_failure(name: str) -> BaseException | None:
+    """Whether the quick front end ``name`` fails on a trivial model too (checked once per process, on
+    its first failure other than its own refusal, ``Unsupported``): then it is broken on this torch, not
+    refusing the user's model. Run in a new thread, clear of the caller's grad mode, autocast and modes."""
+    if name not in _SELF_TEST:
+        nn = torch.nn
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4, 2)).eval()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                FRONTENDS[name](model, (torch.randn(1, 3, 8, 8),), {}, False)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the front end does not work here
+                failure.append(exc)
+
+        worker = threading.Thread(target=run, name=f"fxprune-{name}-self-test")
+        worker.start()
+        worker.join()
+        _SELF_TEST[name] = failure[0] if failure else None
+    return _SELF_TEST[name]
+
+
+def _runnable(name: str, forced: bool, dynamic: bool) -> compat.Support | bool:
+    """Whether to try front end ``name``: True; False to pass over it quietly (the recorder on a dynamic
+    batch, which it cannot trace; a front end found broken on this torch, already warned about); or the
+    ``compat.Support`` of a front end this torch lacks private names for (``compat.MissingFeature`` if
+    ``forced``)."""
+    if forced:
+        probe = compat.SUPPORT.get(name)
+        if probe is not None:
+            probe().require()
+        return True
+    if name == "record" and dynamic:
+        return False
+    probe = compat.SUPPORT.get(name)
+    support = probe() if probe is not None else None
+    if support is not None and not support:
+        return support
+    return _SELF_TEST.get(name) is None
+
+
+def _warn_broken(name: str, exc: BaseException, fallback: str) -> None:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    warnings.warn(f"fxprune: the quicker {name} front end fails even on a trivial model with torch "
+                  f"{torch.__version__} ({type(exc).__name__}: {first}): tracing falls back to "
+                  f"{_FALLBACK_NAMES[fallback]}, several times slower", compat.CompatWarning, stacklevel=3)
+
+
+def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True,
+          fast: bool = True, frontend: str | None = None) -> fx.GraphModule:
+    """Trace ``model`` on ``example_inputs`` into a GraphModule whose nodes all carry ``meta["val"]``.
+
+    The returned module shares parameters with ``model`` (it is an analysis view); ``fxprune.prune``
+    never hands it to the user. ``gm.meta[META_INPUTS]`` keeps the (args, kwargs) it was traced on,
+    ``gm.meta[META_FRONTEND]`` says which front end traced it (see ``FRONTENDS``): ``"record"``
+    for a static graph, else ``"make_fx"``, else ``"export"``, the first that succeeds;
+    ``fast=False`` uses export only, ``frontend=`` (or ``$FXPRUNE_FRONTEND`` when ``frontend`` is None
+    and ``fast`` is True) that one front end only (its own error if it fails; the recorder traces
+    static graphs only: a batch of 1, or ``dynamic_batch=False``). A quick front end this torch cannot
+    run is skipped with one ``compat.CompatWarning`` per process (``compat.MissingFeature`` if forced).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if frontend is None and fast:
+        frontend = os.environ.get(FRONTEND_ENV) or None
+    if frontend is not None and frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be one of {sorted(FRONTENDS)}, got {frontend!r}"
+                         + (f" (from ${FRONTEND_ENV})" if os.environ.get(FRONTEND_ENV) == frontend else ""))
+    compiled(model)  # a compacted module traced again: the front ends read its forward's signature
+    args, kwargs = normalize_inputs(example_inputs)
+    dynamic = dynamic_batch and _wants_dynamic_batch(args, kwargs)
+    chain = [frontend] if frontend else list(FRONTENDS) if fast else ["export"]
+    skipped: list[compat.Support] = []             # front ends this torch lacks private names for
+    broken: list[tuple[str, BaseException]] = []   # front ends that fail even on a trivial model
+    name = chain[-1]
+    try:
+        with _eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in chain:
+                runnable = _runnable(name, frontend is not None, dynamic)
+                if runnable is not True:
+                    if isinstance(runnable, compat.Support):  # naming what is missing
+                        skipped.append(runnable)
+                    continue
+                try:
+                    with _python_state_kept(model):  # put back after each try: the next one starts clean
+                        gm = FRONTENDS[name](model, args, kwargs, dynamic_batch if name == "export" else dynamic)
+                    break
+                except Exception as exc:  # noqa: BLE001 - the next front end takes over; the last one explains
+                    if name != chain[-1]:
+                        log.debug("fxprune: %s could not trace (%s: %s)", name, type(exc).__name__, exc)
+                        if not isinstance(exc, Unsupported) and name not in _SELF_TEST:
+                            failure = _self_test_failure(name)
+                            if failure is not None:
+                                broken.append((name, failure))
+                        continue
+                    if frontend is not None:
+                        raise
+                    raise _trace_error(model, exc) from exc
+    finally:  # outside the block that silences warnings; ``name``: the front end that traced (or failed last)
+        compat.warn_missing(skipped, _FALLBACK_NAMES[name], stacklevel=2)
+        for failed, failure in broken:
+            _warn_broken(failed, failure, name)
+    gm.meta[META_FRONTEND] = name
+    gm.meta[META_INPUTS] = (args, kwargs)
+    return gm
+
+
+def _trace_error(model: torch.nn.Module, exc: BaseException) -> TraceError:
+    where = _user_frame(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TraceError(
+        f"torch.export could not trace {type(model).__name__}: {first}"
+        + (f"\n  at {where}" if where else "")
+        + "\n  fix: make that line traceable (no data-dependent Python control flow on tensor values), "
+        "or pass example inputs the model accepts"
+    )

@@ -1,0 +1,90 @@
+"""The pass interface every scoring method implements, built-in or third-party.
+
+A pass is a frozen dataclass whose fields are its options (``--opt key=value`` on the command line).
+It must ``score`` every prunable group: one float per channel, higher = keep (``-inf`` must go,
+``+inf`` must stay). Passes that train or insert gates extend this in later stages.
+
+What a pass may read: everything in :class:`PassContext`. What it may write: nothing in place (the
+graph's parameters are the user's tensors). A pass that changes weights, not only shapes (slimming
+after sparsity training, ThiNet / LASSO least-squares reconstruction), hands NEW full-size tensors
+to compaction instead: either it fills ``ctx.weights`` while scoring (e.g. a trained copy's state),
+or it overrides :meth:`Pass.weights`, called once after selection with the removal, which returns
+``{parameter or buffer name: new full-size tensor}``. Compaction substitutes them before slicing by
+the plan, so they go through the same rewrite as everything else; ``PruneResult.weights`` records
+them, and ``fxprune.testing.assert_equivalent`` loads them into the masked reference.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from fxprune.analysis.groups import ChannelGroups, Group
+
+__all__ = ["Pass", "PassContext", "Scores"]
+
+Scores = dict[int, np.ndarray]  # group id -> one score per channel
+
+
+@dataclass
+class PassContext:
+    """What a pass may read: the traced graph, its groups, the model's tensors and the user's data."""
+
+    gm: fx.GraphModule
+    groups: ChannelGroups
+    model: torch.nn.Module
+    data: dict[str, Any] = field(default_factory=dict)  # train_loader, val_loader, loss, evaluate
+    selection: Any = None  # the budget (fxprune.selection.budget.Selection) the scores will be selected with
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors a pass hands to compaction
+    # the budget as a function: scores -> the removal it would select (a bool per channel component);
+    # passes that train toward the selection (slimming's adaptive sparsity) ask it which channels would go
+    select: Callable[[Scores], np.ndarray] | None = None
+    # what the pass reports (JSON-able): it lands in report.json under "pass_report"; "trained_metrics":
+    # evaluate() of the network the pass trained, before pruning (a row of the summary table); an entry
+    # "histograms": {name: {"before": [...], "after": [...], "threshold": t, "xlabel": "..."}} is also
+    # drawn as NAME_histogram.png in the output folder
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        obj: Any = self.gm
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class: subclass as a frozen dataclass; set ``name`` and ``description``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    scope: ClassVar[str] = "group"  # the paper's default selection scope: "group" or "global"
+    needs: ClassVar[tuple[str, ...]] = ()  # model-file functions / data keywords it reads, e.g. ("train_loader",)
+    tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
+    min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
+    default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
+
+    def prepare(self, ctx: PassContext) -> PassContext | None:
+        """Optionally prune a different model than the user's: return a context with its own ``gm``,
+        ``groups`` and ``model`` (e.g. Pruning from Scratch's wider copy, see
+        ``fxprune.compaction.widen``), or None (the default) to prune the user's model. Scoring,
+        selection and compaction then run on the returned model, ``PruneResult.plan`` refers to its
+        tensors and ``PruneResult.base`` is that model; ``--target-macs``/``--target-params`` stay
+        fractions of the USER's model."""
+        return None
+
+    def score(self, ctx: PassContext) -> Scores:
+        raise NotImplementedError
+
+    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
+        """New full-size tensors for compaction, given the selected removal (a bool per channel
+        component, ``removed[group.channels]`` per group). Default: what ``score`` left in ``ctx.weights``."""
+        return dict(ctx.weights)
+
+    @staticmethod
+    def prunable(ctx: PassContext) -> list[Group]:
+        return ctx.groups.prunable
