@@ -8,6 +8,7 @@ import torch
 
 from .analysis.rules.norm import DIRECTION
 from .compaction.plan import Plan
+from .state import attribute, named_tensors
 from .tracing.tracer import normalize_inputs
 
 __all__ = ["masked_model", "with_weights", "assert_equivalent"]
@@ -19,7 +20,7 @@ def masked_model(model: torch.nn.Module, plan: Plan, groups: Any = None) -> torc
     With ``groups`` (the analysis of ``model``), a weight-normalised direction (``v`` of ``g * v / ||v||``)
     keeps its pruned output slices: zeroing one would make ``0 / 0``; the zeroed ``g`` zeroes that output."""
     masked = copy.deepcopy(model)
-    state = dict(masked.named_parameters(remove_duplicate=False)) | dict(masked.named_buffers(remove_duplicate=False))
+    state = named_tensors(masked)
     directions = _directions(groups)
     with torch.no_grad():
         for name, entry in plan.items():
@@ -49,7 +50,7 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
     if not weights:
         return model
     model = copy.deepcopy(model)
-    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    state = named_tensors(model)
     with torch.no_grad():
         for name, t in weights.items():
             if name in state:
@@ -58,9 +59,11 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
 
 
 def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    obj: Any = module
-    for part in name.split("."):
-        obj = getattr(obj, part, None)
+    """The plain tensor attribute ``name`` of ``module``, or None where there is none."""
+    try:
+        obj = attribute(module, name)
+    except AttributeError:
+        return None
     return obj if isinstance(obj, torch.Tensor) else None
 
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fxprune.state import attribute
+
 __all__ = ["CompatWarning", "MissingFeature", "Support", "recorder_support", "make_fx_support", "warn_missing",
            "lazy_graph_module_class", "is_op_overload", "op_schema", "tree_leaves", "tree_map", "dispatch_mode_base",
            "aten_ops", "batch_norm_types", "fan_in", "compiling_in_this_thread", "reset", "PRIVATE_NAMES", "FEATURES"]
@@ -109,9 +111,7 @@ def _lookup(key: str) -> Any:
     module_name, _, attr = PRIVATE_NAMES[key].partition(":")
     text = f"{module_name}.{attr}" if attr else module_name
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split(".") if attr else ():
-            obj = getattr(obj, part)
+        obj = attribute(importlib.import_module(module_name), attr)
     except Exception:  # noqa: BLE001 - an ImportError, an AttributeError, or a module that fails to import
         return _Missing(text)
     wanted = _KEYWORDS.get(key, ())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxprune.state import named_tensors
 from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
 from .lazy_module import lazy_graph_module
 
@@ -36,16 +37,6 @@ class Unsupported(RuntimeError):
     """The fast path met something it does not reproduce like torch.export; use export instead."""
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by state-dict name, tied ones under each of their names."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.named_parameters(remove_duplicate=False):
-        out[name] = t
-    for name, t in model.named_buffers(remove_duplicate=False):
-        out[name] = t
-    return out
-
-
 def _reader_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """For each state name, the name the graph reads the tensor under: the last name of a tied group
     (as torch.export does: a model with ``lm_head.weight = embed.weight`` reads ``lm_head.weight``)."""
@@ -53,6 +44,15 @@ def _reader_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     for name, t in state.items():
         last[id(t)] = name
     return {name: last[id(t)] for name, t in state.items()}
+
+
+def _state_readers(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """What both quick front ends (this one and ``fxprune.tracing.record``) start from: every parameter
+    and buffer by state-dict name (``fxprune.state.named_tensors``), the name the graph reads each under
+    (``_reader_names``), and those reader names once each, in order."""
+    state = named_tensors(model)
+    reader_of = _reader_names(state)
+    return state, reader_of, list(dict.fromkeys(reader_of.values()))
 
 
 def _fake_inputs(tc: Support, mode: Any, leaves: list[Any], dynamic_batch: bool) -> list[Any]:
@@ -298,9 +298,7 @@ def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch:
     unsupported, and ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
     tc = make_fx_support().require()
     pytree = tc.pytree
-    state = _state(model)
-    reader_of = _reader_names(state)
-    readers = list(dict.fromkeys(reader_of.values()))
+    state, _, readers = _state_readers(model)
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
     mode = tc.FakeTensorMode(allow_non_fake_inputs=False, shape_env=tc.ShapeEnv(), static_shapes=not dynamic_batch)
     # Fakified here (static shapes); make_fx's own conversion of the real tensors then hits the mode's

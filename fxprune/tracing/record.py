@@ -46,7 +46,7 @@ from .compat import Support, compiling_in_this_thread, op_schema, recorder_suppo
 from .lazy_module import lazy_graph_module
 from .meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
 from .makefx import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
-                         _reader_names, _state)
+                         _state_readers)
 
 __all__ = ["record_trace", "norm_output", "META_ON_META", "SHAPE_OF_INPUT"]
 
@@ -325,9 +325,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     model's real device. Raises ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
     rs = recorder_support().require()
     pytree = rs.pytree
-    state = _state(model)
-    reader_of = _reader_names(state)
-    readers = list(dict.fromkeys(reader_of.values()))
+    state, reader_of, readers = _state_readers(model)
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
     if not any(isinstance(x, torch.Tensor) for x in leaves):
         raise Unsupported("no tensor among the inputs")
