@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import ChannelGroups, UnsupportedOpWarning, analyze
+from .annotations import read_selection, write_masks, write_scores, write_selection
 from .compaction import CompactionError, Plan, Resizer, add_aliases, build_plan, emit
 from .compaction.emit import GraphEdit
 from .passes.base import Pass, PassContext
@@ -59,16 +60,17 @@ class PruneResult:
         return rows
 
 
-def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, model: torch.nn.Module | None = None,
-            *, verify: bool = True, weights: Mapping[str, torch.Tensor] | None = None,
-            edits: Sequence[GraphEdit] = ()) -> Compacted:
+def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray | None = None,
+            model: torch.nn.Module | None = None, *, verify: bool = True,
+            weights: Mapping[str, torch.Tensor] | None = None, edits: Sequence[GraphEdit] = ()) -> Compacted:
     """Apply a removal (bool per channel) to a traced graph: the compacted module, its plan, and the
-    removal actually applied.
+    removal actually applied. ``removed=None``: the selection written on the graph (``fxprune.selection``
+    on its nodes, see ``fxprune.annotations``); the removal applied is written back there.
 
     A rewrite that fails (an op whose literal arguments we cannot fix) never crashes the run: the
     groups around that node are kept whole, a warning names the node, and compaction is retried.
     """
-    removed = removed.copy()
+    removed = read_selection(gm, groups) if removed is None else removed.copy()
     training = bool(model.training) if model is not None else False
     while True:
         resizer = Resizer(groups, removed)
@@ -85,6 +87,7 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, mode
                           stacklevel=2)
             for g in culprits:
                 removed[groups[g].channels] = False
+    write_selection(gm, groups, removed)
     if model is not None:
         plan = add_aliases(plan, model)
     return Compacted(module, plan, removed)
@@ -176,14 +179,18 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     ctx.select = budget.removal
     base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}
+    write_scores(gm, the_pass.name, scores)
+    if ctx.masks:
+        write_masks(gm, the_pass.name, ctx.masks)
     stage("select")
     removed, sel = budget(scores)
+    write_selection(gm, groups, removed)
     stage("compact")
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
-    out = compact(gm, groups, removed, base, verify=verify, weights=weights or None)
+    out = compact(gm, groups, None, base, verify=verify, weights=weights or None)  # the selection on the graph
     if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
         weights = the_pass.weights(ctx, out.removed)
-        out = compact(gm, groups, out.removed, base, verify=verify, weights=weights or None)
+        out = compact(gm, groups, None, base, verify=verify, weights=weights or None)
     after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:

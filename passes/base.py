@@ -48,6 +48,9 @@ class PassContext:
     # "histograms": {name: {"before": [...], "after": [...], "threshold": t, "xlabel": "..."}} is also
     # drawn as NAME_histogram.png in the output folder
     report: dict[str, Any] = field(default_factory=dict)
+    # a pass that learns a mask per channel (gates): their final values, per group id; written onto the
+    # graph beside the scores (``fxprune.masks``, see fxprune.annotations)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor:
         obj: Any = self.gm

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from ..annotations import write_groups
 from .couple import Coupler
 from .slots import SlotKey, SlotTable
 
-__all__ = ["Group", "ChannelGroups", "META_GROUPS"]
-
-# node.meta key written here (one writer): {axis: group id} for the node's first output.
-META_GROUPS = "fxprune.groups"
+__all__ = ["Group", "ChannelGroups"]
 
 
 @dataclass(frozen=True)
@@ -154,17 +152,18 @@ class ChannelGroups:
         return "frozen"
 
     def _annotate(self) -> None:
+        """Each node's groups per output axis (a concat's axis carries several), and why the frozen ones
+        are frozen (``fxprune.annotations``)."""
         t = self.table
-        for node in self.gm.graph.nodes:
-            axes = {}
-            for a in range(8):
-                key = (node.name, 0, a)
-                if key not in t.index:
-                    break
-                g = self.comp_group[self.labels[t.offsets[t.index[key]]]]
-                if g >= 0:
-                    axes[a] = int(g)
-            node.meta[META_GROUPS] = axes
+        group = self.comp_group[self.labels]
+        has = group >= 0
+        pairs = np.unique(np.stack([t.slot_of_elements()[has].astype(np.int64), group[has]]), axis=1)
+        axes: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
+        for i, g in zip(pairs[0].tolist(), pairs[1].tolist()):
+            name, k, a = t.keys[i]
+            per_node = axes.setdefault(name, {})
+            per_node[(k, a)] = per_node.get((k, a), ()) + (g,)
+        write_groups(self.gm, axes, {g.id: g.frozen for g in self.groups if g.frozen})
 
     # ---- queries -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Group]:

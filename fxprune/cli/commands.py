@@ -189,10 +189,21 @@ def _run(cfg: Any, quiet: bool) -> dict[str, Any]:
 
 
 @app.command()
-def inspect(model_file: ModelArg, as_json: JsonOpt = False) -> None:
+def inspect(
+    model_file: ModelArg,
+    as_json: JsonOpt = False,
+    graph: Annotated[bool, typer.Option("--graph", help="print every node with what each stage decided there: its "
+                                        "groups per axis, why frozen, and with --pass the scores, masks and kept "
+                                        "channels (the fxprune.* annotations on the graph)")] = False,
+    method: Annotated[Optional[str], typer.Option("--pass", "-p", help="also score and select with this pass "
+                                                  "(pruned in memory, nothing written, no recovery)",
+                                                  show_default=False)] = None,
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="the budget for --pass")] = 0.5,
+) -> None:
     """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why."""
     import fxprune
 
+    from ..annotations import dump
     from .measure import count_macs, count_params
     from .modelfile import load_model_file
     from .pipeline import stderr_only_on_success
@@ -203,7 +214,13 @@ def inspect(model_file: ModelArg, as_json: JsonOpt = False) -> None:
         _quiet_torch_logs()
         model, inputs = mf.model().eval(), mf.example_inputs()
         with stderr_only_on_success():
-            groups = fxprune.analyze(fxprune.trace(model, inputs))
+            if method is None:
+                groups = fxprune.analyze(fxprune.trace(model, inputs))
+            else:
+                groups = _scored_groups(mf, model, inputs, method, ratio)
+    if graph:
+        typer.echo(dump(groups.gm))
+        return
     rows = groups.rows()
     info = {"model_file": str(model_file), "macs": count_macs(model, inputs), "params": count_params(model),
             "groups": rows, "unsupported_ops": sorted(groups.unsupported)}
@@ -222,6 +239,22 @@ def inspect(model_file: ModelArg, as_json: JsonOpt = False) -> None:
     console.print(groups_table(rows, title))
     if info["unsupported_ops"]:
         console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
+
+
+def _scored_groups(mf: Any, model: Any, inputs: Any, method: str, ratio: float) -> Any:
+    """The analysis of ``model`` with ``method``'s scores, masks and selection written on its graph."""
+    import fxprune
+
+    from fxprune.passes.registry import load_pass
+    from fxprune.selection.budget import check_ratio
+
+    from .pipeline import model_file_data
+
+    check_ratio(ratio)
+    needs = tuple(getattr(load_pass(method), "needs", ()))
+    if needs:
+        mf.require(*needs, why=f"pass {method!r}")
+    return fxprune.prune(model, inputs, method, ratio, **model_file_data(mf)).groups
 
 
 def _pass_rows() -> list[dict[str, Any]]:

@@ -175,7 +175,7 @@ def _costs(module: nn.Module, inputs: Any) -> dict[str, Any]:
             "latency_ms": latency_ms(module, inputs)}
 
 
-def _data(mf: ModelFile) -> dict[str, Any]:
+def model_file_data(mf: ModelFile) -> dict[str, Any]:
     """What passes may read (``fxprune.prune``'s data keywords): loaders built once, functions as they are."""
     data: dict[str, Any] = {name: mf.loader(name) for name in ("train_loader", "val_loader") if mf.has(name)}
     data.update({name: mf.get(name) for name in ("loss", "evaluate") if mf.has(name)})
@@ -303,7 +303,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     with fb.step(f"loading {mf.path.name}"):
         model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
         inputs = to_device(mf.example_inputs(), cfg.device)
-        data = _data(mf)
+        data = model_file_data(mf)
     start = time.perf_counter()
     stages = contextlib.ExitStack()
 
