@@ -205,15 +205,15 @@ def _by_first_element(labels: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
-def _element_components(ctx) -> np.ndarray:
+def _element_components(coupler) -> np.ndarray:
     """The definition: every link, whole-axis identity links included, expanded to element pairs."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    t = ctx.table
-    ranges = [np.arange(t.offsets[i], t.offsets[i] + t.sizes[i]) for pair in ctx.same for i in pair]
-    a = np.concatenate(list(ctx.edges_a) + ranges[0::2] + [np.zeros(0, np.int64)])
-    b = np.concatenate(list(ctx.edges_b) + ranges[1::2] + [np.zeros(0, np.int64)])
+    t = coupler.table
+    ranges = [np.arange(t.offsets[i], t.offsets[i] + t.sizes[i]) for pair in coupler.same for i in pair]
+    a = np.concatenate(list(coupler.edges_a) + ranges[0::2] + [np.zeros(0, np.int64)])
+    b = np.concatenate(list(coupler.edges_b) + ranges[1::2] + [np.zeros(0, np.int64)])
     graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(t.total, t.total))
     return connected_components(graph, directed=False)[1]
 
@@ -225,8 +225,8 @@ def test_contracted_components_equal_element_components(spec: Spec) -> None:
     elements; the channels it finds are exactly those of linking every element."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctx = couple_graph(fxprune.trace(Net(spec).eval(), INPUTS))
-    assert ctx.same  # the contraction has something to do
-    got = contracted_components(ctx)
-    assert len(got) == ctx.table.total
-    assert np.array_equal(_by_first_element(got), _by_first_element(_element_components(ctx)))
+        coupler = couple_graph(fxprune.trace(Net(spec).eval(), INPUTS))
+    assert coupler.same  # the contraction has something to do
+    got = contracted_components(coupler)
+    assert len(got) == coupler.table.total
+    assert np.array_equal(_by_first_element(got), _by_first_element(_element_components(coupler)))

@@ -1,6 +1,6 @@
 """The context a coupling rule writes into: links between elements, frozen slots, roles, exactness.
 
-A rule is a plain function ``rule(node, ctx)``. It may
+A rule is a plain function ``rule(node, coupler)``. It may
 - ``link`` element ids of two slots (positions removed together),
 - ``freeze`` a slot (its positions can never be removed) with a reason,
 - mark a slot ``inexact`` (zeroing its pruned positions is not the same as removing them: a mean,

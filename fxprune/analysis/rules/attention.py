@@ -23,37 +23,37 @@ def _sdpa_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.scaled_dot_product_attention.default"), rewrite=_sdpa_rewrite)
-def sdpa(node: fx.Node, ctx: Coupler) -> None:
+def sdpa(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     q, k, v, out = as_ref(b["query"]), as_ref(b["key"]), as_ref(b["value"]), TensorRef(node)
     nd = q.ndim
     for a in range(nd - 3):
         for ref in (k, v, out):
-            ctx.link_axes(q, a, ref, a)
+            coupler.link_axes(q, a, ref, a)
     if nd >= 3:
-        h, hk = ctx.shape(q)[-3], ctx.shape(k)[-3]
-        ctx.link_axes(q, -3, out, -3)
-        ctx.link_axes(k, -3, v, -3)
+        h, hk = coupler.shape(q)[-3], coupler.shape(k)[-3]
+        coupler.link_axes(q, -3, out, -3)
+        coupler.link_axes(k, -3, v, -3)
         if h == hk:
-            ctx.link_axes(q, -3, k, -3)
+            coupler.link_axes(q, -3, k, -3)
         elif hk and h % hk == 0:
-            ctx.link(ctx.el(q, -3), ctx.el(k, -3)[np.arange(h) // (h // hk)])
+            coupler.link(coupler.el(q, -3), coupler.el(k, -3)[np.arange(h) // (h // hk)])
         else:
-            ctx.freeze(q, -3, "query heads do not divide key heads")
-    ctx.link_axes(q, -2, out, -2)
-    ctx.link_axes(k, -2, v, -2)
-    ctx.mark_inexact(k, -2, "attention softmax over keys")
-    ctx.link_axes(q, -1, k, -1)
-    if not (ctx.is_zero(q, -1) or ctx.is_zero(k, -1)):
-        ctx.mark_inexact(q, -1, "attention scores sum over this axis")
-    ctx.link_axes(v, -1, out, -1)
-    ctx.set_zero(out, -1, ctx.is_zero(v, -1))
+            coupler.freeze(q, -3, "query heads do not divide key heads")
+    coupler.link_axes(q, -2, out, -2)
+    coupler.link_axes(k, -2, v, -2)
+    coupler.mark_inexact(k, -2, "attention softmax over keys")
+    coupler.link_axes(q, -1, k, -1)
+    if not (coupler.is_zero(q, -1) or coupler.is_zero(k, -1)):
+        coupler.mark_inexact(q, -1, "attention scores sum over this axis")
+    coupler.link_axes(v, -1, out, -1)
+    coupler.set_zero(out, -1, coupler.is_zero(v, -1))
     mask = as_ref(b.get("attn_mask"))
     if mask is not None:
-        full = list(ctx.shape(out)[:-1]) + [ctx.shape(k)[-2]]
+        full = list(coupler.shape(out)[:-1]) + [coupler.shape(k)[-2]]
         refs = [(q, a) for a in range(nd - 1)] + [(k, nd - 2)]
         shift = len(full) - mask.ndim
         for a in range(mask.ndim):
             ref, ra = refs[a + shift]
-            if ctx.shape(mask)[a] == full[a + shift]:
-                ctx.link_axes(mask, a, ref, ra)
+            if coupler.shape(mask)[a] == full[a + shift]:
+                coupler.link_axes(mask, a, ref, ra)

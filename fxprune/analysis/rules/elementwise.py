@@ -63,17 +63,17 @@ IGNORED.update({operator.mul, operator.add, operator.sub, operator.floordiv, ope
                 operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge})
 
 
-def broadcast_link(node: fx.Node, ctx: Coupler) -> list[TensorRef]:
+def broadcast_link(node: fx.Node, coupler: Coupler) -> list[TensorRef]:
     """Link every tensor input to the output along right-aligned axes of equal size."""
     out = TensorRef(node)
     inputs = [r for r in (as_ref(a) for a in _flat_args(node)) if r is not None]
     for ref in inputs:
         shift = out.ndim - ref.ndim
         if shift < 0:
-            ctx.freeze(ref, None, f"{node.target} reduces rank")
+            coupler.freeze(ref, None, f"{node.target} reduces rank")
             continue
         for a in range(ref.ndim):
-            ctx.link_axes(ref, a, out, a + shift)
+            coupler.link_axes(ref, a, out, a + shift)
     return inputs
 
 
@@ -84,12 +84,13 @@ def _flat_args(node: fx.Node) -> list[Any]:
     return flat
 
 
-def _full_inputs_on(ctx: Coupler, out: TensorRef, inputs: list[TensorRef], axis: int) -> list[tuple[TensorRef, int]]:
+def _full_inputs_on(coupler: Coupler, out: TensorRef, inputs: list[TensorRef],
+                    axis: int) -> list[tuple[TensorRef, int]]:
     """Inputs that carry output axis ``axis`` at full size (not broadcast)."""
     found = []
     for ref in inputs:
         a = axis - (out.ndim - ref.ndim)
-        if 0 <= a < ref.ndim and ctx.shape(ref)[a] == ctx.shape(out)[axis]:
+        if 0 <= a < ref.ndim and coupler.shape(ref)[a] == coupler.shape(out)[axis]:
             found.append((ref, a))
     return found
 
@@ -99,28 +100,29 @@ def _scalars(node: fx.Node) -> list[Any]:
 
 
 @rule(*ZERO_PRESERVING)
-def unary_zero(node: fx.Node, ctx: Coupler) -> None:
+def unary_zero(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
-    inputs = broadcast_link(node, ctx)
+    inputs = broadcast_link(node, coupler)
     src = inputs[0] if inputs else None
     for a in range(out.ndim):
-        ctx.set_zero(out, a, src is not None and src.ndim == out.ndim and ctx.is_zero(src, a))
+        coupler.set_zero(out, a, src is not None and src.ndim == out.ndim and coupler.is_zero(src, a))
 
 
 @rule(*NOT_ZERO_PRESERVING, *OTHER_BROADCAST)
-def unary_other(node: fx.Node, ctx: Coupler) -> None:
-    broadcast_link(node, ctx)
+def unary_other(node: fx.Node, coupler: Coupler) -> None:
+    broadcast_link(node, coupler)
 
 
 @rule(*SUM_LIKE)
-def sum_like(node: fx.Node, ctx: Coupler) -> None:
+def sum_like(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
-    inputs = broadcast_link(node, ctx)
+    inputs = broadcast_link(node, coupler)
     if node.target in _WHERE and len(inputs) == 3:
         inputs = inputs[1:]  # the condition does not carry values
     for a in range(out.ndim):
-        carriers = _full_inputs_on(ctx, out, inputs, a)
-        ctx.set_zero(out, a, bool(carriers) and not _has_scalar_operand(node) and all(ctx.is_zero(r, x) for r, x in carriers))
+        carriers = _full_inputs_on(coupler, out, inputs, a)
+        coupler.set_zero(out, a, bool(carriers) and not _has_scalar_operand(node)
+                         and all(coupler.is_zero(r, x) for r, x in carriers))
 
 
 def _has_scalar_operand(node: fx.Node) -> bool:
@@ -134,35 +136,35 @@ def _has_scalar_operand(node: fx.Node) -> bool:
 
 
 @rule(*PRODUCT_LIKE)
-def product_like(node: fx.Node, ctx: Coupler) -> None:
+def product_like(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
-    inputs = broadcast_link(node, ctx)
+    inputs = broadcast_link(node, coupler)
     zero_scalar = any(isinstance(s, (int, float)) and s == 0 for s in _scalars(node))
     for a in range(out.ndim):
-        carriers = _full_inputs_on(ctx, out, inputs, a)
-        ctx.set_zero(out, a, zero_scalar or any(ctx.is_zero(r, x) for r, x in carriers))
+        carriers = _full_inputs_on(coupler, out, inputs, a)
+        coupler.set_zero(out, a, zero_scalar or any(coupler.is_zero(r, x) for r, x in carriers))
 
 
 @rule(*QUOTIENT_LIKE)
-def quotient_like(node: fx.Node, ctx: Coupler) -> None:
+def quotient_like(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
-    broadcast_link(node, ctx)
+    broadcast_link(node, coupler)
     num = as_ref(node.args[0])
     for a in range(out.ndim):
         ax = a - (out.ndim - num.ndim) if num is not None else -1
-        ctx.set_zero(out, a, num is not None and 0 <= ax < num.ndim
-                     and ctx.shape(num)[ax] == ctx.shape(out)[a] and ctx.is_zero(num, ax))
+        coupler.set_zero(out, a, num is not None and 0 <= ax < num.ndim
+                     and coupler.shape(num)[ax] == coupler.shape(out)[a] and coupler.is_zero(num, ax))
 
 
 @rule(*ops("aten.prelu.default", "aten._prelu_kernel.default"))
-def prelu(node: fx.Node, ctx: Coupler) -> None:
+def prelu(node: fx.Node, coupler: Coupler) -> None:
     """PReLU's weight is per channel (axis 1, or 0 for 1-D input), not right-aligned like broadcasting."""
     x, w, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)
     for a in range(x.ndim):
-        ctx.link_axes(x, a, out, a)
-        ctx.set_zero(out, a, ctx.is_zero(x, a))
+        coupler.link_axes(x, a, out, a)
+        coupler.set_zero(out, a, coupler.is_zero(x, a))
     if w is not None and w.ndim == 1:
-        ctx.link_axes(w, 0, out, 1 if x.ndim >= 2 else 0)  # a single shared slope (size 1) links nothing
+        coupler.link_axes(w, 0, out, 1 if x.ndim >= 2 else 0)  # a single shared slope (size 1) links nothing
     elif w is not None:
-        ctx.freeze(w, None, "prelu weight of unusual rank")
-        ctx.freeze(out, None, "prelu weight of unusual rank")
+        coupler.freeze(w, None, "prelu weight of unusual rank")
+        coupler.freeze(out, None, "prelu weight of unusual rank")

@@ -33,136 +33,136 @@ def _conv_rewrite(node: fx.Node, r: Any) -> None:
         set_arg(node, "groups", len(np.unique(kept // per_group)) if per_group > 1 else len(kept))
 
 
-def _grouped_uniform(ctx: Coupler, x: TensorRef, w: TensorRef, out: TensorRef, c: int, groups: int,
+def _grouped_uniform(coupler: Coupler, x: TensorRef, w: TensorRef, out: TensorRef, c: int, groups: int,
                      transposed: bool) -> None:
     """Position j of every conv group linked (inputs and outputs separately); the weight's per-group
     axis follows position j of group 0."""
-    cin, cout = ctx.shape(x)[c], ctx.shape(out)[c]
+    cin, cout = coupler.shape(x)[c], coupler.shape(out)[c]
     ipg, opg = cin // groups, cout // groups
-    xe, oe = ctx.el(x, c), ctx.el(out, c)
-    ctx.link(xe, xe[np.arange(cin) % ipg])
-    ctx.link(oe, oe[np.arange(cout) % opg])
+    xe, oe = coupler.el(x, c), coupler.el(out, c)
+    coupler.link(xe, xe[np.arange(cin) % ipg])
+    coupler.link(oe, oe[np.arange(cout) % opg])
     full, per_group = (x, out) if transposed else (out, x)  # weight axis 0 spans all groups, axis 1 one group
-    ctx.link_axes(full, c, w, 0)
-    ctx.link(ctx.el(w, 1), ctx.el(per_group, c)[: ctx.shape(w)[1]])
-    ctx.role(w, 0, CONSUMER if transposed else PRODUCER)
-    ctx.role(w, 1, PRODUCER if transposed else CONSUMER)
+    coupler.link_axes(full, c, w, 0)
+    coupler.link(coupler.el(w, 1), coupler.el(per_group, c)[: coupler.shape(w)[1]])
+    coupler.role(w, 0, CONSUMER if transposed else PRODUCER)
+    coupler.role(w, 1, PRODUCER if transposed else CONSUMER)
 
 
 @rule(*ops("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
            "aten.conv2d.padding", "aten.conv3d.padding", "aten.convolution.default",
            "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input"),
       rewrite=_conv_rewrite)
-def conv(node: fx.Node, ctx: Coupler) -> None:
+def conv(node: fx.Node, coupler: Coupler) -> None:
     x_arg, w_arg, b_arg, transposed, groups = _conv_args(node)
     x, w, out = as_ref(x_arg), as_ref(w_arg), TensorRef(node)
     nd = w.ndim - 2
     c = x.ndim - nd - 1  # channel axis (0 for unbatched input)
     if c == 1:
-        ctx.link_axes(x, 0, out, 0)
+        coupler.link_axes(x, 0, out, 0)
     for s in range(c + 1, x.ndim):
-        ctx.freeze(x, s, "convolved spatial axis")
-        ctx.freeze(out, s, "convolved spatial axis")
+        coupler.freeze(x, s, "convolved spatial axis")
+        coupler.freeze(out, s, "convolved spatial axis")
     for s in range(2, w.ndim):
-        ctx.freeze(w, s, "kernel axis")
+        coupler.freeze(w, s, "kernel axis")
     if groups == 1:
         w_in, w_out = (0, 1) if transposed else (1, 0)
-        ctx.link_axes(x, c, w, w_in)
-        ctx.role(w, w_in, CONSUMER)
-        ctx.link_axes(out, c, w, w_out)
-        ctx.role(w, w_out, PRODUCER)
-    elif ctx.shape(x)[c] == groups:
+        coupler.link_axes(x, c, w, w_in)
+        coupler.role(w, w_in, CONSUMER)
+        coupler.link_axes(out, c, w, w_out)
+        coupler.role(w, w_out, PRODUCER)
+    elif coupler.shape(x)[c] == groups:
         # Depthwise (one input per group, any depth multiplier): a conv group is the unit, its input
         # channel and its outputs go together.
-        cin, cout = ctx.shape(x)[c], ctx.shape(out)[c]
+        cin, cout = coupler.shape(x)[c], coupler.shape(out)[c]
         opg = cout // groups
-        xe, oe = ctx.el(x, c), ctx.el(out, c)
-        ctx.link(xe, oe[np.arange(cin) * opg])
-        ctx.link(oe, oe[(np.arange(cout) // opg) * opg])
-        ctx.freeze(w, 1, "per-group axis of a grouped convolution")
-        ctx.link_axes(x if transposed else out, c, w, 0)
-        ctx.role(w, 0, PRODUCER)
+        xe, oe = coupler.el(x, c), coupler.el(out, c)
+        coupler.link(xe, oe[np.arange(cin) * opg])
+        coupler.link(oe, oe[(np.arange(cout) // opg) * opg])
+        coupler.freeze(w, 1, "per-group axis of a grouped convolution")
+        coupler.link_axes(x if transposed else out, c, w, 0)
+        coupler.role(w, 0, PRODUCER)
     else:
         # Grouped (ResNeXt, RegNet): the same position of every group is one channel, on the input
         # and on the output separately, so every group shrinks alike and the group count stays. At a
         # ratio r this removes r of the conv's input AND output widths (MACs x (1-r)^2, as a dense
         # conv), where removing whole groups would only remove r of the groups (MACs x (1-r)).
-        _grouped_uniform(ctx, x, w, out, c, groups, transposed)
+        _grouped_uniform(coupler, x, w, out, c, groups, transposed)
     if as_ref(b_arg) is not None:
-        ctx.link_axes(out, c, b_arg, 0)
-        ctx.role(b_arg, 0, PRODUCER)
-    ctx.set_zero(out, c, True)
+        coupler.link_axes(out, c, b_arg, 0)
+        coupler.role(b_arg, 0, PRODUCER)
+    coupler.set_zero(out, c, True)
 
 
 @rule(*ops("aten.linear.default"))
-def linear(node: fx.Node, ctx: Coupler) -> None:
+def linear(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, w, out = as_ref(b["input"]), as_ref(b["weight"]), TensorRef(node)
     for a in range(x.ndim - 1):
-        ctx.link_axes(x, a, out, a)
-    ctx.link_axes(x, -1, w, 1)
-    ctx.link_axes(out, -1, w, 0)
-    ctx.role(w, 1, CONSUMER)
-    ctx.role(w, 0, PRODUCER)
+        coupler.link_axes(x, a, out, a)
+    coupler.link_axes(x, -1, w, 1)
+    coupler.link_axes(out, -1, w, 0)
+    coupler.role(w, 1, CONSUMER)
+    coupler.role(w, 0, PRODUCER)
     if as_ref(b["bias"]) is not None:
-        ctx.link_axes(out, -1, b["bias"], 0)
-        ctx.role(b["bias"], 0, PRODUCER)
-    ctx.set_zero(out, -1, True)
+        coupler.link_axes(out, -1, b["bias"], 0)
+        coupler.role(b["bias"], 0, PRODUCER)
+    coupler.set_zero(out, -1, True)
 
 
-def _contract(ctx: Coupler, x: TensorRef, xa: int, y: TensorRef, ya: int, why: str) -> None:
+def _contract(coupler: Coupler, x: TensorRef, xa: int, y: TensorRef, ya: int, why: str) -> None:
     """Positions summed over by a product of two tensors: exact only if one side is zero there."""
-    ctx.link_axes(x, xa, y, ya)
-    if not (ctx.is_zero(x, xa) or ctx.is_zero(y, ya)):
-        ctx.mark_inexact(x, xa, why)
+    coupler.link_axes(x, xa, y, ya)
+    if not (coupler.is_zero(x, xa) or coupler.is_zero(y, ya)):
+        coupler.mark_inexact(x, xa, why)
 
 
 @rule(*ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default"))
-def matmul(node: fx.Node, ctx: Coupler) -> None:
+def matmul(node: fx.Node, coupler: Coupler) -> None:
     x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)
     if x.ndim < 2 or y.ndim < 2:
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     batch = out.ndim - 2
     for ref in (x, y):
         shift = batch - (ref.ndim - 2)
         for a in range(ref.ndim - 2):
-            ctx.link_axes(ref, a, out, a + shift)
-    ctx.link_axes(x, -2, out, -2)
-    ctx.link_axes(y, -1, out, -1)
-    _contract(ctx, x, -1, y, -2, "matmul sums over this axis")
+            coupler.link_axes(ref, a, out, a + shift)
+    coupler.link_axes(x, -2, out, -2)
+    coupler.link_axes(y, -1, out, -1)
+    _contract(coupler, x, -1, y, -2, "matmul sums over this axis")
     for ref, inner, outer in ((x, -1, -2), (y, -2, -1)):
-        ctx.role(ref, inner, CONSUMER)
-        ctx.role(ref, outer, PRODUCER)
-    ctx.set_zero(out, -2, ctx.is_zero(x, -2))
-    ctx.set_zero(out, -1, ctx.is_zero(y, -1))
+        coupler.role(ref, inner, CONSUMER)
+        coupler.role(ref, outer, PRODUCER)
+    coupler.set_zero(out, -2, coupler.is_zero(x, -2))
+    coupler.set_zero(out, -1, coupler.is_zero(y, -1))
 
 
 @rule(*ops("aten.addmm.default"))
-def addmm(node: fx.Node, ctx: Coupler) -> None:
+def addmm(node: fx.Node, coupler: Coupler) -> None:
     bias, x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), as_ref(node.args[2]), TensorRef(node)
-    ctx.link_axes(x, 0, out, 0)
-    ctx.link_axes(y, 1, out, 1)
-    _contract(ctx, x, 1, y, 0, "matmul sums over this axis")
-    ctx.role(y, 0, CONSUMER)
-    ctx.role(y, 1, PRODUCER)
+    coupler.link_axes(x, 0, out, 0)
+    coupler.link_axes(y, 1, out, 1)
+    _contract(coupler, x, 1, y, 0, "matmul sums over this axis")
+    coupler.role(y, 0, CONSUMER)
+    coupler.role(y, 1, PRODUCER)
     shift = 2 - bias.ndim
     for a in range(bias.ndim):
-        ctx.link_axes(bias, a, out, a + shift)
-        ctx.role(bias, a, PRODUCER)
-    ctx.set_zero(out, 1, ctx.is_zero(y, 1) and ctx.is_zero(bias, bias.ndim - 1))
+        coupler.link_axes(bias, a, out, a + shift)
+        coupler.role(bias, a, PRODUCER)
+    coupler.set_zero(out, 1, coupler.is_zero(y, 1) and coupler.is_zero(bias, bias.ndim - 1))
 
 
 @rule(*ops("aten.embedding.default"))
-def embedding(node: fx.Node, ctx: Coupler) -> None:
+def embedding(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     w, idx, out = as_ref(b["weight"]), as_ref(b["indices"]), TensorRef(node)
-    ctx.freeze(w, 0, "vocabulary axis of an embedding")
-    ctx.link_axes(w, 1, out, -1)
-    ctx.role(w, 1, PRODUCER)
+    coupler.freeze(w, 0, "vocabulary axis of an embedding")
+    coupler.link_axes(w, 1, out, -1)
+    coupler.role(w, 1, PRODUCER)
     for a in range(idx.ndim):
-        ctx.link_axes(idx, a, out, a)
-    ctx.set_zero(out, -1, True)
+        coupler.link_axes(idx, a, out, a)
+    coupler.set_zero(out, -1, True)
 
 
 def _einsum_operands(equation: str, n: int) -> tuple[list[str], str] | None:
@@ -175,32 +175,32 @@ def _einsum_operands(equation: str, n: int) -> tuple[list[str], str] | None:
 
 
 @rule(*ops("aten.einsum.default"))
-def einsum(node: fx.Node, ctx: Coupler) -> None:
+def einsum(node: fx.Node, coupler: Coupler) -> None:
     """Axes sharing a letter are linked; letters missing from the output are contracted."""
     refs = [as_ref(t) for t in node.args[1]]
     parsed = _einsum_operands(node.args[0], len(refs))
     if parsed is None or any(r is None for r in refs):
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     terms, rhs = parsed
     out = TensorRef(node)
     seen: dict[str, tuple[TensorRef, int]] = {}
     for ref, term in zip(refs, terms):
         if len(set(term)) != len(term) or len(term) != ref.ndim:
-            ctx.unknown(node)
+            coupler.unknown(node)
             return
     for ref, term in zip(refs, terms):
         for a, letter in enumerate(term):
             if letter in seen:
-                ctx.link_axes(*seen[letter], ref, a)
+                coupler.link_axes(*seen[letter], ref, a)
             else:
                 seen[letter] = (ref, a)
             if letter in rhs:
-                ctx.link_axes(ref, a, out, rhs.index(letter))
+                coupler.link_axes(ref, a, out, rhs.index(letter))
     for letter, (ref, a) in seen.items():
         holders = [(r, t.index(letter)) for r, t in zip(refs, terms) if letter in t]
-        zero = any(ctx.is_zero(r, x) for r, x in holders)
+        zero = any(coupler.is_zero(r, x) for r, x in holders)
         if letter not in rhs and not zero:
-            ctx.mark_inexact(ref, a, "einsum sums over this axis")
+            coupler.mark_inexact(ref, a, "einsum sums over this axis")
         if letter in rhs:
-            ctx.set_zero(out, rhs.index(letter), zero if len(holders) > 1 else ctx.is_zero(ref, a))
+            coupler.set_zero(out, rhs.index(letter), zero if len(holders) > 1 else coupler.is_zero(ref, a))

@@ -18,75 +18,75 @@ NORM = "norm"
 DIRECTION = "direction"  # v of a weight norm: its scale g carries a removed slice's zero
 
 
-def _per_channel(node: fx.Node, ctx: Coupler, x: TensorRef, out: TensorRef, params: list[Any]) -> None:
+def _per_channel(node: fx.Node, coupler: Coupler, x: TensorRef, out: TensorRef, params: list[Any]) -> None:
     """``params``: weight, bias, then the running statistics (mean first) where the op has them."""
     c = 1 if x.ndim > 1 else 0
     for a in range(x.ndim):
-        ctx.link_axes(x, a, out, a)
+        coupler.link_axes(x, a, out, a)
     for p in params:
         if as_ref(p) is not None:
-            ctx.link_axes(out, c, p, 0)
-            ctx.role(p, 0, NORM)
-    ctx.set_zero(out, c, _zero_out(ctx, x, c, *params[:3]))
+            coupler.link_axes(out, c, p, 0)
+            coupler.role(p, 0, NORM)
+    coupler.set_zero(out, c, _zero_out(coupler, x, c, *params[:3]))
 
 
-def _zero_out(ctx: Coupler, x: TensorRef, c: int, weight: Any, bias: Any, mean: Any = None) -> bool:
+def _zero_out(coupler: Coupler, x: TensorRef, c: int, weight: Any, bias: Any, mean: Any = None) -> bool:
     """A removed channel's output is zero in the masked model: its bias is zero, and either its scale is
     zero or its input is zero and so is the mean subtracted from it (a running mean that is zeroed too,
     or statistics computed from the channel itself: a whole GroupNorm group is one channel)."""
     def zero(t: Any, axis: int = 0) -> bool:
-        return as_ref(t) is None or ctx.is_zero(t, axis)
+        return as_ref(t) is None or coupler.is_zero(t, axis)
 
-    scaled_out = as_ref(weight) is not None and ctx.is_zero(weight, 0)
-    return zero(bias) and (scaled_out or (ctx.is_zero(x, c) and zero(mean)))
+    scaled_out = as_ref(weight) is not None and coupler.is_zero(weight, 0)
+    return zero(bias) and (scaled_out or (coupler.is_zero(x, c) and zero(mean)))
 
 
-def _statistics_over(ctx: Coupler, x: TensorRef, axes: range, why: str) -> None:
+def _statistics_over(coupler: Coupler, x: TensorRef, axes: range, why: str) -> None:
     """Statistics computed over ``axes`` (a mean and a variance): a pruned position there changes them."""
     for a in axes:
-        ctx.mark_inexact(x, a, why)
+        coupler.mark_inexact(x, a, why)
 
 
-def _batch_statistics(ctx: Coupler, x: TensorRef, computed: bool) -> None:
+def _batch_statistics(coupler: Coupler, x: TensorRef, computed: bool) -> None:
     """Batch norm from the batch (training mode, or no running statistics) reduces every axis but the
     channel axis: weight standardisation (``F.batch_norm(w.reshape(1, out, -1), None, None,
     training=True)``) reduces over a weight's input channels."""
     if computed:
         c = 1 if x.ndim > 1 else 0
-        _statistics_over(ctx, x, range(0, c), "batch-norm statistics over this axis")
-        _statistics_over(ctx, x, range(c + 1, x.ndim), "batch-norm statistics over this axis")
+        _statistics_over(coupler, x, range(0, c), "batch-norm statistics over this axis")
+        _statistics_over(coupler, x, range(c + 1, x.ndim), "batch-norm statistics over this axis")
 
 
 _BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
 
 
 @rule(*ops("aten.batch_norm.default"))
-def batch_norm(node: fx.Node, ctx: Coupler) -> None:
+def batch_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
-    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
-    _batch_statistics(ctx, x, bool(b["training"]) or as_ref(b["running_mean"]) is None)
+    _per_channel(node, coupler, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
+    _batch_statistics(coupler, x, bool(b["training"]) or as_ref(b["running_mean"]) is None)
 
 
 @rule(*ops("aten.instance_norm.default"))
-def instance_norm(node: fx.Node, ctx: Coupler) -> None:
+def instance_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
-    _per_channel(node, ctx, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
+    _per_channel(node, coupler, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
     if b["use_input_stats"] or as_ref(b["running_mean"]) is None:
-        _statistics_over(ctx, x, range(2, x.ndim), "instance-norm statistics over this axis")
+        _statistics_over(coupler, x, range(2, x.ndim), "instance-norm statistics over this axis")
 
 
 @rule(*ops("aten._native_batch_norm_legit_no_training.default", "aten._native_batch_norm_legit.default",
            "aten._native_batch_norm_legit.no_stats", "aten.native_batch_norm.default"))
-def batch_norm_legit(node: fx.Node, ctx: Coupler) -> None:
+def batch_norm_legit(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x = as_ref(b["input"])
     stats = [b.get("running_mean"), b.get("running_var")]
-    _per_channel(node, ctx, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats])
-    _batch_statistics(ctx, x, bool(b.get("training", False)) or as_ref(stats[0]) is None)
+    _per_channel(node, coupler, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats])
+    _batch_statistics(coupler, x, bool(b.get("training", False)) or as_ref(stats[0]) is None)
     for k in range(1, len(node.meta["val"])):
-        ctx.freeze(TensorRef(node, k), None, "batch-norm statistics output")
+        coupler.freeze(TensorRef(node, k), None, "batch-norm statistics output")
 
 
 def _group_norm_rewrite(node: fx.Node, r: Any) -> None:
@@ -98,15 +98,15 @@ def _group_norm_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.group_norm.default"), rewrite=_group_norm_rewrite)
-def group_norm(node: fx.Node, ctx: Coupler) -> None:
+def group_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, out = as_ref(b["input"]), TensorRef(node)
-    _per_channel(node, ctx, x, out, [b["weight"], b["bias"]])
+    _per_channel(node, coupler, x, out, [b["weight"], b["bias"]])
     # A whole group of channels shares statistics: it is removed as one unit, which stays exact.
-    cpg = ctx.shape(x)[1] // int(b["num_groups"])
-    xe = ctx.el(x, 1)
-    ctx.link(xe, xe[(np.arange(len(xe)) // cpg) * cpg])
-    _statistics_over(ctx, x, range(2, x.ndim), "group-norm statistics over this axis")
+    cpg = coupler.shape(x)[1] // int(b["num_groups"])
+    xe = coupler.el(x, 1)
+    coupler.link(xe, xe[(np.arange(len(xe)) // cpg) * cpg])
+    _statistics_over(coupler, x, range(2, x.ndim), "group-norm statistics over this axis")
 
 
 def _normalized_shape_rewrite(node: fx.Node, r: Any) -> None:
@@ -116,35 +116,35 @@ def _normalized_shape_rewrite(node: fx.Node, r: Any) -> None:
     set_arg(node, "normalized_shape", list(r.new_shape(x)[r.old_ndim(x) - k:]))
 
 
-def _normalised_shape(node: fx.Node, ctx: Coupler, weights: list[Any]) -> None:
+def _normalised_shape(node: fx.Node, coupler: Coupler, weights: list[Any]) -> None:
     b = bind(node)
     x, out = as_ref(b["input"]), TensorRef(node)
     k = len(b["normalized_shape"])
     for a in range(x.ndim):
-        ctx.link_axes(x, a, out, a)
+        coupler.link_axes(x, a, out, a)
     for i in range(k):
         a = x.ndim - k + i
-        ctx.mark_inexact(x, a, f"{node.target.__name__} normalises over this axis")
+        coupler.mark_inexact(x, a, f"{node.target.__name__} normalises over this axis")
         for p in weights:
             if as_ref(p) is not None:
-                ctx.link_axes(out, a, p, i)
-                ctx.role(p, i, NORM)
-        ctx.set_zero(out, a, as_ref(b["weight"]) is not None)
+                coupler.link_axes(out, a, p, i)
+                coupler.role(p, i, NORM)
+        coupler.set_zero(out, a, as_ref(b["weight"]) is not None)
 
 
 @rule(*ops("aten.layer_norm.default"), rewrite=_normalized_shape_rewrite)
-def layer_norm(node: fx.Node, ctx: Coupler) -> None:
+def layer_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
-    _normalised_shape(node, ctx, [b["weight"], b["bias"]])
+    _normalised_shape(node, coupler, [b["weight"], b["bias"]])
 
 
 @rule(*ops("aten.rms_norm.default"), rewrite=_normalized_shape_rewrite)
-def rms_norm(node: fx.Node, ctx: Coupler) -> None:
-    _normalised_shape(node, ctx, [bind(node)["weight"]])
+def rms_norm(node: fx.Node, coupler: Coupler) -> None:
+    _normalised_shape(node, coupler, [bind(node)["weight"]])
 
 
 @rule(*ops("aten._weight_norm.default"))
-def weight_norm(node: fx.Node, ctx: Coupler) -> None:
+def weight_norm(node: fx.Node, coupler: Coupler) -> None:
     """``v * g / ||v||`` with the norm over every axis but ``dim`` (every axis when ``dim`` is -1): an L2
     norm, so exact over positions where ``v`` is zero, as a parameter's pruned positions are."""
     b = bind(node)
@@ -152,13 +152,13 @@ def weight_norm(node: fx.Node, ctx: Coupler) -> None:
     dim = int(b["dim"])
     kept = dim % v.ndim if dim != -1 else None
     for a in range(v.ndim):
-        ctx.link_axes(v, a, out, a)
+        coupler.link_axes(v, a, out, a)
         if a == kept:
-            ctx.link_axes(g, a, out, a)
-            ctx.role(v, a, DIRECTION)
-            ctx.role(g, a, NORM)
-            ctx.set_zero(out, a, ctx.is_zero(v, a) or ctx.is_zero(g, a))
+            coupler.link_axes(g, a, out, a)
+            coupler.role(v, a, DIRECTION)
+            coupler.role(g, a, NORM)
+            coupler.set_zero(out, a, coupler.is_zero(v, a) or coupler.is_zero(g, a))
             continue
-        if not ctx.is_zero(v, a):
-            ctx.mark_inexact(v, a, "weight norm over this axis")
-        ctx.set_zero(out, a, ctx.is_zero(v, a))
+        if not coupler.is_zero(v, a):
+            coupler.mark_inexact(v, a, "weight norm over this axis")
+        coupler.set_zero(out, a, coupler.is_zero(v, a))

@@ -55,9 +55,9 @@ _NONNEG_IF_INPUTS = set(ops(
 ))
 
 
-def is_nonneg(x: fx.Node, ctx: Coupler) -> bool:
+def is_nonneg(x: fx.Node, coupler: Coupler) -> bool:
     """Is every value of ``x`` >= 0? Proven from the ops that produced it (memoised per graph)."""
-    known = ctx.facts.setdefault("nonneg", {})
+    known = coupler.facts.setdefault("nonneg", {})
     if x.name not in known:
         known[x.name] = False  # a cycle cannot happen in a graph, but a deep chain is walked once
         if x.op == "call_function" and x.target in _NONNEG_OUT:
@@ -65,7 +65,8 @@ def is_nonneg(x: fx.Node, ctx: Coupler) -> bool:
         elif x.op == "call_function" and x.target in _NONNEG_IF_INPUTS:
             scalars = [a for a in node_scalars(x) if isinstance(a, (int, float)) and not isinstance(a, bool)]
             shape_op = x.target not in _ARITHMETIC
-            known[x.name] = all(is_nonneg(a, ctx) for a in x.all_input_nodes) and (shape_op or min(scalars, default=0) >= 0)
+            known[x.name] = all(is_nonneg(a, coupler) for a in x.all_input_nodes) and \
+                (shape_op or min(scalars, default=0) >= 0)
     return known[x.name]
 
 
@@ -99,72 +100,72 @@ def _reduced_axes(node: fx.Node, ndim: int) -> tuple[set[int], bool]:
     return {d % ndim for d in dims}, bool(b.get("keepdim", False))
 
 
-def _reduction_is_exact(node: fx.Node, ctx: Coupler, x: TensorRef, axis: int) -> bool:
+def _reduction_is_exact(node: fx.Node, coupler: Coupler, x: TensorRef, axis: int) -> bool:
     when = _exact_when(node)
-    if when == NEVER or not ctx.is_zero(x, axis):
+    if when == NEVER or not coupler.is_zero(x, axis):
         return False
     try:
-        return when == ZERO or is_nonneg(x.node, ctx)
+        return when == ZERO or is_nonneg(x.node, coupler)
     except RecursionError:  # a chain deeper than Python's stack: not proven
         return False
 
 
 @rule(*EXACT_WHEN, *NORMS)
-def reduction(node: fx.Node, ctx: Coupler) -> None:
+def reduction(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
     reduced, keepdim = _reduced_axes(node, x.ndim)
     outs = [TensorRef(node, k) for k, v in enumerate(node.meta["val"])] if isinstance(node.meta["val"], (list, tuple)) \
         else [TensorRef(node)]
     for a in sorted(reduced):
-        if not _reduction_is_exact(node, ctx, x, a):
-            ctx.mark_inexact(x, a, f"{node.target} reduces over this axis")
+        if not _reduction_is_exact(node, coupler, x, a):
+            coupler.mark_inexact(x, a, f"{node.target} reduces over this axis")
     j = 0
     for a in range(x.ndim):
         if a in reduced and not keepdim:
             continue
         for out in outs:
             if a not in reduced and out.ndim > j:
-                ctx.link_axes(x, a, out, j)
-                ctx.set_zero(out, j, node.target not in _NONZERO_OF_ZEROS and ctx.is_zero(x, a))
+                coupler.link_axes(x, a, out, j)
+                coupler.set_zero(out, j, node.target not in _NONZERO_OF_ZEROS and coupler.is_zero(x, a))
         j += 1
 
 
 @rule(*ops("aten.cumsum.default", "aten.cumprod.default"))
-def cumulative(node: fx.Node, ctx: Coupler) -> None:
+def cumulative(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
     dim = bind(node)["dim"] % x.ndim
     for a in range(x.ndim):
-        ctx.link_axes(x, a, out, a)
-    if node.target in _CUMPROD or not ctx.is_zero(x, dim):
-        ctx.mark_inexact(x, dim, f"{node.target} accumulates along this axis")
+        coupler.link_axes(x, a, out, a)
+    if node.target in _CUMPROD or not coupler.is_zero(x, dim):
+        coupler.mark_inexact(x, dim, f"{node.target} accumulates along this axis")
 
 
 @rule(*ops("aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
            "aten._safe_softmax.default"))
-def softmax(node: fx.Node, ctx: Coupler) -> None:
+def softmax(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
     dim = bind(node)["dim"] % x.ndim
     for a in range(x.ndim):
-        ctx.link_axes(x, a, out, a)
-    ctx.mark_inexact(x, dim, f"{node.target} normalises over this axis")
+        coupler.link_axes(x, a, out, a)
+    coupler.mark_inexact(x, dim, f"{node.target} normalises over this axis")
 
 
 # ---------------------------------------------------------------------------------------------
 # spatial ops: the last ``nd`` axes are spatial (frozen), the channel and batch axes pass through
 
 def _spatial(nd: int, zero_ok: bool = True):
-    def couple(node: fx.Node, ctx: Coupler) -> None:
+    def couple(node: fx.Node, coupler: Coupler) -> None:
         x = as_ref(node.args[0])
         outs = [TensorRef(node, k) for k in range(len(node.meta["val"]))] \
             if isinstance(node.meta["val"], (list, tuple)) else [TensorRef(node)]
         for out in outs:
             for a in range(x.ndim):
                 if a >= x.ndim - nd:
-                    ctx.freeze(x, a, f"spatial axis of {node.target}")
-                    ctx.freeze(out, a, f"spatial axis of {node.target}")
+                    coupler.freeze(x, a, f"spatial axis of {node.target}")
+                    coupler.freeze(out, a, f"spatial axis of {node.target}")
                 else:
-                    ctx.link_axes(x, a, out, a)
-                    ctx.set_zero(out, a, zero_ok and ctx.is_zero(x, a))
+                    coupler.link_axes(x, a, out, a)
+                    coupler.set_zero(out, a, zero_ok and coupler.is_zero(x, a))
     return couple
 
 
@@ -182,17 +183,17 @@ rule(*ops("aten.upsample_nearest3d.vec", "aten.upsample_trilinear3d.vec"))(_spat
 
 def _dims_frozen(arg: str):
     """roll / flip: the named axes move positions around; every other axis passes through."""
-    def couple(node: fx.Node, ctx: Coupler) -> None:
+    def couple(node: fx.Node, coupler: Coupler) -> None:
         x, out = as_ref(node.args[0]), TensorRef(node)
         dims = bind(node).get(arg) or []
         dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)} if dims else set(range(x.ndim))
         for a in range(x.ndim):
             if a in dims:
-                ctx.freeze(x, a, f"{node.target} moves positions along this axis")
-                ctx.freeze(out, a, f"{node.target} moves positions along this axis")
+                coupler.freeze(x, a, f"{node.target} moves positions along this axis")
+                coupler.freeze(out, a, f"{node.target} moves positions along this axis")
             else:
-                ctx.link_axes(x, a, out, a)
-                ctx.set_zero(out, a, ctx.is_zero(x, a))
+                coupler.link_axes(x, a, out, a)
+                coupler.set_zero(out, a, coupler.is_zero(x, a))
     return couple
 
 
@@ -202,23 +203,23 @@ rule(*ops("aten.flip.default"))(_dims_frozen("dims"))
 
 @rule(*ops("aten.constant_pad_nd.default", "aten.pad.default", "aten.reflection_pad2d.default",
            "aten.replication_pad2d.default", "aten.reflection_pad1d.default", "aten.replication_pad1d.default"))
-def pad(node: fx.Node, ctx: Coupler) -> None:
+def pad(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
     b = bind(node)
     padded = len(b.get("pad") or b.get("padding") or []) // 2
     value = b.get("value", 0) or 0
     for a in range(x.ndim):
         if a >= x.ndim - padded:
-            ctx.freeze(x, a, "padded axis")
-            ctx.freeze(out, a, "padded axis")
+            coupler.freeze(x, a, "padded axis")
+            coupler.freeze(out, a, "padded axis")
         else:
-            ctx.link_axes(x, a, out, a)
-            ctx.set_zero(out, a, value == 0 and node.target in _CONSTANT_PAD and ctx.is_zero(x, a))
+            coupler.link_axes(x, a, out, a)
+            coupler.set_zero(out, a, value == 0 and node.target in _CONSTANT_PAD and coupler.is_zero(x, a))
 
 
 @rule(*ops("aten.pixel_shuffle.default", "aten.pixel_unshuffle.default", "aten.channel_shuffle.default",
            "aten.native_channel_shuffle.default"))
-def channel_mixing(node: fx.Node, ctx: Coupler) -> None:
+def channel_mixing(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
-    ctx.freeze(x, None, f"{node.target} reorders channels")
-    ctx.freeze(out, None, f"{node.target} reorders channels")
+    coupler.freeze(x, None, f"{node.target} reorders channels")
+    coupler.freeze(out, None, f"{node.target} reorders channels")

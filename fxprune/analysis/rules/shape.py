@@ -170,19 +170,19 @@ def _carrier(sizes: list[int], axes: list[int], avoid: set[int], prefer: int | N
     return pick[0] if pick else None
 
 
-def _link_factorisation(ctx: Coupler, flat: TensorRef, flat_axis: int, multi: TensorRef, axes: list[int],
+def _link_factorisation(coupler: Coupler, flat: TensorRef, flat_axis: int, multi: TensorRef, axes: list[int],
                         carrier: int | None, why: str) -> None:
     """flat axis == product of ``axes`` of ``multi``; positions follow the carrier axis in blocks."""
-    sizes = ctx.shape(multi)
+    sizes = coupler.shape(multi)
     for x in axes:
         if x != carrier:
-            ctx.freeze(multi, x, why)
+            coupler.freeze(multi, x, why)
     if carrier is None:
-        ctx.freeze(flat, flat_axis, why)
+        coupler.freeze(flat, flat_axis, why)
         return
     inner = math.prod(sizes[x] for x in axes if x > carrier)
-    f = np.arange(ctx.shape(flat)[flat_axis])
-    ctx.link(ctx.el(flat, flat_axis), ctx.el(multi, carrier)[(f // inner) % sizes[carrier]])
+    f = np.arange(coupler.shape(flat)[flat_axis])
+    coupler.link(coupler.el(flat, flat_axis), coupler.el(multi, carrier)[(f // inner) % sizes[carrier]])
 
 
 def _atoms(a: list[int], b: list[int]) -> list[int] | None:
@@ -200,14 +200,14 @@ def _atoms(a: list[int], b: list[int]) -> list[int] | None:
     return points
 
 
-def _link_mixed(ctx: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: list[int], avoid: set[int]) -> bool:
+def _link_mixed(coupler: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: list[int], avoid: set[int]) -> bool:
     """A chunk that splits and merges at once, e.g. ``(batch, heads * dim) -> (batch * heads, dim)``
     (nn.MultiheadAttention folds its heads into the batch). Cut the flat range into atoms (the
     common refinement of both shapes); each axis carries its channel on its outermost real atom that
     is not the batch; an input and an output axis with the same carrier atom are linked by that
     atom's value, every other axis is frozen. Exact by construction: a channel removes the same flat
     positions on both sides (those whose carrier-atom value it holds). False if the shapes do not nest."""
-    a, b = [ctx.shape(x)[i] for i in ia], [ctx.shape(out)[j] for j in jb]
+    a, b = [coupler.shape(x)[i] for i in ia], [coupler.shape(out)[j] for j in jb]
     points = _atoms(a, b)
     if points is None:
         return False
@@ -230,57 +230,57 @@ def _link_mixed(ctx: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: l
 
     ins, outs = members(a, ia), members(b, jb)
     symbolic_atoms = {p for ref, axes in ((x, ins), (out, outs)) for axis, (_, atoms) in axes.items()
-                      if ctx.symbolic(ref, axis) for p in atoms}
+                      if coupler.symbolic(ref, axis) for p in atoms}
     in_carrier = {i: carrier(x, i, ins[i][1]) for i in ia}
     out_carrier = {j: carrier(out, j, outs[j][1]) for j in jb}
     linked_out: set[int] = set()
     for i, atom in in_carrier.items():
         j = next((j for j, c in out_carrier.items() if c is not None and c == atom), None)
         if atom is None or j is None:
-            ctx.freeze(x, i, "reshape mixes axes")
+            coupler.freeze(x, i, "reshape mixes axes")
             continue
         value = lambda n, stride: (np.arange(n) * stride // atom) % atom_size[atom]  # noqa: E731
-        rep = ctx.el(out, j)[value(ctx.shape(out)[j], outs[j][0]) * (atom // outs[j][0])]
-        ctx.link(ctx.el(x, i), ctx.el(out, j)[value(ctx.shape(x)[i], ins[i][0]) * (atom // outs[j][0])])
-        ctx.link(ctx.el(out, j), rep)
-        ctx.set_zero(out, j, ctx.is_zero(x, i))
+        rep = coupler.el(out, j)[value(coupler.shape(out)[j], outs[j][0]) * (atom // outs[j][0])]
+        coupler.link(coupler.el(x, i), coupler.el(out, j)[value(coupler.shape(x)[i], ins[i][0]) * (atom // outs[j][0])])
+        coupler.link(coupler.el(out, j), rep)
+        coupler.set_zero(out, j, coupler.is_zero(x, i))
         linked_out.add(j)
     for j in jb:
         if j not in linked_out:
-            ctx.freeze(out, j, "reshape mixes axes")
+            coupler.freeze(out, j, "reshape mixes axes")
     return True
 
 
-def couple_reshape(node: fx.Node, ctx: Coupler, src: Any) -> None:
+def couple_reshape(node: fx.Node, coupler: Coupler, src: Any) -> None:
     x, out = as_ref(src), TensorRef(node)
-    a, b = list(ctx.shape(x)), list(ctx.shape(out))
+    a, b = list(coupler.shape(x)), list(coupler.shape(out))
     try:
         chunks = reshape_chunks(a, b)
     except ValueError:
-        ctx.freeze(x, None, "reshape with symbolic sizes")
-        ctx.freeze(out, None, "reshape with symbolic sizes")
+        coupler.freeze(x, None, "reshape with symbolic sizes")
+        coupler.freeze(out, None, "reshape with symbolic sizes")
         return
     avoid = _selected_axes(node)
-    batch_in = {i for i in range(len(a)) if ctx.symbolic(x, i)}  # the batch never carries a channel
-    batch_out = {j for j in range(len(b)) if ctx.symbolic(out, j)}
+    batch_in = {i for i in range(len(a)) if coupler.symbolic(x, i)}  # the batch never carries a channel
+    batch_out = {j for j in range(len(b)) if coupler.symbolic(out, j)}
     for ia, jb in chunks:
         if len(ia) == 1 and len(jb) == 1:
-            ctx.link_axes(x, ia[0], out, jb[0])
-            ctx.set_zero(out, jb[0], ctx.is_zero(x, ia[0]))
+            coupler.link_axes(x, ia[0], out, jb[0])
+            coupler.set_zero(out, jb[0], coupler.is_zero(x, ia[0]))
         elif len(jb) == 1 and ia:       # merge: in axes -> one out axis
             c = _carrier(a, ia, batch_in)
-            _link_factorisation(ctx, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
-            ctx.set_zero(out, jb[0], c is not None and ctx.is_zero(x, c))
+            _link_factorisation(coupler, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
+            coupler.set_zero(out, jb[0], c is not None and coupler.is_zero(x, c))
         elif len(ia) == 1 and jb:       # split: one in axis -> out axes
             c = _carrier(b, jb, avoid | batch_out, _merged_back(node, jb))
-            _link_factorisation(ctx, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
+            _link_factorisation(coupler, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
             if c is not None:
-                ctx.set_zero(out, c, ctx.is_zero(x, ia[0]))
-        elif not _link_mixed(ctx, x, ia, out, jb, avoid):
+                coupler.set_zero(out, c, coupler.is_zero(x, ia[0]))
+        elif not _link_mixed(coupler, x, ia, out, jb, avoid):
             for i in ia:
-                ctx.freeze(x, i, "reshape mixes axes")
+                coupler.freeze(x, i, "reshape mixes axes")
             for j in jb:
-                ctx.freeze(out, j, "reshape mixes axes")
+                coupler.freeze(out, j, "reshape mixes axes")
 
 
 def _view_size_rewrite(node: fx.Node, r: Any) -> None:
@@ -289,24 +289,24 @@ def _view_size_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"), rewrite=_view_size_rewrite)
-def view(node: fx.Node, ctx: Coupler) -> None:
-    couple_reshape(node, ctx, node.args[0])
+def view(node: fx.Node, coupler: Coupler) -> None:
+    couple_reshape(node, coupler, node.args[0])
 
 
 @rule(*ops("aten.flatten.using_ints"))
-def flatten(node: fx.Node, ctx: Coupler) -> None:
-    couple_reshape(node, ctx, node.args[0])
+def flatten(node: fx.Node, coupler: Coupler) -> None:
+    couple_reshape(node, coupler, node.args[0])
 
 
 @rule(*ops("aten.unflatten.int"), rewrite=_unflatten_rewrite)
-def unflatten(node: fx.Node, ctx: Coupler) -> None:
-    couple_reshape(node, ctx, node.args[0])
+def unflatten(node: fx.Node, coupler: Coupler) -> None:
+    couple_reshape(node, coupler, node.args[0])
 
 
 @rule(*ops("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", "aten.unsqueeze.default",
            "aten.squeeze_.dim", "aten.unsqueeze_.default"))
-def squeeze(node: fx.Node, ctx: Coupler) -> None:
-    couple_reshape(node, ctx, node.args[0])
+def squeeze(node: fx.Node, coupler: Coupler) -> None:
+    couple_reshape(node, coupler, node.args[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,26 +324,26 @@ _SQUEEZE_DIM = set(ops("aten.squeeze.dim", "aten.squeeze.dims"))
 _RESHAPES = set(ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints"))
 
 
-def _permute_link(ctx: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:
+def _permute_link(coupler: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:
     for i, p in enumerate(perm):
-        ctx.link_axes(x, p, out, i)
-        ctx.set_zero(out, i, ctx.is_zero(x, p))
+        coupler.link_axes(x, p, out, i)
+        coupler.set_zero(out, i, coupler.is_zero(x, p))
 
 
 @rule(*_PERMUTE)
-def permute(node: fx.Node, ctx: Coupler) -> None:
+def permute(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
-    _permute_link(ctx, x, TensorRef(node), [d % x.ndim for d in bind(node)["dims"]])
+    _permute_link(coupler, x, TensorRef(node), [d % x.ndim for d in bind(node)["dims"]])
 
 
 @rule(*_TRANSPOSE, *ops("aten.t.default"))
-def transpose(node: fx.Node, ctx: Coupler) -> None:
+def transpose(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
     perm = list(range(x.ndim))
     if x.ndim >= 2:
         d0, d1 = _transpose_dims(node, x.ndim) if "dim0" in bind(node) or "axis0" in bind(node) else (0, 1)
         perm[d0], perm[d1] = perm[d1], perm[d0]
-    _permute_link(ctx, x, TensorRef(node), perm)
+    _permute_link(coupler, x, TensorRef(node), perm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,28 +351,28 @@ def transpose(node: fx.Node, ctx: Coupler) -> None:
 
 
 @rule(*ops("aten.expand.default"), rewrite=shape_arg("size"))
-def expand(node: fx.Node, ctx: Coupler) -> None:
+def expand(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
     shift = out.ndim - x.ndim
     for a in range(x.ndim):
-        if ctx.shape(x)[a] == ctx.shape(out)[a + shift]:
-            ctx.link_axes(x, a, out, a + shift)
-            ctx.set_zero(out, a + shift, ctx.is_zero(x, a))
+        if coupler.shape(x)[a] == coupler.shape(out)[a + shift]:
+            coupler.link_axes(x, a, out, a + shift)
+            coupler.set_zero(out, a + shift, coupler.is_zero(x, a))
 
 
 @rule(*ops("aten.repeat.default"))
-def repeat(node: fx.Node, ctx: Coupler) -> None:
+def repeat(node: fx.Node, coupler: Coupler) -> None:
     x, out = as_ref(node.args[0]), TensorRef(node)
     reps = list(bind(node)["repeats"])
     shift = out.ndim - x.ndim
     for a in range(x.ndim):
         if reps[a + shift] == 1:
-            ctx.link_axes(x, a, out, a + shift)
+            coupler.link_axes(x, a, out, a + shift)
         else:
-            ctx.freeze(x, a, "repeated axis")
+            coupler.freeze(x, a, "repeated axis")
     for j in range(out.ndim):
         if j < shift or reps[j] != 1:
-            ctx.freeze(out, j, "repeated axis")
+            coupler.freeze(out, j, "repeated axis")
 
 
 def _repeat_interleave_rewrite(node: fx.Node, r: Any) -> None:
@@ -381,20 +381,20 @@ def _repeat_interleave_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.repeat_interleave.self_int"), rewrite=_repeat_interleave_rewrite)
-def repeat_interleave(node: fx.Node, ctx: Coupler) -> None:
+def repeat_interleave(node: fx.Node, coupler: Coupler) -> None:
     """Each position of ``dim`` repeated ``repeats`` times in place (GQA's shared kv heads): block expansion."""
     b = bind(node)
     x, out = as_ref(b["self"]), TensorRef(node)
     reps = b["repeats"]
     if b["dim"] is None or not isinstance(reps, int) or x.ndim != out.ndim:
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     dim = b["dim"] % x.ndim
     for a in range(x.ndim):
         if a != dim:
-            ctx.link_axes(x, a, out, a)
-        ctx.set_zero(out, a, ctx.is_zero(x, a))
-    ctx.link(ctx.el(out, dim), ctx.el(x, dim)[np.arange(ctx.shape(out)[dim]) // reps])
+            coupler.link_axes(x, a, out, a)
+        coupler.set_zero(out, a, coupler.is_zero(x, a))
+    coupler.link(coupler.el(out, dim), coupler.el(x, dim)[np.arange(coupler.shape(out)[dim]) // reps])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,35 +402,35 @@ def repeat_interleave(node: fx.Node, ctx: Coupler) -> None:
 
 
 @rule(*ops("aten.cat.default", "aten.concat.default"))
-def cat(node: fx.Node, ctx: Coupler) -> None:
+def cat(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
     b = bind(node)
     dim = b["dim"] % out.ndim
     inputs = [r for r in (as_ref(t) for t in b["tensors"]) if r is not None and r.ndim == out.ndim]
     off = 0
-    oe = ctx.el(out, dim)
+    oe = coupler.el(out, dim)
     zero = True
     for ref in inputs:
-        n = ctx.shape(ref)[dim]
-        ctx.link(ctx.el(ref, dim), oe[off:off + n])
-        zero = zero and ctx.is_zero(ref, dim)
+        n = coupler.shape(ref)[dim]
+        coupler.link(coupler.el(ref, dim), oe[off:off + n])
+        zero = zero and coupler.is_zero(ref, dim)
         off += n
         for a in range(out.ndim):
             if a != dim:
-                ctx.link_axes(ref, a, out, a)
-    ctx.set_zero(out, dim, False)  # zero-ness differs per input range; conservative
+                coupler.link_axes(ref, a, out, a)
+    coupler.set_zero(out, dim, False)  # zero-ness differs per input range; conservative
 
 
 @rule(*ops("aten.stack.default"))
-def stack(node: fx.Node, ctx: Coupler) -> None:
+def stack(node: fx.Node, coupler: Coupler) -> None:
     out = TensorRef(node)
     b = bind(node)
     dim = b["dim"] % out.ndim
-    ctx.freeze(out, dim, "stacked axis")
+    coupler.freeze(out, dim, "stacked axis")
     for t in b["tensors"]:
         ref = as_ref(t)
         for a in range(ref.ndim):
-            ctx.link_axes(ref, a, out, a if a < dim else a + 1)
+            coupler.link_axes(ref, a, out, a if a < dim else a + 1)
 
 
 def _split_rewrite(node: fx.Node, r: Any) -> None:
@@ -448,50 +448,50 @@ def _split_rewrite(node: fx.Node, r: Any) -> None:
 @rule(*ops("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
            "aten.tensor_split.sections", "aten.tensor_split.indices", "aten.split_with_sizes_copy.default"),
       rewrite=_split_rewrite)
-def split(node: fx.Node, ctx: Coupler) -> None:
+def split(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
     dim = bind(node).get("dim", 0) % x.ndim
-    xe = ctx.el(x, dim)
+    xe = coupler.el(x, dim)
     off = 0
     for k, val in enumerate(node.meta["val"]):
         part = TensorRef(node, k)
         n = int(val.shape[dim])
-        ctx.link(ctx.el(part, dim), xe[off:off + n])
+        coupler.link(coupler.el(part, dim), xe[off:off + n])
         off += n
         for a in range(x.ndim):
-            ctx.set_zero(part, a, ctx.is_zero(x, a))
+            coupler.set_zero(part, a, coupler.is_zero(x, a))
             if a != dim:
-                ctx.link_axes(x, a, part, a)
+                coupler.link_axes(x, a, part, a)
 
 
 @rule(*ops("aten.unbind.int"))
-def unbind(node: fx.Node, ctx: Coupler) -> None:
+def unbind(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
     dim = bind(node).get("dim", 0) % x.ndim
-    ctx.freeze(x, dim, "unbind picks positions apart")
+    coupler.freeze(x, dim, "unbind picks positions apart")
     for k in range(len(node.meta["val"])):
         part = TensorRef(node, k)
         for a in range(x.ndim):
             if a != dim:
-                ctx.link_axes(x, a, part, a if a < dim else a - 1)
-                ctx.set_zero(part, a if a < dim else a - 1, ctx.is_zero(x, a))
+                coupler.link_axes(x, a, part, a if a < dim else a - 1)
+                coupler.set_zero(part, a if a < dim else a - 1, coupler.is_zero(x, a))
 
 
 @rule(operator.getitem)
-def getitem(node: fx.Node, ctx: Coupler) -> None:
+def getitem(node: fx.Node, coupler: Coupler) -> None:
     src, k = node.args[0], node.args[1]
     out = as_ref(node)
     if out is None or not isinstance(src, fx.Node) or not isinstance(k, int):
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     vals = src.meta.get("val")
     if not isinstance(vals, (list, tuple)):
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     part = TensorRef(src, k)
     for a in range(out.ndim):
-        ctx.link_axes(part, a, out, a)
-        ctx.set_zero(out, a, ctx.is_zero(part, a))
+        coupler.link_axes(part, a, out, a)
+        coupler.set_zero(out, a, coupler.is_zero(part, a))
 
 
 def _bound(v: Any, size: int, default: int) -> int | None:
@@ -518,38 +518,38 @@ def _slice_rewrite(node: fx.Node, r: Any) -> None:
 
 
 @rule(*ops("aten.slice.Tensor"), rewrite=_slice_rewrite)
-def slice_(node: fx.Node, ctx: Coupler) -> None:
+def slice_(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, out = as_ref(b["self"]), TensorRef(node)
     dim = b["dim"] % x.ndim
-    size = ctx.shape(x)[dim]
+    size = coupler.shape(x)[dim]
     start, end = _bound(b["start"], size, 0), _bound(b["end"], size, size)
     for a in range(x.ndim):
-        ctx.set_zero(out, a, ctx.is_zero(x, a))
+        coupler.set_zero(out, a, coupler.is_zero(x, a))
         if a != dim:
-            ctx.link_axes(x, a, out, a)
-    if start is None or end is None or b["step"] != 1 or end - start != ctx.shape(out)[dim]:
-        ctx.freeze(x, dim, "slice with a step or symbolic bounds")
-        ctx.freeze(out, dim, "slice with a step or symbolic bounds")
+            coupler.link_axes(x, a, out, a)
+    if start is None or end is None or b["step"] != 1 or end - start != coupler.shape(out)[dim]:
+        coupler.freeze(x, dim, "slice with a step or symbolic bounds")
+        coupler.freeze(out, dim, "slice with a step or symbolic bounds")
         return
-    ctx.link(ctx.el(x, dim)[start:end], ctx.el(out, dim))
+    coupler.link(coupler.el(x, dim)[start:end], coupler.el(out, dim))
 
 
 @rule(*ops("aten.select.int", "aten.index_select.default"))
-def select(node: fx.Node, ctx: Coupler) -> None:
+def select(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, out = as_ref(b["self"]), TensorRef(node)
     dim = b["dim"] % x.ndim
-    ctx.freeze(x, dim, f"{node.target} picks positions")
+    coupler.freeze(x, dim, f"{node.target} picks positions")
     keep_axis = node.target in _INDEX_SELECT  # index_select keeps the axis (its size changes); select drops it
     for a in range(x.ndim):
         if a == dim:
             if keep_axis:
-                ctx.freeze(out, a, "indexed axis")
+                coupler.freeze(out, a, "indexed axis")
             continue
         j = a if (a < dim or keep_axis) else a - 1
-        ctx.link_axes(x, a, out, j)
-        ctx.set_zero(out, j, ctx.is_zero(x, a))
+        coupler.link_axes(x, a, out, j)
+        coupler.set_zero(out, j, coupler.is_zero(x, a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,82 +559,82 @@ def select(node: fx.Node, ctx: Coupler) -> None:
 @rule(*ops("aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.empty.memory_format",
            "aten.new_zeros.default", "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default"),
       rewrite=shape_arg("size"))
-def factory(node: fx.Node, ctx: Coupler) -> None:
+def factory(node: fx.Node, coupler: Coupler) -> None:
     """zeros(size) / x.new_ones(size)...: the output links to nothing; its size argument is rewritten."""
     out = TensorRef(node)
     for a in range(out.ndim):
-        ctx.set_zero(out, a, node.target in _ZEROS)
+        coupler.set_zero(out, a, node.target in _ZEROS)
 
 
 @rule(*ops("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.randn.default",
            "aten.rand.default", "aten.linspace.default", "aten.eye.default", "aten.tril.default", "aten.triu.default"))
-def frozen_factory(node: fx.Node, ctx: Coupler) -> None:
-    ctx.freeze(TensorRef(node), None, f"values of {node.target} depend on position")
+def frozen_factory(node: fx.Node, coupler: Coupler) -> None:
+    coupler.freeze(TensorRef(node), None, f"values of {node.target} depend on position")
     for arg in node.all_input_nodes:
-        ctx.freeze(arg, None, f"values of {node.target} depend on position")
+        coupler.freeze(arg, None, f"values of {node.target} depend on position")
 
 
 @rule(*ops("aten.index.Tensor"))
-def index(node: fx.Node, ctx: Coupler) -> None:
+def index(node: fx.Node, coupler: Coupler) -> None:
     """x[..., idx, ...] with one index tensor: the indexed axis is frozen, the others pass through."""
     x, out = as_ref(node.args[0]), TensorRef(node)
     indices = list(node.args[1])
     tensors = [i for i, t in enumerate(indices) if t is not None]
     if len(tensors) != 1:
-        ctx.unknown(node)
+        coupler.unknown(node)
         return
     p = tensors[0]
     idx = as_ref(indices[p])
-    ctx.freeze(x, p, "indexed axis")
+    coupler.freeze(x, p, "indexed axis")
     width = idx.ndim if idx is not None else 0
     for a in range(x.ndim):
         if a < p:
-            ctx.link_axes(x, a, out, a)
+            coupler.link_axes(x, a, out, a)
         elif a > p:
-            ctx.link_axes(x, a, out, a + width - 1)
+            coupler.link_axes(x, a, out, a + width - 1)
     for a in range(width):
-        ctx.link_axes(idx, a, out, p + a)
+        coupler.link_axes(idx, a, out, p + a)
 
 
 @rule(*ops("aten.gather.default"))
-def gather(node: fx.Node, ctx: Coupler) -> None:
+def gather(node: fx.Node, coupler: Coupler) -> None:
     """out[i][j] = x[index[i][j]][j] along ``dim``: out follows the index's shape; ``dim`` is frozen."""
     b = bind(node)
     x, idx, out = as_ref(b["self"]), as_ref(b["index"]), TensorRef(node)
     dim = b["dim"] % x.ndim
-    ctx.freeze(x, dim, "gathered axis")
-    ctx.freeze(out, dim, "gathered axis")
+    coupler.freeze(x, dim, "gathered axis")
+    coupler.freeze(out, dim, "gathered axis")
     for a in range(out.ndim):
-        ctx.link_axes(idx, a, out, a)
-        if a != dim and ctx.shape(x)[a] == ctx.shape(out)[a]:
-            ctx.link_axes(x, a, out, a)
+        coupler.link_axes(idx, a, out, a)
+        if a != dim and coupler.shape(x)[a] == coupler.shape(out)[a]:
+            coupler.link_axes(x, a, out, a)
 
 
 @rule(*ops("aten.diff.default"))
-def diff(node: fx.Node, ctx: Coupler) -> None:
+def diff(node: fx.Node, coupler: Coupler) -> None:
     """Differences along ``dim`` mix neighbours there; other axes pass through."""
     b = bind(node)
     x, out = as_ref(b["self"]), TensorRef(node)
     dim = b["dim"] % x.ndim
     for a in range(x.ndim):
         if a == dim:
-            ctx.freeze(x, a, "differenced axis")
-            ctx.freeze(out, a, "differenced axis")
+            coupler.freeze(x, a, "differenced axis")
+            coupler.freeze(out, a, "differenced axis")
         else:
-            ctx.link_axes(x, a, out, a)
+            coupler.link_axes(x, a, out, a)
     for extra in ("prepend", "append"):
         ref = as_ref(b.get(extra))
         if ref is not None:
-            ctx.freeze(ref, None, "prepended to a differenced axis")
+            coupler.freeze(ref, None, "prepended to a differenced axis")
 
 
 @rule(*ops("aten.reshape_as.default", "aten.view_as.default", "aten.expand_as.default"))
-def as_other(node: fx.Node, ctx: Coupler) -> None:
+def as_other(node: fx.Node, coupler: Coupler) -> None:
     """x.reshape_as(other): the output takes other's shape at run time, so other's axes shrink with it."""
     other, out = as_ref(node.args[1]), TensorRef(node)
     if node.target in _EXPAND_AS:
-        expand(node, ctx)
+        expand(node, coupler)
     else:
-        couple_reshape(node, ctx, node.args[0])
+        couple_reshape(node, coupler, node.args[0])
     for a in range(out.ndim):
-        ctx.link_axes(other, a, out, a)
+        coupler.link_axes(other, a, out, a)
