@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.state import attribute
 
 __all__ = ["Pass", "PassContext", "Scores"]
 
@@ -53,10 +54,8 @@ class PassContext:
     masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor:
-        obj: Any = self.gm
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj
+        """A parameter or buffer of the traced graph by its name in the original model."""
+        return attribute(self.gm, name)
 
 
 @dataclass(frozen=True)
