@@ -1,6 +1,6 @@
 """Compaction: a selection of channels to remove -> the plan and an exactly equivalent smaller module.
 
-    resize.py     kept indices / new sizes per tensor axis
+    resize.py     Reindexing: the original positions each tensor axis keeps (or repeats), new sizes
     plan.py       kept indices per parameter (pure slicing: works tensor by tensor)
     emit.py       copy, slice, rewrite literal arguments, verify
     trainable.py  BatchNorm/dropout back as modules so .train()/.eval() work
@@ -9,6 +9,7 @@
 """
 from .emit import CompactionError, as_trainable, emit
 from .plan import Plan, add_aliases, apply_plan, build_plan, slice_tensor
-from .resize import Resizer
+from .resize import Reindexing, Resizer
 
-__all__ = ["emit", "as_trainable", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases", "Resizer"]
+__all__ = ["emit", "as_trainable", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases",
+           "Reindexing", "Resizer"]

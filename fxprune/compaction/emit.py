@@ -21,7 +21,7 @@ from fxprune.analysis.rules import IGNORED, RULES
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.lazy_module import lazy_graph_module
 from .plan import Plan, slice_tensor
-from .resize import Resizer
+from .resize import Reindexing
 from .portable import make_device_portable, make_dtype_portable
 from .trainable import make_trainable
 from .verify import verify_shapes
@@ -100,7 +100,7 @@ def _fetch(gm: fx.GraphModule, target: str) -> object:
     return obj
 
 
-def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
+def _rewrite_ops(graph: fx.Graph, reindexing: Reindexing) -> None:
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
@@ -113,9 +113,9 @@ def _rewrite_ops(graph: fx.Graph, resizer: Resizer) -> None:
             continue
         rule = RULES.get(node.target)
         if rule is not None and rule.rewrite is not None and \
-                resizer.touches(node.name, [a.name for a in node.all_input_nodes]):
+                reindexing.touches(node.name, [a.name for a in node.all_input_nodes]):
             try:
-                rule.rewrite(node, resizer)
+                rule.rewrite(node, reindexing)
             except Exception as exc:  # noqa: BLE001 - named, then re-raised
                 raise CompactionError(f"rewriting {node.format_node()} failed: {exc!r}", node.name) from exc
 
@@ -173,17 +173,17 @@ def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tens
     return out.train(training)
 
 
-def emit(gm: fx.GraphModule, resizer: Resizer, plan: Plan, *, verify: bool = True, training: bool = False,
+def emit(gm: fx.GraphModule, reindexing: Reindexing, plan: Plan, *, verify: bool = True, training: bool = False,
          weights: Mapping[str, torch.Tensor] | None = None, edits: Sequence[GraphEdit] = ()) -> fx.GraphModule:
     """A new trainable GraphModule with the plan applied (in mode ``training``); ``gm`` is untouched."""
     graph = _copy_graph(gm)
-    _rewrite_ops(graph, resizer)
+    _rewrite_ops(graph, reindexing)
     tensors = _sliced_tensors(gm, plan, weights)
     for edit in edits:
         edit(graph, tensors)
     out = _assemble(gm, graph, tensors, training)
     if verify:
-        verify_shapes(out, resizer, CompactionError)
+        verify_shapes(out, reindexing, CompactionError)
     return out
 
 

@@ -17,7 +17,7 @@ from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.slots import SlotKey
 
-__all__ = ["Resizer"]
+__all__ = ["Reindexing", "Resizer"]
 
 
 def _repeat_runs(labels: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -29,8 +29,10 @@ def _repeat_runs(labels: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) - first) % np.repeat(lengths, sizes)
 
 
-class Resizer:
-    """Answers, for the original graph's tensors, which positions survive a removal."""
+class Reindexing:
+    """A selection (copies per channel) read per slot of the original graph: the original positions the
+    new tensor holds along that axis, in order (a removed position absent, a widened one repeated), and
+    so every tensor's new shape. Compaction and widening both build one; the rewrites read it."""
 
     def __init__(self, groups: ChannelGroups, removed: np.ndarray | None = None, *,
                  copies: np.ndarray | None = None) -> None:
@@ -96,3 +98,7 @@ class Resizer:
             kept = self.kept_slot((ref.node.name, ref.k, a))
             shape.append(old if kept is None else len(kept))
         return tuple(shape)
+
+
+# The former name (it predates widening), for code not yet moved over.
+Resizer = Reindexing

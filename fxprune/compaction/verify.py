@@ -13,7 +13,7 @@ from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.compat import batch_norm_types, tree_leaves, tree_map
 from fxprune.tracing.tracer import META_INPUTS
 from fxprune.tracing.meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
-from .resize import Resizer
+from .resize import Reindexing
 
 __all__ = ["verify_shapes"]
 
@@ -68,7 +68,7 @@ class _MetaRun(_ShapeRun):
         return self.module.get_submodule(target)
 
 
-def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) -> None:
+def verify_shapes(gm: fx.GraphModule, reindexing: Reindexing, error: type[Exception]) -> None:
     args, kwargs = gm.meta[META_INPUTS]
     leaves = list(tree_leaves((args, kwargs)))
     if len(leaves) != sum(n.op == "placeholder" for n in gm.graph.nodes):
@@ -90,14 +90,14 @@ def verify_shapes(gm: fx.GraphModule, resizer: Resizer, error: type[Exception]) 
     finally:
         for m, flag in flags:
             m.training = flag
-    for src in resizer.groups.gm.graph.nodes:
+    for src in reindexing.groups.gm.graph.nodes:
         got = run.shapes.get(src.name)
         if got is None or src.op in ("placeholder", "output"):
             continue
         for k, val in enumerate(tensor_values(src)):
             if val is None or k >= len(got) or got[k] is None:
                 continue
-            expected = resizer.new_shape(TensorRef(src, k))
+            expected = reindexing.new_shape(TensorRef(src, k))
             if tuple(got[k]) != expected:
                 node = next(n for n in gm.graph.nodes if n.name == src.name)
                 raise error(f"{node.format_node()}: shape {tuple(got[k])} after compaction, plan expects {expected}",

@@ -18,7 +18,7 @@ import torch.fx as fx
 from fxprune.analysis.groups import ChannelGroups
 from .emit import emit
 from .plan import Plan, build_plan
-from .resize import Resizer
+from .resize import Reindexing
 
 __all__ = ["widen", "widen_copies"]
 
@@ -47,6 +47,6 @@ def widen(gm: fx.GraphModule, groups: ChannelGroups, factor: float, *, only: Ite
           training: bool = False, verify: bool = True) -> tuple[fx.GraphModule, Plan]:
     """A trainable GraphModule ``factor`` times wider than ``gm`` in every prunable group (or in the
     groups ``only`` names), and the plan that built it (name -> {dim: source index per new position})."""
-    resizer = Resizer(groups, copies=widen_copies(groups, factor, only))
-    plan = build_plan(gm, resizer)
-    return emit(gm, resizer, plan, verify=verify, training=training), plan
+    reindexing = Reindexing(groups, copies=widen_copies(groups, factor, only))
+    plan = build_plan(gm, reindexing)
+    return emit(gm, reindexing, plan, verify=verify, training=training), plan

@@ -16,7 +16,7 @@ from fxprune.analysis.couple import TensorRef, as_ref
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import ops
 from fxprune.analysis.schema import bind
-from fxprune.compaction.resize import Resizer
+from fxprune.compaction.resize import Reindexing
 
 __all__ = ["Cost", "count", "CostCounter"]
 
@@ -117,7 +117,7 @@ class CostCounter:
     def _shape(self, removed) -> Shape:
         import numpy as np
 
-        return Resizer(self.groups, removed if removed is not None else
+        return Reindexing(self.groups, removed if removed is not None else
                        np.zeros(len(self.groups.comp_group), bool)).new_shape
 
     def __call__(self, removed=None) -> Cost:
