@@ -5,8 +5,9 @@ MACs budget, then train that architecture from scratch (the CLI's recovery defau
 this pass). No pre-training is used.
 
 - Working copy: a deep copy of the user's eager model, re-initialised (``reinit=True``, the default:
-  every module's ``reset_parameters()`` under ``torch.manual_seed(seed)``, BatchNorm statistics reset
-  too). ``reinit=False`` learns the gates on the weights as given.
+  ``fxprune.recovery.modes.reinitialize`` under ``torch.manual_seed(seed)``: every module's
+  ``reset_parameters()``, BatchNorm statistics reset too). ``reinit=False`` learns the gates on the
+  weights as given.
 - Gates: one scalar per prunable channel (initialised to 1) of every group that has an affine
   BatchNorm, multiplying that BatchNorm's output (before the activation) through a forward hook on the
   working copy. Residual streams (groups with more than one producer) are NOT gated by default, as in
@@ -64,20 +65,11 @@ from .base import Pass, PassContext, Scores
 from .l1 import producer_l1
 from .registry import PassError
 from fxprune.recovery.engine import Hook, TrainState, train
+from fxprune.recovery.modes import reinitialize
 
-__all__ = ["Scratch", "Gates", "GateHook", "reinitialize"]
+__all__ = ["Scratch", "Gates", "GateHook"]
 
 _BN = batch_norm_types()
-
-
-def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Reset every module that has ``reset_parameters`` (in place), deterministically; returns ``model``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    return model
 
 
 class Gates:
@@ -210,13 +202,10 @@ class Scratch(Pass):
         from fxprune.analysis import analyze
         from fxprune.compaction.widen import widen
         from fxprune.tracing.tracer import META_INPUTS, trace
-        from fxprune.recovery.modes import reinitialize as reinitialize_graph
 
         only = [g.id for g in ctx.groups.prunable if self.expand_residual or len(g.layers("producer")) <= 1]
         wide, _ = widen(ctx.gm, ctx.groups, self.expand, only=only, training=ctx.model.training)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            reinitialize_graph(wide)
+        reinitialize(wide, self.seed)
         args, kwargs = ctx.gm.meta[META_INPUTS]
         gm = trace(wide, kwargs if kwargs else args)
         return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection)

@@ -14,7 +14,8 @@ import fxprune
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
 from fxprune.testing import assert_equivalent
-from fxprune.passes.scratch import Gates, Scratch, reinitialize
+from fxprune.passes.scratch import Gates, Scratch
+from fxprune.recovery import reinitialize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,8 @@ def test_only_gates_train_and_stay_in_unit_interval():
     ctx = _ctx(model, torch.randn(2, 3, 8, 8), _loader())
     pass_ = Scratch(epochs=2, lr=0.05, residual=True)
     work, gates = pass_.learn(ctx)
-    init = reinitialize(copy.deepcopy(model), pass_.seed)
+    init = copy.deepcopy(model)
+    reinitialize(init, pass_.seed)
     for (name, p), (_, q) in zip(work.named_parameters(), init.named_parameters()):
         assert torch.equal(p, q), f"{name} changed: only the gates may train"
         assert not p.requires_grad

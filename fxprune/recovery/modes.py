@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxprune.state import attribute
 from fxprune.tracing.compat import aten_ops, fan_in
 from .engine import Evaluate, Hook, LossFn, TrainState, train
 
@@ -127,10 +128,6 @@ def _graph_roles(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]
     def attr(node: Any) -> str | None:
         return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
-    def tensor(name: str) -> torch.Tensor:
-        owner, _, leaf = name.rpartition(".")
-        return getattr(module.get_submodule(owner) if owner else module, leaf)
-
     for node in module.graph.nodes:
         if node.op != "call_function":
             continue
@@ -141,7 +138,7 @@ def _graph_roles(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]
                 if w is not None:
                     roles[w] = ("kernel", None)
                 if bias is not None:
-                    roles[bias] = ("bias", tensor(w) if w is not None else None)
+                    roles[bias] = ("bias", attribute(module, w) if w is not None else None)
             else:
                 if w is not None:
                     roles[w] = ("norm_weight", None)
@@ -167,9 +164,11 @@ def _bias_init(bias: torch.Tensor, kernel: torch.Tensor) -> None:
     nn.init.uniform_(bias, -bound, bound)
 
 
-def reinitialize(module: nn.Module) -> list[str]:
+def reinitialize(module: nn.Module, seed: int | None = None) -> list[str]:
     """Re-initialise every parameter of ``module`` in place, as PyTorch's layers initialise
     themselves; returns the names of parameters it could not place (left unchanged, with a warning).
+    With ``seed``, deterministically: the draws come from ``torch.manual_seed(seed)`` and the caller's
+    (CPU) random state is left as it was.
 
     1. Every submodule with ``reset_parameters()`` uses it (BatchNorm: weight 1, bias 0, running
        statistics reset; an ordinary nn.Conv2d/nn.Linear: its own default).
@@ -181,6 +180,14 @@ def reinitialize(module: nn.Module) -> list[str]:
     3. Parameters no op names: ``dim >= 2`` get kaiming_uniform_(a=sqrt(5)); a 1-D ``X.bias`` next to a
        ``X.weight`` with ``dim >= 2`` takes that weight's fan-in; anything else is left unchanged.
     """
+    if seed is None:
+        return _reinitialize(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _reinitialize(module)
+
+
+def _reinitialize(module: nn.Module) -> list[str]:
     done: set[int] = set()
     for sub in module.modules():
         reset = getattr(sub, "reset_parameters", None)
@@ -218,7 +225,7 @@ def reinitialize(module: nn.Module) -> list[str]:
             elif name in params:
                 skipped.append(name)
     if skipped:
-        warnings.warn(f"reinitialize: no initialiser known for {skipped} (left unchanged)", stacklevel=2)
+        warnings.warn(f"reinitialize: no initialiser known for {skipped} (left unchanged)", stacklevel=3)
     return skipped
 
 
