@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .analysis import ChannelGroups, UnsupportedOpWarning, analyze
 from .annotations import read_selection, write_masks, write_scores, write_selection
-from .compaction import CompactionError, Plan, Resizer, add_aliases, build_plan, emit
+from .compaction import CompactionError, Plan, Reindexing, add_aliases, build_plan, emit
 from .compaction.emit import GraphEdit
 from .passes.base import Pass, PassContext
 from .passes.registry import make_pass
@@ -73,10 +73,10 @@ def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray | Non
     removed = read_selection(gm, groups) if removed is None else removed.copy()
     training = bool(model.training) if model is not None else False
     while True:
-        resizer = Resizer(groups, removed)
-        plan = build_plan(gm, resizer)
+        reindexing = Reindexing(groups, removed)
+        plan = build_plan(gm, reindexing)
         try:
-            module = emit(gm, resizer, plan, verify=verify, training=training, weights=weights, edits=edits)
+            module = emit(gm, reindexing, plan, verify=verify, training=training, weights=weights, edits=edits)
             break
         except CompactionError as exc:
             culprits = [g for g in sorted(groups.groups_near(exc.node)) if removed[groups[g].channels].any()] \

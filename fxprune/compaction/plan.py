@@ -9,14 +9,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .resize import Resizer
+from .resize import Reindexing
 
 __all__ = ["Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases"]
 
 Plan = dict[str, dict[int, list[int]]]
 
 
-def build_plan(gm: fx.GraphModule, resizer: Resizer) -> Plan:
+def build_plan(gm: fx.GraphModule, reindexing: Reindexing) -> Plan:
     """Kept indices for every get_attr tensor (parameter, buffer or constant) that loses positions."""
     plan: Plan = {}
     for node in gm.graph.nodes:
@@ -24,7 +24,7 @@ def build_plan(gm: fx.GraphModule, resizer: Resizer) -> Plan:
             continue
         entry = {}
         for axis in range(node.meta["val"].dim()):
-            kept = resizer.kept_slot((node.name, 0, axis))
+            kept = reindexing.kept_slot((node.name, 0, axis))
             if kept is not None:
                 entry[axis] = kept.tolist()
         if entry:
