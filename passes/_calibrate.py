@@ -1,7 +1,8 @@
-"""Shared machinery of the data-driven passes (thinet, lasso): calibration batches, the consumers of a
-group (the NEXT layer: a Conv2d with groups=1 or a Linear reading the group's channels), sampled
-inputs and outputs of those layers, masking a working copy, and sequential least-squares
-reconstruction of the consumers' weights.
+"""Shared machinery of the data-driven passes (thinet, lasso): their common options and outline
+(:class:`Calibrated`), calibration batches, the consumers of a group (the NEXT layer: a Conv2d with
+groups=1 or a Linear reading the group's channels), sampled inputs and outputs of those layers, each
+channel's contribution to them, masking a working copy, and sequential least-squares reconstruction
+of the consumers' weights.
 
 Activations come from forward hooks on eager copies of the user's model (its parameter names are the
 traced graph's, so a group's consumer slot ``"conv2.weight"`` is the module ``conv2``). Sampling is
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, ParamSlot
-from .base import PassContext
+from fxprune.state import named_tensors
+from .base import Pass, PassContext, Scores
+from .l1 import L1Norm
 
-__all__ = ["Consumer", "consumers", "calibration", "sample_layers", "mask_", "state_of", "reconstruct", "reconstruct_into",
-           "reconstruct_removed"]
+__all__ = ["Calibrated", "Consumer", "consumers", "calibration", "sample_layers", "mask_", "reconstruct",
+           "reconstruct_into", "reconstruct_removed", "contributions", "group_contributions", "live_outputs", "Solver"]
 
 
 @dataclass
@@ -34,10 +37,6 @@ class Consumer:
     slot: ParamSlot         # its weight's input-axis slot
     units: np.ndarray       # per input index: group id (-1: none) and channel position, shape (2, C)
     order: int              # position of its first use in the graph
-
-
-def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
 
 
 def _usable(m: nn.Module) -> bool:
@@ -139,7 +138,7 @@ def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_b
 
 def mask_(model: nn.Module, groups: ChannelGroups, removed: np.ndarray, only: set[int] | None = None) -> None:
     """Zero, in place on a working copy, every slot position of every removed channel (of ``only`` groups)."""
-    state = state_of(model)
+    state = named_tensors(model)
     with torch.no_grad():
         for group in groups.prunable:
             if only is not None and group.id not in only:
@@ -196,7 +195,7 @@ def reconstruct_into(work: nn.Module, ctx: PassContext, removed: np.ndarray, tod
     """The loop of :func:`reconstruct` on a working copy (already masked), which it updates in place."""
     todo = sorted(todo, key=lambda c: c.order)
     new: dict[str, torch.Tensor] = {}
-    state = state_of(work)
+    state = named_tensors(work)
     for c in todo:
         if c.layer not in target:
             continue
@@ -218,3 +217,61 @@ def contributions(x: torch.Tensor, w: torch.Tensor, unit: np.ndarray, n_units: i
     p = torch.zeros(w.shape[1], n_units, dtype=per_index.dtype)
     p[torch.arange(w.shape[1]), torch.as_tensor(unit)] = 1.0
     return per_index @ p
+
+
+def live_outputs(w: torch.Tensor) -> torch.Tensor:
+    """Per output of a consumer's weight ``w``: whether it is live (not masked away to all zeros)."""
+    return w.reshape(w.shape[0], -1).abs().sum(1) > 0
+
+
+def group_contributions(c: Consumer, x: torch.Tensor, w: torch.Tensor, gid: int, size: int) -> torch.Tensor:
+    """(S, O', size + 1): at each sample, to each live output of consumer ``c`` (weight ``w``), the
+    contribution of each of the ``size`` channels of group ``gid``, and last that of all its other
+    inputs together."""
+    g, pos = c.units
+    unit = np.where(g == gid, pos, size)
+    return contributions(x, w, unit, size + 1)[:, live_outputs(w)]
+
+
+@dataclass(frozen=True)
+class Calibrated(Pass):
+    """Base of the passes that judge a group by what its consumers compute on calibration batches and
+    reconstruct those consumers after selection (thinet, lasso): their shared options, the l1 fallback
+    for groups whose consumers cannot be modelled, and ``Pass.weights`` through :meth:`solver`."""
+
+    scope = "group"
+    normalize = "max"
+    needs = ("train_loader",)
+
+    batches: int = 8           # calibration batches
+    per_batch: int = 64        # sampled (image, location) pairs per batch and layer
+    rows: int = 8000           # (location, output) rows kept for the search
+    calibration: str = "train"  # "train": train_loader (val_loader as fallback); "val": the other way round
+    seed: int = 0              # the row subsampling
+
+    def score(self, ctx: PassContext) -> Scores:
+        scores = L1Norm().score(ctx)  # the fallback
+        cons = consumers(ctx)
+        if cons:
+            batches = calibration(ctx, self.calibration, self.batches)
+            layers = sorted({c.layer for cs in cons.values() for c in cs})
+            samples = sample_layers(ctx.model, layers, batches, self.per_batch)
+            scores.update(self.score_consumed(ctx, cons, batches, samples, np.random.default_rng(self.seed)))
+        return scores
+
+    def score_consumed(self, ctx: PassContext, cons: dict[int, list[Consumer]], batches: list[Any],
+                       samples: dict[str, tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator) -> Scores:
+        """The scores of the groups in ``cons`` (those whose every consumer can be modelled), from the
+        calibration ``batches`` and the original model's ``samples`` of every consumer layer."""
+        raise NotImplementedError
+
+    def subsample(self, rng: np.random.Generator, n: int) -> np.ndarray | slice:
+        """Which of ``n`` rows to keep: all of them, or ``rows`` drawn without replacement."""
+        return rng.choice(n, self.rows, replace=False) if n > self.rows else slice(None)
+
+    def solver(self) -> Solver:
+        """How a consumer's new tensors are solved from the kept inputs (see :func:`reconstruct`)."""
+        raise NotImplementedError
+
+    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
+        return reconstruct_removed(ctx, removed, self.solver(), self.calibration, self.batches, self.per_batch)

@@ -27,15 +27,15 @@ import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .base import Pass, PassContext, Scores
-
-from . import _calibrate as C
-from .l1 import L1Norm
-from .thinet import _out_rows
+from fxprune.state import named_tensors
+from .base import PassContext, Scores
+from ._calibrate import Calibrated, Consumer, Solver, group_contributions, live_outputs, mask_, reconstruct_into, \
+    sample_layers
 
 __all__ = ["Lasso", "lasso_select"]
 
@@ -84,73 +84,56 @@ def _keep_counts(ctx: PassContext) -> dict[int, int]:
 
 
 @dataclass(frozen=True)
-class Lasso(Pass):
+class Lasso(Calibrated):
     name = "lasso"
     description = "Channel Pruning (He et al. 2017): LASSO selection with bisected lambda, least-squares weights"
-    scope = "group"
-    normalize = "max"
-    needs = ("train_loader",)
 
-    lam: float = 1e-3
-    batches: int = 8
-    per_batch: int = 64
     rows: int = 4000
-    calibration: str = "train"
+    lam: float = 1e-3
     ridge: float = 1e-6        # relative ridge in the least squares
-    seed: int = 0
 
-    def score(self, ctx: PassContext) -> Scores:
-        scores = L1Norm().score(ctx)
-        cons = C.consumers(ctx)
-        if not cons:
-            return scores
-        batches = C.calibration(ctx, self.calibration, self.batches)
+    def score_consumed(self, ctx: PassContext, cons: dict[int, list[Consumer]], batches: list[Any],
+                       samples: dict[str, tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator) -> Scores:
         keep = _keep_counts(ctx)
-        layers = sorted({c.layer for cs in cons.values() for c in cs})
-        target = C.sample_layers(ctx.model, layers, batches, self.per_batch)
         work = copy.deepcopy(ctx.model).eval()
         removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
-        rng = np.random.default_rng(self.seed)
+        scores: Scores = {}
         for gid, cs in sorted(cons.items(), key=lambda kv: min(c.order for c in kv[1])):
             group = ctx.groups[gid]
-            if keep[gid] >= len(group) or not all(c.layer in target for c in cs):
+            if keep[gid] >= len(group) or not all(c.layer in samples for c in cs):
                 continue
             zs, ys = [], []
             for c in cs:
-                x, _ = C.sample_layers(work, [c.layer], batches, self.per_batch, stop_after=c.layer)[c.layer]
-                w = C.state_of(work)[c.slot.name].detach().double().cpu()
-                g, pos = c.units
-                unit = np.where(g == gid, pos, len(group))
-                contrib = C.contributions(x, w, unit, len(group) + 1)[:, _out_rows(w)]
-                bias = c.module.bias.detach().double().cpu()[_out_rows(w)] if c.module.bias is not None else 0.0
-                y = target[c.layer][1][:, _out_rows(w)] - bias - contrib[:, :, len(group)]
+                x, _ = sample_layers(work, [c.layer], batches, self.per_batch, stop_after=c.layer)[c.layer]
+                w = named_tensors(work)[c.slot.name].detach().double().cpu()
+                contrib = group_contributions(c, x, w, gid, len(group))
+                live = live_outputs(w)
+                bias = c.module.bias.detach().double().cpu()[live] if c.module.bias is not None else 0.0
+                y = samples[c.layer][1][:, live] - bias - contrib[:, :, len(group)]
                 zs.append(contrib[:, :, :len(group)].reshape(-1, len(group)).numpy())
                 ys.append(y.reshape(-1).numpy())
             z, y = np.concatenate(zs), np.concatenate(ys)
-            if len(y) > self.rows:
-                pick = rng.choice(len(y), self.rows, replace=False)
-                z, y = z[pick], y[pick]
+            pick = self.subsample(rng, len(y))
+            z, y = z[pick], y[pick]
             rms = max(float(np.sqrt((y * y).mean())), 1e-12)
             beta, _, _ = lasso_select(z / rms, y / rms, keep[gid], self.lam)
             norms = np.linalg.norm(z, axis=0)
             scores[gid] = np.where(beta != 0, np.abs(beta), -1.0 / (1.0 + norms))
             order = np.argsort(-scores[gid], kind="stable")
             removed[group.channels[order[keep[gid]:]]] = True
-            C.mask_(work, ctx.groups, removed, only={gid})
-            C.reconstruct_into(work, ctx, removed, cs, functools.partial(_least_squares, ridge=self.ridge), batches,
-                               self.per_batch, target)
+            mask_(work, ctx.groups, removed, only={gid})
+            reconstruct_into(work, ctx, removed, cs, self.solver(), batches, self.per_batch, samples)
         return scores
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        solve = functools.partial(_least_squares, ridge=self.ridge)
-        return C.reconstruct_removed(ctx, removed, solve, self.calibration, self.batches, self.per_batch)
+    def solver(self) -> Solver:
+        return functools.partial(_least_squares, ridge=self.ridge)
 
 
-def _least_squares(c: C.Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,
+def _least_squares(c: Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,
                    gone: np.ndarray, ridge: float = 1e-6) -> dict[str, torch.Tensor]:
     """New consumer weights (and bias) from the kept inputs (every kernel tap) to the original outputs."""
     kept = torch.as_tensor(np.nonzero(~gone)[0])
-    rows = _out_rows(w)
+    rows = live_outputs(w)
     feats = x[:, kept, :].reshape(len(x), -1)                       # (S, k*K)
     has_bias = getattr(c.module, "bias", None) is not None
     if has_bias:

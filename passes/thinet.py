@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .base import Pass, PassContext, Scores
-
-from . import _calibrate as C
-from .l1 import L1Norm
+from .base import PassContext, Scores
+from ._calibrate import Calibrated, Consumer, Solver, contributions, group_contributions, live_outputs
 
 __all__ = ["ThiNet", "greedy_order"]
 
@@ -48,33 +47,14 @@ def greedy_order(x: np.ndarray) -> np.ndarray:
     return np.array(order)
 
 
-def _out_rows(w: torch.Tensor) -> torch.Tensor:
-    return w.reshape(w.shape[0], -1).abs().sum(1) > 0  # outputs not masked away
-
-
 @dataclass(frozen=True)
-class ThiNet(Pass):
+class ThiNet(Calibrated):
     name = "thinet"
     description = "ThiNet (Luo et al. 2017): greedy next-layer reconstruction error, least-squares rescale"
-    scope = "group"
-    normalize = "max"
-    needs = ("train_loader",)
 
-    batches: int = 8
-    per_batch: int = 64        # sampled (image, location) pairs per batch and layer
-    rows: int = 8000           # (location, output) rows kept for the greedy search
-    calibration: str = "train"
-    seed: int = 0
-
-    def score(self, ctx: PassContext) -> Scores:
-        scores = L1Norm().score(ctx)  # the fallback
-        cons = C.consumers(ctx)
-        if not cons:
-            return scores
-        batches = C.calibration(ctx, self.calibration, self.batches)
-        layers = sorted({c.layer for cs in cons.values() for c in cs})
-        samples = C.sample_layers(ctx.model, layers, batches, self.per_batch)
-        rng = np.random.default_rng(self.seed)
+    def score_consumed(self, ctx: PassContext, cons: dict[int, list[Consumer]], batches: list[Any],
+                       samples: dict[str, tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator) -> Scores:
+        scores: Scores = {}
         for gid, cs in cons.items():
             group = ctx.groups[gid]
             blocks = []
@@ -83,32 +63,29 @@ class ThiNet(Pass):
                     continue
                 x, _ = samples[c.layer]
                 w = c.module.weight.detach().double().cpu()
-                g, pos = c.units
-                unit = np.where(g == gid, pos, len(group))  # other inputs into one ignored unit
-                contrib = C.contributions(x, w, unit, len(group) + 1)[:, _out_rows(w), :len(group)]
+                contrib = group_contributions(c, x, w, gid, len(group))[:, :, :len(group)]  # others: one ignored unit
                 blocks.append(contrib.reshape(-1, len(group)).numpy())
             if not blocks:
                 continue
             xg = np.concatenate(blocks)
-            if len(xg) > self.rows:
-                xg = xg[rng.choice(len(xg), self.rows, replace=False)]
+            xg = xg[self.subsample(rng, len(xg))]
             rank = np.empty(len(group))
             rank[greedy_order(xg)] = np.arange(len(group))
             scores[gid] = rank
         return scores
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        return C.reconstruct_removed(ctx, removed, _rescale, self.calibration, self.batches, self.per_batch)
+    def solver(self) -> Solver:
+        return _rescale
 
 
-def _rescale(c: C.Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,
+def _rescale(c: Consumer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, unit: np.ndarray,
              gone: np.ndarray) -> dict[str, torch.Tensor]:
     """ThiNet's least squares: one scale per kept input unit, folded into the consumer's columns."""
     n_units = int(unit.max()) + 1
     keep_units = np.unique(unit[~gone])
-    rows = _out_rows(w)
+    rows = live_outputs(w)
     bias = c.module.bias.detach().double().cpu() if getattr(c.module, "bias", None) is not None else 0.0
-    a = C.contributions(x, w, unit, n_units)[:, rows][:, :, torch.as_tensor(keep_units)].reshape(-1, len(keep_units))
+    a = contributions(x, w, unit, n_units)[:, rows][:, :, torch.as_tensor(keep_units)].reshape(-1, len(keep_units))
     t = (y - bias)[:, rows].reshape(-1)
     scale_units = torch.zeros(n_units, dtype=torch.float64)
     if len(keep_units) and len(t):
