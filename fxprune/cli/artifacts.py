@@ -22,11 +22,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.export import Dim
 
 from fxprune.compaction import as_trainable
 from fxprune.compaction.plan import Plan
-from fxprune.tracing.tracer import normalize_inputs
+from fxprune.tracing.tracer import export_dynamic_batch, normalize_inputs
 from fxprune.tracing.lazy_module import compiled
 
 __all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
@@ -39,17 +38,6 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and overwriting it was not asked for."""
 
 
-def _batch_axis(x: Any) -> Any:
-    """Dim.AUTO on axis 0 of every tensor, so the saved model takes any batch size."""
-    if isinstance(x, torch.Tensor):
-        return {0: Dim.AUTO} if x.dim() > 0 else None
-    if isinstance(x, (tuple, list)):
-        return type(x)(_batch_axis(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _batch_axis(v) for k, v in x.items()}
-    return None
-
-
 def export_program(module: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
     """``module`` in eval mode as an ExportedProgram, with a dynamic batch axis where the model allows one."""
     args, kwargs = normalize_inputs(example_inputs)
@@ -57,13 +45,7 @@ def export_program(module: nn.Module, example_inputs: Any) -> torch.export.Expor
     was_training = module.training
     module.eval()
     try:
-        try:
-            dynamic = _batch_axis(kwargs) if kwargs and not args else _batch_axis(args)
-            if kwargs and args:
-                raise ValueError("mixed positional and keyword inputs: export with a static batch")
-            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)
-        except Exception:  # noqa: BLE001 - some models pin the batch size: a static graph still works
-            return torch.export.export(module, args, kwargs, strict=False)
+        return export_dynamic_batch(module, args, kwargs)
     finally:
         module.train(was_training)
 

@@ -50,7 +50,8 @@ from . import compat
 from .lazy_module import compiled
 from .makefx import Unsupported
 
-__all__ = ["trace", "TraceError", "normalize_inputs", "META_INPUTS", "META_FRONTEND", "FRONTEND_ENV"]
+__all__ = ["trace", "TraceError", "normalize_inputs", "export_dynamic_batch", "META_INPUTS", "META_FRONTEND",
+           "FRONTEND_ENV"]
 
 # GraphModule.meta keys written here (one writer: this module).
 META_INPUTS = "fxprune.example_inputs"
@@ -125,7 +126,7 @@ def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-    """Dim.AUTO on axis 0 of every tensor input, so the compacted model accepts other batch sizes."""
+    """Dim.AUTO on axis 0 of every tensor input (a traced or saved model then accepts other batch sizes)."""
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
             return {0: Dim.AUTO}
@@ -137,8 +138,11 @@ def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> torch.export.ExportedProgram:
-    """Export with a symbolic batch axis where the model allows it (``dynamic_batch``), else static."""
+def export_dynamic_batch(model: torch.nn.Module, args: tuple, kwargs: dict,
+                         dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export.export(strict=False)`` with a symbolic batch axis (axis 0 of every tensor input)
+    where the model allows it (and ``dynamic_batch``), else static: some models pin the batch size.
+    Used by the export front end and for the saved ``model.pt2`` (``fxprune.cli.artifacts``)."""
     if dynamic_batch:
         dyn_args, dyn_kwargs = _batch_dims(args, kwargs)
         dynamic_shapes: Any = dyn_args if not kwargs else {**_positional_names(model, dyn_args), **dyn_kwargs}
@@ -190,7 +194,7 @@ def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -
 
 
 def _torch_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    return _export(model, args, kwargs, dynamic).module()
+    return export_dynamic_batch(model, args, kwargs, dynamic).module()
 
 
 # The front ends, quickest first; each raises on what it cannot trace and the next one takes over. The
