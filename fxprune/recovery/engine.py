@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as D
+from . import distributed
 from .checkpoint import (checkpoint_exists, flatten_state, load_checkpoint, module_tensors, rng_state,
                          save_checkpoint, set_rng_state, unflatten_state)
 from fxprune.cli.measure import to_device
@@ -299,7 +299,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     - ``hooks``: :class:`Hook` objects; ``progress`` is one more hook (the progress bar).
     """
     _check(optimizer, schedule, epochs, step_size, max_grad_norm, resume, checkpoint_dir)
-    ctx, device = D.context(torch.device(device))
+    ctx, device = distributed.context(torch.device(device))
     hooks = [*hooks, *([progress] if progress is not None else [])]
     use_amp = device.type == "cuda" if amp is None else bool(amp)
     if use_amp and device.type != "cuda":
@@ -307,13 +307,13 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
         use_amp = False
     was_training = module.training
     module.to(device).train()
-    loader = D.shard_loader(train_loader, ctx)
+    loader = distributed.shard_loader(train_loader, ctx)
     params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, momentum, weight_decay)
     sched = _schedule(schedule, opt, epochs, step_size, gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    run = _Run(D.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler, use_amp,
-               max_grad_norm)
+    run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
+               use_amp, max_grad_norm)
     state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None, device=device,
                        rank=ctx.rank, world=ctx.world)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -327,14 +327,14 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
         write_log(log_path, state.log)  # a fresh run starts an empty log; a resumed one keeps its epochs
     try:
         for state.epoch in range(first, epochs):
-            D.set_epoch(loader, state.epoch)
+            distributed.set_epoch(loader, state.epoch)
             for hook in hooks:
                 hook.before_epoch(state)
             start, rate = time.perf_counter(), opt.param_groups[0]["lr"]
-            mean = D.all_mean(_epoch(state, run), ctx, device)
+            mean = distributed.all_mean(_epoch(state, run), ctx, device)
             if sched is not None:
                 sched.step()
-            D.sync_buffers(module, ctx)
+            distributed.sync_buffers(module, ctx)
             record: dict[str, Any] = {"epoch": state.epoch + 1, "loss": mean, "lr": rate,
                                       "seconds": time.perf_counter() - start}
             improved = False
