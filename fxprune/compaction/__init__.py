@@ -9,7 +9,7 @@
 """
 from .emit import CompactionError, as_trainable, emit
 from .plan import Plan, add_aliases, apply_plan, build_plan, slice_tensor
-from .resize import Reindexing, Resizer
+from .resize import Reindexing
 
 __all__ = ["emit", "as_trainable", "CompactionError", "Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases",
-           "Reindexing", "Resizer"]
+           "Reindexing"]

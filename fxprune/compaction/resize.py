@@ -17,7 +17,7 @@ from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.slots import SlotKey
 
-__all__ = ["Reindexing", "Resizer"]
+__all__ = ["Reindexing"]
 
 
 def _repeat_runs(labels: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -98,7 +98,3 @@ class Reindexing:
             kept = self.kept_slot((ref.node.name, ref.k, a))
             shape.append(old if kept is None else len(kept))
         return tuple(shape)
-
-
-# The former name (it predates widening), for code not yet moved over.
-Resizer = Reindexing
