@@ -1,5 +1,7 @@
 """The public API's contracts: plan shape, pure slicing, robustness of compaction, extension hooks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from fxprune.analysis.rules import RULES, Rule
+from fxprune.analysis.rules import RULES
 from fxprune.compaction import apply_plan
 from fxprune.testing import assert_equivalent, masked_model
 
@@ -58,7 +60,7 @@ def test_failing_rewrite_keeps_groups_whole_instead_of_crashing(monkeypatch):
         raise RuntimeError("cannot rewrite this view")
 
     view = torch.ops.aten.view.default
-    monkeypatch.setitem(RULES, view, Rule(RULES[view].couple, broken))
+    monkeypatch.setitem(RULES, view, dataclasses.replace(RULES[view], rewrite=broken))
     model = Net().eval()
     with pytest.warns(UserWarning, match="keeping channel groups"):
         res = fxprune.prune(model, (X,), "l1", 0.5)

@@ -12,7 +12,7 @@ from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.compat import batch_norm_types, tree_leaves, tree_map
 from fxprune.tracing.tracer import META_INPUTS
-from fxprune.tracing.meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
+from fxprune.tracing.meta_norms import META_ON_META, norm_output, shaped_on_meta
 from .resize import Reindexing
 
 __all__ = ["verify_shapes"]
@@ -44,6 +44,10 @@ class _MetaRun(_ShapeRun):
     """The same on the meta device: every tensor swapped for a meta tensor of the same shape and dtype
     (for models planned on meta, or larger than memory)."""
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shaped = shaped_on_meta()
+
     def fetch_attr(self, target: str) -> Any:
         return _meta(super().fetch_attr(target))
 
@@ -60,7 +64,7 @@ class _MetaRun(_ShapeRun):
         args, kwargs = tree_map(_meta, (args, kwargs))
         if "device" in kwargs:
             kwargs = {**kwargs, "device": torch.device("meta")}
-        if target in SHAPE_OF_INPUT and not kwargs:
+        if target in self.shaped and not kwargs:
             return norm_output(target, args)
         return target(*args, **kwargs)
 

@@ -28,21 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.state import attribute
-from fxprune.tracing.compat import aten_ops, fan_in
+from fxprune.analysis.rules import Role, ops_with_role
+from fxprune.tracing.compat import fan_in
 from .engine import Evaluate, Hook, LossFn, TrainState, train
 
 __all__ = ["recover", "reinitialize", "scratch_b_epochs", "DistillHook", "distill_loss", "MODES"]
 
 MODES = ("finetune", "scratch-e", "scratch-b")
 
-# Ops whose ``weight`` is a matmul-like kernel (kaiming init) and whose ``bias`` takes 1/sqrt(fan_in). Looked
-# up by name (fxprune.tracing.compat.aten_ops): an op this torch lacks (a private one renamed) is left out, never an
-# ImportError.
-_KERNEL_OPS = aten_ops("conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
-                       "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input", "linear.default")
-_NORM_OPS = aten_ops("layer_norm.default", "group_norm.default", "batch_norm.default", "instance_norm.default",
-                     "rms_norm.default", "_native_batch_norm_legit_no_training.default", "native_layer_norm.default")
-_PRELU_OPS = aten_ops("prelu.default", "_prelu_kernel.default")
+# From the op registry (fxprune.analysis.rules): ops whose ``weight`` is a conv/linear kernel (kaiming init) and
+# whose ``bias`` takes 1/sqrt(fan_in); normalisations (scale, shift, running statistics); PReLU slopes.
+_KERNEL_OPS = ops_with_role(Role.KERNEL)
+_NORM_OPS = ops_with_role(Role.NORM)
+_PRELU_OPS = ops_with_role(Role.SLOPE)
 
 
 def logits(output: Any) -> torch.Tensor:

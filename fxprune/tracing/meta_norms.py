@@ -2,28 +2,44 @@
 
 Their meta kernels run Python reference code, slow next to a shape rule, so a recording on meta copies of the
 weights (``fxprune.tracing.record``) and the verifier that follows it on meta (``fxprune.compaction.verify``)
-make the output (the input's shape and dtype) after the shape checks the kernel would make.
-Only public torch imports: compaction uses this without importing the tracing front ends.
+make the output (the input's shape and dtype) after the shape checks the kernel would make. Which ops: those
+with the ``SHAPE_OF_INPUT`` role in the op registry (``fxprune.analysis.rules``).
+No tracing front end is imported here: compaction uses this without them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-__all__ = ["META_ON_META", "SHAPE_OF_INPUT", "norm_output"]
+from .compat import op_schema
+
+__all__ = ["META_ON_META", "shaped_on_meta", "norm_output"]
 
 META_ON_META = "fxprune.recorded_on_meta"  # GraphModule.meta: True when recorded on meta copies of real weights
 
 aten = torch.ops.aten
 
-# op -> positions of its weight-like (per-channel) arguments
-SHAPE_OF_INPUT = {aten.batch_norm.default: (1, 2, 3, 4), aten.instance_norm.default: (1, 2, 3, 4),
-                  aten.group_norm.default: (2, 3), aten.layer_norm.default: (2, 3)}
+# the per-channel arguments a normalisation's kernel checks against its input
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+
+def shaped_on_meta() -> frozenset[Any]:
+    """The normalisations shaped on meta: the registry's ``SHAPE_OF_INPUT`` ops. Read it once per
+    recording or run: the registry is imported here on first use, not when tracing is imported."""
+    from fxprune.analysis.rules import Role, ops_with_role
+
+    return ops_with_role(Role.SHAPE_OF_INPUT)
+
+
+@functools.cache
+def _per_channel_positions(func: Any) -> tuple[int, ...]:
+    return tuple(i for i, a in enumerate(op_schema(func).arguments) if a.name in _PER_CHANNEL)
 
 
 def norm_output(func: Any, args: tuple) -> torch.Tensor:
-    """The output of a normalisation in ``SHAPE_OF_INPUT`` on meta tensors, after the shape checks its
+    """The output of a normalisation in ``shaped_on_meta()`` on meta tensors, after the shape checks its
     kernel makes: per-channel tensors match axis 1 (layer norm: the normalised trailing shape)."""
     x = args[0]
     if func is aten.layer_norm.default:
@@ -34,7 +50,7 @@ def norm_output(func: Any, args: tuple) -> torch.Tensor:
         want = (x.shape[1],)
         if func is aten.group_norm.default and x.shape[1] % args[1]:
             raise RuntimeError(f"group_norm: {x.shape[1]} channels in {args[1]} groups")
-    for i in SHAPE_OF_INPUT[func]:
+    for i in _per_channel_positions(func):
         w = args[i] if i < len(args) else None
         if isinstance(w, torch.Tensor) and tuple(w.shape) != want and w.numel() != (x.shape[1] if len(want) == 1 else -1):
             raise RuntimeError(f"{func}: a per-channel tensor of shape {tuple(w.shape)} for {want}")

@@ -44,17 +44,25 @@ from torch.overrides import TorchFunctionMode
 
 from .compat import Support, compiling_in_this_thread, op_schema, recorder_support
 from .lazy_module import lazy_graph_module
-from .meta_norms import META_ON_META, SHAPE_OF_INPUT, norm_output
+from .meta_norms import META_ON_META, norm_output, shaped_on_meta
 from .makefx import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
                          _state_readers)
 
-__all__ = ["record_trace", "norm_output", "META_ON_META", "SHAPE_OF_INPUT"]
+__all__ = ["record_trace", "norm_output", "META_ON_META"]
 
 aten = torch.ops.aten
 _LIFT = (aten.lift_fresh.default, aten.lift_fresh_copy.default)
-# Functional ops that still update running statistics when their training flag is set:
-# op -> (index of the flag, indices of the statistics).
-_UPDATES_STATS = {aten.batch_norm.default: (5, (3, 4)), aten.instance_norm.default: (5, (3, 4))}
+# The flag and the statistics of an op with the STATE_UPDATE role (it writes the statistics when the flag is set).
+_STATS_FLAG, _STATS = ("training", "use_input_stats"), ("running_mean", "running_var")
+
+
+def state_updaters() -> frozenset[Any]:
+    """The registry's ``STATE_UPDATE`` ops: functional ops that still update running statistics when
+    their training flag is set. Read once per recording (the registry is imported on first use)."""
+    from fxprune.analysis.rules import Role, ops_with_role
+
+    return ops_with_role(Role.STATE_UPDATE)
+
 
 # Real compute above this many estimated multiply-adds (CPU): record on meta copies instead (see _heavy).
 HEAVY_MACS = 1e10
@@ -106,7 +114,7 @@ class _OpCheck:
     """Per-op facts, computed once per overload: which arguments it writes, whether its result
     depends on tensor values."""
 
-    def __init__(self, func: Any) -> None:
+    def __init__(self, func: Any, updates_state: bool) -> None:
         schema = op_schema(func)
         self.writes = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
         self.names = [a.name for a in schema.arguments]
@@ -114,7 +122,9 @@ class _OpCheck:
         tags = func.tags
         self.data_dependent = returns_values or torch.Tag.data_dependent_output in tags
         self.dynamic_shape = torch.Tag.dynamic_output_shape in tags
-        self.stats = _UPDATES_STATS.get(func)
+        # (index of the flag, indices of the statistics) when the op updates them
+        self.stats = (next(i for i, n in enumerate(self.names) if n in _STATS_FLAG),
+                      tuple(i for i, n in enumerate(self.names) if n in _STATS)) if updates_state else None
         # export traces with cudnn off, so F.batch_norm & co. pass cudnn_enabled=False; the real run keeps
         # the backends on (a depthwise conv without mkldnn is several times slower) and records False
         self.backend_flag = next((i for i, a in enumerate(schema.arguments) if a.name in ("cudnn_enabled", "cudnn_enable")), None)
@@ -132,6 +142,9 @@ class _Recorder:
         self.nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
         self.constants: dict[str, torch.Tensor] = {}
         self.checks: dict[Any, _OpCheck] = {}
+        # the registry's sets, read before the forward runs under the recording's modes
+        self.shaped = shaped_on_meta() if meta else frozenset()
+        self.state_updaters = state_updaters()
         # meta["val"] of the recorded ops, made after the forward (``finish``): meta tensors made between the
         # forward's real allocations are small long-lived C++ blocks that fragment the heap (measured:
         # xcit_nano at 224 peaked at +25 MB resident while recording, +6 MB with the values deferred)
@@ -160,7 +173,7 @@ class _Recorder:
         graph = self.graph
         node = graph.create_node("call_function", func, node_args, node_kwargs,
                                  name=self.rs.target_to_str(graph, func.overloadpacket.__name__))
-        if self.meta and func in SHAPE_OF_INPUT:
+        if func in self.shaped:
             out = norm_output(func, args)
         elif self.meta:
             out = func(*args, **kwargs)
@@ -222,7 +235,7 @@ class _Recorder:
             raise Unsupported("the forward enables autocast")
         check = self.checks.get(func)
         if check is None:
-            check = self.checks[func] = _OpCheck(func)
+            check = self.checks[func] = _OpCheck(func, func in self.state_updaters)
         if check.data_dependent:  # (on meta these would fail anyway: the same message either way)
             raise Unsupported(f"{func} reads tensor values (data-dependent)")
         if check.dynamic_shape and not _integer_index(func, args):

@@ -3,7 +3,7 @@ each query head to its shared key/value head."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.fx as fx
@@ -11,6 +11,9 @@ import torch.fx as fx
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind, set_arg
 from . import ops, rule
+
+if TYPE_CHECKING:
+    from . import Shape
 
 
 def _sdpa_rewrite(node: fx.Node, r: Any) -> None:
@@ -22,7 +25,14 @@ def _sdpa_rewrite(node: fx.Node, r: Any) -> None:
         set_arg(node, "scale", 1.0 / math.sqrt(old_e))
 
 
-@rule(*ops("aten.scaled_dot_product_attention.default"), rewrite=_sdpa_rewrite)
+def sdpa_macs(node: fx.Node, shape: Shape) -> int:
+    """q @ k^T and the weights @ v (as ``FlopCounterMode`` counts it, MACs = its flops / 2)."""
+    b = bind(node)
+    q, k, v = (shape(as_ref(b[n])) for n in ("query", "key", "value"))
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@rule(*ops("aten.scaled_dot_product_attention.default"), rewrite=_sdpa_rewrite, cost=sdpa_macs)
 def sdpa(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     q, k, v, out = as_ref(b["query"]), as_ref(b["key"]), as_ref(b["value"]), TensorRef(node)

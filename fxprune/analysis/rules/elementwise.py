@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind
-from . import IGNORED, ops, rule
+from . import IGNORED, Role, ops, rule
 
 # f(0) == 0: a pruned (zeroed) position stays zero.
 ZERO_PRESERVING = ops(
@@ -156,7 +156,7 @@ def quotient_like(node: fx.Node, coupler: Coupler) -> None:
                      and coupler.shape(num)[ax] == coupler.shape(out)[a] and coupler.is_zero(num, ax))
 
 
-@rule(*ops("aten.prelu.default", "aten._prelu_kernel.default"))
+@rule(*ops("aten.prelu.default", "aten._prelu_kernel.default"), roles={Role.SLOPE})
 def prelu(node: fx.Node, coupler: Coupler) -> None:
     """PReLU's weight is per channel (axis 1, or 0 for 1-D input), not right-aligned like broadcasting."""
     x, w, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)

@@ -1,14 +1,20 @@
-"""Parameterised layers: convolutions (plain, grouped, depthwise, transposed), linear, matmul, embedding."""
+"""Parameterised layers: convolutions (plain, grouped, depthwise, transposed), linear, matmul, embedding.
+
+Their costs follow ``torch.utils.flop_counter.FlopCounterMode`` (MACs = its flops / 2), so the two agree."""
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind, set_arg
-from . import ops, rule
+from . import Role, ops, rule
+
+if TYPE_CHECKING:
+    from . import Shape
 
 PRODUCER, CONSUMER = "producer", "consumer"
 
@@ -33,6 +39,15 @@ def _conv_rewrite(node: fx.Node, r: Any) -> None:
         set_arg(node, "groups", len(np.unique(kept // per_group)) if per_group > 1 else len(kept))
 
 
+def conv_macs(node: fx.Node, shape: Shape) -> int:
+    x_arg, w_arg, _, transposed, _ = _conv_args(node)
+    ws, xs, os = shape(as_ref(w_arg)), shape(as_ref(x_arg)), shape(TensorRef(node))
+    nd = len(ws) - 2
+    batch = xs[0] if len(xs) == nd + 2 else 1
+    spatial = xs[-nd:] if transposed else os[-nd:]
+    return batch * math.prod(ws) * math.prod(spatial)
+
+
 def _grouped_uniform(coupler: Coupler, x: TensorRef, w: TensorRef, out: TensorRef, c: int, groups: int,
                      transposed: bool) -> None:
     """Position j of every conv group linked (inputs and outputs separately); the weight's per-group
@@ -52,7 +67,7 @@ def _grouped_uniform(coupler: Coupler, x: TensorRef, w: TensorRef, out: TensorRe
 @rule(*ops("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
            "aten.conv2d.padding", "aten.conv3d.padding", "aten.convolution.default",
            "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input"),
-      rewrite=_conv_rewrite)
+      rewrite=_conv_rewrite, cost=conv_macs, roles={Role.KERNEL})
 def conv(node: fx.Node, coupler: Coupler) -> None:
     x_arg, w_arg, b_arg, transposed, groups = _conv_args(node)
     x, w, out = as_ref(x_arg), as_ref(w_arg), TensorRef(node)
@@ -94,7 +109,11 @@ def conv(node: fx.Node, coupler: Coupler) -> None:
     coupler.set_zero(out, c, True)
 
 
-@rule(*ops("aten.linear.default"))
+def linear_macs(node: fx.Node, shape: Shape) -> int:
+    return math.prod(shape(TensorRef(node))) * shape(as_ref(bind(node)["input"]))[-1]
+
+
+@rule(*ops("aten.linear.default"), cost=linear_macs, roles={Role.KERNEL})
 def linear(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, w, out = as_ref(b["input"]), as_ref(b["weight"]), TensorRef(node)
@@ -117,7 +136,11 @@ def _contract(coupler: Coupler, x: TensorRef, xa: int, y: TensorRef, ya: int, wh
         coupler.mark_inexact(x, xa, why)
 
 
-@rule(*ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default"))
+def matmul_macs(node: fx.Node, shape: Shape) -> int:
+    return math.prod(shape(TensorRef(node))) * shape(as_ref(node.args[0]))[-1]
+
+
+@rule(*ops("aten.matmul.default", "aten.mm.default", "aten.bmm.default"), cost=matmul_macs)
 def matmul(node: fx.Node, coupler: Coupler) -> None:
     x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), TensorRef(node)
     if x.ndim < 2 or y.ndim < 2:
@@ -138,7 +161,11 @@ def matmul(node: fx.Node, coupler: Coupler) -> None:
     coupler.set_zero(out, -1, coupler.is_zero(y, -1))
 
 
-@rule(*ops("aten.addmm.default"))
+def addmm_macs(node: fx.Node, shape: Shape) -> int:
+    return math.prod(shape(TensorRef(node))) * shape(as_ref(node.args[1]))[-1]
+
+
+@rule(*ops("aten.addmm.default"), cost=addmm_macs)
 def addmm(node: fx.Node, coupler: Coupler) -> None:
     bias, x, y, out = as_ref(node.args[0]), as_ref(node.args[1]), as_ref(node.args[2]), TensorRef(node)
     coupler.link_axes(x, 0, out, 0)
@@ -174,7 +201,21 @@ def _einsum_operands(equation: str, n: int) -> tuple[list[str], str] | None:
     return (terms, rhs) if len(terms) == n else None
 
 
-@rule(*ops("aten.einsum.default"))
+def einsum_macs(node: fx.Node, shape: Shape) -> int:
+    """The product of every letter's size (one multiply-add per combination)."""
+    parsed = _einsum_operands(node.args[0], len(node.args[1]))
+    if parsed is None:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, t in zip(parsed[0], node.args[1]):
+        ref = as_ref(t)
+        if ref is None:
+            return 0
+        sizes.update(zip(term, shape(ref)))
+    return math.prod(sizes.values())
+
+
+@rule(*ops("aten.einsum.default"), cost=einsum_macs)
 def einsum(node: fx.Node, coupler: Coupler) -> None:
     """Axes sharing a letter are linked; letters missing from the output are contracted."""
     refs = [as_ref(t) for t in node.args[1]]

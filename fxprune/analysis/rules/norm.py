@@ -2,9 +2,13 @@
 exact under removal; statistics over a pruned axis are not, and say so: LayerNorm and RMSNorm over
 their normalised axes, batch norm from the batch (training mode, or weight standardisation, which
 normalises each filter over its input channels), instance and group norm over the axes past the
-channels. A weight norm's L2 norm is exact over the zeroed positions of its direction ``v``."""
+channels. A weight norm's L2 norm is exact over the zeroed positions of its direction ``v``.
+
+A batch or instance norm that computes its statistics (``statistics_computed``) is its own case of the
+op's record: the general rule is the per-channel one."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -12,7 +16,7 @@ import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind, set_arg
-from . import ops, rule
+from . import Role, ops, rule
 
 NORM = "norm"
 DIRECTION = "direction"  # v of a weight norm: its scale g carries a removed slice's zero
@@ -41,52 +45,61 @@ def _zero_out(coupler: Coupler, x: TensorRef, c: int, weight: Any, bias: Any, me
     return zero(bias) and (scaled_out or (coupler.is_zero(x, c) and zero(mean)))
 
 
-def _statistics_over(coupler: Coupler, x: TensorRef, axes: range, why: str) -> None:
+def _statistics_over(coupler: Coupler, x: TensorRef, axes: Iterable[int], why: str) -> None:
     """Statistics computed over ``axes`` (a mean and a variance): a pruned position there changes them."""
     for a in axes:
         coupler.mark_inexact(x, a, why)
 
 
-def _batch_statistics(coupler: Coupler, x: TensorRef, computed: bool) -> None:
-    """Batch norm from the batch (training mode, or no running statistics) reduces every axis but the
-    channel axis: weight standardisation (``F.batch_norm(w.reshape(1, out, -1), None, None,
-    training=True)``) reduces over a weight's input channels."""
-    if computed:
-        c = 1 if x.ndim > 1 else 0
-        _statistics_over(coupler, x, range(0, c), "batch-norm statistics over this axis")
-        _statistics_over(coupler, x, range(c + 1, x.ndim), "batch-norm statistics over this axis")
+def statistics_computed(node: fx.Node) -> bool:
+    """A batch or instance norm that computes its statistics from its input (training mode,
+    ``use_input_stats``, or no running statistics to read) instead of reading running ones."""
+    b = bind(node)
+    return bool(b.get("training", b.get("use_input_stats", False))) or as_ref(b.get("running_mean")) is None
 
 
-_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
+_NATIVE_BATCH_NORMS = ops("aten._native_batch_norm_legit_no_training.default", "aten._native_batch_norm_legit.default",
+                          "aten._native_batch_norm_legit.no_stats", "aten.native_batch_norm.default")
+_BATCH_NORMS = ops("aten.batch_norm.default") + _NATIVE_BATCH_NORMS
 
 
-@rule(*ops("aten.batch_norm.default"))
+@rule(*ops("aten.batch_norm.default"), roles={Role.NORM, Role.STATE_UPDATE, Role.SHAPE_OF_INPUT})
+@rule(*_NATIVE_BATCH_NORMS, roles={Role.NORM})
 def batch_norm(node: fx.Node, coupler: Coupler) -> None:
+    """With running statistics: per channel, exact."""
     b = bind(node)
-    x = as_ref(b["input"])
-    _per_channel(node, coupler, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
-    _batch_statistics(coupler, x, bool(b["training"]) or as_ref(b["running_mean"]) is None)
+    _per_channel(node, coupler, as_ref(b["input"]), TensorRef(node, 0),
+                 [b["weight"], b["bias"], b.get("running_mean"), b.get("running_var")])
+    if isinstance(node.meta["val"], (tuple, list)):  # the native forms also return statistics
+        for k in range(1, len(node.meta["val"])):
+            coupler.freeze(TensorRef(node, k), None, "batch-norm statistics output")
 
 
-@rule(*ops("aten.instance_norm.default"))
+@rule(*_BATCH_NORMS, when=statistics_computed)
+def batch_norm_from_the_batch(node: fx.Node, coupler: Coupler) -> None:
+    """Statistics from the batch reduce every axis but the channel axis: over the batch in training
+    mode, and over a weight's input channels in weight standardisation (``F.batch_norm(w.reshape(1,
+    out, -1), None, None, training=True)``)."""
+    batch_norm(node, coupler)
+    x = as_ref(bind(node)["input"])
+    c = 1 if x.ndim > 1 else 0
+    _statistics_over(coupler, x, [a for a in range(x.ndim) if a != c], "batch-norm statistics over this axis")
+
+
+@rule(*ops("aten.instance_norm.default"), roles={Role.NORM, Role.STATE_UPDATE, Role.SHAPE_OF_INPUT})
 def instance_norm(node: fx.Node, coupler: Coupler) -> None:
+    """With running statistics (``use_input_stats=False``): per channel, exact."""
     b = bind(node)
-    x = as_ref(b["input"])
-    _per_channel(node, coupler, x, TensorRef(node), [b[k] for k in _BN_ARGS[1:]])
-    if b["use_input_stats"] or as_ref(b["running_mean"]) is None:
-        _statistics_over(coupler, x, range(2, x.ndim), "instance-norm statistics over this axis")
+    _per_channel(node, coupler, as_ref(b["input"]), TensorRef(node),
+                 [b["weight"], b["bias"], b["running_mean"], b["running_var"]])
 
 
-@rule(*ops("aten._native_batch_norm_legit_no_training.default", "aten._native_batch_norm_legit.default",
-           "aten._native_batch_norm_legit.no_stats", "aten.native_batch_norm.default"))
-def batch_norm_legit(node: fx.Node, coupler: Coupler) -> None:
-    b = bind(node)
-    x = as_ref(b["input"])
-    stats = [b.get("running_mean"), b.get("running_var")]
-    _per_channel(node, coupler, x, TensorRef(node, 0), [b["weight"], b["bias"], *stats])
-    _batch_statistics(coupler, x, bool(b.get("training", False)) or as_ref(stats[0]) is None)
-    for k in range(1, len(node.meta["val"])):
-        coupler.freeze(TensorRef(node, k), None, "batch-norm statistics output")
+@rule(*ops("aten.instance_norm.default"), when=statistics_computed)
+def instance_norm_from_the_input(node: fx.Node, coupler: Coupler) -> None:
+    """Statistics of each sample's channel, over the axes past the channels."""
+    instance_norm(node, coupler)
+    x = as_ref(bind(node)["input"])
+    _statistics_over(coupler, x, range(2, x.ndim), "instance-norm statistics over this axis")
 
 
 def _group_norm_rewrite(node: fx.Node, r: Any) -> None:
@@ -97,7 +110,7 @@ def _group_norm_rewrite(node: fx.Node, r: Any) -> None:
         set_arg(node, "num_groups", b["num_groups"] * new // old)
 
 
-@rule(*ops("aten.group_norm.default"), rewrite=_group_norm_rewrite)
+@rule(*ops("aten.group_norm.default"), rewrite=_group_norm_rewrite, roles={Role.NORM, Role.SHAPE_OF_INPUT})
 def group_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     x, out = as_ref(b["input"]), TensorRef(node)
@@ -118,7 +131,7 @@ def _normalized_shape_rewrite(node: fx.Node, r: Any) -> None:
 
 def _normalised_shape(node: fx.Node, coupler: Coupler, weights: list[Any]) -> None:
     b = bind(node)
-    x, out = as_ref(b["input"]), TensorRef(node)
+    x, out = as_ref(b["input"]), TensorRef(node, 0)
     k = len(b["normalized_shape"])
     for a in range(x.ndim):
         coupler.link_axes(x, a, out, a)
@@ -132,13 +145,25 @@ def _normalised_shape(node: fx.Node, coupler: Coupler, weights: list[Any]) -> No
         coupler.set_zero(out, a, as_ref(b["weight"]) is not None)
 
 
-@rule(*ops("aten.layer_norm.default"), rewrite=_normalized_shape_rewrite)
+@rule(*ops("aten.layer_norm.default"), rewrite=_normalized_shape_rewrite, roles={Role.NORM, Role.SHAPE_OF_INPUT})
 def layer_norm(node: fx.Node, coupler: Coupler) -> None:
     b = bind(node)
     _normalised_shape(node, coupler, [b["weight"], b["bias"]])
 
 
-@rule(*ops("aten.rms_norm.default"), rewrite=_normalized_shape_rewrite)
+@rule(*ops("aten.native_layer_norm.default"), rewrite=_normalized_shape_rewrite, roles={Role.NORM})
+def native_layer_norm(node: fx.Node, coupler: Coupler) -> None:
+    """``layer_norm`` that also returns each row's mean and 1/std (the input's leading axes, size 1 on the
+    normalised ones): a row's statistics go with the row."""
+    b = bind(node)
+    _normalised_shape(node, coupler, [b["weight"], b["bias"]])
+    x, k = as_ref(b["input"]), len(b["normalized_shape"])
+    for stat in (TensorRef(node, 1), TensorRef(node, 2)):
+        for a in range(x.ndim - k):
+            coupler.link_axes(x, a, stat, a)
+
+
+@rule(*ops("aten.rms_norm.default"), rewrite=_normalized_shape_rewrite, roles={Role.NORM})
 def rms_norm(node: fx.Node, coupler: Coupler) -> None:
     _normalised_shape(node, coupler, [bind(node)["weight"]])
 
