@@ -60,17 +60,13 @@ import torch
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.tracing.compat import batch_norm_types
-from .base import Pass, PassContext, Scores
-from .l1 import producer_l1
+from .base import PassContext, Scores
 from .registry import PassError
+from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
 from fxprune.recovery.engine import Hook, TrainState, train
 from fxprune.recovery.modes import reinitialize
 
 __all__ = ["Scratch", "Gates", "GateHook"]
-
-_BN = batch_norm_types()
-
 
 class Gates:
     """Channel gates on an eager model's BatchNorms, one parameter vector per gated group."""
@@ -87,7 +83,7 @@ class Gates:
             for p in group.params:
                 mod = p.name.rsplit(".", 1)[0] if "." in p.name else ""
                 m = modules.get(mod)
-                if p.role != "norm" or mod in seen or not isinstance(m, _BN) or m.weight is None:
+                if p.role != "norm" or mod in seen or not isinstance(m, BN) or m.weight is None:
                     continue
                 seen.add(mod)
                 gid, pos = groups.positions(p.key)
@@ -163,13 +159,10 @@ class GateHook(Hook):
 
 
 @dataclass(frozen=True)
-class Scratch(Pass):
+class Scratch(LearnedScales):
     name = "scratch"
     description = ("Pruning from Scratch (Wang et al. 2020): BatchNorm channel gates learned on random weights, "
                    "global gate threshold; recovery defaults to scratch-b")
-    scope = "global"
-    normalize = "none"
-    needs = ("train_loader",)
     tolerance = 0.001
     default_recovery = "scratch-b"
 
@@ -212,9 +205,7 @@ class Scratch(Pass):
 
     def learn(self, ctx: PassContext) -> tuple[nn.Module, Gates]:
         """Train gates on a (re-initialised) copy; returns the copy (hooks removed) and its gates."""
-        loader = ctx.data.get("train_loader")
-        if loader is None:
-            raise ValueError("scratch needs train_loader= to learn its gates")
+        loader = self.train_loader(ctx, "to learn its gates")
         work = copy.deepcopy(ctx.model)
         if self.reinit and self.expand == 1.0:  # a wide copy (prepare) is already freshly initialised
             reinitialize(work, self.seed)
@@ -233,14 +224,9 @@ class Scratch(Pass):
 
     def score(self, ctx: PassContext) -> Scores:
         work, gates = self.learn(ctx)
-        state = {k: v.detach().clone() for k, v in work.state_dict().items()}
-        state.update(gates.fold())
-        ctx.weights.update(state)
-        if ctx.data.get("evaluate") is not None and gates.params:  # the gated network, before pruning
-            work.load_state_dict(state)
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](work)
+        self.hand_over(ctx, work, gates.fold(), evaluate=bool(gates.params))  # the gated network, before pruning
         values = {gid: p.detach().float().cpu().numpy().astype(np.float64) for gid, p in gates.params.items()}
-        mean_gate = float(np.mean(np.concatenate(list(values.values())))) if values else 1.0
+        mean_gate = mean_scale(values)
         scores: Scores = {}
         for group in self.prunable(ctx):
             if group.id in values:
@@ -249,6 +235,6 @@ class Scratch(Pass):
             if not self.residual and len(group.layers("producer")) > 1 and any(p.role == "norm" for p in group.params):
                 scores[group.id] = np.full(len(group), np.inf)  # an ungated residual stream: kept whole
                 continue
-            total = producer_l1(ctx.groups, group, ctx.tensor)  # fallback: the given model's, rescaled to the mean gate
-            scores[group.id] = total * max(mean_gate, 1e-6) / max(float(total.mean()), 1e-12)
+            # fallback: the given model's, rescaled to the mean gate
+            scores[group.id] = rescaled_l1(ctx.groups, group, ctx.tensor, max(mean_gate, 1e-6))
         return scores

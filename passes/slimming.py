@@ -35,8 +35,8 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
   per-group floor (``min_keep = 0.1``: the paper never removes a whole layer; ``--min-keep`` changes it).
 - Fallback for a group with no BatchNorm: the L1 norm of its producing filters, rescaled so that the
   group's mean equals the mean |gamma| of the whole model (so it competes under the same
-  threshold without dominating or vanishing). This is fxprune's choice, not the paper's. These
-  groups are not trained toward sparsity.
+  threshold without dominating or vanishing; ``passes/_scales.py``, shared with scratch). This is
+  fxprune's choice, not the paper's. These groups are not trained toward sparsity.
 """
 from __future__ import annotations
 
@@ -51,15 +51,14 @@ import torch
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
-from fxprune.tracing.compat import batch_norm_types
-from .base import Pass, PassContext, Scores
-from .l1 import producer_l1
+from fxprune.state import named_tensors
+from .base import PassContext, Scores
 from .registry import PassError
+from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
 from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch, train
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
 
-_BN = batch_norm_types()
 SCHEDULES = ("adaptive", "fixed")
 
 
@@ -71,30 +70,33 @@ class SparsityHook(Hook):
 
     def after_backward(self, state: TrainState) -> None:
         for m in state.module.modules():
-            if isinstance(m, _BN) and m.weight is not None and m.weight.grad is not None:
+            if isinstance(m, BN) and m.weight is not None and m.weight.grad is not None:
                 m.weight.grad.add_(self.s * torch.sign(m.weight.detach()))
 
 
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<bn>.weight": gamma}`` for every affine BatchNorm of ``model``."""
     return {f"{name}.weight" if name else "weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, _BN) and m.weight is not None}
+            if isinstance(m, BN) and m.weight is not None}
 
 
 def gamma_scores(ctx: PassContext, model: nn.Module) -> Scores:
     """Per prunable group: mean |gamma| over its BatchNorms; producer L1 rescaled to the model's mean
     |gamma| where the group has none."""
     gammas = {k: v.detach().abs().float().cpu().numpy() for k, v in bn_scales(model).items()}
-    mean_gamma = float(np.mean(np.concatenate(list(gammas.values())))) if gammas else 1.0
-    state = dict(model.named_parameters(remove_duplicate=False))
+    mean_gamma = mean_scale(gammas)
+    state = named_tensors(model)
+
+    def tensor(name: str) -> torch.Tensor:  # ``model``'s own, else the traced graph's
+        return state[name] if name in state else ctx.tensor(name)
+
     scores: Scores = {}
     for group in ctx.groups.prunable:
         norm = [p for p in group.params if p.name in gammas and p.role == "norm"]
         if norm:
             scores[group.id] = sum(ctx.groups.channel_sum(group, p, gammas[p.name]) for p in norm) / len(norm)
             continue
-        total = producer_l1(ctx.groups, group, lambda name: state[name] if name in state else ctx.tensor(name))
-        scores[group.id] = total * mean_gamma / max(float(total.mean()), 1e-12)
+        scores[group.id] = rescaled_l1(ctx.groups, group, tensor, mean_gamma)
     return scores
 
 
@@ -145,14 +147,11 @@ class TargetedShrink(Hook):
 
 
 @dataclass(frozen=True)
-class Slimming(Pass):
+class Slimming(LearnedScales):
     name = "slimming"
     description = ("Network Slimming (Liu et al. 2017): L1 sparsity on BatchNorm scales (adaptive so it happens "
                    "within the budget), one global |gamma| threshold")
-    scope = "global"
-    normalize = "none"
     min_keep = 0.1          # the paper's safeguard: no layer is removed whole (a floor per group)
-    needs = ("train_loader",)
 
     train: bool = True      # sparsity-train a copy first; False: score the given model's |gamma|
     s: float = 1e-4         # the paper: 1e-4 for VGG, 1e-5 for ResNet/DenseNet (adaptive: the starting strength)
@@ -182,16 +181,12 @@ class Slimming(Pass):
     def _slimmed(self, ctx: PassContext, mean_gamma: float) -> nn.Module:
         if not self.train:
             return ctx.model
-        loader = ctx.data.get("train_loader")
-        if loader is None:
-            raise ValueError("slimming needs train_loader= for sparsity training (or --opt train=false)")
+        loader = self.train_loader(ctx, "for sparsity training (or --opt train=false)")
         work = copy.deepcopy(ctx.model)
         device = next(work.parameters()).device
         train(work, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
               hooks=self._hooks(ctx, loader, mean_gamma))
-        ctx.weights.update({k: v.detach().clone() for k, v in work.state_dict().items()})
-        if ctx.data.get("evaluate") is not None:  # the bar pruning is held to: the sparsity-trained network
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](work)
+        self.hand_over(ctx, work)  # the sparsity-trained network
         return work
 
     def score(self, ctx: PassContext) -> Scores:
