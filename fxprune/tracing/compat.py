@@ -11,7 +11,7 @@ each one up only when asked (importing fxprune never touches them) and caches th
   remains.
 * small helpers with a fallback of their own where one exists: ``lazy_graph_module_class``,
   ``is_op_overload``, ``op_schema``, ``tree_leaves`` / ``tree_map``, ``dispatch_mode_base``,
-  ``aten_ops``, ``batch_norm_types``, ``fan_in``;
+  ``batch_norm_types``, ``fan_in``;
 * ``compiling_in_this_thread``: torch.compiler's "compiling" flags, true for one thread only.
 
 ``PRIVATE_NAMES`` lists every private name fxprune uses, as ``module:attribute``.
@@ -31,7 +31,7 @@ from fxprune.state import attribute
 
 __all__ = ["CompatWarning", "MissingFeature", "Support", "recorder_support", "make_fx_support", "warn_missing",
            "lazy_graph_module_class", "is_op_overload", "op_schema", "tree_leaves", "tree_map", "dispatch_mode_base",
-           "aten_ops", "batch_norm_types", "fan_in", "compiling_in_this_thread", "reset", "PRIVATE_NAMES", "FEATURES"]
+           "batch_norm_types", "fan_in", "compiling_in_this_thread", "reset", "PRIVATE_NAMES", "FEATURES"]
 
 
 class CompatWarning(UserWarning):
@@ -327,21 +327,6 @@ def dispatch_mode_base() -> type | None:
     """torch's ``TorchDispatchMode`` (intercepts every ATen call), or None."""
     obj = _get("TorchDispatchMode")
     return None if isinstance(obj, _Missing) else obj
-
-
-def aten_ops(*names: str) -> set[Any]:
-    """The ATen overloads named ``"op.overload"`` that this torch has (private ones such as
-    ``_native_batch_norm_legit_no_training.default`` may be renamed or gone: left out, never an error)."""
-    import torch
-
-    out = set()
-    for name in names:
-        packet, _, overload = name.partition(".")
-        try:
-            out.add(getattr(getattr(torch.ops.aten, packet), overload or "default"))
-        except (AttributeError, RuntimeError):
-            continue
-    return out
 
 
 def batch_norm_types() -> tuple[type, ...]:
