@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -491,3 +492,71 @@ def test_digits_example_end_to_end(tmp_path, monkeypatch):
     x = torch.randn(4, 1, 8, 8)
     loaded = fxprune.load(out)
     assert loaded(x).shape == (4, 10)
+
+
+# ---- torchrun -----------------------------------------------------------------------------------------
+DIGITS_MLP = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+from sklearn.datasets import load_digits
+
+_d = load_digits()
+_x = torch.tensor(_d.data, dtype=torch.float32) / 16.0
+_y = torch.tensor(_d.target)
+_perm = torch.randperm(len(_y), generator=torch.Generator().manual_seed(0))
+_train, _val = _perm[:1400], _perm[1400:]
+
+
+def model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(3):
+        for batch in train_loader():
+            opt.zero_grad()
+            F.cross_entropy(net(batch[0]), batch[1]).backward()
+            opt.step()
+    return net.eval()
+
+
+def example_inputs():
+    return (_x[_val[:8]],)
+
+
+def train_loader():
+    data = torch.utils.data.TensorDataset(_x[_train], _y[_train])
+    return torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def evaluate(m):
+    with torch.no_grad():
+        return {"accuracy": (m(_x[_val]).argmax(1) == _y[_val]).float().mean().item()}
+'''
+
+
+def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           "-m", "fxprune", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_run_writes_and_prints_once_and_matches_one_process(tmp_path):
+    """Two processes (gloo): one output folder, one table, an accuracy within 5 points of one process's;
+    a bad input ends both with one message."""
+    model_file = _write(tmp_path, "mlp.py", DIGITS_MLP)
+    args = ("run", model_file, "--pass", "l1", "--ratio", "0.5", "--epochs", "2", "--lr", "0.05")
+    two = _torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.py", "two"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(FILES + ["train_log.jsonl", "training.png"])
+    assert two.stdout.count("MACs") == 1, two.stdout  # one summary table
+    single, _ = run(RunConfig(model_file, "l1", 0.5, tmp_path / "one", finetune_epochs=2, lr=0.05))
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert abs(report["after"]["metrics"]["accuracy"] - single["after"]["metrics"]["accuracy"]) <= 0.05
+    assert len((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()) == 2  # one writer
+
+    again = _torchrun(*args, "--out", tmp_path / "two")  # the folder exists: bad input on every rank
+    assert again.returncode != 0
+    assert again.stderr.count("error: ") == 1, again.stderr[-3000:]

@@ -44,8 +44,15 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except _bad_input_errors() as exc:
-        typer.echo(f"error: {exc}", err=True)
+        if _rank() == 0:  # under torchrun every rank checks the same input: one message
+            typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _rank() -> int:
+    from fxprune.recovery.distributed import launch_rank
+
+    return launch_rank()
 
 
 def _console(quiet: bool) -> Any:
@@ -152,7 +159,9 @@ def run(
                   "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact)
-        report = _run(cfg, quiet or as_json)
+        report = _run(cfg, quiet or as_json or _rank() != 0)
+    if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
+        return
     report["out"] = str(cfg.out)
     if as_json:
         _print_json(report)

@@ -35,6 +35,7 @@ from fxprune.selection.budget import Selection, check_ratio
 from fxprune.recovery import Hook
 from fxprune.recovery.engine import batches_per_epoch
 from fxprune.recovery.curves import plot_log, write_log
+from fxprune.recovery.distributed import launch_rank
 from fxprune.recovery.modes import MODES, recover, scratch_b_epochs
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
@@ -292,9 +293,14 @@ def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
-    """Run the whole pipeline; returns the report (as written to report.json) and the PruneResult."""
+    """Run the whole pipeline; returns the report (as written to report.json) and the PruneResult.
+
+    Under ``torchrun`` every rank runs it (training is data-parallel); the ranks other than 0 neither
+    measure, report nor write, and return an empty report."""
     from fxprune.api import prune
 
+    if launch_rank() != 0:
+        feedback = None
     fb = feedback or Feedback()
     clock = {"start": time.perf_counter()}
     notes: list[str] = []
@@ -317,6 +323,9 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
                        require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
+    if launch_rank() != 0:  # trains with rank 0 (recovery is data-parallel); rank 0 measures and writes
+        _train_with_rank_zero(cfg, mf, data, result, model)
+        return {}, result
     _check_shortfall(cfg, result, fb, notes)
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
@@ -333,15 +342,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     log: list[dict[str, float]] = []
     if epochs > 0:
         start = time.perf_counter()
-        loader = data["train_loader"]
-        total = epochs
-        if cfg.recover == "scratch-b":
-            total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
-        hook = fb.training(total, batches_per_epoch(loader))
-        log = recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
-                      epochs=epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
-                      distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
-                      lr=cfg.lr, device=cfg.device, progress=hook)
+        log = _recover(cfg, mf, data, result, model, epochs, fb)
         clock["finetune"] = time.perf_counter() - start
     with fb.step("measuring the pruned model"):
         result.module.eval()
@@ -352,6 +353,26 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         result.module.cpu().eval()
         _write(cfg.out, cfg.force, model.cpu(), result, cpu_inputs, report)
     return report, result
+
+
+def _recover(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module, epochs: int,
+             fb: Feedback) -> list[dict[str, float]]:
+    loader = data["train_loader"]
+    total = epochs
+    if cfg.recover == "scratch-b":
+        total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
+    return recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
+                   epochs=epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
+                   distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
+                   lr=cfg.lr, device=cfg.device, progress=fb.training(total, batches_per_epoch(loader)))
+
+
+def _train_with_rank_zero(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module) -> None:
+    """A rank other than 0: the recovery rank 0 runs, in step with it (the same epochs, decided from the
+    same data), and nothing else."""
+    epochs = _recovery_epochs(cfg, mf, data, Feedback(), [])
+    if epochs > 0:
+        _recover(cfg, mf, data, result, model, epochs, Feedback())
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
-__all__ = ["DistContext", "context", "cleanup", "shard_loader", "wrap", "all_mean"]
+__all__ = ["DistContext", "context", "cleanup", "shard_loader", "wrap", "all_mean", "launch_rank"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class DistContext:
     def main(self) -> bool:
         """Only the main process writes checkpoints and logs."""
         return self.rank == 0
+
+
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` launched it (0 outside it, or in a world of one), before any
+    process group exists: ``fxprune run`` prunes on every rank and trains data-parallel, and only rank 0
+    measures, prints and writes."""
+    return int(os.environ.get("RANK", "0")) if _env_world() > 1 else 0
 
 
 def _env_world() -> int:
