@@ -226,6 +226,7 @@ class Scratch(LearnedScales):
         work, gates = self.learn(ctx)
         self.hand_over(ctx, work, gates.fold(), evaluate=bool(gates.params))  # the gated network, before pruning
         values = {gid: p.detach().float().cpu().numpy().astype(np.float64) for gid, p in gates.params.items()}
+        ctx.masks.update(values)  # the learned gates, written on the graph beside the scores (fxprune.masks)
         mean_gate = mean_scale(values)
         scores: Scores = {}
         for group in self.prunable(ctx):

@@ -111,3 +111,4 @@ def test_inspect_graph_shows_scores_and_kept_channels(tmp_path):
     assert "frozen: model input" in out.output
     bad = CliRunner().invoke(app, ["inspect", str(path), "--graph", "--pass", "no-such-pass"])
     assert bad.exit_code == 2
+

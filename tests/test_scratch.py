@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
+from fxprune.annotations import MASKS
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
 from fxprune.testing import assert_equivalent
@@ -116,6 +117,9 @@ def test_prune_is_equivalent_to_the_gated_masked_model_and_has_no_gates():
     rows = res.summary()
     assert rows and all({"kept", "total", "producers"} <= set(r) for r in rows)
     assert any(r["kept"] < r["total"] for r in rows)
+    # the learned gates are on the graph beside the scores (fxprune.masks), in [0, 1]
+    masks = [n.meta[MASKS]["scratch"] for n in res.groups.gm.graph.nodes if n.meta.get(MASKS)]
+    assert masks and all(0 <= m.min() and m.max() <= 1 for per_group in masks for m in per_group.values())
 
 
 @pytest.mark.parametrize("expand", [1.0, 1.25])

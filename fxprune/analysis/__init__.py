@@ -17,14 +17,14 @@ from scipy.sparse.csgraph import connected_components
 from .couple import Coupler, TensorRef, UnsupportedOpWarning, as_ref
 from .groups import ChannelGroups, Group, ParamSlot
 from .rules import IGNORED, RULES
+from ..state import named_tensors
 from .slots import SlotTable, index_dtype, tensor_values
 
 __all__ = ["analyze", "couple_graph", "ChannelGroups", "Group", "ParamSlot", "UnsupportedOpWarning"]
 
 
 def _original_names(gm: fx.GraphModule) -> set[str]:
-    return {n for n, _ in gm.named_parameters(remove_duplicate=False)} | \
-        {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    return set(named_tensors(gm))
 
 
 def _flatten_output(args: object) -> list[fx.Node]:
@@ -43,64 +43,64 @@ def _flatten_output(args: object) -> list[fx.Node]:
 
 def couple_graph(gm: fx.GraphModule) -> Coupler:
     """Run every node's coupling rule; the unknown and the failing freeze what they touch."""
-    ctx = Coupler(SlotTable.build(gm.graph))
+    coupler = Coupler(SlotTable.build(gm.graph))
     state = _original_names(gm)
     first_attr: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
-        ctx.node = node
+        coupler.node = node
         if node.op == "placeholder":
-            ctx.freeze(node, None, "model input")
+            coupler.freeze(node, None, "model input")
             for k in range(1, len(tensor_values(node))):
-                ctx.freeze(TensorRef(node, k), None, "model input")
+                coupler.freeze(TensorRef(node, k), None, "model input")
         elif node.op == "get_attr":
             ref = as_ref(node)
             if ref is None:
                 continue
             for a in range(ref.ndim):
-                ctx.set_zero(ref, a, node.target in state)
+                coupler.set_zero(ref, a, node.target in state)
             twin = first_attr.setdefault(node.target, node)
             if twin is not node:  # one parameter read twice: the same positions
                 for a in range(ref.ndim):
-                    ctx.link_axes(twin, a, node, a)
+                    coupler.link_axes(twin, a, node, a)
         elif node.op == "output":
             for n in _flatten_output(node.args):
                 for k, v in enumerate(tensor_values(n)):
                     if v is not None:
-                        ctx.freeze(TensorRef(n, k), None, "model output")
+                        coupler.freeze(TensorRef(n, k), None, "model output")
         elif node.op == "call_function" and node.target in IGNORED:
             continue
         elif node.op == "call_function" and node.target in RULES:
             try:
-                RULES[node.target].couple(node, ctx)
+                RULES[node.target].couple(node, coupler)
             except Exception as exc:  # noqa: BLE001 - a rule bug must cost channels, never correctness
                 warnings.warn(f"fxprune: coupling rule for {node.target} failed on {node.format_node()}: {exc!r}; "
                               "its channels are frozen", UnsupportedOpWarning, stacklevel=2)
-                ctx.unknown(node)
+                coupler.unknown(node)
         elif tensor_values(node):
-            ctx.unknown(node)
-    ctx.node = None
-    return ctx
+            coupler.unknown(node)
+    coupler.node = None
+    return coupler
 
 
-def _components(ctx: Coupler) -> np.ndarray:
+def _components(coupler: Coupler) -> np.ndarray:
     """The component (channel) label of every element id.
 
-    Whole-axis identity links (``ctx.same``) are contracted first, per slot: each class of identical
+    Whole-axis identity links (``coupler.same``) are contracted first, per slot: each class of identical
     slots is represented by its first slot, so only the other links are expanded to element pairs, on
     the representatives' elements. Same labels as linking every element, at a tenth of the edges."""
-    t = ctx.table
+    t = coupler.table
     nslots = len(t.keys)
     offsets = np.asarray(t.offsets, dtype=np.int64)
     sizes = np.asarray(t.sizes, dtype=np.int64)
-    rep = _first_of_class(nslots, ctx.same)
+    rep = _first_of_class(nslots, coupler.same)
     is_rep = rep == np.arange(nslots)
     rep_sizes = np.where(is_rep, sizes, 0)
     compact_off = np.cumsum(rep_sizes) - rep_sizes
     shift = compact_off[rep] - offsets  # element e of slot s -> e + shift[s] among the representatives'
     n = int(rep_sizes.sum())
-    if ctx.edges_a:
-        a = np.concatenate(ctx.edges_a)
-        b = np.concatenate(ctx.edges_b)
+    if coupler.edges_a:
+        a = np.concatenate(coupler.edges_a)
+        b = np.concatenate(coupler.edges_b)
         a += shift[np.searchsorted(offsets, a, side="right") - 1]
         b += shift[np.searchsorted(offsets, b, side="right") - 1]
         graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
@@ -133,7 +133,7 @@ def analyze(gm: fx.GraphModule, *, allow_inexact: bool = False) -> ChannelGroups
     zeroing it (a LayerNorm, mean or softmax over the pruned axis). Off by default: every
     compaction is then exactly equivalent to the masked model.
     """
-    ctx = couple_graph(gm)
-    labels = _components(ctx)
-    ctx.edges_a, ctx.edges_b, ctx.same = [], [], []  # no reader after this: not kept with the groups
-    return ChannelGroups(gm, ctx, labels, allow_inexact)
+    coupler = couple_graph(gm)
+    labels = _components(coupler)
+    coupler.edges_a, coupler.edges_b, coupler.same = [], [], []  # no reader after this: not kept with the groups
+    return ChannelGroups(gm, coupler, labels, allow_inexact)

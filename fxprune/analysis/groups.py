@@ -58,13 +58,13 @@ def _module_of(name: str) -> str:
 class ChannelGroups:
     """All channel groups of a traced graph. Iterate it, index it, or print it as a table."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: Coupler, labels: np.ndarray, allow_inexact: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, coupler: Coupler, labels: np.ndarray, allow_inexact: bool) -> None:
         self.gm = gm
-        self.table: SlotTable = ctx.table
-        self.coupler = ctx
+        self.table: SlotTable = coupler.table
+        self.coupler = coupler
         self.labels = labels
         self.allow_inexact = allow_inexact
-        self.unsupported = dict(ctx.unsupported)
+        self.unsupported = dict(coupler.unsupported)
         self.groups: list[Group] = []
         ncomp = int(labels.max()) + 1 if len(labels) else 0
         self.comp_group = np.full(ncomp, -1, dtype=np.int64)
@@ -73,23 +73,23 @@ class ChannelGroups:
 
     # ---- construction ------------------------------------------------------------------
     def _slot_flags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        t, ctx = self.table, self.coupler
+        t, coupler = self.table, self.coupler
         nslots = len(t.keys)
         frozen, inexact, param, role = (np.zeros(nslots, bool) for _ in range(4))
         attrs = {n.name for n in self.gm.graph.nodes if n.op == "get_attr"}
         for i, key in enumerate(t.keys):
-            frozen[i] = key in ctx.frozen or t.symbolic[i]
-            inexact[i] = key in ctx.inexact
+            frozen[i] = key in coupler.frozen or t.symbolic[i]
+            inexact[i] = key in coupler.inexact
             param[i] = key[0] in attrs
-            role[i] = key in ctx.roles
+            role[i] = key in coupler.roles
         return frozen, inexact, param, role
 
     def _build(self, ncomp: int) -> None:
-        t, ctx, labels = self.table, self.coupler, self.labels
+        t, coupler, labels = self.table, self.coupler, self.labels
         slot_of = t.slot_of_elements()
         frozen_s, inexact_s, param_s, role_s = self._slot_flags()
         frozen_el = frozen_s[slot_of]
-        for ids, _ in ctx.frozen_elements:
+        for ids, _ in coupler.frozen_elements:
             frozen_el[ids] = True
         comp_frozen = _any_per_component(labels, frozen_el, ncomp)
         del frozen_el
@@ -125,11 +125,11 @@ class ChannelGroups:
             self.comp_group[arr] = gid
             self.comp_pos[arr] = np.arange(len(arr))
             slots = [t.keys[s] for s in slot_lists[members[0]]]
-            params = [ParamSlot(attrs[k[0]], k[2], ctx.roles.get(k, "other"), k) for k in slots if k[0] in attrs]
+            params = [ParamSlot(attrs[k[0]], k[2], coupler.roles.get(k, "other"), k) for k in slots if k[0] in attrs]
             params = _dedupe_params(params)
             group = Group(gid, arr, params, nodes=sorted({k[0] for k in slots if k[0] not in attrs}))
             group.frozen = self._frozen_reason(slots, members) if comp_frozen[arr].any() else None
-            group.inexact = next((ctx.inexact[k] for k in slots if k in ctx.inexact), None) if comp_inexact[arr].any() else None
+            group.inexact = next((coupler.inexact[k] for k in slots if k in coupler.inexact), None) if comp_inexact[arr].any() else None
             if group.frozen is None and not any(p.role != "other" for p in params):
                 group.frozen = "no layer produces or consumes these positions"
             if group.frozen is None and group.inexact is not None and not self.allow_inexact:
@@ -140,13 +140,13 @@ class ChannelGroups:
         self._annotate()
 
     def _frozen_reason(self, slots: list[SlotKey], members: list[int]) -> str:
-        ctx = self.coupler
+        coupler = self.coupler
         for k in slots:
-            if k in ctx.frozen:
-                return f"{ctx.frozen[k]} ({k[0]})"
+            if k in coupler.frozen:
+                return f"{coupler.frozen[k]} ({k[0]})"
             if self.table.symbolic[self.table.index[k]]:
                 return f"symbolic size ({k[0]})"
-        for ids, reason in ctx.frozen_elements:
+        for ids, reason in coupler.frozen_elements:
             if np.isin(self.labels[ids], members).any():
                 return reason
         return "frozen"

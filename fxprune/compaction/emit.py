@@ -20,6 +20,7 @@ from torch import nn
 from fxprune.analysis.rules import IGNORED, RULES
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.lazy_module import lazy_graph_module
+from ..state import attribute, named_tensors
 from .plan import Plan, slice_tensor
 from .resize import Reindexing
 from .portable import make_device_portable, make_dtype_portable
@@ -61,13 +62,13 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
     by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     alive: list[object] = []  # replacement Parameters stay referenced, so their ids are never reused
     params = dict(gm.named_parameters(remove_duplicate=False))
-    state = {**params, **dict(gm.named_buffers(remove_duplicate=False))}  # one walk, not one per name
+    state = named_tensors(gm)  # one walk, not one per name
     # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
     attrs = sorted((n for n in gm.graph.nodes if n.op == "get_attr"), key=lambda n: not n.users)
     for node in attrs:
         if node.target in out:
             continue
-        orig = state[node.target] if node.target in state else _fetch(gm, node.target)
+        orig = state[node.target] if node.target in state else attribute(gm, node.target)
         if weights and node.target in weights:
             new = weights[node.target]
             if not isinstance(orig, torch.Tensor) or new.shape != orig.shape:
@@ -91,13 +92,6 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
         if name not in out and name.endswith("num_batches_tracked"):
             out[name] = buf.detach().clone()
     return out
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _rewrite_ops(graph: fx.Graph, reindexing: Reindexing) -> None:

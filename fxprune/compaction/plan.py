@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..state import named_tensors
 from .resize import Reindexing
 
 __all__ = ["Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases"]
@@ -47,7 +48,7 @@ def apply_plan(plan: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
 def add_aliases(plan: Plan, model: torch.nn.Module) -> Plan:
     """Tied weights: every name under which a planned tensor is reachable gets the same entry."""
     by_id: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, t in named_tensors(model).items():
         by_id.setdefault(id(t), []).append(name)
     out = dict(plan)
     for names in by_id.values():

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from fxprune.annotations import RECORDED_ON_META
 from .compat import op_schema
 
 __all__ = ["META_ON_META", "shaped_on_meta", "norm_output"]
 
-META_ON_META = "fxprune.recorded_on_meta"  # GraphModule.meta: True when recorded on meta copies of real weights
+META_ON_META = RECORDED_ON_META  # GraphModule.meta: True when recorded on meta copies of real weights
 
 aten = torch.ops.aten
 

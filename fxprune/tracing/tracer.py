@@ -46,6 +46,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from fxprune.annotations import EXAMPLE_INPUTS, FRONTEND
 from . import compat
 from .lazy_module import compiled
 from .makefx import Unsupported
@@ -54,8 +55,7 @@ __all__ = ["trace", "TraceError", "normalize_inputs", "export_dynamic_batch", "M
            "FRONTEND_ENV"]
 
 # GraphModule.meta keys written here (one writer: this module).
-META_INPUTS = "fxprune.example_inputs"
-META_FRONTEND = "fxprune.frontend"
+META_INPUTS, META_FRONTEND = EXAMPLE_INPUTS, FRONTEND  # gm.meta keys (fxprune.annotations)
 FRONTEND_ENV = "FXPRUNE_FRONTEND"  # forces one front end (see the module docstring)
 
 log = logging.getLogger(__name__)
