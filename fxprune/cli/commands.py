@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,9 +45,13 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except _bad_input_errors() as exc:
-        if _rank() == 0:  # under torchrun every rank checks the same input: one message
-            typer.echo(f"error: {exc}", err=True)
+        if _rank() != 0:  # under torchrun every rank meets the same bad input: rank 0 reports it and torchrun
+            time.sleep(RANK_ZERO_REPORTS_S)  # ends this rank; an error of this rank alone is printed after the wait
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+RANK_ZERO_REPORTS_S = 60.0  # how long a rank other than 0 leaves a bad input to rank 0's message
 
 
 def _rank() -> int:
