@@ -390,12 +390,21 @@ def test_passes_lists_l1():
 
 def test_bench_compares_original_and_pruned(tiny_run):
     _, out, _, _ = tiny_run
-    result = _invoke("bench", out, "--repeats", "3", "--json")
+    result = _invoke("bench", out, "--repeats", "3", "--rounds", "3", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     cpu = {r["model"]: r for r in rows if r["device"] == "cpu"}
     assert cpu["original"]["latency_ms"] > 0 and cpu["pruned"]["latency_ms"] > 0
     assert 0 < cpu["pruned"]["peak_memory_bytes"] < cpu["original"]["peak_memory_bytes"]
+    # interleaved rounds give a spread; the speed-up sits next to the MACs reduction it promised
+    pruned = cpu["pruned"]
+    assert pruned["rounds"] == 3 and pruned["threads"] == torch.get_num_threads()
+    assert pruned["latency_ms_min"] <= pruned["latency_ms"] <= pruned["latency_ms_max"]
+    assert pruned["speedup_min"] <= pruned["speedup"] <= pruned["speedup_max"]
+    assert pruned["macs_reduction"] == cpu["original"]["macs"] / pruned["macs"] > 1
+    assert pruned["promise_kept"] == pytest.approx(pruned["speedup"] / pruned["macs_reduction"])
+    table = _invoke("bench", out, "--repeats", "3", "--rounds", "3")
+    assert table.exit_code == 0 and "of MACs" in table.stdout and "interleaved rounds" in table.stdout
 
 
 # ---- bad input: exit code 2, a clear message, no traceback, no output folder --------------------------

@@ -1,17 +1,26 @@
-"""``fxprune bench DIR``: latency and peak memory of the original vs the compacted model of an output folder.
+"""``fxprune bench DIR``: latency and peak memory of the original vs the compacted model of an output folder,
+and whether the speed-up keeps the MACs promise.
 
 Both models come from the folder's exported programs (original.pt2, model.pt2) and run on the example
 inputs stored in them, so the comparison needs neither fxprune's analysis nor the user's model code.
+
+Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
+original, ...; ``fxprune.cli.measure.latency_ms``: wall time per forward, CUDA synchronised, torch's
+current thread count), so a change of load on the machine hits both alike. Each round gives a median per model and a speed-up;
+the row reports the median over rounds and the spread (lowest and highest round). The MACs reduction
+(FlopCounterMode, as everywhere) sits next to the speed-up, with their ratio: 1.0 means the model got
+exactly as much faster as it got smaller.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .artifacts import MODEL, ORIGINAL
-from .measure import latency_ms, peak_memory_bytes, to_device
+from .measure import count_macs, latency_ms, peak_memory_bytes, to_device
 
 __all__ = ["bench", "BenchError"]
 
@@ -30,21 +39,45 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def bench(folder: str | Path, *, repeats: int = 50, budget_s: float = 5.0) -> list[dict[str, Any]]:
-    """One row per (device, model): median latency over ``repeats`` runs and peak memory."""
+def _rounds(models: dict[str, tuple[torch.nn.Module, Any]], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Milliseconds per forward, one median per round and model, the models interleaved."""
+    for module, inputs in models.values():  # warm-up: allocator, kernels' first-call setup, lazy compilation
+        latency_ms(module, inputs, repeats=1, warmup=3)
+    out: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (module, inputs) in models.items():
+            out[name].append(latency_ms(module, inputs, repeats=per_round, warmup=0, budget_s=float("inf")))
+    return out
+
+
+def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5) -> list[dict[str, Any]]:
+    """One row per (device, model): latency (median over rounds, lowest and highest round), peak memory,
+    MACs; the pruned row adds the speed-up (median and spread over rounds), the MACs reduction and their
+    ratio. ``repeats`` timed forwards per model in all, in ``rounds`` interleaved rounds."""
     folder = Path(folder)
     missing = [n for n in (ORIGINAL, MODEL) if not (folder / n).is_file()]
     if missing:
         raise BenchError(f"{folder} is not an fxprune output folder: missing {', '.join(missing)}")
+    rounds = max(1, min(rounds, repeats))
+    per_round = max(1, repeats // rounds)
     rows: list[dict[str, Any]] = []
     for device in devices():
-        base = None
+        models = {}
         for label, name in (("original", ORIGINAL), ("pruned", MODEL)):
             module, inputs = _load(folder / name)
-            module, inputs = module.to(device), to_device(inputs, device)
-            ms = latency_ms(module, inputs, repeats=repeats, budget_s=budget_s)
-            base = base or ms
-            rows.append({"device": device, "model": label, "latency_ms": ms,
-                         "peak_memory_bytes": peak_memory_bytes(module, inputs),
-                         "speedup": base / ms if label == "pruned" else None})
+            models[label] = (module.to(device), to_device(inputs, device))
+        times = _rounds(models, rounds, per_round)
+        macs = {label: count_macs(m, x) for label, (m, x) in models.items()}
+        speedups = [o / p for o, p in zip(times["original"], times["pruned"])]
+        for label, (module, inputs) in models.items():
+            row = {"device": device, "model": label, "threads": torch.get_num_threads(), "rounds": rounds,
+                   "runs_per_round": per_round, "latency_ms": statistics.median(times[label]),
+                   "latency_ms_min": min(times[label]), "latency_ms_max": max(times[label]),
+                   "peak_memory_bytes": peak_memory_bytes(module, inputs), "macs": macs[label], "speedup": None}
+            if label == "pruned":
+                reduction = macs["original"] / max(macs["pruned"], 1)
+                row.update(speedup=statistics.median(speedups), speedup_min=min(speedups),
+                           speedup_max=max(speedups), macs_reduction=reduction,
+                           promise_kept=statistics.median(speedups) / reduction)
+            rows.append(row)
     return rows

@@ -102,10 +102,16 @@ def passes_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("device", "model", "latency ms (median)", "peak memory", "speed-up"):
+    """Latency with its spread over rounds, and the speed-up next to the MACs reduction it promised."""
+    table = Table(title=title, title_justify="left", caption="ms: median over rounds (lowest-highest round); "
+                  "of MACs: speed-up / MACs reduction, 1.00 = as much faster as smaller", caption_justify="left")
+    for col in ("device", "model", "ms", "memory", "MACs", "speed-up", "of MACs"):
         table.add_column(col, justify="left" if col in ("device", "model") else "right")
     for r in rows:
-        table.add_row(r["device"], r["model"], format_ms(r['latency_ms']), human(r["peak_memory_bytes"], "B"),
-                      f"{r['speedup']:.2f}x" if r.get("speedup") else "")
+        pruned = r.get("speedup") is not None
+        table.add_row(r["device"], r["model"],
+                      f"{format_ms(r['latency_ms'])} ({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
+                      human(r["peak_memory_bytes"], "B"), human(r["macs"]),
+                      f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if pruned else "",
+                      f"{r['promise_kept']:.2f} of {r['macs_reduction']:.1f}x" if pruned else "")
     return table
