@@ -569,3 +569,66 @@ def test_torchrun_run_writes_and_prints_once_and_matches_one_process(tmp_path):
     again = _torchrun(*args, "--out", tmp_path / "two")  # the folder exists: bad input on every rank
     assert again.returncode != 0
     assert again.stderr.count("error: ") == 1, again.stderr[-3000:]
+
+
+# ---- deployment formats ---------------------------------------------------------------------------------
+@pytest.fixture
+def folder_copy(tiny_run, tmp_path):
+    import shutil
+    return Path(shutil.copytree(tiny_run[1], tmp_path / "out"))
+
+
+def test_export_onnx_is_checked_with_onnxruntime_and_keeps_a_dynamic_batch(folder_copy):
+    pytest.importorskip("onnxruntime")
+    from fxprune.cli.deploy import onnx_feed, onnx_session
+
+    done = _invoke("export", folder_copy, "--format", "onnx", "--json")
+    assert done.exit_code == 0, done.output
+    info = json.loads(done.stdout)
+    assert info["max_rel_err"] <= 1e-4 and isinstance(info["input_shapes"][0][0], str)  # a symbolic batch
+    assert sorted(p.name for p in folder_copy.iterdir()) == sorted(FILES + ["model.onnx", "train_log.jsonl",
+                                                                             "training.png"])
+    x = torch.randn(5, 3, 4, 4)  # another batch size than the example inputs
+    session = onnx_session(folder_copy / "model.onnx")
+    got = session.run(None, onnx_feed(session, (x,), {}))[0]
+    with torch.no_grad():
+        ref = fxprune.load(folder_copy).eval()(x)
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
+    bench = json.loads(_invoke("bench", folder_copy, "--repeats", "3", "--rounds", "3", "--json").stdout)
+    onnx_row = next(r for r in bench if r["model"] == "pruned (onnxruntime)")
+    assert onnx_row["speedup"] > 0 and onnx_row["macs"] == next(r for r in bench if r["model"] == "pruned")["macs"]
+
+
+def test_export_bad_input_and_missing_dependencies(folder_copy, monkeypatch, tmp_path):
+    wrong = _invoke("export", folder_copy, "--format", "tflite")
+    assert wrong.exit_code == 2 and "--format must be one of onnx" in wrong.output
+    nowhere = _invoke("export", tmp_path / "nowhere")
+    assert nowhere.exit_code == 2 and "not an fxprune output folder" in nowhere.output
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    missing = _invoke("export", folder_copy)
+    assert missing.exit_code == 2 and 'pip install "fxprune[onnx]"' in missing.output and "onnxscript" in missing.output
+    assert not (folder_copy / "model.onnx").exists()
+
+
+def test_run_with_onnx_writes_and_reports_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model_file = _write(tmp_path, "tiny.py", TINY)
+    out = tmp_path / "out"
+    done = _invoke("run", model_file, "--no-recover", "--onnx", "--out", out, "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "model.onnx").is_file() and report["onnx"]["path"] == "model.onnx"
+    assert report["onnx"]["max_rel_err"] <= 1e-4
+
+
+def test_readme_aotinductor_recipe_compiles_model_pt2_on_cpu(folder_copy):
+    """The README's AOTInductor path, on CPU: the compiled package equals the pruned model, at another batch."""
+    ep = torch.export.load(str(folder_copy / "model.pt2"))
+    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(folder_copy / "model_aoti.pt2"))
+    compiled = torch._inductor.aoti_load_package(package)
+    x = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fxprune.load(folder_copy).eval()(x), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,8 @@ inputs stored in them, so the comparison needs neither fxprune's analysis nor th
 Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
 original, ...; ``fxprune.cli.measure.latency_ms``: wall time per forward, CUDA synchronised, torch's
 current thread count), so a change of load on the machine hits both alike. Each round gives a median per model and a speed-up;
-the row reports the median over rounds and the spread (lowest and highest round). The MACs reduction
+the row reports the median over rounds and the spread (lowest and highest round). When the folder has a
+``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds. The MACs reduction
 (FlopCounterMode, as everywhere) sits next to the speed-up, with their ratio: 1.0 means the model got
 exactly as much faster as it got smaller.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .artifacts import MODEL, ORIGINAL
+from .deploy import ONNX, DeployError, onnx_feed, onnx_session, require_onnx
 from .measure import count_macs, latency_ms, peak_memory_bytes, to_device
 
 __all__ = ["bench", "BenchError"]
@@ -66,18 +68,41 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5) -> list[dic
         for label, name in (("original", ORIGINAL), ("pruned", MODEL)):
             module, inputs = _load(folder / name)
             models[label] = (module.to(device), to_device(inputs, device))
+        if device == "cpu" and (folder / ONNX).is_file() and _has_onnxruntime():
+            models["pruned (onnxruntime)"] = (_OnnxModule(onnx_session(folder / ONNX)), models["pruned"][1])
         times = _rounds(models, rounds, per_round)
-        macs = {label: count_macs(m, x) for label, (m, x) in models.items()}
-        speedups = [o / p for o, p in zip(times["original"], times["pruned"])]
+        macs = {label: count_macs(m, x) for label, (m, x) in models.items() if label in ("original", "pruned")}
         for label, (module, inputs) in models.items():
+            onnx = isinstance(module, _OnnxModule)
             row = {"device": device, "model": label, "threads": torch.get_num_threads(), "rounds": rounds,
                    "runs_per_round": per_round, "latency_ms": statistics.median(times[label]),
                    "latency_ms_min": min(times[label]), "latency_ms_max": max(times[label]),
-                   "peak_memory_bytes": peak_memory_bytes(module, inputs), "macs": macs[label], "speedup": None}
-            if label == "pruned":
+                   "peak_memory_bytes": None if onnx else peak_memory_bytes(module, inputs),
+                   "macs": macs["pruned" if onnx else label], "speedup": None}
+            if label != "original":
+                speedups = [o / p for o, p in zip(times["original"], times[label])]
                 reduction = macs["original"] / max(macs["pruned"], 1)
                 row.update(speedup=statistics.median(speedups), speedup_min=min(speedups),
                            speedup_max=max(speedups), macs_reduction=reduction,
                            promise_kept=statistics.median(speedups) / reduction)
             rows.append(row)
     return rows
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        require_onnx()
+    except DeployError:
+        return False
+    return True
+
+
+class _OnnxModule(torch.nn.Module):
+    """An onnxruntime session called like the module it was exported from (for the same timing loop)."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.session.run(None, onnx_feed(self.session, args, kwargs))

@@ -5,6 +5,8 @@ each command imports what it needs. Bad input ends with ``error: ...`` on stderr
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import time
@@ -30,13 +32,15 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user's input is wrong (imported lazily: they live next to torch code)."""
     from .artifacts import OutputExistsError
     from .bench import BenchError
+    from .deploy import DeployError
     from .modelfile import ModelFileError
     from .pipeline import OptionError
     from fxprune.passes.registry import PassError
     from fxprune.selection.budget import SelectionError
     from fxprune.tracing.tracer import TraceError
 
-    return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError)
+    return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError,
+            DeployError)
 
 
 @contextmanager
@@ -123,6 +127,8 @@ def run(
                                                            show_default=False)] = None,
     no_recover: Annotated[bool, typer.Option("--no-recover", help="no recovery, even when the model file can "
                                              "train")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="also write model.onnx, checked with onnxruntime against "
+                                       "model.pt2 (pip install \"fxprune[onnx]\")")] = False,
     allow_inexact: Annotated[bool, typer.Option("--allow-inexact", help="also prune groups where removing a "
                                                 "channel is not exactly the masked model (behind a normalisation "
                                                 "over channels); recover afterwards")] = False,
@@ -163,7 +169,8 @@ def run(
                   "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
                   "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
-                        lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact)
+                        lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
+                        onnx=onnx)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return
@@ -327,6 +334,28 @@ def bench(
     first = rows[0]
     Console().print(bench_table(rows, f"{folder}: {first['rounds']} interleaved rounds of {first['runs_per_round']} "
                                       f"runs per model on the saved example inputs, {first['threads']} CPU threads"))
+
+
+@app.command("export")
+def export_format(
+    folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: model.onnx, checked with onnxruntime "
+                                     "(pip install \"fxprune[onnx]\")")] = "onnx",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the pruned model of an output folder in a deployment format, checked against model.pt2."""
+    from .deploy import FORMATS, DeployError, export_onnx
+
+    with _user_errors():
+        if fmt not in FORMATS:
+            raise DeployError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
+            done = export_onnx(folder)
+    if as_json:
+        _print_json(done)
+    else:
+        typer.echo(f"wrote {done['path']} (onnxruntime vs model.pt2 on the example inputs: relative error "
+                   f"{done['max_rel_err']:.1e}; input shapes {done['input_shapes']})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .deploy import ONNX, export_onnx, require_onnx
 from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from fxprune.passes.registry import PassError, load_pass, make_pass
@@ -68,6 +69,7 @@ class RunConfig:
     distill: bool = False       # knowledge distillation from the unpruned model during recovery
     no_recover: bool = False    # --no-recover: no recovery even when the model file can train
     allow_inexact: bool = False  # --allow-inexact: also prune groups where removal is not exactly the masked model
+    onnx: bool = False  # --onnx: also write model.onnx, checked with onnxruntime (fxprune.cli.deploy)
 
 
 class Feedback:
@@ -158,6 +160,8 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     if cfg.recover is not None and cfg.recover not in MODES:
         raise OptionError(f"--recover must be one of {', '.join(MODES)}, got {cfg.recover!r}")
     _check_device(cfg.device)
+    if cfg.onnx:
+        require_onnx()  # before any work: the export runs last
     pass_cls = load_pass(cfg.method)
     the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
     mf = load_model_file(cfg.model_file)
@@ -193,10 +197,14 @@ def _shapes(inputs: Any) -> Any:
     return repr(inputs)
 
 
-def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, report: dict[str, Any]) -> None:
+def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, report: dict[str, Any],
+           onnx: bool = False) -> None:
     """Every file of the output folder, into a temporary folder renamed into place at the end."""
     with artifacts.staging_folder(out, force=force) as tmp:
         artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
+        if onnx:  # from the saved model.pt2, checked with onnxruntime; the report says how it compared
+            with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
+                report["onnx"] = {**export_onnx(tmp), "path": ONNX}
         artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
         artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
@@ -351,7 +359,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     with fb.step(f"writing {cfg.out}"):
         cpu_inputs = to_device(inputs, "cpu")
         result.module.cpu().eval()
-        _write(cfg.out, cfg.force, model.cpu(), result, cpu_inputs, report)
+        _write(cfg.out, cfg.force, model.cpu(), result, cpu_inputs, report, onnx=cfg.onnx)
     return report, result
 
 

@@ -111,7 +111,7 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
         pruned = r.get("speedup") is not None
         table.add_row(r["device"], r["model"],
                       f"{format_ms(r['latency_ms'])} ({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
-                      human(r["peak_memory_bytes"], "B"), human(r["macs"]),
+                      "-" if r["peak_memory_bytes"] is None else human(r["peak_memory_bytes"], "B"), human(r["macs"]),
                       f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if pruned else "",
                       f"{r['promise_kept']:.2f} of {r['macs_reduction']:.1f}x" if pruned else "")
     return table
