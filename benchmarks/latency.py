@@ -2,6 +2,12 @@
 
     python benchmarks/latency.py [--models resnet50 mobilenet_v3_large] [--ratio 0.5] [--batch 8] [--size 224]
                                  [--out benchmarks/results/latency.json]
+    python benchmarks/latency.py --sweep [--out benchmarks/results/latency_sweep.json]
+
+``--sweep``: torchvision, timm and Hugging Face models (``SWEEP_MODELS``), each at l1 ratio 0.5 (batch 1
+and 8, ``round_to`` 1; batch 8 with ``round_to`` 8 and 16) and at a MACs target of 0.5 (batch 8):
+latency before and after, the speed-up, the MACs reduction and their ratio (1.0 = as much faster as
+smaller), written after every row.
 
 Each model (torchvision, random weights) is pruned with l1 at ``--ratio`` (fxprune's default per-group
 scope) and the original and the compacted module are timed in eval mode, float32, on this machine's CPU
@@ -29,16 +35,39 @@ import fxprune
 from fxprune.cli.measure import count_macs, latency_ms
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "latency.json")
 
 
-def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: int) -> dict:
+SWEEP_MODELS = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:regnet_y_800mf",
+                "tv:convnext_tiny", "tv:vit_b_16", "timm:resnet50d", "hf:bert"]
+SWEEP_CONFIGS = [("ratio", 1, 1), ("ratio", 8, 1), ("ratio", 8, 8), ("ratio", 8, 16), ("macs", 8, 1)]
+
+
+def build(spec: str, batch: int, size: int) -> tuple[torch.nn.Module, tuple]:
+    """``tv:NAME`` / ``timm:NAME`` (random weights, ``size`` x ``size`` images) or ``hf:bert`` (a 6-layer,
+    512-wide BERT on ``size`` tokens)."""
+    suite, _, name = spec.rpartition(":")
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    x = (torch.randn(batch, 3, size, size),)
+    if suite == "hf":
+        import transformers as T
+        cfg = T.BertConfig(vocab_size=1000, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                           intermediate_size=2048, max_position_embeddings=512)
+        return T.BertModel(cfg).eval(), (torch.randint(0, 1000, (batch, size)),)
+    if suite == "timm":
+        import timm
+        model = timm.create_model(name, pretrained=False)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+    return model.eval(), (torch.randn(batch, 3, size, size),)
+
+
+def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: int, *, target_macs: float | None = None,
+        round_to: int = 1) -> dict:
+    model, x = build(name if ":" in name else f"tv:{name}", batch, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        res = fxprune.prune(model, x, "l1", ratio)
+        res = fxprune.prune(model, x, "l1", ratio, target_macs=target_macs, round_to=round_to)
         prune_s = time.perf_counter() - start
     pruned = res.module.eval()
     times: dict[str, list[float]] = {"original": [], "pruned": []}
@@ -47,11 +76,13 @@ def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: in
             for label, m in (("original", model), ("pruned", pruned)):
                 times[label].append(latency_ms(m, x, repeats=repeats, budget_s=60.0))
     orig, new = statistics.median(times["original"]), statistics.median(times["pruned"])
-    return {"model": name, "ratio": ratio, "batch": batch, "size": size, "prune_s": prune_s,
+    return {"model": name, "ratio": ratio, "target_macs": target_macs, "round_to": round_to, "batch": batch,
+            "size": size, "prune_s": prune_s,
             "macs_before": count_macs(model, x), "macs_after": count_macs(pruned, x),
             "params_before": sum(p.numel() for p in model.parameters()),
             "params_after": sum(p.numel() for p in pruned.parameters()),
             "latency_ms_original": orig, "latency_ms_pruned": new, "speedup": orig / new,
+            "speedup_over_macs_reduction": (orig / new) / (count_macs(model, x) / max(count_macs(pruned, x), 1)),
             "latency_rounds_ms": times}
 
 
@@ -73,6 +104,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(rows: list[dict]) -> str:
+    lines = ["| model | budget | batch | round_to | MACs kept | latency ms before -> after | speed-up | "
+             "speed-up / MACs reduction |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = f"MACs {r['target_macs']}" if r["target_macs"] is not None else f"ratio {r['ratio']}"
+        lines.append(f"| {r['model']} | {budget} | {r['batch']} | {r['round_to']} | "
+                     f"{r['macs_after'] / r['macs_before']:.2f} | {r['latency_ms_original']:.1f} -> "
+                     f"{r['latency_ms_pruned']:.1f} | {r['speedup']:.2f}x | {r['speedup_over_macs_reduction']:.2f} |")
+    return "\n".join(lines)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    out = Path(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" / "latency_sweep.json")
+    rows: list[dict] = []
+    for spec in args.models if args.models != ["resnet50"] else SWEEP_MODELS:
+        size = 128 if spec.startswith("hf:") else args.size
+        for budget, batch, round_to in SWEEP_CONFIGS:
+            ratio, target = (0.0, 0.5) if budget == "macs" else (args.ratio, None)
+            try:
+                rows.append(one(spec, ratio, batch, size, args.repeats, args.rounds, target_macs=target,
+                                round_to=round_to))
+            except Exception as exc:  # noqa: BLE001 - one failing row is reported, the sweep goes on
+                rows.append({"model": spec, "batch": batch, "round_to": round_to, "budget": budget,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(rows[-1], flush=True)
+                continue
+            print(sweep_table(rows[-1:]).splitlines()[-1], flush=True)
+            out.write_text(json.dumps({"env": environment(), "command": " ".join(["python benchmarks/latency.py"]
+                                                                                 + sys.argv[1:]),
+                                       "rows": rows}, indent=1))
+    print(sweep_table([r for r in rows if "error" not in r]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet50"])
@@ -81,8 +145,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--sweep", action="store_true", help="the model x budget x batch x round_to grid (see above)")
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
     rows = []
     for name in args.models:
         rows.append(one(name, args.ratio, args.batch, args.size, args.repeats, args.rounds))
