@@ -66,7 +66,7 @@ IGNORED.update({operator.mul, operator.add, operator.sub, operator.floordiv, ope
 def broadcast_link(node: fx.Node, coupler: Coupler) -> list[TensorRef]:
     """Link every tensor input to the output along right-aligned axes of equal size."""
     out = TensorRef(node)
-    inputs = [r for r in (as_ref(a) for a in _flat_args(node)) if r is not None]
+    inputs = [r for r in (as_ref(a) for a in flat_args(node)) if r is not None]
     for ref in inputs:
         shift = out.ndim - ref.ndim
         if shift < 0:
@@ -77,7 +77,8 @@ def broadcast_link(node: fx.Node, coupler: Coupler) -> list[TensorRef]:
     return inputs
 
 
-def _flat_args(node: fx.Node) -> list[Any]:
+def flat_args(node: fx.Node) -> list[Any]:
+    """A node's arguments, positional then keyword, with one level of lists and tuples opened."""
     flat: list[Any] = []
     for a in list(node.args) + list(node.kwargs.values()):
         flat.extend(a if isinstance(a, (list, tuple)) else [a])
@@ -96,7 +97,7 @@ def _full_inputs_on(coupler: Coupler, out: TensorRef, inputs: list[TensorRef],
 
 
 def _scalars(node: fx.Node) -> list[Any]:
-    return [a for a in _flat_args(node) if isinstance(a, (int, float, bool))]
+    return [a for a in flat_args(node) if isinstance(a, (int, float, bool))]
 
 
 @rule(*ZERO_PRESERVING)

@@ -7,6 +7,7 @@ import torch.fx as fx
 from ..couple import Coupler, TensorRef, as_ref
 from ..schema import bind
 from . import ops, rule
+from .elementwise import flat_args
 
 _CUMPROD = set(ops("aten.cumprod.default"))
 _CONSTANT_PAD = set(ops("aten.constant_pad_nd.default"))
@@ -63,7 +64,7 @@ def is_nonneg(x: fx.Node, coupler: Coupler) -> bool:
         if x.op == "call_function" and x.target in _NONNEG_OUT:
             known[x.name] = True
         elif x.op == "call_function" and x.target in _NONNEG_IF_INPUTS:
-            scalars = [a for a in node_scalars(x) if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            scalars = [a for a in flat_args(x) if isinstance(a, (int, float)) and not isinstance(a, bool)]
             shape_op = x.target not in _ARITHMETIC
             known[x.name] = all(is_nonneg(a, coupler) for a in x.all_input_nodes) and \
                 (shape_op or min(scalars, default=0) >= 0)
@@ -71,13 +72,6 @@ def is_nonneg(x: fx.Node, coupler: Coupler) -> bool:
 
 
 _ARITHMETIC = set(ops("aten.mul.Tensor", "aten.add.Tensor", "aten.maximum.default", "aten.clamp_min.default"))
-
-
-def node_scalars(node: fx.Node) -> list[object]:
-    flat: list[object] = []
-    for a in list(node.args) + list(node.kwargs.values()):
-        flat.extend(a if isinstance(a, (list, tuple)) else [a])
-    return flat
 
 
 def _exact_when(node: fx.Node) -> str:
