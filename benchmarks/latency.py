@@ -32,7 +32,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.cli.measure import count_macs, latency_ms
+from fxprune.cli.measure import count_macs, count_params, interleaved_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "latency.json")
@@ -70,19 +70,15 @@ def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: in
         res = fxprune.prune(model, x, "l1", ratio, target_macs=target_macs, round_to=round_to)
         prune_s = time.perf_counter() - start
     pruned = res.module.eval()
-    times: dict[str, list[float]] = {"original": [], "pruned": []}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for label, m in (("original", model), ("pruned", pruned)):
-                times[label].append(latency_ms(m, x, repeats=repeats, budget_s=60.0))
+    times = interleaved_latency({"original": (model, x), "pruned": (pruned, x)}, rounds=rounds, repeats=repeats,
+                                warmup_first=0, warmup_each=3, budget_s=60.0)
     orig, new = statistics.median(times["original"]), statistics.median(times["pruned"])
+    macs_before, macs_after = count_macs(model, x), count_macs(pruned, x)
     return {"model": name, "ratio": ratio, "target_macs": target_macs, "round_to": round_to, "batch": batch,
-            "size": size, "prune_s": prune_s,
-            "macs_before": count_macs(model, x), "macs_after": count_macs(pruned, x),
-            "params_before": sum(p.numel() for p in model.parameters()),
-            "params_after": sum(p.numel() for p in pruned.parameters()),
+            "size": size, "prune_s": prune_s, "macs_before": macs_before, "macs_after": macs_after,
+            "params_before": count_params(model), "params_after": count_params(pruned),
             "latency_ms_original": orig, "latency_ms_pruned": new, "speedup": orig / new,
-            "speedup_over_macs_reduction": (orig / new) / (count_macs(model, x) / max(count_macs(pruned, x), 1)),
+            "speedup_over_macs_reduction": (orig / new) / (macs_before / max(macs_after, 1)),
             "latency_rounds_ms": times}
 
 

@@ -5,7 +5,7 @@ Both models come from the folder's exported programs (original.pt2, model.pt2) a
 inputs stored in them, so the comparison needs neither fxprune's analysis nor the user's model code.
 
 Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
-original, ...; ``fxprune.cli.measure.latency_ms``: wall time per forward, CUDA synchronised, torch's
+original, ...; ``fxprune.cli.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
 current thread count), so a change of load on the machine hits both alike. Each round gives a median per model and a speed-up;
 the row reports the median over rounds and the spread (lowest and highest round). When the folder has a
 ``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds. The MACs reduction
@@ -22,7 +22,7 @@ import torch
 
 from .artifacts import MODEL, ORIGINAL
 from .deploy import ONNX, DeployError, onnx_feed, onnx_session, require_onnx
-from .measure import count_macs, latency_ms, peak_memory_bytes, to_device
+from .measure import count_macs, interleaved_latency, peak_memory_bytes, to_device
 
 __all__ = ["bench", "BenchError"]
 
@@ -39,17 +39,6 @@ def _load(path: Path) -> tuple[torch.nn.Module, Any]:
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _rounds(models: dict[str, tuple[torch.nn.Module, Any]], rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Milliseconds per forward, one median per round and model, the models interleaved."""
-    for module, inputs in models.values():  # warm-up: allocator, kernels' first-call setup, lazy compilation
-        latency_ms(module, inputs, repeats=1, warmup=3)
-    out: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, (module, inputs) in models.items():
-            out[name].append(latency_ms(module, inputs, repeats=per_round, warmup=0, budget_s=float("inf")))
-    return out
 
 
 def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5) -> list[dict[str, Any]]:
@@ -70,7 +59,7 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5) -> list[dic
             models[label] = (module.to(device), to_device(inputs, device))
         if device == "cpu" and (folder / ONNX).is_file() and _has_onnxruntime():
             models["pruned (onnxruntime)"] = (_OnnxModule(onnx_session(folder / ONNX)), models["pruned"][1])
-        times = _rounds(models, rounds, per_round)
+        times = interleaved_latency(models, rounds=rounds, repeats=per_round)
         macs = {label: count_macs(m, x) for label, (m, x) in models.items() if label in ("original", "pruned")}
         for label, (module, inputs) in models.items():
             onnx = isinstance(module, _OnnxModule)

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.tracing.compat import CompatWarning, dispatch_mode_base, tree_leaves
 from fxprune.tracing.tracer import normalize_inputs
 
-__all__ = ["count_macs", "count_params", "latency_ms", "peak_memory_bytes", "to_device"]
+__all__ = ["count_macs", "count_params", "latency_ms", "interleaved_latency", "peak_memory_bytes", "to_device"]
 
 
 def to_device(x: Any, device: str | torch.device, non_blocking: bool = False) -> Any:
@@ -91,6 +91,21 @@ def latency_ms(module: nn.Module, example_inputs: Any, *, repeats: int = 20, war
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_latency(models: dict[str, tuple[nn.Module, Any]], *, rounds: int, repeats: int, warmup_first: int = 3,
+                        warmup_each: int = 0, budget_s: float = float("inf")) -> dict[str, list[float]]:
+    """Milliseconds per forward of each ``name: (module, inputs)``, one median per round, the models taking
+    turns in every round, so that a change of load on the machine hits them alike. ``warmup_first`` untimed
+    forwards per model before the first round, ``warmup_each`` before each model's turn."""
+    for module, inputs in models.values():
+        for _ in range(warmup_first):
+            _call(module, inputs)
+    out: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (module, inputs) in models.items():
+            out[name].append(latency_ms(module, inputs, repeats=repeats, warmup=warmup_each, budget_s=budget_s))
+    return out
 
 
 class _LiveBytes:
