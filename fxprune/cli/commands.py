@@ -5,8 +5,6 @@ each command imports what it needs. Bad input ends with ``error: ...`` on stderr
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 import time
@@ -349,8 +347,7 @@ def export_format(
     with _user_errors():
         if fmt not in FORMATS:
             raise DeployError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
-            done = export_onnx(folder)
+        done = export_onnx(folder)
     if as_json:
         _print_json(done)
     else:

@@ -8,8 +8,10 @@ the folder's example inputs against the .pt2 in the same command. Needs the opti
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,8 @@ def export_onnx(folder: str | Path) -> dict[str, Any]:
     require_onnx()
     ep = torch.export.load(str(source))
     args, kwargs = ep.example_inputs or ((), {})
-    program = torch.onnx.export(ep, args, kwargs=kwargs or None, dynamo=True, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
+        program = torch.onnx.export(ep, args, kwargs=kwargs or None, dynamo=True, verbose=False)
     target = folder / ONNX
     tmp = folder / f".{ONNX}.tmp"
     try:

@@ -203,8 +203,7 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
     with artifacts.staging_folder(out, force=force) as tmp:
         artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
         if onnx:  # from the saved model.pt2, checked with onnxruntime; the report says how it compared
-            with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
-                report["onnx"] = {**export_onnx(tmp), "path": ONNX}
+            report["onnx"] = {**export_onnx(tmp), "path": ONNX}
         artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
         artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
