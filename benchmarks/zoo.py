@@ -280,20 +280,9 @@ def tensor_leaves(x: Any) -> list:
 
 
 def count_macs(model, inputs) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    # FlopCounterMode's module tracker hooks every argument that requires grad, which fails under no_grad for
-    # a parameter handed to a submodule (timm CaiT's class token): count with the parameters' flags off
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*inputs)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return int(fc.get_total_flops()) // 2
+    """FlopCounterMode's MACs on one forward: fxprune's own counter, the same for both tools."""
+    from fxprune.cli.measure import count_macs as flop_counter_macs
+    return flop_counter_macs(model, tuple(inputs))
 
 
 def count_params(model) -> int:
