@@ -156,13 +156,23 @@ class ChannelGroups:
         are frozen (``fxprune.annotations``)."""
         t = self.table
         group = self.comp_group[self.labels]
-        has = group >= 0
-        pairs = np.unique(np.stack([t.slot_of_elements()[has].astype(np.int64), group[has]]), axis=1)
+        sized = np.flatnonzero(np.asarray(t.sizes) > 0)
+        starts = np.asarray(t.offsets, dtype=np.int64)[sized]
+        # per slot, its lowest and highest group: one pass over the elements; only a slot carrying several
+        # groups (a concat's axis) is looked at element by element
+        lowest = np.minimum.reduceat(np.where(group >= 0, group, np.iinfo(group.dtype).max), starts)
+        highest = np.maximum.reduceat(group, starts)
         axes: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
-        for i, g in zip(pairs[0].tolist(), pairs[1].tolist()):
+        for i, lo, hi in zip(sized.tolist(), lowest.tolist(), highest.tolist()):
+            if hi < 0:
+                continue
+            if lo == hi:
+                ids: tuple[int, ...] = (lo,)
+            else:
+                values = group[t.offsets[i]:t.offsets[i] + t.sizes[i]]
+                ids = tuple(int(g) for g in np.unique(values[values >= 0]))
             name, k, a = t.keys[i]
-            per_node = axes.setdefault(name, {})
-            per_node[(k, a)] = per_node.get((k, a), ()) + (g,)
+            axes.setdefault(name, {})[(k, a)] = ids
         write_groups(self.gm, axes, {g.id: g.frozen for g in self.groups if g.frozen})
 
     # ---- queries -----------------------------------------------------------------------
