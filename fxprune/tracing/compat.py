@@ -224,6 +224,26 @@ class _ThisThreadCompiling:
     def __bool__(self) -> bool:
         return threading.get_ident() in _compiling_threads or bool(self.before)
 
+    # the flag's readers use it as the bool it replaces: ``flag |= other`` (transformers' is_tracing), ``==``
+    def __or__(self, other: Any) -> Any:
+        return bool(self) | other
+
+    __ror__ = __or__
+
+    def __and__(self, other: Any) -> Any:
+        return bool(self) & other
+
+    __rand__ = __and__
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self) == other
+
+    def __hash__(self) -> int:
+        return hash(bool(self))
+
+    def __index__(self) -> int:
+        return int(bool(self))
+
     def __repr__(self) -> str:
         return repr(bool(self))
 
