@@ -155,12 +155,13 @@ class ChannelGroups:
         """Each node's groups per output axis (a concat's axis carries several), and why the frozen ones
         are frozen (``fxprune.annotations``)."""
         t = self.table
-        group = self.comp_group[self.labels]
+        group = self.comp_group.astype(np.int32)[self.labels]  # group ids are few: int32 halves this array
         sized = np.flatnonzero(np.asarray(t.sizes) > 0)
         starts = np.asarray(t.offsets, dtype=np.int64)[sized]
         # per slot, its lowest and highest group: one pass over the elements; only a slot carrying several
-        # groups (a concat's axis) is looked at element by element
-        lowest = np.minimum.reduceat(np.where(group >= 0, group, np.iinfo(group.dtype).max), starts)
+        # groups (a concat's axis) is looked at element by element. Seen as unsigned, "no group" (-1) is the
+        # largest value, so the lowest skips it without a masked copy.
+        lowest = np.minimum.reduceat(group.view(np.uint32), starts).astype(np.int64)
         highest = np.maximum.reduceat(group, starts)
         axes: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
         for i, lo, hi in zip(sized.tolist(), lowest.tolist(), highest.tolist()):
