@@ -93,7 +93,7 @@ def test_graph_edits_run_after_rewrites():
     groups = fxprune.analyze(gm)
     removed = np.zeros(len(groups.comp_group), dtype=bool)
 
-    def double_output(graph, tensors):
+    def double_output(graph, tensors, modules):
         out = next(n for n in graph.nodes if n.op == "output")
         (value,) = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
         with graph.inserting_before(out):

@@ -38,10 +38,12 @@ class CompactionError(RuntimeError):
         self.node = node
 
 
-# A graph edit runs after the per-op rewrites, on the copied graph and the (sliced) tensors by name.
-# Later methods plug in here without touching the rest: remove a residual block (TAS), replace a
-# linear by a factorised pair (FLOP), insert per-sample gating (SANP).
-GraphEdit = Callable[[fx.Graph, dict[str, torch.Tensor]], None]
+# A graph edit runs after the per-op rewrites, on the copied graph, the (sliced) tensors by name and the
+# submodules by path: it may rewire nodes, add tensors (registered as parameters/buffers under their
+# names) and add modules (targets of call_module nodes it inserts). Methods plug in here without
+# touching the rest: remove a residual block (fxprune.edits.blocks), insert channel masks
+# (fxprune.masking), replace a linear by a factorised pair (fxprune.edits.factorize).
+GraphEdit = Callable[[fx.Graph, dict[str, torch.Tensor], dict[str, nn.Module]], None]
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
@@ -149,9 +151,11 @@ def _build_root(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module])
 
 
 def _assemble(gm: fx.GraphModule, graph: fx.Graph, tensors: dict[str, torch.Tensor],
-              training: bool = False) -> fx.GraphModule:
-    """Tensors + graph -> a plain trainable GraphModule that keeps ``gm``'s input/output structure."""
+              training: bool = False, added: Mapping[str, nn.Module] | None = None) -> fx.GraphModule:
+    """Tensors + graph -> a plain trainable GraphModule that keeps ``gm``'s input/output structure;
+    ``added``: modules graph edits inserted (call_module targets)."""
     modules = make_trainable(graph, tensors)
+    modules.update(added or {})
     make_device_portable(graph)
     make_dtype_portable(graph)
     root = _build_root(tensors, modules)
@@ -173,9 +177,10 @@ def emit(gm: fx.GraphModule, reindexing: Reindexing, plan: Plan, *, verify: bool
     graph = _copy_graph(gm)
     _rewrite_ops(graph, reindexing)
     tensors = _sliced_tensors(gm, plan, weights)
+    added: dict[str, nn.Module] = {}
     for edit in edits:
-        edit(graph, tensors)
-    out = _assemble(gm, graph, tensors, training)
+        edit(graph, tensors, added)
+    out = _assemble(gm, graph, tensors, training, added)
     if verify:
         verify_shapes(out, reindexing, CompactionError)
     return out
