@@ -40,7 +40,7 @@ from fxprune.cli.measure import to_device
 from .curves import append_log, plot_log, write_log
 
 __all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS", "SCHEDULES",
-           "load_weights"]
+           "load_weights", "MaskTraining"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, Any]]
@@ -72,6 +72,25 @@ class TrainState:
     device: torch.device = torch.device("cpu")
     rank: int = 0                        # this process's rank (0 outside torchrun)
     world: int = 1
+    mask_optimizer: torch.optim.Optimizer | None = None  # MaskTraining's optimiser, when masks train
+
+
+@dataclass
+class MaskTraining:
+    """Masks (``fxprune.masking``) trained beside the weights, in a parameter group of their own: their
+    own optimiser (``optimizer``, ``lr``, ``weight_decay``; no schedule: a constant rate) and, with
+    ``loader``, their own data. Without ``loader`` every batch updates weights and masks together; with
+    it the updates alternate (TAS's and ANP's bi-level scheme): each weight step on a batch of the
+    training loader is followed by a mask step on the next batch of ``loader`` (cycled), weights held.
+    The weights' optimiser never sees the mask parameters; ``parameters=[]`` of :func:`train` (weights
+    frozen) trains only the masks."""
+
+    parameters: list[nn.Parameter]
+    lr: float = 0.01
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    loader: Iterable[Any] | None = None
 
 
 class Hook:
@@ -130,6 +149,14 @@ def _optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float
     return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
 
 
+def _mask_optimizer(masks: MaskTraining) -> torch.optim.Optimizer:
+    if masks.optimizer not in OPTIMIZERS:
+        raise ValueError(f"the masks' optimizer must be one of {OPTIMIZERS}, got {masks.optimizer!r}")
+    if not masks.parameters:
+        raise ValueError("MaskTraining has no parameters (insert masks first, or leave masks=None)")
+    return _optimizer(masks.optimizer, list(masks.parameters), masks.lr, masks.momentum, masks.weight_decay)
+
+
 def _schedule(kind: str, optimizer: torch.optim.Optimizer, epochs: int, step_size: int,
               gamma: float) -> torch.optim.lr_scheduler.LRScheduler | None:
     if kind == "cosine":
@@ -185,33 +212,71 @@ class _Run:
     scaler: torch.amp.GradScaler
     amp: bool
     max_grad_norm: float | None
+    weights: bool = True                 # the weight optimiser has parameters to step
+    masks: MaskTraining | None = None
+    mask_batches: Any = None             # the alternating loader's iterator (cycled)
+
+    def next_mask_batch(self) -> Any:
+        assert self.masks is not None and self.masks.loader is not None
+        for _ in range(2):
+            if self.mask_batches is None:
+                self.mask_batches = iter(self.masks.loader)
+            try:
+                return next(self.mask_batches)
+            except StopIteration:
+                self.mask_batches = None
+        raise ValueError("the masks' loader yielded no batches")
+
+
+def _objective(state: TrainState, run: _Run, batch: Any) -> torch.Tensor:
+    """Forward one batch: the task loss plus every hook's term."""
+    inputs, target = to_device(batch, state.device, non_blocking=True)
+    state.inputs = inputs
+    with torch.autocast(state.device.type, enabled=run.amp):
+        output = _forward(run.runner, inputs)
+        loss = run.loss_fn(output, target)
+        state.task_loss = loss
+        for hook in run.hooks:
+            extra = hook.loss(state, output, target)
+            if extra is not None:
+                loss = loss + extra
+    return loss
+
+
+def _backward(state: TrainState, run: _Run, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+    for opt in (state.optimizer, state.mask_optimizer):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.amp:
+        for opt in optimizers:
+            run.scaler.unscale_(opt)
+    for hook in run.hooks:
+        hook.after_backward(state)
+
+
+def _step(run: _Run, optimizers: list[torch.optim.Optimizer]) -> None:
+    for opt in optimizers:
+        run.scaler.step(opt)
+    run.scaler.update()
 
 
 def _epoch(state: TrainState, run: _Run) -> float:
     """One pass over the loader; returns the mean batch loss of this process."""
     total, count = 0.0, 0
-    device = state.device
+    joint = run.masks is not None and run.masks.loader is None
+    first = ([state.optimizer] if run.weights else []) + ([state.mask_optimizer] if joint else [])
     for state.batch, batch in enumerate(run.loader):
-        inputs, target = to_device(batch, device, non_blocking=True)
-        state.inputs = inputs
-        with torch.autocast(device.type, enabled=run.amp):
-            output = _forward(run.runner, inputs)
-            loss = run.loss_fn(output, target)
-            state.task_loss = loss
-            for hook in run.hooks:
-                extra = hook.loss(state, output, target)
-                if extra is not None:
-                    loss = loss + extra
-        state.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if run.amp:
-            run.scaler.unscale_(state.optimizer)
-        for hook in run.hooks:
-            hook.after_backward(state)
+        loss = _objective(state, run, batch)
+        _backward(state, run, loss, first)
         if run.max_grad_norm is not None:
             state.grad_norm = float(nn.utils.clip_grad_norm_(run.params, run.max_grad_norm))
-        run.scaler.step(state.optimizer)
-        run.scaler.update()
+        if first:
+            _step(run, first)
+        if run.masks is not None and not joint:  # the alternating scheme: a mask step on the other split
+            mask_loss = _objective(state, run, run.next_mask_batch())
+            _backward(state, run, mask_loss, [state.mask_optimizer])
+            _step(run, [state.mask_optimizer])
         state.step += 1
         state.loss = float(loss.detach())
         total, count = total + state.loss, count + 1
@@ -229,6 +294,7 @@ def _save_last(folder: Path, state: TrainState, schedule: Any, scaler: torch.amp
     meta: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "options": options, "log": state.log,
                             "best": {"value": state.best, "epoch": state.best_epoch}}
     parts = {"optimizer": state.optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "mask_optimizer": state.mask_optimizer.state_dict() if state.mask_optimizer is not None else {},
              "scheduler": schedule.state_dict() if schedule is not None else {},
              "hooks": {str(i): h.state_dict() for i, h in enumerate(hooks)}}
     for name, part in parts.items():
@@ -251,6 +317,8 @@ def _resume(folder: Path, state: TrainState, schedule: Any, scaler: torch.amp.Gr
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     state.module.load_state_dict(model)
     state.optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
+    if state.mask_optimizer is not None and meta.get("mask_optimizer"):
+        state.mask_optimizer.load_state_dict(unflatten_state(meta["mask_optimizer"], tensors))
     scaler.load_state_dict(unflatten_state(meta["scaler"], tensors))
     if schedule is not None:
         schedule.load_state_dict(unflatten_state(meta["scheduler"], tensors))
@@ -279,7 +347,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
           evaluate: Evaluate | None = None, metric: str | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False, log_file: str | Path | None = None,
           parameters: Iterable[nn.Parameter] | None = None,
-          hooks: Sequence[Hook] = ()) -> list[dict[str, Any]]:
+          hooks: Sequence[Hook] = (), masks: MaskTraining | None = None) -> list[dict[str, Any]]:
     """Train ``module`` in place for ``epochs`` epochs; returns one log record per epoch.
 
     ``train_loader`` yields ``(inputs, target)`` batches; ``loss_fn(output, target)`` defaults to
@@ -297,6 +365,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
       the log ``training.jsonl`` plus ``training.png`` (or ``log_file``, its PNG beside it).
       ``resume=True`` continues from ``last`` (starting afresh when there is none yet).
     - ``hooks``: :class:`Hook` objects; ``progress`` is one more hook (the progress bar).
+    - ``masks``: :class:`MaskTraining`: mask parameters in their own optimiser, trained jointly or
+      alternating on their own loader; they are left out of ``parameters``' default.
     """
     _check(optimizer, schedule, epochs, step_size, max_grad_norm, resume, checkpoint_dir)
     ctx, device = distributed.context(torch.device(device))
@@ -308,14 +378,21 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     was_training = module.training
     module.to(device).train()
     loader = distributed.shard_loader(train_loader, ctx)
-    params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr, momentum, weight_decay)
-    sched = _schedule(schedule, opt, epochs, step_size, gamma)
+    mask_ids = {id(p) for p in masks.parameters} if masks is not None else set()
+    params = list(parameters) if parameters is not None else \
+        [p for p in module.parameters() if p.requires_grad and id(p) not in mask_ids]
+    if any(id(p) in mask_ids for p in params):
+        raise ValueError("a mask parameter is among the weights' parameters: give it to MaskTraining only")
+    mask_opt = _mask_optimizer(masks) if masks is not None else None
+    if not params and mask_opt is None:
+        raise ValueError("nothing to train: no parameter requires grad and no masks were given")
+    opt = _optimizer(optimizer, params, lr, momentum, weight_decay) if params else mask_opt
+    sched = _schedule(schedule, opt, epochs, step_size, gamma) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
-               use_amp, max_grad_norm)
+               use_amp, max_grad_norm, weights=bool(params), masks=masks)
     state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None, device=device,
-                       rank=ctx.rank, world=ctx.world)
+                       rank=ctx.rank, world=ctx.world, mask_optimizer=mask_opt)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     log_path = Path(log_file) if log_file is not None else (folder / "training.jsonl" if folder else None)
     options = {"epochs": epochs, "optimizer": optimizer, "schedule": schedule, "lr": lr, "world": ctx.world}
