@@ -243,13 +243,14 @@ def inspect(
     rows = groups.rows()
     info = {"model_file": str(model_file), "macs": count_macs(model, inputs), "params": count_params(model),
             "groups": rows, "unsupported_ops": sorted(groups.unsupported)}
+    info["blocks"] = _block_rows(groups.gm, info["macs"])
     if as_json:
         _print_json(info)
         return
     from rich.console import Console
 
     from .report import human
-    from .ui import groups_table
+    from .ui import blocks_table, groups_table
 
     prunable = sum(r["status"] == "prunable" for r in rows)
     title = (f"{model_file.name}: {len(rows)} channel groups, {prunable} prunable; "
@@ -258,6 +259,20 @@ def inspect(
     console.print(groups_table(rows, title))
     if info["unsupported_ops"]:
         console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
+    if info["blocks"]:
+        console.print(blocks_table(info["blocks"]))
+
+
+def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:
+    """The removable residual blocks of a traced graph (``fxprune.edits.blocks``), one JSON-able row each:
+    ``macs`` on the example inputs and their share of ``total_macs``, ``params`` the parameter count only the
+    block holds (``param_names`` those tensors)."""
+    from fxprune.edits.blocks import residual_blocks
+
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    return [{"name": b.name, "stage": b.stage, "macs": b.macs, "macs_share": b.macs / max(total_macs, 1),
+             "params": sum(params[n].numel() for n in b.params if n in params), "param_names": list(b.params),
+             "add": b.add, "skip": b.skip, "branch": b.branch} for b in residual_blocks(gm)]
 
 
 def _scored_groups(mf: Any, model: Any, inputs: Any, method: str, ratio: float) -> Any:

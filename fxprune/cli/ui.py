@@ -13,7 +13,7 @@ from .pipeline import Feedback
 from .report import cost_rows, format_ms, human
 from fxprune.recovery import Hook, TrainState
 
-__all__ = ["RichFeedback", "summary_table", "groups_table", "passes_table", "bench_table"]
+__all__ = ["RichFeedback", "summary_table", "groups_table", "blocks_table", "passes_table", "bench_table"]
 
 
 class _TrainBar(Hook):
@@ -88,6 +88,22 @@ def groups_table(rows: list[dict[str, Any]], title: str) -> Table:
         status = "[green]prunable" if r["status"] == "prunable" else "[yellow]frozen"
         table.add_row(str(r["group"]), size, status, ", ".join(r["producers"]) or "-",
                       ", ".join(r["consumers"]) or "-", note)
+    return table
+
+
+def blocks_table(rows: list[dict[str, Any]]) -> Table:
+    """Removable residual blocks per stage (rows of ``fxprune inspect --json``'s "blocks"): how many, their
+    names (after the stage's prefix) and their share of the model's MACs."""
+    table = Table(title="removable residual blocks", title_justify="left")
+    for col in ("stage", "blocks", "names", "MACs share"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("blocks", "MACs share") else "left")
+    stages: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        stages.setdefault(r["stage"], []).append(r)
+    for stage, blocks in stages.items():
+        names = [b["name"].removeprefix(f"{stage}.") if stage else b["name"] for b in blocks]
+        share = sum(b["macs_share"] for b in blocks)
+        table.add_row(stage or "(top level)", str(len(blocks)), ", ".join(names), f"{share:.1%}")
     return table
 
 
