@@ -1,11 +1,11 @@
-"""Shared machinery of the passes that score a channel by a scale learned on the BatchNorms of a trained
-copy of the user's eager model, under one global threshold (slimming: |gamma|; scratch: its gates).
+"""Shared machinery of the passes that score a channel by a learned scale under one global threshold
+(slimming: |gamma|, or a learned scale where a group has no BatchNorm; scratch: its gates).
 
 :class:`LearnedScales` holds what they have in common: their selection defaults (global scope, no
-normalisation: the scales are comparable across layers), the training data they need, handing the
-trained copy to compaction, and the fallback for a group without a BatchNorm (the L1 norm of its
-producing filters, rescaled to the model's mean scale so it competes under the same threshold
-without dominating or vanishing; fxprune's choice, not the papers').
+normalisation: the scales are comparable across layers), the training data they need, and the
+fallback for a group no scale can act on (the L1 norm of its producing filters, rescaled to the
+model's mean scale so it competes under the same threshold without dominating or vanishing;
+fxprune's choice, not the papers').
 """
 from __future__ import annotations
 
@@ -15,16 +15,53 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+
+import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.analysis.rules import ops
 from fxprune.tracing.compat import batch_norm_types
 from .base import Pass, PassContext
 from .l1 import producer_l1
 
-__all__ = ["LearnedScales", "BN", "mean_scale", "rescaled_l1"]
+__all__ = ["LearnedScales", "BN", "mean_scale", "rescaled_l1", "residual_stream"]
 
 BN = batch_norm_types()
+
+
+_ADDS = frozenset(ops("aten.add.Tensor", "aten.add_.Tensor", "aten.sub.Tensor"))
+
+
+def _roots(node: fx.Node, inside: set[str]) -> set[str]:
+    """The group's nodes upstream of ``node`` (through the group's own nodes) that nothing in it feeds."""
+    found, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        ups = [a for a in n.all_input_nodes if a.name in inside]
+        if not ups:
+            found.add(n.name)
+        stack.extend(ups)
+    return found
+
+
+def residual_stream(groups: ChannelGroups, group: Group) -> bool:
+    """Does the group add up the outputs of different layers (a residual stream: a ResNet's block outputs,
+    a transformer's hidden states)? Not: several producers multiplied (SwiGLU's gate and up), the q/k/v
+    rows of attention heads, or a tensor added to a function of itself (RoPE's ``q cos + rot(q) sin``)."""
+    inside = set(group.nodes)
+    nodes = {n.name: n for n in groups.gm.graph.nodes if n.name in inside}
+    for node in nodes.values():
+        if node.op != "call_function" or node.target not in _ADDS:
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.name in inside]
+        if len(operands) == 2:
+            left, right = (_roots(a, inside) for a in operands)
+            if left and right and not left & right:
+                return True
+    return False
 
 
 def mean_scale(values: dict[Any, np.ndarray]) -> float:
@@ -53,18 +90,3 @@ class LearnedScales(Pass):
         if loader is None:
             raise ValueError(f"{self.name} needs train_loader= {purpose}")
         return loader
-
-    @staticmethod
-    def hand_over(ctx: PassContext, work: nn.Module, changes: dict[str, torch.Tensor] | None = None,
-                  evaluate: bool = True) -> None:
-        """The trained copy ``work``'s whole state (``changes`` loaded over it) goes to compaction
-        through ``ctx.weights``: the pruned model is the trained network, not the user's. With
-        ``evaluate`` and the user's ``evaluate``, its metrics are reported (``trained_metrics``: the
-        bar pruning is held to)."""
-        state = {k: v.detach().clone() for k, v in work.state_dict().items()}
-        if changes:
-            state.update(changes)
-            work.load_state_dict(state)
-        ctx.weights.update(state)
-        if evaluate and ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](work)

@@ -2,7 +2,9 @@
 
 A pass is a frozen dataclass whose fields are its options (``--opt key=value`` on the command line).
 It must ``score`` every prunable group: one float per channel, higher = keep (``-inf`` must go,
-``+inf`` must stay). Passes that train or insert gates extend this in later stages.
+``+inf`` must stay). A pass that learns something per channel inserts masks into the traced graph
+(``ctx.insert_masks``), trains them with the one engine (``MaskTraining``), scores by their values and
+hands ``masked.fold()``'s weights to compaction.
 
 What a pass may read: everything in :class:`PassContext`. What it may write: nothing in place (the
 graph's parameters are the user's tensors). A pass that changes weights, not only shapes (slimming
@@ -15,7 +17,7 @@ them, and ``fxprune.testing.assert_equivalent`` loads them into the masked refer
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.masking import MaskedModel, insert_masks
 from fxprune.state import attribute
 
 __all__ = ["Pass", "PassContext", "Scores"]
@@ -56,6 +59,17 @@ class PassContext:
     def tensor(self, name: str) -> torch.Tensor:
         """A parameter or buffer of the traced graph by its name in the original model."""
         return attribute(self.gm, name)
+
+    def insert_masks(self, factory: Callable[[Group], torch.nn.Module], *, only: Iterable[int] | None = None,
+                     placement: str = "output", weights: Mapping[str, torch.Tensor] | None = None,
+                     training: bool = True) -> MaskedModel:
+        """A masked copy of this context's traced graph (``fxprune.masking.insert_masks``): one
+        ``factory(group)`` module per prunable group (``only``: these ids) multiplying its channels.
+        Train it with ``fxprune.recovery.engine.train(masked.module, ..., masks=MaskTraining(
+        masked.mask_parameters()))``; ``masked.fold()`` gives the full-size weights (for ``ctx.weights``)
+        and the channels whose mask is 0. The user's model and this graph are never modified."""
+        return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,
+                            training=training)
 
 
 @dataclass(frozen=True)

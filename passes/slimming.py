@@ -2,12 +2,21 @@
 
 Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
 
-- Training (``train=True``, the default): a deep copy of the user's eager model (its BatchNorm gammas
-  are real parameters) is trained with the shared engine for ``epochs`` epochs, with the paper's L1
-  subgradient ``s * sign(gamma)`` added to the gradient of every BatchNorm scale after each backward
-  (a :class:`~fxprune.recovery.engine.Hook`, not a loss term, so the logged loss stays the task loss).
-  The channels are scored on the trained copy, and the trained copy's whole state goes to compaction
-  through ``ctx.weights``: the pruned model is the slimmed network, not the original one.
+- Training (``train=True``, the default): a masked copy of the traced graph (``fxprune.masking``; its
+  BatchNorms are real modules, their gammas real parameters) is trained with the shared engine for
+  ``epochs`` epochs, with the paper's L1 subgradient ``s * sign(gamma)`` added to the gradient of every
+  BatchNorm scale after each backward (a :class:`~fxprune.recovery.engine.Hook`, not a loss term, so
+  the logged loss stays the task loss).
+- Groups without a BatchNorm (ViT heads and MLP channels, LLaMA's MLP, a plain conv or linear layer):
+  the same learned scale, as a ``Scale`` mask on the group's producing layers' output (fxprune's
+  extension; the paper only has BatchNorm). Its parameter starts at the model's mean |gamma| (1 when
+  there is no BatchNorm) and multiplies the channel by ``parameter / that mean``, so the network starts
+  unchanged and the parameter is on the gammas' scale: the same L1 subgradient, the same schedule and
+  one global threshold treat both kinds. The scales train in the engine's mask optimiser (SGD at the
+  pass's rate, without weight decay: the L1 term is their only regulariser).
+- The channels are scored on the trained copy, and its whole state (the masks folded into the
+  producing layers' rows and bias) goes to compaction through ``ctx.weights``: the pruned model is
+  the slimmed network, not the original one.
 - ``schedule="fixed"`` is the paper exactly: that subgradient and nothing else. It needs the paper's
   budget (160 epochs at lr 0.1 for ``s=1e-4``): in a short run the scales barely move (10 epochs of
   the digits example move them by ~2e-4), and with a larger ``s`` every scale shrinks together,
@@ -17,7 +26,8 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
   At the start of every epoch it asks the run's budget (``ctx.select``: the ratio or the MACs/params
   target, with its floor) which channels it would remove under the current |gamma| scores; on those
   channels only, a proximal L1 step ``x <- sign(x) max(|x| - lr * s_t, 0)`` follows every optimiser
-  step, on gamma AND beta (so a removed channel emits zero, not the constant its beta would give).
+  step, on gamma AND beta (so a removed channel emits zero, not the constant its beta would give), and
+  on the scale of a group without BatchNorm.
   ``s_t`` grows linearly from ``s`` to ``s_max = mean|gamma_0| / (lr * batches per epoch)`` (the
   strength that moves a typical scale to zero in about one epoch) over the first ``ramp`` of the
   steps and stays there; the remaining steps train the network around the zeroed channels. The
@@ -33,14 +43,13 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
   several; the mean keeps such groups comparable with single-BN groups under one threshold).
 - Selection: ONE global threshold (scope "global", no normalisation: gammas are comparable), with a
   per-group floor (``min_keep = 0.1``: the paper never removes a whole layer; ``--min-keep`` changes it).
-- Fallback for a group with no BatchNorm: the L1 norm of its producing filters, rescaled so that the
-  group's mean equals the mean |gamma| of the whole model (so it competes under the same
-  threshold without dominating or vanishing; ``passes/_scales.py``, shared with scratch). This is
-  fxprune's choice, not the paper's. These groups are not trained toward sparsity.
+- Score of a group without BatchNorm: |its learned scale|. Without training (``train=False``), or where
+  no mask can act (``fxprune.masking`` says why), the L1 norm of its producing filters, rescaled so
+  that the group's mean equals the mean |gamma| of the whole model (``passes/_scales.py``, shared with
+  scratch; fxprune's choice, not the paper's).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,27 +60,32 @@ import torch
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.masking import MaskedModel, Scale
+from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
 from fxprune.state import named_tensors
 from .base import PassContext, Scores
 from .registry import PassError
 from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
-from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch, train
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
+
+Scales = dict[int, nn.Parameter]  # group id -> the learned scale of a group without BatchNorm
 
 SCHEDULES = ("adaptive", "fixed")
 
 
 class SparsityHook(Hook):
-    """Adds ``s * sign(gamma)`` to the gradient of every BatchNorm scale (the L1 subgradient)."""
+    """Adds ``s * sign(gamma)`` to the gradient of every BatchNorm scale (the L1 subgradient), and of
+    every learned scale of a group without BatchNorm (``scales``)."""
 
-    def __init__(self, s: float) -> None:
-        self.s = s
+    def __init__(self, s: float, scales: Scales | None = None) -> None:
+        self.s, self.scales = s, dict(scales or {})
 
     def after_backward(self, state: TrainState) -> None:
-        for m in state.module.modules():
-            if isinstance(m, BN) and m.weight is not None and m.weight.grad is not None:
-                m.weight.grad.add_(self.s * torch.sign(m.weight.detach()))
+        params = [m.weight for m in state.module.modules() if isinstance(m, BN) and m.weight is not None]
+        for p in params + list(self.scales.values()):
+            if p.grad is not None:
+                p.grad.add_(self.s * torch.sign(p.detach()))
 
 
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,9 +94,9 @@ def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, BN) and m.weight is not None}
 
 
-def gamma_scores(ctx: PassContext, model: nn.Module) -> Scores:
-    """Per prunable group: mean |gamma| over its BatchNorms; producer L1 rescaled to the model's mean
-    |gamma| where the group has none."""
+def gamma_scores(ctx: PassContext, model: nn.Module, scales: Scales | None = None) -> Scores:
+    """Per prunable group: mean |gamma| over its BatchNorms; |its learned scale| where it has none
+    (``scales``); else producer L1 rescaled to the model's mean |gamma|."""
     gammas = {k: v.detach().abs().float().cpu().numpy() for k, v in bn_scales(model).items()}
     mean_gamma = mean_scale(gammas)
     state = named_tensors(model)
@@ -92,6 +106,9 @@ def gamma_scores(ctx: PassContext, model: nn.Module) -> Scores:
 
     scores: Scores = {}
     for group in ctx.groups.prunable:
+        if scales and group.id in scales:
+            scores[group.id] = scales[group.id].detach().abs().double().cpu().numpy()
+            continue
         norm = [p for p in group.params if p.name in gammas and p.role == "norm"]
         if norm:
             scores[group.id] = sum(ctx.groups.channel_sum(group, p, gammas[p.name]) for p in norm) / len(norm)
@@ -122,28 +139,29 @@ class TargetedShrink(Hook):
     """The adaptive schedule: a proximal L1 step on the BatchNorm entries (gamma and beta) of the
     channels the budget would remove, re-chosen every epoch, with a strength that ramps up."""
 
-    def __init__(self, ctx: PassContext, s: float, s_max: float, ramp: float) -> None:
-        self.ctx, self.s, self.s_max, self.ramp = ctx, s, s_max, ramp
-        self.targets: list[tuple[nn.Module, torch.Tensor]] = []  # (BatchNorm, bool per channel on its device)
+    def __init__(self, ctx: PassContext, s: float, s_max: float, ramp: float, scales: Scales | None = None) -> None:
+        self.ctx, self.s, self.s_max, self.ramp, self.scales = ctx, s, s_max, ramp, dict(scales or {})
+        self.targets: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (tensors, bool per channel on their device)
 
     def before_epoch(self, state: TrainState) -> None:
         assert self.ctx.select is not None
-        removed = self.ctx.select(gamma_scores(self.ctx, state.module))
+        removed = self.ctx.select(gamma_scores(self.ctx, state.module, self.scales))
         modules = dict(state.module.named_modules())
         masks = _targets(self.ctx.groups, removed, bn_scales(state.module))
-        self.targets = [(bn, mask.to(bn.weight.device)) for name, mask in masks.items()
-                        for bn in [modules[name.rsplit(".", 1)[0] if "." in name else ""]]]
+        self.targets = [([t for t in (bn.weight, bn.bias) if t is not None], mask.to(bn.weight.device))
+                        for name, mask in masks.items() for bn in [modules[name.rsplit(".", 1)[0] if "." in name else ""]]]
+        self.targets += [([p], torch.as_tensor(removed[self.ctx.groups[gid].channels], device=p.device))
+                         for gid, p in self.scales.items()]
 
     def after_step(self, state: TrainState) -> None:
         total = max(state.epochs * (state.batches or 1), 1)
         progress = min(state.step / max(self.ramp * total, 1.0), 1.0)
         amount = state.optimizer.param_groups[0]["lr"] * (self.s + (self.s_max - self.s) * progress)
         with torch.no_grad():
-            for bn, mask in self.targets:
-                for t in (bn.weight, bn.bias):
-                    if t is not None:
-                        shrunk = torch.sign(t) * torch.clamp(t.abs() - amount, min=0.0)
-                        t.copy_(torch.where(mask, shrunk, t))
+            for tensors, mask in self.targets:
+                for t in tensors:
+                    shrunk = torch.sign(t) * torch.clamp(t.abs() - amount, min=0.0)
+                    t.copy_(torch.where(mask, shrunk, t))
 
 
 @dataclass(frozen=True)
@@ -170,42 +188,57 @@ class Slimming(LearnedScales):
         if self.epochs < 0 or self.s < 0 or self.threshold < 0:
             raise PassError("slimming: epochs, s and threshold must be >= 0")
 
-    def _hooks(self, ctx: PassContext, loader: Any, mean_gamma: float) -> list[Hook]:
-        hooks: list[Hook] = [SparsityHook(self.s)]
+    def _hooks(self, ctx: PassContext, loader: Any, mean_gamma: float, scales: Scales) -> list[Hook]:
+        hooks: list[Hook] = [SparsityHook(self.s, scales)]
         if self.schedule == "adaptive" and ctx.select is not None:
             batches = batches_per_epoch(loader) or 100
             s_max = max(mean_gamma / (self.lr * batches), self.s)
-            hooks.append(TargetedShrink(ctx, self.s, s_max, self.ramp))
+            hooks.append(TargetedShrink(ctx, self.s, s_max, self.ramp, scales))
         return hooks
 
-    def _slimmed(self, ctx: PassContext, mean_gamma: float) -> nn.Module:
-        if not self.train:
-            return ctx.model
+    def _slimmed(self, ctx: PassContext, mean_gamma: float) -> MaskedModel:
+        """The sparsity-trained masked copy: BatchNorm gammas and, where a group has no BatchNorm, a scale."""
         loader = self.train_loader(ctx, "for sparsity training (or --opt train=false)")
-        work = copy.deepcopy(ctx.model)
-        device = next(work.parameters()).device
-        train(work, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
-              hooks=self._hooks(ctx, loader, mean_gamma))
-        self.hand_over(ctx, work)  # the sparsity-trained network
-        return work
+        with_bn = set(bn_scales(ctx.model))
+        unscaled = [g.id for g in self.prunable(ctx) if not any(p.role == "norm" and p.name in with_bn for p in g.params)]
+        masked = ctx.insert_masks(lambda g: Scale(len(g), mean_gamma), only=unscaled)
+        scales: Scales = {gid: m.weight for gid, m in masked.masks.items()}
+        device = next(iter(masked.module.parameters())).device
+        train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
+              parameters=masked.weight_parameters(), hooks=self._hooks(ctx, loader, mean_gamma, scales),
+              masks=MaskTraining(list(scales.values()), lr=self.lr, optimizer="sgd") if scales else None)
+        masked.module.eval()
+        ctx.weights.update(masked.fold().weights)  # the sparsity-trained network, its scales folded in
+        if ctx.data.get("evaluate") is not None:
+            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        return masked
 
     def score(self, ctx: PassContext) -> Scores:
-        before = _abs_values(bn_scales(ctx.model))
-        model = self._slimmed(ctx, float(before.mean()) if len(before) else 1.0)
-        scores = gamma_scores(ctx, model)
-        if self.train:
-            self._report(ctx, before, model, scores)
+        scales_before = _abs_values(bn_scales(ctx.model))
+        mean_gamma = float(scales_before.mean()) if len(scales_before) else 1.0
+        if not self.train:
+            return gamma_scores(ctx, ctx.model)
+        masked = self._slimmed(ctx, mean_gamma)
+        scales: Scales = {gid: m.weight for gid, m in masked.masks.items()}
+        scores = gamma_scores(ctx, masked.module, scales)
+        self._report(ctx, scales_before, mean_gamma, masked.module, scales, scores)
         return scores
 
-    def _report(self, ctx: PassContext, before: np.ndarray, trained: nn.Module, scores: Scores) -> None:
-        """The paper's figure (|gamma| before/after) and how sparse the scales became."""
+    def _report(self, ctx: PassContext, gammas_before: np.ndarray, mean_gamma: float, trained: nn.Module,
+                learned: Scales, scores: Scores) -> None:
+        """The paper's figure (|gamma| before/after; the learned scales of groups without BatchNorm
+        beside them) and how sparse the scales became."""
+        before = np.concatenate([gammas_before] + [np.full(len(p), mean_gamma) for p in learned.values()])
         if not len(before):
             return
-        scales = bn_scales(trained)
+        scales = {**bn_scales(trained), **{f"group {gid}": p for gid, p in learned.items()}}
         after = _abs_values(scales)
         threshold = self.threshold * float(before.mean())
         removal = ctx.select(scores) if ctx.select is not None else None
         chosen = _targets(ctx.groups, removal, scales) if removal is not None else {}
+        if removal is not None:
+            chosen.update({f"group {gid}": torch.as_tensor(removal[ctx.groups[gid].channels])
+                           for gid in learned})
         gammas = {k: v.detach().abs().cpu() for k, v in scales.items()}
         chosen_values = torch.cat([gammas[k][m] for k, m in chosen.items()]) if chosen else torch.zeros(0)
         reached = bool((chosen_values < threshold).all()) if len(chosen_values) else True
@@ -216,7 +249,8 @@ class Slimming(LearnedScales):
                          "selected_fraction": float(len(chosen_values) / len(after)),
                          "selected_below_threshold": reached},
             "histograms": {"gamma": {"before": before.tolist(), "after": after.tolist(), "threshold": threshold,
-                                     "xlabel": "|gamma| of the BatchNorm scales"}},
+                                     "xlabel": "|gamma| of the BatchNorm scales (and learned scales where "
+                                               "a group has no BatchNorm)"}},
         })
         if self.schedule == "adaptive" and not reached:
             warnings.warn(f"slimming: the training budget ended before every selected channel's |gamma| fell "

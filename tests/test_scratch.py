@@ -5,6 +5,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,7 +16,8 @@ from fxprune.annotations import MASKS
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
 from fxprune.testing import assert_equivalent
-from fxprune.passes.scratch import Gates, Scratch
+from fxprune.masking import Scale
+from fxprune.passes.scratch import Scratch
 from fxprune.recovery import reinitialize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +64,19 @@ def test_gates_inserted_where_expected():
     model = Tiny().eval()
     ctx = _ctx(model, torch.randn(2, 3, 8, 8), _loader())
     bn_groups = _bn_groups(ctx)
-    gates = Gates(model, ctx.groups, ctx.groups.prunable, residual=True)
-    assert set(gates.params) == {g.id for g in bn_groups}
-    assert gates.count == sum(len(g) for g in bn_groups) == 8 + 12  # residual stream (stem, bn2) + inner (bn1)
-    assert set(gates.modules) == {"stem.1", "bn1", "bn2"}
-    inner = Gates(model, ctx.groups, ctx.groups.prunable)  # the default, as the authors: inner channels only
-    inner_groups = [g for g in bn_groups if len(g.layers("producer")) == 1]
-    assert inner.count == sum(len(g) for g in inner_groups) == 12 and set(inner.modules) == {"bn1"}
-    # gates of 1 change nothing; a zero gate silences that channel of the BatchNorm's output
+    hidden = next(g for g in ctx.groups.prunable if g.layers("producer") == ["hidden"])
+    everything = Scratch(residual=True).gated(ctx)
+    assert set(everything) == {g.id for g in bn_groups} | {hidden.id}  # a group without BatchNorm is gated too
+    inner = Scratch().gated(ctx)  # the default, as the authors: residual streams are not gated
+    assert set(inner) == {g.id for g in bn_groups if len(g.layers("producer")) == 1} | {hidden.id}
+    masked = ctx.insert_masks(lambda g: Scale(len(g)), only=everything)
+    sites = {gid: [s.node for s in masked.sites[gid].activations] for gid in everything}
+    stream = next(g.id for g in bn_groups if len(g.layers("producer")) > 1)
+    assert all(n.startswith("batch_norm") for n in sites[stream]) and len(sites[stream]) == 2  # stem.1 and bn2
+    assert sites[hidden.id] == ["linear"]  # no BatchNorm: the producing layer's output
+    # gates of 1 change nothing; the user's model carries no hook
     x = torch.randn(2, 3, 8, 8)
-    ref = model(x)
-    gates.attach()
-    try:
-        assert torch.allclose(model(x), ref)
-    finally:
-        gates.remove()
+    assert torch.equal(masked.module.eval()(x), model(x))
     assert not any(m._forward_hooks for m in model.modules())
 
 
@@ -85,19 +85,20 @@ def test_only_gates_train_and_stay_in_unit_interval():
     model = Tiny().eval()
     ctx = _ctx(model, torch.randn(2, 3, 8, 8), _loader())
     pass_ = Scratch(epochs=2, lr=0.05, residual=True)
-    work, gates = pass_.learn(ctx)
+    masked = pass_.learn(ctx)
     init = copy.deepcopy(model)
     reinitialize(init, pass_.seed)
-    for (name, p), (_, q) in zip(work.named_parameters(), init.named_parameters()):
-        assert torch.equal(p, q), f"{name} changed: only the gates may train"
-        assert not p.requires_grad
-    assert not torch.equal(work.bn1.running_mean, init.bn1.running_mean)  # BN statistics still update
-    values = torch.cat([g.detach() for g in gates.params.values()])
-    assert not torch.all(values == 1.0), "the gates did not move"
+    state = masked.state()
+    for name, q in init.named_parameters():
+        assert torch.equal(state[name], q), f"{name} changed: only the gates may train"
+    assert not any(p.requires_grad for p in masked.weight_parameters())
+    assert not torch.equal(state["bn1.running_mean"], init.bn1.running_mean)  # BN statistics still update
+    values = np.concatenate(list(masked.values().values()))
+    assert not np.all(values == 1.0), "the gates did not move"
     assert values.min() >= 0.0 and values.max() <= 1.0
-    assert not any(m._forward_hooks for m in work.modules()) and not any(m._forward_hooks for m in model.modules())
-    l1 = Scratch(epochs=1, sparsity="l1").learn(ctx)[1]
-    assert all(0.0 <= float(v.min()) and float(v.max()) <= 1.0 for v in l1.params.values())
+    assert not any(m._forward_hooks for m in model.modules())
+    l1 = Scratch(epochs=1, sparsity="l1").learn(ctx).values()
+    assert all(0.0 <= float(v.min()) and float(v.max()) <= 1.0 for v in l1.values())
 
 
 def test_prune_is_equivalent_to_the_gated_masked_model_and_has_no_gates():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
@@ -103,6 +104,12 @@ class MaskedModel:
                 finally:
                     m.train(was)
         return out
+
+    def fold(self, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Any:
+        """:func:`fxprune.masking.fold.fold` of this model: new full-size weights and the removal."""
+        from .fold import fold
+
+        return fold(self, values, threshold=threshold)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The masked module's tensors under the user's names (masks and their sites left out)."""

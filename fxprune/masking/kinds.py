@@ -10,14 +10,20 @@ __all__ = ["Scale", "Fixed"]
 
 
 class Scale(nn.Module):
-    """A learned scale per channel, initialised to ``init`` (slimming's scales, scratch's gates)."""
+    """A learned scale per channel (scratch's gates, slimming's scales where no BatchNorm is). The
+    parameter starts at ``magnitude`` and the mask is ``weight / magnitude``, so it starts at 1 (the
+    original model) while the parameter lives on whatever scale it must be compared with (slimming:
+    the model's mean |gamma|, so one threshold and one L1 strength serve BatchNorm scales and these)."""
 
-    def __init__(self, channels: int, init: float = 1.0) -> None:
+    def __init__(self, channels: int, magnitude: float = 1.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.full((channels,), float(init)))
+        if not magnitude > 0:
+            raise ValueError(f"Scale: magnitude must be > 0, got {magnitude}")
+        self.magnitude = float(magnitude)
+        self.weight = nn.Parameter(torch.full((channels,), self.magnitude))
 
     def forward(self) -> torch.Tensor:
-        return self.weight
+        return self.weight if self.magnitude == 1.0 else self.weight / self.magnitude
 
 
 class Fixed(nn.Module):

@@ -186,6 +186,9 @@ def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placemen
         chosen = {p: producers[p] for p in behind}
     state = named_tensors(gm)
     for layer, slots in chosen.items():
+        if not slots:
+            out.skipped = f"normalisation {layer.name} has no affine parameters a mask could fold into"
+            return out
         node = _tensor_output(layer)
         site = _activation_site(groups, node, group.id) if node is not None else None
         if site is None:
