@@ -17,7 +17,7 @@ them, and ``fxprune.testing.assert_equivalent`` loads them into the masked refer
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.edits.blocks import Block
 from fxprune.masking import MaskedModel, insert_masks
 from fxprune.state import attribute
 
@@ -60,16 +61,19 @@ class PassContext:
         """A parameter or buffer of the traced graph by its name in the original model."""
         return attribute(self.gm, name)
 
-    def insert_masks(self, factory: Callable[[Group], torch.nn.Module], *, only: Iterable[int] | None = None,
+    def insert_masks(self, factory: Callable[[Group], torch.nn.Module] | None, *, only: Iterable[int] | None = None,
                      placement: str = "output", weights: Mapping[str, torch.Tensor] | None = None,
-                     training: bool = True) -> MaskedModel:
+                     training: bool = True, blocks: Sequence[Block] = (),
+                     depth: Callable[[Block], torch.nn.Module] | None = None) -> MaskedModel:
         """A masked copy of this context's traced graph (``fxprune.masking.insert_masks``): one
-        ``factory(group)`` module per prunable group (``only``: these ids) multiplying its channels.
+        ``factory(group)`` module per prunable group (``only``: these ids) multiplying its channels, and
+        with ``blocks`` (``fxprune.edits.blocks.residual_blocks(ctx.gm)``) one ``depth(block)`` scalar per
+        residual block multiplying its branch.
         Train it with ``fxprune.recovery.engine.train(masked.module, ..., masks=MaskTraining(
         masked.mask_parameters()))``; ``masked.fold()`` gives the full-size weights (for ``ctx.weights``)
         and the channels whose mask is 0. The user's model and this graph are never modified."""
         return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,
-                            training=training)
+                            training=training, blocks=blocks, depth=depth)
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,50 @@ def test_fixed_masks_fold_and_thresholds() -> None:
     with pytest.raises(ValueError, match="channels"):
         fold(masked, {inner.id: np.ones(3)})
     assert copy.deepcopy(masked.module) is not None  # the masked module is an ordinary module
+
+
+class Depth(nn.Module):
+    """A learned scalar per residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+@pytest.mark.parametrize("name", ["resnet18", "llama"])
+def test_depth_and_channel_masks_in_one_graph_fold_into_weights_and_block_removal(name: str) -> None:
+    from fxprune.edits.blocks import residual_blocks
+
+    if name == "resnet18":
+        tv = pytest.importorskip("torchvision")
+        model, inputs = randomize_bn(tv.models.resnet18(num_classes=10)), (torch.randn(1, 3, 32, 32),)
+    else:
+        pytest.importorskip("transformers")
+        import test_transformers as hf
+
+        model, inputs, _ = hf._llama_gqa()
+    model, inputs = model.to(F64).eval(), _cast(inputs, F64)
+    gm = fxprune.trace(model, inputs)
+    groups = fxprune.analyze(gm)
+    blocks = residual_blocks(gm)
+    assert len(blocks) >= 4
+    masked = insert_masks(gm, groups, lambda g: Scale(len(g)), blocks=blocks, depth=lambda b: Depth())
+    assert len(masked.mask_parameters()) == len(masked.masks) + len(blocks)
+    module = masked.module.eval()
+    for got, want in zip(_flat(module, inputs), _flat(model, inputs)):
+        assert torch.equal(got, want)
+    rng = np.random.default_rng(1)
+    _set(masked, _random_values(masked, rng, soft=True))
+    with torch.no_grad():
+        for i, m in enumerate(masked.depth.values()):
+            m.weight.fill_([0.0, 1.0, 0.5][i % 3])
+    folded = fold(masked)
+    assert sum(v == 0 for v in folded.depth.values()) == (len(blocks) + 2) // 3
+    out = fxprune.compact(gm, groups, folded.removed, model, weights=folded.weights, edits=folded.edits)
+    _close(_flat(module, inputs), _flat(out.module.to(F64).eval(), inputs))
+    removed_block = blocks[0]
+    assert not any(p in dict(out.module.named_parameters()) for p in removed_block.params)
+    assert not any("fxprune" in n for n, _ in out.module.named_modules())

@@ -266,9 +266,11 @@ def installed_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_example_plugin_is_small_discovered_listed_and_runs(installed_example: Path, tmp_path: Path) -> None:
-    code = [line for f in (REPO / "examples" / "custom_pass").rglob("*.py") for line in f.read_text().splitlines()]
-    assert len(code) < 60
+    package = REPO / "examples" / "custom_pass" / "fxprune_l2"
+    assert len((package / "__init__.py").read_text().splitlines()) < 60
+    assert len((package / "gates.py").read_text().splitlines()) < 80
     assert available_passes()["l2"].__module__ == "fxprune_l2"
+    assert available_passes()["gates"].__module__ == "fxprune_l2.gates"
     runner = CliRunner()
     listing = runner.invoke(app, ["passes"])
     assert listing.exit_code == 0 and "l2" in listing.output
@@ -279,6 +281,18 @@ def test_example_plugin_is_small_discovered_listed_and_runs(installed_example: P
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "plan.json").exists()
+
+
+def test_example_learned_mask_pass_trains_gates_and_is_exact(installed_example: Path) -> None:
+    net = _net()
+    res = fxprune.prune(net, INPUTS, "gates", 0.4, options={"epochs": 2, "lam": 0.01}, train_loader=_loader())
+    gated = {gid for n in res.groups.gm.graph.nodes if n.meta.get("fxprune.masks") for gid in n.meta["fxprune.masks"]["gates"]}
+    assert gated == {g.id for g in res.groups.prunable}
+    scores = np.concatenate([res.scores[g.id] for g in res.groups.prunable])
+    assert 0 < scores.min() and scores.max() < 1 and scores.std() > 0  # the gates moved, differently
+    assert res.removed.sum() > 0 and res.selection.scope == "global"
+    assert_equivalent(net, res, INPUTS)  # the compacted model is the gated trained network, restricted
+    assert not any("fxprune" in name for name in res.module.state_dict())
 
 
 def test_pass_given_as_module_colon_class_without_installing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

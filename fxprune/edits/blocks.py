@@ -33,7 +33,6 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.rules import RULES
@@ -103,7 +102,9 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     sa, sb = a.meta.get("val"), b.meta.get("val")
     if not isinstance(sa, torch.Tensor) or not isinstance(sb, torch.Tensor) or sa.dim() != sb.dim():
         return False
-    return all(statically_known_true(p == q) for p, q in zip(sa.shape, sb.shape))
+    # static sizes compare as ints; a symbolic one (a dynamic batch axis) only equals the same symbol
+    return all(p == q if isinstance(p, int) and isinstance(q, int) else str(p) == str(q)
+               for p, q in zip(sa.shape, sb.shape))
 
 
 def _candidates(add: fx.Node) -> list[tuple[fx.Node, fx.Node]]:

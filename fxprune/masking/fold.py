@@ -18,20 +18,26 @@
   grouped, or has neither a bias nor a BatchNorm after it, cannot take the constant: a warning names
   it. ``tests/test_masking.py`` checks interior equality.
 
-``compact(gm, groups, folded.removed, model, weights=folded.weights)`` then gives the compacted model.
+Depth masks (a scalar per residual block) fold into ``Folded.edits``: a block at 0 is removed, one at 1
+stays, another value scales its branch by that number.
+
+``compact(gm, groups, folded.removed, model, weights=folded.weights, edits=folded.edits)`` then gives the
+compacted model.
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from fxprune.analysis.schema import bind
+from fxprune.compaction.emit import GraphEdit
+from fxprune.edits.blocks import remove_where
 from fxprune.tracing.compat import tree_leaves
 from fxprune.tracing.tracer import META_INPUTS
 from .insert import MASKS, SITES, MaskedModel
@@ -46,6 +52,9 @@ class Folded:
     weights: dict[str, torch.Tensor]   # full-size tensors by the user's names (every tensor of the model)
     removed: np.ndarray                # bool per channel component: the channels whose mask is 0
     values: dict[int, np.ndarray]      # the mask values folded, per group id
+    depth: dict[str, float] = field(default_factory=dict)  # depth mask values, per block name
+    edits: list[GraphEdit] = field(default_factory=list)   # for compaction's edits=: blocks at 0 removed,
+    #                                                        others' branches scaled by their value
 
 
 def _multiplier(site: Site, value: np.ndarray) -> torch.Tensor:
@@ -60,8 +69,10 @@ def _scale(t: torch.Tensor, axis: int, mult: torch.Tensor) -> torch.Tensor:
     return t * mult.to(t.dtype).to(t.device).reshape(shape)
 
 
-def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Folded:
-    """See the module docstring."""
+def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0,
+         depth: Mapping[str, float] | None = None) -> Folded:
+    """See the module docstring. Depth masks (``depth``: values per block name, default their current
+    ones; ``threshold`` applies too) fold into ``Folded.edits``."""
     vals = {gid: np.asarray(v, dtype=np.float64).reshape(-1).copy()
             for gid, v in (values if values is not None else masked.values()).items() if gid in masked.masks}
     for v in vals.values():
@@ -77,7 +88,10 @@ def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *,
         removed[masked.groups[gid].channels[v == 0]] = True
     if masked.placement == "prenorm" and removed.any():
         _carry_constants(masked, vals, weights)
-    return Folded(weights, removed, vals)
+    deep = dict(depth if depth is not None else masked.depth_values())
+    deep = {k: (0.0 if abs(v) <= threshold else float(v)) for k, v in deep.items()}
+    edits = [remove_where(masked.blocks, deep)] if masked.blocks else []
+    return Folded(weights, removed, vals, deep, edits)
 
 
 def _with_values(masked: MaskedModel, vals: dict[int, np.ndarray]) -> fx.GraphModule:

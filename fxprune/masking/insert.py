@@ -19,7 +19,7 @@ Mask modules live at ``fxprune_masks.g<group id>`` of the masked module, the mod
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 import numpy as np
@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 from .sites import GroupSites, Site, find_sites
 
 __all__ = ["insert_masks", "MaskedModel", "ApplyMasks", "MaskFactory", "MASKS", "SITES"]
@@ -77,10 +78,13 @@ class MaskedModel:
     sites: dict[int, GroupSites]             # group id -> where its mask acts
     placement: str = "output"
     skipped: dict[int, str] = field(default_factory=dict)  # group id -> why it got no mask
+    blocks: list[Block] = field(default_factory=list)       # residual blocks with a depth mask
+    depth: dict[str, nn.Module] = field(default_factory=dict)  # block name -> its depth mask (inside ``module``)
 
     def mask_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the channel and depth masks."""
         seen: dict[int, nn.Parameter] = {}
-        for m in self.masks.values():
+        for m in [*self.masks.values(), *self.depth.values()]:
             for p in m.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
@@ -105,6 +109,19 @@ class MaskedModel:
                     m.train(was)
         return out
 
+    def depth_values(self) -> dict[str, float]:
+        """Each depth mask's current value (eval mode), per block name."""
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for name, m in self.depth.items():
+                was = m.training
+                m.eval()
+                try:
+                    out[name] = float(m().detach().reshape(-1)[0])
+                finally:
+                    m.train(was)
+        return out
+
     def fold(self, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Any:
         """:func:`fxprune.masking.fold.fold` of this model: new full-size weights and the removal."""
         from .fold import fold
@@ -116,7 +133,7 @@ class MaskedModel:
         from fxprune.state import named_tensors
 
         return {k: v.detach() for k, v in named_tensors(self.module).items()
-                if not k.startswith((MASKS + ".", SITES + "."))}
+                if not k.startswith((MASKS + ".", SITES + ".", DEPTH_PREFIX + "."))}
 
 
 def _index(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
@@ -193,19 +210,23 @@ class _Insert:
         self.latest[node] = applied
 
 
-def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory, *,
+def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory | None, *,
                  only: Iterable[int] | None = None, placement: str = "output",
-                 weights: Mapping[str, torch.Tensor] | None = None, training: bool = False) -> MaskedModel:
-    """Masks for the prunable groups (``only``: these group ids) of the traced ``gm`` (see the module
-    docstring). ``weights``: full-size tensors by name that replace ``gm``'s in the masked module (e.g.
-    a re-initialised copy's). ``gm`` and the user's tensors are never modified."""
+                 weights: Mapping[str, torch.Tensor] | None = None, training: bool = False,
+                 blocks: Sequence[Block] = (), depth: Callable[[Block], nn.Module] | None = None) -> MaskedModel:
+    """Masks for the prunable groups (``only``: these group ids; ``factory=None``: none) of the traced
+    ``gm`` (see the module docstring). ``weights``: full-size tensors by name that replace ``gm``'s in
+    the masked module (e.g. a re-initialised copy's). Depth masks: ``depth(block)`` for each of
+    ``blocks`` (``fxprune.edits.blocks.residual_blocks``) multiplies that block's branch output
+    (``fxprune.edits.blocks.depth_masks``); they train and fold with the channel masks. ``gm`` and the
+    user's tensors are never modified."""
     from fxprune.compaction.emit import emit
     from fxprune.compaction.resize import Reindexing
 
     wanted = set(only) if only is not None else None
     chosen: dict[int, GroupSites] = {}
     skipped: dict[int, str] = {}
-    for group in groups.prunable:
+    for group in groups.prunable if factory is not None else ():
         if wanted is not None and group.id not in wanted:
             continue
         sites = find_sites(gm, groups, group, placement)
@@ -213,12 +234,16 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
             skipped[group.id] = sites.skipped
         else:
             chosen[group.id] = sites
-    masks = {gid: factory(groups[gid]) for gid in chosen}
+    masks = {gid: factory(groups[gid]) for gid in chosen} if factory is not None else {}
     for gid, mask in masks.items():
         if getattr(mask, "per_sample", False):
             chosen[gid].weights = []  # a per-sample zero cannot zero weights shared by the batch
-    edit = _Insert(chosen, masks)
+    if blocks and depth is None:
+        raise ValueError("blocks given without depth=: a factory block -> depth mask module")
+    edits = [depth_masks(blocks, depth)] if blocks else []  # first: channel sites are found by name after it
+    edits.append(_Insert(chosen, masks))
     nothing = np.zeros(len(groups.comp_group), dtype=bool)
-    module = emit(gm, Reindexing(groups, nothing), {}, training=training, weights=weights, edits=[edit])
+    module = emit(gm, Reindexing(groups, nothing), {}, training=training, weights=weights, edits=edits)
     live = {gid: module.get_submodule(f"{MASKS}.g{gid}") for gid in masks}
-    return MaskedModel(module, groups, live, chosen, placement, skipped)
+    deep = {b.name: module.get_submodule(f"{DEPTH_PREFIX}.{i}") for i, b in enumerate(blocks)}
+    return MaskedModel(module, groups, live, chosen, placement, skipped, list(blocks), deep)
