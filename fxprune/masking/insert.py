@@ -29,43 +29,13 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
-from .sites import GroupSites, Site, find_sites
+from fxprune.analysis.schema import bind
+from .apply import ApplyMasks, MaskedBatchNorm, Multiplier
+from .sites import MASKS, SITES, GroupSites, Site, find_sites
 
-__all__ = ["insert_masks", "MaskedModel", "ApplyMasks", "MaskFactory", "MASKS", "SITES"]
+__all__ = ["insert_masks", "MaskedModel", "MaskFactory", "MASKS", "SITES"]
 
 MaskFactory = Callable[[Group], nn.Module]
-MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"
-
-
-class ApplyMasks(nn.Module):
-    """Multiplies a tensor along ``axis`` by the masks of the groups found there: position i gets
-    ``masks[k][j]`` where ``index[i]`` points at channel j of mask k, and 1 where no group is.
-    ``hard``: the weight sites, multiplied by ``mask != 0`` and only in eval mode."""
-
-    def __init__(self, axis: int, index: torch.Tensor, hard: bool = False) -> None:
-        super().__init__()
-        self.axis, self.hard = axis, hard
-        self.register_buffer("index", index, persistent=False)
-
-    def forward(self, x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
-        if self.hard and self.training:
-            return x
-        per_sample = [m for m in masks if m.dim() == 2]
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        if per_sample:
-            batch = per_sample[0].shape[0]
-            parts = [m.to(dtype) if m.dim() == 2 else m.to(dtype).expand(batch, -1) for m in masks]
-            table = torch.cat([torch.ones(batch, 1, dtype=dtype, device=x.device), *parts], dim=1)
-            mult = table[:, self.index]
-            shape = [batch] + [1] * (x.dim() - 1)
-        else:
-            table = torch.cat([torch.ones(1, dtype=dtype, device=x.device), *(m.to(dtype) for m in masks)])
-            mult = table[self.index]
-            shape = [1] * x.dim()
-        shape[self.axis] = -1
-        if self.hard:
-            mult = (mult != 0).to(dtype)
-        return x * mult.reshape(shape)
 
 
 @dataclass
@@ -144,70 +114,138 @@ def _index(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
     return torch.as_tensor(index)
 
 
-def _by_target(chosen: dict[int, GroupSites], kind: str) -> dict[tuple[str, int], list[tuple[int, Site]]]:
-    out: dict[tuple[str, int], list[tuple[int, Site]]] = {}
-    for gid, gs in chosen.items():
-        for site in getattr(gs, kind):
-            out.setdefault((site.node, site.axis), []).append((gid, site))
-    return out
+Entries = list[tuple[int, Site]]  # (group id, where on this tensor's axis)
+
+
+def _batch_norm(node: fx.Node) -> dict | None:
+    """The arguments of a plain ``batch_norm`` over a module's own tensors (fusable with its mask), or None."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+        return None
+    b = bind(node)
+    parts = [b["weight"], b["bias"], b["running_mean"], b["running_var"]]
+    if not (isinstance(b["weight"], fx.Node) and b["weight"].op == "get_attr" and "." in b["weight"].target):
+        return None
+    if any(p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr") for p in parts):
+        return None
+    return b
 
 
 class _Insert:
-    """The graph edit (``fxprune.compaction.emit.GraphEdit``) that puts the masks in."""
+    """The graph edit (``fxprune.compaction.emit.GraphEdit``) that puts the masks in. Per-channel masks act
+    where they are cheapest and exact: on a producer's rows and bias (a weight-sized product), inside a
+    BatchNorm's affine parameters (:class:`MaskedBatchNorm`), else on the activation; per-sample masks on
+    the activation."""
 
     def __init__(self, chosen: dict[int, GroupSites], masks: dict[int, nn.Module]) -> None:
         self.chosen, self.masks = chosen, masks
         self.count = 0
 
     def __call__(self, graph: fx.Graph, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
-        nodes = {n.name: n for n in graph.nodes}
+        self.graph, self.tensors, self.modules = graph, tensors, modules
+        self.nodes = {n.name: n for n in graph.nodes}
         self.order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
-        self.latest: dict[fx.Node, fx.Node] = {}  # a tensor masked on two axes: the second wraps the first
+        self.latest: dict[fx.Node, fx.Node] = {}  # a tensor masked twice (two axes): the second wraps the first
+        # masks are computed after the inputs and tensors are read (the graph's prefix), before any op
+        self.first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+        self.calls = self._mask_calls(tensors, modules)
+        activations, norms, soft, hard = self._route()
+        for (name, axis), entries in activations.items():
+            node = self.nodes[name]
+            for gid, _ in entries:  # a per-sample mask reads the first activation it masks, before masking
+                if gid not in self.calls:
+                    with graph.inserting_after(node):
+                        self.calls[gid] = graph.call_module(f"{MASKS}.g{gid}", (node,))
+                    self.order[self.calls[gid]] = self.order[node] + 0.5
+            self._apply(node, axis, entries, hard=False)
+        for (name, axis), entries in norms.items():
+            self._fuse_norm(self.nodes[name], entries)
+        for kind, table in (("soft", soft), ("hard", hard)):
+            for (target, axis), entries in table.items():
+                for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == target]:
+                    self._apply(node, axis, entries, hard=kind == "hard")
+
+    def _mask_calls(self, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[int, fx.Node]:
         device = next((t.device for t in tensors.values() if t.is_floating_point()), torch.device("cpu"))
         calls: dict[int, fx.Node] = {}
-        # masks are computed after the inputs and tensors are read (the graph's prefix), before any op
-        first = self.first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         for gid, mask in self.masks.items():
             modules[f"{MASKS}.g{gid}"] = mask.to(device)
             if not getattr(mask, "per_sample", False):
-                with graph.inserting_before(first):
-                    calls[gid] = graph.call_module(f"{MASKS}.g{gid}", ())
-                self.order[calls[gid]] = self.order[first] - 0.5
-        for (name, axis), entries in _by_target(self.chosen, "activations").items():
-            node = nodes[name]
-            for gid, _ in entries:  # a per-sample mask reads the first activation it masks, before masking
-                if gid not in calls:
-                    with graph.inserting_after(node):
-                        calls[gid] = graph.call_module(f"{MASKS}.g{gid}", (node,))
-                    self.order[calls[gid]] = self.order[node] + 0.5
-            self._apply(graph, modules, node, axis, entries, calls, hard=False)
-        for (target, axis), entries in _by_target(self.chosen, "weights").items():
-            for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == target]:
-                self._apply(graph, modules, node, axis, entries, calls, hard=True)
+                with self.graph.inserting_before(self.first):
+                    calls[gid] = self.graph.call_module(f"{MASKS}.g{gid}", ())
+                self.order[calls[gid]] = self.order[self.first] - 0.5
+        return calls
 
-    def _apply(self, graph: fx.Graph, modules: dict[str, nn.Module], node: fx.Node, axis: int,
-               entries: list[tuple[int, Site]], calls: dict[int, fx.Node], hard: bool) -> None:
-        offsets, table, gids = 0, [], []
+    def _route(self) -> tuple[dict[tuple[str, int], Entries], ...]:
+        """Each site's entries by where they act: activations, BatchNorms, weights (soft), weights (hard)."""
+        activations: dict[tuple[str, int], Entries] = {}
+        norms: dict[tuple[str, int], Entries] = {}
+        soft: dict[tuple[str, int], Entries] = {}
+        hard: dict[tuple[str, int], Entries] = {}
+        for gid, gs in self.chosen.items():
+            per_sample = getattr(self.masks[gid], "per_sample", False)
+            for site in gs.activations:
+                layer = self.nodes.get(site.layer) if site.layer else None
+                if not per_sample and layer is not None and _batch_norm(layer) is not None:
+                    norms.setdefault((layer.name, site.axis), []).append((gid, site))
+                elif not per_sample and site.folds and not site.norm and \
+                        all(f.node in self.tensors and isinstance(self.tensors[f.node], nn.Parameter) for f in site.folds):
+                    for f in site.folds:
+                        soft.setdefault((f.node, f.axis), []).append((gid, f))
+                else:
+                    activations.setdefault((site.node, site.axis), []).append((gid, site))
+            for site in gs.weights:
+                hard.setdefault((site.node, site.axis), []).append((gid, site))
+        return activations, norms, soft, hard
+
+    def _index(self, entries: Entries) -> torch.Tensor:
+        offsets, table = 0, []
         for gid, site in entries:
             table.append((site, offsets))
             offsets += self.chosen[gid].channels
-            gids.append(gid)
-        path = f"{SITES}.s{self.count}"
+        return _index(entries[0][1].size, table)
+
+    def _path(self) -> str:
         self.count += 1
-        modules[path] = ApplyMasks(axis, _index(entries[0][1].size, table), hard)
-        keep = {calls[g] for g in gids}
+        return f"{SITES}.s{self.count - 1}"
+
+    def _apply(self, node: fx.Node, axis: int, entries: Entries, hard: bool) -> None:
+        graph, gids = self.graph, [gid for gid, _ in entries]
+        path = self._path()
+        self.modules[path] = ApplyMasks(axis, self._index(entries), hard)
+        keep = {self.calls[g] for g in gids}
         src = self.latest.get(node, node)
-        if hard:  # a weight: after the masks, before the first op
+        if node.op == "get_attr":  # a weight: after the masks, before the first op
             with graph.inserting_before(self.first):
-                applied = graph.call_module(path, (src, *(calls[g] for g in gids)))
+                applied = graph.call_module(path, (src, *(self.calls[g] for g in gids)))
+            self.order[applied] = self.order[self.first] - 0.25
         else:
             anchor = max(keep | {src}, key=self.order.__getitem__)
             with graph.inserting_after(anchor):
-                applied = graph.call_module(path, (src, *(calls[g] for g in gids)))
-        self.order[applied] = self.order[anchor] + 0.25 if not hard else self.order[self.first] - 0.25
+                applied = graph.call_module(path, (src, *(self.calls[g] for g in gids)))
+            self.order[applied] = self.order[anchor] + 0.25
         applied.meta = dict(node.meta)
         src.replace_all_uses_with(applied, delete_user_cb=lambda u: u is not applied and u not in keep)
         self.latest[node] = applied
+
+    def _fuse_norm(self, node: fx.Node, entries: Entries) -> None:
+        """``batch_norm(x, ...)`` -> ``MaskedBatchNorm(x, multiplier(masks))`` at the BatchNorm's path."""
+        b = _batch_norm(node)
+        assert b is not None
+        graph, gids = self.graph, [gid for gid, _ in entries]
+        bn = b["weight"].target.rsplit(".", 1)[0]
+        if bn not in self.modules:
+            w, bias, rm, rv = (self.tensors[p.target] if p is not None else None
+                               for p in (b["weight"], b["bias"], b["running_mean"], b["running_var"]))
+            self.modules[bn] = MaskedBatchNorm(w, bias, rm, rv, self.tensors.get(f"{bn}.num_batches_tracked"),
+                                               float(b["eps"]), float(b["momentum"]))
+        path = self._path()
+        self.modules[path] = Multiplier(self._index(entries))
+        with graph.inserting_before(node):
+            mult = graph.call_module(path, tuple(self.calls[g] for g in gids))
+            fused = graph.call_module(bn, (b["input"], mult))
+        fused.meta = dict(node.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
 
 
 def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory | None, *,

@@ -38,9 +38,10 @@ from fxprune.analysis.rules.norm import DIRECTION
 from fxprune.analysis.schema import bind
 from fxprune.state import named_tensors
 
-__all__ = ["Site", "GroupSites", "find_sites", "PLACEMENTS"]
+__all__ = ["Site", "GroupSites", "find_sites", "PLACEMENTS", "MASKS", "SITES"]
 
 PLACEMENTS = ("output", "prenorm")
+MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"  # where a masked graph keeps its masks and what applies them
 
 # ops between a weight's get_attr and the layer that uses it (make_fx writes ``linear`` as ``t`` + ``addmm``)
 _VIEWS = frozenset(ops("aten.t.default", "aten.permute.default", "aten.transpose.int", "aten.view.default",
@@ -60,6 +61,9 @@ class Site:
     size: int            # the axis' length
     index: np.ndarray
     pos: np.ndarray
+    layer: str | None = None  # an activation site: the layer whose output it is (a norm or a producer)
+    norm: bool = False        # ... and that layer is a normalisation
+    folds: list[Site] = field(default_factory=list)  # ... and the tensors a mask there folds into
 
 
 @dataclass
@@ -80,14 +84,19 @@ def _is_norm(node: fx.Node) -> bool:
 def _layer_of(attr: fx.Node) -> fx.Node | None:
     """The layer that uses a weight: its get_attr's user, past views (``t`` before ``addmm``)."""
     node = attr
-    for _ in range(4):
-        users = [u for u in node.users if u.op == "call_function"]
+    for _ in range(6):
+        users = [u for u in node.users if u.op == "call_function" or _applies_mask(u)]
         if len(users) != 1:
             return None
         node = users[0]
-        if node.target not in _VIEWS:
+        if node.target not in _VIEWS and not _applies_mask(node):
             return node
     return None
+
+
+def _applies_mask(node: fx.Node) -> bool:
+    """A masked graph's node that multiplies a tensor by a mask (seen through like a view)."""
+    return node.op == "call_module" and str(node.target).startswith(SITES + ".")
 
 
 def _tensor_output(node: fx.Node) -> fx.Node | None:
@@ -193,9 +202,11 @@ def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placemen
         site = _activation_site(groups, node, group.id) if node is not None else None
         if site is None:
             continue
-        out.activations.append(site)
-        out.folds += [f for f in (_tensor_site(groups, group, p, state[p.name].shape) for p in slots
+        site.layer, site.norm = layer.name, layer in norms
+        site.folds = [f for f in (_tensor_site(groups, group, p, state[p.name].shape) for p in slots
                                   if p.name in state) if f is not None]
+        out.activations.append(site)
+        out.folds += site.folds
     if not out.activations:
         out.skipped = ("no layer output carries these channels" if placement == "output"
                        else "no producing layer feeds a normalisation")
