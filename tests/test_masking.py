@@ -367,3 +367,34 @@ def test_depth_and_channel_masks_in_one_graph_fold_into_weights_and_block_remova
     removed_block = blocks[0]
     assert not any(p in dict(out.module.named_parameters()) for p in removed_block.params)
     assert not any("fxprune" in n for n, _ in out.module.named_modules())
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 6)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_rank_mask_on_a_factorised_layer_compacts_to_a_smaller_rank() -> None:
+    """FLOP's mask: a diagonal between the two factors of U diag(z) V is a channel mask on the rank group."""
+    from fxprune.edits.factorize import factorized_graph
+
+    model = TwoLayer().to(F64).eval()
+    x = torch.randn(5, 12, dtype=F64)
+    gm, groups = factorized_graph(model, (x,), {"fc2": 6})
+    rank = next(g for g in groups.prunable if any(p.name == "fc2.weight_v" and p.role == "producer" for p in g.params))
+    masked = insert_masks(gm, groups, lambda g: Scale(len(g)), only=[rank.id])
+    assert [f.node for s in masked.sites[rank.id].activations for f in s.folds] == ["fc2.weight_v"]
+    z = np.array([1.0, 0.0, 0.75, 0.0, 1.25, 1.0])  # exact in the mask's float32
+    _set(masked, {rank.id: z})
+    folded = fold(masked)
+    out = fxprune.compact(gm, groups, folded.removed, gm, weights=folded.weights)
+    assert out.module.get_parameter("fc2.weight_v").shape == (4, 24)
+    assert out.module.get_parameter("fc2.weight_u").shape == (6, 4)
+    torch.testing.assert_close(out.module(x), masked.module.eval()(x), rtol=1e-10, atol=1e-10)
+    u, v = gm.get_parameter("fc2.weight_u"), gm.get_parameter("fc2.weight_v")
+    want = torch.nn.functional.linear(torch.relu(model.fc1(x)), u @ torch.diag(torch.as_tensor(z)) @ v, model.fc2.bias)
+    torch.testing.assert_close(out.module(x), want, rtol=1e-10, atol=1e-10)

@@ -2,6 +2,7 @@
 
     insert.py   insert_masks(gm, groups, factory) -> MaskedModel: one mask module per channel group
     sites.py    where a group's mask acts (normalisation / producer outputs; weights zeroed in eval)
+    apply.py    the modules that apply mask values (on weights, inside a BatchNorm, or on activations)
     kinds.py    mask kinds every method can start from (Scale, Fixed)
     fold.py     fold(masked) -> new full-size weights + the removal, for compaction's ``weights=``
 
