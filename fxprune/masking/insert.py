@@ -37,7 +37,7 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 from fxprune.analysis.schema import bind
 from .apply import ApplyMasks, MaskedBatchNorm, Multiplier
-from .sites import MASKS, SITES, GroupSites, Site, find_sites
+from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
 __all__ = ["insert_masks", "MaskedModel", "MaskFactory", "MASKS", "SITES"]
 
@@ -270,10 +270,11 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
     wanted = set(only) if only is not None else None
     chosen: dict[int, GroupSites] = {}
     skipped: dict[int, str] = {}
+    facts = GraphFacts(gm)
     for group in groups.prunable if factory is not None else ():
         if wanted is not None and group.id not in wanted:
             continue
-        sites = find_sites(gm, groups, group, placement)
+        sites = find_sites(gm, groups, group, placement, facts)
         if sites.skipped:
             skipped[group.id] = sites.skipped
         else:

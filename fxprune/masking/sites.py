@@ -38,7 +38,7 @@ from fxprune.analysis.rules.norm import DIRECTION
 from fxprune.analysis.schema import bind
 from fxprune.state import named_tensors
 
-__all__ = ["Site", "GroupSites", "find_sites", "PLACEMENTS", "MASKS", "SITES"]
+__all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "PLACEMENTS", "MASKS", "SITES"]
 
 PLACEMENTS = ("output", "prenorm")
 MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"  # where a masked graph keeps its masks and what applies them
@@ -138,13 +138,24 @@ def _behind_norm(producer: fx.Node, norms: list[fx.Node]) -> bool:
 _AFFINE = ("weight", "bias")  # a norm's tensors a mask folds into (not its running statistics)
 
 
-def _layers(gm: fx.GraphModule, group: Group, role: str) -> dict[fx.Node, list[ParamSlot]]:
+class GraphFacts:
+    """What every group's site search reads from one graph, looked up once: get_attr nodes by target, the
+    tensors by name, the tensors normalisations read, the node order."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.attrs: dict[str, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                self.attrs.setdefault(n.target, []).append(n)
+        self.state = named_tensors(gm)
+        self.norm_tensors = {t for t, nodes in self.attrs.items() for n in nodes if any(_is_norm(u) for u in n.users)}
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _layers(facts: GraphFacts, group: Group, role: str) -> dict[fx.Node, list[ParamSlot]]:
     """The nodes using the group's ``role`` tensors (norm ops for "norm", layers for "producer"), in graph
     order, each with the group's tensors a mask at its output folds into."""
-    attrs: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            attrs.setdefault(n.target, []).append(n)
+    attrs = facts.attrs
     found: dict[fx.Node, list[ParamSlot]] = {}
     for p in group.params:
         if p.role != role:
@@ -158,8 +169,7 @@ def _layers(gm: fx.GraphModule, group: Group, role: str) -> dict[fx.Node, list[P
                 affine = role != "norm" or any(bind(u).get(k) is attr for k in _AFFINE)
                 if affine and p not in slots:
                     slots.append(p)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+    return dict(sorted(found.items(), key=lambda kv: facts.order[kv[0]]))
 
 
 def _tensor_site(groups: ChannelGroups, group: Group, p: ParamSlot, shape: torch.Size) -> Site | None:
@@ -168,12 +178,11 @@ def _tensor_site(groups: ChannelGroups, group: Group, p: ParamSlot, shape: torch
     return Site(p.name, p.axis, int(shape[p.axis]), hit, pos[hit]) if len(hit) else None
 
 
-def _weight_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group) -> list[Site]:
-    state = named_tensors(gm)
-    norm_tensors = {n.target for n in gm.graph.nodes if n.op == "get_attr" and any(_is_norm(u) for u in n.users)}
+def _weight_sites(facts: GraphFacts, groups: ChannelGroups, group: Group) -> list[Site]:
+    state = facts.state
     sites = []
     for p in group.params:
-        if p.role in ("norm", DIRECTION) or p.name in norm_tensors or p.name not in state:
+        if p.role in ("norm", DIRECTION) or p.name in facts.norm_tensors or p.name not in state:
             continue
         site = _tensor_site(groups, group, p, state[p.name].shape)
         if site is not None:
@@ -181,19 +190,22 @@ def _weight_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group) -> li
     return sites
 
 
-def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placement: str = "output") -> GroupSites:
-    """Where group ``group``'s mask acts (see the module docstring)."""
+def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placement: str = "output",
+               facts: GraphFacts | None = None) -> GroupSites:
+    """Where group ``group``'s mask acts (see the module docstring). ``facts``: :class:`GraphFacts` of
+    ``gm``, shared when searching many groups."""
+    facts = facts or GraphFacts(gm)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     out = GroupSites(group.id, len(group))
-    norms, producers = _layers(gm, group, "norm"), _layers(gm, group, "producer")
+    norms, producers = _layers(facts, group, "norm"), _layers(facts, group, "producer")
     behind = [p for p in producers if _behind_norm(p, list(norms))]
     if placement == "output":
         chosen = {**norms, **{p: slots for p, slots in producers.items() if p not in behind}}
-        out.weights = _weight_sites(gm, groups, group)
+        out.weights = _weight_sites(facts, groups, group)
     else:
         chosen = {p: producers[p] for p in behind}
-    state = named_tensors(gm)
+    state = facts.state
     for layer, slots in chosen.items():
         if not slots:
             out.skipped = f"normalisation {layer.name} has no affine parameters a mask could fold into"
