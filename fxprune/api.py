@@ -169,12 +169,12 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             raise NothingToPruneError(nothing_prunable(groups))
         warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
     stage("score")
-    ctx = PassContext(gm, groups, model, data, sel)
+    which = "macs" if target_macs is not None else "params"
+    ctx = PassContext(gm, groups, model, data, sel, target=(which, float(target)) if target is not None else None)
     prepared = the_pass.prepare(ctx) if needs_scores else None
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
         ctx = prepared
         gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-    which = "macs" if target_macs is not None else "params"
     budget = _Budget(groups, sel, counter, before, which, target, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     base = ctx.model
@@ -187,10 +187,12 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     write_selection(gm, groups, removed)
     stage("compact")
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
-    out = compact(gm, groups, None, base, verify=verify, weights=weights or None)  # the selection on the graph
-    if weights and (out.removed != removed).any():  # compaction kept some groups whole: reconstruct for that
+    edits = the_pass.edits(ctx, removed) if needs_scores else []
+    out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)  # the graph's selection
+    if (weights or edits) and (out.removed != removed).any():  # compaction kept some groups whole: redo for that
         weights = the_pass.weights(ctx, out.removed)
-        out = compact(gm, groups, None, base, verify=verify, weights=weights or None)
+        edits = the_pass.edits(ctx, out.removed)
+        out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
     after = counter(out.removed)
     log: list[dict[str, Any]] = []
     if recover is not None:

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.compaction.emit import GraphEdit
 from fxprune.edits.blocks import Block
 from fxprune.masking import MaskedModel, insert_masks
 from fxprune.state import attribute
@@ -56,6 +57,10 @@ class PassContext:
     # a pass that learns a mask per channel (gates): their final values, per group id; written onto the
     # graph beside the scores (``fxprune.masks``, see fxprune.annotations)
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    # the run's resource target, when it has one: ("macs" or "params", fraction of the USER's model to keep)
+    target: tuple[str, float] | None = None
+    # a pass's own objects between prepare, score, weights and edits (a masked model...); not reported
+    state: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A parameter or buffer of the traced graph by its name in the original model."""
@@ -99,6 +104,12 @@ class Pass:
 
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError
+
+    def edits(self, ctx: PassContext, removed: np.ndarray) -> list[GraphEdit]:
+        """Graph edits for compaction besides slicing (``fxprune.compaction.emit.GraphEdit``), given the
+        removal: e.g. residual blocks to remove (``fxprune.edits.blocks``), factorised layers to merge back
+        (``fxprune.edits.factorize.merge_unprofitable``). Default: none."""
+        return []
 
     def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
         """New full-size tensors for compaction, given the selected removal (a bool per channel

@@ -133,7 +133,8 @@ class Scratch(LearnedScales):
         reinitialize(wide, self.seed)
         args, kwargs = ctx.gm.meta[META_INPUTS]
         gm = trace(wide, kwargs if kwargs else args)
-        return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection)
+        return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection,
+                           target=ctx.target)
 
     def gated(self, ctx: PassContext) -> list[int]:
         """The groups that get a gate: every prunable one, residual streams only with ``residual``."""

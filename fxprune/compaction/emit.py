@@ -63,6 +63,7 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
     out: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     alive: list[object] = []  # replacement Parameters stay referenced, so their ids are never reused
+    replaced: dict[int, torch.Tensor] = {}  # id of a replacement -> the tensor made of it
     params = dict(gm.named_parameters(remove_duplicate=False))
     state = named_tensors(gm)  # one walk, not one per name
     # Nodes that are read first: export reads a tied weight under one name and leaves the other dead.
@@ -76,8 +77,12 @@ def _sliced_tensors(gm: fx.GraphModule, plan: Plan,
             if not isinstance(orig, torch.Tensor) or new.shape != orig.shape:
                 raise CompactionError(f"replacement weight {node.target} must keep shape "
                                       f"{tuple(getattr(orig, 'shape', ()))}, got {tuple(new.shape)}", node.name)
-            orig = nn.Parameter(new.detach(), requires_grad=orig.requires_grad) if isinstance(orig, nn.Parameter) \
-                else new.detach()
+            if id(new) in replaced:  # one replacement for tied names: they stay one tensor
+                orig = replaced[id(new)]
+            else:
+                orig = nn.Parameter(new.detach(), requires_grad=orig.requires_grad) \
+                    if isinstance(orig, nn.Parameter) else new.detach()
+                replaced[id(new)] = orig
             alive.append(orig)
         if not isinstance(orig, torch.Tensor):
             continue

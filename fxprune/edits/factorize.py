@@ -4,6 +4,9 @@
 modified) in which each named layer's ``op(x, W, b)`` becomes ``op(op(x, V), U, b)``:
 
 - ``linear(x, W, b)`` -> ``linear(linear(x, V), U, b)``, ``V``: (r, in), ``U``: (out, r);
+- ``addmm(b, x, W)`` with ``W`` (in, out) a parameter (Hugging Face's GPT-2 ``Conv1D``) ->
+  ``addmm(b, mm(x, V^T), U^T)``: the same factors stored transposed, ``weight_v`` (in, r) and
+  ``weight_u`` (r, out), so every tensor keeps its layer's layout;
 - a 1x1 convolution (``conv1d``/``conv2d``/``conv3d``, every kernel size 1, ``groups=1``)
   -> ``conv(conv(x, V, None, stride, padding, dilation), U, b)`` with 1x1 kernels ``V``: (r, in, 1, ..)
   and ``U``: (out, r, 1, ..). Stride and padding go on the first factor; that is exact because a 1x1
@@ -29,7 +32,7 @@ equivalent to the masked model. Every pass, budget and cost count treats it like
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +49,11 @@ from fxprune.compaction.resize import Reindexing
 from fxprune.state import named_tensors
 from fxprune.tracing.tracer import META_INPUTS, trace
 
-__all__ = ["factorize", "factorized_graph", "Factor"]
+__all__ = ["factorize", "factorized_graph", "Factor", "merge_unprofitable", "pair_pays"]
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
+ADDMM, MM = aten.addmm.default, aten.mm.default
 CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 # A rank (truncated SVD) or explicit factors (U: (out, r), V: (r, in)).
@@ -71,8 +75,17 @@ def _weight_nodes(graph: fx.Graph, name: str) -> list[fx.Node]:
 
 
 def _is_layer_use(user: fx.Node, weight: fx.Node) -> bool:
-    return user.op == "call_function" and (user.target is LINEAR or user.target in CONVS) \
+    if user.op != "call_function":
+        return False
+    if user.target is ADDMM:  # addmm(bias, x, W): W (in, out), Conv1D's layout
+        return len(user.args) == 3 and user.args[2] is weight and user.args[1] is not weight and not user.kwargs
+    return (user.target is LINEAR or user.target in CONVS) \
         and bind(user).get("weight") is weight and bind(user).get("input") is not weight
+
+
+def _transposed(gm: fx.GraphModule, path: str) -> bool:
+    """Is layer ``path``'s weight stored (in, out), read by ``addmm``?"""
+    return any(u.target is ADDMM for n in _weight_nodes(gm.graph, f"{path}.weight") for u in n.users)
 
 
 def _candidates(gm: fx.GraphModule, limit: int = 5) -> str:
@@ -155,13 +168,19 @@ def _explicit(path: str, w: torch.Tensor, u: Any, v: Any) -> tuple[torch.Tensor,
     return u, v
 
 
-def _pair(path: str, w: torch.Tensor, value: Factor) -> _Pair:
+def _pair(path: str, w: torch.Tensor, value: Factor, transposed: bool = False) -> _Pair:
+    """The factors of ``W`` (out, in); ``transposed``: ``W`` is stored (in, out) and so are its factors."""
+    w = w.t() if transposed else w
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         u, v = _svd(path, w, int(value))
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         u, v = _explicit(path, w, *value)
     else:
         raise ValueError(f"cannot factorise {path!r}: give a rank (int) or a pair of tensors (U, V), got {value!r}")
+    if transposed:  # addmm(b, mm(x, V^T), U^T): weight_v = V^T (in, r), weight_u = U^T (r, out)
+        first, second = v.t(), u.t()
+        return _Pair(path, u=second.to(w.device, w.dtype).contiguous(), v=first.to(w.device, w.dtype).contiguous(),
+                     requires_grad=w.requires_grad)
     kernel = (1,) * (w.dim() - 2)
     u = u.to(w.device, w.dtype).reshape(*u.shape, *kernel).contiguous()
     v = v.to(w.device, w.dtype).reshape(*v.shape, *kernel).contiguous()
@@ -170,6 +189,12 @@ def _pair(path: str, w: torch.Tensor, value: Factor) -> _Pair:
 
 def _split_use(graph: fx.Graph, user: fx.Node, v: fx.Node, u: fx.Node) -> None:
     """``op(x, W, b, ...)`` -> ``op(op(x, V, None, ...), U, b)``; ``user`` keeps its name and value."""
+    if user.target is ADDMM:
+        bias, x, _ = user.args
+        with graph.inserting_before(user):
+            first = graph.call_function(MM, (x, v))
+        user.args = (bias, first, u)
+        return
     b = bind(user)
     with graph.inserting_before(user):
         if user.target is LINEAR:
@@ -214,7 +239,7 @@ def factorize(gm: fx.GraphModule, factors: Mapping[str, Factor], *, groups: Chan
     ``gm`` comes from ``fxprune.trace`` and is not modified; ``groups`` (its analysis) saves analysing
     it again. ValueError, naming the layer and what to do, for an unknown path, a convolution that is
     not 1x1 or is grouped, a weight read by anything else, or a rank outside 1..min(out, in)."""
-    pairs = [_pair(path, _check_layer(gm, path), value) for path, value in factors.items()]
+    pairs = [_pair(path, _check_layer(gm, path), value, _transposed(gm, path)) for path, value in factors.items()]
     groups = groups if groups is not None else analyze(gm)
     nothing = np.zeros(len(groups.comp_group), dtype=bool)
     return emit(gm, Reindexing(groups, nothing), {}, training=training, edits=[_edit(pairs)])
@@ -250,3 +275,59 @@ def factorized_graph(model_or_gm: nn.Module, example_inputs: Any,
     module = factorize(gm, factors)
     new_gm = trace(module, inputs)
     return new_gm, analyze(new_gm)
+
+
+def pair_pays(rank: int, out: int, inp: int) -> bool:
+    """Is a rank-``rank`` pair smaller than the dense ``out x in`` layer: ``rank (in + out) < in * out``?"""
+    return rank * (inp + out) < inp * out
+
+
+def merge_unprofitable(paths: Iterable[str]) -> GraphEdit:
+    """A compaction edit: each factorised layer of ``paths`` whose kept rank no longer pays
+    (:func:`pair_pays`, on the compacted factors) becomes one dense layer again,
+    ``op(op(x, V), U, b)`` -> ``op(x, U @ V, b)`` (the first op's stride/padding kept), under its original
+    weight name ``<path>.weight``; a pair that pays is left as it is. Exact up to float summation order."""
+    paths = list(paths)
+
+    def edit(graph: fx.Graph, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
+        for path in paths:
+            u, v = tensors.get(f"{path}.weight_u"), tensors.get(f"{path}.weight_v")
+            if u is None or v is None:
+                continue
+            seconds = [n for n in graph.nodes if n.op == "get_attr" and n.target == f"{path}.weight_u"]
+            addmm = any(user.target is ADDMM for n in seconds for user in n.users)
+            out, rank, inp = (u.shape[1], u.shape[0], v.shape[0]) if addmm else (u.shape[0], u.shape[1], v.shape[1])
+            if pair_pays(rank, out, inp):
+                continue
+            first_factor, second_factor = (v, u) if addmm else (u, v)  # (in, r) @ (r, out), or (out, r) @ (r, in)
+            dense = (_as_matrix(first_factor).double() @ _as_matrix(second_factor).double()).to(u.dtype)
+            dense = dense.reshape(*dense.shape, *u.shape[2:]).contiguous()
+            for second in seconds:
+                for user in list(second.users):
+                    with graph.inserting_before(user):
+                        w = _attr(graph, f"{path}.weight", dense)
+                    if user.target is ADDMM:
+                        bias, first, _ = user.args
+                        user.args = (bias, first.args[0], w)
+                        if not first.users:
+                            graph.erase_node(first)
+                        continue
+                    b = bind(user)
+                    first = b["input"]
+                    fb = bind(first)
+                    if user.target is LINEAR:
+                        user.args, user.kwargs = (fb["input"], w, b["bias"]), {}
+                    else:
+                        user.args, user.kwargs = (fb["input"], w, b["bias"], fb["stride"], fb["padding"],
+                                                  fb["dilation"], 1), {}
+                    if not first.users:
+                        graph.erase_node(first)
+            for node in [n for n in graph.nodes if n.op == "get_attr" and n.target in
+                         (f"{path}.weight_u", f"{path}.weight_v") and not n.users]:
+                graph.erase_node(node)
+            tensors.pop(f"{path}.weight_u")
+            tensors.pop(f"{path}.weight_v")
+            tensors[f"{path}.weight"] = nn.Parameter(dense, requires_grad=u.requires_grad)
+
+    return edit
+

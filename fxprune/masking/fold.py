@@ -77,7 +77,9 @@ def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *,
             for gid, v in (values if values is not None else masked.values()).items() if gid in masked.masks}
     for v in vals.values():
         v[np.abs(v) <= threshold] = 0.0
-    weights = {k: v.clone() for k, v in masked.state().items()}
+    clones: dict[int, torch.Tensor] = {}  # tied names keep one tensor
+    weights = {k: clones[id(v)] if id(v) in clones else clones.setdefault(id(v), v.detach().clone())
+               for k, v in masked.state().items()}
     removed = np.zeros(len(masked.groups.comp_group), dtype=bool)
     for gid, v in vals.items():
         sites = masked.sites[gid]

@@ -105,10 +105,11 @@ class MaskedModel:
         return fold(self, values, threshold=threshold)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The masked module's tensors under the user's names (masks and their sites left out)."""
+        """The masked module's own tensors under the user's names (masks and their sites left out; tied names
+        share one tensor)."""
         from fxprune.state import named_tensors
 
-        return {k: v.detach() for k, v in named_tensors(self.module).items()
+        return {k: v for k, v in named_tensors(self.module).items()
                 if not k.startswith((MASKS + ".", SITES + ".", DEPTH_PREFIX + "."))}
 
 
