@@ -6,6 +6,10 @@ The corpus is the source of the running interpreter's standard library
 so fxprune starts from a trained model; attention heads and MLP channels are what it prunes:
 
     fxprune run examples/charlm.py --pass l1 --ratio 0.5 --finetune-epochs 1
+    fxprune run examples/charlm.py --pass flop --target-params 0.5     # factorised L0 pruning
+
+CHARLM_STEPS (pre-training steps), CHARLM_BATCHES (batches per training epoch) and CHARLM_VAL_BATCHES
+(validation batches) shrink it for quick checks.
 
 The corpus, exactly: every ``.py`` file under the stdlib folder, found by walking it and sorted by
 its path relative to that folder (POSIX separators, plain string order), skipping any file inside a
@@ -42,8 +46,8 @@ SEED = 0
 VOCAB = 256                  # byte values
 SEQ = 128                    # window length (and the positional embedding's maximum length)
 BATCH = 32
-TRAIN_BATCHES = 50           # batches per train_loader() epoch
-VAL_BATCHES = 16             # batches in val_loader()
+TRAIN_BATCHES = int(os.environ.get("CHARLM_BATCHES", "50"))   # batches per train_loader() epoch
+VAL_BATCHES = int(os.environ.get("CHARLM_VAL_BATCHES", "16"))  # batches in val_loader()
 MIN_FILE_BYTES = 1024        # files smaller than 1 KiB are skipped
 CORPUS_BYTES = 2 * 2 ** 20   # files are taken until the total reaches 2 MiB
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})

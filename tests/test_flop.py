@@ -158,3 +158,30 @@ def test_flop_on_hugging_face_language_models(name: str) -> None:
     assert not any("fxprune" in n for n in res.module.state_dict())
     with torch.no_grad():
         assert res.module(*inputs).logits.shape == model(*inputs).logits.shape
+
+
+def test_cli_flop_on_the_char_lm_example(tmp_path, monkeypatch) -> None:
+    """The headline command of the issue, on a tiny budget: prunes to the target, recovers, writes a
+    folder whose model loads and is exact against the factorised, gated model."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    for key, value in {"CHARLM_STEPS": "2", "CHARLM_BATCHES": "3", "CHARLM_VAL_BATCHES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    example = Path(__file__).resolve().parents[1] / "examples" / "charlm.py"
+    out = tmp_path / "flop"
+    result = CliRunner().invoke(app, ["run", str(example), "--pass", "flop", "--target-params", "0.5",
+                                      "--opt", "epochs=1", "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    kept = report["after"]["params"] / report["before"]["params"]
+    assert abs(kept - 0.5) <= 0.02, kept
+    assert "factorised" in report["pass_report"] and report["pass_report"]["lagrangian"]
+    model = fxprune.load(out)
+    ids = torch.randint(0, 256, (2, 128))
+    with torch.no_grad():
+        assert model(ids).shape == (2, 128, 256)
