@@ -185,3 +185,19 @@ def test_cli_flop_on_the_char_lm_example(tmp_path, monkeypatch) -> None:
     ids = torch.randint(0, 256, (2, 128))
     with torch.no_grad():
         assert model(ids).shape == (2, 128, 256)
+
+
+def test_flop_factorised_model_at_full_rank_is_the_original_in_float64() -> None:
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    gm = fxprune.trace(model, (x,))
+    ctx = fxprune.PassContext(gm, fxprune.analyze(gm), model, {})
+    new = Flop().prepare(ctx)
+    assert set(new.state["layers"]) == {"fc1", "fc2", "fc3"}
+    names = dict(new.gm.named_parameters())
+    assert names["fc2.weight_v"].shape == (64, 64) and "fc2.weight" not in names
+    torch.testing.assert_close(new.gm(x), model(x), rtol=1e-10, atol=1e-12)
+    ranks = Flop.rank_groups(new)
+    assert sorted(path for path, _ in ranks.values()) == ["fc1", "fc2", "fc3"]
+    assert {size for _, size in ranks.values()} == {16 + 64, 64 + 64, 64 + 4}
