@@ -385,7 +385,9 @@ def test_passes_lists_l1():
     result = _invoke("passes")
     assert result.exit_code == 0 and "l1" in result.stdout and "Li et al" in result.stdout
     rows = json.loads(_invoke("passes", "--json").stdout)
-    assert {"name": "l1", "scope": "group"}.items() <= rows[0].items()
+    l1 = next(r for r in rows if r["name"] == "l1")
+    assert {"name": "l1", "scope": "group"}.items() <= l1.items()
+    assert [r["name"] for r in rows] == sorted(r["name"] for r in rows)
 
 
 def test_bench_compares_original_and_pruned(tiny_run):
@@ -424,7 +426,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
         "inspect untraceable": (["inspect", untraceable], "if x.sum() > 0:"),
         "ratio 1": (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
         "ratio < 0": (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
-        "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: l1"),
+        "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: flop, l1"),
         "unknown option": (["run", tiny, "--opt", "foo=1"], "pass 'l1' has no option 'foo'"),
         "malformed option": (["run", tiny, "--opt", "foo"], "--opt expects key=value"),
         "no train_loader": (["run", no_train, "--finetune-epochs", "1"], "does not define train_loader"),
