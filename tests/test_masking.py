@@ -134,7 +134,7 @@ def test_mask_contract_on_timm() -> None:
     check_contract(timm.create_model("test_vit", pretrained=False), (torch.randn(1, 3, 160, 160),))
 
 
-@pytest.mark.parametrize("name", ["bert", "llama_gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "llama_gqa", "gpt2", "vit", "t5"])
 def test_mask_contract_on_hugging_face(name: str) -> None:
     pytest.importorskip("transformers")
     import test_transformers as hf
