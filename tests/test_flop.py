@@ -177,7 +177,9 @@ def test_cli_flop_on_the_char_lm_example(tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(app, ["run", str(example), "--pass", "flop", "--target-params", "0.5",
                                       "--opt", "epochs=1", "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "flop to 0.5 of the parameters" in result.output  # the budget as given, not a ratio
     report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"params": 0.5}
     kept = report["after"]["params"] / report["before"]["params"]
     assert abs(kept - 0.5) <= 0.02, kept
     assert "factorised" in report["pass_report"] and report["pass_report"]["lagrangian"]

@@ -436,6 +436,8 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "fxprune_version": __version__, "torch_version": torch.__version__,
         "model_file": str(cfg.model_file), "pass": cfg.method, "options": dataclasses.asdict(the_pass),
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
+        "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
+                   if k in ("target_macs", "target_params") and v is not None} or None,
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

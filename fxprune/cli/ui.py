@@ -70,7 +70,10 @@ class RichFeedback(Feedback):
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"{report['pass']} at ratio {report['ratio']}: {report['out']}", title_justify="left")
+    target = report.get("target") or {}
+    budget = "".join(f" to {v:g} of the {'MACs' if k == 'macs' else 'parameters'}" for k, v in target.items()) \
+        or f" at ratio {report['ratio']}"
+    table = Table(title=f"{report['pass']}{budget}: {report['out']}", title_justify="left")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in cost_rows(report):
