@@ -419,3 +419,16 @@ def test_meta_normalisations_check_their_shapes():
         norm_output(torch.ops.aten.group_norm.default, (x, 3, w, w))
     with pytest.raises(RuntimeError):
         norm_output(torch.ops.aten.layer_norm.default, (x, [8]))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_traced_view_reports_the_models_mode_and_compaction_keeps_it(training: bool) -> None:
+    """Traced in eval mode, the view says the model's own mode, so compacting against the traced graph
+    itself (a factorised model, fxprune.edits.factorize) returns a module in the user's mode."""
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).train(training)
+    gm = fxprune.trace(model, (torch.randn(2, 4),))
+    assert gm.training == training and model.training == training
+    groups = fxprune.analyze(gm)
+    assert fxprune.compact(gm, groups, np.zeros(len(groups.comp_group), bool), gm).module.training == training

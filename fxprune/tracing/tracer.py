@@ -314,7 +314,8 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
             _warn_broken(failed, failure, name)
     gm.meta[META_FRONTEND] = name
     gm.meta[META_INPUTS] = (args, kwargs)
-    return gm
+    gm.training = model.training  # traced in eval mode; the view reports the model's own mode (the flag
+    return gm                     # only: an exported module refuses .train())
 
 
 def _trace_error(model: torch.nn.Module, exc: BaseException) -> TraceError:
