@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.fx as fx
@@ -38,6 +38,9 @@ from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 from fxprune.analysis.schema import bind
 from .apply import ApplyMasks, MaskedBatchNorm, Multiplier
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
+
+if TYPE_CHECKING:
+    from .fold import Folded
 
 __all__ = ["insert_masks", "MaskedModel", "MaskFactory", "MASKS", "SITES"]
 
@@ -72,33 +75,16 @@ class MaskedModel:
 
     def values(self) -> dict[int, np.ndarray]:
         """Each per-channel mask's current value (the module in eval mode), per group id."""
-        out: dict[int, np.ndarray] = {}
-        with torch.no_grad():
-            for gid, m in self.masks.items():
-                if getattr(m, "per_sample", False):
-                    raise ValueError(f"group {gid}'s mask is per-sample: give fold() the values to use")
-                was = m.training
-                m.eval()
-                try:
-                    out[gid] = m().detach().double().cpu().numpy().reshape(-1)
-                finally:
-                    m.train(was)
-        return out
+        for gid, m in self.masks.items():
+            if getattr(m, "per_sample", False):
+                raise ValueError(f"group {gid}'s mask is per-sample: give fold() the values to use")
+        return {gid: _evaluated(m).double().cpu().numpy().reshape(-1) for gid, m in self.masks.items()}
 
     def depth_values(self) -> dict[str, float]:
         """Each depth mask's current value (eval mode), per block name."""
-        out: dict[str, float] = {}
-        with torch.no_grad():
-            for name, m in self.depth.items():
-                was = m.training
-                m.eval()
-                try:
-                    out[name] = float(m().detach().reshape(-1)[0])
-                finally:
-                    m.train(was)
-        return out
+        return {name: float(_evaluated(m).reshape(-1)[0]) for name, m in self.depth.items()}
 
-    def fold(self, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Any:
+    def fold(self, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Folded:
         """:func:`fxprune.masking.fold.fold` of this model: new full-size weights and the removal."""
         from .fold import fold
 
@@ -111,6 +97,17 @@ class MaskedModel:
 
         return {k: v for k, v in named_tensors(self.module).items()
                 if not k.startswith((MASKS + ".", SITES + ".", DEPTH_PREFIX + "."))}
+
+
+def _evaluated(mask: nn.Module) -> torch.Tensor:
+    """A mask module's output in eval mode (its deterministic value), without gradient; its mode is kept."""
+    was = mask.training
+    mask.eval()
+    try:
+        with torch.no_grad():
+            return mask().detach()
+    finally:
+        mask.train(was)
 
 
 def _index(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
