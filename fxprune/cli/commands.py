@@ -33,12 +33,13 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .deploy import DeployError
     from .modelfile import ModelFileError
     from .pipeline import OptionError
+    from .robust import RobustnessError
     from fxprune.passes.registry import PassError
     from fxprune.selection.budget import SelectionError
     from fxprune.tracing.tracer import TraceError
 
     return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError,
-            DeployError)
+            DeployError, RobustnessError)
 
 
 @contextmanager
@@ -347,6 +348,40 @@ def bench(
     first = rows[0]
     Console().print(bench_table(rows, f"{folder}: {first['rounds']} interleaved rounds of {first['runs_per_round']} "
                                       f"runs per model on the saved example inputs, {first['threads']} CPU threads"))
+
+
+@app.command("eval")
+def evaluate_robustness(
+    model_file: ModelArg,
+    folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
+    attack: Annotated[str, typer.Option("--attack", help="pgd: L-inf projected gradient descent, random start")] = "pgd",
+    eps: Annotated[float, typer.Option("--eps", help="the L-inf radius, in input units")] = 0.03,
+    steps: Annotated[int, typer.Option("--steps", help="attack steps (ANP evaluates with 40)")] = 40,
+    step: Annotated[Optional[float], typer.Option("--step", help="step size (default 2.5 eps / steps)",
+                                                  show_default=False)] = None,
+    batches: Annotated[Optional[int], typer.Option("--batches", help="validation batches to attack (default all)",
+                                                   show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clean accuracy, white-box PGD accuracy and mean layer vulnerability of the original and the pruned
+    model of an output folder, on the model file's val_loader() (the same code path for both)."""
+    from .robust import evaluate_folder
+
+    with _user_errors():
+        rows = evaluate_folder(model_file, folder, attack=attack, eps=eps, steps=steps, step=step, batches=batches)
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{folder}: {attack.upper()} eps {eps:g}, {steps} steps", title_justify="left")
+    for col in ("model", "clean accuracy", "PGD accuracy", "vulnerability"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in rows:
+        table.add_row(row["model"], f"{row['clean_accuracy']:.4f}", f"{row['pgd_accuracy']:.4f}",
+                      f"{row['vulnerability']:.4g}")
+    Console().print(table)
 
 
 @app.command("export")
