@@ -12,7 +12,8 @@ One folder per stage of the pipeline, in order:
     recovery/     the training engine: fine-tune / scratch-e / scratch-b, distillation, checkpoints, DDP
     cli/          the command line around them: pipeline, output folder, report, bench, measurement
 
-``api.py`` chains the stages (``prune``); ``testing.py`` holds the equivalence check; ``state.py`` looks a
+``api.py`` chains the stages (``prune``); ``testing.py`` holds the equivalence check; ``robustness.py`` the
+PGD attack and layer vulnerability (``fxprune eval``); ``state.py`` looks a
 model's tensors up by name (the dotted-name getter, the parameters-and-buffers view) for every stage.
 """
 from __future__ import annotations
