@@ -127,3 +127,26 @@ def test_cli_eval_reports_both_models_of_an_output_folder(tmp_path) -> None:
     assert bad.exit_code == 2 and "--attack must be one of pgd" in bad.output
     missing = runner.invoke(app, ["eval", str(model_file), str(tmp_path)])
     assert missing.exit_code == 2 and "original.pt2 not found" in missing.output
+
+
+def test_cli_run_with_attack_reports_robustness_before_and_after(tmp_path) -> None:
+    model_file = tmp_path / "net.py"
+    model_file.write_text(textwrap.dedent(MODEL_FILE))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(model_file), "--pass", "l1", "--ratio", "0.5", "--no-recover",
+                                 "--attack", "pgd", "--eps", "0.1", "--attack-steps", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "PGD accuracy (eps 0.1, 3 steps)" in result.output and "vulnerability" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["attack"] == {"name": "pgd", "eps": 0.1, "steps": 3}
+    for side in ("before", "after"):
+        r = report[side]["robustness"]
+        assert 0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1 and r["vulnerability"] >= 0
+    assert "PGD accuracy" in (out / "report.md").read_text()
+    bad = runner.invoke(app, ["run", str(model_file), "--attack", "fgsm", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--attack must be one of pgd" in bad.output
+    no_data = tmp_path / "nodata.py"
+    no_data.write_text(textwrap.dedent(MODEL_FILE).replace("def val_loader", "def _unused"))
+    missing = runner.invoke(app, ["run", str(no_data), "--attack", "pgd", "--out", str(tmp_path / "y")])
+    assert missing.exit_code == 2 and "val_loader" in missing.output and not (tmp_path / "y").exists()

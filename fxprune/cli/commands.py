@@ -128,6 +128,11 @@ def run(
                                              "train")] = False,
     onnx: Annotated[bool, typer.Option("--onnx", help="also write model.onnx, checked with onnxruntime against "
                                        "model.pt2 (pip install \"fxprune[onnx]\")")] = False,
+    attack: Annotated[Optional[str], typer.Option("--attack", help="also report robustness before and after: pgd "
+                                                  "(white-box L-inf PGD on val_loader(); see `fxprune eval`)",
+                                                  show_default=False)] = None,
+    eps: Annotated[float, typer.Option("--eps", help="--attack's L-inf radius, in input units")] = 0.03,
+    attack_steps: Annotated[int, typer.Option("--attack-steps", help="--attack's PGD steps")] = 40,
     allow_inexact: Annotated[bool, typer.Option("--allow-inexact", help="also prune groups where removing a "
                                                 "channel is not exactly the masked model (behind a normalisation "
                                                 "over channels); recover afterwards")] = False,
@@ -169,7 +174,7 @@ def run(
                   "target_params": target_params}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
-                        onnx=onnx)
+                        onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return

@@ -70,6 +70,9 @@ class RunConfig:
     no_recover: bool = False    # --no-recover: no recovery even when the model file can train
     allow_inexact: bool = False  # --allow-inexact: also prune groups where removal is not exactly the masked model
     onnx: bool = False  # --onnx: also write model.onnx, checked with onnxruntime (fxprune.cli.deploy)
+    attack: str | None = None  # --attack pgd: robustness before and after (fxprune.robustness), on val_loader()
+    eps: float = 0.03
+    attack_steps: int = 40
 
 
 class Feedback:
@@ -162,6 +165,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     _check_device(cfg.device)
     if cfg.onnx:
         require_onnx()  # before any work: the export runs last
+    attack = _attack(cfg)
     pass_cls = load_pass(cfg.method)
     the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
     mf = load_model_file(cfg.model_file)
@@ -171,7 +175,36 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     needs = tuple(getattr(pass_cls, "needs", ()))  # the model-file functions the pass reads (Pass.needs)
     if needs:
         mf.require(*needs, why=f"pass {cfg.method!r}")
+    if attack is not None:
+        mf.require("val_loader", why=f"--attack {cfg.attack} (the data to attack)")
     return mf, the_pass
+
+
+def _attack(cfg: RunConfig) -> Any:
+    """The attack --attack asks for (None without it); an OptionError naming what is wrong."""
+    if cfg.attack is None:
+        return None
+    from fxprune.robustness import PGD
+
+    from .robust import ATTACKS
+
+    if cfg.attack not in ATTACKS:
+        raise OptionError(f"--attack must be one of {', '.join(ATTACKS)}, got {cfg.attack!r}")
+    try:
+        return PGD(eps=cfg.eps, steps=cfg.attack_steps)
+    except ValueError as exc:
+        raise OptionError(f"--attack {cfg.attack}: {exc}") from None
+
+
+def _robustness(cfg: RunConfig, mf: ModelFile, model: nn.Module, fb: Feedback, which: str) -> dict[str, Any] | None:
+    """Clean accuracy, PGD accuracy and vulnerability of ``model`` with --attack (None without)."""
+    attack = _attack(cfg)
+    if attack is None:
+        return None
+    from fxprune.robustness import robust_metrics
+
+    with fb.step(f"attacking the {which} model ({cfg.attack}, eps {cfg.eps:g}, {cfg.attack_steps} steps)"):
+        return robust_metrics(model, mf.loader("val_loader"), attack, loss_fn=mf.loss())
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -336,6 +369,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     _check_shortfall(cfg, result, fb, notes)
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
+    before["robustness"] = _robustness(cfg, mf, model, fb, "original")
     pruned: dict[str, Any] = {"metrics": None}
     if mf.has("evaluate"):
         with fb.step("evaluating the pruned model"):
@@ -354,6 +388,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     with fb.step("measuring the pruned model"):
         result.module.eval()
         after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
+    after["robustness"] = _robustness(cfg, mf, result.module, fb, "pruned")
     report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes)
     with fb.step(f"writing {cfg.out}"):
         cpu_inputs = to_device(inputs, "cpu")
@@ -438,6 +473,7 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
                    if k in ("target_macs", "target_params") and v is not None} or None,
+        "attack": None if cfg.attack is None else {"name": cfg.attack, "eps": cfg.eps, "steps": cfg.attack_steps},
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

@@ -91,6 +91,13 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"{name} (pruned, not fine-tuned)", _fmt(value), _fmt(pruned[name]), _diff(value, pruned[name])))
         after = (a.get("metrics") or {}).get(name)
         rows.append((name, _fmt(value), _fmt(after), _diff(value, after)))
+    rb, ra = b.get("robustness") or {}, a.get("robustness") or {}
+    attack = report.get("attack") or {}
+    for key, label in (("clean_accuracy", "clean accuracy (attack's data)"),
+                       ("pgd_accuracy", f"PGD accuracy (eps {attack.get('eps', 0):g}, {attack.get('steps', 0)} steps)"),
+                       ("vulnerability", "vulnerability (mean |f(x) - f(x_adv)|)")):
+        if key in rb or key in ra:
+            rows.append((label, _fmt(rb.get(key)), _fmt(ra.get(key)), _diff(rb.get(key), ra.get(key))))
     return rows
 
 
