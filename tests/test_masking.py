@@ -270,6 +270,13 @@ class Counting:
 
 
 class Optimisers(Hook):
+    def __init__(self):
+        self.phases = []
+
+    def loss(self, state, output, target):
+        self.phases.append(state.phase)  # which step this forward serves
+        return None
+
     def after_step(self, state):
         self.weights = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
         self.masks = {id(p) for g in state.mask_optimizer.param_groups for p in g["params"]}
@@ -292,6 +299,7 @@ def test_engine_trains_masks_in_their_own_optimiser(alternate: bool) -> None:
     assert any(not torch.equal(a, p) for a, p in zip(mask0, masks))
     assert any(not torch.equal(a, p) for a, p in zip(weight0, weights))
     assert other.drawn == (3 if alternate else 0)  # one mask step per weight step, the loader cycled
+    assert seen.phases == (["weights", "masks"] * 3 if alternate else ["joint"] * 3)
 
 
 def test_engine_trains_masks_alone_and_refuses_mixing() -> None:

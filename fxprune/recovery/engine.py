@@ -73,6 +73,10 @@ class TrainState:
     rank: int = 0                        # this process's rank (0 outside torchrun)
     world: int = 1
     mask_optimizer: torch.optim.Optimizer | None = None  # MaskTraining's optimiser, when masks train
+    # which step the current forward serves: "weights" (the weights' optimiser alone, or no masks), "masks"
+    # (the alternating scheme's mask step, weights held) or "joint" (one step updates both): a hook whose
+    # loss term differs per step (ANP: weights and masks minimise different losses) reads it
+    phase: str = "weights"
 
 
 @dataclass
@@ -267,6 +271,7 @@ def _epoch(state: TrainState, run: _Run) -> float:
     joint = run.masks is not None and run.masks.loader is None
     first = ([state.optimizer] if run.weights else []) + ([state.mask_optimizer] if joint else [])
     for state.batch, batch in enumerate(run.loader):
+        state.phase = "joint" if joint else "weights"
         loss = _objective(state, run, batch)
         _backward(state, run, loss, first)
         if run.max_grad_norm is not None:
@@ -274,6 +279,7 @@ def _epoch(state: TrainState, run: _Run) -> float:
         if first:
             _step(run, first)
         if run.masks is not None and not joint:  # the alternating scheme: a mask step on the other split
+            state.phase = "masks"
             mask_loss = _objective(state, run, run.next_mask_batch())
             _backward(state, run, mask_loss, [state.mask_optimizer])
             _step(run, [state.mask_optimizer])
