@@ -406,3 +406,19 @@ def test_rank_mask_on_a_factorised_layer_compacts_to_a_smaller_rank() -> None:
     u, v = gm.get_parameter("fc2.weight_u"), gm.get_parameter("fc2.weight_v")
     want = torch.nn.functional.linear(torch.relu(model.fc1(x)), u @ torch.diag(torch.as_tensor(z)) @ v, model.fc2.bias)
     torch.testing.assert_close(out.module(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_prenorm_fold_works_with_buffer_masks() -> None:
+    """A mask whose value is a buffer (Fixed) folds under the prenorm placement too (the constants are read
+    on a copy whose masks are swapped for the values)."""
+    model = randomize_bn(FeatureMap()).to(F64).eval()
+    x = torch.randn(2, 3, 12, 12, dtype=F64)
+    gm = fxprune.trace(model, (x,))
+    groups = fxprune.analyze(gm)
+    values = torch.tensor([0.0, 0.5, 1.0, 0.0, 1.5, 1.0, 0.0, 0.8])
+    masked = insert_masks(gm, groups, lambda g: Fixed(values), placement="prenorm")
+    folded = fold(masked)
+    assert folded.removed.sum() == 6
+    out = fxprune.compact(gm, groups, folded.removed, model, weights=folded.weights)
+    want, got = masked.module.eval()(x), out.module.to(F64).eval()(x)
+    torch.testing.assert_close(got[..., 2:-2, 2:-2], want[..., 2:-2, 2:-2], rtol=1e-6, atol=1e-6)

@@ -78,8 +78,11 @@ def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *,
     for v in vals.values():
         v[np.abs(v) <= threshold] = 0.0
     clones: dict[int, torch.Tensor] = {}  # tied names keep one tensor
-    weights = {k: clones[id(v)] if id(v) in clones else clones.setdefault(id(v), v.detach().clone())
-               for k, v in masked.state().items()}
+    weights: dict[str, torch.Tensor] = {}
+    for k, v in masked.state().items():
+        if id(v) not in clones:
+            clones[id(v)] = v.detach().clone()
+        weights[k] = clones[id(v)]
     removed = np.zeros(len(masked.groups.comp_group), dtype=bool)
     for gid, v in vals.items():
         sites = masked.sites[gid]
@@ -100,9 +103,9 @@ def _with_values(masked: MaskedModel, vals: dict[int, np.ndarray]) -> fx.GraphMo
     """A copy of the masked module whose masks are these fixed values, in eval mode."""
     module = copy.deepcopy(masked.module).eval()
     holder = module.get_submodule(MASKS)
+    device = next(module.parameters()).device
     for gid, v in vals.items():
-        ref = next(iter(holder.get_submodule(f"g{gid}").buffers()), None) or next(module.parameters())
-        setattr(holder, f"g{gid}", Fixed(torch.as_tensor(v)).to(ref.device))
+        setattr(holder, f"g{gid}", Fixed(torch.as_tensor(v)).to(device))
     return module
 
 
