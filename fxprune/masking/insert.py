@@ -147,6 +147,10 @@ class _Insert:
     def __call__(self, graph: fx.Graph, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
         self.graph, self.tensors, self.modules = graph, tensors, modules
         self.nodes = {n.name: n for n in graph.nodes}
+        self.attrs: dict[str, list[fx.Node]] = {}  # get_attr nodes by target, looked up once
+        for n in graph.nodes:
+            if n.op == "get_attr":
+                self.attrs.setdefault(n.target, []).append(n)
         self.order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
         self.latest: dict[fx.Node, fx.Node] = {}  # a tensor masked twice (two axes): the second wraps the first
         # masks are computed after the inputs and tensors are read (the graph's prefix), before any op
@@ -165,7 +169,7 @@ class _Insert:
             self._fuse_norm(self.nodes[name], entries)
         for kind, table in (("soft", soft), ("hard", hard)):
             for (target, axis), entries in table.items():
-                for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == target]:
+                for node in self.attrs.get(target, []):
                     self._apply(node, axis, entries, hard=kind == "hard")
 
     def _mask_calls(self, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[int, fx.Node]:

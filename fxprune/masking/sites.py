@@ -72,8 +72,12 @@ class GroupSites:
     channels: int
     activations: list[Site] = field(default_factory=list)
     weights: list[Site] = field(default_factory=list)   # hard sites (get_attr targets)
-    folds: list[Site] = field(default_factory=list)     # the tensors a mask folds into (node = tensor name)
     skipped: str | None = None                           # why no mask can act on this group
+
+    @property
+    def folds(self) -> list[Site]:
+        """The tensors a mask folds into (``node`` = tensor name): every activation site's."""
+        return [f for site in self.activations for f in site.folds]
 
 
 def _is_norm(node: fx.Node) -> bool:
@@ -218,7 +222,6 @@ def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placemen
         site.folds = [f for f in (_tensor_site(groups, group, p, state[p.name].shape) for p in slots
                                   if p.name in state) if f is not None]
         out.activations.append(site)
-        out.folds += site.folds
     if not out.activations:
         out.skipped = ("no layer output carries these channels" if placement == "output"
                        else "no producing layer feeds a normalisation")
