@@ -8,6 +8,7 @@ the state-dict names stay those of the user's model (``layer1.0.bn1.weight``...)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -15,7 +16,7 @@ from torch import nn
 
 from fxprune.analysis.schema import bind
 
-__all__ = ["make_trainable"]
+__all__ = ["make_trainable", "module_batch_norm"]
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
@@ -27,11 +28,24 @@ def _module_path(*targets: object, fallback: str) -> str:
     return fallback
 
 
-def _batch_norm(node: fx.Node, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> str | None:
+def module_batch_norm(node: fx.Node) -> dict[str, Any] | None:
+    """The bound arguments of an ``aten.batch_norm`` whose weight, bias and statistics are all a module's
+    own tensors (``get_attr``) or absent, i.e. one a BatchNorm module can compute; None otherwise
+    (computed statistics or weights: the functional op stays)."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+        return None
     b = bind(node)
     parts = [b["weight"], b["bias"], b["running_mean"], b["running_var"]]
     if any(p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr") for p in parts):
-        return None  # computed statistics or weights: leave the functional op
+        return None
+    return b
+
+
+def _batch_norm(node: fx.Node, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> str | None:
+    b = module_batch_norm(node)
+    if b is None:
+        return None
+    parts = [b["weight"], b["bias"], b["running_mean"], b["running_var"]]
     x = b["input"].meta["val"]
     path = _module_path(*parts, fallback=f"bn_{node.name}")
     if path in modules:

@@ -35,7 +35,7 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
-from fxprune.analysis.schema import bind
+from fxprune.compaction.trainable import module_batch_norm
 from .apply import ApplyMasks, MaskedBatchNorm, Multiplier
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
@@ -122,16 +122,11 @@ Entries = list[tuple[int, Site]]  # (group id, where on this tensor's axis)
 
 
 def _batch_norm(node: fx.Node) -> dict | None:
-    """The arguments of a plain ``batch_norm`` over a module's own tensors (fusable with its mask), or None."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
-        return None
-    b = bind(node)
-    parts = [b["weight"], b["bias"], b["running_mean"], b["running_var"]]
-    if not (isinstance(b["weight"], fx.Node) and b["weight"].op == "get_attr" and "." in b["weight"].target):
-        return None
-    if any(p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr") for p in parts):
-        return None
-    return b
+    """The arguments of a batch norm a BatchNorm module computes (``module_batch_norm``) with an affine
+    weight under a module path: fusable with its mask as a MaskedBatchNorm at that path; else None."""
+    b = module_batch_norm(node)
+    weight = b["weight"] if b is not None else None
+    return b if weight is not None and "." in weight.target else None
 
 
 class _Insert:
