@@ -108,13 +108,14 @@ def _publishable(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def load(folder: str | os.PathLike[str]) -> fx.GraphModule:
-    """The compacted model of an output folder as a trainable GraphModule, in eval mode.
+def load(folder: str | os.PathLike[str], name: str = MODEL) -> fx.GraphModule:
+    """The compacted model of an output folder as a trainable GraphModule, in eval mode (``name=ORIGINAL``:
+    the model before pruning, saved beside it).
 
     Reads ``model.pt2`` with ``torch.export.load`` (no pickle, no user code): ``.train()``/``.eval()``
     switch BatchNorm and dropout, gradients flow, and the state-dict names are the original model's.
     """
-    path = Path(folder) / MODEL
+    path = Path(folder) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {folder} an fxprune output folder?")
     return as_trainable(torch.export.load(str(path)).module())

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fxprune.robustness import PGD, robust_metrics
-from .artifacts import MODEL, ORIGINAL
+from .artifacts import MODEL, ORIGINAL, load
 from .modelfile import load_model_file
 
 __all__ = ["evaluate_folder", "RobustnessError", "ATTACKS"]
@@ -20,12 +20,10 @@ class RobustnessError(ValueError):
 
 
 def _load(folder: Path, name: str) -> torch.nn.Module:
-    from fxprune.compaction.emit import as_trainable
-
-    path = folder / name
-    if not path.is_file():
-        raise RobustnessError(f"{path} not found: is {folder} an output folder of `fxprune run`?")
-    return as_trainable(torch.export.load(str(path)).module())
+    try:
+        return load(folder, name)
+    except FileNotFoundError as exc:
+        raise RobustnessError(str(exc)) from None
 
 
 def evaluate_folder(model_file: Path, folder: Path, *, attack: str = "pgd", eps: float = 0.03, steps: int = 40,
