@@ -47,12 +47,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.compaction.emit import GraphEdit
-from fxprune.edits.factorize import factorized_graph, merge_unprofitable
+from fxprune.edits.factorize import factorizable, factorized_graph, merge_unprofitable
 from fxprune.masking import MaskedModel
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
 from fxprune.selection.cost import CostCounter
@@ -60,9 +59,6 @@ from .base import Pass, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Flop", "HardConcrete", "Lagrangian"]
-
-LINEAR, ADDMM = torch.ops.aten.linear.default, torch.ops.aten.addmm.default
-
 
 class HardConcrete(nn.Module):
     """Hard-concrete L0 gates (Louizos et al.; FLOP's defaults): sampled in training, the evaluation mask
@@ -147,30 +143,6 @@ class Lagrangian(Hook):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _linear_use(user: fx.Node, weight: fx.Node) -> str | None:
-    """"linear" for ``linear(x, W, b)``, "addmm" for ``addmm(b, x, W)`` (GPT-2's Conv1D, W stored (in, out))."""
-    if user.target is LINEAR and len(user.args) > 1 and user.args[1] is weight and user.args[0] is not weight:
-        return "linear"
-    if user.target is ADDMM and len(user.args) == 3 and user.args[2] is weight and user.args[1] is not weight:
-        return "addmm"
-    return None
-
-
-def _linear_weights(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
-    """Module path -> (out, in) of every linear map reading a 2-D parameter ``<path>.weight`` (its only reader)."""
-    out: dict[str, tuple[int, int]] = {}
-    params = dict(gm.named_parameters())
-    for n in gm.graph.nodes:
-        if n.op != "get_attr" or not n.target.endswith(".weight") or n.target not in params or not n.users \
-                or params[n.target].dim() != 2:
-            continue
-        uses = {_linear_use(u, n) for u in n.users}
-        if len(uses) == 1 and None not in uses:
-            rows, cols = params[n.target].shape
-            out[n.target.removesuffix(".weight")] = (rows, cols) if uses == {"linear"} else (cols, rows)
-    return out
-
-
 def _in_prunable_group(groups: ChannelGroups, weight: str) -> bool:
     return any(p.name == weight and p.role in ("producer", "consumer") for g in groups.prunable for p in g.params)
 
@@ -206,15 +178,20 @@ class Flop(Pass):
 
     # ---- which layers --------------------------------------------------------------------------
     def layers(self, ctx: PassContext) -> dict[str, tuple[int, int]]:
-        found = _linear_weights(ctx.gm)
+        """Layer path -> (out, in) of the layers to factorise: ``targets``' matches among every layer
+        ``fxprune.edits.factorize`` takes (linear maps, GPT-2's addmm, 1x1 convolutions); by default the
+        linear maps (not convolutions) with an axis in a prunable group."""
+        found = factorizable(ctx.gm)
         if self.targets:
             patterns = [p.strip() for p in self.targets.split(",") if p.strip()]
-            chosen = {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+            chosen = {k: (v.out, v.inp) for k, v in found.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
             if not chosen:
+                names = sorted(found)
                 raise PassError(f"flop: targets={self.targets!r} matches no linear layer; layers: "
-                                f"{', '.join(sorted(found)[:8])}{', ...' if len(found) > 8 else ''}")
+                                f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
             return chosen
-        return {k: v for k, v in found.items() if _in_prunable_group(ctx.groups, f"{k}.weight")}
+        return {k: (v.out, v.inp) for k, v in found.items()
+                if v.op != "conv" and _in_prunable_group(ctx.groups, f"{k}.weight")}
 
     def prepare(self, ctx: PassContext) -> PassContext:
         layers = self.layers(ctx)

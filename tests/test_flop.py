@@ -203,3 +203,25 @@ def test_flop_factorised_model_at_full_rank_is_the_original_in_float64() -> None
     ranks = Flop.rank_groups(new)
     assert sorted(path for path, _ in ranks.values()) == ["fc1", "fc2", "fc3"]
     assert {size for _, size in ranks.values()} == {16 + 64, 64 + 64, 64 + 4}
+
+
+class PointwiseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pw, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.pw(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_flop_targets_reach_1x1_convolutions_and_the_default_leaves_them_dense() -> None:
+    torch.manual_seed(0)
+    model = PointwiseNet().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    res = fxprune.prune(model, inputs, "flop", 0.5, options={"targets": "pw", "epochs": 1}, train_loader=data)
+    assert set(res.report["factorised"]) == {"pw"}
+    assert_equivalent(model, res, inputs)
+    default = fxprune.prune(model, inputs, "flop", 0.5, options={"epochs": 0}, train_loader=data)
+    assert set(default.report["factorised"]) == {"fc"}  # linear maps only, unless targets name a convolution

@@ -49,7 +49,7 @@ from fxprune.compaction.resize import Reindexing
 from fxprune.state import named_tensors
 from fxprune.tracing.tracer import META_INPUTS, trace
 
-__all__ = ["factorize", "factorized_graph", "Factor", "merge_unprofitable", "pair_pays"]
+__all__ = ["factorize", "factorized_graph", "factorizable", "Layer", "Factor", "merge_unprofitable", "pair_pays"]
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -111,6 +111,40 @@ def _check_use(path: str, user: fx.Node, weight: fx.Node) -> None:
         if b["groups"] != 1:
             raise ValueError(f"cannot factorise {path!r}: a grouped convolution (groups={b['groups']}) is block-"
                              f"diagonal, not one linear map; only groups=1 can be factorised (leave {path!r} out)")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer :func:`factorize` accepts: its map's output and input sizes and the op that reads it."""
+
+    out: int
+    inp: int
+    op: str  # "linear", "addmm" (weight stored (in, out)) or "conv" (1x1, ungrouped)
+
+
+def factorizable(gm: fx.GraphModule) -> dict[str, Layer]:
+    """Module path -> :class:`Layer` of every floating-point parameter ``<path>.weight`` of ``gm`` that
+    every reader uses as a linear map :func:`factorize` takes (the checks of its errors, as a query)."""
+    params = dict(gm.named_parameters())
+    readers: dict[str, list[tuple[fx.Node, fx.Node]]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target.endswith(".weight") and n.target in params:
+            readers.setdefault(n.target, []).extend((u, n) for u in n.users)
+    out: dict[str, Layer] = {}
+    for name, uses in readers.items():
+        path, w = name.removesuffix(".weight"), params[name]
+        ops = {"addmm" if u.target is ADDMM else "linear" if u.target is LINEAR else "conv" for u, _ in uses}
+        if not uses or not w.is_floating_point() or len(ops) != 1:
+            continue
+        try:
+            for user, node in uses:
+                _check_use(path, user, node)
+        except ValueError:
+            continue
+        op = ops.pop()
+        rows, cols = w.shape[:2]
+        out[path] = Layer(cols, rows, op) if op == "addmm" else Layer(rows, cols, op)
+    return out
 
 
 def _check_layer(gm: fx.GraphModule, path: str) -> torch.Tensor:
