@@ -60,14 +60,20 @@ class MagnitudeFactors(Flop):
     def score(self, ctx: PassContext) -> Scores:
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, (path, _) in self.rank_groups(ctx).items():
-            u, v = ctx.tensor(f"{path}.weight_u"), ctx.tensor(f"{path}.weight_v")
-            transposed = u.shape[0] == v.shape[1] and u.shape[0] != v.shape[0]  # addmm layout (r, out) / (in, r)
-            cols = (u.norm(dim=1) * v.norm(dim=0)) if transposed else (u.norm(dim=0) * v.norm(dim=1))
-            scores[gid] = cols.detach().double().cpu().numpy()
+            norms = [_rank_norms(ctx, gid, f"{path}.weight_{k}") for k in ("u", "v")]
+            scores[gid] = (norms[0] * norms[1]).detach().double().cpu().numpy()
         return scores
 
     def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
         return {}
+
+
+def _rank_norms(ctx: PassContext, gid: int, name: str) -> torch.Tensor:
+    """The norm of every rank component's slice of factor ``name`` (its axis in the rank group, whatever
+    the layer's layout: a linear's (r, in) rows or an addmm's (in, r) columns)."""
+    t = ctx.tensor(name)
+    axis = next(p.axis for p in ctx.groups[gid].params if p.name == name)
+    return t.norm(dim=[d for d in range(t.dim()) if d != axis])
 
 
 def _params(module: torch.nn.Module) -> int:
