@@ -216,7 +216,6 @@ class _Run:
     scaler: torch.amp.GradScaler
     amp: bool
     max_grad_norm: float | None
-    weights: bool = True                 # the weight optimiser has parameters to step
     masks: MaskTraining | None = None
     mask_batches: Any = None             # the alternating loader's iterator (cycled)
 
@@ -269,7 +268,7 @@ def _epoch(state: TrainState, run: _Run) -> float:
     """One pass over the loader; returns the mean batch loss of this process."""
     total, count = 0.0, 0
     joint = run.masks is not None and run.masks.loader is None
-    first = ([state.optimizer] if run.weights else []) + ([state.mask_optimizer] if joint else [])
+    first = ([state.optimizer] if run.params else []) + ([state.mask_optimizer] if joint else [])
     for state.batch, batch in enumerate(run.loader):
         state.phase = "joint" if joint else "weights"
         loss = _objective(state, run, batch)
@@ -396,7 +395,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     sched = _schedule(schedule, opt, epochs, step_size, gamma) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
-               use_amp, max_grad_norm, weights=bool(params), masks=masks)
+               use_amp, max_grad_norm, masks=masks)
     state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None, device=device,
                        rank=ctx.rank, world=ctx.world, mask_optimizer=mask_opt)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
