@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.couple import TensorRef
-from fxprune.analysis.rules import RULES
+from fxprune.selection.cost import node_macs
 from fxprune.analysis.slots import size_hint, tensor_values
 from fxprune.compaction.emit import GraphEdit
 from fxprune.state import named_tensors
@@ -144,10 +144,7 @@ def _dropped(full: nx.DiGraph, full_pdom: nx.DiGraph, x: fx.Node, add: fx.Node) 
 
 
 def _node_macs(node: fx.Node) -> int:
-    record = RULES.get(node.target) if node.op == "call_function" else None
-    if record is None or record.cost is None:
-        return 0
-    return int(record.cost(node, _example_shape))
+    return node_macs(node, _example_shape)
 
 
 def _example_shape(ref: TensorRef) -> tuple[int, ...]:

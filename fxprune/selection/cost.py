@@ -23,7 +23,7 @@ from fxprune.compaction.resize import Reindexing
 if TYPE_CHECKING:
     from fxprune.analysis.rules import Shape
 
-__all__ = ["Cost", "count", "CostCounter"]
+__all__ = ["Cost", "count", "CostCounter", "node_macs"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class Cost:
 
 def _macs(node: fx.Node, shape: Shape) -> int:
     return RULES[node.target].cost(node, shape)
+
+
+def node_macs(node: fx.Node, shape: Shape) -> int:
+    """One node's MACs under ``shape`` (a TensorRef -> shape function); 0 for an op without a cost."""
+    record = RULES.get(node.target) if node.op == "call_function" else None
+    return 0 if record is None or record.cost is None else int(record.cost(node, shape))
 
 
 class CostCounter:
