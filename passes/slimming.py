@@ -202,7 +202,7 @@ class Slimming(LearnedScales):
         with_bn = set(bn_scales(ctx.model))
         unscaled = [g.id for g in self.prunable(ctx) if not any(p.role == "norm" and p.name in with_bn for p in g.params)]
         masked = ctx.insert_masks(lambda g: Scale(len(g), mean_gamma), only=unscaled)
-        scales: Scales = {gid: m.weight for gid, m in masked.masks.items()}
+        scales = _learned(masked)
         device = next(iter(masked.module.parameters())).device
         train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
               parameters=masked.weight_parameters(), hooks=self._hooks(ctx, loader, mean_gamma, scales),
@@ -219,7 +219,7 @@ class Slimming(LearnedScales):
         if not self.train:
             return gamma_scores(ctx, ctx.model)
         masked = self._slimmed(ctx, mean_gamma)
-        scales: Scales = {gid: m.weight for gid, m in masked.masks.items()}
+        scales = _learned(masked)
         scores = gamma_scores(ctx, masked.module, scales)
         self._report(ctx, scales_before, mean_gamma, masked.module, scales, scores)
         return scores
@@ -256,6 +256,11 @@ class Slimming(LearnedScales):
             warnings.warn(f"slimming: the training budget ended before every selected channel's |gamma| fell "
                           f"below {threshold:.3g}; pruning them costs accuracy. Raise --opt epochs= (now "
                           f"{self.epochs}) or --opt lr= (now {self.lr}).", stacklevel=2)
+
+
+def _learned(masked: MaskedModel) -> Scales:
+    """The learned scale of every group of ``masked`` without a BatchNorm."""
+    return {gid: m.weight for gid, m in masked.masks.items()}
 
 
 def _abs_values(scales: dict[str, torch.Tensor]) -> np.ndarray:
