@@ -19,17 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.compaction.emit import GraphEdit
-from fxprune.edits.blocks import Block
-from fxprune.masking import MaskedModel, insert_masks
 from fxprune.state import attribute
+
+if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only for a pass that uses them
+    from fxprune.compaction.emit import GraphEdit
+    from fxprune.edits.blocks import Block
+    from fxprune.masking import MaskedModel
 
 __all__ = ["Pass", "PassContext", "Scores"]
 
@@ -77,6 +79,8 @@ class PassContext:
         Train it with ``fxprune.recovery.engine.train(masked.module, ..., masks=MaskTraining(
         masked.mask_parameters()))``; ``masked.fold()`` gives the full-size weights (for ``ctx.weights``)
         and the channels whose mask is 0. The user's model and this graph are never modified."""
+        from fxprune.masking import insert_masks
+
         return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,
                             training=training, blocks=blocks, depth=depth)
 
