@@ -42,7 +42,7 @@ from fxprune.tracing.compat import tree_leaves
 from fxprune.tracing.tracer import META_INPUTS
 from .insert import MASKS, SITES, MaskedModel
 from .kinds import Fixed
-from .sites import Site, _is_norm, _layer_of
+from .sites import Site, is_norm, layer_of
 
 __all__ = ["fold", "Folded"]
 
@@ -143,7 +143,7 @@ def _carry_constants(masked: MaskedModel, vals: dict[int, np.ndarray], weights: 
         for p in group.params:
             if p.role != "consumer" or p.name not in attrs:
                 continue
-            layer = _layer_of(attrs[p.name])
+            layer = layer_of(attrs[p.name])
             g, pos = masked.groups.positions(p.key)
             gone = np.flatnonzero((g == gid) & (v[np.maximum(pos, 0)] == 0))
             if layer is not None and len(gone):
@@ -182,7 +182,7 @@ def _carry_into(module: fx.GraphModule, layer: fx.Node, wname: str, gone: np.nda
         if getattr(bn, "running_mean", None) is not None and name in weights:
             weights[name] = weights[name] - delta
             return
-    if len(users) == 1 and _is_norm(users[0]):
+    if len(users) == 1 and is_norm(users[0]):
         rm = bind(users[0]).get("running_mean")
         if isinstance(rm, fx.Node) and rm.op == "get_attr":
             weights[rm.target] = weights[rm.target] - delta

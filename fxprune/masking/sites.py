@@ -38,7 +38,7 @@ from fxprune.analysis.rules.norm import DIRECTION
 from fxprune.analysis.schema import bind
 from fxprune.state import named_tensors
 
-__all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "PLACEMENTS", "MASKS", "SITES"]
+__all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "is_norm", "layer_of", "PLACEMENTS", "MASKS", "SITES"]
 
 PLACEMENTS = ("output", "prenorm")
 MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"  # where a masked graph keeps its masks and what applies them
@@ -80,12 +80,12 @@ class GroupSites:
         return [f for site in self.activations for f in site.folds]
 
 
-def _is_norm(node: fx.Node) -> bool:
+def is_norm(node: fx.Node) -> bool:
     rec = RULES.get(node.target) if node.op == "call_function" else None
     return rec is not None and Role.NORM in rec.roles
 
 
-def _layer_of(attr: fx.Node) -> fx.Node | None:
+def layer_of(attr: fx.Node) -> fx.Node | None:
     """The layer that uses a weight: its get_attr's user, past views (``t`` before ``addmm``)."""
     node = attr
     for _ in range(6):
@@ -152,7 +152,7 @@ class GraphFacts:
             if n.op == "get_attr":
                 self.attrs.setdefault(n.target, []).append(n)
         self.state = named_tensors(gm)
-        self.norm_tensors = {t for t, nodes in self.attrs.items() for n in nodes if any(_is_norm(u) for u in n.users)}
+        self.norm_tensors = {t for t, nodes in self.attrs.items() for n in nodes if any(is_norm(u) for u in n.users)}
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
@@ -165,7 +165,7 @@ def _layers(facts: GraphFacts, group: Group, role: str) -> dict[fx.Node, list[Pa
         if p.role != role:
             continue
         for attr in attrs.get(p.name, []):
-            users = [u for u in attr.users if _is_norm(u)] if role == "norm" else [_layer_of(attr)]
+            users = [u for u in attr.users if is_norm(u)] if role == "norm" else [layer_of(attr)]
             for u in users:
                 if u is None:
                     continue
