@@ -163,7 +163,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         counter = CostCounter(groups)
         before = counter()
     target = target_macs if target_macs is not None else target_params
-    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ())
+    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ()) or \
+        getattr(the_pass, "self_pruning", False)
     if needs_scores and not groups.prunable:
         if require_prunable:
             raise NothingToPruneError(nothing_prunable(groups))

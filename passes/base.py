@@ -96,6 +96,12 @@ class Pass:
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
     min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
+    # the CLI's recovery epochs when --epochs is not given (None: chosen from the data when the model file can
+    # train; 0: none, e.g. anp, whose trained network is the result and a clean fine-tune would cost robustness)
+    recovery_epochs: ClassVar[int | None] = None
+    # the pass removes channels itself (scores of -inf: anp's E[pi] <= 1e-3), so it runs even without a budget
+    # (ratio 0): what it removes is then exactly what it decided; a budget removes more
+    self_pruning: ClassVar[bool] = False
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return a context with its own ``gm``,
@@ -108,6 +114,11 @@ class Pass:
 
     def score(self, ctx: PassContext) -> Scores:
         raise NotImplementedError
+
+    def evaluation_attack(self) -> Any:
+        """The attack (``fxprune.robustness.PGD``) the CLI reports robustness with when ``--attack`` is not
+        given: None (the default) reports none; anp returns its own."""
+        return None
 
     def edits(self, ctx: PassContext, removed: np.ndarray) -> list[GraphEdit]:
         """Graph edits for compaction besides slicing (``fxprune.compaction.emit.GraphEdit``), given the

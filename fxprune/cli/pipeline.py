@@ -196,14 +196,21 @@ def _attack(cfg: RunConfig) -> Any:
         raise OptionError(f"--attack {cfg.attack}: {exc}") from None
 
 
-def _robustness(cfg: RunConfig, mf: ModelFile, model: nn.Module, fb: Feedback, which: str) -> dict[str, Any] | None:
-    """Clean accuracy, PGD accuracy and vulnerability of ``model`` with --attack (None without)."""
+def _run_attack(cfg: RunConfig, the_pass: Any, mf: ModelFile) -> Any:
+    """--attack's, else the pass's own (``Pass.evaluation_attack``: anp's PGD) when the file has val_loader()."""
     attack = _attack(cfg)
+    if attack is None and mf.has("val_loader"):
+        attack = the_pass.evaluation_attack() if hasattr(the_pass, "evaluation_attack") else None
+    return attack
+
+
+def _robustness(attack: Any, mf: ModelFile, model: nn.Module, fb: Feedback, which: str) -> dict[str, Any] | None:
+    """Clean accuracy, PGD accuracy and vulnerability of ``model`` under ``attack`` (None without)."""
     if attack is None:
         return None
     from fxprune.robustness import robust_metrics
 
-    with fb.step(f"attacking the {which} model ({cfg.attack}, eps {cfg.eps:g}, {cfg.attack_steps} steps)"):
+    with fb.step(f"attacking the {which} model (pgd, eps {attack.eps:g}, {attack.steps} steps)"):
         return robust_metrics(model, mf.loader("val_loader"), attack, loss_fn=mf.loss())
 
 
@@ -259,14 +266,17 @@ def default_epochs(loader: Any) -> int:
 
 
 def _recovery_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Feedback,
-                     notes: list[str]) -> int:
-    """What the run recovers for: the given epochs, else the default when the file can train."""
+                     notes: list[str], the_pass: Any = None) -> int:
+    """What the run recovers for: the given epochs, else the pass's default (``Pass.recovery_epochs``),
+    else a default when the file can train."""
     if cfg.no_recover:
         return 0
     if cfg.finetune_epochs is not None:
         return cfg.finetune_epochs
     if "train_loader" not in data:
         return 0
+    if getattr(the_pass, "recovery_epochs", None) is not None:
+        return int(the_pass.recovery_epochs)
     epochs = default_epochs(data["train_loader"])
     _note(fb, notes, f"recovering with {cfg.recover} for {epochs} epoch{'s' * (epochs > 1)} (the default when the "
                      "model file defines train_loader(); --epochs N sets it, --no-recover turns it off)")
@@ -364,17 +374,18 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
                        require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
     if launch_rank() != 0:  # trains with rank 0 (recovery is data-parallel); rank 0 measures and writes
-        _train_with_rank_zero(cfg, mf, data, result, model)
+        _train_with_rank_zero(cfg, mf, data, result, model, the_pass)
         return {}, result
     _check_shortfall(cfg, result, fb, notes)
     with fb.step("measuring the original model"):
         before = {**_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
-    before["robustness"] = _robustness(cfg, mf, model, fb, "original")
+    attack = _run_attack(cfg, the_pass, mf)
+    before["robustness"] = _robustness(attack, mf, model, fb, "original")
     pruned: dict[str, Any] = {"metrics": None}
     if mf.has("evaluate"):
         with fb.step("evaluating the pruned model"):
             pruned["metrics"] = mf.evaluate(result.module)
-    epochs = _recovery_epochs(cfg, mf, data, fb, notes)
+    epochs = _recovery_epochs(cfg, mf, data, fb, notes, the_pass)
     if epochs == 0:
         _check_drop(before["metrics"], pruned["metrics"], fb, notes)
         if cfg.allow_inexact and any(g.inexact for g in result.groups.prunable):
@@ -388,8 +399,8 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     with fb.step("measuring the pruned model"):
         result.module.eval()
         after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
-    after["robustness"] = _robustness(cfg, mf, result.module, fb, "pruned")
-    report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes)
+    after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
+    report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
     with fb.step(f"writing {cfg.out}"):
         cpu_inputs = to_device(inputs, "cpu")
         result.module.cpu().eval()
@@ -409,10 +420,11 @@ def _recover(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, m
                    lr=cfg.lr, device=cfg.device, progress=fb.training(total, batches_per_epoch(loader)))
 
 
-def _train_with_rank_zero(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module) -> None:
+def _train_with_rank_zero(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module,
+                          the_pass: Any = None) -> None:
     """A rank other than 0: the recovery rank 0 runs, in step with it (the same epochs, decided from the
     same data), and nothing else."""
-    epochs = _recovery_epochs(cfg, mf, data, Feedback(), [])
+    epochs = _recovery_epochs(cfg, mf, data, Feedback(), [], the_pass)
     if epochs > 0:
         _recover(cfg, mf, data, result, model, epochs, Feedback())
 
@@ -463,7 +475,7 @@ class _ThreadHeldStream:
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
-            log: list[dict[str, float]], clock: dict[str, float], notes: list[str]) -> dict[str, Any]:
+            log: list[dict[str, float]], clock: dict[str, float], notes: list[str], attack: Any = None) -> dict[str, Any]:
     from fxprune import __version__
 
     groups = group_rows(result)
@@ -473,7 +485,8 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
                    if k in ("target_macs", "target_params") and v is not None} or None,
-        "attack": None if cfg.attack is None else {"name": cfg.attack, "eps": cfg.eps, "steps": cfg.attack_steps},
+        "attack": None if attack is None else {"name": "pgd", "eps": attack.eps, "steps": attack.steps,
+                                               "step": attack.step, "from": "--attack" if cfg.attack else "the pass"},
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

@@ -9,9 +9,10 @@
 - ``removed``: the channels whose value is 0 (``threshold``: values with ``|v| <= threshold`` count as
   0 and are folded as 0), one bool per channel component as compaction takes it;
 - ``placement="prenorm"``: a removed channel does not emit zero but its normalisation's constant
-  (``beta - gamma * mean / sqrt(var + eps)`` through whatever follows). The constant each consumer
-  reads is measured on the example inputs (the masked module in eval mode) and carried into that
-  consumer: its bias gains ``W[:, c] * constant`` (summed over the kernel), or, when it has no bias
+  (``beta - gamma * mean / sqrt(var + eps)`` through whatever follows); nor does one whose mask multiplies
+  an activation with no hard site zeroing its other weights (a per-sample mask: ANP's) when ``f(0) != 0``
+  follows it (a sigmoid). The constant each consumer reads is measured on the example inputs (the
+  masked module in eval mode) and carried into that consumer: its bias gains ``W[:, c] * constant`` (summed over the kernel), or, when it has no bias
   and a BatchNorm follows it, that BatchNorm's running mean loses it. The result equals the masked
   model exactly away from zero-padded borders: at a border a convolution reads padding zeros
   where the pruned channel held its constant, which the bias cannot know. A consumer that is
@@ -91,8 +92,9 @@ def fold(masked: MaskedModel, values: Mapping[int, np.ndarray] | None = None, *,
         for site in sites.folds:
             weights[site.node] = _scale(weights[site.node], site.axis, _multiplier(site, v))
         removed[masked.groups[gid].channels[v == 0]] = True
-    if masked.placement == "prenorm" and removed.any():
-        _carry_constants(masked, vals, weights)
+    carried = {gid: v for gid, v in vals.items() if not masked.sites[gid].weights and (v == 0).any()}
+    if carried:  # removed channels no hard site zeroes (prenorm, per-sample masks) may emit a constant
+        _carry_constants(masked, vals, carried, weights)
     deep = dict(depth if depth is not None else masked.depth_values())
     deep = {k: (0.0 if abs(v) <= threshold else float(v)) for k, v in deep.items()}
     edits = [remove_where(masked.blocks, deep)] if masked.blocks else []
@@ -133,12 +135,13 @@ def _constant(x: torch.Tensor, channels: np.ndarray, conv: bool) -> torch.Tensor
     return flat[flat.shape[0] // 2, idx]
 
 
-def _carry_constants(masked: MaskedModel, vals: dict[int, np.ndarray], weights: dict[str, torch.Tensor]) -> None:
+def _carry_constants(masked: MaskedModel, vals: dict[int, np.ndarray], carried: dict[int, np.ndarray],
+                     weights: dict[str, torch.Tensor]) -> None:
     module = _with_values(masked, vals)
     graph = module.graph
     attrs = {n.target: n for n in graph.nodes if n.op == "get_attr"}
     todo: list[tuple[fx.Node, str, np.ndarray]] = []  # (consumer layer, its weight, removed input positions)
-    for gid, v in vals.items():
+    for gid, v in carried.items():
         group = masked.groups[gid]
         for p in group.params:
             if p.role != "consumer" or p.name not in attrs:
@@ -162,11 +165,13 @@ def _carry_into(module: fx.GraphModule, layer: fx.Node, wname: str, gone: np.nda
     b = bind(layer)
     w = weights[wname]
     conv = w.dim() > 2
+    const = _constant(x, gone, conv).to(w.dtype)
+    if not bool(const.any()):  # the channels emit zero (a ReLU after the mask): nothing to carry
+        return
     if int(b.get("groups", 1) or 1) != 1:
         warnings.warn(f"fxprune: a pruned channel's constant cannot be carried into grouped layer {layer.name}; "
                       "the compacted model differs there", stacklevel=3)
         return
-    const = _constant(x, gone, conv).to(w.dtype)
     cols = w[:, torch.as_tensor(gone, device=w.device)]
     delta = (cols.sum(dim=tuple(range(2, w.dim()))) if conv else cols) @ const
     bias = b.get("bias")

@@ -13,7 +13,8 @@ traced graph and its analysis, never from module types:
   removes the head; a soft value also rescales its attention logits).
 - ``placement="prenorm"``: the output of every producing layer that feeds a normalisation (Adversarial
   Neural Pruning's masks sit before BatchNorm). A zero there makes the channel emit the norm's
-  constant; folding carries that constant into the consumers (``fxprune.masking.fold``).
+  constant; folding carries that constant into the consumers (``fxprune.masking.fold``). A group that
+  no producer-then-norm pair carries (ViT heads, MLP units) is masked where ``"output"`` masks it.
 
 *Hard* sites (``placement="output"`` only, masks of shape (channels,)): every other weight of the group
 (producer rows behind a norm, consumer columns, biases, per-channel parameters of other ops), except
@@ -207,8 +208,8 @@ def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placemen
     if placement == "output":
         chosen = {**norms, **{p: slots for p, slots in producers.items() if p not in behind}}
         out.weights = _weight_sites(facts, groups, group)
-    else:
-        chosen = {p: producers[p] for p in behind}
+    else:  # before the norms; a group without one (ViT heads, MLP units) at its producers' outputs
+        chosen = {p: producers[p] for p in behind} or {**norms, **producers}
     state = facts.state
     for layer, slots in chosen.items():
         if not slots:
@@ -223,6 +224,5 @@ def find_sites(gm: fx.GraphModule, groups: ChannelGroups, group: Group, placemen
                                   if p.name in state) if f is not None]
         out.activations.append(site)
     if not out.activations:
-        out.skipped = ("no layer output carries these channels" if placement == "output"
-                       else "no producing layer feeds a normalisation")
+        out.skipped = "no layer output carries these channels"
     return out

@@ -107,6 +107,10 @@ class Hook:
     def before_epoch(self, state: TrainState) -> None:
         pass
 
+    def before_forward(self, state: TrainState) -> None:
+        """A batch is on the device (``state.inputs``) and ``state.phase`` says which step its forward
+        serves: set up what the forward needs (e.g. what a wrapped model computes in this phase)."""
+
     def loss(self, state: TrainState, output: Any, target: Any) -> torch.Tensor | None:
         """An extra term added to the objective for this batch (None: nothing)."""
         return None
@@ -235,6 +239,8 @@ def _objective(state: TrainState, run: _Run, batch: Any) -> torch.Tensor:
     """Forward one batch: the task loss plus every hook's term."""
     inputs, target = to_device(batch, state.device, non_blocking=True)
     state.inputs = inputs
+    for hook in run.hooks:
+        hook.before_forward(state)
     with torch.autocast(state.device.type, enabled=run.amp):
         output = _forward(run.runner, inputs)
         loss = run.loss_fn(output, target)

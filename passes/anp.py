@@ -1,0 +1,399 @@
+"""anp: Adversarial Neural Pruning with Vulnerability Suppression (Madaan, Shin & Hwang, ICML 2020).
+
+Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless said otherwise).
+
+- Masks: one Beta-Bernoulli mask per channel of every prunable group (:class:`BetaBernoulli`, a mask kind
+  of ``fxprune.masking``): a Kumaraswamy(a, b) posterior over the keep probability pi, ``a =
+  softplus(a_raw)``, ``b = softplus(b_raw)``, ``b_raw = 0.5413`` (b = 1) and ``a_raw = 2.0`` on
+  convolution channels (E[pi] = 0.68), ``-1.0`` on fully connected units (E[pi] = 0.24). Prior
+  Beta(1e-4, 1); the KL of the posterior from it in closed form (:func:`kumaraswamy_beta_kl`).
+  Training: pi from the Kumaraswamy inverse CDF (one draw per channel and step), then a relaxed
+  Bernoulli z per sample and channel at temperature 0.1. Evaluation: z = E[pi], and 0 where E[pi] <=
+  ``threshold`` (1e-3): those channels are pruned; the survivors keep their soft scale, folded into
+  the weights (``masked.fold``), so the compacted model computes what the masked network computes.
+- Where a mask acts (``placement``): ``"output"`` (the default) multiplies the channel after its
+  normalisation (a conv's BatchNorm output), so a pruned channel is exactly zero and compaction is
+  exact at every position; ``"prenorm"`` is the authors' VGG placement, after the conv and before the
+  BatchNorm: a pruned channel then emits the BatchNorm's constant, carried into the next layer's bias,
+  which is exact away from zero-padded borders only (``fxprune.masking.fold``). What "channel" means is
+  the analysis's channel group: a CNN's filters (a residual stream's channels share one mask), a ViT's
+  attention heads and MLP units, an MLP's hidden units.
+- Attack: PGD L-inf with a uniform random start, clipped to the batch's input range
+  (``fxprune.robustness.PGD``): ``eps`` 0.03, ``step_size`` 0.007, ``steps`` 10 to train (the authors'
+  CIFAR-10; MNIST: 0.3 / 0.01 / 20), ``eval_steps`` 40 to evaluate. Adversarial examples are made with
+  the network in eval mode (BatchNorm statistics untouched by the attack, masks at E[pi]), as common
+  adversarial-training code does; the losses then run in training mode.
+- Vulnerability: mean |f(x) - f(x_adv)| of every post-activation feature of the graph (the activations
+  ``fxprune.robustness`` reads); the VS loss is its mean over them.
+- Losses (phase by phase, the engine's alternating scheme: a weight step, then a mask step on the next
+  batch): weights minimise ``(CE(x) + 2 CE(x_adv)) / 3 + beta KL / N + vs_weight VS + l2 * sum(w^2) / 2``;
+  masks minimise ``CE(x_adv) + beta KL / N``. N = the training set's size. CE is the model file's
+  ``loss()`` (cross-entropy by default). Adam, ``lr_weight`` 1e-3, ``lr_mask`` 1e-2, both x0.1 at 50%
+  and 80% of ``epochs``. ``beta`` / ``vs_weight``: 2 / 1e-4 (CIFAR-10; CIFAR-100: 1 / 0.1; MNIST: 4 / 1e-3).
+- Variants (``variant``): ``standard`` (clean training, no masks), ``bp`` (masks, clean training),
+  ``at`` (adversarial training), ``at-vs`` (+ VS), ``anp`` (masks + adversarial training), ``anp-vs``
+  (the default: all of it). Without an attack the clean loss replaces the adversarial one in both phases.
+- Scores: E[pi] per channel, ``-inf`` where E[pi] <= ``threshold`` (the method's own pruning: those always
+  go). Selection is global over E[pi] (no normalisation): ``--ratio 0`` keeps exactly what ANP keeps;
+  a budget (``--ratio``, ``--target-macs``) removes more, lowest E[pi] first. Variants without masks
+  (``standard``, ``at``, ``at-vs``: the paper's dense baselines) score by the L1 norm of their trained
+  filters, each group rescaled to mean 1, so ``--ratio 0`` keeps them dense and a budget prunes them
+  like ``l1`` on the trained weights.
+- Output: the trained network (masks folded) restricted to the kept channels; recovery does not run by
+  default (``--epochs N`` fine-tunes with the clean loss, which costs robustness). The CLI reports clean
+  accuracy, PGD accuracy (``eval_steps`` steps) and vulnerability before and after with this pass's
+  attack unless ``--attack`` is given.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.analysis.groups import Group
+from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.robustness import ACTIVATIONS, PGD
+from fxprune.state import attribute
+from .base import Pass, PassContext, Scores
+from ._scales import rescaled_l1
+from .registry import PassError
+
+__all__ = ["Anp", "BetaBernoulli", "kumaraswamy_beta_kl", "kumaraswamy_mean", "VARIANTS"]
+
+EULER_GAMMA = 0.5772156649015329
+VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # variant -> (masks, adversarial training, vulnerability suppression)
+    "standard": (False, False, False), "bp": (True, False, False), "at": (False, True, False),
+    "at-vs": (False, True, True), "anp": (True, True, False), "anp-vs": (True, True, True)}
+_EPS = 1e-6
+
+
+def kumaraswamy_beta_kl(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(Kumaraswamy(a, b) || Beta(alpha, 1)), elementwise, in closed form (Nalisnick & Smyth 2017; the
+    Taylor series of the general case is multiplied by (beta - 1) = 0 for this prior)."""
+    return (1 - alpha / a) * (-EULER_GAMMA - torch.digamma(b) - 1 / b) + torch.log(a * b / alpha) - (b - 1) / b
+
+
+def kumaraswamy_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """E[pi] of Kumaraswamy(a, b): ``b B(1 + 1/a, b)``."""
+    return b * torch.exp(torch.lgamma(1 + 1 / a) + torch.lgamma(b) - torch.lgamma(1 + 1 / a + b))
+
+
+class BetaBernoulli(nn.Module):
+    """A per-sample Beta-Bernoulli channel mask (see the module docstring): ``forward(x)`` returns
+    (batch, channels); sampled in training mode, ``keep()`` in eval mode."""
+
+    per_sample = True
+
+    def __init__(self, channels: int, a_init: float = 2.0, b_init: float = 0.5413, alpha: float = 1e-4,
+                 temperature: float = 0.1, threshold: float = 1e-3) -> None:
+        super().__init__()
+        self.alpha, self.temperature, self.threshold = alpha, temperature, threshold
+        self.a_raw = nn.Parameter(torch.full((channels,), float(a_init)))
+        self.b_raw = nn.Parameter(torch.full((channels,), float(b_init)))
+
+    def ab(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.softplus(self.a_raw), F.softplus(self.b_raw)
+
+    def expected(self) -> torch.Tensor:
+        """E[pi] per channel."""
+        return kumaraswamy_mean(*self.ab())
+
+    def keep(self) -> torch.Tensor:
+        """The evaluation mask: E[pi], 0 where it is at or under the threshold."""
+        e = self.expected()
+        return torch.where(e > self.threshold, e, torch.zeros_like(e))
+
+    def kl(self) -> torch.Tensor:
+        """KL of the posterior from the prior, summed over channels."""
+        a, b = self.ab()
+        return kumaraswamy_beta_kl(a, b, self.alpha).sum()
+
+    def sample_pi(self) -> torch.Tensor:
+        """pi ~ Kumaraswamy(a, b) by the inverse CDF (one draw per channel)."""
+        a, b = self.ab()
+        u = torch.rand_like(a).clamp(_EPS, 1 - _EPS)
+        return (1 - u.pow(1 / b)).pow(1 / a).clamp(_EPS, 1 - _EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n = x.shape[0], self.a_raw.shape[0]
+        if not self.training:
+            return self.keep().unsqueeze(0).expand(batch, n)
+        pi = self.sample_pi()
+        u = torch.rand(batch, n, device=pi.device).clamp(_EPS, 1 - _EPS)
+        return torch.sigmoid((torch.logit(u) + torch.logit(pi)) / self.temperature)
+
+
+class Tap(nn.Module):
+    """An identity that keeps what passes through it in a shared list."""
+
+    def __init__(self, store: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.store = store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.store.append(x)
+        return x
+
+
+def with_features(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A GraphModule sharing ``gm``'s modules and tensors with a :class:`Tap` after every activation (the
+    post-activation features vulnerability is measured on), and the list the taps fill on each forward."""
+    graph = copy.deepcopy(gm.graph)  # keeps the output's structure (its codegen)
+    store: list[torch.Tensor] = []
+    taps = nn.Module()
+    acts = [n for n in graph.nodes if n.op == "call_function" and n.target in ACTIVATIONS]
+    for i, node in enumerate(acts):
+        taps.add_module(f"t{i}", Tap(store))
+        with graph.inserting_after(node):
+            tap = graph.call_module(f"fxprune_taps.t{i}", (node,))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda u, tap=tap: u is not tap)
+    root: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module") and n.target not in root:
+            root[n.target] = taps.get_submodule(n.target.split(".", 1)[1]) if n.target.startswith("fxprune_taps.") \
+                else attribute(gm, n.target)
+    return fx.GraphModule(root, graph), store
+
+
+class Output(NamedTuple):
+    clean: torch.Tensor | None          # logits on x (None when this phase's loss does not read them)
+    adv: torch.Tensor | None            # logits on x_adv (None without an attack)
+    vulnerability: torch.Tensor | None  # mean |f(x) - f(x_adv)| over the activations (with both and VS)
+
+
+class Adversarial(nn.Module):
+    """The masked network as the engine trains it: ``forward(x, y)`` attacks (eval mode), then runs what
+    the current ``phase``'s loss needs, in the module's own mode."""
+
+    def __init__(self, gm: fx.GraphModule, attack: PGD | None, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 suppress: bool) -> None:
+        super().__init__()
+        self.net, self.store = with_features(gm) if suppress else (gm, [])
+        self.attack, self.loss_fn, self.suppress = attack, loss_fn, suppress
+        self.phase = "weights"
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self.store.clear()
+        out = self.net(x)
+        feats = list(self.store)
+        self.store.clear()
+        return out, feats
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)[0]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Output:
+        adv = None
+        if self.attack is not None:
+            was = self.net.training
+            self.net.eval()
+            try:
+                adv = self.attack(self.logits, x, y, self.loss_fn)
+            finally:
+                self.net.train(was)
+        clean = clean_feats = None
+        if adv is None or self.phase != "masks":
+            clean, clean_feats = self._run(x)
+        if adv is None:
+            return Output(clean, None, None)
+        adv_logits, adv_feats = self._run(adv)
+        vuln = None
+        if self.suppress and clean_feats:
+            vuln = torch.stack([(a - b).abs().mean() for a, b in zip(clean_feats, adv_feats)]).mean()
+        return Output(clean, adv_logits, vuln)
+
+
+def task_loss(loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Output, Any], torch.Tensor]:
+    """The engine's loss: ``(CE(x) + 2 CE(x_adv)) / 3`` when both are there, else the one there is."""
+    def loss(out: Output, y: Any) -> torch.Tensor:
+        if out.adv is None:
+            return loss_fn(out.clean, y)
+        if out.clean is None:
+            return loss_fn(out.adv, y)
+        return (loss_fn(out.clean, y) + 2 * loss_fn(out.adv, y)) / 3
+    return loss
+
+
+class Labelled:
+    """A loader of ``(x, y)`` as one of ``((x, y), y)``: the wrapped model needs the labels to attack."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        for x, y in self.loader:
+            yield (x, y), y
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+class AnpHook(Hook):
+    """The KL term (both phases), VS and L2 (the weights' phase), the phase for the model, and the x0.1
+    learning-rate steps at 50% and 80% of the epochs (both optimisers)."""
+
+    def __init__(self, model: Adversarial, masks: list[BetaBernoulli], beta: float, n: int, vs_weight: float,
+                 l2: float, decayed: list[nn.Parameter], rates: tuple[float, float]) -> None:
+        self.model, self.masks, self.beta, self.n = model, masks, beta, n
+        self.vs_weight, self.l2, self.decayed, self.rates = vs_weight, l2, decayed, rates
+
+    def before_epoch(self, state: TrainState) -> None:
+        factor = 0.1 ** sum(state.epoch >= int(m * state.epochs) for m in (0.5, 0.8))
+        for opt, rate in ((state.optimizer, self.rates[0]), (state.mask_optimizer, self.rates[1])):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"] = rate * factor
+
+    def before_forward(self, state: TrainState) -> None:
+        self.model.phase = state.phase
+
+    def loss(self, state: TrainState, output: Any, target: Any) -> torch.Tensor | None:
+        terms = []
+        if self.masks:
+            terms.append(self.beta * torch.stack([m.kl() for m in self.masks]).sum() / self.n)
+        if state.phase != "masks":
+            if self.vs_weight and output.vulnerability is not None:
+                terms.append(self.vs_weight * output.vulnerability)
+            if self.l2 and self.decayed:
+                terms.append(self.l2 * 0.5 * torch.stack([w.pow(2).sum() for w in self.decayed]).sum())
+        return torch.stack(terms).sum() if terms else None
+
+
+def _dataset_size(loader: Any) -> int:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        batches = len(loader)
+        return batches * int(getattr(loader, "batch_size", None) or 1)
+
+
+@dataclass(frozen=True)
+class Anp(Pass):
+    name = "anp"
+    description = ("Adversarial Neural Pruning with vulnerability suppression (Madaan et al. 2020): Beta-Bernoulli "
+                   "channel masks learned with adversarial training; reports PGD robustness")
+    scope = "global"
+    normalize = "none"
+    needs = ("train_loader",)
+    recovery_epochs: ClassVar[int | None] = 0  # the trained network is the result; --epochs N fine-tunes (clean)
+    self_pruning = True  # E[pi] <= threshold goes even at ratio 0
+
+    variant: str = "anp-vs"
+    eps: float = 0.03           # PGD L-inf radius, in input units (MNIST: 0.3)
+    step_size: float = 0.007    # PGD step (MNIST: 0.01)
+    steps: int = 10             # PGD steps to train (MNIST: 20)
+    eval_steps: int = 40        # PGD steps to evaluate (the CLI's robustness report)
+    epochs: int = 5             # training epochs (masks and weights, alternating)
+    beta: float = 2.0           # KL weight (CIFAR-100: 1, MNIST: 4)
+    vs_weight: float = 1e-4     # VS weight lambda (CIFAR-100: 0.1, MNIST: 1e-3)
+    lr_mask: float = 1e-2
+    lr_weight: float = 1e-3
+    l2: float = 1e-4            # weight decay as an L2 term on conv/linear weights, weights' loss only
+    alpha: float = 1e-4         # prior Beta(alpha, 1)
+    temperature: float = 0.1    # relaxed Bernoulli
+    threshold: float = 1e-3     # E[pi] at or under it: pruned
+    a_init_conv: float = 2.0
+    a_init_fc: float = -1.0
+    b_init: float = 0.5413
+    placement: str = "output"   # "output" (exact compaction) or "prenorm" (the authors': before BatchNorm)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise PassError(f"anp: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.placement not in ("output", "prenorm"):
+            raise PassError(f"anp: placement must be 'output' or 'prenorm', got {self.placement!r}")
+        if self.epochs < 0 or self.steps < 1 or self.eval_steps < 1:
+            raise PassError(f"anp: epochs must be >= 0 and steps, eval_steps >= 1; got epochs={self.epochs}, "
+                            f"steps={self.steps}, eval_steps={self.eval_steps}")
+        if not (self.eps > 0 and self.step_size > 0 and self.beta >= 0 and self.vs_weight >= 0):
+            raise PassError("anp: eps and step_size must be > 0, beta and vs_weight >= 0")
+
+    @property
+    def uses_masks(self) -> bool:
+        return VARIANTS[self.variant][0]
+
+    def train_attack(self) -> PGD | None:
+        return PGD(self.eps, self.step_size, self.steps) if VARIANTS[self.variant][1] else None
+
+    def evaluation_attack(self) -> PGD:
+        """What the CLI reports robustness with when ``--attack`` is not given: PGD-``eval_steps``."""
+        return PGD(self.eps, self.step_size, self.eval_steps)
+
+    def _mask(self, ctx: PassContext, group: Group) -> BetaBernoulli:
+        conv = any(ctx.tensor(p.name).dim() > 2 for p in group.params if p.role == "producer")
+        return BetaBernoulli(len(group), self.a_init_conv if conv else self.a_init_fc, self.b_init, self.alpha,
+                             self.temperature, self.threshold)
+
+    def score(self, ctx: PassContext) -> Scores:
+        loader = ctx.data.get("train_loader")
+        if loader is None:
+            raise ValueError("anp needs train_loader= to train its masks and weights")
+        torch.manual_seed(self.seed)
+        factory = (lambda g: self._mask(ctx, g)) if self.uses_masks else None
+        masked = ctx.insert_masks(factory, placement=self.placement, training=True)
+        ctx.state["masked"] = masked
+        with torch.no_grad():
+            initial = np.concatenate([m.expected().double().cpu().numpy() for m in masked.masks.values()] or [[]])
+        self._train(ctx, masked, loader)
+        masked.module.eval()
+        if ctx.data.get("evaluate") is not None:
+            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        masks: dict[int, BetaBernoulli] = masked.masks  # type: ignore[assignment]
+        scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
+        if not masks:  # a dense baseline: L1 of the trained filters, each group at mean 1
+            state = masked.state()
+            for group in self.prunable(ctx):
+                scores[group.id] = rescaled_l1(ctx.groups, group, state.__getitem__, 1.0)
+            ctx.report.update({"variant": self.variant})
+            return scores
+        with torch.no_grad():
+            expected = {gid: m.expected().double().cpu().numpy() for gid, m in masks.items()}
+        for gid, e in expected.items():
+            scores[gid] = np.where(e > self.threshold, e, -np.inf)
+        ctx.masks.update({gid: np.where(e > self.threshold, e, 0.0) for gid, e in expected.items()})
+        every = np.concatenate(list(expected.values()))
+        ctx.report.update({"variant": self.variant, "masked_groups": len(masks), "skipped": masked.skipped,
+                           "pruned_by_threshold": int((every <= self.threshold).sum()), "channels": len(every),
+                           "mean_keep_probability": float(every.mean()),
+                           "histograms": {"keep_probability": {"before": initial.tolist(), "after": every.tolist(),
+                                                               "threshold": self.threshold, "xlabel": "E[pi]"}}})
+        return scores
+
+    def _train(self, ctx: PassContext, masked: Any, loader: Iterable[Any]) -> None:
+        if self.epochs == 0:
+            return
+        use_masks, adversarial, suppress = VARIANTS[self.variant]
+        loss_fn = ctx.data.get("loss") or F.cross_entropy
+        model = Adversarial(masked.module, self.train_attack(), loss_fn, suppress)
+        mask_params = masked.mask_parameters()
+        weights = masked.weight_parameters()
+        decayed = [w for w in weights if w.dim() > 1]
+        hook = AnpHook(model, list(masked.masks.values()), self.beta, _dataset_size(loader), self.vs_weight if suppress
+                       else 0.0, self.l2, decayed, (self.lr_weight, self.lr_mask))
+        data = Labelled(loader)
+        masks = MaskTraining(mask_params, lr=self.lr_mask, optimizer="adamw", loader=Labelled(loader)) \
+            if use_masks and mask_params else None
+        device = next(iter(masked.module.parameters())).device
+        log = train(model, data, task_loss(loss_fn), self.epochs, self.lr_weight, device, optimizer="adamw",
+                    weight_decay=0.0, schedule="none", parameters=weights, hooks=[hook], masks=masks)
+        ctx.report["training"] = [{"epoch": r["epoch"], "loss": r["loss"]} for r in log]
+
+    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
+        """The trained network: the masks' evaluation values folded in, 0 on every removed channel."""
+        masked = ctx.state["masked"]
+        if not masked.masks:
+            return masked.state()
+        values = {}
+        for gid, mask in masked.masks.items():
+            with torch.no_grad():
+                v = mask.keep().double().cpu().numpy()
+            v[removed[masked.groups[gid].channels]] = 0.0
+            values[gid] = v
+        return masked.fold(values).weights
