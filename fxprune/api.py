@@ -124,7 +124,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
           min_keep: float | None = None, round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
           allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
           progress: Callable[[str], None] | None = None,
-          recover: str | None = None, epochs: int = 0, distill: bool = False,
+          recover: str | None = None, epochs: int = 0, distill: bool | None = None,
           **data: Any) -> PruneResult:
     """Prune ``model`` and return the compacted module with its plan.
 
@@ -136,7 +136,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     ``min_channels``, ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
     the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
     fraction to KEEP), reached by binary search to within the pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
-    "scratch-b" for ``epochs`` epochs (``distill=True`` adds knowledge distillation from ``model``).
+    "scratch-b" for ``epochs`` epochs (default with ``epochs > 0``: the pass's own, else "finetune";
+    ``distill=True`` adds knowledge distillation from ``model``; default: the pass's own, tas's on).
     ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
     file's functions). ``progress(stage)`` is called as each stage starts. ``model`` is left
     bit-identical. ``require_prunable=True``: a budget that asks for a removal on a model none of whose
@@ -144,6 +145,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     naming the largest frozen groups' reasons; otherwise that case warns.
     """
     the_pass = make_pass(method, options)
+    if recover is None and epochs > 0:  # the pass's own recovery (scratch: scratch-b; tas: scratch-e + KD)
+        recover = getattr(the_pass, "default_recovery", None) or "finetune"
+    distill = bool(getattr(the_pass, "default_distill", False)) if distill is None else distill
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
                     normalize=getattr(the_pass, "normalize", "mean"),
@@ -195,6 +199,10 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         edits = the_pass.edits(ctx, out.removed)
         out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
     after = counter(out.removed)
+    if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
+        from .cli.measure import count_macs, count_params
+
+        after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
     log: list[dict[str, Any]] = []
     if recover is not None:
         stage("recover")

@@ -47,12 +47,17 @@ class PGD:
             raise ValueError(f"PGD needs eps > 0, steps >= 1 and step > 0; got eps={self.eps}, "
                              f"steps={self.steps}, step={self.step}")
 
+    @property
+    def step_length(self) -> float:
+        """The step used: ``step``, or 2.5 eps / steps."""
+        return self.step if self.step is not None else 2.5 * self.eps / self.steps
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         loss_fn = loss_fn or F.cross_entropy
         lo, hi = self.bounds if self.bounds is not None else (float(x.min()), float(x.max()))
-        step = self.step if self.step is not None else 2.5 * self.eps / self.steps
+        step = self.step_length
         x = x.detach()
         adv = x.clone()
         if self.random_start:

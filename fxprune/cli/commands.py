@@ -140,8 +140,9 @@ def run(
                                                    "scratch-e or scratch-b (re-initialised; Liu et al. 2019 budgets); "
                                                    "default: the pass's own (scratch: scratch-b), else finetune",
                                                    show_default=False)] = None,
-    distill: Annotated[bool, typer.Option("--distill", help="distil from the unpruned model during recovery "
-                                          "(T=4, alpha=0.9)")] = False,
+    distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="distil from the unpruned model "
+                                                    "during recovery (T=4, alpha=0.9); default: the pass's own "
+                                                    "(tas: on), else off", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,

@@ -31,7 +31,7 @@ from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from fxprune.passes.registry import PassError, load_pass, make_pass
 from fxprune.selection.diagnose import removable_fraction, shortfall
-from .report import group_rows, layer_rows, pass_report, plot_channels, plot_histogram, render_markdown
+from .report import group_rows, layer_rows, pass_report, plot_blocks, plot_channels, plot_histogram, render_markdown
 from fxprune.selection.budget import Selection, check_ratio
 from fxprune.recovery import Hook
 from fxprune.recovery.engine import batches_per_epoch
@@ -66,7 +66,7 @@ class RunConfig:
     force: bool = False
     budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
     recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's default_recovery, else finetune
-    distill: bool = False       # knowledge distillation from the unpruned model during recovery
+    distill: bool | None = None  # knowledge distillation from the unpruned model during recovery; None: the pass's default
     no_recover: bool = False    # --no-recover: no recovery even when the model file can train
     allow_inexact: bool = False  # --allow-inexact: also prune groups where removal is not exactly the masked model
     onnx: bool = False  # --onnx: also write model.onnx, checked with onnxruntime (fxprune.cli.deploy)
@@ -250,6 +250,9 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))
         plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+        if result.report.get("stages"):
+            plot_blocks(result.report["stages"], tmp / "blocks.png",
+                        title=f"{Path(report['model_file']).name}: residual blocks kept per stage")
         for name, hist in result.report.get("histograms", {}).items():
             plot_histogram(hist, tmp / f"{name}{HISTOGRAM}", title=f"{report['pass']}: {hist.get('xlabel', name)}")
         log = report["finetune"]["log"]
@@ -355,7 +358,9 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     clock = {"start": time.perf_counter()}
     notes: list[str] = []
     mf, the_pass = check(cfg)
-    cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune")
+    cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune",
+                              distill=bool(getattr(the_pass, "default_distill", False) if cfg.distill is None
+                                           else cfg.distill))
     with fb.step(f"loading {mf.path.name}"):
         model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
         inputs = to_device(mf.example_inputs(), cfg.device)
@@ -486,7 +491,7 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
                    if k in ("target_macs", "target_params") and v is not None} or None,
         "attack": None if attack is None else {"name": "pgd", "eps": attack.eps, "steps": attack.steps,
-                                               "step": attack.step, "from": "--attack" if cfg.attack else "the pass"},
+                                               "step": attack.step_length, "from": "--attack" if cfg.attack else "the pass"},
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

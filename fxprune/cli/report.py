@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["group_rows", "layer_rows", "pass_report", "render_markdown", "plot_channels", "plot_histogram",
+__all__ = ["group_rows", "layer_rows", "pass_report", "render_markdown", "plot_channels", "plot_blocks", "plot_histogram",
            "cost_rows", "human", "format_ms"]
 
 HISTOGRAM_BINS = 40
@@ -149,6 +149,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"sparsity training; every selected channel below it: "
                   f"{'yes' if sparsity['selected_below_threshold'] else 'no'}. Histogram: "
                   + ", ".join(f"`{k}_histogram.png`" for k in report["pass_report"].get("histograms", {})), ""]
+    stages = (report.get("pass_report") or {}).get("stages")
+    if stages:
+        lines += ["## Residual stages (depth search; chart: blocks.png)", ""]
+        lines += _table(["stage", "blocks kept / total", "removed"],
+                        [[k, f"{v['kept']} / {v['blocks']}", ", ".join(v["removed"]) or "-"]
+                         for k, v in stages.items()]) + [""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if report["finetune"]["log"]:
@@ -163,6 +169,26 @@ def _label(group: dict[str, Any]) -> str:
     names = group["producers"] or group["consumers"]
     text = ", ".join(names) if names else f"group {group['group']}"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def plot_blocks(stages: dict[str, dict[str, Any]], path: Path, title: str = "residual blocks kept per stage") -> None:
+    """Horizontal bars per residual stage: its blocks in grey, the kept ones in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stages)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(names)))
+    ax.barh(names, [stages[k]["blocks"] for k in names], color="0.85", label="original")
+    ax.barh(names, [stages[k]["kept"] for k in names], color="tab:blue", label="kept")
+    ax.invert_yaxis()
+    ax.set_xlabel("residual blocks")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_channels(groups: list[dict[str, Any]], path: Path, title: str = "channels kept per group") -> None:

@@ -5,6 +5,9 @@
 - :class:`ApplyMasks`: a tensor times that multiplier along its axis: an activation, or a weight
   (a producer's rows and bias: the same product, on a tensor the size of the layer, not of the batch;
   ``hard``: the other weights of the channels, times ``mask != 0`` in eval mode only).
+- :class:`ApplyTransform`: one group's channels of a tensor mapped by a (channels, channels) matrix
+  (``y_j = sum_k x_k M[k, j]``; a *transform* mask's value in training, e.g. TAS's prefix widths mixed by
+  channel-wise interpolation), or multiplied by a (channels,) value like any mask (its value in eval mode).
 - :class:`MaskedBatchNorm`: a BatchNorm whose affine parameters are multiplied by the multiplier before
   it normalises (``gamma * m``, ``beta * m``: the same as multiplying its output, without a pass over
   the activation), with ``nn.BatchNorm``'s train/eval behaviour and running statistics, registered at
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Multiplier", "ApplyMasks", "MaskedBatchNorm"]
+__all__ = ["Multiplier", "ApplyMasks", "ApplyTransform", "MaskedBatchNorm"]
 
 
 class Multiplier(nn.Module):
@@ -57,6 +60,28 @@ class ApplyMasks(Multiplier):
         shape = [mult.shape[0] if mult.dim() == 2 else 1] + [1] * (x.dim() - 1)
         shape[self.axis] = -1
         return x * mult.reshape(shape)
+
+
+class ApplyTransform(nn.Module):
+    """``x`` with the channels of one group (at ``positions`` along ``axis``, in channel order) replaced by
+    ``channels @ M`` for a (C, C) value ``M``, or multiplied by a (C,) value."""
+
+    def __init__(self, axis: int, positions: torch.Tensor, size: int) -> None:
+        super().__init__()
+        self.axis = axis
+        self.whole = bool(len(positions) == size and torch.equal(positions, torch.arange(size)))
+        self.register_buffer("positions", positions, persistent=False)
+
+    def forward(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(x.dtype)
+        if value.dim() == 1:
+            mult = torch.ones(x.shape[self.axis], dtype=x.dtype, device=x.device).index_copy(0, self.positions, value)
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            return x * mult.reshape(shape)
+        part = x if self.whole else x.index_select(self.axis, self.positions)
+        mapped = torch.movedim(torch.movedim(part, self.axis, -1) @ value, -1, self.axis)
+        return mapped if self.whole else x.index_copy(self.axis, self.positions, mapped)
 
 
 class MaskedBatchNorm(nn.Module):

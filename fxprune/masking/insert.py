@@ -7,7 +7,11 @@ are multiplied by the output of ``factory(group)``:
 
 - a mask module's ``forward()`` takes no input and returns one value per channel, shape (channels,);
   or, when the module has ``per_sample = True``, ``forward(x)`` takes the group's first masked
-  activation (in graph order, before masking) and returns (batch, channels);
+  activation (in graph order, before masking) and returns (batch, channels); or, when it has
+  ``transform = True``, ``forward()`` returns a (channels, channels) map of the group's channels (in
+  training; ``y_j = sum_k x_k M[k, j]``, :class:`~fxprune.masking.apply.ApplyTransform`) or (channels,)
+  (a plain value, in eval mode), acting on activations only, on groups whose every masked tensor holds
+  each channel once;
 - where the mask acts is :mod:`fxprune.masking.sites` (``placement="output"`` or ``"prenorm"``); how,
   :mod:`fxprune.masking.apply`: a per-channel mask on a producer's output multiplies its rows and bias
   (the same product on a weight-sized tensor), one on a BatchNorm's output multiplies its affine
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.fx as fx
@@ -36,7 +40,7 @@ from torch import nn
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 from fxprune.compaction.trainable import module_batch_norm
-from .apply import ApplyMasks, MaskedBatchNorm, Multiplier
+from .apply import ApplyMasks, ApplyTransform, MaskedBatchNorm, Multiplier
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
 if TYPE_CHECKING:
@@ -151,7 +155,9 @@ class _Insert:
         # masks are computed after the inputs and tensors are read (the graph's prefix), before any op
         self.first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         self.calls = self._mask_calls(tensors, modules)
-        activations, norms, soft, hard = self._route()
+        activations, norms, soft, hard, transforms = self._route()
+        for gid, site in transforms:
+            self._transform(gid, site)
         for (name, axis), entries in activations.items():
             node = self.nodes[name]
             for gid, _ in entries:  # a per-sample mask reads the first activation it masks, before masking
@@ -178,17 +184,21 @@ class _Insert:
                 self.order[calls[gid]] = self.order[self.first] - 0.5
         return calls
 
-    def _route(self) -> tuple[dict[tuple[str, int], Entries], ...]:
-        """Each site's entries by where they act: activations, BatchNorms, weights (soft), weights (hard)."""
+    def _route(self) -> tuple[Any, ...]:
+        """Each site's entries by where they act: activations, BatchNorms, weights (soft), weights (hard),
+        and the activation sites of transform masks."""
         activations: dict[tuple[str, int], Entries] = {}
         norms: dict[tuple[str, int], Entries] = {}
         soft: dict[tuple[str, int], Entries] = {}
         hard: dict[tuple[str, int], Entries] = {}
+        transforms: Entries = []
         for gid, gs in self.chosen.items():
             per_sample = getattr(self.masks[gid], "per_sample", False)
             for site in gs.activations:
                 layer = self.nodes.get(site.layer) if site.layer else None
-                if not per_sample and layer is not None and _batch_norm(layer) is not None:
+                if getattr(self.masks[gid], "transform", False):
+                    transforms.append((gid, site))
+                elif not per_sample and layer is not None and _batch_norm(layer) is not None:
                     norms.setdefault((layer.name, site.axis), []).append((gid, site))
                 elif not per_sample and site.folds and not site.norm and \
                         all(f.node in self.tensors and isinstance(self.tensors[f.node], nn.Parameter) for f in site.folds):
@@ -198,7 +208,22 @@ class _Insert:
                     activations.setdefault((site.node, site.axis), []).append((gid, site))
             for site in gs.weights:
                 hard.setdefault((site.node, site.axis), []).append((gid, site))
-        return activations, norms, soft, hard
+        return activations, norms, soft, hard, transforms
+
+    def _transform(self, gid: int, site: Site) -> None:
+        """A transform mask's value applied to the group's channels of one activation."""
+        node = self.nodes[site.node]
+        path = self._path()
+        positions = torch.as_tensor(site.index[np.argsort(site.pos)])
+        self.modules[path] = ApplyTransform(site.axis, positions, site.size)
+        src, call = self.latest.get(node, node), self.calls[gid]
+        anchor = max((src, call), key=self.order.__getitem__)
+        with self.graph.inserting_after(anchor):
+            applied = self.graph.call_module(path, (src, call))
+        self.order[applied] = self.order[anchor] + 0.25
+        applied.meta = dict(node.meta)
+        src.replace_all_uses_with(applied, delete_user_cb=lambda u: u is not applied and u is not call)
+        self.latest[node] = applied
 
     def _index(self, entries: Entries) -> torch.Tensor:
         offsets, table = 0, []
@@ -251,6 +276,10 @@ class _Insert:
         graph.erase_node(node)
 
 
+def _each_channel_once(site: Site, channels: int) -> bool:
+    return len(site.pos) == channels and len(np.unique(site.pos)) == channels
+
+
 def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory | None, *,
                  only: Iterable[int] | None = None, placement: str = "output",
                  weights: Mapping[str, torch.Tensor] | None = None, training: bool = False,
@@ -277,6 +306,11 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
         else:
             chosen[group.id] = sites
     masks = {gid: factory(groups[gid]) for gid in chosen} if factory is not None else {}
+    for gid, mask in list(masks.items()):
+        if getattr(mask, "transform", False) and not all(_each_channel_once(s, chosen[gid].channels)
+                                                         for s in chosen[gid].activations):
+            skipped[gid] = "a channel map needs every masked tensor to hold each channel once (not heads)"
+            del masks[gid], chosen[gid]
     for gid, mask in masks.items():
         if getattr(mask, "per_sample", False):
             chosen[gid].weights = []  # a per-sample zero cannot zero weights shared by the batch

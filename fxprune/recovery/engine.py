@@ -10,7 +10,7 @@ metric, higher is better) and the last checkpoint are written. ``resume=True`` c
 last checkpoint and ends on exactly the weights an uninterrupted run ends on (same data order,
 same random numbers: every generator's state is in the checkpoint).
 
-Optimisers: SGD (momentum, weight decay) and AdamW. Schedules, stepped once per epoch: cosine
+Optimisers: SGD (momentum, Nesterov, weight decay), AdamW and Adam. Schedules, stepped once per epoch: cosine
 (to zero at the last epoch), step (``lr * gamma`` every ``step_size`` epochs), none.
 
 Under ``torchrun`` the same call trains data-parallel (see :mod:`fxprune.recovery.distributed`).
@@ -44,9 +44,9 @@ __all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "Loss
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, Any]]
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "step", "none")
-_DEFAULT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
+_DEFAULT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "adam": 0.0}
 
 
 @dataclass
@@ -95,6 +95,7 @@ class MaskTraining:
     weight_decay: float = 0.0
     momentum: float = 0.9
     loader: Iterable[Any] | None = None
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
 
 
 class Hook:
@@ -150,11 +151,14 @@ def batches_per_epoch(loader: Iterable[Any]) -> int | None:
 
 
 def _optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float,
-               weight_decay: float | None) -> torch.optim.Optimizer:
+               weight_decay: float | None, nesterov: bool = False,
+               betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     decay = _DEFAULT_DECAY[kind] if weight_decay is None else weight_decay
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay, nesterov=nesterov)
+    if kind == "adam":  # L2 weight decay in the gradient (TAS's architecture optimiser)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=decay)
 
 
 def _mask_optimizer(masks: MaskTraining) -> torch.optim.Optimizer:
@@ -162,7 +166,8 @@ def _mask_optimizer(masks: MaskTraining) -> torch.optim.Optimizer:
         raise ValueError(f"the masks' optimizer must be one of {OPTIMIZERS}, got {masks.optimizer!r}")
     if not masks.parameters:
         raise ValueError("MaskTraining has no parameters (insert masks first, or leave masks=None)")
-    return _optimizer(masks.optimizer, list(masks.parameters), masks.lr, masks.momentum, masks.weight_decay)
+    return _optimizer(masks.optimizer, list(masks.parameters), masks.lr, masks.momentum, masks.weight_decay,
+                      betas=masks.betas)
 
 
 def _schedule(kind: str, optimizer: torch.optim.Optimizer, epochs: int, step_size: int,
@@ -352,7 +357,7 @@ def load_weights(module: nn.Module, checkpoint_dir: str | Path, name: str = "bes
 
 def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None = None, epochs: int = 1,
           lr: float = 0.01, device: str | torch.device = "cpu", progress: Hook | None = None, *,
-          optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float | None = None,
+          optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float | None = None, nesterov: bool = False,
           schedule: str = "cosine", step_size: int = 30, gamma: float = 0.1,
           max_grad_norm: float | None = None, amp: bool | None = None,
           evaluate: Evaluate | None = None, metric: str | None = None,
@@ -364,8 +369,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     ``train_loader`` yields ``(inputs, target)`` batches; ``loss_fn(output, target)`` defaults to
     cross-entropy. The module ends on ``device`` in the train/eval mode it started in.
 
-    - ``optimizer``: ``"sgd"`` (``momentum``) or ``"adamw"``; ``weight_decay`` defaults to 5e-4 for
-      SGD and 1e-2 for AdamW. ``parameters``: what the optimiser updates (default: every parameter
+    - ``optimizer``: ``"sgd"`` (``momentum``, ``nesterov``), ``"adamw"`` or ``"adam"`` (L2 decay in the
+      gradient); ``weight_decay`` defaults to 5e-4 for SGD, 1e-2 for AdamW and 0 for Adam. ``parameters``: what the optimiser updates (default: every parameter
       of ``module`` that requires grad).
     - ``schedule``: ``"cosine"``, ``"step"`` (``gamma`` every ``step_size`` epochs) or ``"none"``.
     - ``max_grad_norm``: clip the total gradient norm before each step.
@@ -397,7 +402,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     mask_opt = _mask_optimizer(masks) if masks is not None else None
     if not params and mask_opt is None:
         raise ValueError("nothing to train: no parameter requires grad and no masks were given")
-    opt = _optimizer(optimizer, params, lr, momentum, weight_decay) if params else mask_opt
+    opt = _optimizer(optimizer, params, lr, momentum, weight_decay, nesterov) if params else mask_opt
     sched = _schedule(schedule, opt, epochs, step_size, gamma) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,

@@ -75,6 +75,10 @@ class CostCounter:
         params = sum(math.prod(shape(TensorRef(n))) for n in self.params) + self.unread
         return Cost(int(macs), int(params))
 
+    def per_node(self, removed=None) -> dict[str, int]:
+        """MACs of every op with a cost, by node name."""
+        shape = self._shape(removed)
+        return {n.name: int(_macs(n, shape)) for n in self.compute}
 
     def per_layer(self, removed=None) -> dict[str, int]:
         """MACs per layer: keyed by the module that owns the op's weight (``layer4.0.conv1``), else by

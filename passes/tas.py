@@ -1,0 +1,488 @@
+"""tas: Transformable Architecture Search (Dong & Yang, NeurIPS 2019): learned widths AND depths, then
+distillation. Defaults follow the authors' released code (AutoDL-Projects, ``search-shape``).
+
+- Channel order: a group's prefix of width C_i is its C_i most important channels, importance = the L1
+  norm of the producing filters of the model as given (``producer_l1``; summed over a residual stream's
+  writers), so the prefix is meaningful on a trained model and the removal at the end drops the
+  least important channels.
+- Width: one :class:`WidthChoice` per prunable group (a *transform* mask of ``fxprune.masking``, acting
+  where the group's masks act: after its normalisation, else on its producers' outputs): logits over the
+  candidate widths ``widths`` x C (0.3, 0.4, ..., 1.0; duplicates merged on small groups), init
+  N(0, 0.01). Search forward: Gumbel-softmax probabilities at temperature tau, two candidates sampled from
+  them without replacement, their perturbed logits re-softmaxed into two weights; each candidate keeps its
+  prefix of C_i channels, channel-wise interpolation (adaptive average pooling over the channel axis, the
+  authors' ``ChannelWiseInter``) stretches it to the larger of the two widths, and the weighted sum fills
+  the first max(C_i) channels (the rest are zero: what the next layer would read if its input were
+  sliced). One candidate-specific BatchNorm per width (the authors' code) is not reproduced: the
+  group's own normalisation serves every width. Groups whose tensors hold channels more than once
+  (attention heads) get no width search.
+- Depth (``depth=true``): per stage of consecutive residual blocks (``fxprune.edits.blocks``; stages of
+  two or more blocks), logits over how many blocks to keep {1, 3, 5, ..., n} (n always included), init
+  N(0, 0.01), Gumbel-softmax probabilities p at tau. The authors' stage output mixes the stage's exits by
+  p; fxprune scales block j's branch by P(depth >= j) = sum of p over the choices that keep it (a depth
+  mask): the same mixture when nothing follows a block's add (pre-activation ResNets, transformers), an
+  approximation when a ReLU does (post-activation ResNets); both agree at one-hot p.
+- Temperature: cosine from 5 to 0.1 over the search epochs (set per epoch).
+- Cost: the expected MACs E from the width and depth distributions by fxprune's cost model, so any
+  architecture works: every op's MACs on the example inputs times, per group it depends on, the expected
+  kept fraction to the power the op depends on it (probed: 1 for a conv's input or output channels), times
+  the probability its block is kept. F = the MACs of the argmax architecture (exact, by the cost model),
+  R = target x the full model, tolerance 0.05 x full: loss = -log E if F < R - tol, +log E if F > R, else 0;
+  architecture loss = CE + 2 loss.
+- Training (``epochs`` search epochs): weights (SGD, Nesterov, lr 0.1, wd 5e-4, cosine) and the
+  architecture (Adam, lr ``arch_lr`` 1e-3, betas (0.5, 0.999), wd 1e-3) updated alternately on two
+  fixed halves of the training data (the engine's alternating scheme), starting from the weights as given.
+- Target: ``--target-macs T``; with a ratio alone (fraction of channels to remove, r), T = (1 - r)^2 (what
+  removing r of every channel costs a chain of convolutions); ``--target-params`` is refused (TAS's cost
+  is MACs).
+- Final architecture: argmax width per group (its prefix kept: scores +inf, the rest -inf, so selection
+  keeps exactly the search's choice), argmax depth per stage (blocks beyond it removed, an exact edit:
+  the compacted model equals the searched network with those branches zeroed and the other channels
+  removed). The CLI's recovery then trains it from scratch (``scratch-e``) with knowledge distillation
+  from the unpruned model (``(1 - 0.9) CE + 0.9 T^2 KL``, T = 4), for ``--epochs`` epochs; ``--recover
+  finetune`` keeps the searched weights (their BatchNorm statistics re-estimated on ``recalibrate`` batches
+  for the argmax architecture), ``--no-distill`` trains without the teacher.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.edits.blocks import DEPTH_PREFIX, Block, residual_blocks
+from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.selection.cost import CostCounter
+from .base import Pass, PassContext, Scores
+from .l1 import producer_l1
+from .registry import PassError
+
+__all__ = ["Tas", "WidthChoice", "StageDepth", "BlockDepth", "ExpectedMacs", "channel_map", "cost_loss",
+           "depth_choices"]
+
+WIDTHS = "0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+
+
+def channel_map(k: int, m: int, order: torch.Tensor) -> torch.Tensor:
+    """(n, n), n = len(order): the channels ``order[:k]`` stretched to ``m`` by adaptive average pooling over
+    the channel axis, written to the channels ``order[:m]`` (``y = x @ M``)."""
+    n = len(order)
+    stretch = F.adaptive_avg_pool1d(torch.eye(k).unsqueeze(1), m).squeeze(1)  # (k, m): input i -> output j
+    out = torch.zeros(n, n)
+    out[order[:k].unsqueeze(1), order[:m].unsqueeze(0)] = stretch
+    return out
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perturbed logits / tau, their softmax): the authors' ``select2withP`` before the draw."""
+    while True:  # a Gumbel of exactly 0 or inf is redrawn (as the authors do)
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        if torch.isfinite(gumbels).all():
+            break
+    perturbed = (logits.log_softmax(-1) + gumbels) / tau
+    return perturbed, perturbed.softmax(-1)
+
+
+class WidthChoice(nn.Module):
+    """A group's width distribution, as a transform mask: (C, C) channel map in training, the argmax
+    prefix as a 0/1 value per channel in eval mode."""
+
+    transform = True
+
+    def __init__(self, order: torch.Tensor, fractions: Iterable[float]) -> None:
+        super().__init__()
+        n = len(order)
+        self.counts = sorted({min(n, max(1, round(f * n))) for f in fractions})
+        self.register_buffer("order", order.clone(), persistent=False)
+        self.logits = nn.Parameter(torch.randn(len(self.counts)) * 0.01)
+        self.tau = 5.0
+        self.probs: torch.Tensor | None = None  # the last forward's Gumbel-softmax probabilities
+        self._maps: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _map(self, k: int, m: int) -> torch.Tensor:
+        if (k, m) not in self._maps:
+            self._maps[(k, m)] = channel_map(k, m, self.order.cpu()).to(self.logits.device)
+        return self._maps[(k, m)]
+
+    def argmax_count(self) -> int:
+        return self.counts[int(self.logits.argmax())]
+
+    def keep(self) -> torch.Tensor:
+        """1 on the argmax prefix, 0 elsewhere."""
+        keep = torch.zeros(len(self.order), device=self.logits.device)
+        keep[self.order[: self.argmax_count()]] = 1.0
+        return keep
+
+    def expected_fraction(self) -> torch.Tensor:
+        probs = self.probs if self.probs is not None else self.logits.softmax(-1)
+        counts = torch.tensor(self.counts, dtype=probs.dtype, device=probs.device)
+        return (probs * counts).sum() / len(self.order)
+
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            return self.keep()
+        if len(self.counts) == 1:
+            self.probs = torch.ones(1, device=self.logits.device)
+            return self._map(self.counts[0], self.counts[0])
+        perturbed, self.probs = gumbel_softmax(self.logits, self.tau)
+        with torch.no_grad():
+            picked = torch.multinomial(self.probs.detach().cpu() + 1e-7, 2, replacement=False).tolist()
+        self.picked = picked
+        weights = perturbed[picked].softmax(-1)
+        ks = [self.counts[i] for i in picked]
+        m = max(ks)
+        return weights[0] * self._map(ks[0], m) + weights[1] * self._map(ks[1], m)
+
+
+def depth_choices(n: int) -> list[int]:
+    """How many blocks a stage of ``n`` may keep: 1, 3, 5, ... and n."""
+    return sorted(set(range(1, n + 1, 2)) | {n})
+
+
+class StageDepth(nn.Module):
+    """A stage's depth distribution: logits over ``depth_choices(n)``; sampled once per forward (by its
+    first block's :class:`BlockDepth` in training mode), the argmax otherwise."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.choices = depth_choices(blocks)
+        self.logits = nn.Parameter(torch.randn(len(self.choices)) * 0.01)
+        self.tau = 5.0
+        self.probs: torch.Tensor | None = None
+
+    def resample(self) -> None:
+        self.probs = gumbel_softmax(self.logits, self.tau)[1]
+
+    def argmax_depth(self) -> int:
+        return self.choices[int(self.logits.argmax())]
+
+    def keeps(self, j: int, sampled: bool = True) -> torch.Tensor:
+        """Block j's weight (0-based): P(depth > j) under the current sample, or (``sampled=False``) 1 if the
+        argmax depth keeps it, else 0."""
+        if not sampled:
+            return torch.tensor(float(self.argmax_depth() > j), device=self.logits.device)
+        if self.probs is None:
+            self.resample()
+        assert self.probs is not None
+        alive = torch.tensor([float(d > j) for d in self.choices], device=self.probs.device)
+        return (self.probs * alive).sum()
+
+    def expected_keeps(self, j: int) -> torch.Tensor:
+        probs = self.probs if self.probs is not None else self.logits.softmax(-1)
+        alive = torch.tensor([float(d > j) for d in self.choices], device=probs.device)
+        return (probs * alive).sum()
+
+
+class BlockDepth(nn.Module):
+    """Block j of a stage: its branch weight P(depth > j); block 0 draws the stage's sample."""
+
+    def __init__(self, stage: StageDepth, j: int) -> None:
+        super().__init__()
+        self.j = j
+        self._stage = [stage]  # not a submodule: the stage's parameters are registered once, by the pass
+
+    @property
+    def stage(self) -> StageDepth:
+        return self._stage[0]
+
+    def forward(self) -> torch.Tensor:
+        if self.training and self.j == 0:
+            self.stage.resample()
+        return self.stage.keeps(self.j, sampled=self.training)
+
+
+def stages_of(blocks: list[Block]) -> dict[str, list[Block]]:
+    """Blocks by stage, in graph order; stages of one block are left out (nothing to choose)."""
+    out: dict[str, list[Block]] = {}
+    for b in blocks:
+        out.setdefault(b.stage, []).append(b)
+    return {k: v for k, v in out.items() if len(v) > 1}
+
+
+class ExpectedMacs:
+    """Expected and argmax-architecture MACs of a graph under width and depth distributions (see the
+    module docstring), from fxprune's cost model."""
+
+    def __init__(self, groups: ChannelGroups, widths: dict[int, WidthChoice], stages: dict[str, list[Block]],
+                 depths: dict[str, StageDepth]) -> None:
+        self.groups, self.widths, self.depths = groups, widths, depths
+        self.counter = CostCounter(groups)
+        self.full_nodes = self.counter.per_node()
+        self.full = sum(self.full_nodes.values())
+        self.exponents: dict[str, dict[int, float]] = {n: {} for n in self.full_nodes}
+        for gid in widths:  # how each op's MACs depend on each group: remove half of it and look
+            group = groups[gid]
+            half = len(group) // 2
+            if half == 0:
+                continue
+            removed = np.zeros(len(groups.comp_group), dtype=bool)
+            removed[group.channels[:half]] = True
+            frac = (len(group) - half) / len(group)
+            for name, macs in self.counter.per_node(removed).items():
+                full = self.full_nodes[name]
+                if full > 0 and macs != full:
+                    self.exponents[name][gid] = math.log(max(macs, 1) / full) / math.log(frac)
+        self.block_of: dict[str, tuple[str, int]] = {}
+        for stage, blocks in stages.items():
+            for j, b in enumerate(blocks):
+                for name in b.nodes:
+                    self.block_of[name] = (stage, j)
+
+    def expected(self) -> torch.Tensor:
+        fracs = {gid: w.expected_fraction() for gid, w in self.widths.items()}
+        total = torch.zeros(())
+        for name, full in self.full_nodes.items():
+            term = torch.tensor(float(full))
+            for gid, e in self.exponents[name].items():
+                term = term * fracs[gid].cpu() ** e
+            if name in self.block_of and self.block_of[name][0] in self.depths:
+                stage, j = self.block_of[name]
+                term = term * self.depths[stage].expected_keeps(j).cpu()
+            total = total + term
+        return total
+
+    def removal(self) -> np.ndarray:
+        """The argmax widths' removal (a bool per channel component)."""
+        removed = np.zeros(len(self.groups.comp_group), dtype=bool)
+        for gid, w in self.widths.items():
+            keep = w.keep().cpu().numpy() > 0
+            removed[self.groups[gid].channels[~keep]] = True
+        return removed
+
+    def argmax(self) -> int:
+        """MACs of the argmax architecture: argmax widths, blocks beyond each stage's argmax depth removed."""
+        per_node = self.counter.per_node(self.removal())
+        gone = {name for name, (stage, j) in self.block_of.items()
+                if stage in self.depths and j >= self.depths[stage].argmax_depth()}
+        return sum(m for name, m in per_node.items() if name not in gone)
+
+
+def cost_loss(expected: torch.Tensor, argmax: float, target: float, tolerance: float) -> torch.Tensor:
+    """TAS's cost loss: -log E below the band [target - tolerance, target], +log E above it, 0 inside."""
+    if argmax < target - tolerance:
+        return -torch.log(expected)
+    if argmax > target:
+        return torch.log(expected)
+    return expected.new_zeros(())
+
+
+class TasHook(Hook):
+    """Temperature per epoch (cosine 5 -> 0.1), the cost loss on the architecture's steps."""
+
+    def __init__(self, choices: list[Any], cost: ExpectedMacs, target: float, tolerance: float, weight: float,
+                 tau: tuple[float, float]) -> None:
+        self.choices, self.cost, self.target, self.tolerance, self.weight, self.tau = \
+            choices, cost, target, tolerance, weight, tau
+        self.history: list[dict[str, float]] = []
+
+    def before_epoch(self, state: TrainState) -> None:
+        hi, lo = self.tau
+        t = state.epoch / max(state.epochs - 1, 1)
+        tau = lo + (hi - lo) * (1 + math.cos(math.pi * t)) / 2
+        for c in self.choices:
+            c.tau = tau
+
+    def loss(self, state: TrainState, output: Any, target: Any) -> torch.Tensor | None:
+        if state.phase != "masks":
+            return None
+        expected = self.cost.expected()
+        argmax = self.cost.argmax()
+        if state.batch == 0:
+            self.history.append({"epoch": state.epoch + 1, "expected": float(expected.detach()) / self.cost.full,
+                                 "argmax": argmax / self.cost.full})
+        return self.weight * cost_loss(expected, argmax, self.target, self.tolerance).to(state.device)
+
+
+def recalibrate(module: nn.Module, loader: Iterable[Any], batches: int) -> None:
+    """Re-estimate every BatchNorm's running statistics (a cumulative average over ``batches`` batches of
+    ``loader``) for the argmax architecture: during the search they averaged over sampled mixtures of
+    widths, which the argmax network does not compute (the authors keep one BatchNorm per width)."""
+    from fxprune.cli.measure import to_device
+
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    device = next(iter(module.parameters())).device
+    module.train()
+    for m in module.modules():
+        if isinstance(m, (WidthChoice, StageDepth, BlockDepth)):
+            m.eval()  # the argmax architecture
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        with torch.no_grad():
+            for i, (inputs, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                inputs = to_device(inputs, device)
+                module(*inputs) if isinstance(inputs, (tuple, list)) else module(inputs)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.eval()
+
+
+def halves(loader: Any, seed: int) -> tuple[Any, Any]:
+    """Two fixed halves of a DataLoader's dataset (same batch size, collate and shuffling); any other
+    iterable of batches: its even and odd batches."""
+    from torch.utils.data import DataLoader, RandomSampler, Subset
+
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 1:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        parts = []
+        for i, idx in enumerate((order[: len(order) // 2], order[len(order) // 2:])):
+            parts.append(DataLoader(Subset(dataset, idx), batch_size=loader.batch_size, shuffle=shuffle,
+                                    collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                                    drop_last=loader.drop_last,
+                                    generator=torch.Generator().manual_seed(seed + 1 + i)))
+        return parts[0], parts[1]
+    return _EveryOther(loader, 0), _EveryOther(loader, 1)
+
+
+class _EveryOther:
+    def __init__(self, loader: Iterable[Any], parity: int) -> None:
+        self.loader, self.parity = loader, parity
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for i, batch in enumerate(self.loader):
+            if i % 2 == self.parity:
+                yield batch
+
+    def __len__(self) -> int:
+        return (len(self.loader) + 1 - self.parity) // 2  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Tas(Pass):
+    name = "tas"
+    description = ("Transformable Architecture Search (Dong & Yang 2019): learned widths and depths under a MACs "
+                   "target, then training with distillation")
+    scope = "global"
+    normalize = "none"
+    needs = ("train_loader",)
+    tolerance = 1.0  # the selection keeps exactly the searched widths; the pass itself warns when it missed the band
+    default_recovery = "scratch-e"
+    default_distill = True
+
+    epochs: int = 3             # search epochs (the authors': 600 on CIFAR)
+    widths: str = WIDTHS        # candidate width fractions, comma-separated
+    depth: bool = True          # search depths of residual stages too
+    tolerance_macs: float = 0.05  # the cost loss's band, as a fraction of the full model's MACs
+    cost_weight: float = 2.0
+    lr: float = 0.1             # weights: SGD, Nesterov, cosine
+    weight_decay: float = 5e-4
+    arch_lr: float = 1e-3       # architecture: Adam, betas (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    tau_max: float = 5.0
+    tau_min: float = 0.1
+    recalibrate: int = 20       # batches that re-estimate BatchNorm statistics for the argmax architecture
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            fractions = self.fractions()
+        except ValueError:
+            raise PassError(f"tas: widths must be comma-separated fractions, got {self.widths!r}") from None
+        if not fractions or not all(0 < f <= 1 for f in fractions):
+            raise PassError(f"tas: every width must be in (0, 1], got {self.widths!r}")
+        if self.epochs < 0 or not 0 < self.tau_min <= self.tau_max or self.tolerance_macs < 0:
+            raise PassError("tas: epochs must be >= 0, 0 < tau_min <= tau_max and tolerance_macs >= 0")
+
+    def fractions(self) -> list[float]:
+        return [float(f) for f in self.widths.split(",") if f.strip()]
+
+    def target(self, ctx: PassContext) -> float:
+        if ctx.target is not None:
+            which, value = ctx.target
+            if which != "macs":
+                raise PassError("tas searches under a MACs target: give --target-macs (target_macs=), not a "
+                                "parameter target")
+            return value
+        ratio = ctx.selection.ratio if ctx.selection is not None else 0.5
+        return (1 - ratio) ** 2
+
+    def order(self, ctx: PassContext, group: Group) -> torch.Tensor:
+        """The group's channels, most important (largest producing-filter L1) first."""
+        l1 = producer_l1(ctx.groups, group, ctx.tensor)
+        return torch.as_tensor(np.lexsort((np.arange(len(l1)), -l1)), dtype=torch.long)
+
+    def score(self, ctx: PassContext) -> Scores:
+        loader = ctx.data.get("train_loader")
+        if loader is None:
+            raise ValueError("tas needs train_loader= to search")
+        torch.manual_seed(self.seed)
+        target = self.target(ctx)
+        fractions = self.fractions()
+        blocks = residual_blocks(ctx.gm) if self.depth else []
+        stages = stages_of(blocks)
+        depths = {stage: StageDepth(len(bs)) for stage, bs in stages.items()}
+        per_block = {b.name: (stage, j) for stage, bs in stages.items() for j, b in enumerate(bs)}
+        chosen = [b for bs in stages.values() for b in bs]
+        masked = ctx.insert_masks(lambda g: WidthChoice(self.order(ctx, g), fractions), training=True,
+                                  blocks=chosen, depth=lambda b: BlockDepth(depths[per_block[b.name][0]],
+                                                                            per_block[b.name][1]))
+        if depths:  # the stages' logits live in the masked module (train/eval, device), beside the depth masks
+            masked.module.get_submodule(DEPTH_PREFIX).add_module(
+                "stages", nn.ModuleDict({f"s{i}": d for i, d in enumerate(depths.values())}))
+        ctx.state["masked"] = masked
+        widths: dict[int, WidthChoice] = masked.masks  # type: ignore[assignment]
+        cost = ExpectedMacs(ctx.groups, widths, stages, depths)
+        arch = [p for w in widths.values() for p in w.parameters()] + [d.logits for d in depths.values()]
+        hook = TasHook([*widths.values(), *depths.values()], cost, target * cost.full,
+                       self.tolerance_macs * cost.full, self.cost_weight, (self.tau_max, self.tau_min))
+        if self.epochs > 0 and arch:
+            weights_half, arch_half = halves(loader, self.seed)
+            device = next(iter(masked.module.parameters())).device
+            train(masked.module, weights_half, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="sgd",
+                  nesterov=True, weight_decay=self.weight_decay, schedule="cosine",
+                  parameters=[p for p in masked.weight_parameters() if all(p is not a for a in arch)], hooks=[hook],
+                  masks=MaskTraining(arch, lr=self.arch_lr, optimizer="adam", weight_decay=self.arch_weight_decay,
+                                     betas=(0.5, 0.999), loader=arch_half))
+        if self.epochs > 0 and arch and self.recalibrate > 0:
+            recalibrate(masked.module, loader, self.recalibrate)
+        masked.module.eval()
+        kept_widths = {gid: w.argmax_count() for gid, w in widths.items()}
+        kept_depths = {stage: d.argmax_depth() for stage, d in depths.items()}
+        searched = cost.argmax() / cost.full
+        if not target - self.tolerance_macs <= searched <= target + self.tolerance_macs:
+            warnings.warn(f"fxprune: tas: the searched architecture keeps {searched:.3f} of the MACs, outside the "
+                          f"target {target:.3f} +- {self.tolerance_macs:g}: search longer (--opt epochs=N) or let the "
+                          "architecture move faster (--opt arch_lr=...)", stacklevel=2)
+        ctx.report.update({
+            "target_macs": target, "searched_macs": searched, "search": hook.history,
+            "widths": {str(gid): {"channels": len(ctx.groups[gid]), "kept": k} for gid, k in kept_widths.items()},
+            "stages": {stage: {"blocks": len(stages[stage]), "kept": k,
+                               "removed": [b.name for b in stages[stage][k:]]} for stage, k in kept_depths.items()},
+            "skipped": masked.skipped})
+        if ctx.data.get("evaluate") is not None:
+            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
+        for gid, w in widths.items():
+            scores[gid] = np.where(w.keep().cpu().numpy() > 0, np.inf, -np.inf)
+        return scores
+
+    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
+        masked = ctx.state["masked"]
+        return masked.fold(self._values(masked, removed)).weights
+
+    def edits(self, ctx: PassContext, removed: np.ndarray) -> list[Any]:
+        masked = ctx.state["masked"]
+        return masked.fold(self._values(masked, removed)).edits
+
+    @staticmethod
+    def _values(masked: Any, removed: np.ndarray) -> dict[int, np.ndarray]:
+        values = masked.values()
+        for gid, v in values.items():
+            v[removed[masked.groups[gid].channels]] = 0.0
+        return values

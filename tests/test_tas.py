@@ -1,0 +1,291 @@
+"""tas (passes/tas.py): prefix + channel-wise interpolation maps, the two distinct Gumbel samples, expected MACs
+equal to the cost model's at one-hot distributions, the cost loss's sign rule, depth search removing blocks
+with the compacted model equal to the searched (masked, zeroed-branch) network, BatchNorm re-estimation,
+the run end to end from Python and the command line."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+import fxprune
+from fxprune.analysis import analyze
+from fxprune.cli import app
+from fxprune.cli.measure import count_macs
+from fxprune.masking import insert_masks
+from fxprune.passes.base import PassContext
+from fxprune.passes.tas import (BlockDepth, ExpectedMacs, StageDepth, Tas, WidthChoice, channel_map, cost_loss,
+                                depth_choices, stages_of)
+from fxprune.edits.blocks import residual_blocks
+from fxprune.tracing.tracer import trace
+
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet(nn.Module):
+    """Two stages of three blocks (stage widths 8 and 16)."""
+
+    def __init__(self, w: int = 8, n: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.layer1 = nn.Sequential(*[Block(w) for _ in range(n)])
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w),
+                                  nn.ReLU())
+        self.layer2 = nn.Sequential(*[Block(2 * w) for _ in range(n)])
+        self.fc = nn.Linear(2 * w, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer2(self.down(self.layer1(self.stem(x)))).mean((2, 3)))
+
+
+def _model() -> ResNet:
+    torch.manual_seed(0)
+    model = ResNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _data(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def test_channel_map_keeps_the_prefix_and_stretches_it() -> None:
+    order = torch.tensor([3, 0, 4, 1, 2])  # channel 3 most important
+    m = channel_map(2, 4, order)
+    assert m.shape == (5, 5)
+    x = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])
+    y = x @ m
+    # the prefix (channels 3, 0 = 40, 10) stretched to 4 by adaptive averaging: 40, 40, 10, 10 at channels 3, 0, 4, 1
+    assert y.tolist() == [40.0, 10.0, 0.0, 40.0, 10.0]
+    assert torch.equal(channel_map(3, 3, order), torch.diag((torch.arange(5)[:, None] == order[:3]).any(1).float()))
+    odd = channel_map(3, 5, torch.arange(5))  # uneven stretch: each output averages what it covers
+    assert torch.allclose(odd.sum(0), torch.ones(5))
+
+
+def test_gumbel_sampling_picks_two_distinct_widths_and_mixes_them() -> None:
+    torch.manual_seed(0)
+    choice = WidthChoice(torch.arange(10), [0.3, 0.5, 0.8, 1.0]).train()
+    assert choice.counts == [3, 5, 8, 10]
+    seen = set()
+    for _ in range(200):
+        m = choice()
+        a, b = choice.picked
+        assert a != b
+        seen.add(tuple(sorted((a, b))))
+        assert m.shape == (10, 10)
+        top = max(choice.counts[a], choice.counts[b])
+        assert not m[:, top:].any() and torch.allclose(m.sum(), torch.tensor(float(top)), atol=1e-5)
+    assert len(seen) == 6  # every pair of the four widths comes up
+    choice.eval()
+    with torch.no_grad():
+        choice.logits.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+    assert choice().tolist() == [1.0] * 5 + [0.0] * 5
+
+
+def test_depth_choices_and_block_weights() -> None:
+    assert depth_choices(1) == [1] and depth_choices(3) == [1, 3] and depth_choices(4) == [1, 3, 4]
+    assert depth_choices(9) == [1, 3, 5, 7, 9]
+    stage = StageDepth(5).train()
+    stage.resample()
+    weights = [float(stage.keeps(j).detach()) for j in range(5)]
+    assert weights[0] == pytest.approx(1.0) and weights == sorted(weights, reverse=True)
+    with torch.no_grad():
+        stage.logits.copy_(torch.tensor([0.0, 5.0, 0.0]))  # keep 3 of 5
+    assert [float(stage.keeps(j, sampled=False)) for j in range(5)] == [1, 1, 1, 0, 0]
+    blocks = [BlockDepth(stage, j).eval() for j in range(5)]  # what the masked graph reads in eval mode
+    assert [float(b()) for b in blocks] == [1, 1, 1, 0, 0]
+
+
+def test_cost_loss_sign_rule() -> None:
+    e = torch.tensor(50.0, requires_grad=True)
+    assert float(cost_loss(e, 30.0, 50.0, 5.0)) == pytest.approx(-np.log(50.0))  # under the band: grow
+    assert float(cost_loss(e, 60.0, 50.0, 5.0)) == pytest.approx(np.log(50.0))   # over the target: shrink
+    assert float(cost_loss(e, 47.0, 50.0, 5.0)) == 0.0                           # inside [R - tol, R]
+    cost_loss(e, 30.0, 50.0, 5.0).backward()
+    assert float(e.grad) < 0  # descending it raises E
+
+
+def _searched(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, dict, ExpectedMacs]:
+    gm = trace(model, (x,))
+    groups = analyze(gm)
+    blocks = residual_blocks(gm)
+    stages = stages_of(blocks)
+    depths = {s: StageDepth(len(b)) for s, b in stages.items()}
+    ctx = PassContext(gm, groups, model, {})
+    tas = Tas()
+    per_block = {b.name: (s, j) for s, bs in stages.items() for j, b in enumerate(bs)}
+    masked = ctx.insert_masks(lambda g: WidthChoice(tas.order(ctx, g), tas.fractions()), training=True,
+                              blocks=[b for bs in stages.values() for b in bs],
+                              depth=lambda b: BlockDepth(depths[per_block[b.name][0]], per_block[b.name][1]))
+    widths = masked.masks
+    ctx.state["masked"] = masked
+    return ctx, widths, depths, ExpectedMacs(groups, widths, stages, depths)
+
+
+def test_expected_macs_equal_the_cost_model_at_one_hot_distributions() -> None:
+    model = _model()
+    x = torch.randn(2, 1, 8, 8)
+    ctx, widths, depths, cost = _searched(model, x)
+    assert set(depths) == {"layer1", "layer2"}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        with torch.no_grad():
+            for w in [*widths.values(), *depths.values()]:
+                hot = torch.full((len(w.logits),), -50.0)
+                hot[int(torch.randint(len(w.logits), (1,), generator=g))] = 50.0
+                w.logits.copy_(hot)  # softmax = one-hot
+                w.probs = None
+        assert float(cost.expected()) == pytest.approx(cost.argmax(), rel=1e-6)
+    full = cost.full
+    assert full == count_macs(model, (x,))
+
+
+def test_depth_search_removes_blocks_and_compaction_equals_the_searched_network() -> None:
+    model = _model()
+    x = torch.randn(3, 1, 8, 8)
+    ctx, widths, depths, cost = _searched(model, x)
+    with torch.no_grad():
+        for w in widths.values():
+            w.logits.copy_(torch.linspace(0, 1, len(w.logits)) * torch.tensor([1.0] * (len(w.logits) - 3) + [5, 0, 0]))
+        depths["layer1"].logits.copy_(torch.tensor([5.0, 0.0]))  # keep 1 of 3
+        depths["layer2"].logits.copy_(torch.tensor([0.0, 5.0]))  # keep all 3
+    masked = ctx.state["masked"]
+    masked.module.eval()
+    tas = Tas()
+    scores = {gid: np.where(w.keep().numpy() > 0, np.inf, -np.inf) for gid, w in widths.items()}
+    removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+    for gid, s in scores.items():
+        removed[ctx.groups[gid].channels[np.isneginf(s)]] = True
+    assert removed.any()
+    out = fxprune.compact(ctx.gm, ctx.groups, removed, model, weights=tas.weights(ctx, removed),
+                          edits=tas.edits(ctx, removed))
+    names = {n.target for n in out.module.graph.nodes if n.op == "get_attr"}
+    assert not any(t.startswith(("layer1.1.", "layer1.2.")) for t in names)
+    assert any(t.startswith("layer2.2.") for t in names)
+    want = masked.module.to(F64)(x.to(F64))
+    got = out.module.eval().to(F64)(x.to(F64))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert count_macs(out.module, (x.to(F64),)) == cost.argmax()
+
+
+def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
+    model = _model()
+    x = torch.randn(2, 1, 8, 8)
+    result = fxprune.prune(model, (x,), "tas", target_macs=0.5, options={"epochs": 2, "arch_lr": 0.2},
+                           train_loader=_data())
+    report = result.report
+    assert set(report["stages"]) == {"layer1", "layer2"} and report["widths"]
+    assert len(report["search"]) == 2
+    assert result.cost_after.macs == count_macs(result.module, (x,))
+    assert result.cost_after.macs / result.cost_before.macs == pytest.approx(report["searched_macs"])
+    removed_blocks = sum(len(s["removed"]) for s in report["stages"].values())
+    assert removed_blocks > 0  # a fast architecture rate moves the depths within two epochs
+    assert result.module(x).shape == (2, 4)
+
+
+def test_a_search_that_misses_the_band_says_so() -> None:
+    with pytest.warns(UserWarning, match="tas: the searched architecture keeps"):
+        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.05, options={"epochs": 0},
+                      train_loader=_data())
+
+
+def test_recalibration_reestimates_batchnorm_for_the_argmax_network() -> None:
+    from fxprune.passes.tas import recalibrate
+
+    model = _model()
+    x = torch.randn(2, 1, 8, 8)
+    ctx, widths, depths, _ = _searched(model, x)
+    module = ctx.state["masked"].module
+    bn = next(m for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+    recalibrate(module, _data(), 3)
+    assert not module.training and all(not w.training for w in widths.values())
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1
+
+
+def test_bad_options_are_named() -> None:
+    from fxprune.passes.registry import PassError
+
+    for bad in ({"widths": "0.5,x"}, {"widths": "0,1"}, {"epochs": -1}):
+        with pytest.raises(PassError, match="tas"):
+            Tas(**bad)
+    with pytest.raises(PassError, match="target-macs"):
+        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_params=0.5, train_loader=_data())
+
+
+MODEL_FILE = textwrap.dedent('''
+    import torch, torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.layer1 = nn.Sequential(Block(8), Block(8), Block(8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.layer1(self.stem(x)).mean((2, 3)))
+
+    def _data(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+
+    def model():
+        torch.manual_seed(0)
+        return Net()
+
+    def example_inputs():
+        return (torch.randn(2, 1, 8, 8),)
+
+    def train_loader():
+        return _data(0)
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad():
+            return {"accuracy": sum(float((m(x).argmax(1) == y).float().mean()) for x, y in _data(1)) / 4}
+''')
+
+
+def test_cli_searches_then_trains_from_scratch_with_distillation(tmp_path) -> None:
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
+                                      "--opt", "epochs=2", "--opt", "arch_lr=0.2", "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["mode"] == "scratch-e" and report["finetune"]["distill"] is True
+    assert report["pass_report"]["stages"]["layer1"]["blocks"] == 3
+    assert (out / "blocks.png").exists() and "Residual stages" in (out / "report.md").read_text()
+    no_kd = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
+                                     "--opt", "epochs=1", "--epochs", "1", "--no-distill", "--out", str(tmp_path / "b")])
+    assert no_kd.exit_code == 0, no_kd.output
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["finetune"]["distill"] is False
