@@ -71,7 +71,8 @@ class PassContext:
     def insert_masks(self, factory: Callable[[Group], torch.nn.Module] | None, *, only: Iterable[int] | None = None,
                      placement: str = "output", weights: Mapping[str, torch.Tensor] | None = None,
                      training: bool = True, blocks: Sequence[Block] = (),
-                     depth: Callable[[Block], torch.nn.Module] | None = None) -> MaskedModel:
+                     depth: Callable[[Block], torch.nn.Module] | None = None,
+                     edits: Sequence[GraphEdit] = ()) -> MaskedModel:
         """A masked copy of this context's traced graph (``fxprune.masking.insert_masks``): one
         ``factory(group)`` module per prunable group (``only``: these ids) multiplying its channels, and
         with ``blocks`` (``fxprune.edits.blocks.residual_blocks(ctx.gm)``) one ``depth(block)`` scalar per
@@ -82,7 +83,7 @@ class PassContext:
         from fxprune.masking import insert_masks
 
         return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,
-                            training=training, blocks=blocks, depth=depth)
+                            training=training, blocks=blocks, depth=depth, edits=edits)
 
 
 @dataclass(frozen=True)

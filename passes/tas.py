@@ -16,12 +16,11 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
   sliced). One candidate-specific BatchNorm per width (the authors' code) is not reproduced: the
   group's own normalisation serves every width. Groups whose tensors hold channels more than once
   (attention heads) get no width search.
-- Depth (``depth=true``): per stage of consecutive residual blocks (``fxprune.edits.blocks``; stages of
-  two or more blocks), logits over how many blocks to keep {1, 3, 5, ..., n} (n always included), init
-  N(0, 0.01), Gumbel-softmax probabilities p at tau. The authors' stage output mixes the stage's exits by
-  p; fxprune scales block j's branch by P(depth >= j) = sum of p over the choices that keep it (a depth
-  mask): the same mixture when nothing follows a block's add (pre-activation ResNets, transformers), an
-  approximation when a ReLU does (post-activation ResNets); both agree at one-hot p.
+- Depth (``depth=true``): per stage of consecutive residual blocks (``fxprune.edits.blocks``: stages of
+  two or more blocks chained exit to entry), logits over how many blocks to keep {1, 3, 5, ..., n} (n
+  always included), init N(0, 0.01), Gumbel-softmax probabilities p at tau; the stage's output is
+  replaced by ``sum_k p_k * exit_{d_k}``, exit_d being the output of its first d blocks
+  (``fxprune.edits.blocks.mix_exits``), as the authors' code mixes the stage's exits.
 - Temperature: cosine from 5 to 0.1 over the search epochs (set per epoch).
 - Cost: the expected MACs E from the width and depth distributions by fxprune's cost model, so any
   architecture works: every op's MACs on the example inputs times, per group it depends on, the expected
@@ -57,14 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.edits.blocks import DEPTH_PREFIX, Block, residual_blocks
+from fxprune.edits.blocks import Block, mix_exits, remove_blocks, residual_blocks, stage_exits
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
 from .base import Pass, PassContext, Scores
 from .l1 import producer_l1
 from .registry import PassError
 
-__all__ = ["Tas", "WidthChoice", "StageDepth", "BlockDepth", "ExpectedMacs", "channel_map", "cost_loss",
+__all__ = ["Tas", "WidthChoice", "StageDepth", "ExpectedMacs", "channel_map", "cost_loss",
            "depth_choices"]
 
 WIDTHS = "0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
@@ -147,63 +146,40 @@ def depth_choices(n: int) -> list[int]:
 
 
 class StageDepth(nn.Module):
-    """A stage's depth distribution: logits over ``depth_choices(n)``; sampled once per forward (by its
-    first block's :class:`BlockDepth` in training mode), the argmax otherwise."""
+    """A stage's depth distribution: logits over ``depth_choices(n)``; ``forward()`` returns one weight per
+    choice (the Gumbel-softmax probabilities in training, one-hot at the argmax in eval mode), with which
+    ``fxprune.edits.blocks.mix_exits`` mixes the stage's exits."""
 
     def __init__(self, blocks: int) -> None:
         super().__init__()
         self.choices = depth_choices(blocks)
         self.logits = nn.Parameter(torch.randn(len(self.choices)) * 0.01)
         self.tau = 5.0
-        self.probs: torch.Tensor | None = None
-
-    def resample(self) -> None:
-        self.probs = gumbel_softmax(self.logits, self.tau)[1]
+        self.probs: torch.Tensor | None = None  # the last forward's probabilities
 
     def argmax_depth(self) -> int:
         return self.choices[int(self.logits.argmax())]
 
-    def keeps(self, j: int, sampled: bool = True) -> torch.Tensor:
-        """Block j's weight (0-based): P(depth > j) under the current sample, or (``sampled=False``) 1 if the
-        argmax depth keeps it, else 0."""
-        if not sampled:
-            return torch.tensor(float(self.argmax_depth() > j), device=self.logits.device)
-        if self.probs is None:
-            self.resample()
-        assert self.probs is not None
-        alive = torch.tensor([float(d > j) for d in self.choices], device=self.probs.device)
-        return (self.probs * alive).sum()
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            return F.one_hot(self.logits.argmax(), len(self.choices)).to(self.logits.dtype)
+        self.probs = gumbel_softmax(self.logits, self.tau)[1]
+        return self.probs
 
     def expected_keeps(self, j: int) -> torch.Tensor:
+        """P(depth > j): the probability that block j (0-based) is kept."""
         probs = self.probs if self.probs is not None else self.logits.softmax(-1)
         alive = torch.tensor([float(d > j) for d in self.choices], device=probs.device)
         return (probs * alive).sum()
 
 
-class BlockDepth(nn.Module):
-    """Block j of a stage: its branch weight P(depth > j); block 0 draws the stage's sample."""
-
-    def __init__(self, stage: StageDepth, j: int) -> None:
-        super().__init__()
-        self.j = j
-        self._stage = [stage]  # not a submodule: the stage's parameters are registered once, by the pass
-
-    @property
-    def stage(self) -> StageDepth:
-        return self._stage[0]
-
-    def forward(self) -> torch.Tensor:
-        if self.training and self.j == 0:
-            self.stage.resample()
-        return self.stage.keeps(self.j, sampled=self.training)
-
-
-def stages_of(blocks: list[Block]) -> dict[str, list[Block]]:
-    """Blocks by stage, in graph order; stages of one block are left out (nothing to choose)."""
+def stages_of(gm: Any, blocks: list[Block]) -> dict[str, list[Block]]:
+    """Blocks by stage, in graph order: the stages of two or more blocks chained exit to entry (one block
+    leaves nothing to choose; blocks that do not chain have no exits to mix)."""
     out: dict[str, list[Block]] = {}
     for b in blocks:
         out.setdefault(b.stage, []).append(b)
-    return {k: v for k, v in out.items() if len(v) > 1}
+    return {k: v for k, v in out.items() if len(v) > 1 and stage_exits(gm.graph, v) is not None}
 
 
 class ExpectedMacs:
@@ -313,7 +289,7 @@ def recalibrate(module: nn.Module, loader: Iterable[Any], batches: int) -> None:
     device = next(iter(module.parameters())).device
     module.train()
     for m in module.modules():
-        if isinstance(m, (WidthChoice, StageDepth, BlockDepth)):
+        if isinstance(m, (WidthChoice, StageDepth)):
             m.eval()  # the argmax architecture
     for m in norms:
         m.reset_running_stats()
@@ -424,18 +400,11 @@ class Tas(Pass):
         torch.manual_seed(self.seed)
         target = self.target(ctx)
         fractions = self.fractions()
-        blocks = residual_blocks(ctx.gm) if self.depth else []
-        stages = stages_of(blocks)
+        stages = stages_of(ctx.gm, residual_blocks(ctx.gm)) if self.depth else {}
         depths = {stage: StageDepth(len(bs)) for stage, bs in stages.items()}
-        per_block = {b.name: (stage, j) for stage, bs in stages.items() for j, b in enumerate(bs)}
-        chosen = [b for bs in stages.values() for b in bs]
         masked = ctx.insert_masks(lambda g: WidthChoice(self.order(ctx, g), fractions), training=True,
-                                  blocks=chosen, depth=lambda b: BlockDepth(depths[per_block[b.name][0]],
-                                                                            per_block[b.name][1]))
-        if depths:  # the stages' logits live in the masked module (train/eval, device), beside the depth masks
-            masked.module.get_submodule(DEPTH_PREFIX).add_module(
-                "stages", nn.ModuleDict({f"s{i}": d for i, d in enumerate(depths.values())}))
-        ctx.state["masked"] = masked
+                                  edits=[mix_exits(list(stages.values()), lambda bs: depths[bs[0].stage])])
+        ctx.state["masked"], ctx.state["stages"], ctx.state["depths"] = masked, stages, depths
         widths: dict[int, WidthChoice] = masked.masks  # type: ignore[assignment]
         cost = ExpectedMacs(ctx.groups, widths, stages, depths)
         arch = [p for w in widths.values() for p in w.parameters()] + [d.logits for d in depths.values()]
@@ -477,8 +446,9 @@ class Tas(Pass):
         return masked.fold(self._values(masked, removed)).weights
 
     def edits(self, ctx: PassContext, removed: np.ndarray) -> list[Any]:
-        masked = ctx.state["masked"]
-        return masked.fold(self._values(masked, removed)).edits
+        """The blocks after each stage's argmax depth, removed."""
+        gone = [b for stage, bs in ctx.state["stages"].items() for b in bs[ctx.state["depths"][stage].argmax_depth():]]
+        return [remove_blocks(gone)] if gone else []
 
     @staticmethod
     def _values(masked: Any, removed: np.ndarray) -> dict[int, np.ndarray]:

@@ -20,8 +20,8 @@ from fxprune.cli import app
 from fxprune.cli.measure import count_macs
 from fxprune.masking import insert_masks
 from fxprune.passes.base import PassContext
-from fxprune.passes.tas import (BlockDepth, ExpectedMacs, StageDepth, Tas, WidthChoice, channel_map, cost_loss,
-                                depth_choices, stages_of)
+from fxprune.passes.tas import (ExpectedMacs, StageDepth, Tas, WidthChoice, channel_map, cost_loss, depth_choices,
+                                stages_of)
 from fxprune.edits.blocks import residual_blocks
 from fxprune.tracing.tracer import trace
 
@@ -101,18 +101,48 @@ def test_gumbel_sampling_picks_two_distinct_widths_and_mixes_them() -> None:
     assert choice().tolist() == [1.0] * 5 + [0.0] * 5
 
 
-def test_depth_choices_and_block_weights() -> None:
+def test_depth_choices_and_stage_weights() -> None:
     assert depth_choices(1) == [1] and depth_choices(3) == [1, 3] and depth_choices(4) == [1, 3, 4]
     assert depth_choices(9) == [1, 3, 5, 7, 9]
     stage = StageDepth(5).train()
-    stage.resample()
-    weights = [float(stage.keeps(j).detach()) for j in range(5)]
-    assert weights[0] == pytest.approx(1.0) and weights == sorted(weights, reverse=True)
+    p = stage()
+    assert p.shape == (3,) and float(p.sum()) == pytest.approx(1.0) and p.requires_grad
+    keeps = [float(stage.expected_keeps(j).detach()) for j in range(5)]
+    assert keeps[0] == pytest.approx(1.0) and keeps == sorted(keeps, reverse=True)
     with torch.no_grad():
         stage.logits.copy_(torch.tensor([0.0, 5.0, 0.0]))  # keep 3 of 5
-    assert [float(stage.keeps(j, sampled=False)) for j in range(5)] == [1, 1, 1, 0, 0]
-    blocks = [BlockDepth(stage, j).eval() for j in range(5)]  # what the masked graph reads in eval mode
-    assert [float(b()) for b in blocks] == [1, 1, 1, 0, 0]
+    assert stage.eval()().tolist() == [0.0, 1.0, 0.0] and stage.argmax_depth() == 3
+
+
+def test_stage_output_mixes_its_exits() -> None:
+    from fxprune.edits.blocks import mix_exits, residual_blocks, stage_exits
+
+    model = _model()
+    x = torch.randn(2, 1, 8, 8)
+    gm = trace(model, (x,))
+    stages = stages_of(gm, residual_blocks(gm))
+    exits = {s: [n.name for n in stage_exits(gm.graph, b)] for s, b in stages.items()}
+    assert [len(e) for e in exits.values()] == [4, 4]
+
+    class Fixed(nn.Module):
+        choices = [1, 3]
+
+        def forward(self) -> torch.Tensor:
+            return torch.tensor([0.25, 0.75])
+
+    masked = insert_masks(gm, analyze(gm), None, edits=[mix_exits([stages["layer2"]], lambda bs: Fixed())])
+    seen: dict[str, torch.Tensor] = {}
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):  # type: ignore[no-untyped-def]
+            out = super().run_node(n)
+            seen[n.name] = out
+            return out
+
+    Keep(gm).run(x)
+    e1, e3 = seen[exits["layer2"][1]], seen[exits["layer2"][3]]
+    want = model.fc((0.25 * e1 + 0.75 * e3).mean((2, 3)))
+    torch.testing.assert_close(masked.module.eval()(x), want)
 
 
 def test_cost_loss_sign_rule() -> None:
@@ -125,19 +155,18 @@ def test_cost_loss_sign_rule() -> None:
 
 
 def _searched(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, dict, ExpectedMacs]:
+    from fxprune.edits.blocks import mix_exits
+
     gm = trace(model, (x,))
     groups = analyze(gm)
-    blocks = residual_blocks(gm)
-    stages = stages_of(blocks)
+    stages = stages_of(gm, residual_blocks(gm))
     depths = {s: StageDepth(len(b)) for s, b in stages.items()}
     ctx = PassContext(gm, groups, model, {})
     tas = Tas()
-    per_block = {b.name: (s, j) for s, bs in stages.items() for j, b in enumerate(bs)}
     masked = ctx.insert_masks(lambda g: WidthChoice(tas.order(ctx, g), tas.fractions()), training=True,
-                              blocks=[b for bs in stages.values() for b in bs],
-                              depth=lambda b: BlockDepth(depths[per_block[b.name][0]], per_block[b.name][1]))
+                              edits=[mix_exits(list(stages.values()), lambda bs: depths[bs[0].stage])])
     widths = masked.masks
-    ctx.state["masked"] = masked
+    ctx.state.update({"masked": masked, "stages": stages, "depths": depths})
     return ctx, widths, depths, ExpectedMacs(groups, widths, stages, depths)
 
 

@@ -40,7 +40,8 @@ from fxprune.analysis.slots import size_hint, tensor_values
 from fxprune.compaction.emit import GraphEdit
 from fxprune.state import named_tensors
 
-__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "DEPTH_PREFIX"]
+__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "stage_exits", "mix_exits",
+           "DEPTH_PREFIX"]
 
 aten = torch.ops.aten
 ADDS = (aten.add.Tensor, aten.add_.Tensor)  # x + f(x); add_ mutates an input that only the add reads after it
@@ -334,6 +335,74 @@ def depth_masks(blocks: Sequence[Block], factory: Callable[[Block], nn.Module]) 
             with graph.inserting_before(nodes[block, block.add]):
                 d = graph.call_module(path, ())
             _scale(nodes, block, d)
+
+    return edit
+
+
+_UNARY = frozenset({aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
+                    aten.gelu.default, aten.silu.default, aten.silu_.default})  # what may follow a block's add
+
+
+def _output_of(add: fx.Node) -> fx.Node:
+    """A block's output: its add, or the activation that alone reads it (a post-activation ResNet's ReLU)."""
+    users = list(add.users)
+    return users[0] if len(users) == 1 and users[0].op == "call_function" and users[0].target in _UNARY else add
+
+
+def stage_exits(graph: fx.Graph, blocks: Sequence[Block]) -> list[fx.Node] | None:
+    """The exits of consecutive blocks: the stage's input (block 0's skip), then each block's output; None
+    when a block does not start where the previous one ends (not a chain)."""
+    nodes = {n.name: n for n in graph.nodes}
+    exits = [nodes[blocks[0].skip]]
+    for i, block in enumerate(blocks):
+        out = _output_of(nodes[block.add])
+        if i + 1 < len(blocks) and nodes[blocks[i + 1].skip] is not out:
+            return None
+        exits.append(out)
+    return exits
+
+
+def mix_exits(stages: Sequence[Sequence[Block]], factory: Callable[[Sequence[Block]], nn.Module]) -> GraphEdit:
+    """An edit that replaces each stage's output by ``sum_k p[k] * exit[choices[k]]``: ``m = factory(blocks)``
+    (registered at ``fxprune_depth.stage<i>``) has a ``choices`` list (numbers of blocks kept, 1..n) and
+    ``m()`` returns ``p``, one weight per choice; ``exit[d]`` is the output of the stage's first ``d``
+    blocks (``stage_exits``). A one-hot ``p`` at choice ``d`` equals the stage with the blocks after ``d``
+    removed when what follows a block's add is idempotent on its own output (ReLU) or nothing.
+    TAS's depth search (Dong & Yang 2019)."""
+    stages = [list(b) for b in stages]
+
+    def edit(graph: fx.Graph, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
+        for i, blocks in enumerate(stages):
+            exits = stage_exits(graph, blocks)
+            if exits is None:
+                raise ValueError(f"stage {blocks[0].stage}: its blocks are not a chain; no exits to mix")
+            path = f"{DEPTH_PREFIX}.stage{i}"
+            module = modules[path] = factory(blocks)
+            last = exits[-1]
+            added: set[fx.Node] = set()
+            with graph.inserting_after(last):
+                call = graph.call_module(path, ())
+            with graph.inserting_after(call):
+                probs = graph.call_function(aten.type_as.default, (call, last))
+            added |= {call, probs}
+            anchor, total = probs, None
+            for k, d in enumerate(module.choices):
+                with graph.inserting_after(anchor):
+                    weight = graph.call_function(aten.select.int, (probs, 0, k))
+                with graph.inserting_after(weight):
+                    term = graph.call_function(aten.mul.Tensor, (exits[d], weight))
+                anchor = term
+                added |= {weight, term}
+                if total is not None:
+                    with graph.inserting_after(term):
+                        term = graph.call_function(aten.add.Tensor, (total, term))
+                    anchor = term
+                    added.add(term)
+                total = term
+            for user in list(last.users):
+                if user not in added:
+                    user.replace_input_with(last, total)
+            total.meta = dict(last.meta)
 
     return edit
 

@@ -44,6 +44,8 @@ from .apply import ApplyMasks, ApplyTransform, MaskedBatchNorm, Multiplier
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
 if TYPE_CHECKING:
+    from fxprune.compaction.emit import GraphEdit
+
     from .fold import Folded
 
 __all__ = ["insert_masks", "MaskedModel", "MaskFactory", "MASKS", "SITES"]
@@ -283,13 +285,16 @@ def _each_channel_once(site: Site, channels: int) -> bool:
 def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory | None, *,
                  only: Iterable[int] | None = None, placement: str = "output",
                  weights: Mapping[str, torch.Tensor] | None = None, training: bool = False,
-                 blocks: Sequence[Block] = (), depth: Callable[[Block], nn.Module] | None = None) -> MaskedModel:
+                 blocks: Sequence[Block] = (), depth: Callable[[Block], nn.Module] | None = None,
+                 edits: Sequence[GraphEdit] = ()) -> MaskedModel:
     """Masks for the prunable groups (``only``: these group ids; ``factory=None``: none) of the traced
     ``gm`` (see the module docstring). ``weights``: full-size tensors by name that replace ``gm``'s in
     the masked module (e.g. a re-initialised copy's). Depth masks: ``depth(block)`` for each of
     ``blocks`` (``fxprune.edits.blocks.residual_blocks``) multiplies that block's branch output
     (``fxprune.edits.blocks.depth_masks``); they train and fold with the channel masks. ``gm`` and the
-    user's tensors are never modified."""
+    user's tensors are never modified. ``edits``: more graph edits (``fxprune.compaction.emit.GraphEdit``),
+    applied first (e.g. ``fxprune.edits.blocks.mix_exits``, TAS's depth mixture); modules they register under
+    ``fxprune_depth.`` stay out of :meth:`MaskedModel.state`."""
     from fxprune.compaction.emit import emit
     from fxprune.compaction.resize import Reindexing
 
@@ -316,7 +321,7 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
             chosen[gid].weights = []  # a per-sample zero cannot zero weights shared by the batch
     if blocks and depth is None:
         raise ValueError("blocks given without depth=: a factory block -> depth mask module")
-    edits = [depth_masks(blocks, depth)] if blocks else []  # first: channel sites are found by name after it
+    edits = [*edits, *([depth_masks(blocks, depth)] if blocks else [])]  # first: channel sites are found by name
     edits.append(_Insert(chosen, masks))
     nothing = np.zeros(len(groups.comp_group), dtype=bool)
     module = emit(gm, Reindexing(groups, nothing), {}, training=training, weights=weights, edits=edits)
