@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--arch-lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     digits = _digits()
@@ -152,7 +153,7 @@ def main() -> None:
             print(seed, row, {k: round(v, 4) for k, v in values.items()}, flush=True)
     table = {row: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
                    for k in rs[0]} for row, rs in runs.items()}
-    OUT.write_text(json.dumps({"settings": vars(args), "dense_accuracy": dense,
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "dense_accuracy": dense,
                                "authors": "ResNet-56 CIFAR-10 searched to ~58 MFLOPs of 125 (0.47)",
                                "rows": table, "runs": runs}, indent=1))
     print(f"dense {100 * dense:.2f}")

@@ -318,3 +318,20 @@ def test_cli_searches_then_trains_from_scratch_with_distillation(tmp_path) -> No
                                      "--opt", "epochs=1", "--epochs", "1", "--no-distill", "--out", str(tmp_path / "b")])
     assert no_kd.exit_code == 0, no_kd.output
     assert json.loads((tmp_path / "b" / "report.json").read_text())["finetune"]["distill"] is False
+
+
+def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(monkeypatch) -> None:
+    import fxprune.recovery.modes as modes
+
+    calls: list[dict] = []
+    real = modes.recover
+
+    def spy(module, **kw):  # type: ignore[no-untyped-def]
+        calls.append({"mode": kw["mode"], "distill": kw["distill"]})
+        return real(module, **kw)
+
+    monkeypatch.setattr(modes, "recover", spy)
+    model = _model()
+    result = fxprune.prune(model, (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.6, epochs=1,
+                           options={"epochs": 1}, train_loader=_data())
+    assert calls == [{"mode": "scratch-e", "distill": True}] and len(result.log) == 1

@@ -331,8 +331,9 @@ def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]
 
 
 def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,
-                notes: list[str]) -> None:
-    """Without recovery: one line when evaluate() fell by more than a few points, and how to recover."""
+                notes: list[str], why: str | None = None) -> None:
+    """Without recovery: one line when evaluate() fell by more than a few points, and how to recover
+    (``why``: the reason no recovery ran, when it is not a missing train_loader())."""
     if not before or not pruned:
         return
     name = next(iter(before))
@@ -341,8 +342,8 @@ def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb
         return
     fell = (b - a) >= DROP_POINTS if 0.0 <= b <= 1.0 else abs(a - b) > DROP_POINTS * max(abs(b), 1e-12)
     if fell:
-        _note(fb, notes, f"{name} changed from {b:.4g} to {a:.4g} by pruning and nothing recovered it: define "
-                         "train_loader() in the model file (recovery then runs by default) or give --epochs N")
+        how = why or ("define train_loader() in the model file (recovery then runs by default) or give --epochs N")
+        _note(fb, notes, f"{name} changed from {b:.4g} to {a:.4g} by pruning and nothing recovered it: {how}")
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
@@ -392,7 +393,13 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
             pruned["metrics"] = mf.evaluate(result.module)
     epochs = _recovery_epochs(cfg, mf, data, fb, notes, the_pass)
     if epochs == 0:
-        _check_drop(before["metrics"], pruned["metrics"], fb, notes)
+        why = None
+        if not cfg.no_recover and cfg.finetune_epochs is None and "train_loader" in data:
+            why = (f"{cfg.method} does not recover by default; --epochs N recovers ({cfg.recover}"
+                   f"{', which trains on the clean loss' if the_pass.evaluation_attack() is not None else ''})")
+        elif cfg.no_recover or cfg.finetune_epochs == 0:
+            why = "recovery was turned off; --epochs N recovers"
+        _check_drop(before["metrics"], pruned["metrics"], fb, notes, why)
         if cfg.allow_inexact and any(g.inexact for g in result.groups.prunable):
             _note(fb, notes, "--allow-inexact pruned groups whose removal is not exactly the masked model, and "
                              "nothing recovered it: recover with --epochs N (needs train_loader())")
