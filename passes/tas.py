@@ -59,6 +59,7 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import Block, mix_exits, remove_blocks, residual_blocks, stage_exits
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
+from fxprune.tracing.compat import batch_norm_types
 from .base import Pass, PassContext, Scores
 from .l1 import producer_l1
 from .registry import PassError
@@ -282,7 +283,7 @@ def recalibrate(module: nn.Module, loader: Iterable[Any], batches: int) -> None:
     widths, which the argmax network does not compute (the authors keep one BatchNorm per width)."""
     from fxprune.cli.measure import to_device
 
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in module.modules() if isinstance(m, batch_norm_types()) and m.track_running_stats]
     if not norms:
         return
     momenta = [m.momentum for m in norms]
