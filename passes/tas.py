@@ -18,7 +18,8 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
   (attention heads) get no width search.
 - Depth (``depth=true``): per stage of consecutive residual blocks (``fxprune.edits.blocks``: stages of
   two or more blocks chained exit to entry), logits over how many blocks to keep {1, 3, 5, ..., n} (n
-  always included), init N(0, 0.01), Gumbel-softmax probabilities p at tau; the stage's output is
+  always included; a stage's downsampling first block, which is not a removable block, counts as its
+  first and is always kept), init N(0, 0.01), Gumbel-softmax probabilities p at tau; the stage's output is
   replaced by ``sum_k p_k * exit_{d_k}``, exit_d being the output of its first d blocks
   (``fxprune.edits.blocks.mix_exits``), as the authors' code mixes the stage's exits.
 - Temperature: cosine from 5 to 0.1 over the search epochs (set per epoch).
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.edits.blocks import Block, mix_exits, remove_blocks, residual_blocks, stage_exits
+from fxprune.edits.blocks import Block, leads_in, mix_exits, remove_blocks, residual_blocks, stage_exits
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
 from fxprune.tracing.compat import batch_norm_types
@@ -147,19 +148,23 @@ def depth_choices(n: int) -> list[int]:
 
 
 class StageDepth(nn.Module):
-    """A stage's depth distribution: logits over ``depth_choices(n)``; ``forward()`` returns one weight per
-    choice (the Gumbel-softmax probabilities in training, one-hot at the argmax in eval mode), with which
+    """A stage's depth distribution: logits over ``depth_choices(n)``, n its blocks counting a leading layer
+    that is not a removable block (``lead``: a ResNet stage's downsampling first block, always kept);
+    ``kept[k]``: how many removable blocks choice k keeps. ``forward()`` returns one weight per choice
+    (the Gumbel-softmax probabilities in training, one-hot at the argmax in eval mode), with which
     ``fxprune.edits.blocks.mix_exits`` mixes the stage's exits."""
 
-    def __init__(self, blocks: int) -> None:
+    def __init__(self, blocks: int, lead: bool = False) -> None:
         super().__init__()
-        self.choices = depth_choices(blocks)
+        self.choices = depth_choices(blocks + int(lead))
+        self.kept = [d - int(lead) for d in self.choices]
         self.logits = nn.Parameter(torch.randn(len(self.choices)) * 0.01)
         self.tau = 5.0
         self.probs: torch.Tensor | None = None  # the last forward's probabilities
 
     def argmax_depth(self) -> int:
-        return self.choices[int(self.logits.argmax())]
+        """How many removable blocks the argmax keeps."""
+        return self.kept[int(self.logits.argmax())]
 
     def forward(self) -> torch.Tensor:
         if not self.training:
@@ -170,17 +175,18 @@ class StageDepth(nn.Module):
     def expected_keeps(self, j: int) -> torch.Tensor:
         """P(depth > j): the probability that block j (0-based) is kept."""
         probs = self.probs if self.probs is not None else self.logits.softmax(-1)
-        alive = torch.tensor([float(d > j) for d in self.choices], device=probs.device)
+        alive = torch.tensor([float(d > j) for d in self.kept], device=probs.device)
         return (probs * alive).sum()
 
 
 def stages_of(gm: Any, blocks: list[Block]) -> dict[str, list[Block]]:
-    """Blocks by stage, in graph order: the stages of two or more blocks chained exit to entry (one block
-    leaves nothing to choose; blocks that do not chain have no exits to mix)."""
+    """Blocks by stage, in graph order, where a depth can be chosen: the blocks chain exit to entry, and
+    there are two of them, or one after a leading layer of the stage (``leads_in``)."""
     out: dict[str, list[Block]] = {}
     for b in blocks:
         out.setdefault(b.stage, []).append(b)
-    return {k: v for k, v in out.items() if len(v) > 1 and stage_exits(gm.graph, v) is not None}
+    return {k: v for k, v in out.items()
+            if stage_exits(gm.graph, v) is not None and len(v) + int(leads_in(gm.graph, v)) > 1}
 
 
 class ExpectedMacs:
@@ -402,7 +408,7 @@ class Tas(Pass):
         target = self.target(ctx)
         fractions = self.fractions()
         stages = stages_of(ctx.gm, residual_blocks(ctx.gm)) if self.depth else {}
-        depths = {stage: StageDepth(len(bs)) for stage, bs in stages.items()}
+        depths = {stage: StageDepth(len(bs), leads_in(ctx.gm.graph, bs)) for stage, bs in stages.items()}
         masked = ctx.insert_masks(lambda g: WidthChoice(self.order(ctx, g), fractions), training=True,
                                   edits=[mix_exits(list(stages.values()), lambda bs: depths[bs[0].stage])])
         ctx.state["masked"], ctx.state["stages"], ctx.state["depths"] = masked, stages, depths
@@ -432,7 +438,8 @@ class Tas(Pass):
         ctx.report.update({
             "target_macs": target, "searched_macs": searched, "search": hook.history,
             "widths": {str(gid): {"channels": len(ctx.groups[gid]), "kept": k} for gid, k in kept_widths.items()},
-            "stages": {stage: {"blocks": len(stages[stage]), "kept": k,
+            "stages": {stage: {"blocks": len(stages[stage]) + int(leads_in(ctx.gm.graph, stages[stage])),
+                               "kept": k + int(leads_in(ctx.gm.graph, stages[stage])),
                                "removed": [b.name for b in stages[stage][k:]]} for stage, k in kept_depths.items()},
             "skipped": masked.skipped})
         if ctx.data.get("evaluate") is not None:

@@ -125,7 +125,7 @@ def test_stage_output_mixes_its_exits() -> None:
     assert [len(e) for e in exits.values()] == [4, 4]
 
     class Fixed(nn.Module):
-        choices = [1, 3]
+        kept = [1, 3]
 
         def forward(self) -> torch.Tensor:
             return torch.tensor([0.25, 0.75])

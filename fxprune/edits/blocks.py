@@ -40,7 +40,7 @@ from fxprune.analysis.slots import size_hint, tensor_values
 from fxprune.compaction.emit import GraphEdit
 from fxprune.state import named_tensors
 
-__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "stage_exits", "mix_exits",
+__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "stage_exits", "mix_exits", "leads_in",
            "DEPTH_PREFIX"]
 
 aten = torch.ops.aten
@@ -349,6 +349,15 @@ def _output_of(add: fx.Node) -> fx.Node:
     return users[0] if len(users) == 1 and users[0].op == "call_function" and users[0].target in _UNARY else add
 
 
+def leads_in(graph: fx.Graph, blocks: Sequence[Block]) -> bool:
+    """Does the stage open with a layer of its own that is not a removable block (a ResNet stage's
+    downsampling first block): is the first block's input computed under the stage's module path?"""
+    skip = next((n for n in graph.nodes if n.name == blocks[0].skip), None)
+    path = _module_path(skip) if skip is not None else None
+    stage = tuple(blocks[0].stage.split(".")) if blocks[0].stage else ()
+    return bool(path and stage and path[:len(stage)] == stage)
+
+
 def stage_exits(graph: fx.Graph, blocks: Sequence[Block]) -> list[fx.Node] | None:
     """The exits of consecutive blocks: the stage's input (block 0's skip), then each block's output; None
     when a block does not start where the previous one ends (not a chain)."""
@@ -363,10 +372,10 @@ def stage_exits(graph: fx.Graph, blocks: Sequence[Block]) -> list[fx.Node] | Non
 
 
 def mix_exits(stages: Sequence[Sequence[Block]], factory: Callable[[Sequence[Block]], nn.Module]) -> GraphEdit:
-    """An edit that replaces each stage's output by ``sum_k p[k] * exit[choices[k]]``: ``m = factory(blocks)``
-    (registered at ``fxprune_depth.stage<i>``) has a ``choices`` list (numbers of blocks kept, 1..n) and
-    ``m()`` returns ``p``, one weight per choice; ``exit[d]`` is the output of the stage's first ``d``
-    blocks (``stage_exits``). A one-hot ``p`` at choice ``d`` equals the stage with the blocks after ``d``
+    """An edit that replaces each stage's output by ``sum_k p[k] * exit[kept[k]]``: ``m = factory(blocks)``
+    (registered at ``fxprune_depth.stage<i>``) has a ``kept`` list (how many of the blocks each weight
+    keeps, 0..n) and ``m()`` returns ``p``, one weight per entry; ``exit[d]`` is the output of the stage's
+    first ``d`` blocks (``stage_exits``; ``exit[0]`` its input). A one-hot ``p`` at choice ``d`` equals the stage with the blocks after ``d``
     removed when what follows a block's add is idempotent on its own output (ReLU) or nothing.
     TAS's depth search (Dong & Yang 2019)."""
     stages = [list(b) for b in stages]
@@ -386,7 +395,7 @@ def mix_exits(stages: Sequence[Sequence[Block]], factory: Callable[[Sequence[Blo
                 probs = graph.call_function(aten.type_as.default, (call, last))
             added |= {call, probs}
             anchor, total = probs, None
-            for k, d in enumerate(module.choices):
+            for k, d in enumerate(module.kept):
                 with graph.inserting_after(anchor):
                     weight = graph.call_function(aten.select.int, (probs, 0, k))
                 with graph.inserting_after(weight):
