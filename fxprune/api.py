@@ -50,6 +50,9 @@ class PruneResult:
     base: torch.nn.Module | None = None    # the model the plan refers to when a pass pruned another model than
     #                                        the user's (Pass.prepare, e.g. scratch's wider copy); None: the user's
     report: dict[str, Any] = field(default_factory=dict)  # what the pass reported (PassContext.report), JSON-able
+    # files the pass adds to an output folder (PassContext.artifacts): name -> writer(folder); sanp's "dynamic"
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # objects the pass built besides the module (sanp: "dynamic")
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -212,7 +215,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                            loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
                            macs_full=before.macs, macs_pruned=after.macs)
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
-                       base if prepared is not None else None, ctx.report)
+                       base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
+                       dict(ctx.state.get("extras", {})))
 
 
 @dataclass

@@ -63,6 +63,9 @@ class PassContext:
     target: tuple[str, float] | None = None
     # a pass's own objects between prepare, score, weights and edits (a masked model...); not reported
     state: dict[str, Any] = field(default_factory=dict)
+    # files a pass adds to the output folder: name -> writer(folder) (sanp's dynamic module); the CLI calls
+    # each with the folder being written, fxprune.prune hands them on in PruneResult.artifacts
+    artifacts: dict[str, Callable[[Any], None]] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A parameter or buffer of the traced graph by its name in the original model."""

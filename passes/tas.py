@@ -199,19 +199,7 @@ class ExpectedMacs:
         self.counter = CostCounter(groups)
         self.full_nodes = self.counter.per_node()
         self.full = sum(self.full_nodes.values())
-        self.exponents: dict[str, dict[int, float]] = {n: {} for n in self.full_nodes}
-        for gid in widths:  # how each op's MACs depend on each group: remove half of it and look
-            group = groups[gid]
-            half = len(group) // 2
-            if half == 0:
-                continue
-            removed = np.zeros(len(groups.comp_group), dtype=bool)
-            removed[group.channels[:half]] = True
-            frac = (len(group) - half) / len(group)
-            for name, macs in self.counter.per_node(removed).items():
-                full = self.full_nodes[name]
-                if full > 0 and macs != full:
-                    self.exponents[name][gid] = math.log(max(macs, 1) / full) / math.log(frac)
+        self.exponents = self.counter.dependence(list(widths))  # how each op's MACs depend on each group
         self.block_of: dict[str, tuple[str, int]] = {}
         for stage, blocks in stages.items():
             for j, b in enumerate(blocks):

@@ -250,6 +250,8 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))
         plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+        for write in getattr(result, "artifacts", {}).values():  # files the pass adds (sanp's dynamic/)
+            write(tmp)
         if result.report.get("stages"):
             plot_blocks(result.report["stages"], tmp / "blocks.png",
                         title=f"{Path(report['model_file']).name}: residual blocks kept per stage")

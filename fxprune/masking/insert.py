@@ -11,7 +11,8 @@ are multiplied by the output of ``factory(group)``:
   ``transform = True``, ``forward()`` returns a (channels, channels) map of the group's channels (in
   training; ``y_j = sum_k x_k M[k, j]``, :class:`~fxprune.masking.apply.ApplyTransform`) or (channels,)
   (a plain value, in eval mode), acting on activations only, on groups whose every masked tensor holds
-  each channel once;
+  each channel once; a per-sample mask with ``reads_input = True`` reads the input of the group's one
+  producing layer instead (SANP's saliency modules decide from what the layer is about to compute on);
 - where the mask acts is :mod:`fxprune.masking.sites` (``placement="output"`` or ``"prenorm"``); how,
   :mod:`fxprune.masking.apply`: a per-channel mask on a producer's output multiplies its rows and bias
   (the same product on a weight-sized tensor), one on a BatchNorm's output multiplies its affine
@@ -141,8 +142,10 @@ class _Insert:
     BatchNorm's affine parameters (:class:`MaskedBatchNorm`), else on the activation; per-sample masks on
     the activation."""
 
-    def __init__(self, chosen: dict[int, GroupSites], masks: dict[int, nn.Module]) -> None:
+    def __init__(self, chosen: dict[int, GroupSites], masks: dict[int, nn.Module],
+                 reads: dict[int, str] | None = None) -> None:
         self.chosen, self.masks = chosen, masks
+        self.reads = reads or {}  # group id -> the node a per-sample mask reads instead of its first activation
         self.count = 0
 
     def __call__(self, graph: fx.Graph, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
@@ -163,10 +166,11 @@ class _Insert:
         for (name, axis), entries in activations.items():
             node = self.nodes[name]
             for gid, _ in entries:  # a per-sample mask reads the first activation it masks, before masking
-                if gid not in self.calls:
-                    with graph.inserting_after(node):
-                        self.calls[gid] = graph.call_module(f"{MASKS}.g{gid}", (node,))
-                    self.order[self.calls[gid]] = self.order[node] + 0.5
+                if gid not in self.calls:  # (or, ``reads_input``, its producing layer's input)
+                    source = self.nodes[self.reads[gid]] if gid in self.reads else node
+                    with graph.inserting_after(source):
+                        self.calls[gid] = graph.call_module(f"{MASKS}.g{gid}", (source,))
+                    self.order[self.calls[gid]] = self.order[source] + 0.5
             self._apply(node, axis, entries, hard=False)
         for (name, axis), entries in norms.items():
             self._fuse_norm(self.nodes[name], entries)
@@ -278,6 +282,22 @@ class _Insert:
         graph.erase_node(node)
 
 
+def _producer_input(gm: fx.GraphModule, group: Group, facts: GraphFacts) -> str | None:
+    """The input node of the group's one producing layer (None when it has several or none)."""
+    from fxprune.analysis.schema import bind
+
+    from .sites import layer_of
+
+    layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
+    layers.discard(None)
+    if len(layers) != 1:
+        return None
+    layer = next(iter(layers))
+    b = bind(layer)
+    x = b.get("mat1") if "mat1" in b else b.get("input")  # addmm(bias, input, weight^T) names its input mat1
+    return x.name if isinstance(x, fx.Node) else None
+
+
 def _each_channel_once(site: Site, channels: int) -> bool:
     return len(site.pos) == channels and len(np.unique(site.pos)) == channels
 
@@ -322,7 +342,13 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
     if blocks and depth is None:
         raise ValueError("blocks given without depth=: a factory block -> depth mask module")
     edits = [*edits, *([depth_masks(blocks, depth)] if blocks else [])]  # first: channel sites are found by name
-    edits.append(_Insert(chosen, masks))
+    reads = {gid: name for gid, mask in masks.items() if getattr(mask, "reads_input", False)
+             for name in [_producer_input(gm, groups[gid], facts)] if name is not None}
+    for gid, mask in list(masks.items()):
+        if getattr(mask, "reads_input", False) and gid not in reads:
+            skipped[gid] = "a mask that reads the layer's input needs exactly one producing layer"
+            del masks[gid], chosen[gid]
+    edits.append(_Insert(chosen, masks, reads))
     nothing = np.zeros(len(groups.comp_group), dtype=bool)
     module = emit(gm, Reindexing(groups, nothing), {}, training=training, weights=weights, edits=edits)
     live = {gid: module.get_submodule(f"{MASKS}.g{gid}") for gid in masks}

@@ -80,6 +80,28 @@ class CostCounter:
         shape = self._shape(removed)
         return {n.name: int(_macs(n, shape)) for n in self.compute}
 
+    def dependence(self, group_ids) -> dict[str, dict[int, float]]:
+        """How each op's MACs depend on each of ``group_ids``: ``{node: {group: e}}`` with MACs proportional to
+        (kept fraction of the group) ** e, probed by removing half of the group (e = 1 for a conv's input or
+        output channels; ops it does not touch are left out). With it, MACs under per-group kept fractions
+        f are ``sum_n full_n prod_g f_g ** e_ng`` (exact for products of channel counts)."""
+        import numpy as np
+
+        full = self.per_node()
+        out: dict[str, dict[int, float]] = {n: {} for n in full}
+        for gid in group_ids:
+            group = self.groups[gid]
+            half = len(group) // 2
+            if half == 0:
+                continue
+            removed = np.zeros(len(self.groups.comp_group), dtype=bool)
+            removed[group.channels[:half]] = True
+            frac = (len(group) - half) / len(group)
+            for name, macs in self.per_node(removed).items():
+                if full[name] > 0 and macs != full[name]:
+                    out[name][gid] = math.log(max(macs, 1) / full[name]) / math.log(frac)
+        return out
+
     def per_layer(self, removed=None) -> dict[str, int]:
         """MACs per layer: keyed by the module that owns the op's weight (``layer4.0.conv1``), else by
         the graph node (attention, matmuls of activations)."""

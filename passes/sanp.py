@@ -1,0 +1,554 @@
+"""sanp: Self-Adaptive Network Pruning (Chen, Zhu, Li & Zhao, ICONIP 2019): per-sample channel decisions
+that really skip work.
+
+No code was released; the abstract and METHODS.md are what is known. What the paper leaves open is
+fxprune's choice, each an option:
+
+- Saliency-and-Pruning Module (SPM, :class:`SPM`): one per gated channel group, beside its producing layer,
+  deciding from that layer's INPUT (so the decision is made before the layer runs): global average pool
+  over every axis but batch and channels -> Linear(C_in, max(C_out / ``reduction``, 4)) -> ReLU ->
+  Linear(-, C_out), one logit per output channel; the last bias starts at ``init_bias`` = 1 (every channel
+  open: training starts from the given network). A per-sample mask of ``fxprune.masking``
+  that reads its producer's input (``reads_input``), multiplying the channel after its normalisation.
+- Binarisation (``binarize``): ``st``, a straight-through hard threshold (forward ``sigmoid(l) > 0.5``,
+  backward the sigmoid's gradient), or ``gumbel``, the same on ``sigmoid((l + logistic noise) /
+  temperature)``; hard (``l > 0``) at inference.
+- Which groups: those with exactly one producing conv/linear whose channels pass only through
+  channel-wise ops (normalisation, activations, pooling, dropout) to their consumers, and whose
+  tensors hold each channel once (not attention heads); residual streams (several writers) are not gated.
+- Cost loss (``cost_weight`` 5): ``(mean over the batch of the per-sample MACs / full - target)^2``, the
+  per-sample MACs counted by fxprune's cost model with each sample's kept channels (every op's MACs times
+  the kept fraction of each group it depends on, ``CostCounter.dependence``), plus the SPMs' own MACs.
+  Target: ``--target-macs`` (the AVERAGE over samples); with a ratio alone, (1 - ratio)^2.
+- Training (``epochs``): backbone (SGD ``lr`` 0.01, momentum 0.9, cosine) and SPMs (Adam ``spm_lr`` 1e-2)
+  jointly on the task loss + the cost loss.
+- Static variant (always the output's ``model.pt2``): the channels that no calibration sample keeps
+  (``calibration`` batches of the training data) are removed by normal compaction; the other channels
+  stay, ungated. ``dynamic=false`` stops there.
+- Dynamic module (``dynamic=true``, the default; ``dynamic/`` in the output folder): the traced graph with
+  the SPMs in it; for each gated group the kept channels' indices (``nonzero``) slice every tensor of the
+  group (the producer's rows, its normalisation's parameters and statistics, the consumers' columns) with
+  ``index_select``, so the producer and its consumers run on the kept channels only. At batch 1 that is the
+  sample's own decision; a larger batch runs on the union of its samples' kept channels, each sample's own
+  others zeroed (``batch="union"``: one pass, saves less the more the samples differ), or sample by sample
+  (``batch="split"``: each at its own decision, one launch per sample). torch.export cannot express
+  data-dependent channel counts, so it is saved as Python source (``dynamic/model.py``, plain PyTorch: a
+  module whose forward is the graph's code) and ``dynamic/weights.safetensors``: no pickle.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.analysis.groups import Group
+from fxprune.analysis.rules import ops
+from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.selection.cost import CostCounter
+from .base import Pass, PassContext, Scores
+from ._scales import residual_stream
+from .registry import PassError
+
+__all__ = ["Sanp", "SPM", "Gate", "dynamic_module", "write_dynamic"]
+
+aten = torch.ops.aten
+_LAYERS = frozenset(ops("aten.conv2d.default", "aten.conv1d.default", "aten.linear.default", "aten.addmm.default"))
+_CHANNELWISE = _LAYERS | frozenset(ops(
+    "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default", "aten.relu.default",
+    "aten.relu_.default", "aten.hardtanh.default", "aten.hardtanh_.default", "aten.gelu.default", "aten.silu.default",
+    "aten.silu_.default", "aten.sigmoid.default", "aten.hardswish.default", "aten.hardswish_.default",
+    "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.dropout.default", "aten.t.default",
+    "aten.leaky_relu.default", "aten.elu.default", "aten.tanh.default", "aten.mean.dim",
+    "aten.adaptive_avg_pool2d.default", "aten.max_pool2d_with_indices.default"))
+
+
+class SPM(nn.Module):
+    """A saliency-and-pruning module (see the module docstring): ``forward(x)`` of the producing layer's input
+    returns (batch, channels) decisions in {0, 1} (straight-through in training)."""
+
+    per_sample = True
+    reads_input = True
+
+    def __init__(self, c_in: int, c_out: int, axis: int, reduction: int = 4, binarize: str = "st",
+                 temperature: float = 0.5, init_bias: float = 3.0) -> None:
+        super().__init__()
+        self.axis, self.binarize, self.temperature = axis, binarize, temperature
+        self.hidden = max(c_out // reduction, 4)
+        self.fc1, self.fc2 = nn.Linear(c_in, self.hidden), nn.Linear(self.hidden, c_out)
+        nn.init.constant_(self.fc2.bias, init_bias)
+        self.last: torch.Tensor | None = None  # the last forward's decisions (with their straight-through gradient)
+
+    @property
+    def macs(self) -> int:
+        return self.fc1.in_features * self.hidden + self.hidden * self.fc2.out_features
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d not in (0, self.axis)]
+        pooled = x.mean(dims) if dims else x
+        return self.fc2(F.relu(self.fc1(pooled.to(self.fc1.weight.dtype))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x)
+        if not self.training:
+            self.last = (logits > 0).to(logits.dtype)
+            return self.last
+        if self.binarize == "gumbel":
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            logits = (logits + torch.log(u) - torch.log1p(-u)) / self.temperature
+        soft = torch.sigmoid(logits)
+        self.last = (soft > 0.5).to(soft.dtype) + (soft - soft.detach())  # exactly 0 or 1, the sigmoid's gradient
+        return self.last
+
+
+@dataclass
+class Gate:
+    """One gated group: where its SPM reads, where its decisions act, the tensors they slice."""
+
+    gid: int
+    spm: SPM
+    input: str                        # the producing layer's input node
+    input_axis: int
+    input_gate: int | None            # a gated group that fills that input's channel axis, if any
+    site: str                         # the activation the decisions multiply (after the normalisation)
+    site_axis: int
+    params: list[tuple[str, int]]     # (tensor name, axis) of every tensor of the group
+
+
+class SanpHook(Hook):
+    """The cost loss: (mean per-sample MACs / full - target)^2, weighted."""
+
+    def __init__(self, spms: dict[int, SPM], dependence: dict[str, dict[int, float]], full_nodes: dict[str, int],
+                 extra: int, target: float, weight: float) -> None:
+        self.spms, self.dependence, self.full_nodes, self.extra = spms, dependence, full_nodes, extra
+        self.full = sum(full_nodes.values())
+        self.target, self.weight = target, weight
+        self.history: list[float] = []
+
+    def fraction(self) -> torch.Tensor:
+        """Per sample of the last forward: MACs kept / full (with the SPMs' own)."""
+        fracs = {gid: spm.last.mean(1) for gid, spm in self.spms.items() if spm.last is not None}
+        total: torch.Tensor | float = float(self.extra)
+        for name, full in self.full_nodes.items():
+            term: torch.Tensor | float = float(full)
+            for gid, e in self.dependence.get(name, {}).items():
+                if gid in fracs:
+                    term = term * fracs[gid] ** e
+            total = total + term
+        return torch.as_tensor(total) / self.full
+
+    def before_epoch(self, state: TrainState) -> None:
+        self._epoch: list[float] = []
+
+    def after_epoch(self, state: TrainState) -> None:
+        self.history.append(float(np.mean(self._epoch)) if self._epoch else float("nan"))
+
+    def loss(self, state: TrainState, output: Any, target: Any) -> torch.Tensor | None:
+        frac = self.fraction().mean()
+        self._epoch.append(float(frac.detach()))
+        return self.weight * (frac - self.target) ** 2
+
+
+def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
+    """The groups SANP gates, in graph order, with why the others are not."""
+    from fxprune.analysis.schema import bind
+    from fxprune.masking.sites import GraphFacts, find_sites, layer_of
+
+    facts = GraphFacts(ctx.gm)
+    nodes = {n.name: n for n in ctx.gm.graph.nodes}
+    gates: dict[int, Gate] = {}
+    skipped: dict[int, str] = {}
+    order = {n.name: i for i, n in enumerate(ctx.gm.graph.nodes)}
+    candidates = []
+    for group in ctx.groups.prunable:
+        layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
+        layers.discard(None)
+        if residual_stream(ctx.groups, group) or len(layers) != 1:
+            skipped[group.id] = "not one producing layer (a residual stream or a shared channel)"
+            continue
+        layer = next(iter(layers))
+        if layer.target not in _LAYERS or any(nodes[n].op == "call_function" and nodes[n].target not in _CHANNELWISE
+                                               for n in group.nodes if n in nodes):
+            skipped[group.id] = "its channels pass through an op that is not channel-wise (a reshape, a concat...)"
+            continue
+        sites = find_sites(ctx.gm, ctx.groups, group, "output", facts)
+        if sites.skipped or len(sites.activations) != 1 or \
+                len(sites.activations[0].pos) != len(group) or len(set(sites.activations[0].pos)) != len(group):
+            skipped[group.id] = sites.skipped or "its channels are not one tensor axis of their own"
+            continue
+        b = bind(layer)
+        x = b.get("mat1") if "mat1" in b else b.get("input")
+        candidates.append((order[layer.name], group, layer, x, sites.activations[0]))
+    for _, group, layer, x, site in sorted(candidates, key=lambda c: c[0]):
+        val = x.meta.get("val")
+        axis = 1 if layer.target in ops("aten.conv2d.default", "aten.conv1d.default") else val.dim() - 1
+        key = (x.name, 0, axis)
+        input_gate = None
+        if key in ctx.groups.table.index:
+            g, _ = ctx.groups.positions(key)
+            owners = set(int(v) for v in g)
+            gated_here = owners & set(gates)
+            if gated_here and len(owners) > 1:
+                skipped[group.id] = "its layer's input mixes a gated group with other channels"
+                continue
+            input_gate = next(iter(gated_here), None)
+        params = []
+        for p in group.params:
+            g, pos = ctx.groups.positions(p.key)
+            if not (g == group.id).all() or len(set(pos.tolist())) != len(pos):
+                params = None
+                break
+            params.append((p.name, p.axis))
+        if params is None:
+            skipped[group.id] = "a tensor holds these channels with others"
+            continue
+        gates[group.id] = Gate(group.id, spm(group, int(val.shape[axis]), axis), x.name, axis, input_gate, site.node,
+                               site.axis, params)
+    return gates, skipped
+
+
+def dynamic_module(gm: fx.GraphModule, weights: dict[str, torch.Tensor], gates: dict[int, Gate]) -> fx.GraphModule:
+    """The traced graph with the SPMs in it, every gated group's tensors sliced to the channels some sample
+    of the batch keeps, each sample's other channels zeroed (see the module docstring)."""
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    root: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            root[n.target] = weights[n.target] if n.target in weights else _attr(gm, n.target)
+    latest: dict[str, fx.Node] = {}
+    indices: dict[int, fx.Node] = {}
+    top = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for gid, gate in gates.items():  # the SPMs' tensors, read after the inputs, before anything runs
+        for k, t in (("fc1.weight", gate.spm.fc1.weight), ("fc1.bias", gate.spm.fc1.bias),
+                     ("fc2.weight", gate.spm.fc2.weight), ("fc2.bias", gate.spm.fc2.bias)):
+            name = f"fxprune_spm.g{gid}.{k}"
+            root[name] = t.detach()
+            with graph.inserting_after(top):
+                top = latest[name] = graph.get_attr(name)
+
+    def attr(name: str) -> fx.Node:
+        return latest[name]
+
+    call = graph.call_function
+    for gid, gate in gates.items():
+        x = nodes[gate.input]
+        dims = [d for d in range(x.meta["val"].dim()) if d not in (0, gate.input_axis)]
+        start = top if x.op == "placeholder" else x
+        with graph.inserting_after(start):
+            chain = [call(aten.mean.dim, (x, dims)) if dims else x]
+        if not dims:
+            chain = [x]
+        w1 = attr(f"fxprune_spm.g{gid}.fc1.weight")
+        # pooled input -> linear -> relu -> linear -> decisions -> the kept channels' indices
+        anchor = chain[0] if dims else start
+
+        def after(target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+            nonlocal anchor
+            with graph.inserting_after(anchor):
+                anchor = call(target, args, kwargs or {})
+            return anchor
+
+        if gate.input_gate is not None:
+            w1 = after(aten.index_select.default, (w1, 1, indices[gate.input_gate]))
+        pooled = after(aten.type_as.default, (chain[0], w1))
+        hidden = after(aten.relu.default, (after(aten.linear.default, (pooled, w1,
+                                                                       attr(f"fxprune_spm.g{gid}.fc1.bias"))),))
+        logits = after(aten.linear.default, (hidden, attr(f"fxprune_spm.g{gid}.fc2.weight"),
+                                             attr(f"fxprune_spm.g{gid}.fc2.bias")))
+        decide = after(aten.gt.Scalar, (logits, 0))
+        best = after(aten.amax.default, (logits, [0]))  # at least one channel runs (zeroed where no sample keeps it):
+        keep = after(aten.logical_or.default, (after(aten.any.dim, (decide, 0)),  # a layer of zero channels fails
+                                               after(aten.ge.Tensor, (best, after(aten.amax.default, (best,))))))
+        idx = after(aten.squeeze.dim, (after(aten.nonzero.default, (keep,)), 1))
+        indices[gid] = idx
+        mine = after(aten.index_select.default, (decide, 1, idx))
+        for name, axis in gate.params:  # every tensor of the group, sliced to the kept channels
+            source = latest.get(name) or next((n for n in graph.nodes if n.op == "get_attr" and n.target == name), None)
+            if source is None:
+                continue
+            users = [u for u in source.users]
+            sel = after(aten.index_select.default, (source, axis, idx))
+            for u in users:
+                u.replace_input_with(source, sel)
+            latest[name] = sel
+        site = nodes[gate.site]
+        rank = site.meta["val"].dim()
+        with graph.inserting_after(site):
+            m = graph.call_function(aten.type_as.default, (mine, site))
+        shaped = m
+        for d in range(1, rank):
+            if d != gate.site_axis:
+                with graph.inserting_after(shaped):
+                    shaped = graph.call_function(aten.unsqueeze.default, (shaped, d))
+        with graph.inserting_after(shaped):
+            masked = graph.call_function(aten.mul.Tensor, (site, shaped))
+        for u in list(site.users):
+            if u is not masked and u is not m:
+                u.replace_input_with(site, masked)
+    graph.lint()
+    return fx.GraphModule(root, graph)
+
+
+def _attr(gm: fx.GraphModule, name: str) -> Any:
+    from fxprune.state import attribute
+
+    return attribute(gm, name)
+
+
+def _plain_code(gm: fx.GraphModule) -> tuple[str, list[str]]:
+    """The graph's forward as plain Python (positional inputs, a single output unwrapped) and its attribute
+    names, flattened (``a.b.c`` -> ``a__b__c``) so that they are plain buffers of one module."""
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    graph._codegen = fx.graph.CodeGen()
+    names = []
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            flat = n.target.replace(".", "__")
+            names.append((n.target, flat))
+            n.target = flat
+        if n.op == "output" and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 1:
+            n.args = (n.args[0][0],)
+    graph.lint()
+    code = graph.python_code("self").src
+    return code, [flat for _, flat in names]
+
+
+_TEMPLATE = '''"""A dynamic model written by fxprune's sanp pass: each sample's saliency modules decide which channels
+run, and every gated layer computes only those. Plain PyTorch; load it with
+
+    from model import load
+    model = load(".")          # this folder
+
+Inputs and outputs as the original model's; ``batch="split"`` runs a batch sample by sample (each at its
+own channels), ``"union"`` (the default) runs it at once on the channels any of its samples keeps.
+"""
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import device, inf, nan  # noqa: F401  (names the graph's code may use)
+
+
+class DynamicModel(torch.nn.Module):
+    def __init__(self, weights: dict, batch: str = "union") -> None:
+        super().__init__()
+        self.batch = batch
+        for name in NAMES:
+            self.register_buffer(name, weights[name])
+
+    def forward(self, x):
+        if self.batch == "split" and x.shape[0] > 1:
+            return torch.cat([self.graph(x[i:i + 1]) for i in range(x.shape[0])])
+        return self.graph(x)
+
+{code}
+
+NAMES = {names!r}
+
+
+def load(folder=".", batch="union"):
+    return DynamicModel(load_file(str(Path(folder) / "weights.safetensors")), batch).eval()
+'''
+
+
+def write_dynamic(gm: fx.GraphModule, folder: Path) -> None:
+    """``folder/model.py`` (the module's code) and ``folder/weights.safetensors``: see the module docstring."""
+    from safetensors.torch import save_file
+
+    code, names = _plain_code(gm)
+    code = code.replace("def forward(self", "def graph(self", 1)
+    body = "\n".join("    " + line if line.strip() else "" for line in code.strip("\n").splitlines())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(_TEMPLATE.format(code=body, names=sorted(set(names))))
+    flat = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            flat[n.target.replace(".", "__")] = _attr(gm, n.target).detach().contiguous().cpu()
+    save_file(flat, str(folder / "weights.safetensors"))
+
+
+def load_dynamic(folder: Path, batch: str = "union") -> nn.Module:
+    """The module ``write_dynamic`` wrote (its own loader, imported from the folder)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fxprune_dynamic_{abs(hash(str(folder)))}", Path(folder) / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module.load(folder, batch)
+
+
+def _batch1_ms(model: Callable[[torch.Tensor], Any], samples: list[torch.Tensor], rounds: int = 3) -> float:
+    """Median over ``rounds`` of the mean time of one forward at batch 1 over ``samples``, in ms."""
+    times = []
+    with torch.no_grad():
+        for x in samples[:4]:
+            model(x)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for x in samples:
+                model(x)
+            times.append((time.perf_counter() - start) / len(samples) * 1e3)
+    return float(np.median(times))
+
+
+@dataclass(frozen=True)
+class Sanp(Pass):
+    name = "sanp"
+    description = ("Self-Adaptive Network Pruning (Chen et al. 2019): per-sample saliency modules decide which "
+                   "channels each input runs; a dynamic module that skips them, and its static variant")
+    scope = "global"
+    normalize = "none"
+    needs = ("train_loader",)
+    tolerance = 1.0  # the static variant is what calibration never keeps; the average MACs are the target
+
+    epochs: int = 3
+    reduction: int = 4
+    binarize: str = "st"         # "st" (straight-through threshold) or "gumbel"
+    temperature: float = 0.5     # gumbel
+    init_bias: float = 1.0
+    cost_weight: float = 5.0
+    lr: float = 0.01             # backbone: SGD, momentum 0.9, cosine
+    spm_lr: float = 1e-2         # SPMs: Adam
+    dynamic: bool = True         # also build the dynamic module (dynamic/ in the output folder)
+    batch: str = "union"         # the dynamic module at batch > 1: "union" or "split"
+    calibration: int = 0         # training batches that decide the static variant (0: all)
+    latency_samples: int = 64    # batch-1 samples the report's latencies average over
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.binarize not in ("st", "gumbel"):
+            raise PassError(f"sanp: binarize must be 'st' or 'gumbel', got {self.binarize!r}")
+        if self.batch not in ("union", "split"):
+            raise PassError(f"sanp: batch must be 'union' or 'split', got {self.batch!r}")
+        if self.reduction < 1 or self.epochs < 0 or self.calibration < 0:
+            raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
+
+    def target(self, ctx: PassContext) -> float:
+        if ctx.target is not None:
+            which, value = ctx.target
+            if which != "macs":
+                raise PassError("sanp's cost is the average per-sample MACs: give --target-macs, not a parameter target")
+            return value
+        ratio = ctx.selection.ratio if ctx.selection is not None else 0.5
+        return (1 - ratio) ** 2
+
+    def score(self, ctx: PassContext) -> Scores:
+        loader = ctx.data.get("train_loader")
+        if loader is None:
+            raise ValueError("sanp needs train_loader= to train its saliency modules")
+        torch.manual_seed(self.seed)
+        gates, skipped = _gates(ctx, lambda g, c_in, axis: SPM(c_in, len(g), axis, self.reduction, self.binarize,
+                                                               self.temperature, self.init_bias))
+        if not gates:
+            raise PassError("sanp: no channel group can be gated (" + "; ".join(sorted(set(skipped.values()))) + ")")
+        masked = ctx.insert_masks(lambda g: gates[g.id].spm, only=list(gates), training=True)
+        counter = CostCounter(ctx.groups)
+        full_nodes = counter.per_node()
+        spm_macs = sum(g.spm.macs for g in gates.values())
+        hook = SanpHook({gid: g.spm for gid, g in gates.items()}, counter.dependence(list(gates)), full_nodes,
+                        spm_macs, self.target(ctx), self.cost_weight)
+        if self.epochs > 0:
+            device = next(iter(masked.module.parameters())).device
+            train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="sgd",
+                  parameters=masked.weight_parameters(), hooks=[hook],
+                  masks=MaskTraining(masked.mask_parameters(), lr=self.spm_lr, optimizer="adam"))
+        masked.module.eval()
+        ctx.state.update({"masked": masked, "gates": gates})
+        kept, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, loader)
+        weights = masked.state()
+        ctx.weights.update(weights)
+        report: dict[str, Any] = {
+            "target_macs": self.target(ctx), "gated_groups": len(gates), "skipped": skipped,
+            "average_macs": float(np.mean(per_sample)), "per_sample_macs": {
+                "min": float(np.min(per_sample)), "p10": float(np.quantile(per_sample, 0.1)),
+                "median": float(np.median(per_sample)), "p90": float(np.quantile(per_sample, 0.9)),
+                "max": float(np.max(per_sample))},
+            "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history,
+            "histograms": {"per_sample_macs": {"before": [], "after": per_sample.tolist(),
+                                               "threshold": self.target(ctx), "xlabel": "MACs kept per sample"}}}
+        if ctx.data.get("evaluate") is not None:
+            report["dynamic_metrics"] = ctx.data["evaluate"](masked.module)
+            report["trained_metrics"] = report["dynamic_metrics"]
+        scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
+        for gid, k in kept.items():
+            scores[gid] = np.where(k, np.inf, -np.inf)
+        if self.dynamic:
+            dyn = dynamic_module(ctx.gm, weights, gates)
+            ctx.state["extras"] = {"dynamic": dyn}
+            ctx.artifacts["dynamic"] = lambda folder, dyn=dyn: write_dynamic(dyn, folder / "dynamic")
+            report["latency_ms_batch1"] = self._latencies(ctx, dyn, kept, weights)
+        ctx.report.update(report)
+        return scores
+
+    def _latencies(self, ctx: PassContext, dyn: fx.GraphModule, kept: dict[int, np.ndarray],
+                   weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Batch-1 latency (ms, mean over ``latency_samples`` inputs, median of 3 rounds) of the original
+        model (eager, and its traced graph: the same op-by-op execution as the two others), the dynamic
+        module and the static variant, on this process's device and threads."""
+        import fxprune
+        from fxprune.cli.measure import to_device
+
+        removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+        for gid, k in kept.items():
+            removed[ctx.groups[gid].channels[~k]] = True
+        static = fxprune.compact(ctx.gm, ctx.groups, removed, ctx.model, weights=weights).module.eval()
+        loader = ctx.data.get("val_loader") or ctx.data["train_loader"]
+        device = next(iter(dyn.parameters()), next(iter(ctx.model.parameters()))).device
+        samples: list[torch.Tensor] = []
+        for x, _ in loader:
+            x = to_device(x, device)
+            samples += [x[i:i + 1] for i in range(len(x))]
+            if len(samples) >= self.latency_samples:
+                break
+        samples = samples[: self.latency_samples]
+        was = ctx.model.training
+        ctx.model.eval()
+        try:
+            return {name: _batch1_ms(m, samples) for name, m in
+                    (("original", ctx.model), ("original graph", ctx.gm), ("dynamic", dyn), ("static", static))}
+        finally:
+            ctx.model.train(was)
+
+    def _calibrate(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], counter: CostCounter, spm_macs: int,
+                   loader: Iterable[Any]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Which channels any calibration sample keeps, and every sample's MACs kept (a fraction of full)."""
+        from fxprune.cli.measure import to_device
+
+        device = next(iter(masked.module.parameters())).device
+        kept = {gid: np.zeros(len(ctx.groups[gid]), dtype=bool) for gid in gates}
+        decisions: list[dict[int, np.ndarray]] = []
+        with torch.no_grad():
+            for i, (x, _) in enumerate(loader):
+                if self.calibration and i >= self.calibration:
+                    break
+                masked.module(to_device(x, device))
+                batch = {gid: g.spm.last.cpu().numpy() > 0 for gid, g in gates.items()}
+                for gid, d in batch.items():
+                    kept[gid] |= d.any(0)
+                decisions += [{gid: d[s] for gid, d in batch.items()} for s in range(len(next(iter(batch.values()))))]
+        full = counter().macs
+        cache: dict[bytes, float] = {}
+        fractions = []
+        for sample in decisions[:2048]:
+            removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+            for gid, d in sample.items():
+                removed[ctx.groups[gid].channels[~d]] = True
+            key = np.packbits(removed).tobytes()
+            if key not in cache:
+                cache[key] = (counter(removed).macs + spm_macs) / full
+            fractions.append(cache[key])
+        return kept, np.asarray(fractions)

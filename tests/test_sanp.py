@@ -1,0 +1,242 @@
+"""sanp (passes/sanp.py): the saliency modules read their layer's input; the dynamic module equals the masked
+model with each sample's own decisions, per sample and per batch (union), in float64, and really computes
+on fewer channels; its saved form loads with plain PyTorch and no pickle; the static variant removes what no
+calibration sample keeps; the cost counts each sample's kept channels; the command line writes it all."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+import fxprune
+from fxprune.analysis import analyze
+from fxprune.cli import app
+from fxprune.passes.base import PassContext
+from fxprune.passes.sanp import SPM, Sanp, SanpHook, _gates, dynamic_module, load_dynamic, write_dynamic
+from fxprune.selection.cost import CostCounter
+from fxprune.tracing.tracer import trace
+
+F64 = torch.float64
+
+
+class Net(nn.Module):
+    """conv1 -> conv2 -> conv3 (each with BatchNorm and ReLU; conv2's input is conv1's gated group), a pool,
+    a residual stream that is not gated, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.conv3, self.bn3 = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(torch.relu(self.bn3(self.conv3(x))).mean((2, 3)))
+
+
+def _model() -> Net:
+    torch.manual_seed(0)
+    model = Net()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.eval()
+
+
+def _data(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(n)]
+
+
+def _gated(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, object]:
+    gm = trace(model, (x,))
+    ctx = PassContext(gm, analyze(gm), model, {})
+    torch.manual_seed(3)
+    gates, skipped = _gates(ctx, lambda g, c_in, axis: SPM(c_in, len(g), axis, reduction=2, init_bias=0.0))
+    for gate in gates.values():  # decisions that differ from sample to sample
+        nn.init.normal_(gate.spm.fc2.weight, std=2.0)
+    masked = ctx.insert_masks(lambda g: gates[g.id].spm, only=list(gates), training=True)
+    masked.module.eval()
+    return ctx, gates, masked
+
+
+def test_spm_straight_through_and_eval_threshold() -> None:
+    spm = SPM(4, 6, axis=1).train()
+    x = torch.randn(5, 4, 3, 3)
+    d = spm(x)
+    assert set(d.unique().tolist()) <= {0.0, 1.0}
+    d.sum().backward()
+    assert spm.fc2.weight.grad is not None and spm.fc2.weight.grad.abs().sum() > 0  # the sigmoid's gradient
+    spm.eval()
+    assert torch.equal(spm(x), (spm.logits(x) > 0).float())
+    g = SPM(4, 6, axis=1, binarize="gumbel").train()
+    assert set(g(x).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_gates_read_the_layers_input_and_skip_what_cannot_be_gated() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x)
+    producers = {ctx.groups[gid].layers("producer")[0] for gid in gates}
+    assert producers == {"conv1", "conv2", "conv3"}
+    conv2 = next(g for g in gates.values() if ctx.groups[g.gid].layers("producer")[0] == "conv2")
+    assert conv2.input_gate is not None  # its input is conv1's gated channels
+    calls = [n for n in masked.module.graph.nodes if n.op == "call_module" and n.target.startswith("fxprune_masks")]
+    inputs = {n.args[0].name for n in calls}
+    assert "x" in inputs  # conv1's SPM reads the image, before conv1 runs
+
+
+def test_dynamic_module_equals_the_masked_model_per_sample_and_per_batch() -> None:
+    model = _model()
+    x = torch.randn(7, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x[:2])
+    weights = masked.state()
+    dyn = dynamic_module(ctx.gm, weights, gates).to(F64)
+    ref = masked.module.to(F64)
+    for gate in gates.values():
+        gate.spm.float()
+    xs = x.to(F64)
+    want = ref(xs)
+    for i in range(len(xs)):  # batch 1: each sample at its own decisions
+        torch.testing.assert_close(dyn(xs[i:i + 1]), want[i:i + 1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dyn(xs), want, rtol=1e-9, atol=1e-9)  # a batch: the union, each sample's own zeroed
+    decisions = [g.spm.last for g in gates.values()]
+    assert any(0 < float(d[0].mean()) < 1 for d in decisions) and any(not torch.equal(d[0], d[1]) for d in decisions)
+
+
+def test_dynamic_module_computes_on_the_kept_channels_only() -> None:
+    model = _model()
+    x = torch.randn(1, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x.expand(2, -1, -1, -1))
+    dyn = dynamic_module(ctx.gm, masked.state(), gates)
+    shapes: dict[str, tuple] = {}
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n):  # type: ignore[no-untyped-def]
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default:
+                shapes[n.name] = tuple(out.shape)
+            return out
+
+    Shapes(dyn).run(x)
+    masked.module(x)
+    kept = [int(g.spm.last[0].sum()) for g in gates.values()]
+    assert sorted(s[1] for s in shapes.values()) == sorted(kept)
+    assert sum(kept) < 8 + 12 + 6
+
+
+def test_saved_dynamic_module_loads_without_fxprune_or_pickle(tmp_path) -> None:
+    model = _model()
+    x = torch.randn(5, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x[:2])
+    dyn = dynamic_module(ctx.gm, masked.state(), gates)
+    write_dynamic(dyn, tmp_path / "dynamic")
+    assert sorted(p.name for p in (tmp_path / "dynamic").iterdir()) == ["model.py", "weights.safetensors"]
+    code = (tmp_path / "dynamic" / "model.py").read_text()
+    assert "import fxprune" not in code and "from fxprune" not in code
+    loaded = load_dynamic(tmp_path / "dynamic")
+    torch.testing.assert_close(loaded(x), dyn(x))
+    split = load_dynamic(tmp_path / "dynamic", batch="split")
+    torch.testing.assert_close(split(x), torch.cat([dyn(x[i:i + 1]) for i in range(5)]))
+
+
+def test_cost_counts_each_samples_kept_channels() -> None:
+    model = _model()
+    x = torch.randn(4, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x)
+    counter = CostCounter(ctx.groups)
+    spms = {gid: g.spm for gid, g in gates.items()}
+    hook = SanpHook(spms, counter.dependence(list(gates)), counter.per_node(), 0, 0.5, 1.0)
+    masked.module(x)
+    got = hook.fraction()
+    full = counter().macs
+    for s in range(4):
+        removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+        for gid, spm in spms.items():
+            removed[ctx.groups[gid].channels[spm.last[s].numpy() == 0]] = True
+        assert float(got[s]) == pytest.approx(counter(removed).macs / full, rel=1e-6)
+
+
+def test_prune_trains_toward_the_average_target_and_removes_what_no_sample_keeps() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    result = fxprune.prune(model, (x,), "sanp", target_macs=0.5, options={"epochs": 3, "spm_lr": 0.1},
+                           train_loader=_data(), val_loader=_data(1, seed=5))
+    report = result.report
+    assert report["gated_groups"] == 3 and len(report["search"]) == 3
+    assert report["average_macs"] < report["search"][0] or report["average_macs"] < 0.9
+    assert set(report["latency_ms_batch1"]) == {"original", "original graph", "dynamic", "static"}
+    assert "dynamic" in result.extras and "dynamic" in result.artifacts
+    assert result.cost_after.macs / result.cost_before.macs >= report["per_sample_macs"]["max"] - 1e-9 - \
+        report["spm_macs"]  # the static variant keeps the union of every sample's channels
+    assert result.module(x).shape == (2, 4)
+
+
+def test_bad_options_are_named() -> None:
+    from fxprune.passes.registry import PassError
+
+    for bad in ({"binarize": "soft"}, {"batch": "groups"}, {"reduction": 0}):
+        with pytest.raises(PassError, match="sanp"):
+            Sanp(**bad)
+
+
+MODEL_FILE = textwrap.dedent('''
+    import torch, torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+    def _data(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+
+    def model():
+        torch.manual_seed(0)
+        return Net()
+
+    def example_inputs():
+        return (torch.randn(2, 3, 8, 8),)
+
+    def train_loader():
+        return _data(0)
+
+    def val_loader():
+        return _data(1)
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad():
+            return {"accuracy": sum(float((m(x).argmax(1) == y).float().mean()) for x, y in _data(1)) / 3}
+''')
+
+
+def test_cli_writes_the_static_model_the_dynamic_module_and_the_histogram(tmp_path) -> None:
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "sanp", "--target-macs", "0.5",
+                                      "--opt", "epochs=1", "--no-recover", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt2").exists() and (out / "dynamic" / "model.py").exists()
+    assert (out / "per_sample_macs_histogram.png").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert "average_macs" in report["pass_report"] and "latency_ms_batch1" in report["pass_report"]
+    x = torch.randn(3, 3, 8, 8)
+    assert load_dynamic(out / "dynamic")(x).shape == (3, 4)
