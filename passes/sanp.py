@@ -482,7 +482,6 @@ class Sanp(Pass):
                                                "threshold": self.target(ctx), "xlabel": "MACs kept per sample"}}}
         if ctx.data.get("evaluate") is not None:
             report["dynamic_metrics"] = ctx.data["evaluate"](masked.module)
-            report["trained_metrics"] = report["dynamic_metrics"]
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, k in kept.items():
             scores[gid] = np.where(k, np.inf, -np.inf)

@@ -91,6 +91,7 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"{name} (pruned, not fine-tuned)", _fmt(value), _fmt(pruned[name]), _diff(value, pruned[name])))
         after = (a.get("metrics") or {}).get(name)
         rows.append((name, _fmt(value), _fmt(after), _diff(value, after)))
+    rows += _dynamic_rows(report)
     rb, ra = b.get("robustness") or {}, a.get("robustness") or {}
     attack = report.get("attack") or {}
     for key, label in (("clean_accuracy", "clean accuracy (attack's data)"),
@@ -98,6 +99,24 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                        ("vulnerability", "vulnerability (mean |f(x) - f(x_adv)|)")):
         if key in rb or key in ra:
             rows.append((label, _fmt(rb.get(key)), _fmt(ra.get(key)), _diff(rb.get(key), ra.get(key))))
+    return rows
+
+
+def _dynamic_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """A dynamic module's own rows (sanp's dynamic/): average MACs per sample, its metrics, batch-1 latency."""
+    p = report.get("pass_report") or {}
+    if "average_macs" not in p:
+        return []
+    b = report["before"]
+    rows = [("MACs per sample, dynamic/ (average)", human(b["macs"]), human(p["average_macs"] * b["macs"]),
+             f"{p['average_macs']:.2f}x")]
+    for name, value in (p.get("dynamic_metrics") or {}).items():
+        before = (b.get("metrics") or {}).get(name)
+        rows.append((f"{name}, dynamic/", _fmt(before), _fmt(value), _diff(before, value)))
+    lat = p.get("latency_ms_batch1") or {}
+    if "dynamic" in lat and "original graph" in lat:
+        rows.append(("batch-1 latency (ms), dynamic/ vs traced original", format_ms(lat["original graph"]),
+                     format_ms(lat["dynamic"]), _ratio(lat["original graph"], lat["dynamic"])))
     return rows
 
 
