@@ -24,7 +24,7 @@ from .passes.registry import make_pass
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
 from .selection.budget import Selection, SelectionError, check_ratio, search_budget, select
-from .tracing.tracer import trace
+from .tracing.tracer import TraceError, trace
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -53,6 +53,8 @@ class PruneResult:
     # files the pass adds to an output folder (PassContext.artifacts): name -> writer(folder); sanp's "dynamic"
     artifacts: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # objects the pass built besides the module (sanp: "dynamic")
+    # what compaction rewrote: {"target": "graph" (the traced graph) or "modules" (the user's modules, resized), "why"}
+    compaction: dict[str, str] = field(default_factory=lambda: {"target": "graph", "why": ""})
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -127,7 +129,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
           min_keep: float | None = None, round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
           allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
           progress: Callable[[str], None] | None = None,
-          recover: str | None = None, epochs: int = 0, distill: bool | None = None,
+          recover: str | None = None, epochs: int = 0, distill: bool | None = None, target: str = "auto",
           **data: Any) -> PruneResult:
     """Prune ``model`` and return the compacted module with its plan.
 
@@ -142,7 +144,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     "scratch-b" for ``epochs`` epochs (default with ``epochs > 0``: the pass's own, else "finetune";
     ``distill=True`` adds knowledge distillation from ``model``; default: the pass's own, tas's on).
     ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
-    file's functions). ``progress(stage)`` is called as each stage starts. ``model`` is left
+    file's functions). ``target``: what compaction rewrites: ``"graph"`` (the traced graph, the default
+    for a model torch.export traces whole), ``"modules"`` (the user's own modules resized in a copy, for
+    models no static graph expresses: detectors; ``fxprune.compaction.modules``), or ``"auto"`` (graph when
+    the model traces, modules when it does not; ``PruneResult.compaction`` says which and why).
+    ``progress(stage)`` is called as each stage starts. ``model`` is left
     bit-identical. ``require_prunable=True``: a budget that asks for a removal on a model none of whose
     groups can shrink raises :class:`NothingToPruneError` right after the analysis (before any training),
     naming the largest frozen groups' reasons; otherwise that case warns.
@@ -161,16 +167,20 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         raise SelectionError(f"recover must be one of {RECOVERY}, got {recover!r}")
     if recover is not None and data.get("train_loader") is None:
         raise SelectionError(f"recover={recover!r} needs train_loader=")
+    if target not in TARGETS:
+        raise SelectionError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     stage = progress or (lambda name: None)
     with _gc_frozen():
         stage("trace")
-        gm = trace(model, example_inputs)
+        gm, used = _trace_for(model, example_inputs, target)
         stage("analyze")
         groups = analyze(gm, allow_inexact=allow_inexact)
+        if used["target"] == "modules":
+            _for_modules(the_pass, gm, groups)
         counter = CostCounter(groups)
         before = counter()
-    target = target_macs if target_macs is not None else target_params
-    needs_scores = ratio > 0 or target is not None or any(ratio_for.values() if ratio_for else ()) or \
+    resource = target_macs if target_macs is not None else target_params
+    needs_scores = ratio > 0 or resource is not None or any(ratio_for.values() if ratio_for else ()) or \
         getattr(the_pass, "self_pruning", False)
     if needs_scores and not groups.prunable:
         if require_prunable:
@@ -178,12 +188,12 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
     stage("score")
     which = "macs" if target_macs is not None else "params"
-    ctx = PassContext(gm, groups, model, data, sel, target=(which, float(target)) if target is not None else None)
+    ctx = PassContext(gm, groups, model, data, sel, target=(which, float(resource)) if resource is not None else None)
     prepared = the_pass.prepare(ctx) if needs_scores else None
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
         ctx = prepared
         gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-    budget = _Budget(groups, sel, counter, before, which, target, getattr(the_pass, "tolerance", 0.01))
+    budget = _Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}
@@ -196,8 +206,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     stage("compact")
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
     edits = the_pass.edits(ctx, removed) if needs_scores else []
-    out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)  # the graph's selection
-    if (weights or edits) and (out.removed != removed).any():  # compaction kept some groups whole: redo for that
+    if used["target"] == "modules":
+        out = _resize(gm, groups, removed, base, weights, edits, example_inputs, verify)
+    else:
+        out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)  # the selection
+    if used["target"] == "graph" and (weights or edits) and (out.removed != removed).any():  # kept whole: redo
         weights = the_pass.weights(ctx, out.removed)
         edits = the_pass.edits(ctx, out.removed)
         out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
@@ -216,7 +229,88 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                            macs_full=before.macs, macs_pruned=after.macs)
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
                        base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
-                       dict(ctx.state.get("extras", {})))
+                       dict(ctx.state.get("extras", {})), used)
+
+
+TARGETS = ("auto", "graph", "modules")
+
+
+def _trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The graph the analysis reads, and which compaction target follows from it (with why)."""
+    if target == "graph":
+        return trace(model, example_inputs), {"target": "graph", "why": "asked for (target='graph')"}
+    if target == "modules":
+        return _analysis_trace(model, example_inputs), {"target": "modules", "why": "asked for (target='modules')"}
+    try:
+        return trace(model, example_inputs), {"target": "graph", "why": "the model traces as a whole"}
+    except TraceError as exc:
+        try:
+            gm = _analysis_trace(model, example_inputs)
+        except Exception:  # the model does not even run under the recording: the trace's own error says most
+            raise exc from None
+        reason = str(exc).splitlines()[0][:300]
+        return gm, {"target": "modules", "why": f"no static graph expresses it ({reason}): its own modules are resized"}
+
+
+def _analysis_trace(model: torch.nn.Module, example_inputs: Any) -> fx.GraphModule:
+    """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``)."""
+    from .tracing.makefx import Unsupported
+    from .tracing.record import record_trace
+    from .tracing.tracer import META_INPUTS, normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    was = model.training
+    model.eval()
+    try:
+        gm = record_trace(model, args, kwargs, analysis=True)
+    except Unsupported as exc:
+        raise TraceError(f"fxprune could not record {type(model).__name__} for analysis: {exc}") from None
+    finally:
+        model.train(was)
+    gm.meta[META_INPUTS] = (args, kwargs)
+    gm.train(was)
+    return gm
+
+
+def _for_modules(the_pass: Pass, gm: fx.GraphModule, groups: ChannelGroups) -> None:
+    """What the modules target needs: a pass that does not run the graph, and groups whose sizes no line
+    of the model's Python code holds (``freeze_code_sizes``)."""
+    from .compaction.modules import freeze_code_sizes
+    from .passes.registry import PassError
+
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
+                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
+                        "that reads the weights only, such as l1")
+    freeze_code_sizes(gm, groups)
+
+
+def _resize(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, base: torch.nn.Module,
+            weights: dict[str, torch.Tensor], edits: Sequence[GraphEdit], example_inputs: Any,
+            verify: bool) -> Compacted:
+    """The modules target: the user's modules resized in a copy by the plan, run once on the example
+    inputs as the check (the graph target's shape verifier has no graph to check here)."""
+    from .compaction.modules import resize_modules
+    from .tracing.tracer import normalize_inputs
+
+    if edits:
+        raise CompactionError("graph edits (block removal, factorised layers) need the graph target")
+    plan = add_aliases(build_plan(gm, Reindexing(groups, removed)), base)
+    module = resize_modules(base, plan, weights or None)
+    if verify:
+        args, kwargs = normalize_inputs(example_inputs)
+        with torch.no_grad():
+            was = module.training
+            module.eval()
+            try:
+                module(*args, **kwargs)
+            except Exception as exc:
+                raise CompactionError(f"the resized {type(base).__name__} does not run on the example inputs: "
+                                      f"{exc}") from exc
+            finally:
+                module.train(was)
+    write_selection(gm, groups, removed)
+    return Compacted(module, plan, removed)
 
 
 @dataclass

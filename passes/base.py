@@ -107,6 +107,9 @@ class Pass:
     # the pass removes channels itself (scores of -inf: anp's E[pi] <= 1e-3), so it runs even without a budget
     # (ratio 0): what it removes is then exactly what it decided; a budget removes more
     self_pruning: ClassVar[bool] = False
+    # the pass runs the traced graph (training, calibration): it cannot prune a model without a static graph,
+    # which is compacted by resizing its modules (``fxprune.prune(target="modules")``); l1 reads weights only
+    runs_graph: ClassVar[bool] = True
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return a context with its own ``gm``,

@@ -36,6 +36,7 @@ class L1Norm(Pass):
     name = "l1"
     description = "L1-norm of the producing filters (Li et al. 2017); no data needed"
     scope = "group"
+    runs_graph = False  # weights only: prunes models without a static graph too
 
     def score(self, ctx: PassContext) -> Scores:
         return {group.id: producer_l1(ctx.groups, group, ctx.tensor) for group in self.prunable(ctx)}

@@ -132,8 +132,9 @@ class _OpCheck:
 
 class _Recorder:
     def __init__(self, rs: Support, graph: fx.Graph, meta: bool, state_storages: set[int], state_ids: set[int],
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, analysis: bool = False) -> None:
         self.rs = rs
+        self.analysis = analysis  # record what a real run does, data-dependent parts included (see record_trace)
         self.graph = graph
         self.meta = meta
         self.device = device  # the model's real device when it runs on meta copies: what device literals say
@@ -156,6 +157,9 @@ class _Recorder:
     def node_of(self, t: torch.Tensor) -> fx.Node:
         entry = self.nodes.get(id(t))
         if entry is None or entry[0]() is not t:
+            if self.analysis:  # a cached tensor (anchors, a constant attribute): a constant of the recording
+                self._constant(t)
+                return self.nodes[id(t)][1]
             raise Unsupported("a tensor no recorded op produced (a constant tensor attribute or a cached tensor)")
         return entry[1]
 
@@ -229,16 +233,16 @@ class _Recorder:
         self.pending.clear()
 
     def _check(self, func: Any, args: tuple, kwargs: dict) -> _OpCheck:
-        if not torch.is_grad_enabled():
+        if not self.analysis and not torch.is_grad_enabled():
             raise Unsupported("the forward turns gradients off (torch.no_grad)")
-        if self.rs.is_any_autocast_enabled():
+        if not self.analysis and self.rs.is_any_autocast_enabled():
             raise Unsupported("the forward enables autocast")
         check = self.checks.get(func)
         if check is None:
             check = self.checks[func] = _OpCheck(func, func in self.state_updaters)
-        if check.data_dependent:  # (on meta these would fail anyway: the same message either way)
+        if check.data_dependent and not self.analysis:  # (on meta these would fail anyway: the same message)
             raise Unsupported(f"{func} reads tensor values (data-dependent)")
-        if check.dynamic_shape and not _integer_index(func, args):
+        if check.dynamic_shape and not self.analysis and not _integer_index(func, args):
             raise Unsupported(f"{func} has a data-dependent output shape")
         for i in check.writes:
             value = args[i] if i < len(args) else kwargs.get(check.names[i])
@@ -286,9 +290,13 @@ class _TracingThreadOnly(TorchFunctionMode):
       ``torch.backends.mha.set_fastpath_enabled(False)``, is one process-wide flag: it would switch
       the fast path off for every thread while the trace runs.)"""
 
+    def __init__(self, analysis: bool = False) -> None:
+        super().__init__()
+        self.analysis = analysis
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = _VALUE_READERS.get(func)
-        if name is not None:
+        if name is not None and not self.analysis:
             raise Unsupported(f"Tensor.{name}() reads tensor values (data-dependent)")
         return func(*args, **(kwargs or {}))
 
@@ -331,11 +339,19 @@ def _heavy(state: dict[str, torch.Tensor], leaves: list[Any]) -> bool:
     return weights * max(positions, 1) >= HEAVY_MACS
 
 
-def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: bool | None = None) -> fx.GraphModule:
+def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: bool | None = None,
+                 analysis: bool = False) -> fx.GraphModule:
     """Trace ``model`` (already in eval mode) into an export-like static GraphModule. Raises on anything
     unsupported. ``on_meta``: run the ops on meta copies of the weights and inputs (default: when the
     weights are on meta, or a real forward looks expensive, ``_heavy``); device literals then name the
-    model's real device. Raises ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
+    model's real device. Raises ``compat.MissingFeature`` on a torch that lacks a private name it needs.
+
+    ``analysis=True``: the record of one real run, for the channel analysis only, of a model no static
+    graph can express (a detector's NMS, top-k, boolean masks, loops over a variable number of boxes):
+    value reads, data-dependent shapes, cached tensors (as constants), gradient and autocast switches are
+    recorded as what they are instead of refused; the ops run on the real tensors. The graph describes
+    this run (its Python branches and loop counts taken); it is not a program for other inputs. Writes to
+    the model's state are still refused."""
     rs = recorder_support().require()
     pytree = rs.pytree
     state, reader_of, readers = _state_readers(model)
@@ -345,7 +361,9 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     weights_on_meta = any(t.device.type == "meta" for t in state.values())
     if weights_on_meta and not all(t.device.type == "meta" for t in state.values()):
         raise Unsupported("some weights on the meta device, some not")
-    meta = on_meta if on_meta is not None else weights_on_meta or _heavy(state, leaves)
+    if analysis and weights_on_meta:
+        raise Unsupported("an analysis recording runs the real model: its weights are on the meta device")
+    meta = False if analysis else on_meta if on_meta is not None else weights_on_meta or _heavy(state, leaves)
     copies = meta and not weights_on_meta  # a real model recorded on meta copies of its weights
     run_state = {n: torch.empty_like(state[n], device="meta") if copies else state[n] for n in readers}
     device = next((t.device for t in list(state.values()) + leaves if isinstance(t, torch.Tensor)), None) \
@@ -353,7 +371,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     graph = fx.Graph()
     recorder = _Recorder(rs, graph, meta, {t.untyped_storage().data_ptr() for t in run_state.values()
                                        if not meta and t.untyped_storage().nbytes()},
-                         {id(t) for t in run_state.values()}, device)
+                         {id(t) for t in run_state.values()}, device, analysis)
     for name, t in state.items():  # one get_attr per state name; a tied tensor is read under its last name
         node = graph.get_attr(name)
         node.meta["val"] = _meta_val(t)
@@ -373,7 +391,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     # torch.compiler.is_compiling()/is_exporting() say True in this thread, as under torch.export:
     # libraries then take their traceable paths (Hugging Face skips its data-dependent mask shortcuts)
     with _module_stack(model, lambda: graph), weights, torch.enable_grad(), compiling_in_this_thread():
-        with _TracingThreadOnly(), rs.enable_python_dispatcher(), _mode_class(rs)(recorder):
+        with _TracingThreadOnly(analysis), rs.enable_python_dispatcher(), _mode_class(rs)(recorder):
             out = model(*run_args, **run_kwargs)
         _check_state_kept(owners, run_state)
     recorder.finish()

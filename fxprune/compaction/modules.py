@@ -1,0 +1,169 @@
+"""The second compaction target: the user's own modules, resized, for models no static graph expresses
+(detectors: NMS, top-k, boolean masks, loops over boxes). The analysis runs on the record of one real run
+(``fxprune.tracing.record.record_trace(..., analysis=True)``); compaction then slices every planned
+parameter and buffer of a COPY of the model (the same pure ``slice_tensor`` as the graph target) and sets
+the module attributes that hold sizes (table :data:`SIZE_ATTRIBUTES`), so the result keeps the user's
+classes and Python control flow, runs on any input and trains.
+
+A size that lives in the model's Python code (a literal in ``view(...)``, a split size, a computed width)
+cannot be rewritten there: :func:`freeze_code_sizes` finds the groups whose removal would change such a
+literal in the recorded graph (the graph target's own literal rewrites, run on a copy) and freezes them,
+naming the op and the line. The literals a module attribute holds (a conv's ``groups``, GroupNorm's
+``num_groups``, LayerNorm's ``normalized_shape``) are what the resizer updates, so they do not freeze.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.rules import ops
+from .plan import Plan, slice_tensor
+from .resize import Reindexing
+
+__all__ = ["resize_modules", "freeze_code_sizes", "SIZE_ATTRIBUTES", "ResizeError"]
+
+
+class ResizeError(RuntimeError):
+    """A module holds a planned tensor in a way the resizer cannot update (named, with what to do)."""
+
+
+def _conv(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    w = m.weight
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)  # (in, out / groups, ...)
+    depthwise = m.groups > 1 and m.groups == m.in_channels
+    out_c, in_c = (w.shape[1] * m.groups, w.shape[0]) if transposed else (w.shape[0], None)
+    if not transposed:
+        in_c = w.shape[1] * (w.shape[0] if depthwise else m.groups)
+        if depthwise:
+            m.groups = w.shape[0]
+            in_c = w.shape[0]
+    m.in_channels, m.out_channels = int(in_c), int(out_c)
+
+
+def _linear(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    m.out_features, m.in_features = int(m.weight.shape[0]), int(m.weight.shape[1])
+
+
+def _batch_norm(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    t = m.weight if getattr(m, "weight", None) is not None else m.running_mean
+    if t is not None and hasattr(m, "num_features"):
+        m.num_features = int(t.shape[0])
+
+
+def _group_norm(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    n = int(m.weight.shape[0]) if m.weight is not None else m.num_channels
+    per = m.num_channels // m.num_groups
+    m.num_channels, m.num_groups = n, n // per  # the analysis removes whole groups
+
+
+def _layer_norm(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _embedding(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    m.num_embeddings, m.embedding_dim = int(m.weight.shape[0]), int(m.weight.shape[1])
+
+
+def _frozen_bn(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    if hasattr(m, "num_features"):
+        m.num_features = int(m.weight.shape[0])
+
+
+# module class (by name, so optional libraries need not be imported) -> how its size attributes follow its tensors
+SIZE_ATTRIBUTES: dict[str, Callable[[nn.Module, dict[str, torch.Size]], None]] = {
+    "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "ConvTranspose1d": _conv, "ConvTranspose2d": _conv,
+    "ConvTranspose3d": _conv, "Linear": _linear, "BatchNorm1d": _batch_norm, "BatchNorm2d": _batch_norm,
+    "BatchNorm3d": _batch_norm, "SyncBatchNorm": _batch_norm, "InstanceNorm1d": _batch_norm,
+    "InstanceNorm2d": _batch_norm, "GroupNorm": _group_norm, "LayerNorm": _layer_norm, "Embedding": _embedding,
+    "FrozenBatchNorm2d": _frozen_bn}
+_NO_SIZES = ("ReLU", "ReLU6", "SiLU", "GELU", "Sigmoid", "Hardswish", "Identity", "Dropout", "MaxPool2d",
+             "AdaptiveAvgPool2d", "Sequential")
+
+
+def _class_sizes(m: nn.Module) -> Callable[[nn.Module, dict[str, torch.Size]], None] | None:
+    for cls in type(m).__mro__:
+        if cls.__name__ in SIZE_ATTRIBUTES:
+            return SIZE_ATTRIBUTES[cls.__name__]
+    return None
+
+
+def resize_modules(model: nn.Module, plan: Plan, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of ``model`` with every planned parameter/buffer sliced by ``plan`` (after substituting
+    ``weights``: a pass's new full-size tensors) and each touched module's size attributes updated.
+    ``model`` is not modified. Raises :class:`ResizeError` for a planned tensor in a module the table
+    does not know that has size-like attributes (``in_*``, ``out_*``, ``*_dim``, ``num_*``)."""
+    out = copy.deepcopy(model)
+    touched: dict[str, nn.Module] = {}
+    with torch.no_grad():
+        for path, module in out.named_modules():
+            old: dict[str, torch.Size] = {}
+            for local, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is None:
+                    continue
+                name = f"{path}.{local}" if path else local
+                source = weights.get(name, t) if weights else t
+                if name not in plan and source is t:
+                    continue
+                new = slice_tensor(plan.get(name), source.to(t.device, t.dtype))
+                old[local] = t.shape
+                if local in module._parameters:
+                    module._parameters[local] = nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    module._buffers[local] = new
+            if any(name in plan for name in (f"{path}.{k}" if path else k for k in old)):
+                touched[path] = module
+                sizes = _class_sizes(module)
+                if sizes is not None:
+                    sizes(module, old)
+                elif not type(module).__name__ in _NO_SIZES and _size_like(module):
+                    raise ResizeError(f"module {path!r} ({type(module).__name__}) holds pruned tensors and size "
+                                      f"attributes ({', '.join(_size_like(module))}) the resizer does not know: "
+                                      "add its class to fxprune.compaction.modules.SIZE_ATTRIBUTES, or protect it")
+    return out
+
+
+def _size_like(module: nn.Module) -> list[str]:
+    return [k for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool)
+            and (k.startswith(("in_", "out_", "num_")) or k.endswith(("_dim", "_size", "_features", "_channels")))]
+
+
+# ops whose literal arguments a module attribute holds (the resizer updates the attribute instead)
+_MODULE_LITERALS = frozenset(ops(
+    "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+    "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input",
+    "aten.group_norm.default", "aten.layer_norm.default", "aten.batch_norm.default", "aten.linear.default",
+    "aten.embedding.default", "aten._native_batch_norm_legit_no_training.default"))
+
+
+def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups) -> dict[int, str]:
+    """Freeze every prunable group whose removal would rewrite a literal of the recorded graph that no
+    module attribute holds (a size in the model's Python code); returns {group id: reason} of those frozen."""
+    from .emit import _copy_graph, _rewrite_ops
+
+    frozen: dict[int, str] = {}
+    for group in list(groups.prunable):
+        removed = np.zeros(len(groups.comp_group), dtype=bool)
+        removed[group.channels[-1:]] = True  # one channel (one block of a blocked group) goes
+        graph = _copy_graph(gm)
+        before = {n.name: (n.args, n.kwargs) for n in graph.nodes}
+        try:
+            _rewrite_ops(graph, Reindexing(groups, removed))
+        except Exception as exc:  # a rewrite that cannot apply: the group cannot shrink in code either
+            frozen[group.id] = f"a size in the model's Python code depends on these channels ({exc})"
+            continue
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target not in _MODULE_LITERALS and (n.args, n.kwargs) != before[n.name]:
+                where = n.meta.get("stack_trace", "").strip().splitlines()
+                line = where[-2].strip() if len(where) >= 2 else n.name
+                frozen[group.id] = f"a size in the model's Python code depends on these channels ({n.target}: {line})"
+                break
+    for gid, reason in frozen.items():
+        groups[gid].frozen = reason
+    return frozen

@@ -1,0 +1,173 @@
+"""Models that cannot be exported whole (fxprune.compaction.modules): the analysis reads the record of one
+real run (NMS, top-k, boolean masks, a loop over a variable number of boxes kept as what they are), and
+compaction resizes the user's own modules in a copy; the result equals the masked original on the example
+inputs and on inputs of another size, keeps the user's classes, and sizes in Python code freeze their groups."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxprune
+from fxprune.analysis import analyze
+from fxprune.compaction.modules import ResizeError, freeze_code_sizes, resize_modules
+from fxprune.testing import assert_equivalent
+from fxprune.tracing.record import record_trace
+
+
+class DetNet(nn.Module):
+    """Backbone + FPN + a shared head (GroupNorm) + decoding: top-k, a score threshold (a boolean mask),
+    NMS and a Python loop over the kept boxes."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.lat2, self.lat3 = nn.Conv2d(32, 24, 1), nn.Conv2d(64, 24, 1)
+        self.head = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.GroupNorm(4, 24), nn.ReLU())
+        self.cls, self.box = nn.Conv2d(24, classes, 1), nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f2 = self.c2(self.c1(x))
+        p3 = self.lat3(self.c3(f2))
+        p2 = self.lat2(f2) + F.interpolate(p3, size=f2.shape[-2:], mode="nearest")
+        boxes, scores = [], []
+        for p in (p2, p3):
+            h = self.head(p)
+            s = self.cls(h).sigmoid().flatten(2).transpose(1, 2).amax(-1)[0]
+            b = self.box(h).flatten(2).transpose(1, 2)[0]
+            v, i = s.topk(min(20, s.shape[0]))
+            keep = v > 0.3  # a data-dependent number of candidates
+            bb = b[i[keep]]
+            boxes.append(torch.cat([bb[:, :2], bb[:, :2] + bb[:, 2:].abs() + 0.1], 1))
+            scores.append(v[keep])
+        boxes, scores = torch.cat(boxes), torch.cat(scores)
+        out = [torch.cat([boxes[j], scores[j:j + 1]]) for j in torchvision.ops.nms(boxes, scores, 0.5).tolist()]
+        return {"detections": torch.stack(out) if out else boxes.new_zeros(0, 5), "features": p2.mean((2, 3))}
+
+
+class Reshaping(nn.Module):
+    """A width written in the model's Python code: ``view(b, 32, -1)`` names conv2's 32 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.conv1(x)))
+        y = y.view(y.shape[0], 32, -1).mean(-1)
+        return self.fc(y)[torch.nonzero(x.mean((1, 2, 3)) > -10).squeeze(1)]  # data-dependent rows
+
+
+def _detnet() -> DetNet:
+    torch.manual_seed(0)
+    model = DetNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_analysis_recording_keeps_data_dependent_ops() -> None:
+    model = _detnet()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(fxprune.TraceError):
+        fxprune.trace(model, (x,))
+    gm = record_trace(model, (x,), {}, analysis=True)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "torchvision.nms.default" in targets and "aten.topk.default" in targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = analyze(gm)
+    producers = {g.layers("producer")[0] for g in groups.prunable}
+    assert {"c1.0", "c2.0", "c3.0", "head.0"} <= producers  # the FPN stream is an output: frozen
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def test_prune_resizes_the_modules_exactly_on_inputs_of_two_sizes() -> None:
+    model = _detnet()
+    x = torch.rand(1, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, (x,), "l1", 0.5)
+    assert result.compaction["target"] == "modules" and "no static graph" in result.compaction["why"]
+    small = result.module
+    assert type(small) is DetNet and small.c2[0].out_channels == 16 and small.c3[0].in_channels == 16
+    assert small.head[1].num_groups == 2 and small.head[1].num_channels == 12  # whole GroupNorm groups
+    assert small.lat3.in_channels == 32 and small.lat3.out_channels == 24  # the FPN stream kept whole
+    assert_equivalent(model, result, (x,))
+    assert_equivalent(model, result, (torch.rand(1, 3, 48, 40),))  # another size: its own boxes, its own loop
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.cost_after.macs < 0.5 * result.cost_before.macs
+
+
+def test_sizes_in_python_code_freeze_their_groups() -> None:
+    torch.manual_seed(0)
+    model = Reshaping().eval()
+    x = torch.rand(2, 3, 8, 8)
+    gm = record_trace(model, (x,), {}, analysis=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = analyze(gm)
+    frozen = freeze_code_sizes(gm, groups)
+    assert any("Python code" in r and "view" in r for r in frozen.values())
+    assert {g.layers("producer")[0] for g in groups.prunable} == {"conv1"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, (x,), "l1", 0.5, target="modules")
+    assert result.module.conv1.out_channels == 8 and result.module.conv2.out_channels == 32
+    assert_equivalent(model, result, (x,))
+
+
+def test_forced_targets_and_passes_that_need_a_graph() -> None:
+    from fxprune.passes.registry import PassError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    graph = fxprune.prune(model, (x,), "l1", 0.5)
+    assert graph.compaction["target"] == "graph" and isinstance(graph.module, torch.fx.GraphModule)
+    modules = fxprune.prune(model, (x,), "l1", 0.5, target="modules")
+    assert modules.compaction == {"target": "modules", "why": "asked for (target='modules')"}
+    assert type(modules.module) is nn.Sequential and modules.module[0].out_channels == 4
+    torch.testing.assert_close(modules.module(x), graph.module(x))
+    with pytest.raises(PassError, match="reads the weights only"):
+        fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), "slimming", 0.5,
+                      train_loader=[(torch.rand(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))])
+
+
+def test_unknown_module_with_sizes_is_named() -> None:
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out_dim = 8
+            self.weight = nn.Parameter(torch.randn(8, 3))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.custom = Custom()
+
+    net = Net()
+    with pytest.raises(ResizeError, match="SIZE_ATTRIBUTES"):
+        resize_modules(net, {"custom.weight": {0: [0, 1, 2, 3]}})
+
+
+def test_a_torchvision_detector() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5).eval()
+    x = [torch.rand(3, 96, 112)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, (x,), "l1", 0.3)
+    assert result.compaction["target"] == "modules" and result.removed.any()
+    assert_equivalent(model, result, (x,), tol=1e-5)
+    assert_equivalent(model, result, ([torch.rand(3, 80, 80)],), tol=1e-5)
