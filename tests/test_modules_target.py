@@ -171,3 +171,45 @@ def test_a_torchvision_detector() -> None:
     assert result.compaction["target"] == "modules" and result.removed.any()
     assert_equivalent(model, result, (x,), tol=1e-5)
     assert_equivalent(model, result, ([torch.rand(3, 80, 80)],), tol=1e-5)
+
+
+def test_cli_prunes_a_detector_and_load_rebuilds_it(tmp_path) -> None:
+    import json
+    import textwrap
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    (tmp_path / "det.py").write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_modules_target import DetNet
+
+        def model():
+            torch.manual_seed(0)
+            return DetNet().eval()
+
+        def example_inputs():
+            return (torch.rand(1, 3, 32, 32),)
+    '''))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--ratio", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "resizing the model's own modules" in result.output
+    assert not (out / "model.pt2").exists() and (out / "model.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["compaction"]["target"] == "modules"
+    with pytest.raises(FileNotFoundError, match="give model="):
+        fxprune.load(out)
+    torch.manual_seed(0)
+    model = DetNet().eval()  # what the model file builds
+    rebuilt = fxprune.load(out, model=DetNet())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = fxprune.prune(model, (torch.rand(1, 3, 32, 32),), "l1", 0.5)
+    x = torch.rand(1, 3, 40, 40)
+    torch.testing.assert_close(rebuilt(x)["features"], direct.module(x)["features"])
+    bad = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--target", "nope",
+                                   "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "--target must be" in bad.output + str(bad.stderr_bytes or b"")

@@ -108,14 +108,43 @@ def _publishable(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def load(folder: str | os.PathLike[str], name: str = MODEL) -> fx.GraphModule:
+def load(folder: str | os.PathLike[str], name: str = MODEL, *, model: nn.Module | None = None) -> nn.Module:
     """The compacted model of an output folder as a trainable GraphModule, in eval mode (``name=ORIGINAL``:
     the model before pruning, saved beside it).
 
     Reads ``model.pt2`` with ``torch.export.load`` (no pickle, no user code): ``.train()``/``.eval()``
     switch BatchNorm and dropout, gradients flow, and the state-dict names are the original model's.
+
+    ``model=``: an instance of the ORIGINAL architecture (e.g. the model file's ``model()``; its weights
+    do not matter): it is resized by ``plan.json`` (``fxprune.compaction.modules.resize_modules``) and
+    ``model.safetensors`` loaded into it, so the result is the user's own class with the pruned widths.
+    The only way back for a folder written by the modules target (a model no static graph expresses,
+    which has no ``model.pt2``); it works on any output folder whose plan refers to the user's model.
     """
+    if model is not None and name == MODEL:
+        return _load_resized(Path(folder), model)
     path = Path(folder) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {folder} an fxprune output folder?")
+        hint = (" (a model compacted by resizing its modules has no model.pt2: give model=, an instance of the "
+                "original architecture)" if (Path(folder) / WEIGHTS).is_file() else "")
+        raise FileNotFoundError(f"{path} not found: is {folder} an fxprune output folder?{hint}")
     return as_trainable(torch.export.load(str(path)).module())
+
+
+def _load_resized(folder: Path, model: nn.Module) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from fxprune.compaction.modules import resize_modules
+
+    for f in (PLAN, WEIGHTS):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f} not found: is {folder} an fxprune output folder?")
+    plan = {k: {int(d): v for d, v in e.items()} for k, e in json.loads((folder / PLAN).read_text()).items()}
+    resized = resize_modules(model, plan)
+    state = load_file(str(folder / WEIGHTS))
+    missing, unexpected = resized.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
+        raise ValueError(f"{folder}: model.safetensors does not fit this architecture resized by plan.json "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}): is it the pruned model's "
+                         "original architecture?")
+    return resized.eval()

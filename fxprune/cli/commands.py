@@ -163,6 +163,9 @@ def run(
                                                          "(replaces --ratio)", show_default=False)] = None,
     target_params: Annotated[Optional[float], typer.Option("--target-params", help="fraction of parameters to "
                                                            "keep (replaces --ratio)", show_default=False)] = None,
+    target: Annotated[str, typer.Option("--target", help="what compaction rewrites: graph (the traced graph), "
+                                        "modules (the model's own modules, resized: detectors and other models "
+                                        "torch.export cannot trace whole), auto (graph when it traces)")] = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -172,7 +175,7 @@ def run(
     with _user_errors():
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
                   "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
-                  "target_params": target_params}
+                  "target_params": target_params, "target": target}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps)

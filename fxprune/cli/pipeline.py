@@ -143,6 +143,8 @@ def check_budget(ratio: float, budget: dict[str, Any]) -> None:
     for key, value in targets.items():
         if not 0.0 < value <= 1.0:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
+    if budget.get("target", "auto") not in ("auto", "graph", "modules"):
+        raise OptionError(f"--target must be auto, graph or modules, got {budget['target']!r}")
     fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to")
               if k in budget}
     for key in ("scope", "min_keep"):
@@ -241,10 +243,12 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
            onnx: bool = False) -> None:
     """Every file of the output folder, into a temporary folder renamed into place at the end."""
     with artifacts.staging_folder(out, force=force) as tmp:
-        artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
-        if onnx:  # from the saved model.pt2, checked with onnxruntime; the report says how it compared
-            report["onnx"] = {**export_onnx(tmp), "path": ONNX}
-        artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
+        if getattr(result, "compaction", {}).get("target", "graph") == "graph":
+            artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
+            if onnx:  # from the saved model.pt2, checked with onnxruntime; the report says how it compared
+                report["onnx"] = {**export_onnx(tmp), "path": ONNX}
+            artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
+        # the modules target: no program to export; model.safetensors + plan.json, fxprune.load(DIR, model=...)
         artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
         artifacts.write_json(report, tmp / REPORT_JSON)
@@ -381,6 +385,10 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
                        require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
+    if getattr(result, "compaction", {}).get("target") == "modules":
+        _note(fb, notes, f"compacted by resizing the model's own modules: {result.compaction['why']}. The folder "
+                         "holds model.safetensors and plan.json, no model.pt2: fxprune.load(DIR, model=model()) "
+                         "rebuilds it")
     if launch_rank() != 0:  # trains with rank 0 (recovery is data-parallel); rank 0 measures and writes
         _train_with_rank_zero(cfg, mf, data, result, model, the_pass)
         return {}, result
@@ -496,6 +504,7 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
     return {
         "fxprune_version": __version__, "torch_version": torch.__version__,
         "model_file": str(cfg.model_file), "pass": cfg.method, "options": dataclasses.asdict(the_pass),
+        "compaction": dict(getattr(result, "compaction", {"target": "graph", "why": ""})),
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
                    if k in ("target_macs", "target_params") and v is not None} or None,

@@ -145,6 +145,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"recovery {report['finetune'].get('mode', 'finetune')}"
              f"{' + distillation' if report['finetune'].get('distill') else ''} for {report['finetune']['epochs']} "
              f"epochs, device {report['device']}", ""]
+    if (report.get("compaction") or {}).get("target") == "modules":
+        lines += [f"Compacted by resizing the model's own modules: {report['compaction']['why']}. The output folder "
+                  "holds model.safetensors and plan.json (no model.pt2): `fxprune.load(DIR, model=model())` "
+                  "rebuilds it.", ""]
     lines += [f"Costs of one forward pass on example_inputs {report['example_inputs']}; metrics from evaluate().", ""]
     lines += _table(["", "before", "after", "change"], cost_rows(report)) + [""]
     lines += [f"## Channel groups ({len(report['groups'])} prunable, {report['frozen_groups']} frozen)", ""]

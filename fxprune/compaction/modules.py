@@ -142,6 +142,16 @@ _MODULE_LITERALS = frozenset(ops(
     "aten.embedding.default", "aten._native_batch_norm_legit_no_training.default"))
 
 
+def _where(node: fx.Node) -> str:
+    """The source line when the trace kept it, else the module the op ran in."""
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    if len(lines) >= 2:
+        return lines[-2].strip()
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"{path or 'the top-level module'}.forward"
+
+
 def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups) -> dict[int, str]:
     """Freeze every prunable group whose removal would rewrite a literal of the recorded graph that no
     module attribute holds (a size in the model's Python code); returns {group id: reason} of those frozen."""
@@ -160,9 +170,8 @@ def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups) -> dict[int, st
             continue
         for n in graph.nodes:
             if n.op == "call_function" and n.target not in _MODULE_LITERALS and (n.args, n.kwargs) != before[n.name]:
-                where = n.meta.get("stack_trace", "").strip().splitlines()
-                line = where[-2].strip() if len(where) >= 2 else n.name
-                frozen[group.id] = f"a size in the model's Python code depends on these channels ({n.target}: {line})"
+                frozen[group.id] = (f"a size in the model's Python code depends on these channels ({n.target} in "
+                                    f"{_where(n)}: a literal the module-resizing target cannot rewrite)")
                 break
     for gid, reason in frozen.items():
         groups[gid].frozen = reason
