@@ -5,6 +5,7 @@ Run from the repository root (fxprune installed or importable from the checkout)
     python benchmarks/zoo.py --suite torchvision --out benchmarks/results/zoo_torchvision.json
     python benchmarks/zoo.py --suite timm --out benchmarks/results/zoo_timm.json
     python benchmarks/zoo.py --suite hf --out benchmarks/results/zoo_hf.json
+    python benchmarks/zoo.py --suite detection --out benchmarks/results/zoo_detection.json
     python benchmarks/zoo.py --suite timm-families --no-tp --out benchmarks/results/zoo_timm_families.json
     python benchmarks/zoo.py --suite torchvision --models resnet18,resnet50 --no-tp
     python benchmarks/zoo.py --markdown --from-json benchmarks/results/zoo_*.json   # tables only, no runs
@@ -139,7 +140,35 @@ def list_models(suite: str) -> list[str]:
         return list(TIMM_SAMPLE)
     if suite == "hf":
         return list(HF_MODELS)
+    if suite == "detection":
+        import torchvision
+        return list(torchvision.models.list_models(module=torchvision.models.detection)) + [FROZEN_BN]
     raise ValueError(suite)
+
+
+# The detection suite: every torchvision detection, keypoint and instance-segmentation model (random weights,
+# 5 classes), plus a Faster R-CNN whose ResNet-50 backbone uses FrozenBatchNorm2d, as pretrained backbones do.
+FROZEN_BN = "fasterrcnn_resnet50_fpn_frozenbn"
+# Torch-Pruning's recipe for detectors (its examples): the heads that produce the outputs are ignored layers.
+DETECTION_HEADS = ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor", "roi_heads.mask_predictor",
+                   "roi_heads.keypoint_predictor", "head.classification_head.cls_logits",
+                   "head.regression_head.bbox_reg", "head.regression_head.bbox_ctrness",
+                   "head.classification_head.module_list", "head.regression_head.module_list")
+
+
+def _detector(name: str):
+    import torchvision
+    from torchvision.models import detection
+    if name == FROZEN_BN:
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                       trainable_layers=3)
+        return detection.FasterRCNN(backbone, num_classes=5)
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 5}
+    if name.startswith("keypointrcnn"):
+        kwargs.update(num_classes=2, num_keypoints=5)
+    return torchvision.models.get_model(name, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,6 +221,8 @@ def build(suite: str, name: str):
     if suite == "hf":
         model, kind = _hf_model(name)
         return model.eval(), kind, [224] if kind == "image" else [32]
+    if suite == "detection":
+        return _detector(name).eval(), "detection", [256]
     raise ValueError(suite)
 
 
@@ -225,6 +256,8 @@ def make_inputs(kind: str, size: int):
     g = torch.Generator().manual_seed(1)
     if kind == "image":
         return (torch.randn(1, 3, size, size, generator=g),)
+    if kind == "detection":  # a list of one image in [0, 1], as torchvision's detectors take
+        return ([torch.rand(3, size, size, generator=g)],)
     return (torch.randint(0, 1000, (1, size), generator=g),)
 
 
@@ -246,6 +279,8 @@ def classifier_layers(model, suite: str) -> list:
     """Layers Torch-Pruning must not prune: those producing the model's outputs (classifier, LM head)."""
     import torch.nn as nn
     out: list = []
+    if suite == "detection":
+        return [m for n, m in model.named_modules() if n.startswith(DETECTION_HEADS)]
     if suite == "hf":
         for attr in ("lm_head", "classifier"):
             m = getattr(model, attr, None)
@@ -387,6 +422,7 @@ def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dic
         return r
     groups = res.groups
     r["nodes"] = len(groups.gm.graph.nodes)
+    r["target"] = getattr(res, "compaction", {}).get("target", "graph")
     r["groups"] = len(groups)
     r["prunable_groups"] = len(groups.prunable)
     r["unsupported"] = {str(k): (v if isinstance(v, (int, str)) else str(v)) for k, v in groups.unsupported.items()}
@@ -431,7 +467,12 @@ def equivalence_error(model, res, inputs, masked_model, dtype: Any = "float64") 
     compacted = copy.deepcopy(res.module).eval()
     if dt is not None:
         masked, compacted = masked.to(dt), compacted.to(dt)
-    x64 = tuple(x.to(dt) if dt is not None and x.is_floating_point() else x for x in inputs)
+    def cast(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return type(x)(cast(v) for v in x)
+        return x.to(dt) if dt is not None and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    x64 = cast(tuple(inputs))
     with torch.no_grad():
         ref = tensor_leaves(masked(*x64))
         del masked
@@ -862,7 +903,8 @@ def print_table(runs: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "timm-families", "hf", "all"])
+    ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "timm-families", "hf", "detection",
+                                                               "all"])
     ap.add_argument("--models", default="", help="comma-separated model names (default: the whole suite)")
     ap.add_argument("--size", type=int, default=None, help="input size (default: 64 where the model allows)")
     ap.add_argument("--ratio", type=float, default=0.5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,15 +242,29 @@ def _trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tupl
         return trace(model, example_inputs), {"target": "graph", "why": "asked for (target='graph')"}
     if target == "modules":
         return _analysis_trace(model, example_inputs), {"target": "modules", "why": "asked for (target='modules')"}
+    import sys
+    import threading
+
+    from .cli.pipeline import _ThreadHeldStream
+
+    held = _ThreadHeldStream(sys.stderr, threading.get_ident())  # torch.export prints its partial graph on failure
+    sys.stderr = held
     try:
         return trace(model, example_inputs), {"target": "graph", "why": "the model traces as a whole"}
     except TraceError as exc:
         try:
             gm = _analysis_trace(model, example_inputs)
         except Exception:  # the model does not even run under the recording: the trace's own error says most
+            held.stream.write(held.buffer.getvalue())
             raise exc from None
+        held.buffer = io.StringIO()  # the fallback worked: the failed export's page of graph is noise
         reason = str(exc).splitlines()[0][:300]
         return gm, {"target": "modules", "why": f"no static graph expresses it ({reason}): its own modules are resized"}
+    finally:
+        held.owner = None
+        if sys.stderr is held:
+            sys.stderr = held.stream
+        held.stream.write(held.buffer.getvalue())
 
 
 def _analysis_trace(model: torch.nn.Module, example_inputs: Any) -> fx.GraphModule:

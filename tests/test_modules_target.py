@@ -213,3 +213,31 @@ def test_cli_prunes_a_detector_and_load_rebuilds_it(tmp_path) -> None:
     bad = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--target", "nope",
                                    "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "--target must be" in bad.output + str(bad.stderr_bytes or b"")
+
+
+def test_the_yolo_example_end_to_end(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "yolo.py"
+    spec = importlib.util.spec_from_file_location("yolo_example", path)
+    yolo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(yolo)
+    model, x = yolo.model(), yolo.example_inputs()
+    assert 0 < len(model(*x)[0]["boxes"]) <= 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, x, "l1", 0.5)
+    assert result.compaction["target"] == "modules"
+    assert_equivalent(model, result, x)
+    assert_equivalent(model, result, (torch.rand(2, 3, 96, 160),))  # two images, another size
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["run", str(path), "--pass", "l1", "--ratio", "0.5", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["compaction"]["target"] == "modules" and report["after"]["macs"] < 0.5 * report["before"]["macs"]
