@@ -244,7 +244,7 @@ def inspect(
         model, inputs = mf.model().eval(), mf.example_inputs()
         with stderr_only_on_success():
             if method is None:
-                groups = fxprune.analyze(fxprune.trace(model, inputs))
+                groups = _analysed(model, inputs)
             else:
                 groups = _scored_groups(mf, model, inputs, method, ratio)
     if graph:
@@ -283,6 +283,20 @@ def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:
     return [{"name": b.name, "stage": b.stage, "macs": b.macs, "macs_share": b.macs / max(total_macs, 1),
              "params": sum(params[n].numel() for n in b.params if n in params), "param_names": list(b.params),
              "add": b.add, "skip": b.skip, "branch": b.branch} for b in residual_blocks(gm)]
+
+
+def _analysed(model: Any, inputs: Any) -> Any:
+    """The channel groups as ``fxprune run --target auto`` sees them: of the traced graph, or, for a model
+    torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
+    import fxprune
+    from fxprune.api import _for_modules, _trace_for
+    from fxprune.passes.l1 import L1Norm
+
+    gm, used = _trace_for(model, inputs, "auto")
+    groups = fxprune.analyze(gm)
+    if used["target"] == "modules":
+        _for_modules(L1Norm(), gm, groups)
+    return groups
 
 
 def _scored_groups(mf: Any, model: Any, inputs: Any, method: str, ratio: float) -> Any:
