@@ -177,7 +177,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         stage("analyze")
         groups = analyze(gm, allow_inexact=allow_inexact)
         if used["target"] == "modules":
-            _for_modules(the_pass, gm, groups)
+            _for_modules(the_pass, gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
     resource = target_macs if target_macs is not None else target_params
@@ -287,7 +287,7 @@ def _analysis_trace(model: torch.nn.Module, example_inputs: Any) -> fx.GraphModu
     return gm
 
 
-def _for_modules(the_pass: Pass, gm: fx.GraphModule, groups: ChannelGroups) -> None:
+def _for_modules(the_pass: Pass, gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module | None = None) -> None:
     """What the modules target needs: a pass that does not run the graph, and groups whose sizes no line
     of the model's Python code holds (``freeze_code_sizes``)."""
     from .compaction.modules import freeze_code_sizes
@@ -297,7 +297,7 @@ def _for_modules(the_pass: Pass, gm: fx.GraphModule, groups: ChannelGroups) -> N
         raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
                         "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
                         "that reads the weights only, such as l1")
-    freeze_code_sizes(gm, groups)
+    freeze_code_sizes(gm, groups, model)
 
 
 def _resize(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, base: torch.nn.Module,

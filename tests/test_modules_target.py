@@ -241,3 +241,40 @@ def test_the_yolo_example_end_to_end(tmp_path) -> None:
     assert run.exit_code == 0, run.output
     report = json.loads((out / "report.json").read_text())
     assert report["compaction"]["target"] == "modules" and report["after"]["macs"] < 0.5 * report["before"]["macs"]
+
+
+class Decoder(nn.Module):
+    """A DETR-like head: conv features as tokens, nn.MultiheadAttention with learned queries, then a
+    data-dependent selection of the confident queries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+        self.queries = nn.Parameter(torch.randn(5, 1, 16))
+        self.attn = nn.MultiheadAttention(16, 4)
+        self.ffn = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+        self.score = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(x).flatten(2).permute(2, 0, 1)  # (HW, B, 16)
+        q, _ = self.attn(self.queries.expand(-1, x.shape[0], -1), tokens, tokens)
+        q = q + self.ffn(q)
+        s = self.score(q).squeeze(-1)
+        return q[s > s.mean()]  # a data-dependent number of queries
+
+
+def test_multihead_attention_keeps_its_heads_and_the_rest_prunes() -> None:
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    x = torch.rand(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = fxprune.prune(model, (x,), "l1", 0.5)  # torch.export handles this boolean mask itself
+        result = fxprune.prune(model, (x,), "l1", 0.5, target="modules")
+    assert exported.compaction["target"] == "graph" and result.compaction["target"] == "modules"
+    assert_equivalent(model, exported, (x,))  # (a data-dependent shape is skipped by the shape verifier)
+    small = result.module
+    assert small.backbone[0].out_channels == 16 and small.ffn[0].out_features == 12
+    assert small.attn.embed_dim == 16 and small.attn.num_heads == 4
+    assert_equivalent(model, result, (x,))
+    assert_equivalent(model, result, (torch.rand(3, 3, 10, 6),))

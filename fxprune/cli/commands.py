@@ -295,7 +295,7 @@ def _analysed(model: Any, inputs: Any) -> Any:
     gm, used = _trace_for(model, inputs, "auto")
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
-        _for_modules(L1Norm(), gm, groups)
+        _for_modules(L1Norm(), gm, groups, model)
     return groups
 
 

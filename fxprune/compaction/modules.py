@@ -76,13 +76,30 @@ def _frozen_bn(m: nn.Module, old: dict[str, torch.Size]) -> None:
         m.num_features = int(m.weight.shape[0])
 
 
+def _multihead(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    """``nn.MultiheadAttention``: the q/k/v width must stay ``embed_dim`` (its forward checks it), so heads
+    never shrink here (the literal check freezes them); what can change is the embedding and k/v widths."""
+    out_w = m.out_proj.weight
+    e = int(out_w.shape[0])
+    if m.in_proj_weight is not None:
+        q_width, e_in = int(m.in_proj_weight.shape[0]) // 3, int(m.in_proj_weight.shape[1])
+        m.kdim = m.vdim = e_in
+    else:
+        q_width = int(m.q_proj_weight.shape[0])
+        m.kdim, m.vdim = int(m.k_proj_weight.shape[1]), int(m.v_proj_weight.shape[1])
+    if q_width != e:
+        raise ResizeError(f"MultiheadAttention: its q/k/v width ({q_width}) must equal embed_dim ({e}); heads "
+                          "cannot be pruned inside nn.MultiheadAttention by resizing it")
+    m.embed_dim, m.head_dim = e, e // m.num_heads
+
+
 # module class (by name, so optional libraries need not be imported) -> how its size attributes follow its tensors
 SIZE_ATTRIBUTES: dict[str, Callable[[nn.Module, dict[str, torch.Size]], None]] = {
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "ConvTranspose1d": _conv, "ConvTranspose2d": _conv,
     "ConvTranspose3d": _conv, "Linear": _linear, "BatchNorm1d": _batch_norm, "BatchNorm2d": _batch_norm,
     "BatchNorm3d": _batch_norm, "SyncBatchNorm": _batch_norm, "InstanceNorm1d": _batch_norm,
     "InstanceNorm2d": _batch_norm, "GroupNorm": _group_norm, "LayerNorm": _layer_norm, "Embedding": _embedding,
-    "FrozenBatchNorm2d": _frozen_bn}
+    "FrozenBatchNorm2d": _frozen_bn, "MultiheadAttention": _multihead}
 _NO_SIZES = ("ReLU", "ReLU6", "SiLU", "GELU", "Sigmoid", "Hardswish", "Identity", "Dropout", "MaxPool2d",
              "AdaptiveAvgPool2d", "Sequential")
 
@@ -122,6 +139,8 @@ def resize_modules(model: nn.Module, plan: Plan, weights: dict[str, torch.Tensor
                 sizes = _class_sizes(module)
                 if sizes is not None:
                     sizes(module, old)
+                    if isinstance(module, nn.MultiheadAttention):
+                        module._qkv_same_embed_dim = module.kdim == module.embed_dim == module.vdim
                 elif not type(module).__name__ in _NO_SIZES and _size_like(module):
                     raise ResizeError(f"module {path!r} ({type(module).__name__}) holds pruned tensors and size "
                                       f"attributes ({', '.join(_size_like(module))}) the resizer does not know: "
@@ -152,13 +171,29 @@ def _where(node: fx.Node) -> str:
     return f"{path or 'the top-level module'}.forward"
 
 
-def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups) -> dict[int, str]:
+# module classes whose forward checks widths against an attribute that one tensor cannot change alone:
+# their tensors' channel groups stay (name -> why)
+_FIXED_WIDTHS = {"MultiheadAttention": "nn.MultiheadAttention checks its inputs' and q/k/v widths against embed_dim"}
+
+
+def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups, model: nn.Module | None = None) -> dict[int, str]:
     """Freeze every prunable group whose removal would rewrite a literal of the recorded graph that no
-    module attribute holds (a size in the model's Python code); returns {group id: reason} of those frozen."""
+    module attribute holds (a size in the model's Python code), and (with ``model``) every group of a
+    module whose forward checks its widths against an attribute (``nn.MultiheadAttention``); returns
+    {group id: reason} of those frozen."""
     from .emit import _copy_graph, _rewrite_ops
 
     frozen: dict[int, str] = {}
+    fixed: dict[str, str] = {}
+    for path, m in (model.named_modules() if model is not None else []):
+        why = next((w for cls, w in _FIXED_WIDTHS.items() if cls in {c.__name__ for c in type(m).__mro__}), None)
+        if why is not None:
+            fixed.update({f"{path}.{n}" if path else n: why for n, _ in m.named_parameters()})
     for group in list(groups.prunable):
+        hit = next((fixed[p.name] for p in group.params if p.name in fixed), None)
+        if hit is not None:
+            frozen[group.id] = f"{hit}: its channels stay"
+            continue
         removed = np.zeros(len(groups.comp_group), dtype=bool)
         removed[group.channels[-1:]] = True  # one channel (one block of a blocked group) goes
         graph = _copy_graph(gm)
