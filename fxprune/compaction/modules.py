@@ -193,21 +193,31 @@ def freeze_code_sizes(gm: fx.GraphModule, groups: ChannelGroups, model: nn.Modul
         hit = next((fixed[p.name] for p in group.params if p.name in fixed), None)
         if hit is not None:
             frozen[group.id] = f"{hit}: its channels stay"
-            continue
-        removed = np.zeros(len(groups.comp_group), dtype=bool)
-        removed[group.channels[-1:]] = True  # one channel (one block of a blocked group) goes
+    candidates = [g for g in groups.prunable if g.id not in frozen]
+    while candidates:  # one rewrite of the graph with a channel of every candidate gone; the literals it
+        removed = np.zeros(len(groups.comp_group), dtype=bool)  # changes name the groups around them
+        for g in candidates:
+            removed[g.channels[-1:]] = True  # one channel (one block of a blocked group)
         graph = _copy_graph(gm)
         before = {n.name: (n.args, n.kwargs) for n in graph.nodes}
         try:
             _rewrite_ops(graph, Reindexing(groups, removed))
-        except Exception as exc:  # a rewrite that cannot apply: the group cannot shrink in code either
-            frozen[group.id] = f"a size in the model's Python code depends on these channels ({exc})"
+        except Exception as exc:  # a rewrite that cannot apply: the groups around it cannot shrink in code either
+            node = getattr(exc, "node", None)
+            near = (groups.groups_near(node) if node else set()) & {g.id for g in candidates}
+            if not near:
+                near = {g.id for g in candidates}
+            for gid in near:
+                frozen[gid] = f"a size in the model's Python code depends on these channels ({exc})"
+            candidates = [g for g in candidates if g.id not in near]
             continue
+        ids = {g.id for g in candidates}
         for n in graph.nodes:
             if n.op == "call_function" and n.target not in _MODULE_LITERALS and (n.args, n.kwargs) != before[n.name]:
-                frozen[group.id] = (f"a size in the model's Python code depends on these channels ({n.target} in "
-                                    f"{_where(n)}: a literal the module-resizing target cannot rewrite)")
-                break
+                for gid in groups.groups_near(n.name) & ids:
+                    frozen.setdefault(gid, f"a size in the model's Python code depends on these channels ({n.target} "
+                                           f"in {_where(n)}: a literal the module-resizing target cannot rewrite)")
+        break
     for gid, reason in frozen.items():
         groups[gid].frozen = reason
     return frozen

@@ -287,7 +287,10 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     try:
         with _eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            passed: set[str] = set()  # front ends not worth trying after what an earlier one met
             for name in chain:
+                if name in passed and name != chain[-1]:
+                    continue
                 runnable = _runnable(name, frontend is not None, dynamic)
                 if runnable is not True:
                     if isinstance(runnable, compat.Support):  # naming what is missing
@@ -300,6 +303,8 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
                 except Exception as exc:  # noqa: BLE001 - the next front end takes over; the last one explains
                     if name != chain[-1]:
                         log.debug("fxprune: %s could not trace (%s: %s)", name, type(exc).__name__, exc)
+                        if name == "record" and _data_dependent(exc):
+                            passed.add("make_fx")  # static too: only export (unbacked sizes) may follow
                         if not isinstance(exc, Unsupported) and name not in _SELF_TEST:
                             failure = _self_test_failure(name)
                             if failure is not None:
@@ -316,6 +321,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     gm.meta[META_INPUTS] = (args, kwargs)
     gm.training = model.training  # traced in eval mode; the view reports the model's own mode (the flag
     return gm                     # only: an exported module refuses .train())
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """The recorder refused a value read or a data-dependent shape: make_fx's static graph cannot follow
+    either, so only torch.export (unbacked sizes) is worth trying next."""
+    return isinstance(exc, Unsupported) and "data-dependent" in str(exc)
 
 
 def _trace_error(model: torch.nn.Module, exc: BaseException) -> TraceError:
