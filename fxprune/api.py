@@ -185,7 +185,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         getattr(the_pass, "self_pruning", False)
     if needs_scores and not groups.prunable:
         if require_prunable:
-            raise NothingToPruneError(nothing_prunable(groups))
+            why = f" (analysed from one real run: {used['why']})" if used["target"] == "modules" else ""
+            raise NothingToPruneError(nothing_prunable(groups) + why)
         warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
     stage("score")
     which = "macs" if target_macs is not None else "params"
@@ -258,7 +259,8 @@ def _trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tupl
             held.stream.write(held.buffer.getvalue())
             raise exc from None
         held.buffer = io.StringIO()  # the fallback worked: the failed export's page of graph is noise
-        reason = str(exc).splitlines()[0][:300]
+        lines = str(exc).splitlines()
+        reason = lines[0][:300] + "".join(f"; {ln.strip()}" for ln in lines[1:2] if ln.strip().startswith("at "))
         return gm, {"target": "modules", "why": f"no static graph expresses it ({reason}): its own modules are resized"}
     finally:
         held.owner = None

@@ -422,8 +422,10 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     return {
         "missing file": (["run", tmp / "missing.py"], "model file not found"),
         "no model()": (["run", no_model], "does not define model"),
+        # not exportable: analysed from one real run instead, where nothing is left to prune; the message says
+        # both (a model with prunable channels is pruned: tests/test_modules_target.py)
         "untraceable": (["run", untraceable], "branchy.py:12: if x.sum() > 0:"),
-        "inspect untraceable": (["inspect", untraceable], "if x.sum() > 0:"),
+        "untraceable, graph target": (["run", untraceable, "--target", "graph"], "branchy.py:12: if x.sum() > 0:"),
         "ratio 1": (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
         "ratio < 0": (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
         "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: anp, flop, l1"),
@@ -437,7 +439,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-BAD_INPUT = ["missing file", "no model()", "untraceable", "inspect untraceable", "ratio 1", "ratio < 0", "unknown pass",
+BAD_INPUT = ["missing file", "no model()", "untraceable", "untraceable, graph target", "ratio 1", "ratio < 0", "unknown pass",
              "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
              "evaluate() wrong type", "bench elsewhere"]
 
@@ -454,6 +456,13 @@ def test_bad_input(case, tmp_path, monkeypatch):
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no temporary leftovers
+
+
+def test_inspect_analyses_a_model_that_does_not_export(tmp_path):
+    result = _invoke("inspect", _write(tmp_path, "branchy.py", UNTRACEABLE))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # (the console wraps long lines)
+    assert "analysed from one real run" in text and "if x.sum() > 0:" in text
 
 
 def test_a_failure_while_writing_leaves_nothing(tmp_path):

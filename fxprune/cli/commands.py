@@ -244,8 +244,9 @@ def inspect(
         model, inputs = mf.model().eval(), mf.example_inputs()
         with stderr_only_on_success():
             if method is None:
-                groups = _analysed(model, inputs)
+                groups, used = _analysed(model, inputs)
             else:
+                used = None
                 groups = _scored_groups(mf, model, inputs, method, ratio)
     if graph:
         typer.echo(dump(groups.gm))
@@ -253,6 +254,8 @@ def inspect(
     rows = groups.rows()
     info = {"model_file": str(model_file), "macs": count_macs(model, inputs), "params": count_params(model),
             "groups": rows, "unsupported_ops": sorted(groups.unsupported)}
+    if used is not None:
+        info["compaction"] = used
     info["blocks"] = _block_rows(groups.gm, info["macs"])
     if as_json:
         _print_json(info)
@@ -266,6 +269,8 @@ def inspect(
     title = (f"{model_file.name}: {len(rows)} channel groups, {prunable} prunable; "
              f"{human(info['macs'])} MACs, {human(info['params'])} params")
     console = Console()
+    if used is not None and used["target"] == "modules":
+        console.print(f"analysed from one real run, compacted by resizing its modules: {used['why']}")
     console.print(groups_table(rows, title))
     if info["unsupported_ops"]:
         console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
@@ -285,7 +290,7 @@ def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:
              "add": b.add, "skip": b.skip, "branch": b.branch} for b in residual_blocks(gm)]
 
 
-def _analysed(model: Any, inputs: Any) -> Any:
+def _analysed(model: Any, inputs: Any) -> tuple[Any, dict[str, str]]:
     """The channel groups as ``fxprune run --target auto`` sees them: of the traced graph, or, for a model
     torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
     import fxprune
@@ -296,7 +301,7 @@ def _analysed(model: Any, inputs: Any) -> Any:
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
         _for_modules(L1Norm(), gm, groups, model)
-    return groups
+    return groups, used
 
 
 def _scored_groups(mf: Any, model: Any, inputs: Any, method: str, ratio: float) -> Any:

@@ -35,7 +35,7 @@ class ResizeError(RuntimeError):
 
 def _conv(m: nn.Module, old: dict[str, torch.Size]) -> None:
     w = m.weight
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)  # (in, out / groups, ...)
+    transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))  # (in, out / groups, ...)
     depthwise = m.groups > 1 and m.groups == m.in_channels
     out_c, in_c = (w.shape[1] * m.groups, w.shape[0]) if transposed else (w.shape[0], None)
     if not transposed:

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.slots import tensor_values
-from fxprune.tracing.compat import batch_norm_types, tree_leaves, tree_map
+from fxprune.tracing.compat import batch_norm_types, has_unbacked_sizes, tree_leaves, tree_map
 from fxprune.tracing.tracer import META_INPUTS
 from fxprune.tracing.meta_norms import META_ON_META, norm_output, shaped_on_meta
 from .resize import Reindexing
@@ -74,12 +74,7 @@ class _MetaRun(_ShapeRun):
 
 def _data_dependent(val: Any) -> bool:
     """A traced shape with a size only a run knows (``q[mask]``: an unbacked symbol): nothing to compare to."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    try:
-        return bool(free_unbacked_symbols(val))
-    except Exception:  # noqa: BLE001 - not a symbolic value
-        return False
+    return has_unbacked_sizes(val)
 
 
 def verify_shapes(gm: fx.GraphModule, reindexing: Reindexing, error: type[Exception]) -> None:

@@ -74,6 +74,7 @@ PRIVATE_NAMES: dict[str, str] = {
     "LazyGraphModule": "torch.fx._lazy_graph_module:_LazyGraphModule",
     "BatchNormBase": "torch.nn.modules.batchnorm:_BatchNorm",
     "fan_in_and_fan_out": "torch.nn.init:_calculate_fan_in_and_fan_out",
+    "free_unbacked_symbols": "torch.fx.experimental.symbolic_shapes:free_unbacked_symbols",
 }
 
 # Keyword parameters the front ends pass (private ones among them); checked by signature.
@@ -368,3 +369,15 @@ def fan_in(weight: Any) -> int:
     if weight.dim() < 2:
         raise ValueError("fan in can not be computed for a tensor with fewer than 2 dimensions")
     return weight.shape[1] * (weight[0][0].numel() if weight.dim() > 2 else 1)
+
+
+def has_unbacked_sizes(val: Any) -> bool:
+    """Does a traced value's shape hold a size only a run knows (an unbacked symbol: ``x[mask]``)? False on a
+    torch without symbolic shapes."""
+    find = _get("free_unbacked_symbols")
+    if isinstance(find, _Missing):
+        return False
+    try:
+        return bool(find(val))
+    except Exception:  # noqa: BLE001 - not a symbolic value
+        return False
