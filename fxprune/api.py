@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ from .compaction import CompactionError, Plan, Reindexing, add_aliases, build_pl
 from .compaction.emit import GraphEdit
 from .passes.base import Pass, PassContext
 from .passes.registry import make_pass
+from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
 from .selection.budget import Selection, SelectionError, check_ratio, search_budget, select
-from .tracing.tracer import TraceError, trace
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -173,11 +172,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     stage = progress or (lambda name: None)
     with _gc_frozen():
         stage("trace")
-        gm, used = _trace_for(model, example_inputs, target)
+        gm, used = trace_for(model, example_inputs, target)
         stage("analyze")
         groups = analyze(gm, allow_inexact=allow_inexact)
         if used["target"] == "modules":
-            _for_modules(the_pass, gm, groups, model)
+            for_modules(the_pass, gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
     resource = target_macs if target_macs is not None else target_params
@@ -209,7 +208,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     weights = the_pass.weights(ctx, removed) if needs_scores else {}
     edits = the_pass.edits(ctx, removed) if needs_scores else []
     if used["target"] == "modules":
-        out = _resize(gm, groups, removed, base, weights, edits, example_inputs, verify)
+        out = Compacted(*resize(gm, groups, removed, base, weights, edits, example_inputs, verify))
     else:
         out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)  # the selection
     if used["target"] == "graph" and (weights or edits) and (out.removed != removed).any():  # kept whole: redo
@@ -232,102 +231,6 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
                        base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
                        dict(ctx.state.get("extras", {})), used)
-
-
-TARGETS = ("auto", "graph", "modules")
-
-
-def _trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The graph the analysis reads, and which compaction target follows from it (with why)."""
-    if target == "graph":
-        return trace(model, example_inputs), {"target": "graph", "why": "asked for (target='graph')"}
-    if target == "modules":
-        return _analysis_trace(model, example_inputs), {"target": "modules", "why": "asked for (target='modules')"}
-    import sys
-    import threading
-
-    from .cli.pipeline import _ThreadHeldStream
-
-    held = _ThreadHeldStream(sys.stderr, threading.get_ident())  # torch.export prints its partial graph on failure
-    sys.stderr = held
-    try:
-        return trace(model, example_inputs), {"target": "graph", "why": "the model traces as a whole"}
-    except TraceError as exc:
-        try:
-            gm = _analysis_trace(model, example_inputs)
-        except Exception:  # the model does not even run under the recording: the trace's own error says most
-            held.stream.write(held.buffer.getvalue())
-            raise exc from None
-        held.buffer = io.StringIO()  # the fallback worked: the failed export's page of graph is noise
-        lines = str(exc).splitlines()
-        reason = lines[0][:300] + "".join(f"; {ln.strip()}" for ln in lines[1:2] if ln.strip().startswith("at "))
-        return gm, {"target": "modules", "why": f"no static graph expresses it ({reason}): its own modules are resized"}
-    finally:
-        held.owner = None
-        if sys.stderr is held:
-            sys.stderr = held.stream
-        held.stream.write(held.buffer.getvalue())
-
-
-def _analysis_trace(model: torch.nn.Module, example_inputs: Any) -> fx.GraphModule:
-    """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``)."""
-    from .tracing.makefx import Unsupported
-    from .tracing.record import record_trace
-    from .tracing.tracer import META_INPUTS, normalize_inputs
-
-    args, kwargs = normalize_inputs(example_inputs)
-    was = model.training
-    model.eval()
-    try:
-        gm = record_trace(model, args, kwargs, analysis=True)
-    except Unsupported as exc:
-        raise TraceError(f"fxprune could not record {type(model).__name__} for analysis: {exc}") from None
-    finally:
-        model.train(was)
-    gm.meta[META_INPUTS] = (args, kwargs)
-    gm.train(was)
-    return gm
-
-
-def _for_modules(the_pass: Pass, gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module | None = None) -> None:
-    """What the modules target needs: a pass that does not run the graph, and groups whose sizes no line
-    of the model's Python code holds (``freeze_code_sizes``)."""
-    from .compaction.modules import freeze_code_sizes
-    from .passes.registry import PassError
-
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
-                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
-                        "that reads the weights only, such as l1")
-    freeze_code_sizes(gm, groups, model)
-
-
-def _resize(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, base: torch.nn.Module,
-            weights: dict[str, torch.Tensor], edits: Sequence[GraphEdit], example_inputs: Any,
-            verify: bool) -> Compacted:
-    """The modules target: the user's modules resized in a copy by the plan, run once on the example
-    inputs as the check (the graph target's shape verifier has no graph to check here)."""
-    from .compaction.modules import resize_modules
-    from .tracing.tracer import normalize_inputs
-
-    if edits:
-        raise CompactionError("graph edits (block removal, factorised layers) need the graph target")
-    plan = add_aliases(build_plan(gm, Reindexing(groups, removed)), base)
-    module = resize_modules(base, plan, weights or None)
-    if verify:
-        args, kwargs = normalize_inputs(example_inputs)
-        with torch.no_grad():
-            was = module.training
-            module.eval()
-            try:
-                module(*args, **kwargs)
-            except Exception as exc:
-                raise CompactionError(f"the resized {type(base).__name__} does not run on the example inputs: "
-                                      f"{exc}") from exc
-            finally:
-                module.train(was)
-    write_selection(gm, groups, removed)
-    return Compacted(module, plan, removed)
 
 
 @dataclass

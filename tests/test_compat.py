@@ -84,15 +84,17 @@ def fresh_compat(monkeypatch):
 @pytest.fixture
 def frontends_used(monkeypatch):
     """The front end of every trace ``fxprune.prune`` makes, in order."""
+    import fxprune.compaction.targets as targets
+
     used = []
-    real = fxprune.api.trace
+    real = targets.trace
 
     def spy(*args, **kwargs):
         gm = real(*args, **kwargs)
         used.append(gm.meta[META_FRONTEND])
         return gm
 
-    monkeypatch.setattr(fxprune.api, "trace", spy)
+    monkeypatch.setattr(targets, "trace", spy)
     return used
 
 

@@ -230,8 +230,6 @@ def inspect(
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="the budget for --pass")] = 0.5,
 ) -> None:
     """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why."""
-    import fxprune
-
     from ..annotations import dump
     from .measure import count_macs, count_params
     from .modelfile import load_model_file
@@ -294,13 +292,13 @@ def _analysed(model: Any, inputs: Any) -> tuple[Any, dict[str, str]]:
     """The channel groups as ``fxprune run --target auto`` sees them: of the traced graph, or, for a model
     torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
     import fxprune
-    from fxprune.api import _for_modules, _trace_for
+    from fxprune.compaction.targets import for_modules, trace_for
     from fxprune.passes.l1 import L1Norm
 
-    gm, used = _trace_for(model, inputs, "auto")
+    gm, used = trace_for(model, inputs, "auto")
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
-        _for_modules(L1Norm(), gm, groups, model)
+        for_modules(L1Norm(), gm, groups, model)
     return groups, used
 
 

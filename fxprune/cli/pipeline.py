@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import math
 import sys
 import threading
@@ -38,6 +37,7 @@ from fxprune.recovery.engine import batches_per_epoch
 from fxprune.recovery.curves import plot_log, write_log
 from fxprune.recovery.distributed import launch_rank
 from fxprune.recovery.modes import MODES, recover, scratch_b_epochs
+from fxprune.tracing.quiet import ThreadHeldStream
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
            "default_epochs", "REPORT_JSON", "REPORT_MD", "CHART"]
@@ -460,7 +460,7 @@ def stderr_only_on_success() -> Iterator[None]:
     the whole process, so it is replaced by one that holds back this thread's writes only: other
     threads keep writing through to the real stream.
     """
-    held = _ThreadHeldStream(sys.stderr, threading.get_ident())
+    held = ThreadHeldStream(sys.stderr, threading.get_ident())
     sys.stderr = held
     try:
         yield
@@ -469,31 +469,6 @@ def stderr_only_on_success() -> Iterator[None]:
         if sys.stderr is held:
             sys.stderr = held.stream
     held.stream.write(held.buffer.getvalue())
-
-
-class _ThreadHeldStream:
-    """A text stream that buffers the writes of thread ``owner`` and passes every other write (and
-    everything else) on to ``stream``."""
-
-    def __init__(self, stream: Any, owner: int | None) -> None:
-        self.stream = stream
-        self.owner = owner
-        self.buffer = io.StringIO()
-
-    def _target(self) -> Any:
-        return self.buffer if self.owner is not None and threading.get_ident() == self.owner else self.stream
-
-    def write(self, text: str) -> int:
-        return self._target().write(text)
-
-    def writelines(self, lines: Any) -> None:
-        self._target().writelines(lines)
-
-    def flush(self) -> None:
-        self._target().flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
