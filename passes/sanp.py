@@ -214,6 +214,80 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
     return gates, skipped
 
 
+class _Chain:
+    """Nodes appended one after another from an anchor node of a graph."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor = graph, anchor
+
+    def __call__(self, target: Any, *args: Any) -> fx.Node:
+        with self.graph.inserting_after(self.anchor):
+            self.anchor = self.graph.call_function(target, args)
+        return self.anchor
+
+
+def _spm_tensors(graph: fx.Graph, root: dict[str, Any], gates: dict[int, Gate]) -> tuple[dict[str, fx.Node], fx.Node]:
+    """Every SPM's weights as get_attr nodes right after the inputs (before anything runs); returns them by
+    name and the last of them."""
+    nodes: dict[str, fx.Node] = {}
+    top = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for gid, gate in gates.items():
+        for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            name = f"fxprune_spm.g{gid}.{k}"
+            root[name] = gate.spm.get_parameter(k).detach()
+            with graph.inserting_after(top):
+                top = nodes[name] = graph.get_attr(name)
+    return nodes, top
+
+
+def _decide(chain: _Chain, x: fx.Node, gate: Gate, spm: dict[str, fx.Node], input_index: fx.Node | None
+            ) -> tuple[fx.Node, fx.Node]:
+    """The SPM on the layer's input: (decisions (batch, C) as bools, indices of the channels the batch
+    runs: any sample's, and at least the best one, since a layer of no channels fails)."""
+    g = f"fxprune_spm.g{gate.gid}"
+    dims = [d for d in range(x.meta["val"].dim()) if d not in (0, gate.input_axis)]
+    pooled = chain(aten.mean.dim, x, dims) if dims else x
+    w1 = spm[f"{g}.fc1.weight"]
+    if input_index is not None:  # the input holds only the kept channels of a gated group
+        w1 = chain(aten.index_select.default, w1, 1, input_index)
+    hidden = chain(aten.relu.default, chain(aten.linear.default, chain(aten.type_as.default, pooled, w1), w1,
+                                            spm[f"{g}.fc1.bias"]))
+    logits = chain(aten.linear.default, hidden, spm[f"{g}.fc2.weight"], spm[f"{g}.fc2.bias"])
+    decide = chain(aten.gt.Scalar, logits, 0)
+    best = chain(aten.amax.default, logits, [0])
+    keep = chain(aten.logical_or.default, chain(aten.any.dim, decide, 0),
+                 chain(aten.ge.Tensor, best, chain(aten.amax.default, best)))
+    return decide, chain(aten.squeeze.dim, chain(aten.nonzero.default, keep), 1)
+
+
+def _slice(chain: _Chain, graph: fx.Graph, latest: dict[str, fx.Node], params: list[tuple[str, int]],
+           index: fx.Node) -> None:
+    """Every tensor of the group read through ``index_select`` on its channel axis."""
+    for name, axis in params:
+        source = latest.get(name) or next((n for n in graph.nodes if n.op == "get_attr" and n.target == name), None)
+        if source is None:
+            continue
+        users = list(source.users)
+        sel = chain(aten.index_select.default, source, axis, index)
+        for u in users:
+            u.replace_input_with(source, sel)
+        latest[name] = sel
+
+
+def _zero_others(graph: fx.Graph, site: fx.Node, axis: int, mine: fx.Node) -> None:
+    """``site * mine`` (each sample's own decisions on the batch's channels), broadcast along ``axis``."""
+    chain = _Chain(graph, site)
+    made = [chain(aten.type_as.default, mine, site)]
+    for d in range(1, site.meta["val"].dim()):
+        if d != axis:
+            made.append(chain(aten.unsqueeze.default, made[-1], d))
+    masked = chain(aten.mul.Tensor, site, made[-1])
+    made.append(masked)
+    for u in list(site.users):
+        if u not in made:
+            u.replace_input_with(site, masked)
+
+
 def dynamic_module(gm: fx.GraphModule, weights: dict[str, torch.Tensor], gates: dict[int, Gate]) -> fx.GraphModule:
     """The traced graph with the SPMs in it, every gated group's tensors sliced to the channels some sample
     of the batch keeps, each sample's other channels zeroed (see the module docstring)."""
@@ -221,80 +295,18 @@ def dynamic_module(gm: fx.GraphModule, weights: dict[str, torch.Tensor], gates: 
 
     graph = copy.deepcopy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
-    root: dict[str, Any] = {}
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            root[n.target] = weights[n.target] if n.target in weights else _attr(gm, n.target)
+    root: dict[str, Any] = {n.target: weights[n.target] if n.target in weights else _attr(gm, n.target)
+                            for n in graph.nodes if n.op == "get_attr"}
+    spm, top = _spm_tensors(graph, root, gates)
     latest: dict[str, fx.Node] = {}
     indices: dict[int, fx.Node] = {}
-    top = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    for gid, gate in gates.items():  # the SPMs' tensors, read after the inputs, before anything runs
-        for k, t in (("fc1.weight", gate.spm.fc1.weight), ("fc1.bias", gate.spm.fc1.bias),
-                     ("fc2.weight", gate.spm.fc2.weight), ("fc2.bias", gate.spm.fc2.bias)):
-            name = f"fxprune_spm.g{gid}.{k}"
-            root[name] = t.detach()
-            with graph.inserting_after(top):
-                top = latest[name] = graph.get_attr(name)
-
-    def attr(name: str) -> fx.Node:
-        return latest[name]
-
-    call = graph.call_function
     for gid, gate in gates.items():
         x = nodes[gate.input]
-        dims = [d for d in range(x.meta["val"].dim()) if d not in (0, gate.input_axis)]
-        start = top if x.op == "placeholder" else x
-        with graph.inserting_after(start):
-            chain = [call(aten.mean.dim, (x, dims)) if dims else x]
-        if not dims:
-            chain = [x]
-        w1 = attr(f"fxprune_spm.g{gid}.fc1.weight")
-        # pooled input -> linear -> relu -> linear -> decisions -> the kept channels' indices
-        anchor = chain[0] if dims else start
-
-        def after(target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
-            nonlocal anchor
-            with graph.inserting_after(anchor):
-                anchor = call(target, args, kwargs or {})
-            return anchor
-
-        if gate.input_gate is not None:
-            w1 = after(aten.index_select.default, (w1, 1, indices[gate.input_gate]))
-        pooled = after(aten.type_as.default, (chain[0], w1))
-        hidden = after(aten.relu.default, (after(aten.linear.default, (pooled, w1,
-                                                                       attr(f"fxprune_spm.g{gid}.fc1.bias"))),))
-        logits = after(aten.linear.default, (hidden, attr(f"fxprune_spm.g{gid}.fc2.weight"),
-                                             attr(f"fxprune_spm.g{gid}.fc2.bias")))
-        decide = after(aten.gt.Scalar, (logits, 0))
-        best = after(aten.amax.default, (logits, [0]))  # at least one channel runs (zeroed where no sample keeps it):
-        keep = after(aten.logical_or.default, (after(aten.any.dim, (decide, 0)),  # a layer of zero channels fails
-                                               after(aten.ge.Tensor, (best, after(aten.amax.default, (best,))))))
-        idx = after(aten.squeeze.dim, (after(aten.nonzero.default, (keep,)), 1))
-        indices[gid] = idx
-        mine = after(aten.index_select.default, (decide, 1, idx))
-        for name, axis in gate.params:  # every tensor of the group, sliced to the kept channels
-            source = latest.get(name) or next((n for n in graph.nodes if n.op == "get_attr" and n.target == name), None)
-            if source is None:
-                continue
-            users = [u for u in source.users]
-            sel = after(aten.index_select.default, (source, axis, idx))
-            for u in users:
-                u.replace_input_with(source, sel)
-            latest[name] = sel
-        site = nodes[gate.site]
-        rank = site.meta["val"].dim()
-        with graph.inserting_after(site):
-            m = graph.call_function(aten.type_as.default, (mine, site))
-        shaped = m
-        for d in range(1, rank):
-            if d != gate.site_axis:
-                with graph.inserting_after(shaped):
-                    shaped = graph.call_function(aten.unsqueeze.default, (shaped, d))
-        with graph.inserting_after(shaped):
-            masked = graph.call_function(aten.mul.Tensor, (site, shaped))
-        for u in list(site.users):
-            if u is not masked and u is not m:
-                u.replace_input_with(site, masked)
+        chain = _Chain(graph, top if x.op == "placeholder" else x)
+        decide, indices[gid] = _decide(chain, x, gate, spm, indices.get(gate.input_gate))
+        mine = chain(aten.index_select.default, decide, 1, indices[gid])
+        _slice(chain, graph, latest, gate.params, indices[gid])
+        _zero_others(graph, nodes[gate.site], gate.site_axis, mine)
     graph.lint()
     return fx.GraphModule(root, graph)
 
