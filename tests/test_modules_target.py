@@ -278,3 +278,19 @@ def test_multihead_attention_keeps_its_heads_and_the_rest_prunes() -> None:
     assert small.attn.embed_dim == 16 and small.attn.num_heads == 4
     assert_equivalent(model, result, (x,))
     assert_equivalent(model, result, (torch.rand(3, 3, 10, 6),))
+
+
+def test_grouped_and_depthwise_convolutions_resize_like_the_graph_target() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=8), nn.BatchNorm2d(32), nn.ReLU(),  # 8 groups of 4
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),                  # depthwise
+                          nn.Conv2d(32, 6, 1)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    graph = fxprune.prune(model, (x,), "l1", 0.5)
+    modules = fxprune.prune(model, (x,), "l1", 0.5, target="modules")
+    grouped, depthwise = modules.module[3], modules.module[6]
+    assert grouped.groups == 8 and grouped.out_channels == grouped.in_channels == 16  # every group shrinks alike
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == 16
+    assert_equivalent(model, modules, (x,))
+    torch.testing.assert_close(modules.module(x), graph.module(x))

@@ -34,16 +34,20 @@ class ResizeError(RuntimeError):
 
 
 def _conv(m: nn.Module, old: dict[str, torch.Size]) -> None:
+    """Channels from the sliced weight. A grouped convolution keeps its group count (the analysis shrinks
+    every group alike, as the graph target does); a depthwise one (``groups == in_channels``) keeps one
+    group per input channel."""
     w = m.weight
-    transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))  # (in, out / groups, ...)
     depthwise = m.groups > 1 and m.groups == m.in_channels
-    out_c, in_c = (w.shape[1] * m.groups, w.shape[0]) if transposed else (w.shape[0], None)
-    if not transposed:
-        in_c = w.shape[1] * (w.shape[0] if depthwise else m.groups)
-        if depthwise:
-            m.groups = w.shape[0]
-            in_c = w.shape[0]
-    m.in_channels, m.out_channels = int(in_c), int(out_c)
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):  # (in, out / groups, ...)
+        in_c = int(w.shape[0])
+        groups = in_c if depthwise else m.groups
+        out_c = int(w.shape[1]) * groups
+    else:
+        out_c = int(w.shape[0])
+        groups = out_c // (m.out_channels // m.in_channels) if depthwise else m.groups
+        in_c = groups if depthwise else int(w.shape[1]) * groups
+    m.in_channels, m.out_channels, m.groups = in_c, out_c, groups
 
 
 def _linear(m: nn.Module, old: dict[str, torch.Size]) -> None:
