@@ -210,6 +210,14 @@ def test_cli_prunes_a_detector_and_load_rebuilds_it(tmp_path) -> None:
         direct = fxprune.prune(model, (torch.rand(1, 3, 32, 32),), "l1", 0.5)
     x = torch.rand(1, 3, 40, 40)
     torch.testing.assert_close(rebuilt(x)["features"], direct.module(x)["features"])
+    no_pt2 = CliRunner().invoke(app, ["bench", str(out)])
+    assert no_pt2.exit_code == 2 and "give --model" in no_pt2.output + str(no_pt2.stderr_bytes or b"")
+    bench = CliRunner().invoke(app, ["bench", str(out), "--model", str(tmp_path / "det.py"), "--repeats", "4",
+                                     "--rounds", "2", "--json"])
+    assert bench.exit_code == 0, bench.output
+    rows = json.loads(bench.stdout)
+    pruned = next(r for r in rows if r["model"] == "pruned" and r["device"] == "cpu")
+    assert pruned["macs_reduction"] > 2 and pruned["speedup"] > 0
     bad = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--target", "nope",
                                    "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "--target must be" in bad.output + str(bad.stderr_bytes or b"")

@@ -3,6 +3,8 @@ and whether the speed-up keeps the MACs promise.
 
 Both models come from the folder's exported programs (original.pt2, model.pt2) and run on the example
 inputs stored in them, so the comparison needs neither fxprune's analysis nor the user's model code.
+With ``--model MODEL.py`` they come from the model file instead (the pruned one rebuilt from the folder's
+plan and weights), which a folder of the modules target (a detector) needs: it has no programs.
 
 Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
 original, ...; ``fxprune.cli.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
@@ -41,22 +43,44 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5) -> list[dict[str, Any]]:
+def _from_model_file(folder: Path, model_file: Path) -> dict[str, tuple[torch.nn.Module, Any]]:
+    """The original (the model file's ``model()``) and the pruned model rebuilt from the folder's plan and
+    weights (``fxprune.load(DIR, model=...)``), on the model file's example inputs: a folder written by the
+    modules target has no ``.pt2`` to read them from."""
+    from .artifacts import load
+    from .modelfile import load_model_file
+
+    mf = load_model_file(model_file)
+    mf.require("model", "example_inputs", why="bench --model")
+    inputs = mf.example_inputs()
+    return {"original": (mf.model().eval(), inputs), "pruned": (load(folder, model=mf.model()), inputs)}
+
+
+def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
+          model_file: str | Path | None = None) -> list[dict[str, Any]]:
     """One row per (device, model): latency (median over rounds, lowest and highest round), peak memory,
     MACs; the pruned row adds the speed-up (median and spread over rounds), the MACs reduction and their
-    ratio. ``repeats`` timed forwards per model in all, in ``rounds`` interleaved rounds."""
+    ratio. ``repeats`` timed forwards per model in all, in ``rounds`` interleaved rounds. ``model_file``:
+    take both models from the model file and the folder's plan instead of its programs (needed for a
+    folder of the modules target, which has none)."""
     folder = Path(folder)
     missing = [n for n in (ORIGINAL, MODEL) if not (folder / n).is_file()]
-    if missing:
-        raise BenchError(f"{folder} is not an fxprune output folder: missing {', '.join(missing)}")
+    if missing and model_file is None:
+        hint = (" (a model compacted by resizing its modules: give --model MODEL.py)"
+                if (folder / "plan.json").is_file() else "")
+        raise BenchError(f"{folder} is not an fxprune output folder: missing {', '.join(missing)}{hint}")
     rounds = max(1, min(rounds, repeats))
     per_round = max(1, repeats // rounds)
     rows: list[dict[str, Any]] = []
     for device in devices():
         models = {}
-        for label, name in (("original", ORIGINAL), ("pruned", MODEL)):
-            module, inputs = _load(folder / name)
-            models[label] = (module.to(device), to_device(inputs, device))
+        if model_file is not None:
+            for label, (module, inputs) in _from_model_file(folder, Path(model_file)).items():
+                models[label] = (module.to(device), to_device(inputs, device))
+        else:
+            for label, name in (("original", ORIGINAL), ("pruned", MODEL)):
+                module, inputs = _load(folder / name)
+                models[label] = (module.to(device), to_device(inputs, device))
         if device == "cpu" and (folder / ONNX).is_file() and _has_onnxruntime():
             models["pruned (onnxruntime)"] = (_OnnxModule(onnx_session(folder / ONNX)), models["pruned"][1])
         times = interleaved_latency(models, rounds=rounds, repeats=per_round)

@@ -356,6 +356,9 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs per model, in all rounds")] = 50,
     rounds: Annotated[int, typer.Option("--rounds", help="interleaved rounds (original, pruned, ...): the "
                                         "spread is over rounds")] = 5,
+    model: Annotated[Optional[Path], typer.Option("--model", help="take both models from this model file and "
+                                                  "the folder's plan (a folder without .pt2: a detector)",
+                                                  show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency and peak memory of the original vs the compacted model (CPU, and CUDA when present), and the
@@ -363,7 +366,7 @@ def bench(
     from .bench import bench as bench_folder
 
     with _user_errors():
-        rows = bench_folder(folder, repeats=repeats, rounds=rounds)
+        rows = bench_folder(folder, repeats=repeats, rounds=rounds, model_file=model)
     if as_json:
         _print_json(rows)
         return
