@@ -335,3 +335,14 @@ def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(m
     result = fxprune.prune(model, (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.6, epochs=1,
                            options={"epochs": 1}, train_loader=_data())
     assert calls == [{"mode": "scratch-e", "distill": True}] and len(result.log) == 1
+
+
+def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> None:
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.05",
+                                      "--opt", "epochs=0", "--no-recover", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
+    assert any("tas: the searched architecture keeps" in n for n in notes)  # a note, not a raw warning
+    assert any("tas chose which channels stay itself" in n for n in notes)
+    assert not any("budget's floors" in n for n in notes)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -318,7 +319,8 @@ def _ours(filename: str) -> bool:
     from fxprune import passes
 
     here = Path(filename).resolve()
-    return any(here.is_relative_to(Path(m.__file__).resolve().parent) for m in (sys.modules[__package__], passes))
+    root = sys.modules[__package__.partition(".")[0]]  # fxprune itself, not only fxprune.cli
+    return any(here.is_relative_to(Path(m.__file__).resolve().parent) for m in (root, passes))
 
 
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
@@ -332,8 +334,14 @@ def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]
     else:
         found = shortfall(result.groups, cfg.ratio, removable_fraction(result.groups, result.removed), protect=protect)
         what = "channels"
-    if found is not None:
-        _note(fb, notes, found.line(what))
+    if found is None:
+        return
+    scores = [np.asarray(v) for v in (result.scores or {}).values()]
+    if scores and all(np.isinf(v).all() for v in scores):  # the pass chose the channels (tas's search), not a budget
+        _note(fb, notes, found.line(what, f"{cfg.method} chose which channels stay itself (scores of +-inf, which no "
+                                          "budget overrides); its own note says why"))
+        return
+    _note(fb, notes, found.line(what))
 
 
 def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,

@@ -33,8 +33,9 @@ class Shortfall:
     reasons: list[str]  # the largest frozen groups' reasons, largest first
     advice: list[str]
 
-    def line(self, what: str) -> str:
-        because = "; ".join(self.reasons) if self.reasons else "the budget's floors (min_channels, min_keep, round_to)"
+    def line(self, what: str, unexplained: str = "the budget's floors (min_channels, min_keep, round_to)") -> str:
+        """``unexplained``: the cause named when no frozen group explains the shortfall."""
+        because = "; ".join(self.reasons) if self.reasons else unexplained
         return (f"removed {self.achieved:.0%} of the {what} where {self.requested:.0%} was asked; what held it "
                 f"back: {because}. " + " ".join(self.advice))
 
