@@ -338,11 +338,22 @@ def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(m
 
 
 def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> None:
+    import dataclasses
+
+    from fxprune.cli.pipeline import Feedback, RunConfig, _check_shortfall
+    from fxprune.selection.cost import Cost
+
     (tmp_path / "m.py").write_text(MODEL_FILE)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.05",
                                       "--opt", "epochs=0", "--no-recover", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
     assert any("tas: the searched architecture keeps" in n for n in notes)  # a note, not a raw warning
-    assert any("tas chose which channels stay itself" in n for n in notes)
-    assert not any("budget's floors" in n for n in notes)
+    with pytest.warns(UserWarning):
+        pruned = fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.05,
+                               options={"epochs": 0}, train_loader=_data())
+    short = dataclasses.replace(pruned, cost_after=Cost(int(0.9 * pruned.cost_before.macs), pruned.cost_after.params))
+    cfg = RunConfig(tmp_path / "m.py", "tas", 0.5, tmp_path / "o2", budget={"target_macs": 0.05})
+    found: list[str] = []
+    _check_shortfall(cfg, short, Feedback(), found)
+    assert len(found) == 1 and "tas chose which channels stay itself" in found[0] and "floors" not in found[0]
