@@ -24,7 +24,6 @@ Writes benchmarks/results/anp.json (the README's table).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 import fxprune
+from fxprune.cli.modelfile import load_model_file
 from fxprune.robustness import PGD, robust_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,8 @@ OUT = ROOT / "benchmarks" / "results" / "anp.json"
 
 
 def _digits() -> Any:
-    spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """examples/digits.py, imported as the command line imports a model file."""
+    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 ROWS: list[tuple[str, str, bool, float]] = [  # (row, variant, pruned to the MACs target, VS weight)

@@ -21,7 +21,6 @@ model. Writes benchmarks/results/flop.json (the README's table).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 import fxprune
+from fxprune.cli.modelfile import load_model_file
 from fxprune.cli.measure import latency_ms
 from fxprune.passes.base import PassContext, Scores
 from fxprune.passes.flop import Flop
@@ -43,11 +43,8 @@ OUT = ROOT / "benchmarks" / "results" / "flop.json"
 
 
 def _charlm() -> Any:
-    spec = importlib.util.spec_from_file_location("charlm", ROOT / "examples" / "charlm.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """examples/charlm.py, imported as the command line imports a model file."""
+    return load_model_file(ROOT / "examples" / "charlm.py").module
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 import fxprune
+from fxprune.cli.modelfile import load_model_file
 from fxprune.passes.sanp import _batch1_ms
 from fxprune.recovery.modes import recover
 
@@ -44,11 +44,8 @@ OUT = ROOT / "benchmarks" / "results" / "sanp.json"
 
 
 def _digits() -> Any:
-    spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """examples/digits.py, imported as the command line imports a model file."""
+    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 def _samples(digits: Any, n: int = 64) -> list[torch.Tensor]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import time
 import warnings
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
+from fxprune.cli.modelfile import load_model_file
 from fxprune.cli.measure import count_macs
 from fxprune.recovery.engine import train
 from fxprune.recovery.modes import recover
@@ -47,11 +47,8 @@ OUT = ROOT / "benchmarks" / "results" / "tas.json"
 
 
 def _digits() -> Any:
-    spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """examples/digits.py, imported as the command line imports a model file."""
+    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 class Block(nn.Module):
