@@ -16,6 +16,7 @@ import fxprune
 from fxprune.analysis import analyze
 from fxprune.compaction.modules import ResizeError, freeze_code_sizes, resize_modules
 from fxprune.testing import assert_equivalent
+from test_coupling import randomize_bn
 from fxprune.tracing.record import record_trace
 
 
@@ -67,11 +68,7 @@ class Reshaping(nn.Module):
 
 def _detnet() -> DetNet:
     torch.manual_seed(0)
-    model = DetNet()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_bn(DetNet()).eval()
 
 
 def test_analysis_recording_keeps_data_dependent_ops() -> None:

@@ -24,6 +24,7 @@ from fxprune.passes.tas import (ExpectedMacs, StageDepth, Tas, WidthChoice, chan
                                 stages_of)
 from fxprune.edits.blocks import residual_blocks
 from fxprune.tracing.tracer import trace
+from test_coupling import randomize_bn
 
 F64 = torch.float64
 
@@ -56,11 +57,7 @@ class ResNet(nn.Module):
 
 def _model() -> ResNet:
     torch.manual_seed(0)
-    model = ResNet()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_bn(ResNet()).eval()
 
 
 def _data(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
