@@ -194,45 +194,37 @@ def _label(group: dict[str, Any]) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def plot_blocks(stages: dict[str, dict[str, Any]], path: Path, title: str = "residual blocks kept per stage") -> None:
-    """Horizontal bars per residual stage: its blocks in grey, the kept ones in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(stages)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(names)))
-    ax.barh(names, [stages[k]["blocks"] for k in names], color="0.85", label="original")
-    ax.barh(names, [stages[k]["kept"] for k in names], color="tab:blue", label="kept")
-    ax.invert_yaxis()
-    ax.set_xlabel("residual blocks")
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_channels(groups: list[dict[str, Any]], path: Path, title: str = "channels kept per group") -> None:
-    """Horizontal bars per prunable group (labelled by its producing layers): total in grey, kept in colour."""
+def _kept_bars(labels: list[str], totals: list[int], kept: list[int], path: Path, title: str, xlabel: str,
+               row_height: float, fontsize: int | None = None) -> None:
+    """Horizontal bars, one per row, first row on top: the total in grey, the kept part in colour."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window or need a display
     import matplotlib.pyplot as plt
 
-    n = max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * n))
-    ys = list(range(len(groups)))[::-1]
-    ax.barh(ys, [g["total"] for g in groups], color="#d0d0d0", label="total")
-    ax.barh(ys, [g["kept"] for g in groups], color="#2b7bba", label="kept")
-    ax.set_yticks(ys, [_label(g) for g in groups], fontsize=8)
-    ax.set_xlabel("channels")
+    fig, ax = plt.subplots(figsize=(8, 1.2 + row_height * max(len(labels), 1)))
+    ys = list(range(len(labels)))[::-1]
+    ax.barh(ys, totals, color="#d0d0d0", label="total")
+    ax.barh(ys, kept, color="#2b7bba", label="kept")
+    ax.set_yticks(ys, labels, fontsize=fontsize)
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_blocks(stages: dict[str, dict[str, Any]], path: Path, title: str = "residual blocks kept per stage") -> None:
+    """One bar per residual stage: its blocks in grey, the kept ones in colour."""
+    _kept_bars(list(stages), [v["blocks"] for v in stages.values()], [v["kept"] for v in stages.values()], path,
+               title, "residual blocks", 0.4)
+
+
+def plot_channels(groups: list[dict[str, Any]], path: Path, title: str = "channels kept per group") -> None:
+    """Horizontal bars per prunable group (labelled by its producing layers): total in grey, kept in colour."""
+    _kept_bars([_label(g) for g in groups], [g["total"] for g in groups], [g["kept"] for g in groups], path, title,
+               "channels", 0.28, fontsize=8)
 
 
 def plot_histogram(hist: dict[str, Any], path: Path, title: str) -> None:
