@@ -71,6 +71,21 @@ class PassContext:
         """A parameter or buffer of the traced graph by its name in the original model."""
         return attribute(self.gm, name)
 
+    def macs_target(self, who: str) -> float:
+        """The run's MACs budget as the fraction to keep, for a pass whose own cost is MACs (tas, sanp):
+        ``--target-macs``; with a ratio r alone (the fraction of channels to remove), (1 - r)^2, what removing
+        r of every channel costs a chain of convolutions; a parameter target is refused."""
+        if self.target is not None:
+            which, value = self.target
+            if which != "macs":
+                from .registry import PassError
+
+                raise PassError(f"{who} searches under a MACs target: give --target-macs (target_macs=), not a "
+                                "parameter target")
+            return value
+        ratio = self.selection.ratio if self.selection is not None else 0.5
+        return (1 - ratio) ** 2
+
     def insert_masks(self, factory: Callable[[Group], torch.nn.Module] | None, *, only: Iterable[int] | None = None,
                      placement: str = "output", weights: Mapping[str, torch.Tensor] | None = None,
                      training: bool = True, blocks: Sequence[Block] = (),

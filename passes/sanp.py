@@ -449,20 +449,12 @@ class Sanp(Pass):
         if self.reduction < 1 or self.epochs < 0 or self.calibration < 0:
             raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
 
-    def target(self, ctx: PassContext) -> float:
-        if ctx.target is not None:
-            which, value = ctx.target
-            if which != "macs":
-                raise PassError("sanp's cost is the average per-sample MACs: give --target-macs, not a parameter target")
-            return value
-        ratio = ctx.selection.ratio if ctx.selection is not None else 0.5
-        return (1 - ratio) ** 2
-
     def score(self, ctx: PassContext) -> Scores:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("sanp needs train_loader= to train its saliency modules")
         torch.manual_seed(self.seed)
+        target = ctx.macs_target("sanp")
         gates, skipped = _gates(ctx, lambda g, c_in, axis: SPM(c_in, len(g), axis, self.reduction, self.binarize,
                                                                self.temperature, self.init_bias))
         if not gates:
@@ -472,7 +464,7 @@ class Sanp(Pass):
         full_nodes = counter.per_node()
         spm_macs = sum(g.spm.macs for g in gates.values())
         hook = SanpHook({gid: g.spm for gid, g in gates.items()}, counter.dependence(list(gates)), full_nodes,
-                        spm_macs, self.target(ctx), self.cost_weight)
+                        spm_macs, target, self.cost_weight)
         if self.epochs > 0:
             device = next(iter(masked.module.parameters())).device
             train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="sgd",
@@ -484,14 +476,14 @@ class Sanp(Pass):
         weights = masked.state()
         ctx.weights.update(weights)
         report: dict[str, Any] = {
-            "target_macs": self.target(ctx), "gated_groups": len(gates), "skipped": skipped,
+            "target_macs": target, "gated_groups": len(gates), "skipped": skipped,
             "average_macs": float(np.mean(per_sample)), "per_sample_macs": {
                 "min": float(np.min(per_sample)), "p10": float(np.quantile(per_sample, 0.1)),
                 "median": float(np.median(per_sample)), "p90": float(np.quantile(per_sample, 0.9)),
                 "max": float(np.max(per_sample))},
             "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history,
             "histograms": {"per_sample_macs": {"before": [], "after": per_sample.tolist(),
-                                               "threshold": self.target(ctx), "xlabel": "MACs kept per sample"}}}
+                                               "threshold": target, "xlabel": "MACs kept per sample"}}}
         if ctx.data.get("evaluate") is not None:
             report["dynamic_metrics"] = ctx.data["evaluate"](masked.module)
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}

@@ -373,16 +373,6 @@ class Tas(Pass):
     def fractions(self) -> list[float]:
         return [float(f) for f in self.widths.split(",") if f.strip()]
 
-    def target(self, ctx: PassContext) -> float:
-        if ctx.target is not None:
-            which, value = ctx.target
-            if which != "macs":
-                raise PassError("tas searches under a MACs target: give --target-macs (target_macs=), not a "
-                                "parameter target")
-            return value
-        ratio = ctx.selection.ratio if ctx.selection is not None else 0.5
-        return (1 - ratio) ** 2
-
     def order(self, ctx: PassContext, group: Group) -> torch.Tensor:
         """The group's channels, most important (largest producing-filter L1) first."""
         l1 = producer_l1(ctx.groups, group, ctx.tensor)
@@ -393,7 +383,7 @@ class Tas(Pass):
         if loader is None:
             raise ValueError("tas needs train_loader= to search")
         torch.manual_seed(self.seed)
-        target = self.target(ctx)
+        target = ctx.macs_target("tas")
         fractions = self.fractions()
         stages = stages_of(ctx.gm, residual_blocks(ctx.gm)) if self.depth else {}
         depths = {stage: StageDepth(len(bs), leads_in(ctx.gm.graph, bs)) for stage, bs in stages.items()}
