@@ -29,20 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import fxprune
-from fxprune.cli.modelfile import load_model_file
+from _common import example, mean_std
 from fxprune.robustness import PGD, robust_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "anp.json"
-
-
-def _digits() -> Any:
-    """examples/digits.py, imported as the command line imports a model file."""
-    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 ROWS: list[tuple[str, str, bool, float]] = [  # (row, variant, pruned to the MACs target, VS weight)
@@ -74,7 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    digits = _digits()
+    digits = example("digits")
     model = digits.model().eval()
     original = robust_metrics(model, digits.val_loader(), PGD(args.eps, args.eps / 30, 40))
     runs: dict[str, list[dict[str, float]]] = {}
@@ -82,8 +76,7 @@ def main() -> None:
         for seed in range(args.seeds):
             runs.setdefault(row, []).append(run_row(digits, model, variant, pruned, vs_weight, args, seed))
             print(row, seed, {k: round(v, 4) for k, v in runs[row][-1].items()}, flush=True)
-    table = {row: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                   for k in rs[0]} for row, rs in runs.items()}
+    table = mean_std(runs)
     OUT.write_text(json.dumps({"settings": vars(args), "pretrained": original, "rows": table, "runs": runs}, indent=1))
     print(f"{'row':12} {'clean':>12} {'PGD-40':>12} {'vuln':>8} {'MACs':>6} {'s':>6}")
     for row, t in table.items():

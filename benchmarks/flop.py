@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import fxprune
-from fxprune.cli.modelfile import load_model_file
+from _common import example
 from fxprune.cli.measure import latency_ms
 from fxprune.passes.base import PassContext, Scores
 from fxprune.passes.flop import Flop
@@ -40,11 +40,6 @@ from fxprune.recovery.engine import train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "flop.json"
-
-
-def _charlm() -> Any:
-    """examples/charlm.py, imported as the command line imports a model file."""
-    return load_model_file(ROOT / "examples" / "charlm.py").module
 
 
 @dataclass(frozen=True)
@@ -116,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["CHARLM_STEPS"] = str(args.pretrain)
     os.environ["CHARLM_BATCHES"] = str(args.batches)
-    lm = _charlm()
+    lm = example("charlm")
     start = time.perf_counter()
     dense = lm.model()
     rows = [_row("dense", dense, lm, time.perf_counter() - start, steps=args.pretrain)]

@@ -35,17 +35,12 @@ import numpy as np
 import torch
 
 import fxprune
-from fxprune.cli.modelfile import load_model_file
+from _common import example, mean_std
 from fxprune.passes.sanp import _batch1_ms
 from fxprune.recovery.modes import recover
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "sanp.json"
-
-
-def _digits() -> Any:
-    """examples/digits.py, imported as the command line imports a model file."""
-    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 def _samples(digits: Any, n: int = 64) -> list[torch.Tensor]:
@@ -127,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scale = scale_check() if args.scale else None
     print("scale check", scale, flush=True)
-    digits = _digits()
+    digits = example("digits")
     model = digits.model().eval()
     table: dict[str, dict[str, Any]] = {}
     for target in [float(t) for t in args.targets.split(",")]:
@@ -136,9 +131,7 @@ def main() -> None:
             for row, values in run(digits, copy.deepcopy(model), target, args.epochs, seed).items():
                 runs.setdefault(row, []).append(values)
                 print(target, seed, row, {k: round(v, 4) for k, v in values.items()}, flush=True)
-        table[str(target)] = {row: {k: {"mean": float(np.mean([r[k] for r in rs])),
-                                        "std": float(np.std([r[k] for r in rs]))} for k in rs[0]}
-                              for row, rs in runs.items()}
+        table[str(target)] = mean_std(runs)
     OUT.write_text(json.dumps({"settings": vars(args), "rows": table, "resnet18_scale_check": scale}, indent=1))
     for target, rows in table.items():
         print(f"target {target}")

@@ -31,24 +31,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.cli.modelfile import load_model_file
+from _common import example, mean_std
 from fxprune.cli.measure import count_macs
 from fxprune.recovery.engine import train
 from fxprune.recovery.modes import recover
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "tas.json"
-
-
-def _digits() -> Any:
-    """examples/digits.py, imported as the command line imports a model file."""
-    return load_model_file(ROOT / "examples" / "digits.py").module
 
 
 class Block(nn.Module):
@@ -140,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    digits = _digits()
+    digits = example("digits")
     model = pretrained(digits)
     dense = float(digits.evaluate(model)["accuracy"])
     runs: dict[str, list[dict[str, float]]] = {}
@@ -148,8 +142,7 @@ def main() -> None:
         for row, values in run_seed(digits, model, args, seed).items():
             runs.setdefault(row, []).append(values)
             print(seed, row, {k: round(v, 4) for k, v in values.items()}, flush=True)
-    table = {row: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                   for k in rs[0]} for row, rs in runs.items()}
+    table = mean_std(runs)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "dense_accuracy": dense,
                                "authors": "ResNet-56 CIFAR-10 searched to ~58 MFLOPs of 125 (0.47)",
                                "rows": table, "runs": runs}, indent=1))
