@@ -331,23 +331,26 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
         else:
             chosen[group.id] = sites
     masks = {gid: factory(groups[gid]) for gid in chosen} if factory is not None else {}
+    reads: dict[int, str] = {}  # group id -> the producer's input a ``reads_input`` mask reads
     for gid, mask in list(masks.items()):
+        why = None
         if getattr(mask, "transform", False) and not all(_each_channel_once(s, chosen[gid].channels)
                                                          for s in chosen[gid].activations):
-            skipped[gid] = "a channel map needs every masked tensor to hold each channel once (not heads)"
+            why = "a channel map needs every masked tensor to hold each channel once (not heads)"
+        elif getattr(mask, "reads_input", False):
+            source = _producer_input(gm, groups[gid], facts)
+            if source is None:
+                why = "a mask that reads the layer's input needs exactly one producing layer"
+            else:
+                reads[gid] = source
+        if why is not None:
+            skipped[gid] = why
             del masks[gid], chosen[gid]
-    for gid, mask in masks.items():
-        if getattr(mask, "per_sample", False):
+        elif getattr(mask, "per_sample", False):
             chosen[gid].weights = []  # a per-sample zero cannot zero weights shared by the batch
     if blocks and depth is None:
         raise ValueError("blocks given without depth=: a factory block -> depth mask module")
     edits = [*edits, *([depth_masks(blocks, depth)] if blocks else [])]  # first: channel sites are found by name
-    reads = {gid: name for gid, mask in masks.items() if getattr(mask, "reads_input", False)
-             for name in [_producer_input(gm, groups[gid], facts)] if name is not None}
-    for gid, mask in list(masks.items()):
-        if getattr(mask, "reads_input", False) and gid not in reads:
-            skipped[gid] = "a mask that reads the layer's input needs exactly one producing layer"
-            del masks[gid], chosen[gid]
     edits.append(_Insert(chosen, masks, reads))
     nothing = np.zeros(len(groups.comp_group), dtype=bool)
     module = emit(gm, Reindexing(groups, nothing), {}, training=training, weights=weights, edits=edits)
