@@ -9,6 +9,7 @@ One folder per stage of the pipeline, in order:
     edits/        graph edits beyond slicing: residual blocks (find, remove, depth masks), factorised linears
     selection/    scores + a budget -> which channels go; the cost model; why a budget falls short
     compaction/   the selection -> a plan and an exactly equivalent smaller module
+    checkpoints/  Hugging Face model folders pruned from disk, streamed shard by shard (no model in memory)
     recovery/     the training engine: fine-tune / scratch-e / scratch-b, distillation, checkpoints, DDP
     cli/          the command line around them: pipeline, output folder, report, bench, measurement
 
@@ -25,6 +26,7 @@ from typing import Any
 if typing.TYPE_CHECKING:
     from .analysis import ChannelGroups, Group, analyze
     from .api import PruneResult, compact, prune
+    from .checkpoints import prune_checkpoint
     from .cli.artifacts import load
     from .compaction import CompactionError, Plan, apply_plan, slice_tensor
     from .passes.base import Pass, PassContext
@@ -37,7 +39,7 @@ if typing.TYPE_CHECKING:
 _EXPORTS = {
     "analyze": "analysis", "ChannelGroups": "analysis", "Group": "analysis",
     "prune": "api", "compact": "api", "PruneResult": "api",
-    "load": "cli.artifacts",
+    "load": "cli.artifacts", "prune_checkpoint": "checkpoints",
     "CompactionError": "compaction", "Plan": "compaction", "apply_plan": "compaction", "slice_tensor": "compaction",
     "Pass": "passes.base", "PassContext": "passes.base",
     "available_passes": "passes.registry",
@@ -45,7 +47,8 @@ _EXPORTS = {
 }
 
 __all__ = ["prune", "trace", "analyze", "compact", "PruneResult", "ChannelGroups", "Group", "Pass", "PassContext",
-           "Plan", "apply_plan", "slice_tensor", "available_passes", "TraceError", "CompactionError", "load"]
+           "Plan", "apply_plan", "slice_tensor", "available_passes", "TraceError", "CompactionError", "load",
+           "prune_checkpoint"]
 __version__ = "0.1.0"
 
 

@@ -24,7 +24,7 @@ from .passes.registry import make_pass
 from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
-from .selection.budget import Selection, SelectionError, check_ratio, search_budget, select
+from .selection.budget import Budget, Selection, SelectionError, check_ratio
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -130,7 +130,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
           allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
           progress: Callable[[str], None] | None = None,
           recover: str | None = None, epochs: int = 0, distill: bool | None = None, target: str = "auto",
-          **data: Any) -> PruneResult:
+          uniform_across_layers: bool = False, **data: Any) -> PruneResult:
     """Prune ``model`` and return the compacted module with its plan.
 
     ``example_inputs``: a tuple of positional inputs, a tensor, or a dict of keyword inputs.
@@ -138,7 +138,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     are its fields. Budget: ``ratio`` (fraction of channels removed) in ``scope`` "group" (same
     fraction per group) or "global" (one threshold; default: the pass's paper default), with
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
-    ``min_channels``, ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
+    ``min_channels``, ``uniform_across_layers`` (every layer keeps the same count of each kind
+    of group: one width per kind, what a Hugging Face config describes), ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
     the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
     fraction to KEEP), reached by binary search to within the pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
     "scratch-b" for ``epochs`` epochs (default with ``epochs > 0``: the pass's own, else "finetune";
@@ -160,7 +161,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
                     normalize=getattr(the_pass, "normalize", "mean"),
-                    min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep)
+                    min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
+                    uniform_across_layers=uniform_across_layers)
     if target_macs is not None and target_params is not None:
         raise SelectionError("give target_macs or target_params, not both")
     if recover is not None and recover not in RECOVERY:
@@ -194,7 +196,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
         ctx = prepared
         gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-    budget = _Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
+    budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}
@@ -231,30 +233,3 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
                        base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
                        dict(ctx.state.get("extras", {})), used)
-
-
-@dataclass
-class _Budget:
-    """The selection a run applies: a ratio budget (``select``) or a MACs/parameter target (binary search)."""
-
-    groups: ChannelGroups
-    sel: Selection
-    counter: CostCounter
-    before: Cost
-    which: str                 # "macs" or "params": what a target is a fraction of
-    target: float | None
-    tolerance: float
-
-    def __call__(self, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, Selection]:
-        if self.target is None:
-            return select(self.groups, scores, self.sel), self.sel
-        full = max(getattr(self.before, self.which), 1)
-        kept = lambda rem: getattr(self.counter(rem), self.which) / full  # noqa: E731
-        return search_budget(self.groups, scores, self.sel, kept, float(self.target), tolerance=self.tolerance)
-
-    def removal(self, scores: dict[int, np.ndarray]) -> np.ndarray:
-        """What the budget would remove under ``scores`` (for passes that train toward the selection);
-        the target search's warnings are left to the final selection."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return self(scores)[0]

@@ -66,10 +66,14 @@ class PassContext:
     # files a pass adds to the output folder: name -> writer(folder) (sanp's dynamic module); the CLI calls
     # each with the folder being written, fxprune.prune hands them on in PruneResult.artifacts
     artifacts: dict[str, Callable[[Any], None]] = field(default_factory=dict)
+    # where tensors are read when the graph holds none (a checkpoint folder pruned from disk, traced on the meta
+    # device: ``fxprune.checkpoints``): name -> the tensor, read on demand; None: the graph's own tensors
+    source: Callable[[str], torch.Tensor] | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A parameter or buffer of the traced graph by its name in the original model."""
-        return attribute(self.gm, name)
+        """A parameter or buffer of the traced graph by its name in the original model (read from the
+        checkpoint on disk when the graph is on the meta device)."""
+        return self.source(name) if self.source is not None else attribute(self.gm, name)
 
     def macs_target(self, who: str) -> float:
         """The run's MACs budget as the fraction to keep, for a pass whose own cost is MACs (tas, sanp):

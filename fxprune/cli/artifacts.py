@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from fxprune.compaction import as_trainable

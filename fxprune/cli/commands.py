@@ -36,10 +36,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .robust import RobustnessError
     from fxprune.passes.registry import PassError
     from fxprune.selection.budget import SelectionError
+    from fxprune.checkpoints.folder import CheckpointError
     from fxprune.tracing.tracer import TraceError
 
     return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError,
-            DeployError, RobustnessError)
+            DeployError, RobustnessError, CheckpointError)
 
 
 @contextmanager
@@ -106,13 +107,16 @@ def _default_out(model_file: Path, method: str, ratio: float) -> Path:
 
 ModelArg = Annotated[Path, typer.Argument(help="the model file: defines model() and example_inputs(); see the README",
                                           show_default=False)]
+SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model() and example_inputs(); see the README), "
+                                           "or a Hugging Face model folder (config.json + *.safetensors), pruned "
+                                           "from disk", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
 
 
 @app.command()
 def run(
-    model_file: ModelArg,
+    model_file: SourceArg,
     method: Annotated[str, typer.Option("--pass", "-p",
                                         help="scoring pass (see `fxprune passes`) or package.module:Class")] = "l1",
     ratio: Annotated[float, typer.Option("--ratio", "-r",
@@ -166,16 +170,31 @@ def run(
     target: Annotated[str, typer.Option("--target", help="what compaction rewrites: graph (the traced graph), "
                                         "modules (the model's own modules, resized: detectors and other models "
                                         "torch.export cannot trace whole), auto (graph when it traces)")] = "auto",
+    uniform: Annotated[Optional[bool], typer.Option("--uniform-across-layers/--per-layer-widths",
+                                                    help="every layer keeps the same count of each kind of group "
+                                                    "(one width per kind: what a Hugging Face config.json can "
+                                                    "describe); default: on for a model folder, off for a model "
+                                                    "file", show_default=False)] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune a model file, optionally fine-tune, evaluate before/after, and write the output folder."""
+    """Prune a model file, optionally fine-tune, evaluate before/after, and write the output folder; or prune a
+    Hugging Face model folder from disk into one that from_pretrained loads."""
     from .pipeline import RunConfig
 
+    if model_file.is_dir():
+        given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
+                 "attack": attack}
+        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
+                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
+                  "target_params": target_params, "uniform_across_layers": True if uniform is None else uniform}
+        _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [], budget,
+                    given, target, allow_inexact, force, quiet, as_json)
+        return
     with _user_errors():
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
                   "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
-                  "target_params": target_params, "target": target}
+                  "target_params": target_params, "target": target, "uniform_across_layers": bool(uniform)}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps)
@@ -202,6 +221,36 @@ def _quiet_torch_logs() -> None:
 
     for name in _NOISY_TORCH_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[str], budget: dict[str, Any],
+                given: dict[str, Any], target: str, allow_inexact: bool, force: bool, quiet: bool,
+                as_json: bool) -> None:
+    """``fxprune run DIR``: a Hugging Face model folder (``fxprune.cli.folder``)."""
+    from .folder import check_folder_options, folder_rows, run_folder
+    from .ui import RichFeedback
+
+    _quiet_torch_logs()
+    with _user_errors():
+        check_folder_options(given, target)
+        if quiet or as_json or _rank() != 0:
+            report = run_folder(folder, method, ratio, out, _parse_opts(opt), budget, allow_inexact, force)
+        else:
+            with RichFeedback(_console(False)) as feedback:
+                report = run_folder(folder, method, ratio, out, _parse_opts(opt), budget, allow_inexact, force,
+                                    feedback)
+    if as_json:
+        _print_json(report)
+    elif not quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{report['pass']} at ratio {report['ratio']}: {report['out']}", title_justify="left")
+        for col in ("", "before", "after", "change"):
+            table.add_column(col, justify="left" if not col else "right")
+        for row in folder_rows(report):
+            table.add_row(*row)
+        Console().print(table)
 
 
 def _run(cfg: Any, quiet: bool) -> dict[str, Any]:

@@ -15,13 +15,14 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.passes.base import Scores
 
-__all__ = ["Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio"]
+__all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio"]
 
 SCOPES = ("group", "global")
 NORMALISE = ("mean", "max", "l2", "none")
@@ -48,6 +49,13 @@ class Selection:
     round_to: int = 1
     normalize: str = "mean"
     min_keep: float = 0.0   # per-group floor: every group keeps at least this fraction of its channels
+    # every layer keeps the same count of each kind of group (``fxprune.selection.uniform``): what a Hugging
+    # Face config, one width for all layers, can describe
+    uniform_across_layers: bool = False
+    # what makes a kind for uniform_across_layers and which counts it may keep (``fxprune.selection.uniform.
+    # UniformRule``; default: parameter names with layer indices as *, any count); a checkpoint's rule is its
+    # config fields (several kinds may share one) and the counts its config class accepts
+    uniform_rule: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -150,8 +158,14 @@ def select(groups: ChannelGroups, scores: Scores, sel: Selection) -> np.ndarray:
     for gid, n_drop in _global_drops(pool, sel.ratio, sel.normalize).items():
         group, s = next((g, s) for g, s in pool if g.id == gid)
         plan[gid] = (group, s, len(group) - n_drop)
-    for group, s, keep in plan.values():
-        removed[group.channels[_drop_lowest(s, _keep_count(group, keep, sel))]] = True
+    keeps = {gid: _keep_count(group, keep, sel) for gid, (group, _, keep) in plan.items()}
+    if sel.uniform_across_layers:
+        from .uniform import uniform_keeps
+
+        keeps = uniform_keeps(groups, keeps, lambda g, k: _keep_count(g, k, sel), sel.uniform_rule)
+    for gid, keep in keeps.items():
+        group, s, _ = plan[gid]
+        removed[group.channels[_drop_lowest(s, keep)]] = True
     return removed
 
 
@@ -191,3 +205,30 @@ def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: C
                   "moves in steps here (few groups, round_to, or per-group scope); scope='global' is finer",
                   stacklevel=2)
     return best[0], best[1]
+
+
+@dataclass
+class Budget:
+    """The selection a run applies: a ratio budget (``select``) or a MACs/parameter target (binary search)."""
+
+    groups: ChannelGroups
+    sel: Selection
+    counter: Any          # fxprune.selection.cost.CostCounter: the cost of a removal
+    before: Any           # its Cost of the full model
+    which: str                 # "macs" or "params": what a target is a fraction of
+    target: float | None
+    tolerance: float
+
+    def __call__(self, scores: dict[int, np.ndarray]) -> tuple[np.ndarray, Selection]:
+        if self.target is None:
+            return select(self.groups, scores, self.sel), self.sel
+        full = max(getattr(self.before, self.which), 1)
+        kept = lambda rem: getattr(self.counter(rem), self.which) / full  # noqa: E731
+        return search_budget(self.groups, scores, self.sel, kept, float(self.target), tolerance=self.tolerance)
+
+    def removal(self, scores: dict[int, np.ndarray]) -> np.ndarray:
+        """What the budget would remove under ``scores`` (for passes that train toward the selection);
+        the target search's warnings are left to the final selection."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self(scores)[0]

@@ -1,0 +1,225 @@
+"""``fxprune.prune_checkpoint``: a Hugging Face model folder pruned from disk into another one.
+
+    architecture   config.json -> the model class, built on the meta device (no weights in memory)
+    trace/analyze  on the meta model, with token ids (or an image) shaped from the config
+    freeze         (uniform_across_layers) the kinds of group no config.json field can express
+    score          the pass reads each tensor it needs from the shards (``PassContext.source``)
+    select         the budget, one width per kind of layer (``fxprune.selection.uniform``)
+    verify         the rewritten config rebuilds (on meta) to exactly the shapes the plan writes
+    write          shard by shard, the kept slices only (``fxprune.checkpoints.write``)
+
+Only passes that read weights alone apply (``Pass.runs_graph`` False: l1): the others train or calibrate a
+model, which a checkpoint larger than memory cannot be.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxprune.analysis import ChannelGroups, analyze
+from fxprune.compaction.plan import Plan
+from fxprune.passes.base import PassContext
+from fxprune.passes.registry import PassError, make_pass
+from fxprune.selection.budget import Budget, Selection, SelectionError, check_ratio
+from fxprune.selection.cost import Cost, CostCounter
+from fxprune.tracing.tracer import trace
+from .architecture import checkpoint_names, example_inputs, load_config, meta_model, model_class
+from .folder import Checkpoint, CheckpointError
+from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes
+from .write import write_checkpoint
+
+__all__ = ["prune_checkpoint", "CheckpointResult"]
+
+
+@dataclass
+class CheckpointResult:
+    out: Path                        # the pruned folder
+    plan: Plan                       # model tensor name -> {dim: kept indices}
+    groups: ChannelGroups            # the analysis of the meta model
+    removed: np.ndarray              # bool per channel component
+    config: dict                     # the config.json written
+    loadable: bool                   # from_pretrained(out) builds exactly the written tensors
+    why_not: str                     # why not, when not loadable
+    widths: dict[str, list[int]]     # kind of group (its first tensor's name pattern) -> channels kept per layer
+    cost_before: Cost
+    cost_after: Cost
+    selection: Selection
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio: float = 0.5, *,
+                     options: dict[str, Any] | None = None, scope: str | None = None,
+                     ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (),
+                     min_channels: int = 1, min_keep: float | None = None, round_to: int = 1,
+                     target_macs: float | None = None, target_params: float | None = None,
+                     allow_inexact: bool = False, uniform_across_layers: bool = True,
+                     shard_bytes: int | None = None, force: bool = False,
+                     progress: Callable[[str], None] | None = None) -> CheckpointResult:
+    """Prune the Hugging Face model folder ``src`` (config.json + safetensors, sharded or not) into ``out``,
+    never holding more than a tensor or a shard of it in memory. The budget options are ``fxprune.prune``'s;
+    ``uniform_across_layers`` (default on) keeps one width per kind of layer, so that ``out`` loads with
+    ``from_pretrained``; off, layers get their own widths, ``out`` holds them (plan.json, report.json) and
+    its config.json is the original one, which does not describe them. ``shard_bytes``: output shard size
+    (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``."""
+    t0 = time.perf_counter()
+    stage = progress or (lambda name: None)
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 3)
+
+    from fxprune.cli.artifacts import check_target, staging_folder, write_json
+
+    check_target(Path(out).resolve(), force)  # before any work
+    stage("read")
+    ckpt = Checkpoint(src)
+    config = load_config(ckpt.root)
+    cls = model_class(config)
+    the_pass = make_pass(method, options)
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates a model, and a checkpoint folder is pruned "
+                        "from disk without loading it: use a pass that reads weights only (l1), or write a model "
+                        "file whose model() loads the checkpoint")
+    if target_macs is not None and target_params is not None:
+        raise SelectionError("give target_macs or target_params, not both")
+    sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
+                    protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                    normalize=getattr(the_pass, "normalize", "mean"),
+                    min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
+                    uniform_across_layers=uniform_across_layers)
+    model = meta_model(config, cls)
+    inputs = example_inputs(model, config)
+    lap("read")
+    stage("trace")
+    gm = trace(model, inputs)
+    lap("trace")
+    stage("analyze")
+    groups = analyze(gm, allow_inexact=allow_inexact)
+    names = checkpoint_names(model, ckpt)
+    _freeze_missing(groups, names)
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    widths = ConfigWidths(ckpt.config)
+
+    def build(cfg: dict) -> torch.nn.Module:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return meta_model(type(config).from_dict(cfg), cls)
+
+    frozen_kinds = freeze_unexpressible(gm, groups, model, names, shapes, widths, build) \
+        if uniform_across_layers else {}
+    if uniform_across_layers:
+        sel = dataclasses.replace(sel, uniform_rule=widths.rule(groups, lambda cfg: _valid(config, cfg)))
+    counter = CostCounter(groups)
+    before = counter()
+    lap("analyze")
+    stage("score")
+    resource = target_macs if target_macs is not None else target_params
+    which = "macs" if target_macs is not None else "params"
+    ctx = PassContext(gm, groups, model, {}, sel, target=(which, float(resource)) if resource is not None else None,
+                      source=lambda name: _read(ckpt, names, name))
+    budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
+    ctx.select = budget.removal
+    scores = the_pass.score(ctx) if groups.prunable else {}
+    lap("score")
+    stage("select")
+    removed, sel = budget(scores)
+    if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
+        raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
+                        "carry: use a pass that only scores (l1)")
+    plan, planned = planned_shapes(gm, groups, removed, model, names, shapes)
+    new_config, why_not = widths.for_removal(groups, removed)
+    if new_config is not None:
+        problems = mismatches(new_config, build, names, planned)
+        if problems:
+            new_config, why_not = None, f"the rewritten config.json does not describe the pruned tensors " \
+                                        f"({problems[0]})"
+    if new_config is None and uniform_across_layers:
+        raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
+                              "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
+    if new_config is None:
+        warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
+                      "widths are in its plan.json and report.json", stacklevel=2)
+    after = counter(removed)
+    lap("select")
+    stage("write")
+    entries = {names[m]: e for m, e in plan.items() if m in names}
+    kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
+    report = _report(ckpt, cls, config, new_config, kept_widths, frozen_kinds, before, after, sel, the_pass.name,
+                     why_not, timings)
+    with staging_folder(Path(out), force=force) as tmp:
+        write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
+        _save_plan(plan, tmp / "plan.json")
+        lap("write")
+        report["seconds"] = dict(timings, total=round(time.perf_counter() - t0, 3))
+        write_json(report, tmp / "report.json")
+    return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
+                            new_config is not None, why_not, kept_widths, before, after, sel, report)
+
+
+def _valid(config: Any, cfg: dict) -> bool:
+    """Does the config class accept ``cfg`` (its own checks: heads dividing the hidden size...)?"""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            type(config).from_dict(cfg)
+        return True
+    except Exception:  # noqa: BLE001 - any refusal means: not this width
+        return False
+
+
+def _read(ckpt: Checkpoint, names: dict[str, str], name: str) -> torch.Tensor:
+    if name not in names:
+        raise CheckpointError(f"{ckpt.root} has no tensor for {name}")
+    return ckpt.read(names[name]).float()
+
+
+def _freeze_missing(groups: ChannelGroups, names: dict[str, str]) -> None:
+    """Groups touching a parameter the checkpoint does not hold stay whole (nothing to score or slice)."""
+    for g in groups.prunable:
+        missing = next((p.name for p in g.params if p.name not in names and not _buffer_like(p.name)), None)
+        if missing is not None:
+            g.frozen = f"the checkpoint has no tensor {missing}"
+
+
+def _buffer_like(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("inv_freq", "position_ids", "token_type_ids", "bias_mask", "masked_bias")
+
+
+def _save_plan(plan: Plan, path: Path) -> None:
+    import json
+
+    data = {name: {str(d): [int(i) for i in kept] for d, kept in entry.items()} for name, entry in plan.items()}
+    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def _report(ckpt: Checkpoint, cls: type, config: Any, new_config: dict | None, widths: dict[str, list[int]],
+            frozen_kinds: dict[str, str], before: Cost, after: Cost, sel: Selection, method: str, why_not: str,
+            timings: dict[str, float]) -> dict[str, Any]:
+    changed = {k: [v, new_config[k]] for k, v in ckpt.config.items() if new_config and new_config.get(k) != v}
+    changed.update({k: [None, v] for k, v in (new_config or {}).items() if k not in ckpt.config})
+    return {
+        "source": str(ckpt.root), "architecture": cls.__name__, "model_type": getattr(config, "model_type", None),
+        "pass": method, "ratio": sel.ratio, "uniform_across_layers": sel.uniform_across_layers,
+        "loadable": new_config is not None, "why_not_loadable": why_not or None,
+        "config_changes": changed, "widths": widths, "kept_whole_for_config": frozen_kinds,
+        "params": {"before": before.params, "after": after.params},
+        "macs": {"before": before.macs, "after": after.macs, "tokens": _tokens_note()},
+        "checkpoint_bytes": ckpt.nbytes,
+    }
+
+
+def _tokens_note() -> str:
+    from .architecture import TOKENS
+
+    return f"{TOKENS} token ids (or one image), batch 1"
+

@@ -1,0 +1,75 @@
+"""``fxprune run DIR``: a Hugging Face model folder pruned from disk (``fxprune.checkpoints``) into another
+folder that ``from_pretrained`` loads, with the same progress, notes and exit codes as a model file's run.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .pipeline import Feedback, OptionError, _warnings_as_notes, check_budget, parse_options
+
+__all__ = ["run_folder", "NOT_FOR_FOLDERS"]
+
+# options of `fxprune run` that need a model in memory or data: refused for a folder, with why
+NOT_FOR_FOLDERS = {
+    "finetune_epochs": "--epochs (recovery trains the model)",
+    "recover": "--recover (recovery trains the model)",
+    "distill": "--distill (recovery trains the model)",
+    "onnx": "--onnx (export runs the model)",
+    "attack": "--attack (evaluation runs the model)",
+}
+
+
+def check_folder_options(given: dict[str, Any], target: str) -> None:
+    """Options that cannot apply to a checkpoint pruned from disk stop the run before any work."""
+    refused = [NOT_FOR_FOLDERS[k] for k, v in given.items() if k in NOT_FOR_FOLDERS and v not in (None, False)]
+    if target != "auto":
+        refused.append("--target (a checkpoint folder is written as a checkpoint folder)")
+    if refused:
+        raise OptionError(f"a Hugging Face model folder is pruned from disk, without loading the model: "
+                          f"{', '.join(refused)} cannot apply; load it in a model file (model() returning "
+                          "from_pretrained(...)) for that")
+
+
+def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict[str, str], budget: dict[str, Any],
+               allow_inexact: bool, force: bool, fb: Feedback | None = None) -> dict[str, Any]:
+    """Prune ``folder`` into ``out``; returns report.json's content (with the run's notes)."""
+    from fxprune.checkpoints import prune_checkpoint
+    from fxprune.passes.registry import load_pass
+
+    fb = fb or Feedback()
+    check_budget(ratio, budget)
+    pass_cls = load_pass(method)
+    opts = parse_options(pass_cls, options, method)
+    keys = ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to", "target_macs", "target_params",
+            "uniform_across_layers")
+    kwargs = {k: budget[k] for k in keys if budget.get(k) is not None}
+    notes: list[str] = []
+    with contextlib.ExitStack() as steps, _warnings_as_notes(fb, notes):
+        warnings.simplefilter("always")
+
+        def progress(stage: str) -> None:
+            steps.close()
+            steps.enter_context(fb.step(stage))
+
+        result = prune_checkpoint(folder, out, method, ratio, options=opts, allow_inexact=allow_inexact,
+                                  force=force, progress=progress, **kwargs)
+    report = dict(result.report, out=str(result.out), notes=notes)
+    return report
+
+
+def folder_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The summary table's rows: parameters, MACs, then each config field that changed."""
+    def pct(a: float, b: float) -> str:
+        return f"{(b - a) / a:+.1%}" if a else ""
+
+    rows = []
+    for what in ("params", "macs"):
+        a, b = report[what]["before"], report[what]["after"]
+        rows.append(("parameters" if what == "params" else "MACs", f"{a:,}", f"{b:,}", pct(a, b)))
+    for key, (a, b) in report["config_changes"].items():
+        rows.append((f"config {key}", str(a), str(b), ""))
+    rows.append(("from_pretrained", "", "loads" if report["loadable"] else "does NOT load", ""))
+    return rows
