@@ -224,3 +224,24 @@ def test_bad_folders(tmp_path):
         Checkpoint(tmp_path)
     r = CliRunner().invoke(app, ["run", str(tmp_path), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "safetensors" in r.output
+
+
+def test_streamed_safetensors_read_back(tmp_path):
+    """The tensor-by-tensor writer produces files safetensors reads as written, every dtype and odd shape."""
+    from safetensors import safe_open
+
+    from fxprune.checkpoints.write import safetensors_stream
+
+    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.tensor(2.5), "d": torch.zeros(0, 4), "e": torch.rand(3) > 0.5,
+               "f": torch.randn(2, 3, 4, dtype=torch.float64).transpose(0, 2)}
+    with open(tmp_path / "x.safetensors", "wb") as f:
+        for (name, t), write in zip(tensors.items(),
+                                    safetensors_stream(f, {n: (t.dtype, list(t.shape)) for n, t in tensors.items()})):
+            write(t)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+    with open(tmp_path / "y.safetensors", "wb") as f, pytest.raises(ValueError, match="header says"):
+        next(safetensors_stream(f, {"a": (torch.float32, [2])}))(torch.zeros(3))

@@ -23,7 +23,7 @@ __all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "is_checkpoint_folder"
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
-CHUNK_BYTES = 64 << 20  # rows read per step when slicing a tensor
+CHUNK_BYTES = 8 << 20  # bytes of rows read per step when slicing a tensor: small next to a shard
 
 
 class CheckpointError(ValueError):
@@ -111,46 +111,44 @@ class Checkpoint:
         return max(per.values(), default=0)
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, whole (a copy: the shard is closed again)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.root / self.tensors[name].file), framework="pt") as f:
-            return f.get_tensor(name).clone()
+        """One tensor, whole."""
+        return self.read_kept(name, None)
 
     def read_kept(self, name: str, entry: dict[int, list[int]] | None) -> torch.Tensor:
-        """The kept part of one tensor (``entry``: kept indices per dim, as in a plan), read in chunks of rows,
-        so that the whole tensor is never in memory next to its slice."""
-        info = self.tensors[name]
-        if not entry:
-            return self.read(name)
+        """The kept part of one tensor (``entry``: kept indices per dim, as in a plan; None: all of it), read
+        ``CHUNK_BYTES`` of rows at a time into the preallocated result. The shard is opened for each chunk, so
+        that no more of its mapping than one chunk is resident next to the result."""
         from safetensors import safe_open
 
-        kept = {int(d): torch.as_tensor(np.asarray(k, dtype=np.int64)) for d, k in entry.items()}
-        if not info.shape:
-            return self.read(name)
-        rows = max(1, CHUNK_BYTES // max(1, info.nbytes // max(info.shape[0], 1)))
-        parts = []
-        with safe_open(str(self.root / info.file), framework="pt") as f:
-            sl = f.get_slice(name)
-            for start in range(0, info.shape[0], rows):
-                stop = min(start + rows, info.shape[0])
-                local = None
-                if 0 in kept:
-                    k0 = kept[0]
-                    local = k0[(k0 >= start) & (k0 < stop)] - start
-                    if not len(local):
-                        continue
-                part = sl[start:stop]
-                if local is not None:
-                    part = part.index_select(0, local)
-                for d, k in sorted(kept.items()):
-                    if d:
-                        part = part.index_select(d, k)
-                parts.append(part)
-        if not parts:
-            shape = [len(kept[d]) if d in kept else s for d, s in enumerate(info.shape)]
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.cat(parts, 0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        info = self.tensors[name]
+        kept = {int(d): torch.as_tensor(np.asarray(k, dtype=np.int64)) for d, k in (entry or {}).items()}
+        out = torch.empty([len(kept[d]) if d in kept else s for d, s in enumerate(info.shape)], dtype=info.dtype)
+        if not info.shape or out.numel() == 0:
+            if not info.shape:
+                with safe_open(str(self.root / info.file), framework="pt") as f:
+                    out = f.get_tensor(name)
+            return out
+        rows = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
+        at = 0
+        for start in range(0, info.shape[0], rows):
+            stop = min(start + rows, info.shape[0])
+            local = None
+            if 0 in kept:
+                k0 = kept[0]
+                local = k0[(k0 >= start) & (k0 < stop)] - start
+                if not len(local):
+                    continue
+            with safe_open(str(self.root / info.file), framework="pt") as f:
+                part = f.get_slice(name)[start:stop]
+            if local is not None:
+                part = part.index_select(0, local)
+            for d, k in sorted(kept.items()):
+                if d:
+                    part = part.index_select(d, k)
+            out[at:at + part.shape[0]] = part
+            at += part.shape[0]
+            del part
+        return out
 
     def side_files(self) -> Iterator[Path]:
         """Files copied unchanged: tokenizer, generation config, README... (not weights, index or config)."""

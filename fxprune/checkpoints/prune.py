@@ -38,7 +38,7 @@ from .folder import Checkpoint, CheckpointError
 from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes
 from .write import write_checkpoint
 
-__all__ = ["prune_checkpoint", "CheckpointResult"]
+__all__ = ["prune_checkpoint", "CheckpointResult", "Architecture", "analyse_architecture"]
 
 
 @dataclass
@@ -55,6 +55,76 @@ class CheckpointResult:
     cost_after: Cost
     selection: Selection
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Architecture:
+    """A checkpoint's architecture analysed on the meta device: what selection, the plan and the config
+    rewrite need (no weights). ``names``: model tensor name -> checkpoint name; ``shapes``: checkpoint name ->
+    shape; ``frozen_kinds``: the kinds kept whole because no config field could describe them narrower."""
+
+    config: Any
+    cls: type
+    model: torch.nn.Module
+    gm: Any
+    groups: ChannelGroups
+    names: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    widths: ConfigWidths
+    frozen_kinds: dict[str, str]
+
+    def build(self, cfg: dict) -> torch.nn.Module:
+        """The architecture ``cfg`` (a config.json dict) describes, on meta."""
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return meta_model(type(self.config).from_dict(cfg), self.cls)
+
+    def valid(self, cfg: dict) -> bool:
+        """Does the config class accept ``cfg`` (its own checks: heads dividing the hidden size...)?"""
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                type(self.config).from_dict(cfg)
+            return True
+        except Exception:  # noqa: BLE001 - any refusal means: not this width
+            return False
+
+    def selection(self, sel: Selection) -> Selection:
+        """``sel`` with the config's uniform rule (kinds by config field, counts the config accepts)."""
+        if not sel.uniform_across_layers:
+            return sel
+        return dataclasses.replace(sel, uniform_rule=self.widths.rule(self.groups, self.valid))
+
+    def decide(self, removed: np.ndarray) -> tuple[Plan, dict | None, str]:
+        """The plan of ``removed``, the config.json that describes it (None when none does) and why not."""
+        plan, planned = planned_shapes(self.gm, self.groups, removed, self.model, self.names, self.shapes)
+        new_config, why_not = self.widths.for_removal(self.groups, removed)
+        if new_config is not None:
+            problems = mismatches(new_config, self.build, self.names, planned)
+            if problems:
+                new_config, why_not = None, f"the rewritten config.json does not describe the pruned tensors " \
+                                            f"({problems[0]})"
+        return plan, new_config, why_not
+
+
+def analyse_architecture(config: Any, config_dict: dict, tensors: Callable[[torch.nn.Module], tuple[dict, dict]],
+                         *, allow_inexact: bool = False, uniform_across_layers: bool = True,
+                         lap: Callable[[str], None] = lambda name: None) -> Architecture:
+    """config -> meta model -> trace -> analysis -> (uniform) the kinds no config field expresses, frozen.
+    ``tensors(model)``: (model name -> checkpoint name, checkpoint name -> shape)."""
+    cls = model_class(config)
+    model = meta_model(config, cls)
+    inputs = example_inputs(model, config)
+    lap("read")
+    gm = trace(model, inputs)
+    lap("trace")
+    groups = analyze(gm, allow_inexact=allow_inexact)
+    names, shapes = tensors(model)
+    _freeze_missing(groups, names)
+    arch = Architecture(config, cls, model, gm, groups, names, shapes, ConfigWidths(config_dict), {})
+    if uniform_across_layers:
+        arch.frozen_kinds = freeze_unexpressible(gm, groups, model, names, shapes, arch.widths, arch.build)
+    return arch
 
 
 def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio: float = 0.5, *,
@@ -74,9 +144,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     t0 = time.perf_counter()
     stage = progress or (lambda name: None)
     timings: dict[str, float] = {}
+    order = ("read", "trace", "analyze", "score", "select", "write")
 
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 3)
+        if name != order[-1]:
+            stage(order[order.index(name) + 1])
 
     from fxprune.cli.artifacts import check_target, staging_folder, write_json
 
@@ -84,7 +157,6 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     stage("read")
     ckpt = Checkpoint(src)
     config = load_config(ckpt.root)
-    cls = model_class(config)
     the_pass = make_pass(method, options)
     if getattr(the_pass, "runs_graph", True):
         raise PassError(f"pass {the_pass.name!r} trains or calibrates a model, and a checkpoint folder is pruned "
@@ -97,52 +169,28 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)
-    model = meta_model(config, cls)
-    inputs = example_inputs(model, config)
-    lap("read")
-    stage("trace")
-    gm = trace(model, inputs)
-    lap("trace")
-    stage("analyze")
-    groups = analyze(gm, allow_inexact=allow_inexact)
-    names = checkpoint_names(model, ckpt)
-    _freeze_missing(groups, names)
-    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
-    widths = ConfigWidths(ckpt.config)
-
-    def build(cfg: dict) -> torch.nn.Module:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return meta_model(type(config).from_dict(cfg), cls)
-
-    frozen_kinds = freeze_unexpressible(gm, groups, model, names, shapes, widths, build) \
-        if uniform_across_layers else {}
-    if uniform_across_layers:
-        sel = dataclasses.replace(sel, uniform_rule=widths.rule(groups, lambda cfg: _valid(config, cfg)))
+    arch = analyse_architecture(config, ckpt.config, lambda m: (checkpoint_names(m, ckpt),
+                                                              {n: t.shape for n, t in ckpt.tensors.items()}),
+                                allow_inexact=allow_inexact, uniform_across_layers=uniform_across_layers, lap=lap)
+    groups, names = arch.groups, arch.names
+    sel = arch.selection(sel)
     counter = CostCounter(groups)
     before = counter()
     lap("analyze")
-    stage("score")
     resource = target_macs if target_macs is not None else target_params
     which = "macs" if target_macs is not None else "params"
-    ctx = PassContext(gm, groups, model, {}, sel, target=(which, float(resource)) if resource is not None else None,
+    ctx = PassContext(arch.gm, groups, arch.model, {}, sel,
+                      target=(which, float(resource)) if resource is not None else None,
                       source=lambda name: _read(ckpt, names, name))
     budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     scores = the_pass.score(ctx) if groups.prunable else {}
     lap("score")
-    stage("select")
     removed, sel = budget(scores)
     if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
         raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
                         "carry: use a pass that only scores (l1)")
-    plan, planned = planned_shapes(gm, groups, removed, model, names, shapes)
-    new_config, why_not = widths.for_removal(groups, removed)
-    if new_config is not None:
-        problems = mismatches(new_config, build, names, planned)
-        if problems:
-            new_config, why_not = None, f"the rewritten config.json does not describe the pruned tensors " \
-                                        f"({problems[0]})"
+    plan, new_config, why_not = arch.decide(removed)
     if new_config is None and uniform_across_layers:
         raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
                               "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
@@ -151,11 +199,10 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                       "widths are in its plan.json and report.json", stacklevel=2)
     after = counter(removed)
     lap("select")
-    stage("write")
     entries = {names[m]: e for m, e in plan.items() if m in names}
     kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
-    report = _report(ckpt, cls, config, new_config, kept_widths, frozen_kinds, before, after, sel, the_pass.name,
-                     why_not, timings)
+    report = _report(ckpt, arch.cls, config, new_config, kept_widths, arch.frozen_kinds, before, after, sel,
+                     the_pass.name, why_not, timings)
     with staging_folder(Path(out), force=force) as tmp:
         write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
         _save_plan(plan, tmp / "plan.json")
@@ -164,17 +211,6 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         write_json(report, tmp / "report.json")
     return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
                             new_config is not None, why_not, kept_widths, before, after, sel, report)
-
-
-def _valid(config: Any, cfg: dict) -> bool:
-    """Does the config class accept ``cfg`` (its own checks: heads dividing the hidden size...)?"""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            type(config).from_dict(cfg)
-        return True
-    except Exception:  # noqa: BLE001 - any refusal means: not this width
-        return False
 
 
 def _read(ckpt: Checkpoint, names: dict[str, str], name: str) -> torch.Tensor:

@@ -1,18 +1,30 @@
-"""The pruned checkpoint, streamed: each output shard is filled with the kept slices of its tensors, read
-from the input shards chunk by chunk (``Checkpoint.read_kept``), written, and let go before the next, so
-the memory a run needs is about one shard, not the model. Shards are named and indexed as
-``save_pretrained`` names them; the rewritten config and the folder's other files go beside them.
+"""The pruned checkpoint, streamed: every output tensor is read from the input shards chunk by chunk
+(``Checkpoint.read_kept``), appended to its output shard and let go before the next, so the memory a run
+needs is about one tensor, not a shard or the model. Shards are named and indexed as ``save_pretrained``
+names them; the rewritten config and the folder's other files go beside them.
+
+Why not ``safetensors.torch.save_file``: it takes a whole shard's tensors at once. The format is simple
+enough to write tensor by tensor (an 8-byte header length, a JSON header with every tensor's dtype, shape
+and byte range, padded to 8 bytes, then the data in that order): every shape is known from the plan before
+a byte is read, so the header goes first. What is written is read back by ``safetensors.safe_open`` in the
+tests and by ``from_pretrained``.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from .folder import CONFIG, INDEX, SINGLE, Checkpoint
+import torch
 
-__all__ = ["write_checkpoint", "shard_layout"]
+from .folder import _DTYPES, CONFIG, INDEX, SINGLE, Checkpoint
+
+__all__ = ["write_checkpoint", "shard_layout", "safetensors_stream"]
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def shard_layout(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
@@ -33,21 +45,20 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
     """Write every tensor of ``ckpt``, sliced by ``entries`` (checkpoint name -> kept indices per dim; absent:
     unchanged), into ``folder`` in shards of about ``shard_bytes``; then config.json and the side files.
     Returns the weight map (tensor -> shard file)."""
-    from safetensors.torch import save_file
-
-    sizes = {}
+    sizes, shapes = {}, {}
     for name, info in ckpt.tensors.items():
         entry = entries.get(name) or {}
-        shape = [len(entry[d]) if d in entry else s for d, s in enumerate(info.shape)]
-        sizes[name] = _numel(shape) * info.dtype.itemsize
+        shapes[name] = [len(entry[d]) if d in entry else s for d, s in enumerate(info.shape)]
+        sizes[name] = _numel(shapes[name]) * info.dtype.itemsize
     layout = shard_layout(sizes, shard_bytes)
     files = [SINGLE] if len(layout) == 1 else \
         [f"model-{i + 1:05d}-of-{len(layout):05d}.safetensors" for i in range(len(layout))]
     weight_map: dict[str, str] = {}
     for i, (file, names) in enumerate(zip(files, layout)):
-        tensors = {name: ckpt.read_kept(name, entries.get(name)) for name in names}
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        del tensors
+        header = {name: (ckpt.tensors[name].dtype, shapes[name]) for name in names}
+        with open(folder / file, "wb") as f:
+            for name, written in zip(names, safetensors_stream(f, header)):
+                written(ckpt.read_kept(name, entries.get(name)))
         weight_map.update({name: file for name in names})
         if progress is not None:
             progress(i + 1, len(layout))
@@ -58,6 +69,28 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
     for path in ckpt.side_files():
         shutil.copy2(path, folder / path.name)
     return weight_map
+
+
+def safetensors_stream(f: BinaryIO, header: dict[str, tuple[torch.dtype, list[int]]]) \
+        -> Iterator[Callable[[torch.Tensor], None]]:
+    """Write a safetensors header for ``header`` (name -> dtype, shape, in file order) to ``f``, then yield one
+    writer per tensor, to be called in that order with the tensor itself (its dtype and shape are checked)."""
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    at = 0
+    for name, (dtype, shape) in header.items():
+        n = _numel(shape) * dtype.itemsize
+        meta[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(text)) + text)
+    for name, (dtype, shape) in header.items():
+        def write(t: torch.Tensor, name: str = name, dtype: torch.dtype = dtype, shape: list[int] = shape) -> None:
+            if t.dtype != dtype or list(t.shape) != list(shape):
+                raise ValueError(f"{name}: header says {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        yield write
 
 
 def _numel(shape: list[int]) -> int:
