@@ -1098,3 +1098,24 @@ def test_clamp_by_tensor_bounds_prunes_with_its_bounds():
         res = fxprune.prune(model, IMG, "l1", 0.5)
     assert len(res.plan["lo"][1]) == len(res.plan["hi"][1]) == 3
     assert_equivalent(model, res, IMG)
+
+
+class AdvancedIndex(nn.Module):
+    """x[rows, cols] with two index tensors (transformers' mask building does this): the indexed axes are
+    frozen, the feature axis behind them passes through to the next layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)                                   # (B, T, 16)
+        rows = torch.arange(h.shape[0]).unsqueeze(1)      # (B, 1)
+        cols = torch.arange(h.shape[1] - 1).unsqueeze(0)  # (1, T-1)
+        return self.fc2(h[rows, cols])                    # (B, T-1, 16)
+
+
+def test_index_with_adjacent_index_tensors():
+    model = AdvancedIndex()
+    res = prune_checked(model, (torch.randn(2, 5, 8),))
+    assert kept(res, group_of(res.groups, "fc1.weight", 0)) == 8

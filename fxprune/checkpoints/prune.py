@@ -203,6 +203,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
     report = _report(ckpt, arch.cls, config, new_config, kept_widths, arch.frozen_kinds, before, after, sel,
                      the_pass.name, why_not, timings)
+    report["frozen"] = _frozen_kinds(groups)
     with staging_folder(Path(out), force=force) as tmp:
         write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
         _save_plan(plan, tmp / "plan.json")
@@ -229,6 +230,17 @@ def _freeze_missing(groups: ChannelGroups, names: dict[str, str]) -> None:
 
 def _buffer_like(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("inv_freq", "position_ids", "token_type_ids", "bias_mask", "masked_bias")
+
+
+def _frozen_kinds(groups: ChannelGroups) -> dict[str, str]:
+    """Why each kind of group with parameters stays whole (its first tensor's name pattern -> reason)."""
+    from fxprune.selection.uniform import pattern
+
+    out: dict[str, str] = {}
+    for g in groups:
+        if g.frozen and g.params:
+            out.setdefault(pattern(g.params[0].name), g.frozen)
+    return out
 
 
 def _save_plan(plan: Plan, path: Path) -> None:

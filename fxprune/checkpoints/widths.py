@@ -30,7 +30,7 @@ __all__ = ["WIDTH_KEYS", "ConfigWidths", "layer_widths", "freeze_unexpressible",
 # what each kind of width is called in the config families transformers defines, first match wins
 WIDTH_KEYS: dict[str, tuple[str, ...]] = {
     "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
-    "mlp": ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim"),
+    "mlp": ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim", "ffn_hidden_size"),
     "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
     "head_dim": ("head_dim", "d_kv"),
@@ -46,7 +46,7 @@ def _value(config: dict, role: str) -> int | None:
     if key is None:
         return None
     v = config[key]
-    if v is None and key == "n_inner":  # GPT-2: None means 4 * n_embd
+    if v is None and key in ("n_inner", "ffn_hidden_size"):  # GPT-2, Falcon: None means 4 * hidden
         hidden = _value(config, "hidden")
         return 4 * hidden if hidden else None
     return v if isinstance(v, int) else None
@@ -72,7 +72,7 @@ class ConfigWidths:
         per_layer = all("*" in p for p in kind[0])  # every tensor inside a numbered layer
         if block > 1 and per_layer and n in (self.kv_heads, self.heads):
             return "heads"
-        if block == 1 and per_layer and n == _value(self.config, "mlp"):
+        if per_layer and n == _value(self.config, "mlp"):  # block 2: a fused gate_up projection (Phi-3)
             return "mlp"
         if block == 1 and not per_layer and len(members) == 1 and n == _value(self.config, "hidden"):
             return "hidden"

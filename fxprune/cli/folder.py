@@ -56,8 +56,10 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
 
         result = prune_checkpoint(folder, out, method, ratio, options=opts, allow_inexact=allow_inexact,
                                   force=force, progress=progress, **kwargs)
-    report = dict(result.report, out=str(result.out), notes=notes)
-    return report
+    for kind, why in result.report["kept_whole_for_config"].items():
+        fb.note(f"{kind}: kept whole, {why}")
+        notes.append(f"{kind}: kept whole, {why}")
+    return dict(result.report, out=str(result.out), notes=notes)
 
 
 def folder_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:

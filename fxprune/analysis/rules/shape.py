@@ -576,24 +576,33 @@ def frozen_factory(node: fx.Node, coupler: Coupler) -> None:
 
 @rule(*ops("aten.index.Tensor"))
 def index(node: fx.Node, coupler: Coupler) -> None:
-    """x[..., idx, ...] with one index tensor: the indexed axis is frozen, the others pass through."""
+    """x[..., i, j, ...] with adjacent index tensors (advanced indexing): the indexed axes are frozen, their
+    broadcast index shape takes their place in the output, the other axes pass through. Index tensors link
+    to the output axes they span (right-aligned, as they broadcast); non-adjacent index tensors (whose
+    broadcast axes NumPy moves to the front) have no rule."""
     x, out = as_ref(node.args[0]), TensorRef(node)
     indices = list(node.args[1])
     tensors = [i for i, t in enumerate(indices) if t is not None]
-    if len(tensors) != 1:
+    if not tensors or tensors != list(range(tensors[0], tensors[-1] + 1)):
         coupler.unknown(node)
         return
-    p = tensors[0]
-    idx = as_ref(indices[p])
-    coupler.freeze(x, p, "indexed axis")
-    width = idx.ndim if idx is not None else 0
+    p, k = tensors[0], len(tensors)
+    width = out.ndim - (x.ndim - k)  # axes of the broadcast index shape
+    for a in tensors:
+        coupler.freeze(x, a, "indexed axis")
     for a in range(x.ndim):
         if a < p:
             coupler.link_axes(x, a, out, a)
-        elif a > p:
-            coupler.link_axes(x, a, out, a + width - 1)
-    for a in range(width):
-        coupler.link_axes(idx, a, out, p + a)
+        elif a >= p + k:
+            coupler.link_axes(x, a, out, a - k + width)
+    for i in tensors:
+        idx = as_ref(indices[i])
+        if idx is None:
+            continue
+        offset = p + width - idx.ndim
+        for a in range(idx.ndim):
+            if coupler.shape(idx)[a] == coupler.shape(out)[offset + a]:  # a size-1 axis broadcasts: no link
+                coupler.link_axes(idx, a, out, offset + a)
 
 
 @rule(*ops("aten.gather.default"))
