@@ -245,3 +245,17 @@ def test_streamed_safetensors_read_back(tmp_path):
             assert torch.equal(f.get_tensor(name), t)
     with open(tmp_path / "y.safetensors", "wb") as f, pytest.raises(ValueError, match="header says"):
         next(safetensors_stream(f, {"a": (torch.float32, [2])}))(torch.zeros(3))
+
+
+def test_cli_inspect_a_folder(tmp_path):
+    """`fxprune inspect DIR`: the groups run DIR would prune, GPT-2's heads frozen with the config's reason."""
+    _, _, src = _save(tmp_path, CASES["gpt2"][0])
+    r = CliRunner().invoke(app, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "GPT2LMHeadModel"
+    whys = [g["why"] for g in info["groups"] if g["status"] == "frozen"]
+    assert any("cannot express a narrower n_head" in w for w in whys)
+    assert sum(g["status"] == "prunable" for g in info["groups"]) == 2  # the two MLPs
+    r = CliRunner().invoke(app, ["inspect", str(src), "--pass", "l1"])
+    assert r.exit_code == 2 and "fxprune run" in r.output

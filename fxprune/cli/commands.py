@@ -268,7 +268,7 @@ def _run(cfg: Any, quiet: bool) -> dict[str, Any]:
 
 @app.command()
 def inspect(
-    model_file: ModelArg,
+    model_file: SourceArg,
     as_json: JsonOpt = False,
     graph: Annotated[bool, typer.Option("--graph", help="print every node with what each stage decided there: its "
                                         "groups per axis, why frozen, and with --pass the scores, masks and kept "
@@ -284,6 +284,9 @@ def inspect(
     from .modelfile import load_model_file
     from .pipeline import stderr_only_on_success
 
+    if model_file.is_dir():
+        _inspect_folder(model_file, as_json, graph, method)
+        return
     with _user_errors():
         mf = load_model_file(model_file)
         mf.require("model", "example_inputs", why="inspect")
@@ -323,6 +326,36 @@ def inspect(
         console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
     if info["blocks"]:
         console.print(blocks_table(info["blocks"]))
+
+
+def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None) -> None:
+    """``fxprune inspect DIR`` for a Hugging Face model folder: its groups, analysed on the meta device."""
+    from .folder import inspect_folder
+    from .pipeline import OptionError, stderr_only_on_success
+
+    _quiet_torch_logs()
+    with _user_errors():
+        if method is not None:
+            raise OptionError("--pass on a Hugging Face folder: run `fxprune run DIR --pass ...` (it reads the "
+                              "weights from disk and writes the pruned folder)")
+        with stderr_only_on_success():
+            groups, info = inspect_folder(folder)
+    if graph:
+        from ..annotations import dump
+
+        typer.echo(dump(groups.gm))
+    elif as_json:
+        _print_json(info)
+    else:
+        from rich.console import Console
+
+        from .report import human
+        from .ui import groups_table
+
+        prunable = sum(r["status"] == "prunable" for r in info["groups"])
+        Console().print(groups_table(info["groups"], f"{folder.name} ({info['architecture']}, on the meta device): "
+                                     f"{len(info['groups'])} channel groups, {prunable} prunable; "
+                                     f"{human(info['macs'])} MACs on 8 tokens, {human(info['params'])} params"))
 
 
 def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:

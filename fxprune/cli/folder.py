@@ -10,7 +10,7 @@ from typing import Any
 
 from .pipeline import Feedback, OptionError, _warnings_as_notes, check_budget, parse_options
 
-__all__ = ["run_folder", "NOT_FOR_FOLDERS"]
+__all__ = ["run_folder", "inspect_folder", "NOT_FOR_FOLDERS"]
 
 # options of `fxprune run` that need a model in memory or data: refused for a folder, with why
 NOT_FOR_FOLDERS = {
@@ -75,3 +75,20 @@ def folder_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"config {key}", str(a), str(b), ""))
     rows.append(("from_pretrained", "", "loads" if report["loadable"] else "does NOT load", ""))
     return rows
+
+
+def inspect_folder(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """``fxprune inspect DIR``: the channel groups of a Hugging Face folder's architecture, analysed on the
+    meta device as ``fxprune run DIR`` analyses it (kinds no config field expresses frozen, saying why)."""
+    from fxprune.checkpoints import Checkpoint
+    from fxprune.checkpoints.architecture import checkpoint_names, load_config
+    from fxprune.checkpoints.prune import analyse_architecture
+    from fxprune.selection.cost import CostCounter
+
+    ckpt = Checkpoint(folder)
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    arch = analyse_architecture(load_config(ckpt.root), ckpt.config, lambda m: (checkpoint_names(m, ckpt), shapes))
+    cost = CostCounter(arch.groups)()
+    return arch.groups, {"folder": str(folder), "architecture": arch.cls.__name__, "macs": cost.macs,
+                         "params": cost.params, "groups": arch.groups.rows(),
+                         "unsupported_ops": sorted(arch.groups.unsupported)}
