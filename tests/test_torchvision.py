@@ -31,3 +31,24 @@ def test_l1_half_is_exact_and_smaller(name):
     assert res.plan, "something must be pruned"
     assert_equivalent(model, res, (x,), dtype=torch.float32 if name in FLOAT32 else torch.float64)
     assert _params(res.module) < 0.8 * _params(model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_compaction_adds_no_op(name):
+    """The compacted graph runs exactly the traced graph's ops, no slice, copy or reshape added: the only
+    difference is that batch norm and dropout become modules again (so that .train()/.eval() switch them)."""
+    from collections import Counter
+
+    model = getattr(torchvision.models, name)().eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    traced, res = fxprune.trace(model, x), fxprune.prune(model, x, "l1", 0.5)
+    ops = lambda gm: Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")  # noqa: E731
+    as_modules = Counter({"aten.batch_norm.default": 0, "aten.dropout.default": 0})
+    before, after = ops(traced), ops(res.module)
+    for op in as_modules:
+        as_modules[op] = before.pop(op, 0)
+    assert after == before
+    kinds = Counter(type(res.module.get_submodule(n.target)).__name__ for n in res.module.graph.nodes
+                    if n.op == "call_module")
+    assert kinds["BatchNorm2d"] == as_modules["aten.batch_norm.default"]
+    assert kinds["Dropout"] == as_modules["aten.dropout.default"]

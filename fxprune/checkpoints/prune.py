@@ -204,6 +204,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     report = _report(ckpt, arch.cls, config, new_config, kept_widths, arch.frozen_kinds, before, after, sel,
                      the_pass.name, why_not, timings)
     report["frozen"] = _frozen_kinds(groups)
+    report["target"] = {which: float(resource)} if resource is not None else {}
     with staging_folder(Path(out), force=force) as tmp:
         write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
         _save_plan(plan, tmp / "plan.json")

@@ -245,7 +245,9 @@ def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[st
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{report['pass']} at ratio {report['ratio']}: {report['out']}", title_justify="left")
+        budget = "".join(f" to {v:g} of the {'MACs' if k == 'macs' else 'parameters'}"
+                         for k, v in report["target"].items()) or f" at ratio {report['ratio']}"
+        table = Table(title=f"{report['pass']}{budget}: {report['out']}", title_justify="left")
         for col in ("", "before", "after", "change"):
             table.add_column(col, justify="left" if not col else "right")
         for row in folder_rows(report):

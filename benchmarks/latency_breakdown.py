@@ -1,0 +1,212 @@
+"""Why a pruned CNN is less faster than its MACs promise: time and MACs per class of op, before and after.
+
+Each model (random weights) is traced and pruned with l1 at 0.5 (fxprune's defaults); the traced original
+and the compacted module then run node by node, taking turns run by run, under an ``torch.fx.Interpreter`` that times every node
+(batch 8 at 224, one thread, ``--repeats`` runs after a warm-up; a speed-up is the median over runs of
+the two models' times in the same turn). Nodes are classed as:
+
+    conv 1x1        groups 1, a 1x1 kernel (the pointwise convolutions: MAC-bound)
+    conv kxk        groups 1, a larger kernel
+    conv grouped    grouped and depthwise convolutions (few MACs per byte moved)
+    batch norm      inference batch norm (a pass over the activations)
+    elementwise     activations, adds, multiplies (squeeze-excitation scales), clamps
+    pool / other    pooling, linear layers, reshapes, everything else
+
+and each class gets its share of the original's time, its time speed-up and its MACs reduction
+(FlopCounterMode's, per node). Where a class's time follows its MACs, the kernels keep the promise and the gap
+is in the classes whose cost follows the activations (which halve at ratio 0.5 while pointwise MACs quarter).
+
+    python benchmarks/latency_breakdown.py [--models tv:mobilenet_v2 ...] [--out benchmarks/results/latency_breakdown.json]
+    python benchmarks/latency_breakdown.py --models tv:mobilenet_v2 --round-to 1 8 16   # does rounding pay?
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxprune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import build  # noqa: E402 - the same model builder as the latency sweep
+
+CNNS = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:regnet_y_800mf",
+        "tv:convnext_tiny", "timm:resnet50d"]
+CLASSES = ("conv 1x1", "conv kxk", "conv grouped", "batch norm", "elementwise", "pool / other")
+_ELEMENTWISE = ("relu", "hardtanh", "clamp", "silu", "sigmoid", "hardswish", "hardsigmoid", "gelu", "add", "mul",
+                "div", "sub")
+
+
+def classify(node: fx.Node, module: torch.nn.Module) -> str | None:
+    """The class of one node (None: placeholders, outputs, attributes)."""
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        return "batch norm" if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) else "pool / other"
+    if node.op != "call_function":
+        return None
+    name = str(node.target)
+    if "conv" in name:
+        w = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        if w is None:
+            return "pool / other"
+        if groups != 1:
+            return "conv grouped"
+        return "conv 1x1" if all(int(k) == 1 for k in w.shape[2:]) else "conv kxk"
+    if "batch_norm" in name:
+        return "batch norm"
+    if any(f"aten.{e}" in name for e in _ELEMENTWISE):
+        return "elementwise"
+    return "pool / other"
+
+
+class Timed(fx.Interpreter):
+    """Runs a GraphModule node by node, adding each node's seconds and MACs to its class."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.seconds = dict.fromkeys(CLASSES, 0.0)
+        self.macs = dict.fromkeys(CLASSES, 0)
+        self.count_macs = False
+        self.classes = {n: classify(n, module) for n in module.graph.nodes}
+
+    def run_node(self, n: fx.Node) -> Any:
+        cls = self.classes[n]
+        if cls is None:
+            return super().run_node(n)
+        if self.count_macs:
+            with FlopCounterMode(display=False) as fc:
+                out = super().run_node(n)
+            self.macs[cls] += fc.get_total_flops() // 2
+            return out
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.seconds[cls] += time.perf_counter() - t0
+        return out
+
+
+def _macs(gm: fx.GraphModule, x: tuple) -> dict[str, int]:
+    t = Timed(gm)
+    t.count_macs = True
+    with torch.no_grad():
+        t.run(*x)
+    return dict(t.macs)
+
+
+def profile(models: list[fx.GraphModule], x: tuple, repeats: int) -> list[list[dict[str, float]]]:
+    """Milliseconds per class of each model, one dict per run, the models taking turns run by run (so that
+    the machine's drift, up to 25% between minutes here, hits both alike), after two warm-up runs."""
+    runs: list[list[dict[str, float]]] = [[] for _ in models]
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            for k, gm in enumerate(models):
+                t = Timed(gm)
+                t.run(*x)
+                if i >= 2:
+                    runs[k].append({c: 1000 * v for c, v in t.seconds.items()})
+    return runs
+
+
+def _ratio(before: list[float], after: list[float]) -> float:
+    """The median over runs of before / after of the same turn: a drift between turns cancels."""
+    return statistics.median(b / a for b, a in zip(before, after) if a > 0) if any(after) else float("nan")
+
+
+def onnx_latency(models: list[torch.nn.Module], x: tuple, repeats: int, threads: int) -> list[list[float]]:
+    """Milliseconds per forward of each model exported to ONNX (``torch.onnx.export(dynamo=True)``) and run by
+    onnxruntime with its default graph optimisations (batch norm folded into the convolution, activations
+    fused into it), ``threads`` intra-op threads, the models taking turns run by run: each one's times."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from fxprune.cli.artifacts import export_program
+
+    sessions = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, m in enumerate(models):
+            path = f"{tmp}/{i}.onnx"
+            torch.onnx.export(export_program(m, x), x, dynamo=True, verbose=False).save(path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            sessions.append(ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
+    feeds = [{s.get_inputs()[0].name: x[0].numpy()} for s in sessions]
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(repeats + 2):
+        for k, (sess, feed) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            if i >= 2:
+                times[k].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def one(spec: str, batch: int, repeats: int, round_to: int = 1, onnx: bool = False) -> dict[str, Any]:
+    model, x1 = build(spec, 1, 224)
+    _, x = build(spec, batch, 224)
+    gm = fxprune.trace(model, x1).eval()
+    res = fxprune.prune(model, x1, "l1", 0.5, round_to=round_to)
+    runs_b, runs_a = profile([gm, res.module.eval()], x, repeats)
+    macs_before, macs_after = _macs(gm, x), _macs(res.module.eval(), x)
+    before = {c: statistics.median(r[c] for r in runs_b) for c in CLASSES}
+    after = {c: statistics.median(r[c] for r in runs_a) for c in CLASSES}
+    total_b, total_a = sum(before.values()), sum(after.values())
+    mb, ma = sum(macs_before.values()), sum(macs_after.values())
+    rows = {c: {"share_of_time": round(before[c] / total_b, 3), "ms": [round(before[c], 2), round(after[c], 2)],
+                "speedup": round(_ratio([r[c] for r in runs_b], [r[c] for r in runs_a]), 2),
+                "macs_reduction": round(macs_before[c] / macs_after[c], 2) if macs_after[c] else None}
+            for c in CLASSES if before[c] > 0}
+    speedup = _ratio([sum(r.values()) for r in runs_b], [sum(r.values()) for r in runs_a])
+    extra = {}
+    if onnx:
+        tb, ta = onnx_latency([model, res.module.eval()], x, repeats, torch.get_num_threads())
+        ratio = _ratio(tb, ta)
+        extra = {"onnxruntime": {"ms": [round(statistics.median(tb), 1), round(statistics.median(ta), 1)],
+                                 "speedup": round(ratio, 2), "speedup_over_macs_reduction": round(ratio / (mb / ma), 2)}}
+    return {**extra, "model": spec, "batch": batch, "round_to": round_to, "threads": torch.get_num_threads(), "ms": [round(total_b, 1),
+            round(total_a, 1)], "speedup": round(speedup, 2), "macs_reduction": round(mb / ma, 2),
+            "speedup_over_macs_reduction": round(speedup / (mb / ma), 2), "classes": rows}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=CNNS)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--round-to", type=int, nargs="*", default=[1], help="one row per value (kept positions a "
+                    "multiple of N)")
+    ap.add_argument("--onnx", action="store_true", help="also time both models in onnxruntime (batch norm "
+                    "folded, activations fused), as deployed")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    rows = []
+    for spec, round_to in [(m, r) for m in args.models for r in args.round_to]:
+        rows.append(one(spec, args.batch, args.repeats, round_to, args.onnx))
+        r = rows[-1]
+        print(f"{spec} round_to {round_to}: {r['speedup']}x for {r['macs_reduction']}x fewer MACs ({r['speedup_over_macs_reduction']})",
+              flush=True)
+        if "onnxruntime" in r:
+            o = r["onnxruntime"]
+            print(f"   onnxruntime: {o['speedup']}x ({o['speedup_over_macs_reduction']})", flush=True)
+        for c, v in r["classes"].items():
+            print(f"   {c:14s} {v['share_of_time']:6.1%} of time  {v['speedup']:5.2f}x faster  "
+                  f"{v['macs_reduction'] or '-'}x fewer MACs", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
