@@ -259,3 +259,21 @@ def test_cli_inspect_a_folder(tmp_path):
     assert sum(g["status"] == "prunable" for g in info["groups"]) == 2  # the two MLPs
     r = CliRunner().invoke(app, ["inspect", str(src), "--pass", "l1"])
     assert r.exit_code == 2 and "fxprune run" in r.output
+
+
+def test_single_file_checkpoint_and_shard_size(tmp_path):
+    """An unsharded folder (model.safetensors, no index) gives an unsharded folder; shard_bytes splits it."""
+    cls, model, _ = _save(tmp_path, _llama)
+    model.save_pretrained(tmp_path / "single")
+    assert not (tmp_path / "single" / INDEX).exists()
+    res = prune_checkpoint(tmp_path / "single", tmp_path / "out", "l1", 0.5)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / INDEX).exists()
+    out = cls.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    torch.testing.assert_close(_logits(out), _logits(masked_model(model, res.plan, res.groups)), rtol=1e-9, atol=1e-9)
+    prune_checkpoint(tmp_path / "single", tmp_path / "split", "l1", 0.5, shard_bytes=100_000)
+    index = json.loads((tmp_path / "split" / INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert index["metadata"]["total_size"] == sum(
+        t.nbytes for t in Checkpoint(tmp_path / "split").tensors.values())
+    torch.testing.assert_close(_logits(cls.from_pretrained(tmp_path / "split", dtype=torch.float64).eval()),
+                               _logits(out), rtol=0, atol=0)
