@@ -1119,3 +1119,44 @@ def test_index_with_adjacent_index_tensors():
     model = AdvancedIndex()
     res = prune_checked(model, (torch.randn(2, 5, 8),))
     assert kept(res, group_of(res.groups, "fc1.weight", 0)) == 8
+
+
+class NumpyT(nn.Module):
+    """``x.T`` (aten.numpy_T) reverses every axis: the channels follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).T  # (16, B)
+        return self.fc2((h * 2).T)
+
+
+def test_numpy_t_reverses_axes():
+    model = NumpyT()
+    res = prune_checked(model, (torch.randn(3, 8),))
+    gm = fxprune.trace(model, (torch.randn(3, 8),))
+    assert nodes(gm, aten.numpy_T.default), "the trace should record x.T as aten.numpy_T"
+    assert kept(res, group_of(res.groups, "fc1.weight", 0)) == 8
+
+
+class MatmulLinear(nn.Module):
+    """Linear layers written as ``x @ self.weight.T + self.bias`` (Falcon's FalconLinear): the transposed
+    parameter is a layer, producing and consuming channels like nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16))
+        self.w2 = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.T + self.b1) @ self.w2.T
+
+
+def test_matmul_with_transposed_parameter_is_a_layer():
+    model = MatmulLinear()
+    res = prune_checked(model, (torch.randn(2, 3, 8),))
+    g = group_of(res.groups, "w1", 0)
+    assert {p.role for p in g.params if p.name in ("w1", "w2")} == {"producer", "consumer"}
+    assert kept(res, g) == 8

@@ -155,10 +155,23 @@ def matmul(node: fx.Node, coupler: Coupler) -> None:
     coupler.link_axes(y, -1, out, -1)
     _contract(coupler, x, -1, y, -2, "matmul sums over this axis")
     for ref, inner, outer in ((x, -1, -2), (y, -2, -1)):
-        coupler.role(ref, inner, CONSUMER)
-        coupler.role(ref, outer, PRODUCER)
+        coupler.role(*_parameter_axis(ref, inner), CONSUMER)
+        coupler.role(*_parameter_axis(ref, outer), PRODUCER)
     coupler.set_zero(out, -2, coupler.is_zero(x, -2))
     coupler.set_zero(out, -1, coupler.is_zero(y, -1))
+
+
+_TRANSPOSES_2D = set(ops("aten.t.default", "aten.numpy_T.default", "aten.transpose.int", "aten.permute.default"))
+
+
+def _parameter_axis(ref: TensorRef, axis: int) -> tuple[TensorRef, int]:
+    """A matmul operand that is a transposed 2-d parameter (``x @ self.weight.T``: Falcon's linear layers) is
+    that parameter, its axes swapped, so that it gets its producer/consumer roles; any other operand is itself."""
+    n = ref.node
+    src = as_ref(n.args[0]) if n.op == "call_function" and n.target in _TRANSPOSES_2D and n.args else None
+    if src is not None and src.node.op == "get_attr" and src.ndim == 2 and ref.ndim == 2:
+        return src, 1 - axis % 2
+    return ref, axis
 
 
 def addmm_macs(node: fx.Node, shape: Shape) -> int:

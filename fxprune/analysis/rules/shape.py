@@ -336,6 +336,13 @@ def permute(node: fx.Node, coupler: Coupler) -> None:
     _permute_link(coupler, x, TensorRef(node), [d % x.ndim for d in bind(node)["dims"]])
 
 
+@rule(*ops("aten.numpy_T.default"))
+def numpy_t(node: fx.Node, coupler: Coupler) -> None:
+    """``x.T``: every axis reversed (Falcon reads its tied embedding this way)."""
+    x = as_ref(node.args[0])
+    _permute_link(coupler, x, TensorRef(node), list(range(x.ndim))[::-1])
+
+
 @rule(*_TRANSPOSE, *ops("aten.t.default"))
 def transpose(node: fx.Node, coupler: Coupler) -> None:
     x = as_ref(node.args[0])
