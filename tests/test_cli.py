@@ -597,8 +597,9 @@ def test_export_onnx_is_checked_with_onnxruntime_and_keeps_a_dynamic_batch(folde
     assert done.exit_code == 0, done.output
     info = json.loads(done.stdout)
     assert info["max_rel_err"] <= 1e-4 and isinstance(info["input_shapes"][0][0], str)  # a symbolic batch
-    assert sorted(p.name for p in folder_copy.iterdir()) == sorted(FILES + ["model.onnx", "train_log.jsonl",
-                                                                             "training.png"])
+    assert sorted(p.name for p in folder_copy.iterdir()) == sorted(FILES + ["model.onnx", "original.onnx",
+                                                                             "train_log.jsonl", "training.png"])
+    assert info["original"]["max_rel_err"] <= 1e-4
     x = torch.randn(5, 3, 4, 4)  # another batch size than the example inputs
     session = onnx_session(folder_copy / "model.onnx")
     got = session.run(None, onnx_feed(session, (x,), {}))[0]
@@ -606,8 +607,12 @@ def test_export_onnx_is_checked_with_onnxruntime_and_keeps_a_dynamic_batch(folde
         ref = fxprune.load(folder_copy).eval()(x)
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
     bench = json.loads(_invoke("bench", folder_copy, "--repeats", "3", "--rounds", "3", "--json").stdout)
-    onnx_row = next(r for r in bench if r["model"] == "pruned (onnxruntime)")
-    assert onnx_row["speedup"] > 0 and onnx_row["macs"] == next(r for r in bench if r["model"] == "pruned")["macs"]
+    rows = {r["model"]: r for r in bench}
+    onnx_row = rows["pruned (onnxruntime)"]
+    assert onnx_row["speedup"] > 0 and onnx_row["macs"] == rows["pruned"]["macs"]
+    # like for like: the onnxruntime row is timed against the original in onnxruntime, the program against the program
+    assert onnx_row["baseline"] == "original (onnxruntime)" and rows["pruned"]["baseline"] == "original"
+    assert rows["original (onnxruntime)"]["macs"] == rows["original"]["macs"]
 
 
 def test_export_bad_input_and_missing_dependencies(folder_copy, monkeypatch, tmp_path):
@@ -632,6 +637,7 @@ def test_run_with_onnx_writes_and_reports_it(tmp_path):
     assert done.exit_code == 0, done.output
     report = json.loads((out / "report.json").read_text())
     assert (out / "model.onnx").is_file() and report["onnx"]["path"] == "model.onnx"
+    assert (out / "original.onnx").is_file() and report["onnx"]["original"]["path"] == "original.onnx"
     assert report["onnx"]["max_rel_err"] <= 1e-4
 
 

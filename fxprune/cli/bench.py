@@ -10,7 +10,8 @@ Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (
 original, ...; ``fxprune.cli.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
 current thread count), so a change of load on the machine hits both alike. Each round gives a median per model and a speed-up;
 the row reports the median over rounds and the spread (lowest and highest round). When the folder has a
-``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds. The MACs reduction
+``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds, against
+``original.onnx`` (written beside it) so that its speed-up compares one runtime with itself. The MACs reduction
 (FlopCounterMode, as everywhere) sits next to the speed-up, with their ratio: 1.0 means the model got
 exactly as much faster as it got smaller.
 """
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from .artifacts import MODEL, ORIGINAL
-from .deploy import ONNX, DeployError, onnx_feed, onnx_session, require_onnx
+from .deploy import ONNX, ORIGINAL_ONNX, DeployError, onnx_feed, onnx_session, require_onnx
 from .measure import count_macs, interleaved_latency, peak_memory_bytes, to_device
 
 __all__ = ["bench", "BenchError"]
@@ -82,6 +83,9 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
                 module, inputs = _load(folder / name)
                 models[label] = (module.to(device), to_device(inputs, device))
         if device == "cpu" and (folder / ONNX).is_file() and _has_onnxruntime():
+            if (folder / ORIGINAL_ONNX).is_file():  # the same runtime on both sides: a like-for-like speed-up
+                models["original (onnxruntime)"] = (_OnnxModule(onnx_session(folder / ORIGINAL_ONNX)),
+                                                    models["original"][1])
             models["pruned (onnxruntime)"] = (_OnnxModule(onnx_session(folder / ONNX)), models["pruned"][1])
         times = interleaved_latency(models, rounds=rounds, repeats=per_round)
         macs = {label: count_macs(m, x) for label, (m, x) in models.items() if label in ("original", "pruned")}
@@ -91,15 +95,24 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
                    "runs_per_round": per_round, "latency_ms": statistics.median(times[label]),
                    "latency_ms_min": min(times[label]), "latency_ms_max": max(times[label]),
                    "peak_memory_bytes": None if onnx else peak_memory_bytes(module, inputs),
-                   "macs": macs["pruned" if onnx else label], "speedup": None}
-            if label != "original":
-                speedups = [o / p for o, p in zip(times["original"], times[label])]
+                   "macs": macs["pruned" if label.startswith("pruned") else "original"], "speedup": None}
+            if label.startswith("pruned"):
+                base = _baseline(label, models)
+                speedups = [o / p for o, p in zip(times[base], times[label])]
+                row["baseline"] = base
                 reduction = macs["original"] / max(macs["pruned"], 1)
                 row.update(speedup=statistics.median(speedups), speedup_min=min(speedups),
                            speedup_max=max(speedups), macs_reduction=reduction,
                            promise_kept=statistics.median(speedups) / reduction)
             rows.append(row)
     return rows
+
+
+def _baseline(label: str, models: dict[str, Any]) -> str:
+    """What a pruned row's speed-up is measured against: the original in the same runtime when the folder has
+    it (``original.onnx`` for the onnxruntime row), else the original program."""
+    same = label.replace("pruned", "original")
+    return same if same in models else "original"
 
 
 def _has_onnxruntime() -> bool:

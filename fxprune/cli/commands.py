@@ -500,7 +500,7 @@ def evaluate_robustness(
 @app.command("export")
 def export_format(
     folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: model.onnx, checked with onnxruntime "
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: model.onnx and original.onnx, checked with onnxruntime "
                                      "(pip install \"fxprune[onnx]\")")] = "onnx",
     as_json: JsonOpt = False,
 ) -> None:
@@ -516,6 +516,9 @@ def export_format(
     else:
         typer.echo(f"wrote {done['path']} (onnxruntime vs model.pt2 on the example inputs: relative error "
                    f"{done['max_rel_err']:.1e}; input shapes {done['input_shapes']})")
+        if "original" in done:
+            typer.echo(f"wrote {done['original']['path']} (vs original.pt2: relative error "
+                       f"{done['original']['max_rel_err']:.1e}), the baseline `fxprune bench` times it against")
 
 
 def main(argv: list[str] | None = None) -> None:

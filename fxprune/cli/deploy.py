@@ -1,8 +1,9 @@
 """Deployment formats: the pruned model of an output folder as ONNX, checked with onnxruntime.
 
-``fxprune export DIR --format onnx`` (and ``fxprune run ... --onnx``) converts ``model.pt2`` with
+``fxprune export DIR --format onnx`` (and ``fxprune run ... --onnx``) converts ``model.pt2`` (and
+``original.pt2``, the baseline ``fxprune bench`` times it against) with
 ``torch.onnx.export(..., dynamo=True)`` (the batch axis stays dynamic where the .pt2 has it), writes
-``model.onnx`` next to it (through a temporary file: never half-written), and runs it with onnxruntime on
+``model.onnx`` (``original.onnx``) next to it (through a temporary file: never half-written), and runs it with onnxruntime on
 the folder's example inputs against the .pt2 in the same command. Needs the optional extra
 ``pip install "fxprune[onnx]"`` (onnx, onnxscript, onnxruntime).
 """
@@ -21,11 +22,11 @@ import torch
 
 from fxprune.tracing.compat import tree_leaves
 
-from .artifacts import MODEL
+from .artifacts import MODEL, ORIGINAL
 
-__all__ = ["ONNX", "FORMATS", "DeployError", "export_onnx", "onnx_session", "onnx_feed", "require_onnx"]
+__all__ = ["ONNX", "ORIGINAL_ONNX", "FORMATS", "DeployError", "export_onnx", "onnx_session", "onnx_feed", "require_onnx"]
 
-ONNX = "model.onnx"
+ONNX, ORIGINAL_ONNX = "model.onnx", "original.onnx"
 FORMATS = ("onnx",)
 TOLERANCE = 1e-4  # relative to the largest output magnitude: onnxruntime's float32 kernels sum in another order
 
@@ -59,19 +60,28 @@ def onnx_feed(session: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
 
 
 def export_onnx(folder: str | Path) -> dict[str, Any]:
-    """Write ``folder/model.onnx`` from ``folder/model.pt2`` and check it with onnxruntime; returns what was
-    checked (the path, the largest relative difference on the example inputs, the inputs' dynamic axes)."""
+    """Write ``folder/model.onnx`` from ``folder/model.pt2`` (and ``original.onnx`` from ``original.pt2``, so that
+    ``fxprune bench`` compares the two in one runtime) and check each with onnxruntime; returns what was checked
+    for the pruned model (the path, the largest relative difference on the example inputs, the inputs' dynamic
+    axes), and the original's under "original"."""
     folder = Path(folder)
-    source = folder / MODEL
-    if not source.is_file():
+    if not (folder / MODEL).is_file():
         raise DeployError(f"{folder} is not an fxprune output folder: missing {MODEL}")
     require_onnx()
-    ep = torch.export.load(str(source))
+    info = _convert(folder, MODEL, ONNX)
+    if (folder / ORIGINAL).is_file():
+        info["original"] = _convert(folder, ORIGINAL, ORIGINAL_ONNX)
+    return info
+
+
+def _convert(folder: Path, source: str, target: str) -> dict[str, Any]:
+    """``folder/source`` (an exported program) as ``folder/target`` (ONNX), checked against it with onnxruntime
+    on its example inputs before it is renamed into place."""
+    ep = torch.export.load(str(folder / source))
     args, kwargs = ep.example_inputs or ((), {})
     with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress to stdout
         program = torch.onnx.export(ep, args, kwargs=kwargs or None, dynamo=True, verbose=False)
-    target = folder / ONNX
-    tmp = folder / f".{ONNX}.tmp"
+    tmp = folder / f".{target}.tmp"
     try:
         program.save(str(tmp))
         session = onnx_session(tmp)
@@ -81,13 +91,13 @@ def export_onnx(folder: str | Path) -> dict[str, Any]:
                    if isinstance(t, torch.Tensor)]
         error = _relative_error(ref, got)
         if error > TOLERANCE:
-            raise DeployError(f"the ONNX model differs from {MODEL} on the example inputs: relative error "
+            raise DeployError(f"the ONNX model differs from {source} on the example inputs: relative error "
                               f"{error:.2e} > {TOLERANCE:g}")
-        os.replace(tmp, target)
+        os.replace(tmp, folder / target)
     finally:
         tmp.unlink(missing_ok=True)
     dynamic = [[d if isinstance(d, str) else None for d in i.shape] for i in session.get_inputs()]
-    return {"path": str(target), "max_rel_err": error, "input_shapes": dynamic}
+    return {"path": str(folder / target), "max_rel_err": error, "input_shapes": dynamic}
 
 
 def _relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:

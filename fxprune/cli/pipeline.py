@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .deploy import ONNX, export_onnx, require_onnx
+from .deploy import ONNX, ORIGINAL_ONNX, export_onnx, require_onnx
 from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from fxprune.passes.registry import PassError, load_pass, make_pass
@@ -246,9 +246,11 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
     with artifacts.staging_folder(out, force=force) as tmp:
         if getattr(result, "compaction", {}).get("target", "graph") == "graph":
             artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
-            if onnx:  # from the saved model.pt2, checked with onnxruntime; the report says how it compared
-                report["onnx"] = {**export_onnx(tmp), "path": ONNX}
             artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
+            if onnx:  # from the saved programs, checked with onnxruntime; the report says how they compared
+                info = export_onnx(tmp)
+                report["onnx"] = {**info, "path": ONNX,
+                                  "original": {**info["original"], "path": ORIGINAL_ONNX}}
         # the modules target: no program to export; model.safetensors + plan.json, fxprune.load(DIR, model=...)
         artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)

@@ -123,12 +123,15 @@ def passes_table(rows: list[dict[str, Any]]) -> Table:
 def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Latency with its spread over rounds, and the speed-up next to the MACs reduction it promised."""
     table = Table(title=title, title_justify="left", caption="ms: median over rounds (lowest-highest round); "
-                  "of MACs: speed-up / MACs reduction, 1.00 = as much faster as smaller", caption_justify="left")
+                  "of MACs: speed-up / MACs reduction, 1.00 = as much faster as smaller; a speed-up compares the "
+                  "original and the pruned model in the same runtime", caption_justify="left")
     for col in ("device", "model", "ms", "memory", "MACs", "speed-up", "of MACs"):
         table.add_column(col, justify="left" if col in ("device", "model") else "right")
     for r in rows:
         pruned = r.get("speedup") is not None
-        table.add_row(r["device"], r["model"],
+        base = r.get("baseline")
+        label = r["model"] + (f" vs {base}" if base and base != r["model"].replace("pruned", "original") else "")
+        table.add_row(r["device"], label,
                       f"{format_ms(r['latency_ms'])} ({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
                       "-" if r["peak_memory_bytes"] is None else human(r["peak_memory_bytes"], "B"), human(r["macs"]),
                       f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if pruned else "",
