@@ -10,12 +10,14 @@ change: most families derive it as ``hidden_size / num_attention_heads`` otherwi
 
 Nothing here is trusted: the rewritten config builds the architecture on the meta device and every tensor's
 shape must equal what the plan writes (:func:`mismatches`). :func:`freeze_unexpressible` runs that check
-before selection with one channel gone from every group of a kind, and freezes the kinds no config field can
-express (GPT-2's and BERT's heads: their head size is always ``hidden / heads``), saying why.
+before selection with half the channels gone from every group of a kind, and freezes the kinds no config
+field can express (GPT-2's and BERT's heads: their head size is always ``hidden / heads``), saying why.
+:class:`ConfigRule` tells selection which kinds share a field and which counts the config class accepts.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+
 import numpy as np
 import torch.fx as fx
 from torch import nn
@@ -25,7 +27,7 @@ from fxprune.compaction.plan import Plan, add_aliases, build_plan
 from fxprune.compaction.resize import Reindexing
 from fxprune.selection.uniform import Kind, kinds, layer_kind, pattern
 
-__all__ = ["WIDTH_KEYS", "ConfigWidths", "layer_widths", "freeze_unexpressible", "mismatches", "planned_shapes"]
+__all__ = ["WIDTH_KEYS", "ConfigWidths", "ConfigRule", "layer_widths", "freeze_unexpressible", "mismatches", "planned_shapes"]
 
 # what each kind of width is called in the config families transformers defines, first match wins
 WIDTH_KEYS: dict[str, tuple[str, ...]] = {
