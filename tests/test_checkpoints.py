@@ -277,3 +277,39 @@ def test_single_file_checkpoint_and_shard_size(tmp_path):
         t.nbytes for t in Checkpoint(tmp_path / "split").tensors.values())
     torch.testing.assert_close(_logits(cls.from_pretrained(tmp_path / "split", dtype=torch.float64).eval()),
                                _logits(out), rtol=0, atol=0)
+
+
+def test_quantized_folder_is_refused(tmp_path):
+    """A quantized checkpoint (packed tensors) is refused with what to do, before any work."""
+    _, _, src = _save(tmp_path, _llama)
+    config = json.loads((src / "config.json").read_text())
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    for p in src.iterdir():
+        (quantized / p.name).write_bytes(p.read_bytes())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(CheckpointError, match="quantized checkpoint .gptq."):
+        prune_checkpoint(quantized, tmp_path / "q", "l1", 0.5)
+    r = CliRunner().invoke(app, ["run", str(quantized), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 2 and "full-precision" in r.output and not (tmp_path / "q").exists()
+
+
+def test_nothing_prunable_fails_unless_forced(tmp_path, monkeypatch):
+    """An architecture none of whose groups can shrink (here: every kind frozen for the config) fails naming
+    why, before reading any weight; require_prunable=False writes the folder unchanged."""
+    import fxprune.checkpoints.prune as prune_module
+    from fxprune.api import NothingToPruneError
+
+    def freeze_all(gm, groups, *args):
+        for g in groups.prunable:
+            g.frozen = "config.json cannot express it (test)"
+        return {}
+
+    monkeypatch.setattr(prune_module, "freeze_unexpressible", freeze_all)
+    cls, model, src = _save(tmp_path, _llama)
+    with pytest.raises(NothingToPruneError, match="config.json cannot express it"):
+        prune_checkpoint(src, tmp_path / "out", "l1", 0.5)
+    assert not (tmp_path / "out").exists()
+    res = prune_checkpoint(src, tmp_path / "out", "l1", 0.5, require_prunable=False)
+    assert not res.plan and res.loadable
+    assert Checkpoint(tmp_path / "out").tensors.keys() == Checkpoint(src).tensors.keys()

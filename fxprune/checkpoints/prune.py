@@ -133,14 +133,16 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                      min_channels: int = 1, min_keep: float | None = None, round_to: int = 1,
                      target_macs: float | None = None, target_params: float | None = None,
                      allow_inexact: bool = False, uniform_across_layers: bool = True,
-                     shard_bytes: int | None = None, force: bool = False,
+                     shard_bytes: int | None = None, force: bool = False, require_prunable: bool = True,
                      progress: Callable[[str], None] | None = None) -> CheckpointResult:
     """Prune the Hugging Face model folder ``src`` (config.json + safetensors, sharded or not) into ``out``,
     never holding more than a tensor or a shard of it in memory. The budget options are ``fxprune.prune``'s;
     ``uniform_across_layers`` (default on) keeps one width per kind of layer, so that ``out`` loads with
     ``from_pretrained``; off, layers get their own widths, ``out`` holds them (plan.json, report.json) and
     its config.json is the original one, which does not describe them. ``shard_bytes``: output shard size
-    (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``."""
+    (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``. A removal
+    asked of an architecture none of whose groups can shrink raises ``NothingToPruneError`` (naming why) unless
+    ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``."""
     t0 = time.perf_counter()
     stage = progress or (lambda name: None)
     timings: dict[str, float] = {}
@@ -156,6 +158,10 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     check_target(Path(out).resolve(), force)  # before any work
     stage("read")
     ckpt = Checkpoint(src)
+    if ckpt.config.get("quantization_config"):
+        method_name = ckpt.config["quantization_config"].get("quant_method", "quantization_config")
+        raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method_name}): its tensors are packed, "
+                              "not channels; prune the full-precision checkpoint, then quantize the result")
     config = load_config(ckpt.root)
     the_pass = make_pass(method, options)
     if getattr(the_pass, "runs_graph", True):
@@ -173,6 +179,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                                                               {n: t.shape for n, t in ckpt.tensors.items()}),
                                 allow_inexact=allow_inexact, uniform_across_layers=uniform_across_layers, lap=lap)
     groups, names = arch.groups, arch.names
+    asked = ratio > 0 or target_macs is not None or target_params is not None or any((ratio_for or {}).values())
+    if asked and not groups.prunable and require_prunable:
+        from fxprune.api import NothingToPruneError
+        from fxprune.selection.diagnose import nothing_prunable
+
+        raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
     sel = arch.selection(sel)
     counter = CostCounter(groups)
     before = counter()

@@ -55,7 +55,7 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
             steps.enter_context(fb.step(stage))
 
         result = prune_checkpoint(folder, out, method, ratio, options=opts, allow_inexact=allow_inexact,
-                                  force=force, progress=progress, **kwargs)
+                                  force=force, require_prunable=not force, progress=progress, **kwargs)
     for kind, why in result.report["kept_whole_for_config"].items():
         fb.note(f"{kind}: kept whole, {why}")
         notes.append(f"{kind}: kept whole, {why}")
