@@ -8,7 +8,8 @@ then runs ``fxprune run FOLDER --pass l1 --ratio 0.25`` on it in a child process
   size, its largest shard, and the fixed cost of a process that only imports torch, transformers and fxprune;
   target: peak under two shards plus that fixed cost;
 - that the output loads with ``LlamaForCausalLM.from_pretrained`` alone (another child) and runs, with the
-  parameter count the report promised;
+  parameter count the report promised, and equals the original with its pruned rows and columns zeroed
+  (``plan.json``; float32 from the same bf16 weights) on 8 tokens;
 - the 70B-shaped plan (LLaMA-70B config, meta device only: trace, analysis, config probe, selection on random
   scores, plan, config rebuild check): seconds and peak memory; target under 30 s.
 
@@ -122,11 +123,23 @@ IMPORTS = ("import torch, transformers, fxprune.checkpoints, fxprune.cli.command
 LOAD = """
 import json, sys, torch
 from transformers import LlamaForCausalLM
-m = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+from fxprune.testing import masked_model
+out, src = sys.argv[1], sys.argv[2]
+m = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+ids = torch.arange(8).unsqueeze(0)
 with torch.no_grad():
-    logits = m(input_ids=torch.arange(8).unsqueeze(0)).logits
-print(json.dumps({"params": sum(p.numel() for p in m.parameters()), "finite": bool(torch.isfinite(logits).all()),
-                  "logits_shape": list(logits.shape)}))
+    logits = m(input_ids=ids).logits
+params = sum(p.numel() for p in m.parameters())
+# exact at scale: the pruned model against the original with its pruned rows and columns zeroed (plan.json),
+# both from the same bf16 weights, computed in float32
+m = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+plan = {k: {int(d): v for d, v in e.items()} for k, e in json.load(open(f"{out}/plan.json")).items()}
+ref = masked_model(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), plan)
+with torch.no_grad():
+    got, want = m(input_ids=ids).logits, ref(input_ids=ids).logits
+err = float((got - want).abs().max() / want.abs().max())
+print(json.dumps({"params": params, "finite": bool(torch.isfinite(logits).all()), "logits_shape": list(logits.shape),
+                  "max_rel_err_vs_masked_original_fp32": err}))
 """
 
 
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"fxprune run failed with exit code {rc}")
         report = json.loads(text)
         out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-        rc, load_s, load_mb, loaded = _child(["-c", LOAD, str(dst)])
+        rc, load_s, load_mb, loaded = _child(["-c", LOAD, str(dst), str(src)])
         loaded = json.loads(loaded) if rc == 0 else {"error": f"exit code {rc}"}
         shard_mb = ckpt["largest_shard_bytes"] / 2**20
         rc, _, plan_mb, plan = _child([__file__, "--plan-child", "--plan-layers", str(args.plan_layers),

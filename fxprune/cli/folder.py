@@ -59,7 +59,20 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
     for kind, why in result.report["kept_whole_for_config"].items():
         fb.note(f"{kind}: kept whole, {why}")
         notes.append(f"{kind}: kept whole, {why}")
-    return dict(result.report, out=str(result.out), notes=notes)
+    report = dict(result.report, notes=notes)
+    _replace_json(result.out / "report.json", report)  # the notes printed, as a model file's report.json has them
+    return dict(report, out=str(result.out))
+
+
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    """``path`` rewritten through a temporary file renamed over it: never half-written."""
+    import os
+
+    from .artifacts import write_json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_json(data, tmp)
+    os.replace(tmp, path)
 
 
 def folder_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
