@@ -199,7 +199,7 @@ def test_cli_prunes_a_folder(tmp_path):
     report = json.loads(r.stdout)
     assert report["loadable"] and report["config_changes"]["intermediate_size"] == [128, 64]
     assert json.loads((out / "report.json").read_text())["notes"] == report["notes"]
-    cls.from_pretrained(out)
+    assert isinstance(T.AutoModelForCausalLM.from_pretrained(out), cls)  # the auto class alone loads it
     r = CliRunner().invoke(app, ["run", str(src), "-o", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
 
