@@ -163,11 +163,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method_name}): its tensors are packed, "
                               "not channels; prune the full-precision checkpoint, then quantize the result")
     config = load_config(ckpt.root)
-    the_pass = make_pass(method, options)
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates a model, and a checkpoint folder is pruned "
-                        "from disk without loading it: use a pass that reads weights only (l1), or write a model "
-                        "file whose model() loads the checkpoint")
+    the_pass = _weights_only_pass(method, options)
     if target_macs is not None and target_params is not None:
         raise SelectionError("give target_macs or target_params, not both")
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
@@ -217,7 +213,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                      the_pass.name, why_not, timings)
     report["frozen"] = _frozen_kinds(groups)
     report["target"] = {which: float(resource)} if resource is not None else {}
-    with staging_folder(Path(out), force=force) as tmp:
+    with staging_folder(Path(out), force=force) as tmp:  # renamed into place at the end: never half-written
         write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
         _save_plan(plan, tmp / "plan.json")
         lap("write")
@@ -225,6 +221,16 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         write_json(report, tmp / "report.json")
     return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
                             new_config is not None, why_not, kept_widths, before, after, sel, report)
+
+
+def _weights_only_pass(method: str, options: dict[str, Any] | None) -> Any:
+    """The pass, which must read weights only (``Pass.runs_graph`` False): the others train or calibrate."""
+    the_pass = make_pass(method, options)
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates a model, and a checkpoint folder is pruned "
+                        "from disk without loading it: use a pass that reads weights only (l1), or write a model "
+                        "file whose model() loads the checkpoint")
+    return the_pass
 
 
 def _read(ckpt: Checkpoint, names: dict[str, str], name: str) -> torch.Tensor:
