@@ -208,6 +208,7 @@ def test_cli_prunes_a_folder(tmp_path):
     (["--pass", "slimming"], "reads weights only"),
     (["--epochs", "2"], "cannot apply"),
     (["--onnx"], "cannot apply"),
+    (["--ratio-for", "no-equals-sign"], "PATTERN=RATIO"),
 ])
 def test_cli_refuses_what_a_folder_cannot_do(tmp_path, args, message):
     _, _, src = _save(tmp_path, _llama)

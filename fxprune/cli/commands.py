@@ -182,19 +182,19 @@ def run(
     Hugging Face model folder from disk into one that from_pretrained loads."""
     from .pipeline import RunConfig
 
-    if model_file.is_dir():
+    with _user_errors():  # a malformed --ratio-for is bad input for a folder as for a model file
+        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
+                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
+                  "target_params": target_params}
+    if model_file.is_dir():  # a Hugging Face folder: one width per kind of layer unless --per-layer-widths
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
                  "attack": attack}
-        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
-                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
-                  "target_params": target_params, "uniform_across_layers": True if uniform is None else uniform}
-        _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [], budget,
-                    given, target, allow_inexact, force, quiet, as_json)
+        _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [],
+                    {**budget, "uniform_across_layers": True if uniform is None else uniform}, given, target,
+                    allow_inexact, force, quiet, as_json)
         return
+    budget.update(target=target, uniform_across_layers=bool(uniform))
     with _user_errors():
-        budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
-                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
-                  "target_params": target_params, "target": target, "uniform_across_layers": bool(uniform)}
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps)
@@ -227,7 +227,7 @@ def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[st
                 given: dict[str, Any], target: str, allow_inexact: bool, force: bool, quiet: bool,
                 as_json: bool) -> None:
     """``fxprune run DIR``: a Hugging Face model folder (``fxprune.cli.folder``)."""
-    from .folder import check_folder_options, folder_rows, run_folder
+    from .folder import check_folder_options, run_folder
     from .ui import RichFeedback
 
     _quiet_torch_logs()
@@ -243,16 +243,10 @@ def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[st
         _print_json(report)
     elif not quiet:
         from rich.console import Console
-        from rich.table import Table
 
-        budget = "".join(f" to {v:g} of the {'MACs' if k == 'macs' else 'parameters'}"
-                         for k, v in report["target"].items()) or f" at ratio {report['ratio']}"
-        table = Table(title=f"{report['pass']}{budget}: {report['out']}", title_justify="left")
-        for col in ("", "before", "after", "change"):
-            table.add_column(col, justify="left" if not col else "right")
-        for row in folder_rows(report):
-            table.add_row(*row)
-        Console().print(table)
+        from .ui import folder_table
+
+        Console().print(folder_table(report))
 
 
 def _run(cfg: Any, quiet: bool) -> dict[str, Any]:

@@ -69,15 +69,35 @@ class RichFeedback(Feedback):
         self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
 
 
-def summary_table(report: dict[str, Any]) -> Table:
+def _title(report: dict[str, Any]) -> str:
+    """"PASS at ratio R: OUT", or "PASS to F of the MACs: OUT" for a resource target."""
     target = report.get("target") or {}
     budget = "".join(f" to {v:g} of the {'MACs' if k == 'macs' else 'parameters'}" for k, v in target.items()) \
         or f" at ratio {report['ratio']}"
-    table = Table(title=f"{report['pass']}{budget}: {report['out']}", title_justify="left")
+    return f"{report['pass']}{budget}: {report['out']}"
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    table = Table(title=_title(report), title_justify="left")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in cost_rows(report):
         table.add_row(*row)
+    return table
+
+
+def folder_table(report: dict[str, Any]) -> Table:
+    """``fxprune run HF_FOLDER``: parameters and MACs before and after, each config field that changed, and
+    whether ``from_pretrained`` loads the result."""
+    table = Table(title=_title(report), title_justify="left")
+    for col in ("", "before", "after", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    for what, label in (("params", "parameters"), ("macs", "MACs")):
+        a, b = report[what]["before"], report[what]["after"]
+        table.add_row(label, f"{a:,}", f"{b:,}", f"{(b - a) / a:+.1%}" if a else "")
+    for key, (a, b) in report["config_changes"].items():
+        table.add_row(f"config {key}", str(a), str(b), "")
+    table.add_row("from_pretrained", "", "loads" if report["loadable"] else "does NOT load", "")
     return table
 
 
