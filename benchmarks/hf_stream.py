@@ -48,8 +48,6 @@ def write_checkpoint(folder: Path, layers: int, shard_mb: int, seed: int = 0) ->
         shapes = {k: tuple(v.shape) for k, v in T.LlamaForCausalLM(config).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    names: list[list[str]] = [[]]
     plan, used = [[]], 0
     for name, shape in shapes.items():
         n = 2 * int(torch.Size(shape).numel())
@@ -75,7 +73,6 @@ def write_checkpoint(folder: Path, layers: int, shard_mb: int, seed: int = 0) ->
     config.to_json_file(str(folder / "config.json"))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
-    del shards, names
     sizes = [p.stat().st_size for p in folder.glob("*.safetensors")]
     return {"layers": layers, "parameters_billion": round(total / 2 / 1e9, 3), "bytes": sum(sizes),
             "shards": len(sizes), "largest_shard_bytes": max(sizes)}

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "is_checkpoint_folder", "CONFIG", "INDEX", "SINGLE"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "DTYPES", "is_checkpoint_folder", "CONFIG", "INDEX",
+           "SINGLE"]
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -46,7 +47,8 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors' dtype names (its header format) -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
@@ -92,7 +94,7 @@ class Checkpoint:
         with safe_open(str(self.root / file), framework="pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
-                dtype = _DTYPES.get(sl.get_dtype())
+                dtype = DTYPES.get(sl.get_dtype())
                 if dtype is None:
                     raise CheckpointError(f"{file}: tensor {name} has dtype {sl.get_dtype()}, which fxprune does "
                                           "not know how to slice")
@@ -122,11 +124,11 @@ class Checkpoint:
 
         info = self.tensors[name]
         kept = {int(d): torch.as_tensor(np.asarray(k, dtype=np.int64)) for d, k in (entry or {}).items()}
+        if not info.shape:  # a scalar: nothing to slice
+            with safe_open(str(self.root / info.file), framework="pt") as f:
+                return f.get_tensor(name)
         out = torch.empty([len(kept[d]) if d in kept else s for d, s in enumerate(info.shape)], dtype=info.dtype)
-        if not info.shape or out.numel() == 0:
-            if not info.shape:
-                with safe_open(str(self.root / info.file), framework="pt") as f:
-                    out = f.get_tensor(name)
+        if out.numel() == 0:
             return out
         rows = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
         at = 0

@@ -18,7 +18,7 @@ import dataclasses
 import io
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,19 +75,21 @@ class Architecture:
 
     def build(self, cfg: dict) -> torch.nn.Module:
         """The architecture ``cfg`` (a config.json dict) describes, on meta."""
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return meta_model(type(self.config).from_dict(cfg), self.cls)
+        return meta_model(self._config(cfg), self.cls)
 
     def valid(self, cfg: dict) -> bool:
         """Does the config class accept ``cfg`` (its own checks: heads dividing the hidden size...)?"""
         try:
-            with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                type(self.config).from_dict(cfg)
+            self._config(cfg)
             return True
         except Exception:  # noqa: BLE001 - any refusal means: not this width
             return False
+
+    def _config(self, cfg: dict) -> Any:
+        """``cfg`` as the folder's config class, its messages on stderr and its warnings silenced."""
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return type(self.config).from_dict(cfg)
 
     def selection(self, sel: Selection) -> Selection:
         """``sel`` with the config's uniform rule (kinds by config field, counts the config accepts)."""
@@ -120,7 +122,7 @@ def analyse_architecture(config: Any, config_dict: dict, tensors: Callable[[torc
     lap("trace")
     groups = analyze(gm, allow_inexact=allow_inexact)
     names, shapes = tensors(model)
-    _freeze_missing(groups, names)
+    _freeze_missing(groups, names, model)
     arch = Architecture(config, cls, model, gm, groups, names, shapes, ConfigWidths(config_dict), {})
     if uniform_across_layers:
         arch.frozen_kinds = freeze_unexpressible(gm, groups, model, names, shapes, arch.widths, arch.build)
@@ -153,74 +155,92 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         if name != order[-1]:
             stage(order[order.index(name) + 1])
 
-    from fxprune.cli.artifacts import check_target, staging_folder, write_json
+    from fxprune.cli.artifacts import check_target, save_plan, staging_folder, write_json
 
     check_target(Path(out).resolve(), force)  # before any work
-    stage("read")
-    ckpt = Checkpoint(src)
-    if ckpt.config.get("quantization_config"):
-        method_name = ckpt.config["quantization_config"].get("quant_method", "quantization_config")
-        raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method_name}): its tensors are packed, "
-                              "not channels; prune the full-precision checkpoint, then quantize the result")
-    config = load_config(ckpt.root)
-    the_pass = _weights_only_pass(method, options)
-    if target_macs is not None and target_params is not None:
-        raise SelectionError("give target_macs or target_params, not both")
-    sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
-                    protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                    normalize=getattr(the_pass, "normalize", "mean"),
-                    min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
-                    uniform_across_layers=uniform_across_layers)
-    arch = analyse_architecture(config, ckpt.config, lambda m: (checkpoint_names(m, ckpt),
-                                                              {n: t.shape for n, t in ckpt.tensors.items()}),
-                                allow_inexact=allow_inexact, uniform_across_layers=uniform_across_layers, lap=lap)
-    groups, names = arch.groups, arch.names
-    asked = ratio > 0 or target_macs is not None or target_params is not None or any((ratio_for or {}).values())
-    if asked and not groups.prunable and require_prunable:
-        from fxprune.api import NothingToPruneError
-        from fxprune.selection.diagnose import nothing_prunable
+    with _recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
+        stage("read")
+        ckpt = Checkpoint(src)
+        if ckpt.config.get("quantization_config"):
+            method_name = ckpt.config["quantization_config"].get("quant_method", "quantization_config")
+            raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method_name}): its tensors are packed, "
+                                  "not channels; prune the full-precision checkpoint, then quantize the result")
+        config = load_config(ckpt.root)
+        the_pass = _weights_only_pass(method, options)
+        if target_macs is not None and target_params is not None:
+            raise SelectionError("give target_macs or target_params, not both")
+        sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
+                        protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                        normalize=getattr(the_pass, "normalize", "mean"),
+                        min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
+                        uniform_across_layers=uniform_across_layers)
+        arch = analyse_architecture(config, ckpt.config, lambda m: (checkpoint_names(m, ckpt),
+                                                                  {n: t.shape for n, t in ckpt.tensors.items()}),
+                                    allow_inexact=allow_inexact, uniform_across_layers=uniform_across_layers, lap=lap)
+        groups, names = arch.groups, arch.names
+        for kind, why in arch.frozen_kinds.items():
+            warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=2)
+        asked = ratio > 0 or target_macs is not None or target_params is not None or any((ratio_for or {}).values())
+        if asked and not groups.prunable and require_prunable:
+            from fxprune.api import NothingToPruneError
+            from fxprune.selection.diagnose import nothing_prunable
 
-        raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
-    sel = arch.selection(sel)
-    counter = CostCounter(groups)
-    before = counter()
-    lap("analyze")
-    resource = target_macs if target_macs is not None else target_params
-    which = "macs" if target_macs is not None else "params"
-    ctx = PassContext(arch.gm, groups, arch.model, {}, sel,
-                      target=(which, float(resource)) if resource is not None else None,
-                      source=lambda name: _read(ckpt, names, name))
-    budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
-    ctx.select = budget.removal
-    scores = the_pass.score(ctx) if groups.prunable else {}
-    lap("score")
-    removed, sel = budget(scores)
-    if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
-        raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
-                        "carry: use a pass that only scores (l1)")
-    plan, new_config, why_not = arch.decide(removed)
-    if new_config is None and uniform_across_layers:
-        raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
-                              "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
-    if new_config is None:
-        warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
-                      "widths are in its plan.json and report.json", stacklevel=2)
-    after = counter(removed)
-    lap("select")
-    entries = {names[m]: e for m, e in plan.items() if m in names}
-    kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
-    report = _report(ckpt, arch.cls, config, new_config, kept_widths, arch.frozen_kinds, before, after, sel,
-                     the_pass.name, why_not, timings)
-    report["frozen"] = _frozen_kinds(groups)
-    report["target"] = {which: float(resource)} if resource is not None else {}
+            raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
+        sel = arch.selection(sel)
+        counter = CostCounter(groups)
+        before = counter()
+        lap("analyze")
+        resource = target_macs if target_macs is not None else target_params
+        which = "macs" if target_macs is not None else "params"
+        ctx = PassContext(arch.gm, groups, arch.model, {}, sel,
+                          target=(which, float(resource)) if resource is not None else None,
+                          source=lambda name: _read(ckpt, names, name))
+        budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
+        ctx.select = budget.removal
+        scores = the_pass.score(ctx) if groups.prunable else {}
+        lap("score")
+        removed, sel = budget(scores)
+        if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
+            raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
+                            "carry: use a pass that only scores (l1)")
+        plan, new_config, why_not = arch.decide(removed)
+        if new_config is None and uniform_across_layers:
+            raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
+                                  "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
+        if new_config is None:
+            warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
+                          "widths are in its plan.json and report.json", stacklevel=2)
+        after = counter(removed)
+        lap("select")
+        entries = {names[m]: e for m, e in plan.items() if m in names}
+        kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
+        report = _report(ckpt, arch, new_config, kept_widths, before, after, sel, the_pass.name, why_not)
+        report["target"] = {which: float(resource)} if resource is not None else {}
+    report["notes"] = notes
     with staging_folder(Path(out), force=force) as tmp:  # renamed into place at the end: never half-written
         write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
-        _save_plan(plan, tmp / "plan.json")
+        save_plan(plan, tmp / "plan.json", compact=True)
         lap("write")
         report["seconds"] = dict(timings, total=round(time.perf_counter() - t0, 3))
         write_json(report, tmp / "report.json")
     return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
                             new_config is not None, why_not, kept_widths, before, after, sel, report)
+
+
+@contextlib.contextmanager
+def _recorded_notes() -> Iterator[list[str]]:
+    """The fxprune warnings issued inside, as a list of notes (for report.json); each warning is issued again on
+    the way out, so that callers (the command line's notes, pytest.warns) see it as if nothing caught it."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield notes
+        finally:
+            notes.extend(dict.fromkeys(str(w.message).removeprefix("fxprune: ") for w in caught
+                                       if str(w.message).startswith("fxprune: ")))
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _weights_only_pass(method: str, options: dict[str, Any] | None) -> Any:
@@ -239,16 +259,14 @@ def _read(ckpt: Checkpoint, names: dict[str, str], name: str) -> torch.Tensor:
     return ckpt.read(names[name]).float()
 
 
-def _freeze_missing(groups: ChannelGroups, names: dict[str, str]) -> None:
-    """Groups touching a parameter the checkpoint does not hold stay whole (nothing to score or slice)."""
+def _freeze_missing(groups: ChannelGroups, names: dict[str, str], model: torch.nn.Module) -> None:
+    """Groups touching a tensor the model saves (its state dict) that the checkpoint does not hold stay whole:
+    nothing to score or slice. Non-persistent buffers (rotary frequencies) are rebuilt at load, not saved."""
+    saved = model.state_dict().keys()
     for g in groups.prunable:
-        missing = next((p.name for p in g.params if p.name not in names and not _buffer_like(p.name)), None)
+        missing = next((p.name for p in g.params if p.name not in names and p.name in saved), None)
         if missing is not None:
             g.frozen = f"the checkpoint has no tensor {missing}"
-
-
-def _buffer_like(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("inv_freq", "position_ids", "token_type_ids", "bias_mask", "masked_bias")
 
 
 def _frozen_kinds(groups: ChannelGroups) -> dict[str, str]:
@@ -262,23 +280,17 @@ def _frozen_kinds(groups: ChannelGroups) -> dict[str, str]:
     return out
 
 
-def _save_plan(plan: Plan, path: Path) -> None:
-    import json
-
-    data = {name: {str(d): [int(i) for i in kept] for d, kept in entry.items()} for name, entry in plan.items()}
-    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-
-
-def _report(ckpt: Checkpoint, cls: type, config: Any, new_config: dict | None, widths: dict[str, list[int]],
-            frozen_kinds: dict[str, str], before: Cost, after: Cost, sel: Selection, method: str, why_not: str,
-            timings: dict[str, float]) -> dict[str, Any]:
+def _report(ckpt: Checkpoint, arch: Architecture, new_config: dict | None, widths: dict[str, list[int]],
+            before: Cost, after: Cost, sel: Selection, method: str, why_not: str) -> dict[str, Any]:
     changed = {k: [v, new_config[k]] for k, v in ckpt.config.items() if new_config and new_config.get(k) != v}
     changed.update({k: [None, v] for k, v in (new_config or {}).items() if k not in ckpt.config})
     return {
-        "source": str(ckpt.root), "architecture": cls.__name__, "model_type": getattr(config, "model_type", None),
+        "source": str(ckpt.root), "architecture": arch.cls.__name__,
+        "model_type": getattr(arch.config, "model_type", None),
         "pass": method, "ratio": sel.ratio, "uniform_across_layers": sel.uniform_across_layers,
         "loadable": new_config is not None, "why_not_loadable": why_not or None,
-        "config_changes": changed, "widths": widths, "kept_whole_for_config": frozen_kinds,
+        "config_changes": changed, "widths": widths, "kept_whole_for_config": arch.frozen_kinds,
+        "frozen": _frozen_kinds(arch.groups),
         "params": {"before": before.params, "after": after.params},
         "macs": {"before": before.macs, "after": after.macs, "tokens": _tokens_note()},
         "checkpoint_bytes": ckpt.nbytes,

@@ -20,11 +20,11 @@ from typing import BinaryIO
 
 import torch
 
-from .folder import _DTYPES, CONFIG, INDEX, SINGLE, Checkpoint
+from .folder import CONFIG, DTYPES, INDEX, SINGLE, Checkpoint
 
 __all__ = ["write_checkpoint", "shard_layout", "safetensors_stream"]
 
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def shard_layout(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:

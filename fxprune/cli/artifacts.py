@@ -61,14 +61,16 @@ def save_weights(module: nn.Module, path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt", "producer": "fxprune"})
 
 
-def save_plan(plan: Plan, path: Path) -> None:
-    """``{name: {dim: [kept indices]}}``; JSON keys are strings, so dims are written as "0", "1"."""
+def save_plan(plan: Plan, path: Path, *, compact: bool = False) -> None:
+    """``{name: {dim: [kept indices]}}``; JSON keys are strings, so dims are written as "0", "1". ``compact``: on
+    one line (a large language model's plan holds millions of indices)."""
     data = {name: {str(dim): [int(i) for i in kept] for dim, kept in entry.items()} for name, entry in plan.items()}
-    write_json(data, path)
+    write_json(data, path, compact=compact)
 
 
-def write_json(data: Any, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(data: Any, path: Path, *, compact: bool = False) -> None:
+    text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2, sort_keys=False)
+    path.write_text(text + "\n")
 
 
 def check_target(out: Path, force: bool) -> None:

@@ -35,7 +35,7 @@ def check_folder_options(given: dict[str, Any], target: str) -> None:
 
 def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict[str, str], budget: dict[str, Any],
                allow_inexact: bool, force: bool, fb: Feedback | None = None) -> dict[str, Any]:
-    """Prune ``folder`` into ``out``; returns report.json's content (with the run's notes)."""
+    """Prune ``folder`` into ``out``, printing its notes as they come; returns report.json's content."""
     from fxprune.checkpoints import prune_checkpoint
     from fxprune.passes.registry import load_pass
 
@@ -56,38 +56,7 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
 
         result = prune_checkpoint(folder, out, method, ratio, options=opts, allow_inexact=allow_inexact,
                                   force=force, require_prunable=not force, progress=progress, **kwargs)
-    for kind, why in result.report["kept_whole_for_config"].items():
-        fb.note(f"{kind}: kept whole, {why}")
-        notes.append(f"{kind}: kept whole, {why}")
-    report = dict(result.report, notes=notes)
-    _replace_json(result.out / "report.json", report)  # the notes printed, as a model file's report.json has them
-    return dict(report, out=str(result.out))
-
-
-def _replace_json(path: Path, data: dict[str, Any]) -> None:
-    """``path`` rewritten through a temporary file renamed over it: never half-written."""
-    import os
-
-    from .artifacts import write_json
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(data, tmp)
-    os.replace(tmp, path)
-
-
-def folder_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """The summary table's rows: parameters, MACs, then each config field that changed."""
-    def pct(a: float, b: float) -> str:
-        return f"{(b - a) / a:+.1%}" if a else ""
-
-    rows = []
-    for what in ("params", "macs"):
-        a, b = report[what]["before"], report[what]["after"]
-        rows.append(("parameters" if what == "params" else "MACs", f"{a:,}", f"{b:,}", pct(a, b)))
-    for key, (a, b) in report["config_changes"].items():
-        rows.append((f"config {key}", str(a), str(b), ""))
-    rows.append(("from_pretrained", "", "loads" if report["loadable"] else "does NOT load", ""))
-    return rows
+    return dict(result.report, out=str(result.out))
 
 
 def inspect_folder(folder: Path) -> tuple[Any, dict[str, Any]]:
