@@ -5,9 +5,11 @@
     python benchmarks/latency.py --sweep [--out benchmarks/results/latency_sweep.json]
 
 ``--sweep``: torchvision, timm and Hugging Face models (``SWEEP_MODELS``), each at l1 ratio 0.5 (batch 1
-and 8, ``round_to`` 1; batch 8 with ``round_to`` 8 and 16) and at a MACs target of 0.5 (batch 8):
-latency before and after, the speed-up, the MACs reduction and their ratio (1.0 = as much faster as
-smaller), written after every row.
+and 8, ``round_to`` 1; batch 8 with ``round_to`` 8 and 16), at a MACs target of 0.5 (batch 8) and at a latency
+target of 0.5 (batch 8 and 1: ``target_latency``, fxprune's latency model measured on this machine): latency
+before and after, the speed-up, the MACs reduction and their ratio (1.0 = as much faster as smaller), and the
+speed-up over the promise (the MACs reduction, or 1 / the latency target), written after every row.
+``--budgets latency`` measures only those rows and replaces them in the results file, keeping the others.
 
 Each model (torchvision, random weights) is pruned with l1 at ``--ratio`` (fxprune's default per-group
 scope) and the original and the compacted module are timed in eval mode, float32, on this machine's CPU
@@ -40,7 +42,8 @@ DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "latency.json")
 
 SWEEP_MODELS = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:regnet_y_800mf",
                 "tv:convnext_tiny", "tv:vit_b_16", "timm:resnet50d", "hf:bert"]
-SWEEP_CONFIGS = [("ratio", 1, 1), ("ratio", 8, 1), ("ratio", 8, 8), ("ratio", 8, 16), ("macs", 8, 1)]
+SWEEP_CONFIGS = [("ratio", 1, 1), ("ratio", 8, 1), ("ratio", 8, 8), ("ratio", 8, 16), ("macs", 8, 1), ("latency", 8, 1),
+                 ("latency", 1, 1)]
 
 
 def build(spec: str, batch: int, size: int) -> tuple[torch.nn.Module, tuple]:
@@ -62,24 +65,30 @@ def build(spec: str, batch: int, size: int) -> tuple[torch.nn.Module, tuple]:
 
 
 def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: int, *, target_macs: float | None = None,
-        round_to: int = 1) -> dict:
+        round_to: int = 1, target_latency: float | None = None) -> dict:
     model, x = build(name if ":" in name else f"tv:{name}", batch, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        res = fxprune.prune(model, x, "l1", ratio, target_macs=target_macs, round_to=round_to)
+        res = fxprune.prune(model, x, "l1", ratio, target_macs=target_macs, round_to=round_to,
+                            target_latency=target_latency)
         prune_s = time.perf_counter() - start
     pruned = res.module.eval()
     times = interleaved_latency({"original": (model, x), "pruned": (pruned, x)}, rounds=rounds, repeats=repeats,
                                 warmup_first=0, warmup_each=3, budget_s=60.0)
     orig, new = statistics.median(times["original"]), statistics.median(times["pruned"])
     macs_before, macs_after = count_macs(model, x), count_macs(pruned, x)
-    return {"model": name, "ratio": ratio, "target_macs": target_macs, "round_to": round_to, "batch": batch,
+    speedup = orig / new
+    promise = 1 / target_latency if target_latency is not None else macs_before / max(macs_after, 1)
+    return {"model": name, "ratio": ratio, "target_macs": target_macs, "target_latency": target_latency,
+            "round_to": round_to, "batch": batch, "commit": environment()["fxprune_commit"],
             "size": size, "prune_s": prune_s, "macs_before": macs_before, "macs_after": macs_after,
             "params_before": count_params(model), "params_after": count_params(pruned),
             "latency_ms_original": orig, "latency_ms_pruned": new, "speedup": orig / new,
             "speedup_over_macs_reduction": (orig / new) / (macs_before / max(macs_after, 1)),
-            "latency_rounds_ms": times}
+            # the promise: the MACs reduction for a ratio or MACs budget, 1 / target for a latency target
+            "promised_speedup": promise, "speedup_over_promise": speedup / promise,
+            "latency_model": res.latency, "latency_rounds_ms": times}
 
 
 def environment() -> dict:
@@ -102,25 +111,49 @@ def table(rows: list[dict]) -> str:
 
 def sweep_table(rows: list[dict]) -> str:
     lines = ["| model | budget | batch | round_to | MACs kept | latency ms before -> after | speed-up | "
-             "speed-up / MACs reduction |", "|---|---|---|---|---|---|---|---|"]
+             "speed-up / MACs reduction | speed-up / promise |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        budget = f"MACs {r['target_macs']}" if r["target_macs"] is not None else f"ratio {r['ratio']}"
+        budget = (f"latency {r['target_latency']}" if r.get("target_latency") is not None else
+                  f"MACs {r['target_macs']}" if r["target_macs"] is not None else f"ratio {r['ratio']}")
+        promise = r.get("speedup_over_promise", r["speedup_over_macs_reduction"])
         lines.append(f"| {r['model']} | {budget} | {r['batch']} | {r['round_to']} | "
                      f"{r['macs_after'] / r['macs_before']:.2f} | {r['latency_ms_original']:.1f} -> "
-                     f"{r['latency_ms_pruned']:.1f} | {r['speedup']:.2f}x | {r['speedup_over_macs_reduction']:.2f} |")
+                     f"{r['latency_ms_pruned']:.1f} | {r['speedup']:.2f}x | {r['speedup_over_macs_reduction']:.2f} | "
+                     f"{promise:.2f} |")
     return "\n".join(lines)
+
+
+def _budget(row: dict) -> str:
+    return row.get("budget") or ("latency" if row.get("target_latency") is not None else
+                                 "macs" if row.get("target_macs") is not None else "ratio")
+
+
+def _new_rows(configs: list[tuple[str, int, int]], args: argparse.Namespace) -> list[dict]:
+    """The (model, budget, batch, round_to) keys this run measures, as rows without figures."""
+    models = args.models if args.models != ["resnet50"] else SWEEP_MODELS
+    return [{"model": m, "budget": b, "batch": n, "round_to": r} for m in models for b, n, r in configs]
+
+
+def _kept_rows(out: Path, args: argparse.Namespace) -> list[dict]:
+    """With ``--budgets``: the rows already in ``out`` that this run does not measure again (kept, each with its
+    own commit); without it, none (a full sweep starts over)."""
+    if args.budgets is None or not out.exists():
+        return []
+    return [r for r in json.loads(out.read_text())["rows"] if "error" not in r]
 
 
 def sweep(args: argparse.Namespace) -> None:
     out = Path(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" / "latency_sweep.json")
-    rows: list[dict] = []
+    configs = [c for c in SWEEP_CONFIGS if args.budgets is None or c[0] in args.budgets]
+    done = {(r["model"], _budget(r), r["batch"], r["round_to"]) for r in _new_rows(configs, args)}
+    rows: list[dict] = [r for r in _kept_rows(out, args) if (r["model"], _budget(r), r["batch"], r["round_to"]) not in done]
     for spec in args.models if args.models != ["resnet50"] else SWEEP_MODELS:
         size = 128 if spec.startswith("hf:") else args.size
-        for budget, batch, round_to in SWEEP_CONFIGS:
-            ratio, target = (0.0, 0.5) if budget == "macs" else (args.ratio, None)
+        for budget, batch, round_to in configs:
+            ratio = 0.0 if budget != "ratio" else args.ratio
+            targets = {f"target_{budget}": 0.5} if budget != "ratio" else {}
             try:
-                rows.append(one(spec, ratio, batch, size, args.repeats, args.rounds, target_macs=target,
-                                round_to=round_to))
+                rows.append(one(spec, ratio, batch, size, args.repeats, args.rounds, round_to=round_to, **targets))
             except Exception as exc:  # noqa: BLE001 - one failing row is reported, the sweep goes on
                 rows.append({"model": spec, "batch": batch, "round_to": round_to, "budget": budget,
                              "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -143,6 +176,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--sweep", action="store_true", help="the model x budget x batch x round_to grid (see above)")
+    ap.add_argument("--budgets", nargs="+", choices=["ratio", "macs", "latency"], default=None,
+                    help="with --sweep: only these budgets' rows, replacing them in --out and keeping the others")
     args = ap.parse_args()
     if args.sweep:
         sweep(args)

@@ -55,6 +55,9 @@ class PruneResult:
     extras: dict[str, Any] = field(default_factory=dict)  # objects the pass built besides the module (sanp: "dynamic")
     # what compaction rewrote: {"target": "graph" (the traced graph) or "modules" (the user's modules, resized), "why"}
     compaction: dict[str, str] = field(default_factory=lambda: {"target": "graph", "why": ""})
+    # with target_latency: the latency model's measured full and predicted pruned milliseconds, per class of op
+    # (``fxprune.selection.latency.LatencyModel.summary``); None otherwise
+    latency: dict[str, Any] | None = None
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""
@@ -117,6 +120,16 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str) -> Any:
+    """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``)."""
+    from .selection.latency import LatencyModel
+
+    if target == "modules":
+        raise SelectionError("target_latency needs a model torch.export traces whole (this one is pruned through its "
+                             "modules, from one recorded run, which fxprune cannot time op by op): give target_macs")
+    return LatencyModel.measure(gm, groups)
+
+
 class Compacted(NamedTuple):
     module: fx.GraphModule
     plan: Plan
@@ -127,7 +140,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
           options: dict[str, Any] | None = None, scope: str | None = None,
           ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (), min_channels: int = 1,
           min_keep: float | None = None, round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
-          allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
+          target_latency: float | None = None, allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
           progress: Callable[[str], None] | None = None,
           recover: str | None = None, epochs: int = 0, distill: bool | None = None, target: str = "auto",
           uniform_across_layers: bool = False, **data: Any) -> PruneResult:
@@ -140,8 +153,10 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
     ``min_channels``, ``uniform_across_layers`` (every layer keeps the same count of each kind
     of group: one width per kind, what a Hugging Face config describes), ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
-    the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` (the
-    fraction to KEEP), reached by binary search to within the pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
+    the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` /
+    ``target_latency`` (the fraction to KEEP; latency: of one forward on the example inputs, on their device, as
+    predicted by a model measured there, ``fxprune.selection.latency``), reached by binary search to within the
+    pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
     "scratch-b" for ``epochs`` epochs (default with ``epochs > 0``: the pass's own, else "finetune";
     ``distill=True`` adds knowledge distillation from ``model``; default: the pass's own, tas's on).
     ``data``: ``train_loader=``, ``val_loader=``, ``loss=``, ``evaluate=`` (named like the model
@@ -163,8 +178,13 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)
-    if target_macs is not None and target_params is not None:
-        raise SelectionError("give target_macs or target_params, not both")
+    targets = {k: v for k, v in (("macs", target_macs), ("params", target_params), ("latency", target_latency))
+               if v is not None}
+    if len(targets) > 1:
+        raise SelectionError(f"give one resource target, not {' and '.join('target_' + k for k in targets)}")
+    for key, value in targets.items():
+        if not 0.0 < float(value) <= 1.0:
+            raise SelectionError(f"target_{key} is the fraction to keep, in (0, 1]; got {value}")
     if recover is not None and recover not in RECOVERY:
         raise SelectionError(f"recover must be one of {RECOVERY}, got {recover!r}")
     if recover is not None and data.get("train_loader") is None:
@@ -181,7 +201,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             for_modules(the_pass, gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
-    resource = target_macs if target_macs is not None else target_params
+        which, resource = next(iter(targets.items()), ("macs", None))
+        latency = _latency_model(gm, groups, used["target"]) if which == "latency" else None
     needs_scores = ratio > 0 or resource is not None or any(ratio_for.values() if ratio_for else ()) or \
         getattr(the_pass, "self_pruning", False)
     if needs_scores and not groups.prunable:
@@ -190,13 +211,18 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             raise NothingToPruneError(nothing_prunable(groups) + why)
         warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
     stage("score")
-    which = "macs" if target_macs is not None else "params"
     ctx = PassContext(gm, groups, model, data, sel, target=(which, float(resource)) if resource is not None else None)
     prepared = the_pass.prepare(ctx) if needs_scores else None
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
         ctx = prepared
         gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-    budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
+        if latency is not None:
+            raise SelectionError(f"{the_pass.name} prunes its own copy of the model, whose latency fxprune has not "
+                                 "measured: give target_macs instead of target_latency")
+    if latency is not None:
+        budget = Budget(groups, sel, latency, latency(), "latency", resource, getattr(the_pass, "tolerance", 0.01))
+    else:
+        budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}
@@ -232,4 +258,5 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                            macs_full=before.macs, macs_pruned=after.macs)
     return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
                        base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
-                       dict(ctx.state.get("extras", {})), used)
+                       dict(ctx.state.get("extras", {})), used,
+                       latency.summary(out.removed) if latency is not None else None)

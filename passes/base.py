@@ -78,14 +78,15 @@ class PassContext:
     def macs_target(self, who: str) -> float:
         """The run's MACs budget as the fraction to keep, for a pass whose own cost is MACs (tas, sanp):
         ``--target-macs``; with a ratio r alone (the fraction of channels to remove), (1 - r)^2, what removing
-        r of every channel costs a chain of convolutions; a parameter target is refused."""
+        r of every channel costs a chain of convolutions; a parameter or latency target is refused."""
         if self.target is not None:
             which, value = self.target
             if which != "macs":
                 from .registry import PassError
 
-                raise PassError(f"{who} searches under a MACs target: give --target-macs (target_macs=), not a "
-                                "parameter target")
+                what = "a parameter" if which == "params" else f"a {which}"
+                raise PassError(f"{who} searches under a MACs target: give --target-macs (target_macs=), not {what} "
+                                "target")
             return value
         ratio = self.selection.ratio if self.selection is not None else 0.5
         return (1 - ratio) ** 2

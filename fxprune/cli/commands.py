@@ -167,6 +167,10 @@ def run(
                                                          "(replaces --ratio)", show_default=False)] = None,
     target_params: Annotated[Optional[float], typer.Option("--target-params", help="fraction of parameters to "
                                                            "keep (replaces --ratio)", show_default=False)] = None,
+    target_latency: Annotated[Optional[float], typer.Option("--target-latency", help="fraction of the latency to "
+                                                            "keep on the example inputs, on --device, as a latency "
+                                                            "model measured there predicts (replaces --ratio)",
+                                                            show_default=False)] = None,
     target: Annotated[str, typer.Option("--target", help="what compaction rewrites: graph (the traced graph), "
                                         "modules (the model's own modules, resized: detectors and other models "
                                         "torch.export cannot trace whole), auto (graph when it traces)")] = "auto",
@@ -185,10 +189,10 @@ def run(
     with _user_errors():  # a malformed --ratio-for is bad input for a folder as for a model file
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
                   "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
-                  "target_params": target_params}
+                  "target_params": target_params, "target_latency": target_latency}
     if model_file.is_dir():  # a Hugging Face folder: one width per kind of layer unless --per-layer-widths
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
-                 "attack": attack}
+                 "attack": attack, "target_latency": target_latency}
         _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [],
                     {**budget, "uniform_across_layers": True if uniform is None else uniform}, given, target,
                     allow_inexact, force, quiet, as_json)

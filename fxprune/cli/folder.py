@@ -19,6 +19,7 @@ NOT_FOR_FOLDERS = {
     "distill": "--distill (recovery trains the model)",
     "onnx": "--onnx (export runs the model)",
     "attack": "--attack (evaluation runs the model)",
+    "target_latency": "--target-latency (its latency model times the model)",
 }
 
 

@@ -129,6 +129,9 @@ def parse_options(pass_cls: type, pairs: dict[str, str], name: str) -> dict[str,
 
 
 # ---- validation ------------------------------------------------------------------------------------
+TARGET_KEYS = ("target_macs", "target_params", "target_latency")  # the resource targets (one at most)
+
+
 def _check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         raise OptionError(f"--device must be cpu or cuda, got {device!r}")
@@ -138,9 +141,10 @@ def _check_device(device: str) -> None:
 
 def check_budget(ratio: float, budget: dict[str, Any]) -> None:
     """The selection keywords are valid (same checks as fxprune.prune, before any work)."""
-    targets = {k: budget[k] for k in ("target_macs", "target_params") if budget.get(k) is not None}
+    targets = {k: budget[k] for k in TARGET_KEYS if budget.get(k) is not None}
     if len(targets) > 1:
-        raise OptionError("give --target-macs or --target-params, not both")
+        raise OptionError(f"give one of --target-macs, --target-params and --target-latency, not "
+                          f"{' and '.join('--' + k.replace('_', '-') for k in targets)}")
     for key, value in targets.items():
         if not 0.0 < value <= 1.0:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
@@ -327,6 +331,8 @@ def _ours(filename: str) -> bool:
 
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
     """One line when the run removed far less than asked, naming why and what to do."""
+    if cfg.budget.get("target_latency") is not None:  # a time, not a count: the search warns when it falls short
+        return
     which = "macs" if cfg.budget.get("target_macs") is not None else "params"
     target, protect = cfg.budget.get(f"target_{which}"), tuple(cfg.budget.get("protect") or ())
     if target is not None:
@@ -344,6 +350,19 @@ def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]
                                           "budget overrides); its own note says why"))
         return
     _note(fb, notes, found.line(what))
+
+
+def _latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: dict[str, Any], fb: Feedback,
+                  notes: list[str]) -> None:
+    """With --target-latency: what the latency model predicted and what the pruned model measured, side by side."""
+    target, model = cfg.budget.get("target_latency"), getattr(result, "latency", None)
+    if target is None or not model:
+        return
+    measured = after["latency_ms"] / max(before["latency_ms"], 1e-9)
+    _note(fb, notes, f"--target-latency {target:g}: the latency model (measured op by op here) predicted "
+                     f"{model['predicted_kept']:.2f} of {model['measured_ms']:.1f} ms; measured once each: "
+                     f"{measured:.2f} ({before['latency_ms']:.1f} -> {after['latency_ms']:.1f} ms). Timings vary from "
+                     f"run to run: `fxprune bench {cfg.out}` times both in turns, with a spread")
 
 
 def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,
@@ -432,6 +451,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         result.module.eval()
         after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
     after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
+    _latency_note(cfg, result, before, after, fb, notes)
     report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
     with fb.step(f"writing {cfg.out}"):
         cpu_inputs = to_device(inputs, "cpu")
@@ -492,7 +512,10 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "compaction": dict(getattr(result, "compaction", {"target": "graph", "why": ""})),
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
-                   if k in ("target_macs", "target_params") and v is not None} or None,
+                   if k in TARGET_KEYS and v is not None} or None,
+        # with --target-latency: the latency model's measured and predicted milliseconds (``before``/``pruned`` hold
+        # the pruned model's measured latency_ms)
+        "latency_model": getattr(result, "latency", None),
         "attack": None if attack is None else {"name": "pgd", "eps": attack.eps, "steps": attack.steps,
                                                "step": attack.step_length, "from": "--attack" if cfg.attack else "the pass"},
         "before": before, "pruned": pruned, "after": after,

@@ -69,10 +69,13 @@ class RichFeedback(Feedback):
         self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
 
 
+TARGET_WORDS = {"macs": "MACs", "params": "parameters", "latency": "latency"}
+
+
 def _title(report: dict[str, Any]) -> str:
     """"PASS at ratio R: OUT", or "PASS to F of the MACs: OUT" for a resource target."""
     target = report.get("target") or {}
-    budget = "".join(f" to {v:g} of the {'MACs' if k == 'macs' else 'parameters'}" for k, v in target.items()) \
+    budget = "".join(f" to {v:g} of the {TARGET_WORDS.get(k, k)}" for k, v in target.items()) \
         or f" at ratio {report['ratio']}"
     return f"{report['pass']}{budget}: {report['out']}"
 

@@ -1,0 +1,211 @@
+"""target_latency: the measured latency model (fxprune.selection.latency), the budget it drives, and its CLI.
+
+No assertion here is about how fast anything runs (timings belong in benchmarks/latency.py): the model's
+arithmetic is checked with injected timings, the search against the model's own prediction, and the result,
+as everywhere, against the masked original."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.analysis import analyze
+from fxprune.compaction import Reindexing
+from fxprune.selection.latency import LatencyModel, _fit, _node_work, op_class
+from fxprune.testing import assert_equivalent
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+class Net(nn.Module):
+    """One node per class of op where it matters: a kxk conv, a grouped conv, a 1x1 conv, a linear."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pw = nn.Conv2d(width, 2 * width, 1)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.pw(self.dw(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def traced(net):
+    gm = fxprune.trace(net, (X,))
+    return gm, analyze(gm)
+
+
+def _half(groups) -> np.ndarray:
+    removed = np.zeros(len(groups.comp_group), dtype=bool)
+    for g in groups.prunable:
+        removed[g.channels[: len(g) // 2]] = True
+    return removed
+
+
+def test_op_classes(traced):
+    gm, _ = traced
+    classes = {op_class(n, gm) for n in gm.graph.nodes} - {None}
+    assert {"conv kxk", "conv grouped", "conv 1x1", "batch_norm", "relu", "linear"} <= classes
+    assert all(op_class(n, gm) is None for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "output"))
+
+
+def test_work_is_macs_for_products_and_elements_for_the_rest(traced):
+    gm, groups = traced
+    full = Reindexing(groups, np.zeros(len(groups.comp_group), dtype=bool))
+    half = Reindexing(groups, _half(groups))
+    by_class = {op_class(n, gm): n for n in gm.graph.nodes}
+    pw, bn = by_class["conv 1x1"], by_class["batch_norm"]
+    assert _node_work(pw, full) == 2 * 16 * 32 * 16 * 16  # batch x in x out x pixels
+    assert _node_work(pw, half) == pytest.approx(_node_work(pw, full) / 4)  # both sides halve
+    assert _node_work(bn, full) == 2 * 16 * 16 * 16 and _node_work(bn, half) == _node_work(bn, full) / 2
+
+
+def _synthetic(gm, groups, exponents: dict[str, float], seed: int = 0) -> tuple[LatencyModel, np.ndarray, dict]:
+    """A model with injected full-width times and a probe whose times follow ``exponents`` exactly."""
+    rng = np.random.default_rng(seed)
+    classes = {n.name: c for n in gm.graph.nodes if (c := op_class(n, gm)) is not None}
+    model = LatencyModel(groups, {n: float(rng.uniform(0.5, 2.0)) for n in classes}, classes, {})
+    removed = _half(groups)
+    full, half = model.full_work(), model._work(Reindexing(groups, removed))
+    probe = {n: t * (half[n] / full[n]) ** exponents.get(classes[n], 1.0) if full[n] else t
+             for n, t in model.times.items()}
+    return model, removed, probe
+
+
+def test_fit_recovers_each_classes_exponent(traced):
+    gm, groups = traced
+    true = {"conv 1x1": 0.7, "conv kxk": 0.9, "conv grouped": 1.2, "batch_norm": 0.5, "relu": 1.0, "linear": 0.8}
+    model, removed, probe = _synthetic(gm, groups, true)
+    model.exponents, report = _fit(model, removed, probe, model.classes)
+    for c, e in true.items():
+        assert model.exponents[c] == pytest.approx(e, abs=1e-9), c
+    # the prediction at the probe's width is what the probe measured, node for node summed
+    assert model(removed).latency == pytest.approx(sum(probe.values()), rel=1e-9)
+    assert model().latency == pytest.approx(sum(model.times.values()))
+    assert report["classes"]["conv 1x1"]["work_kept"] == pytest.approx(0.25)
+
+
+def test_prediction_only_falls_as_channels_go(traced):
+    gm, groups = traced
+    model, removed, probe = _synthetic(gm, groups, {"conv 1x1": 0.7, "batch_norm": 0.4})
+    model.exponents, _ = _fit(model, removed, probe, model.classes)
+    group = max(groups.prunable, key=len)
+    last = model().latency
+    for k in range(1, len(group)):
+        cut = np.zeros(len(groups.comp_group), dtype=bool)
+        cut[group.channels[:k]] = True
+        now = model(cut).latency
+        assert now <= last + 1e-12
+        last = now
+
+
+def test_exponents_are_clamped(traced):
+    gm, groups = traced
+    model, removed, probe = _synthetic(gm, groups, {"conv 1x1": 5.0, "batch_norm": -1.0})
+    exps, _ = _fit(model, removed, probe, model.classes)
+    assert exps["conv 1x1"] == 1.5 and exps["batch_norm"] == 0.0
+
+
+def test_measure_times_every_op_of_the_graph(traced):
+    gm, groups = traced
+    model = LatencyModel.measure(gm, groups, runs=2)
+    assert set(model.times) == {n.name for n in gm.graph.nodes if op_class(n, gm) is not None}
+    assert all(t > 0 for t in model.times.values())
+    assert set(model.exponents) <= set(model.classes.values()) and model.exponents
+    assert model.probe["full_ms"] > 0 and model.probe["probe_ms"] > 0
+
+
+def test_prune_to_a_latency_target_is_exact_and_hits_its_prediction():
+    """Wide enough that the convolutions' work, not per-op overhead, is the time (a network of microsecond ops
+    cannot be made faster by removing channels, and the search says so)."""
+    torch.manual_seed(0)
+    net = Net(width=64).eval()
+    x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    res = fxprune.prune(net, (x,), "l1", target_latency=0.7)
+    assert res.latency is not None
+    assert abs(res.latency["predicted_kept"] - 0.7) <= 0.01
+    assert res.removed.any() and res.latency["measured_ms"] > 0
+    assert_equivalent(net, res, (x,), dtype=torch.float32)
+    json.dumps(res.latency)  # goes into report.json as it is
+
+
+def test_latency_target_refusals(net):
+    with pytest.raises(ValueError, match="one resource target"):
+        fxprune.prune(net, (X,), "l1", target_macs=0.5, target_latency=0.5)
+    with pytest.raises(ValueError, match="fraction to keep"):
+        fxprune.prune(net, (X,), "l1", target_latency=0.0)
+    with pytest.raises(ValueError, match="traces whole"):
+        fxprune.prune(net, (X,), "l1", target_latency=0.5, target="modules")
+    from fxprune.passes.registry import PassError
+
+    with pytest.raises(PassError, match="not a latency target"):
+        fxprune.prune(net, (X,), "tas", target_latency=0.5, train_loader=[(X, torch.zeros(2, dtype=torch.long))])
+
+
+def test_latency_target_refused_for_a_pass_that_prunes_its_own_copy(net):
+    with pytest.raises(ValueError, match="target_macs instead of target_latency"):
+        fxprune.prune(net, (X,), "scratch", options={"expand": 2.0}, target_latency=0.5)
+
+
+MODEL_FILE = '''
+import torch, torch.nn as nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+def example_inputs():
+    return (torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+'''
+
+
+def test_cli_target_latency(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--pass", "l1", "--target-latency", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "of the latency" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"latency": 0.5}
+    assert report["latency_model"]["predicted_kept"] <= 0.51
+    assert any("--target-latency 0.5" in n and "predicted" in n for n in report["notes"])
+    assert report["after"]["macs"] < report["before"]["macs"]
+    for args, message in ((["--target-latency", "1.5"], "fraction to keep"),
+                          (["--target-latency", "0.5", "--target-macs", "0.5"], "give one of")):
+        bad = runner.invoke(app, ["run", str(path), *args, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_target_latency_refused_for_a_checkpoint_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    bad = CliRunner().invoke(app, ["run", str(folder), "--target-latency", "0.5", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "--target-latency" in bad.output, bad.output
+    assert not (tmp_path / "o").exists()
