@@ -15,9 +15,15 @@ the two models' times in the same turn). Nodes are classed as:
 and each class gets its share of the original's time, its time speed-up and its MACs reduction
 (FlopCounterMode's, per node). Where a class's time follows its MACs, the kernels keep the promise and the gap
 is in the classes whose cost follows the activations (which halve at ratio 0.5 while pointwise MACs quarter).
+Each row also gets a bound: each class's work reduction (MACs for convolutions and other products, elements
+written for the rest, from the plan's shapes) and the speed-up the time shares allow if every class ran exactly
+as much faster as its work shrinks (perfect kernels): ``bound``, and ``bound_over_macs_reduction`` (a ceiling
+on speed-up / MACs reduction that no emitted graph can pass).
 
     python benchmarks/latency_breakdown.py [--models tv:mobilenet_v2 ...] [--out benchmarks/results/latency_breakdown.json]
     python benchmarks/latency_breakdown.py --models tv:mobilenet_v2 --round-to 1 8 16   # does rounding pay?
+    python benchmarks/latency_breakdown.py --bound-only --out benchmarks/results/latency_breakdown.json  # no timing
+    python benchmarks/latency_breakdown.py --group-widths --threads 2 --out benchmarks/results/group_widths.json
 """
 from __future__ import annotations
 
@@ -177,6 +183,65 @@ def one(spec: str, batch: int, repeats: int, round_to: int = 1, onnx: bool = Fal
             "classes": rows}
 
 
+def work_reduction(spec: str, round_to: int = 1) -> dict[str, float]:
+    """Each class's work before / after l1 at 0.5: MACs for convolutions and other products, elements written for
+    the rest (``fxprune.selection.latency.node_work``, from the plan's shapes): how much faster each class would
+    run if its time followed its work exactly."""
+    import numpy as np
+
+    from fxprune.compaction import Reindexing
+    from fxprune.selection.latency import node_work
+
+    model, x1 = build(spec, 1, 224)
+    res = fxprune.prune(model, x1, "l1", 0.5, round_to=round_to)
+    gm = res.groups.gm
+    full, after = Reindexing(res.groups, np.zeros_like(res.removed)), Reindexing(res.groups, res.removed)
+    w0, w1 = dict.fromkeys(CLASSES, 0.0), dict.fromkeys(CLASSES, 0.0)
+    for n in gm.graph.nodes:
+        if (c := classify(n, gm)) is not None:
+            w0[c] += node_work(n, full)
+            w1[c] += node_work(n, after)
+    return {c: w0[c] / w1[c] for c in CLASSES if w1[c] > 0}
+
+
+def add_bound(row: dict[str, Any]) -> dict[str, Any]:
+    """The best speed-up the row's time shares allow: every class as much faster as its work shrinks, the
+    kernels perfect (``bound``), and that over the MACs reduction (``bound_over_macs_reduction``)."""
+    work = work_reduction(row["model"], row.get("round_to", 1))
+    for c, v in row["classes"].items():
+        v["work_reduction"] = round(work.get(c, 1.0), 2)
+    bound = 1 / sum(v["share_of_time"] / v["work_reduction"] for v in row["classes"].values())
+    return {**row, "bound": round(bound, 2), "bound_over_macs_reduction": round(bound / row["macs_reduction"], 2)}
+
+
+GROUP_WIDTH_CASES = [(9, 56), (20, 28), (6, 14)]  # (conv groups, resolution): RegNetY-800MF's stages
+GROUP_WIDTHS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+
+
+def group_widths(batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Milliseconds per channel of group width of a 3x3 grouped convolution (``groups`` groups of ``width`` in and
+    out channels each, batch ``batch``) for every width in ``GROUP_WIDTHS``: what ``group_width_to`` rests on."""
+    rows = []
+    for groups, size in GROUP_WIDTH_CASES:
+        per_channel = {}
+        for width in GROUP_WIDTHS:
+            conv = torch.nn.Conv2d(width * groups, width * groups, 3, padding=1, groups=groups, bias=False).eval()
+            x = torch.randn(batch, width * groups, size, size)
+            times = []
+            with torch.no_grad():
+                for i in range(repeats + 2):
+                    t0 = time.perf_counter()
+                    conv(x)
+                    if i >= 2:
+                        times.append(1000 * (time.perf_counter() - t0))
+            per_channel[width] = round(statistics.median(times) / width, 4)
+        rows.append({"groups": groups, "size": size, "batch": batch, "threads": torch.get_num_threads(),
+                     "ms_per_channel": per_channel})
+        print(f"groups {groups} at {size}x{size}: " + ", ".join(f"{w}: {v:.3f}" for w, v in per_channel.items()),
+              flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=CNNS)
@@ -188,12 +253,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--onnx", action="store_true", help="also time both models in onnxruntime (batch norm "
                     "folded, activations fused), as deployed")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--bound-only", action="store_true", help="add the work-reduction bound to the rows already in "
+                    "--out, timing nothing")
+    ap.add_argument("--group-widths", action="store_true", help="time a grouped 3x3 convolution at every group width "
+                    "instead (per channel; what group_width_to rests on), into --out")
     args = ap.parse_args(argv)
+    if args.group_widths:
+        torch.set_num_threads(args.threads)
+        rows = group_widths(args.batch, args.repeats)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        return rows
+    if args.bound_only:
+        rows = [add_bound(r) for r in json.loads(Path(args.out).read_text())]
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        for r in rows:
+            print(f"{r['model']}: at best {r['bound']}x for {r['macs_reduction']}x fewer MACs "
+                  f"({r['bound_over_macs_reduction']})")
+        return rows
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     rows = []
     for spec, round_to in [(m, r) for m in args.models for r in args.round_to]:
-        rows.append(one(spec, args.batch, args.repeats, round_to, args.onnx))
+        rows.append(add_bound(one(spec, args.batch, args.repeats, round_to, args.onnx)))
         r = rows[-1]
         print(f"{spec} round_to {round_to}: {r['speedup']}x for {r['macs_reduction']}x fewer MACs "
               f"({r['speedup_over_macs_reduction']})", flush=True)

@@ -24,7 +24,7 @@ from .passes.registry import make_pass
 from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
-from .selection.budget import Budget, Selection, SelectionError, check_ratio
+from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -120,6 +120,10 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next((t.device for t in model.parameters()), torch.device("cpu"))
+
+
 def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str) -> Any:
     """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``)."""
     from .selection.latency import LatencyModel
@@ -139,7 +143,7 @@ class Compacted(NamedTuple):
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
           options: dict[str, Any] | None = None, scope: str | None = None,
           ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (), min_channels: int = 1,
-          min_keep: float | None = None, round_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
+          min_keep: float | None = None, round_to: int = 1, group_width_to: int | None = None, target_macs: float | None = None, target_params: float | None = None,
           target_latency: float | None = None, allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
           progress: Callable[[str], None] | None = None,
           recover: str | None = None, epochs: int = 0, distill: bool | None = None, target: str = "auto",
@@ -153,7 +157,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
     ``min_channels``, ``uniform_across_layers`` (every layer keeps the same count of each kind
     of group: one width per kind, what a Hugging Face config describes), ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
-    the pass's, e.g. slimming's 0.1) and ``round_to``; or a resource target ``target_macs`` / ``target_params`` /
+    the pass's, e.g. slimming's 0.1), ``round_to`` and ``group_width_to`` (a grouped convolution's group width kept a
+    multiple of it; default: the device's, ``fxprune.selection.budget.GROUP_WIDTH_BY_DEVICE``, 8 on CPU); or a resource target ``target_macs`` / ``target_params`` /
     ``target_latency`` (the fraction to KEEP; latency: of one forward on the example inputs, on their device, as
     predicted by a model measured there, ``fxprune.selection.latency``), reached by binary search to within the
     pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
@@ -175,6 +180,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     distill = bool(getattr(the_pass, "default_distill", False)) if distill is None else distill
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                    group_width_to=default_group_width(_device(model)) if group_width_to is None else group_width_to,
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.compaction import Reindexing
-from fxprune.selection.latency import LatencyModel, _fit, _node_work, op_class
+from fxprune.selection.latency import LatencyModel, _fit, node_work, op_class
 from fxprune.testing import assert_equivalent
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -68,9 +68,9 @@ def test_work_is_macs_for_products_and_elements_for_the_rest(traced):
     half = Reindexing(groups, _half(groups))
     by_class = {op_class(n, gm): n for n in gm.graph.nodes}
     pw, bn = by_class["conv 1x1"], by_class["batch_norm"]
-    assert _node_work(pw, full) == 2 * 16 * 32 * 16 * 16  # batch x in x out x pixels
-    assert _node_work(pw, half) == pytest.approx(_node_work(pw, full) / 4)  # both sides halve
-    assert _node_work(bn, full) == 2 * 16 * 16 * 16 and _node_work(bn, half) == _node_work(bn, full) / 2
+    assert node_work(pw, full) == 2 * 16 * 32 * 16 * 16  # batch x in x out x pixels
+    assert node_work(pw, half) == pytest.approx(node_work(pw, full) / 4)  # both sides halve
+    assert node_work(bn, full) == 2 * 16 * 16 * 16 and node_work(bn, half) == node_work(bn, full) / 2
 
 
 def _synthetic(gm, groups, exponents: dict[str, float], seed: int = 0) -> tuple[LatencyModel, np.ndarray, dict]:

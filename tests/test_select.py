@@ -222,3 +222,51 @@ def train_loader():
     assert (out / "training.png").stat().st_size > 0
     bad = CliRunner().invoke(app, ["run", str(path), "--recover", "magic", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--recover" in bad.output
+
+
+class GroupedNet(nn.Module):
+    """A RegNet-like block: 1x1 -> grouped 3x3 (4 groups of 12) -> 1x1, and a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 48, 1)
+        self.b = nn.Conv2d(48, 48, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(48, 48, 3, padding=1, groups=48)
+        self.c = nn.Conv2d(48, 10, 1)
+
+    def forward(self, x):
+        return self.c(self.dw(torch.relu(self.b(torch.relu(self.a(x))))))
+
+
+def _group_width(module) -> int:
+    conv = next(n for n in module.graph.nodes if n.op == "call_function" and "conv" in str(n.target)
+                and len(n.args) > 6 and n.args[6] == 4)
+    return module.get_parameter(conv.args[1].target).shape[1]
+
+
+@pytest.mark.parametrize("ratio,width_to,expected", [(0.5, 1, 6), (0.5, 8, 8), (0.7, 8, 4), (0.7, 1, 4), (0.3, 8, 12),
+                                                     (0.5, 4, 8), (0.5, 3, 6)])
+def test_group_width_to_rounds_a_grouped_convs_group_width(ratio, width_to, expected):
+    """Kept channels of the groups that set a grouped conv's width: a multiple of group_width_to, or a power of
+    two from 4 below it (12 at 0.5 keeps 6 -> 8; at 0.7, 4 stays 4); depthwise and plain convs are not touched."""
+    torch.manual_seed(0)
+    net = GroupedNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.prune(net, (x,), "l1", ratio, group_width_to=width_to)
+    assert _group_width(res.module) == expected
+    grouped = [g for g in res.groups.prunable if g.grouped_conv]
+    assert len(grouped) == 2 and all(len(g) == 12 and g.block == 4 for g in grouped)
+    assert all(_kept(res, g) == len(g) - math.floor(ratio * len(g)) for g in res.groups.prunable if not g.grouped_conv)
+    assert_equivalent(net, res, (x,))
+
+
+def test_group_width_default_is_the_devices():
+    from fxprune.selection.budget import GROUP_WIDTH_BY_DEVICE, default_group_width
+
+    torch.manual_seed(0)
+    net = GroupedNet().eval()
+    res = fxprune.prune(net, (torch.randn(2, 3, 8, 8),), "l1", 0.5)
+    assert res.selection.group_width_to == GROUP_WIDTH_BY_DEVICE["cpu"] == default_group_width(torch.device("cpu"))
+    assert default_group_width("meta") == 1
+    with pytest.raises(ValueError, match="group_width_to"):
+        fxprune.prune(net, (torch.randn(2, 3, 8, 8),), "l1", 0.5, group_width_to=0)

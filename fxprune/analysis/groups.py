@@ -39,6 +39,9 @@ class Group:
     inexact: str | None = None           # why zeroing is not equivalent to removal (None = exact)
     block: int = 1                       # positions per channel on its widest parameter slot (head size...)
     nodes: list[str] = field(default_factory=list)
+    # its channels are positions inside every group of a grouped (not depthwise) convolution: their count is that
+    # convolution's group width, which CPU kernels run fast only at some values (Selection.group_width_to)
+    grouped_conv: bool = False
 
     def __len__(self) -> int:
         return len(self.channels)
@@ -49,6 +52,25 @@ class Group:
 
     def layers(self, role: str) -> list[str]:
         return sorted({_module_of(p.name) for p in self.params if p.role == role})
+
+
+def _grouped_conv_weights(gm: fx.GraphModule) -> set[str]:
+    """Weights (get_attr targets) of the graph's grouped convolutions that are not depthwise: more than one
+    input channel per group."""
+    from .rules.layers import _conv_args
+
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "conv" not in str(n.target):
+            continue
+        try:
+            _, w, _, _, groups = _conv_args(n)
+        except Exception:  # noqa: BLE001 - not a convolution the layer rule reads
+            continue
+        val = w.meta.get("val") if isinstance(w, fx.Node) else None
+        if isinstance(groups, int) and groups > 1 and w.op == "get_attr" and val is not None and val.shape[1] > 1:
+            out.add(str(w.target))
+    return out
 
 
 def _module_of(name: str) -> str:
@@ -119,6 +141,7 @@ class ChannelGroups:
             by_sig.setdefault(int(sig[c]), []).append(c)
         slot_lists = _slots_per_component(pl, ps, [m[0] for m in by_sig.values()])
         attrs = {n.name: n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        grouped = _grouped_conv_weights(self.gm)
         for members in by_sig.values():
             arr = np.asarray(members, dtype=np.int64)
             gid = len(self.groups)
@@ -134,6 +157,7 @@ class ChannelGroups:
                 group.frozen = "no layer produces or consumes these positions"
             if group.frozen is None and group.inexact is not None and not self.allow_inexact:
                 group.frozen = f"inexact ({group.inexact}); pass allow_inexact=True to prune it"
+            group.grouped_conv = any(p.name in grouped for p in params)
             group.block = max((int(np.sum(labels[t.offsets[t.index[p.key]]:t.offsets[t.index[p.key]] + t.size(p.key)] == members[0]))
                                for p in params), default=1)
             self.groups.append(group)

@@ -133,7 +133,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                      options: dict[str, Any] | None = None, scope: str | None = None,
                      ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (),
                      min_channels: int = 1, min_keep: float | None = None, round_to: int = 1,
-                     target_macs: float | None = None, target_params: float | None = None,
+                     group_width_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
                      allow_inexact: bool = False, uniform_across_layers: bool = True,
                      shard_bytes: int | None = None, force: bool = False, require_prunable: bool = True,
                      progress: Callable[[str], None] | None = None) -> CheckpointResult:
@@ -171,7 +171,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
             raise SelectionError("give target_macs or target_params, not both")
         sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                         protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                        normalize=getattr(the_pass, "normalize", "mean"),
+                        group_width_to=group_width_to, normalize=getattr(the_pass, "normalize", "mean"),
                         min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                         uniform_across_layers=uniform_across_layers)
         arch = analyse_architecture(config, ckpt.config, lambda m: (checkpoint_names(m, ckpt),

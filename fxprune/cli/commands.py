@@ -163,6 +163,10 @@ def run(
     min_keep: Annotated[Optional[float], typer.Option("--min-keep", help="fraction of every group always kept "
                                                       "(default: the pass's; slimming 0.1)", show_default=False)] = None,
     round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
+    group_width_to: Annotated[Optional[int], typer.Option("--group-width-to", help="a grouped convolution's group "
+                                                          "width kept a multiple of N (or a power of two from 4 "
+                                                          "below N); default: the device's, 8 on CPU",
+                                                          show_default=False)] = None,
     target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="fraction of MACs to keep "
                                                          "(replaces --ratio)", show_default=False)] = None,
     target_params: Annotated[Optional[float], typer.Option("--target-params", help="fraction of parameters to "
@@ -188,7 +192,8 @@ def run(
 
     with _user_errors():  # a malformed --ratio-for is bad input for a folder as for a model file
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
-                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to, "target_macs": target_macs,
+                  "min_channels": min_channels, "min_keep": min_keep, "round_to": round_to,
+                  "group_width_to": group_width_to, "target_macs": target_macs,
                   "target_params": target_params, "target_latency": target_latency}
     if model_file.is_dir():  # a Hugging Face folder: one width per kind of layer unless --per-layer-widths
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,

@@ -44,8 +44,8 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
     check_budget(ratio, budget)
     pass_cls = load_pass(method)
     opts = parse_options(pass_cls, options, method)
-    keys = ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to", "target_macs", "target_params",
-            "uniform_across_layers")
+    keys = ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to", "group_width_to", "target_macs",
+            "target_params", "uniform_across_layers")
     kwargs = {k: budget[k] for k in keys if budget.get(k) is not None}
     notes: list[str] = []
     with contextlib.ExitStack() as steps, _warnings_as_notes(fb, notes):

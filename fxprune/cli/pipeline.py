@@ -150,9 +150,9 @@ def check_budget(ratio: float, budget: dict[str, Any]) -> None:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
     if budget.get("target", "auto") not in ("auto", "graph", "modules"):
         raise OptionError(f"--target must be auto, graph or modules, got {budget['target']!r}")
-    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to")
-              if k in budget}
-    for key in ("scope", "min_keep"):
+    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to",
+                                     "group_width_to") if k in budget}
+    for key in ("scope", "min_keep", "group_width_to"):
         if fields.get(key) is None:
             fields.pop(key, None)
     Selection(ratio=ratio, **fields)

@@ -22,7 +22,8 @@ import numpy as np
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.passes.base import Scores
 
-__all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio"]
+__all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio",
+           "default_group_width", "GROUP_WIDTH_BY_DEVICE"]
 
 SCOPES = ("group", "global")
 NORMALISE = ("mean", "max", "l2", "none")
@@ -56,6 +57,11 @@ class Selection:
     # UniformRule``; default: parameter names with layer indices as *, any count); a checkpoint's rule is its
     # config fields (several kinds may share one) and the counts its config class accepts
     uniform_rule: Any = field(default=None, compare=False, repr=False)
+    # kept channels of a group that sets a grouped convolution's group width (``Group.grouped_conv``): a multiple of
+    # this, a power of two from 4 below it, or the whole group. CPU kernels run group widths of 4, 8, 16, 24, 32 up
+    # to 3x faster per channel than 5, 6, 12, 20 (``benchmarks/latency_breakdown.py --group-widths``):
+    # ``fxprune.prune``'s default is 8 on CPU
+    group_width_to: int = 1
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -65,10 +71,20 @@ class Selection:
             raise SelectionError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.normalize not in NORMALISE:
             raise SelectionError(f"normalize must be one of {NORMALISE}, got {self.normalize!r}")
-        if self.min_channels < 1 or self.round_to < 1:
-            raise SelectionError("min_channels and round_to must be at least 1")
+        if self.min_channels < 1 or self.round_to < 1 or self.group_width_to < 1:
+            raise SelectionError("min_channels, round_to and group_width_to must be at least 1")
         if not 0.0 <= self.min_keep <= 1.0:
             raise SelectionError(f"min_keep is the fraction of each group always kept, in [0, 1]; got {self.min_keep}")
+
+
+# Selection.group_width_to by the device the model is pruned on (fxprune.prune's default): measured where given
+# (``benchmarks/latency_breakdown.py --group-widths``); a device not listed keeps every width (1)
+GROUP_WIDTH_BY_DEVICE = {"cpu": 8}
+
+
+def default_group_width(device: Any) -> int:
+    """``group_width_to`` for models on ``device`` (a torch.device or its type)."""
+    return GROUP_WIDTH_BY_DEVICE.get(getattr(device, "type", str(device)), 1)
 
 
 def _layers(group: Group) -> list[str]:
@@ -89,12 +105,19 @@ def _protected(group: Group, sel: Selection) -> bool:
 
 def _keep_count(group: Group, keep: int, sel: Selection) -> int:
     """At least ``min_channels``, ``min_keep`` of the group (and one); positions kept a multiple of
-    ``round_to`` where possible."""
+    ``round_to`` where possible, and a grouped convolution's group width a multiple of ``group_width_to``."""
     n = len(group)
     keep = min(n, max(keep, sel.min_channels, math.ceil(sel.min_keep * n - 1e-9), 1))
-    while keep < n and (keep * group.block) % sel.round_to:
+    width = sel.group_width_to if group.grouped_conv else 1
+    while keep < n and ((keep * group.block) % sel.round_to or not _fast_width(keep, width)):
         keep += 1
     return keep
+
+
+def _fast_width(keep: int, width: int) -> bool:
+    """A group width the kernels run well: a multiple of ``width``, or a power of two from 4 up to it (4 of 8 is
+    as fast per channel as 8 on CPU; 2, 3, 5 and 6 are not)."""
+    return keep % width == 0 or (4 <= keep < width and keep & (keep - 1) == 0)
 
 
 def _drop_lowest(s: np.ndarray, keep: int) -> np.ndarray:

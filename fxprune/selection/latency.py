@@ -35,7 +35,7 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import RULES
 from fxprune.compaction.resize import Reindexing
 
-__all__ = ["Latency", "LatencyModel", "op_class", "LatencyError"]
+__all__ = ["Latency", "LatencyModel", "op_class", "node_work", "LatencyError"]
 
 _CONVS = ("conv1d", "conv2d", "conv3d", "convolution")
 EXPONENT_RANGE = (0.0, 1.5)  # a class's fitted exponent is clamped here (noise can push it out)
@@ -175,7 +175,7 @@ class LatencyModel:
 
     def _work(self, reindexing: Reindexing) -> dict[str, float]:
         nodes = {n.name: n for n in self.groups.gm.graph.nodes}
-        return {name: _node_work(nodes[name], reindexing) for name in self.times}
+        return {name: node_work(nodes[name], reindexing) for name in self.times}
 
     def full_work(self) -> dict[str, float]:
         if not hasattr(self, "_full"):
@@ -219,7 +219,7 @@ def _compacted(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray) -
         return None
 
 
-def _node_work(node: fx.Node, reindexing: Reindexing) -> float:
+def node_work(node: fx.Node, reindexing: Reindexing) -> float:
     """A node's work under a removal: its MACs where the op has a cost, else the elements it writes."""
     record = RULES.get(node.target) if node.op == "call_function" else None
     if record is not None and record.cost is not None:
