@@ -270,3 +270,16 @@ def test_group_width_default_is_the_devices():
     assert default_group_width("meta") == 1
     with pytest.raises(ValueError, match="group_width_to"):
         fxprune.prune(net, (torch.randn(2, 3, 8, 8),), "l1", 0.5, group_width_to=0)
+
+
+def test_a_target_the_rounded_group_widths_overshoot_gets_the_widths_it_needs():
+    """Every prunable group of GroupedNet sets the grouped conv's width (12: 4, 8 or 12 when rounded): a MACs
+    target of 0.6 would fall to 0.44 with rounded widths, so the widths it needs are kept, with a warning."""
+    torch.manual_seed(0)
+    net = GroupedNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="group widths rounded to 8"):
+        res = fxprune.prune(net, (x,), "l1", target_macs=0.6)
+    assert abs(res.cost_after.macs / res.cost_before.macs - 0.6) <= 0.02
+    assert res.selection.group_width_to == 1 and _group_width(res.module) not in (4, 8, 12)
+    assert_equivalent(net, res, (x,))
