@@ -191,6 +191,13 @@ def test_cli_target_latency(tmp_path):
     assert report["latency_model"]["predicted_kept"] <= 0.51
     assert any("--target-latency 0.5" in n and "predicted" in n for n in report["notes"])
     assert report["after"]["macs"] < report["before"]["macs"]
+    bench = runner.invoke(app, ["bench", str(out), "--repeats", "4", "--rounds", "2", "--json"])
+    assert bench.exit_code == 0, bench.output
+    rows = [r for r in json.loads(bench.output) if r["model"] == "pruned"]
+    assert rows and rows[0]["latency_target"] == 0.5
+    assert rows[0]["latency_promise_kept"] == pytest.approx(rows[0]["speedup"] * 0.5)
+    table = runner.invoke(app, ["bench", str(out), "--repeats", "4", "--rounds", "2"])
+    assert table.exit_code == 0 and "of target" in table.output, table.output
     for args, message in ((["--target-latency", "1.5"], "fraction to keep"),
                           (["--target-latency", "0.5", "--target-macs", "0.5"], "give one of")):
         bad = runner.invoke(app, ["run", str(path), *args, "--out", str(tmp_path / "bad")])

@@ -13,7 +13,8 @@ the row reports the median over rounds and the spread (lowest and highest round)
 ``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds, against
 ``original.onnx`` (written beside it) so that its speed-up compares one runtime with itself. The MACs reduction
 (FlopCounterMode, as everywhere) sits next to the speed-up, with their ratio: 1.0 means the model got
-exactly as much faster as it got smaller.
+exactly as much faster as it got smaller. A folder pruned to ``--target-latency T`` also gets the speed-up over
+the one it promised, 1 / T (``latency_promise_kept``).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
         raise BenchError(f"{folder} is not an fxprune output folder: missing {', '.join(missing)}{hint}")
     rounds = max(1, min(rounds, repeats))
     per_round = max(1, repeats // rounds)
+    target = _latency_target(folder)
     rows: list[dict[str, Any]] = []
     for device in devices():
         models = {}
@@ -104,8 +106,21 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
                 row.update(speedup=statistics.median(speedups), speedup_min=min(speedups),
                            speedup_max=max(speedups), macs_reduction=reduction,
                            promise_kept=statistics.median(speedups) / reduction)
+                if target is not None:  # pruned to --target-latency: its promise is 1 / target
+                    row.update(latency_target=target, latency_promise_kept=statistics.median(speedups) * target)
             rows.append(row)
     return rows
+
+
+def _latency_target(folder: Path) -> float | None:
+    """The --target-latency the folder was pruned to (report.json), or None."""
+    import json
+
+    try:
+        target = json.loads((folder / "report.json").read_text()).get("target") or {}
+    except (OSError, ValueError):
+        return None
+    return float(target["latency"]) if isinstance(target, dict) and target.get("latency") is not None else None
 
 
 def _baseline(label: str, models: dict[str, Any]) -> str:

@@ -146,9 +146,11 @@ def passes_table(rows: list[dict[str, Any]]) -> Table:
 def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Latency with its spread over rounds, and the speed-up next to the MACs reduction it promised."""
     table = Table(title=title, title_justify="left", caption="ms: median over rounds (lowest-highest round); "
-                  "of MACs: speed-up / MACs reduction, 1.00 = as much faster as smaller; a speed-up compares the "
+                  "of MACs: speed-up / MACs reduction, 1.00 = as much faster as smaller; of target: speed-up / the "
+                  "one --target-latency promised; a speed-up compares the "
                   "original and the pruned model in the same runtime", caption_justify="left")
-    for col in ("device", "model", "ms", "memory", "MACs", "speed-up", "of MACs"):
+    target = any(r.get("latency_target") is not None for r in rows)
+    for col in ("device", "model", "ms", "memory", "MACs", "speed-up", "of MACs") + (("of target",) if target else ()):
         table.add_column(col, justify="left" if col in ("device", "model") else "right")
     for r in rows:
         pruned = r.get("speedup") is not None
@@ -158,5 +160,7 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
                       f"{format_ms(r['latency_ms'])} ({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
                       "-" if r["peak_memory_bytes"] is None else human(r["peak_memory_bytes"], "B"), human(r["macs"]),
                       f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if pruned else "",
-                      f"{r['promise_kept']:.2f} of {r['macs_reduction']:.1f}x" if pruned else "")
+                      f"{r['promise_kept']:.2f} of {r['macs_reduction']:.1f}x" if pruned else "",
+                      *((f"{r['latency_promise_kept']:.2f} of {1 / r['latency_target']:.1f}x"
+                         if r.get("latency_target") else "",) if target else ()))
     return table
