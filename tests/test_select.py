@@ -245,10 +245,10 @@ def _group_width(module) -> int:
 
 
 @pytest.mark.parametrize("ratio,width_to,expected", [(0.5, 1, 6), (0.5, 8, 8), (0.7, 8, 4), (0.7, 1, 4), (0.3, 8, 12),
-                                                     (0.5, 4, 8), (0.5, 3, 6)])
+                                                     (0.5, 4, 8), (0.5, 3, 6), (0.85, 8, 2), (0.6, 8, 8)])
 def test_group_width_to_rounds_a_grouped_convs_group_width(ratio, width_to, expected):
     """Kept channels of the groups that set a grouped conv's width: a multiple of group_width_to, or a power of
-    two from 4 below it (12 at 0.5 keeps 6 -> 8; at 0.7, 4 stays 4); depthwise and plain convs are not touched."""
+    two below it (12 at 0.5 keeps 6 -> 8; at 0.7, 4 and at 0.85, 2 stay); depthwise and plain convs are not touched."""
     torch.manual_seed(0)
     net = GroupedNet().eval()
     x = torch.randn(2, 3, 8, 8)

@@ -164,7 +164,7 @@ def run(
                                                       "(default: the pass's; slimming 0.1)", show_default=False)] = None,
     round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
     group_width_to: Annotated[Optional[int], typer.Option("--group-width-to", help="a grouped convolution's group "
-                                                          "width kept a multiple of N (or a power of two from 4 "
+                                                          "width kept a multiple of N (or a power of two "
                                                           "below N); default: the device's, 8 on CPU",
                                                           show_default=False)] = None,
     target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="fraction of MACs to keep "

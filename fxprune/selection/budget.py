@@ -58,7 +58,7 @@ class Selection:
     # config fields (several kinds may share one) and the counts its config class accepts
     uniform_rule: Any = field(default=None, compare=False, repr=False)
     # kept channels of a group that sets a grouped convolution's group width (``Group.grouped_conv``): a multiple of
-    # this, a power of two from 4 below it, or the whole group. CPU kernels run group widths of 4, 8, 16, 24, 32 up
+    # this, a power of two below it, or the whole group. CPU kernels run group widths of 4, 8, 16, 24, 32 up
     # to 3x faster per channel than 5, 6, 12, 20 (``benchmarks/latency_breakdown.py --group-widths``):
     # ``fxprune.prune``'s default is 8 on CPU
     group_width_to: int = 1
@@ -115,9 +115,9 @@ def _keep_count(group: Group, keep: int, sel: Selection) -> int:
 
 
 def _fast_width(keep: int, width: int) -> bool:
-    """A group width the kernels run well: a multiple of ``width``, or a power of two from 4 up to it (4 of 8 is
-    as fast per channel as 8 on CPU; 2, 3, 5 and 6 are not)."""
-    return keep % width == 0 or (4 <= keep < width and keep & (keep - 1) == 0)
+    """A group width the kernels run well: a multiple of ``width``, or a power of two below it (on CPU, 4 of 8 costs
+    as little per channel as 8, and 3, 5, 6 and 7 up to twice as much; in whole networks 2 beats keeping 4)."""
+    return keep % width == 0 or (keep < width and keep & (keep - 1) == 0)
 
 
 def _drop_lowest(s: np.ndarray, keep: int) -> np.ndarray:
