@@ -24,6 +24,9 @@ on speed-up / MACs reduction that no emitted graph can pass).
     python benchmarks/latency_breakdown.py --models tv:mobilenet_v2 --round-to 1 8 16   # does rounding pay?
     python benchmarks/latency_breakdown.py --bound-only --out benchmarks/results/latency_breakdown.json  # no timing
     python benchmarks/latency_breakdown.py --group-widths --threads 2 --out benchmarks/results/group_widths.json
+    python benchmarks/latency_breakdown.py --widths-in-models --threads 2 --repeats 3 --models tv:regnet_y_800mf \
+        tv:regnet_y_1_6gf tv:regnet_y_3_2gf tv:regnet_x_1_6gf tv:regnet_x_8gf tv:regnet_y_8gf tv:resnext50_32x4d \
+        --out benchmarks/results/group_widths_models.json
 """
 from __future__ import annotations
 
@@ -242,6 +245,31 @@ def group_widths(batch: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def widths_in_models(specs: list[str], batch: int, rounds: int) -> list[dict[str, Any]]:
+    """Each model pruned with l1 at 0.5 twice, group widths as the ratio says (``group_width_to=1``) and rounded by
+    the device default, the original and both timed in ``rounds`` interleaved rounds (eager, whole forwards)."""
+    from fxprune.cli.measure import count_macs, interleaved_latency
+    from fxprune.selection.budget import default_group_width
+
+    rows = []
+    for spec in specs:
+        model, x = build(spec, batch, 224)
+        exact = fxprune.prune(model, x, "l1", 0.5, group_width_to=1).module.eval()
+        rounded = fxprune.prune(model, x, "l1", 0.5).module.eval()
+        times = interleaved_latency({"original": (model, x), "widths 1": (exact, x), "rounded": (rounded, x)},
+                                    rounds=rounds, repeats=3, warmup_first=1)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        macs = count_macs(model, x)
+        rows.append({"model": spec, "batch": batch, "threads": torch.get_num_threads(),
+                     "group_width_to": default_group_width("cpu"), "ms": {k: round(v, 1) for k, v in ms.items()},
+                     "macs_kept": {"widths 1": round(count_macs(exact, x) / macs, 3),
+                                   "rounded": round(count_macs(rounded, x) / macs, 3)},
+                     "speedup": {"widths 1": round(ms["original"] / ms["widths 1"], 2),
+                                 "rounded": round(ms["original"] / ms["rounded"], 2)}})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=CNNS)
@@ -257,7 +285,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "--out, timing nothing")
     ap.add_argument("--group-widths", action="store_true", help="time a grouped 3x3 convolution at every group width "
                     "instead (per channel; what group_width_to rests on), into --out")
+    ap.add_argument("--widths-in-models", action="store_true", help="time --models pruned at 0.5 with group widths as "
+                    "the ratio says and rounded (the device default), whole forwards, into --out")
     args = ap.parse_args(argv)
+    if args.widths_in_models:
+        torch.set_num_threads(args.threads)
+        rows = widths_in_models(args.models, args.batch, args.repeats)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        return rows
     if args.group_widths:
         torch.set_num_threads(args.threads)
         rows = group_widths(args.batch, args.repeats)
