@@ -124,14 +124,20 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next((t.device for t in model.parameters()), torch.device("cpu"))
 
 
-def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str) -> Any:
-    """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``)."""
+def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
+    """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
+    calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
+    import dataclasses
+
+    from .selection.budget import select
     from .selection.latency import LatencyModel
 
     if target == "modules":
         raise SelectionError("target_latency needs a model torch.export traces whole (this one is pruned through its "
                              "modules, from one recorded run, which fxprune cannot time op by op): give target_macs")
-    return LatencyModel.measure(gm, groups)
+    order = {g.id: np.arange(len(g), dtype=np.float64) for g in groups.prunable}  # the first half goes
+    probe = select(groups, order, dataclasses.replace(sel, ratio=0.5, scope="group", ratio_for={}))
+    return LatencyModel.measure(gm, groups, probe=probe)
 
 
 class Compacted(NamedTuple):
@@ -208,7 +214,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         counter = CostCounter(groups)
         before = counter()
         which, resource = next(iter(targets.items()), ("macs", None))
-        latency = _latency_model(gm, groups, used["target"]) if which == "latency" else None
+        latency = _latency_model(gm, groups, used["target"], sel) if which == "latency" else None
     needs_scores = ratio > 0 or resource is not None or any(ratio_for.values() if ratio_for else ()) or \
         getattr(the_pass, "self_pruning", False)
     if needs_scores and not groups.prunable:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.compaction import Reindexing
-from fxprune.selection.latency import LatencyModel, _fit, node_work, op_class
+from fxprune.selection.latency import LatencyModel, _fit, half_removal, node_work, op_class
 from fxprune.testing import assert_equivalent
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -49,10 +49,7 @@ def traced(net):
 
 
 def _half(groups) -> np.ndarray:
-    removed = np.zeros(len(groups.comp_group), dtype=bool)
-    for g in groups.prunable:
-        removed[g.channels[: len(g) // 2]] = True
-    return removed
+    return half_removal(groups)
 
 
 def test_op_classes(traced):
@@ -216,3 +213,19 @@ def test_cli_target_latency_refused_for_a_checkpoint_folder(tmp_path):
     bad = CliRunner().invoke(app, ["run", str(folder), "--target-latency", "0.5", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "--target-latency" in bad.output, bad.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_probe_follows_the_selections_rounding():
+    """Calibrated at ratio 0.5 under the run's own rules: a grouped conv 12 wide is probed at 8 (rounded, as the
+    search will pick), not at 6, a width its kernels run slowly."""
+    from fxprune.api import _latency_model
+    from fxprune.selection.budget import Selection
+    from test_select import GroupedNet
+
+    torch.manual_seed(0)
+    net = GroupedNet().eval()
+    gm = fxprune.trace(net, (torch.randn(2, 3, 16, 16),))
+    groups = analyze(gm)
+    for width_to, kept in ((8, 8 / 12), (1, 6 / 12)):
+        model = _latency_model(gm, groups, "graph", Selection(group_width_to=width_to))
+        assert model.probe["classes"]["conv 1x1"]["work_kept"] == pytest.approx(kept, abs=1e-3)

@@ -35,7 +35,7 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import RULES
 from fxprune.compaction.resize import Reindexing
 
-__all__ = ["Latency", "LatencyModel", "op_class", "node_work", "LatencyError"]
+__all__ = ["Latency", "LatencyModel", "op_class", "node_work", "half_removal", "LatencyError"]
 
 _CONVS = ("conv1d", "conv2d", "conv3d", "convolution")
 EXPONENT_RANGE = (0.0, 1.5)  # a class's fitted exponent is clamped here (noise can push it out)
@@ -149,19 +149,19 @@ class LatencyModel:
     probe: dict[str, Any] = field(default_factory=dict)  # what the calibration measured (for reports)
 
     @classmethod
-    def measure(cls, gm: fx.GraphModule, groups: ChannelGroups, *, runs: int = 5,
-                budget_s: float = 30.0) -> "LatencyModel":
+    def measure(cls, gm: fx.GraphModule, groups: ChannelGroups, *, runs: int = 5, budget_s: float = 30.0,
+                probe: np.ndarray | None = None) -> "LatencyModel":
         """Time ``gm`` (the traced graph, on the device of its parameters and traced inputs) and its probe
-        (half of every prunable group removed) node by node, and fit each class's exponent."""
+        node by node, and fit each class's exponent. ``probe``: the removal to calibrate at (default: the first
+        half of every prunable group; ``fxprune.prune`` gives its selection's rules at ratio 0.5, so that the
+        probe has the widths, rounded as they will be, that the search picks from)."""
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in (*gm.parameters(), *gm.buffers())):
             raise LatencyError("a latency target needs the model's weights to run it: this graph is on the meta "
                                "device (a checkpoint pruned from disk); give target_macs instead")
         args, kwargs = _inputs(gm)
         inputs = _flat_inputs(args, kwargs)
         classes = {n.name: c for n in gm.graph.nodes if (c := op_class(n, gm)) is not None}
-        removed = np.zeros(len(groups.comp_group), dtype=bool)
-        for g in groups.prunable:
-            removed[g.channels[: len(g) // 2]] = True
+        removed = half_removal(groups) if probe is None else np.asarray(probe, dtype=bool)
         probe_gm = _compacted(gm, groups, removed) if removed.any() else None
         models = [gm] if probe_gm is None else [gm, probe_gm]
         timed = time_nodes(models, inputs, runs, budget_s=budget_s)
@@ -206,6 +206,14 @@ class LatencyModel:
         for name, t in self.times.items():
             out[self.classes[name]] = out.get(self.classes[name], 0.0) + t
         return out
+
+
+def half_removal(groups: ChannelGroups) -> np.ndarray:
+    """The first half of every prunable group removed."""
+    removed = np.zeros(len(groups.comp_group), dtype=bool)
+    for g in groups.prunable:
+        removed[g.channels[: len(g) // 2]] = True
+    return removed
 
 
 def _compacted(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray) -> fx.GraphModule | None:
