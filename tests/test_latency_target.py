@@ -229,3 +229,15 @@ def test_the_probe_follows_the_selections_rounding():
     for width_to, kept in ((8, 8 / 12), (1, 6 / 12)):
         model = _latency_model(gm, groups, "graph", Selection(group_width_to=width_to))
         assert model.probe["classes"]["conv 1x1"]["work_kept"] == pytest.approx(kept, abs=1e-3)
+
+
+def test_a_graph_that_cannot_be_timed_is_a_clear_error(net, monkeypatch):
+    from fxprune.selection import latency
+    from fxprune.selection.budget import SelectionError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this op")
+
+    monkeypatch.setattr(latency, "time_nodes", broken)
+    with pytest.raises(SelectionError, match="times the traced graph op by op.*no kernel.*target_macs"):
+        fxprune.prune(net, (X,), "l1", target_latency=0.5)

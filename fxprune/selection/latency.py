@@ -34,6 +34,7 @@ from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import RULES
 from fxprune.compaction.resize import Reindexing
+from fxprune.selection.budget import SelectionError
 
 __all__ = ["Latency", "LatencyModel", "op_class", "node_work", "half_removal", "LatencyError"]
 
@@ -41,8 +42,8 @@ _CONVS = ("conv1d", "conv2d", "conv3d", "convolution")
 EXPONENT_RANGE = (0.0, 1.5)  # a class's fitted exponent is clamped here (noise can push it out)
 
 
-class LatencyError(ValueError):
-    """A latency target fxprune cannot measure for this model."""
+class LatencyError(SelectionError):
+    """A latency target fxprune cannot measure for this model (a budget that cannot apply: exit 2 on the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,11 @@ class LatencyModel:
         removed = half_removal(groups) if probe is None else np.asarray(probe, dtype=bool)
         probe_gm = _compacted(gm, groups, removed) if removed.any() else None
         models = [gm] if probe_gm is None else [gm, probe_gm]
-        timed = time_nodes(models, inputs, runs, budget_s=budget_s)
+        try:
+            timed = time_nodes(models, inputs, runs, budget_s=budget_s)
+        except Exception as exc:  # noqa: BLE001 - any failure to run the graph op by op ends the latency target
+            raise LatencyError(f"a latency target times the traced graph op by op, which failed here "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); give target_macs instead") from exc
         full = {n: timed[0].get(n, 0.0) for n in classes}
         model = cls(groups, full, classes, {})
         if probe_gm is None:
