@@ -241,3 +241,13 @@ def test_a_graph_that_cannot_be_timed_is_a_clear_error(net, monkeypatch):
     monkeypatch.setattr(latency, "time_nodes", broken)
     with pytest.raises(SelectionError, match="times the traced graph op by op.*no kernel.*target_macs"):
         fxprune.prune(net, (X,), "l1", target_latency=0.5)
+
+
+def test_bench_hints_at_a_latency_target_when_the_macs_promise_falls_short():
+    from fxprune.cli.ui import bench_hint
+
+    row = {"model": "pruned", "speedup": 2.0, "macs_reduction": 3.6, "promise_kept": 2.0 / 3.6}
+    assert "--target-latency" in bench_hint([{"model": "original", "speedup": None}, row])
+    assert bench_hint([{**row, "promise_kept": 0.95}]) is None
+    assert bench_hint([{**row, "latency_target": 0.5}]) is None  # already pruned to a latency
+    assert bench_hint([{**row, "model": "pruned (onnxruntime)"}]) is None  # eager rows only

@@ -464,6 +464,11 @@ def bench(
     first = rows[0]
     Console().print(bench_table(rows, f"{folder}: {first['rounds']} interleaved rounds of {first['runs_per_round']} "
                                       f"runs per model on the saved example inputs, {first['threads']} CPU threads"))
+    from .ui import bench_hint
+
+    hint = bench_hint(rows)
+    if hint:
+        Console().print(hint)
 
 
 @app.command("eval")

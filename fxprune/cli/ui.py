@@ -143,6 +143,23 @@ def passes_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+PROMISE_HINT_BELOW = 0.8  # of the MACs promise, in eager PyTorch, where bench suggests asking for time instead
+
+
+def bench_hint(rows: list[dict[str, Any]]) -> str | None:
+    """One line when an eager pruned row is far below its MACs promise and the folder was not pruned to a latency:
+    this model's time follows its activations, not its MACs; ask for time."""
+    low = [r for r in rows if r["model"] == "pruned" and r.get("speedup") is not None
+           and r.get("latency_target") is None and r["promise_kept"] < PROMISE_HINT_BELOW]
+    if not low:
+        return None
+    r = low[0]
+    return (f"note: {r['speedup']:.2f}x faster for {r['macs_reduction']:.1f}x fewer MACs ({r['promise_kept']:.2f} of the "
+            "promise): much of this model's time is in ops that follow its activations, not its MACs (batch norm, "
+            "activations, depthwise convolutions). `fxprune run ... --target-latency T` prunes to a latency measured "
+            "on this device instead.")
+
+
 def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Latency with its spread over rounds, and the speed-up next to the MACs reduction it promised."""
     table = Table(title=title, title_justify="left", caption="ms: median over rounds (lowest-highest round); "
