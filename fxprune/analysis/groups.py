@@ -57,18 +57,13 @@ class Group:
 def _grouped_conv_weights(gm: fx.GraphModule) -> set[str]:
     """Weights (get_attr targets) of the graph's grouped convolutions that are not depthwise: more than one
     input channel per group."""
-    from .rules.layers import _conv_args
+    from .rules.layers import conv_layout
 
     out: set[str] = set()
     for n in gm.graph.nodes:
-        if n.op != "call_function" or "conv" not in str(n.target):
-            continue
-        try:
-            _, w, _, _, groups = _conv_args(n)
-        except Exception:  # noqa: BLE001 - not a convolution the layer rule reads
-            continue
-        val = w.meta.get("val") if isinstance(w, fx.Node) else None
-        if isinstance(groups, int) and groups > 1 and w.op == "get_attr" and val is not None and val.shape[1] > 1:
+        w, groups = conv_layout(n) or (None, 1)
+        val = w.meta.get("val") if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if groups > 1 and val is not None and val.shape[1] > 1:
             out.add(str(w.target))
     return out
 

@@ -33,12 +33,12 @@ import torch.fx as fx
 from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import RULES
+from fxprune.analysis.rules.layers import conv_layout
 from fxprune.compaction.resize import Reindexing
 from fxprune.selection.budget import SelectionError
 
 __all__ = ["Latency", "LatencyModel", "op_class", "node_work", "half_removal", "LatencyError"]
 
-_CONVS = ("conv1d", "conv2d", "conv3d", "convolution")
 EXPONENT_RANGE = (0.0, 1.5)  # a class's fitted exponent is clamped here (noise can push it out)
 
 
@@ -68,19 +68,17 @@ def op_class(node: fx.Node, module: torch.nn.Module) -> str | None:
         return "batch_norm" if "batchnorm" in kind else kind
     if node.op != "call_function":
         return None
-    name = _op_name(node.target)
-    if "batch_norm" in name:
-        return "batch_norm"
-    if name in _CONVS:
-        w = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
-        groups = node.args[-1] if name == "convolution" else (node.args[6] if len(node.args) > 6
-                                                              else node.kwargs.get("groups", 1))
-        if w is None:
+    conv = conv_layout(node)
+    if conv is not None:
+        w, groups = conv
+        val = w.meta.get("val") if isinstance(w, fx.Node) else None
+        if val is None:
             return "conv"
         if groups != 1:
             return "conv grouped"
-        return "conv 1x1" if all(int(k) == 1 for k in w.shape[2:]) else "conv kxk"
-    return name
+        return "conv 1x1" if all(int(k) == 1 for k in val.shape[2:]) else "conv kxk"
+    name = _op_name(node.target)
+    return "batch_norm" if "batch_norm" in name else name
 
 
 class _Timed(fx.Interpreter):

@@ -27,6 +27,18 @@ def _conv_args(node: fx.Node) -> tuple[Any, Any, Any, bool, int]:
     return b["input"], b["weight"], b.get("bias"), transposed, int(b.get("groups", 1) or 1)
 
 
+def conv_layout(node: fx.Node) -> tuple[Any, int] | None:
+    """A convolution node's weight argument and group count (any op the convolution rule couples); None for
+    every other node."""
+    from . import RULES
+
+    record = RULES.get(node.target) if node.op == "call_function" else None
+    if record is None or record.rule is not conv:
+        return None
+    _, w, _, _, groups = _conv_args(node)
+    return w, groups
+
+
 def _conv_rewrite(node: fx.Node, r: Any) -> None:
     x_arg, w_arg, _, transposed, groups = _conv_args(node)
     if groups == 1:
