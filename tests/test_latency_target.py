@@ -76,7 +76,7 @@ def _synthetic(gm, groups, exponents: dict[str, float], seed: int = 0) -> tuple[
     classes = {n.name: c for n in gm.graph.nodes if (c := op_class(n, gm)) is not None}
     model = LatencyModel(groups, {n: float(rng.uniform(0.5, 2.0)) for n in classes}, classes, {})
     removed = _half(groups)
-    full, half = model.full_work(), model._work(Reindexing(groups, removed))
+    full, half = model.full_work, model.work(removed)
     probe = {n: t * (half[n] / full[n]) ** exponents.get(classes[n], 1.0) if full[n] else t
              for n, t in model.times.items()}
     return model, removed, probe

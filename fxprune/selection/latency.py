@@ -20,6 +20,7 @@ The prediction is exact at the probe's width by construction and interpolates el
 the pruned model and reports both (``report.json``: ``latency_ms``)."""
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -36,6 +37,8 @@ from fxprune.analysis.rules import RULES
 from fxprune.analysis.rules.layers import conv_layout
 from fxprune.compaction.resize import Reindexing
 from fxprune.selection.budget import SelectionError
+from fxprune.tracing.compat import tree_leaves
+from fxprune.tracing.tracer import META_INPUTS
 
 __all__ = ["Latency", "LatencyModel", "op_class", "node_work", "half_removal", "LatencyError"]
 
@@ -102,20 +105,6 @@ class _Timed(fx.Interpreter):
         return out
 
 
-def _inputs(gm: fx.GraphModule) -> tuple[tuple, dict]:
-    from fxprune.tracing.tracer import META_INPUTS
-
-    args, kwargs = gm.meta[META_INPUTS]
-    return tuple(args), dict(kwargs)
-
-
-def _flat_inputs(args: tuple, kwargs: dict) -> list:
-    """The graph's placeholders in order, from the traced (args, kwargs)."""
-    from fxprune.tracing.compat import tree_leaves
-
-    return list(tree_leaves((args, kwargs)))
-
-
 def time_nodes(models: list[fx.GraphModule], inputs: list, runs: int, warmup: int = 1,
                budget_s: float = 30.0) -> list[dict[str, float]]:
     """Each model's milliseconds per node (median over ``runs``), the models taking turns run by run so that
@@ -157,8 +146,7 @@ class LatencyModel:
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in (*gm.parameters(), *gm.buffers())):
             raise LatencyError("a latency target needs the model's weights to run it: this graph is on the meta "
                                "device (a checkpoint pruned from disk); give target_macs instead")
-        args, kwargs = _inputs(gm)
-        inputs = _flat_inputs(args, kwargs)
+        inputs = tree_leaves(gm.meta[META_INPUTS])  # the graph's placeholders, in order
         classes = {n.name: c for n in gm.graph.nodes if (c := op_class(n, gm)) is not None}
         removed = half_removal(groups) if probe is None else np.asarray(probe, dtype=bool)
         probe_gm = _compacted(gm, groups, removed) if removed.any() else None
@@ -176,19 +164,25 @@ class LatencyModel:
         model.exponents, model.probe = _fit(model, removed, timed[1], probe_classes)
         return model
 
-    def _work(self, reindexing: Reindexing) -> dict[str, float]:
-        nodes = {n.name: n for n in self.groups.gm.graph.nodes}
-        return {name: node_work(nodes[name], reindexing) for name in self.times}
+    @functools.cached_property
+    def _nodes(self) -> dict[str, fx.Node]:
+        return {n.name: n for n in self.groups.gm.graph.nodes if n.name in self.times}
 
+    def work(self, removed: np.ndarray | None = None) -> dict[str, float]:
+        """Each timed node's work (``node_work``) after ``removed`` (None: the full model)."""
+        if removed is None:
+            removed = np.zeros(len(self.groups.comp_group), dtype=bool)
+        reindexing = Reindexing(self.groups, removed)
+        return {name: node_work(node, reindexing) for name, node in self._nodes.items()}
+
+    @functools.cached_property
     def full_work(self) -> dict[str, float]:
-        if not hasattr(self, "_full"):
-            self._full = self._work(Reindexing(self.groups, np.zeros(len(self.groups.comp_group), dtype=bool)))
-        return self._full
+        return self.work()
 
     def __call__(self, removed: np.ndarray | None = None) -> Latency:
         if removed is None or not np.asarray(removed).any():
             return Latency(sum(self.times.values()))
-        full, work = self.full_work(), self._work(Reindexing(self.groups, removed))
+        full, work = self.full_work, self.work(removed)
         total = 0.0
         for name, t in self.times.items():
             w0, w1 = full[name], work[name]
@@ -202,13 +196,6 @@ class LatencyModel:
         return {"measured_ms": round(full, 3), "predicted_ms": round(after, 3),
                 "predicted_kept": round(after / full, 4) if full > 0 else None,
                 "exponents": {c: round(e, 3) for c, e in sorted(self.exponents.items())}, "probe": self.probe}
-
-    def per_class(self) -> dict[str, float]:
-        """Measured milliseconds per class of op at full width."""
-        out: dict[str, float] = {}
-        for name, t in self.times.items():
-            out[self.classes[name]] = out.get(self.classes[name], 0.0) + t
-        return out
 
 
 def half_removal(groups: ChannelGroups) -> np.ndarray:
@@ -246,7 +233,7 @@ def node_work(node: fx.Node, reindexing: Reindexing) -> float:
 def _fit(model: LatencyModel, removed: np.ndarray, probe_times: dict[str, float],
          probe_classes: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
     """Each class's exponent from its measured time and modelled work at full width and at the probe."""
-    full, half = model.full_work(), model._work(Reindexing(model.groups, removed))
+    full, half = model.full_work, model.work(removed)
     t0: dict[str, float] = {}
     w0: dict[str, float] = {}
     w1: dict[str, float] = {}
