@@ -25,6 +25,7 @@ from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
 from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width
+from .state import device_of_module
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -120,10 +121,6 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next((t.device for t in model.parameters()), torch.device("cpu"))
-
-
 def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
     """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
     calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
@@ -186,7 +183,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     distill = bool(getattr(the_pass, "default_distill", False)) if distill is None else distill
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                    group_width_to=default_group_width(_device(model)) if group_width_to is None else group_width_to,
+                    group_width_to=default_group_width(device_of_module(model)) if group_width_to is None else group_width_to,
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["attribute", "named_tensors"]
+__all__ = ["attribute", "named_tensors", "device_of_module"]
 
 
 def attribute(root: Any, path: str) -> Any:
@@ -25,3 +25,10 @@ def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``module`` by state-dict name, a tied tensor under each of its
     names (parameters first, then buffers). The values are the module's own tensors, not copies."""
     return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
+def device_of_module(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without parameters)."""
+    import torch
+
+    return next((t.device for t in module.parameters()), torch.device("cpu"))

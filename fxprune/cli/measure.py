@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.tracing.compat import CompatWarning, dispatch_mode_base, tree_leaves
 from fxprune.tracing.tracer import normalize_inputs
+from fxprune.state import device_of_module
 
 __all__ = ["count_macs", "count_params", "latency_ms", "interleaved_latency", "peak_memory_bytes", "to_device"]
 
@@ -72,14 +73,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next((t.device for t in module.parameters()), torch.device("cpu"))
-
-
 def latency_ms(module: nn.Module, example_inputs: Any, *, repeats: int = 20, warmup: int = 3,
                budget_s: float = 2.0) -> float:
     """Median wall time of one forward pass in milliseconds (stops early after ``budget_s``)."""
-    device = _device_of(module)
+    device = device_of_module(module)
     for _ in range(warmup):
         _call(module, example_inputs)
     times: list[float] = []
@@ -159,7 +156,7 @@ def _live_bytes_mode() -> type | None:
 
 def peak_memory_bytes(module: nn.Module, example_inputs: Any) -> int:
     """Weights plus the peak of memory allocated during one forward pass (CUDA: allocator statistics)."""
-    device = _device_of(module)
+    device = device_of_module(module)
     weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     gc.collect()
     if device.type == "cuda":

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.state import attribute
+from fxprune.state import attribute, device_of_module
 from fxprune.analysis.rules import Role, ops_with_role
 from fxprune.tracing.compat import fan_in
 from .engine import Evaluate, Hook, LossFn, TrainState, train
@@ -227,10 +227,6 @@ def _reinitialize(module: nn.Module) -> list[str]:
     return skipped
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next((t.device for t in module.parameters()), torch.device("cpu"))
-
-
 def recover(module: nn.Module, *, mode: str, original: nn.Module | None = None, train_loader: Iterable[Any],
             loss: LossFn | None = None, epochs: int, evaluate: Evaluate | None = None, distill: bool = False,
             temperature: float = 4.0, alpha: float = 0.9, macs_full: float | None = None,
@@ -260,7 +256,7 @@ def recover(module: nn.Module, *, mode: str, original: nn.Module | None = None, 
     restore: tuple[nn.Module, torch.device, bool] | None = None
     if distill:
         assert original is not None
-        restore = (original, _device_of(original), original.training)
+        restore = (original, device_of_module(original), original.training)
         hooks.append(DistillHook(original, temperature, alpha))
     try:
         return train(module, train_loader, loss, epochs, evaluate=evaluate, hooks=hooks, **train_options)
