@@ -24,7 +24,8 @@ from .passes.registry import make_pass
 from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
-from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width
+from .selection.budget import (Budget, Selection, SelectionError, check_ratio, default_group_width,
+                               resource_target)
 from .state import device_of_module
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
@@ -187,13 +188,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)
-    targets = {k: v for k, v in (("macs", target_macs), ("params", target_params), ("latency", target_latency))
-               if v is not None}
-    if len(targets) > 1:
-        raise SelectionError(f"give one resource target, not {' and '.join('target_' + k for k in targets)}")
-    for key, value in targets.items():
-        if not 0.0 < float(value) <= 1.0:
-            raise SelectionError(f"target_{key} is the fraction to keep, in (0, 1]; got {value}")
+    which, resource = resource_target(macs=target_macs, params=target_params, latency=target_latency)
     if recover is not None and recover not in RECOVERY:
         raise SelectionError(f"recover must be one of {RECOVERY}, got {recover!r}")
     if recover is not None and data.get("train_loader") is None:
@@ -210,7 +205,6 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             for_modules(the_pass, gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
-        which, resource = next(iter(targets.items()), ("macs", None))
         latency = _latency_model(gm, groups, used["target"], sel) if which == "latency" else None
     needs_scores = ratio > 0 or resource is not None or any(ratio_for.values() if ratio_for else ()) or \
         getattr(the_pass, "self_pruning", False)
@@ -228,10 +222,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         if latency is not None:
             raise SelectionError(f"{the_pass.name} prunes its own copy of the model, whose latency fxprune has not "
                                  "measured: give target_macs instead of target_latency")
-    if latency is not None:
-        budget = Budget(groups, sel, latency, latency(), "latency", resource, getattr(the_pass, "tolerance", 0.01))
-    else:
-        budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
+    measure, full = (latency, latency()) if latency is not None else (counter, before)
+    budget = Budget(groups, sel, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx.select = budget.removal
     base = ctx.model
     scores = the_pass.score(ctx) if needs_scores else {}

@@ -30,7 +30,7 @@ from fxprune.analysis import ChannelGroups, analyze
 from fxprune.compaction.plan import Plan
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
-from fxprune.selection.budget import Budget, Selection, SelectionError, check_ratio
+from fxprune.selection.budget import Budget, Selection, check_ratio, resource_target
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 from .architecture import checkpoint_names, example_inputs, load_config, meta_model, model_class
@@ -167,8 +167,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                                   "not channels; prune the full-precision checkpoint, then quantize the result")
         config = load_config(ckpt.root)
         the_pass = _weights_only_pass(method, options)
-        if target_macs is not None and target_params is not None:
-            raise SelectionError("give target_macs or target_params, not both")
+        which, resource = resource_target(macs=target_macs, params=target_params)
         sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                         protect=tuple(protect), min_channels=min_channels, round_to=round_to,
                         group_width_to=group_width_to, normalize=getattr(the_pass, "normalize", "mean"),
@@ -190,8 +189,6 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         counter = CostCounter(groups)
         before = counter()
         lap("analyze")
-        resource = target_macs if target_macs is not None else target_params
-        which = "macs" if target_macs is not None else "params"
         ctx = PassContext(arch.gm, groups, arch.model, {}, sel,
                           target=(which, float(resource)) if resource is not None else None,
                           source=lambda name: _read(ckpt, names, name))

@@ -23,7 +23,7 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.passes.base import Scores
 
 __all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio",
-           "default_group_width", "GROUP_WIDTH_BY_DEVICE"]
+           "default_group_width", "GROUP_WIDTH_BY_DEVICE", "resource_target"]
 
 SCOPES = ("group", "global")
 NORMALISE = ("mean", "max", "l2", "none")
@@ -75,6 +75,18 @@ class Selection:
             raise SelectionError("min_channels, round_to and group_width_to must be at least 1")
         if not 0.0 <= self.min_keep <= 1.0:
             raise SelectionError(f"min_keep is the fraction of each group always kept, in [0, 1]; got {self.min_keep}")
+
+
+def resource_target(**targets: float | None) -> tuple[str, float | None]:
+    """The one resource target a run gives (``macs=0.5``, ``params=``, ``latency=``; None: not given): its kind and
+    the fraction to keep, or ("macs", None) without one. Two at once, or a fraction outside (0, 1], is an error."""
+    given = {k: float(v) for k, v in targets.items() if v is not None}
+    if len(given) > 1:
+        raise SelectionError(f"give one resource target, not {' and '.join('target_' + k for k in given)}")
+    for key, value in given.items():
+        if not 0.0 < value <= 1.0:
+            raise SelectionError(f"target_{key} is the fraction to keep, in (0, 1]; got {value}")
+    return next(iter(given.items()), ("macs", None))
 
 
 # Selection.group_width_to by the device the model is pruned on (fxprune.prune's default): measured where given
