@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
+from fxprune.selection.latency import op_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import build  # noqa: E402 - the same model builder as the latency sweep
@@ -55,27 +56,16 @@ _ELEMENTWISE = ("relu", "hardtanh", "clamp", "silu", "sigmoid", "hardswish", "ha
                 "div", "sub")
 
 
+_COARSE = {"conv 1x1": "conv 1x1", "conv kxk": "conv kxk", "conv grouped": "conv grouped", "batch_norm": "batch norm"}
+
+
 def classify(node: fx.Node, module: torch.nn.Module) -> str | None:
-    """The class of one node (None: placeholders, outputs, attributes)."""
-    if node.op == "call_module":
-        sub = module.get_submodule(str(node.target))
-        return "batch norm" if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) else "pool / other"
-    if node.op != "call_function":
-        return None
-    name = str(node.target)
-    if "conv" in name:
-        w = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        if w is None:
-            return "pool / other"
-        if groups != 1:
-            return "conv grouped"
-        return "conv 1x1" if all(int(k) == 1 for k in w.shape[2:]) else "conv kxk"
-    if "batch_norm" in name:
-        return "batch norm"
-    if any(f"aten.{e}" in name for e in _ELEMENTWISE):
-        return "elementwise"
-    return "pool / other"
+    """The class of one node (None: placeholders, outputs, attributes): the latency model's op class
+    (``fxprune.selection.latency.op_class``), its other ops folded into elementwise and pool / other."""
+    c = op_class(node, module)
+    if c is None or c in _COARSE:
+        return None if c is None else _COARSE[c]
+    return "elementwise" if any(c == e or c.startswith(e + "_") for e in _ELEMENTWISE) else "pool / other"
 
 
 class Timed(fx.Interpreter):
@@ -270,6 +260,11 @@ def widths_in_models(specs: list[str], batch: int, rounds: int) -> list[dict[str
     return rows
 
 
+def _save(rows: list[dict[str, Any]], out: str | None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=CNNS)
@@ -291,18 +286,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.widths_in_models:
         torch.set_num_threads(args.threads)
         rows = widths_in_models(args.models, args.batch, args.repeats)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        _save(rows, args.out)
         return rows
     if args.group_widths:
         torch.set_num_threads(args.threads)
         rows = group_widths(args.batch, args.repeats)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        _save(rows, args.out)
         return rows
     if args.bound_only:
         rows = [add_bound(r) for r in json.loads(Path(args.out).read_text())]
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        _save(rows, args.out)
         for r in rows:
             print(f"{r['model']}: at best {r['bound']}x for {r['macs_reduction']}x fewer MACs "
                   f"({r['bound_over_macs_reduction']})")
@@ -321,8 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for c, v in r["classes"].items():
             print(f"   {c:14s} {v['share_of_time']:6.1%} of time  {v['speedup']:5.2f}x faster  "
                   f"{v['macs_reduction'] or '-'}x fewer MACs", flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        _save(rows, args.out)
     return rows
 
 
