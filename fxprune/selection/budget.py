@@ -212,7 +212,17 @@ def select_per_group(groups: ChannelGroups, scores: Scores, ratio: float) -> np.
 def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: Callable[[np.ndarray], float],
                   target: float, tolerance: float = 0.01, steps: int = 40) -> tuple[np.ndarray, Selection]:
     """Binary search on the ratio until ``cost(removed)`` (a kept fraction, 1.0 = full model) is within
-    ``tolerance`` of ``target``; returns the closest selection at or under the target if none is."""
+    ``tolerance`` of ``target``; returns the closest selection at or under the target if none is (warning)."""
+    removed, found, shortfall = _search(groups, scores, sel, cost, target, tolerance, steps)
+    if shortfall:
+        warnings.warn(shortfall, stacklevel=2)
+    return removed, found
+
+
+def _search(groups: ChannelGroups, scores: Scores, sel: Selection, cost: Callable[[np.ndarray], float],
+            target: float, tolerance: float, steps: int = 40) -> tuple[np.ndarray, Selection, str | None]:
+    """``search_budget``'s search: the removal, the selection found, and why it misses the target (None if it
+    does not)."""
     if not 0.0 < target <= 1.0:
         raise SelectionError(f"a resource target is the fraction to keep, in (0, 1], got {target}")
     lo, hi = 0.0, 0.999
@@ -225,7 +235,7 @@ def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: C
         if kept <= target + tolerance and (best is None or abs(kept - target) < abs(best[2] - target)):
             best = (removed, trial, kept)
         if abs(kept - target) <= tolerance and kept <= target + tolerance:
-            return removed, trial
+            return removed, trial, None
         if kept > target:
             lo = mid
         else:
@@ -233,14 +243,11 @@ def search_budget(groups: ChannelGroups, scores: Scores, sel: Selection, cost: C
     if best is None:
         trial = dataclasses.replace(sel, ratio=0.999)
         removed = select(groups, scores, trial)
-        warnings.warn(f"fxprune: cannot reach a kept fraction of {target:.3f}; the smallest reachable is "
-                      f"{cost(removed):.3f} (frozen groups, min_channels or round_to bound it)", stacklevel=2)
-        return removed, trial
-    warnings.warn(f"fxprune: the closest kept fraction to {target:.3f} at or under it is {best[2]:.3f}: the budget "
-                  "moves in steps here (few groups, round_to, group_width_to, or per-group scope); scope='global' is "
-                  "finer",
-                  stacklevel=2)
-    return best[0], best[1]
+        return removed, trial, (f"fxprune: cannot reach a kept fraction of {target:.3f}; the smallest reachable is "
+                                f"{cost(removed):.3f} (frozen groups, min_channels or round_to bound it)")
+    return best[0], best[1], (f"fxprune: the closest kept fraction to {target:.3f} at or under it is {best[2]:.3f}: "
+                              "the budget moves in steps here (few groups, round_to, group_width_to, or per-group "
+                              "scope); scope='global' is finer")
 
 
 @dataclass
@@ -261,25 +268,23 @@ class Budget:
         full = max(getattr(self.before, self.which), 1)
         kept = lambda rem: getattr(self.counter(rem), self.which) / full  # noqa: E731
         target = float(self.target)
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            removed, sel = search_budget(self.groups, scores, self.sel, kept, target, tolerance=self.tolerance)
+        removed, sel, shortfall = _search(self.groups, scores, self.sel, kept, target, self.tolerance)
         if self.sel.group_width_to > 1 and self.which != "latency" and kept(removed) < target - 2 * self.tolerance \
                 and any(g.grouped_conv for g in self.groups.prunable):
             # rounded group widths move the budget in steps too large for it (a RegNet's grouped convolutions
             # hold most of its MACs: 16 or 8 wide, nothing between): widths as the target needs them. Not for a
             # latency target: faster than asked is within its promise, and the widths between run slowly
-            relaxed = dataclasses.replace(self.sel, group_width_to=1)
-            removed2, sel2 = search_budget(self.groups, scores, relaxed, kept, target, tolerance=self.tolerance)
-            if abs(kept(removed2) - target) < abs(kept(removed) - target):
+            relaxed = _search(self.groups, scores, dataclasses.replace(self.sel, group_width_to=1), kept, target,
+                              self.tolerance)
+            if abs(kept(relaxed[0]) - target) < abs(kept(removed) - target):
                 warnings.warn(f"fxprune: group widths rounded to {self.sel.group_width_to} reach only "
                               f"{kept(removed):.3f} of the {self.which} for a target of {target:.3f}; grouped "
-                              f"convolutions keep the widths the target needs ({kept(removed2):.3f}), which CPU kernels "
-                              "run slower per channel (--scope global reaches the target with rounded widths)",
+                              f"convolutions keep the widths the target needs ({kept(relaxed[0]):.3f}), which CPU "
+                              "kernels run slower per channel (--scope global reaches the target with rounded widths)",
                               stacklevel=2)
-                return removed2, sel2
-        for w in said:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                removed, sel, shortfall = relaxed
+        if shortfall:
+            warnings.warn(shortfall, stacklevel=2)
         return removed, sel
 
     def removal(self, scores: dict[int, np.ndarray]) -> np.ndarray:
