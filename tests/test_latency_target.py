@@ -251,3 +251,19 @@ def test_bench_hints_at_a_latency_target_when_the_macs_promise_falls_short():
     assert bench_hint([{**row, "promise_kept": 0.95}]) is None
     assert bench_hint([{**row, "latency_target": 0.5}]) is None  # already pruned to a latency
     assert bench_hint([{**row, "model": "pruned (onnxruntime)"}]) is None  # eager rows only
+
+
+def test_an_overhead_bound_latency_target_is_named_in_a_note():
+    """A target reached only by removing nearly all the MACs (the time is per-op overhead) gets its own note."""
+    from types import SimpleNamespace
+
+    from fxprune.cli.pipeline import OVERHEAD_BOUND, Feedback, _latency_note
+
+    cfg = SimpleNamespace(budget={"target_latency": 0.5}, out="out")
+    result = SimpleNamespace(latency={"predicted_kept": 0.5, "measured_ms": 1.0})
+    for macs_after, overhead in ((1_000, True), (int(1e6 * 0.5 * OVERHEAD_BOUND) + 1, False), (400_000, False)):
+        notes: list[str] = []
+        _latency_note(cfg, result, {"latency_ms": 1.0, "macs": 1_000_000}, {"latency_ms": 0.5, "macs": macs_after},
+                      Feedback(), notes)
+        assert "predicted 0.50" in notes[0]
+        assert any("per-op overhead" in n for n in notes) == overhead, (macs_after, notes)

@@ -352,6 +352,10 @@ def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]
     _note(fb, notes, found.line(what))
 
 
+# a latency target that keeps less than this fraction of its own value in MACs is overhead-bound (the note says so)
+OVERHEAD_BOUND = 0.25
+
+
 def _latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: dict[str, Any], fb: Feedback,
                   notes: list[str]) -> None:
     """With --target-latency: what the latency model predicted and what the pruned model measured, side by side."""
@@ -363,6 +367,12 @@ def _latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: di
                      f"{model['predicted_kept']:.2f} of {model['measured_ms']:.1f} ms; measured once each: "
                      f"{measured:.2f} ({before['latency_ms']:.1f} -> {after['latency_ms']:.1f} ms). Timings vary from "
                      f"run to run: `fxprune bench {cfg.out}` times both in turns, with a spread")
+    macs_kept = after["macs"] / max(before["macs"], 1)
+    if macs_kept < target * OVERHEAD_BOUND:
+        _note(fb, notes, f"--target-latency {target:g} kept only {macs_kept:.1%} of the MACs: most of this model's time "
+                         "on these inputs is per-op overhead, which removing channels hardly reduces, so the search "
+                         "removed nearly everything it could. Check the accuracy before using it; a larger batch in "
+                         "example_inputs() or --target-macs is the better budget for such a model")
 
 
 def _check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,
