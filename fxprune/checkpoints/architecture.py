@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxprune.state import named_tensors
 from .folder import Checkpoint, CheckpointError
 
-__all__ = ["load_config", "model_class", "meta_model", "example_inputs", "checkpoint_names", "TOKENS"]
+__all__ = ["load_config", "model_class", "meta_model", "example_inputs", "checkpoint_names", "checkpoint_tensors",
+           "TOKENS"]
 
 TOKENS = 8  # token ids the trace runs on: shapes only, so a short sequence is enough
 
@@ -95,8 +97,7 @@ def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
     for ``layers.0.attention.q_proj``), the ``base_model_prefix`` added or dropped, and tied twins sharing one
     tensor on disk. A model tensor that a converter assembles from several checkpoint tensors (fused experts)
     has no single name, and is left out with the non-persistent buffers: the groups touching it stay whole."""
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state = named_tensors(model)
     rename = _renamer(model, state)
     out: dict[str, str] = {}
     for key in ckpt.tensors:
@@ -112,6 +113,12 @@ def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
             for n in names:
                 out.setdefault(n, hit)
     return out
+
+
+def checkpoint_tensors(ckpt: Checkpoint) -> Callable[[nn.Module], tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
+    """What ``analyse_architecture`` asks of a folder: for a model, its tensor names in the checkpoint
+    (``checkpoint_names``) and the checkpoint's shapes."""
+    return lambda model: (checkpoint_names(model, ckpt), {n: t.shape for n, t in ckpt.tensors.items()})
 
 
 def _renamer(model: nn.Module, state: dict[str, torch.Tensor]) -> Callable[[str], str | None]:

@@ -33,7 +33,7 @@ from fxprune.passes.registry import PassError, make_pass
 from fxprune.selection.budget import Budget, Selection, check_ratio, resource_target
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
-from .architecture import checkpoint_names, example_inputs, load_config, meta_model, model_class
+from .architecture import checkpoint_tensors, example_inputs, load_config, meta_model, model_class
 from .folder import Checkpoint, CheckpointError
 from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes
 from .write import write_checkpoint
@@ -173,13 +173,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                         group_width_to=group_width_to, normalize=getattr(the_pass, "normalize", "mean"),
                         min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                         uniform_across_layers=uniform_across_layers)
-        arch = analyse_architecture(config, ckpt.config, lambda m: (checkpoint_names(m, ckpt),
-                                                                  {n: t.shape for n, t in ckpt.tensors.items()}),
-                                    allow_inexact=allow_inexact, uniform_across_layers=uniform_across_layers, lap=lap)
+        arch = analyse_architecture(config, ckpt.config, checkpoint_tensors(ckpt), allow_inexact=allow_inexact,
+                                    uniform_across_layers=uniform_across_layers, lap=lap)
         groups, names = arch.groups, arch.names
         for kind, why in arch.frozen_kinds.items():
             warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=2)
-        asked = ratio > 0 or target_macs is not None or target_params is not None or any((ratio_for or {}).values())
+        asked = ratio > 0 or resource is not None or any((ratio_for or {}).values())
         if asked and not groups.prunable and require_prunable:
             from fxprune.api import NothingToPruneError
             from fxprune.selection.diagnose import nothing_prunable

@@ -26,8 +26,10 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.compaction.plan import Plan, add_aliases, build_plan
 from fxprune.compaction.resize import Reindexing
 from fxprune.selection.uniform import Kind, kinds, layer_kind, pattern
+from fxprune.state import named_tensors
 
-__all__ = ["WIDTH_KEYS", "ConfigWidths", "ConfigRule", "layer_widths", "freeze_unexpressible", "mismatches", "planned_shapes"]
+__all__ = ["WIDTH_KEYS", "ConfigWidths", "ConfigRule", "layer_widths", "freeze_unexpressible", "mismatches",
+           "planned_shapes"]
 
 # what each kind of width is called in the config families transformers defines, first match wins
 WIDTH_KEYS: dict[str, tuple[str, ...]] = {
@@ -167,8 +169,7 @@ def mismatches(config: dict, build: Callable[[dict], nn.Module], names: dict[str
         model = build(config)
     except Exception as exc:  # noqa: BLE001 - the family's own check (e.g. heads must divide hidden)
         return [f"transformers cannot build it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state = named_tensors(model)
     problems = []
     for model_name, ckpt_name in names.items():
         t = state.get(model_name)

@@ -12,6 +12,7 @@ tests and by ``from_pretrained``.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
     for name, info in ckpt.tensors.items():
         entry = entries.get(name) or {}
         shapes[name] = [len(entry[d]) if d in entry else s for d, s in enumerate(info.shape)]
-        sizes[name] = _numel(shapes[name]) * info.dtype.itemsize
+        sizes[name] = math.prod(shapes[name]) * info.dtype.itemsize
     layout = shard_layout(sizes, shard_bytes)
     files = [SINGLE] if len(layout) == 1 else \
         [f"model-{i + 1:05d}-of-{len(layout):05d}.safetensors" for i in range(len(layout))]
@@ -78,7 +79,7 @@ def safetensors_stream(f: BinaryIO, header: dict[str, tuple[torch.dtype, list[in
     meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
     at = 0
     for name, (dtype, shape) in header.items():
-        n = _numel(shape) * dtype.itemsize
+        n = math.prod(shape) * dtype.itemsize
         meta[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
         at += n
     text = json.dumps(meta, separators=(",", ":")).encode()
@@ -91,10 +92,3 @@ def safetensors_stream(f: BinaryIO, header: dict[str, tuple[torch.dtype, list[in
             if t.numel():
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
         yield write
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

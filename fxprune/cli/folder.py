@@ -64,13 +64,12 @@ def inspect_folder(folder: Path) -> tuple[Any, dict[str, Any]]:
     """``fxprune inspect DIR``: the channel groups of a Hugging Face folder's architecture, analysed on the
     meta device as ``fxprune run DIR`` analyses it (kinds no config field expresses frozen, saying why)."""
     from fxprune.checkpoints import Checkpoint
-    from fxprune.checkpoints.architecture import checkpoint_names, load_config
+    from fxprune.checkpoints.architecture import checkpoint_tensors, load_config
     from fxprune.checkpoints.prune import analyse_architecture
     from fxprune.selection.cost import CostCounter
 
     ckpt = Checkpoint(folder)
-    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
-    arch = analyse_architecture(load_config(ckpt.root), ckpt.config, lambda m: (checkpoint_names(m, ckpt), shapes))
+    arch = analyse_architecture(load_config(ckpt.root), ckpt.config, checkpoint_tensors(ckpt))
     cost = CostCounter(arch.groups)()
     return arch.groups, {"folder": str(folder), "architecture": arch.cls.__name__, "macs": cost.macs,
                          "params": cost.params, "groups": arch.groups.rows(),
