@@ -116,8 +116,10 @@ def _latency_target(folder: Path) -> float | None:
     """The --target-latency the folder was pruned to (report.json), or None."""
     import json
 
+    from .pipeline import REPORT_JSON
+
     try:
-        target = json.loads((folder / "report.json").read_text()).get("target") or {}
+        target = json.loads((folder / REPORT_JSON).read_text()).get("target") or {}
     except (OSError, ValueError):
         return None
     return float(target["latency"]) if isinstance(target, dict) and target.get("latency") is not None else None
