@@ -419,6 +419,9 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     bad_metrics = _write(tmp, "bad_metrics.py", TINY + "\n\ndef evaluate(m):\n    return 'good'\n")
     existing = tmp / "existing"
     existing.mkdir()
+    hf_folder = tmp / "hf"
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")
     return {
         "missing file": (["run", tmp / "missing.py"], "model file not found"),
         "no model()": (["run", no_model], "does not define model"),
@@ -436,12 +439,18 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
         "model() raises": (["run", raises], "model() in " + str(raises) + " raised ValueError: no weights"),
         "evaluate() wrong type": (["run", bad_metrics], "evaluate() in " + str(bad_metrics) + " returned 'good'"),
         "bench elsewhere": (["bench", tmp / "nowhere"], "not an fxprune output folder"),
+        "latency target > 1": (["run", tiny, "--target-latency", "1.5"], "--target-latency is the fraction to keep"),
+        "two targets": (["run", tiny, "--target-latency", "0.5", "--target-macs", "0.5"],
+                        "give one of --target-macs, --target-params and --target-latency"),
+        "latency target, folder": (["run", hf_folder, "--target-latency", "0.5", "--out", tmp / "o"],
+                                   "--target-latency (its latency model times the model)"),
     }
 
 
 BAD_INPUT = ["missing file", "no model()", "untraceable", "untraceable, graph target", "ratio 1", "ratio < 0", "unknown pass",
              "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
-             "evaluate() wrong type", "bench elsewhere"]
+             "evaluate() wrong type", "bench elsewhere", "latency target > 1", "two targets",
+             "latency target, folder"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
