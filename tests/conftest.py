@@ -21,3 +21,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli():
+    """The fxprune command line, run in-process: ``cli("run", path, "--out", out)`` -> click's Result (any argument
+    may be a Path)."""
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

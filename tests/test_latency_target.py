@@ -171,16 +171,11 @@ def example_inputs():
 '''
 
 
-def test_cli_target_latency(tmp_path):
-    from typer.testing import CliRunner
-
-    from fxprune.cli import app
-
+def test_cli_target_latency(tmp_path, cli):
     path = tmp_path / "net.py"
     path.write_text(MODEL_FILE)
     out = tmp_path / "out"
-    runner = CliRunner()
-    result = runner.invoke(app, ["run", str(path), "--pass", "l1", "--target-latency", "0.5", "--out", str(out)])
+    result = cli("run", path, "--pass", "l1", "--target-latency", "0.5", "--out", out)
     assert result.exit_code == 0, result.output
     assert "of the latency" in result.output
     report = json.loads((out / "report.json").read_text())
@@ -188,12 +183,12 @@ def test_cli_target_latency(tmp_path):
     assert report["latency_model"]["predicted_kept"] <= 0.51
     assert any("--target-latency 0.5" in n and "predicted" in n for n in report["notes"])
     assert report["after"]["macs"] < report["before"]["macs"]
-    bench = runner.invoke(app, ["bench", str(out), "--repeats", "4", "--rounds", "2", "--json"])
+    bench = cli("bench", out, "--repeats", "4", "--rounds", "2", "--json")
     assert bench.exit_code == 0, bench.output
     rows = [r for r in json.loads(bench.output) if r["model"] == "pruned"]
     assert rows and rows[0]["latency_target"] == 0.5
     assert rows[0]["latency_promise_kept"] == pytest.approx(rows[0]["speedup"] * 0.5)
-    table = runner.invoke(app, ["bench", str(out), "--repeats", "4", "--rounds", "2"])
+    table = cli("bench", out, "--repeats", "4", "--rounds", "2")
     assert table.exit_code == 0 and "of target" in table.output, table.output
 
 

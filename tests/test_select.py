@@ -168,19 +168,14 @@ def example_inputs():
 '''
 
 
-def test_cli_target_macs_and_bad_budget_options(tmp_path):
+def test_cli_target_macs_and_bad_budget_options(tmp_path, cli):
     import json
-
-    from typer.testing import CliRunner
-
-    from fxprune.cli import app
 
     path = tmp_path / "net.py"
     path.write_text(MODEL_FILE)
     out = tmp_path / "out"
-    runner = CliRunner()
-    result = runner.invoke(app, ["run", str(path), "--target-macs", "0.5", "--scope", "global", "--round-to", "8",
-                                 "--protect", "layer1.*", "--out", str(out), "--quiet"])
+    result = cli("run", path, "--target-macs", "0.5", "--scope", "global", "--round-to", "8", "--protect", "layer1.*",
+                 "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert abs(report["after"]["macs"] / report["before"]["macs"] - 0.5) <= 0.01
@@ -190,18 +185,14 @@ def test_cli_target_macs_and_bad_budget_options(tmp_path):
     for args, message in ((["--target-macs", "1.5"], "fraction to keep"), (["--scope", "layer"], "scope"),
                           (["--ratio-for", "fc"], "PATTERN=RATIO"), (["--round-to", "0"], "round_to"),
                           (["--target-macs", "0.5", "--target-params", "0.5"], "give one of")):
-        bad = runner.invoke(app, ["run", str(path), *args, "--out", str(tmp_path / "bad")])
+        bad = cli("run", path, *args, "--out", tmp_path / "bad")
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
         assert not (tmp_path / "bad").exists()
 
 
-def test_cli_recovery_modes_write_log_and_curve(tmp_path):
+def test_cli_recovery_modes_write_log_and_curve(tmp_path, cli):
     """--recover scratch-b --distill: re-initialised training with the Scratch-B epoch budget, logged."""
     import json
-
-    from typer.testing import CliRunner
-
-    from fxprune.cli import app
 
     path = tmp_path / "net.py"
     path.write_text(MODEL_FILE + '''
@@ -212,15 +203,15 @@ def train_loader():
     return [(x[i:i + 8], y[i:i + 8]) for i in range(0, 16, 8)]
 ''')
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(path), "--ratio", "0.5", "--epochs", "1", "--recover", "scratch-b",
-                                      "--distill", "--out", str(out), "--quiet"])
+    result = cli("run", path, "--ratio", "0.5", "--epochs", "1", "--recover", "scratch-b", "--distill", "--out", out,
+                 "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     ratio = report["before"]["macs"] / report["after"]["macs"]
     assert report["finetune"]["mode"] == "scratch-b" and report["finetune"]["distill"]
     assert report["finetune"]["epochs"] == round(ratio) == len((out / "train_log.jsonl").read_text().splitlines())
     assert (out / "training.png").stat().st_size > 0
-    bad = CliRunner().invoke(app, ["run", str(path), "--recover", "magic", "--out", str(tmp_path / "bad")])
+    bad = cli("run", path, "--recover", "magic", "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "--recover" in bad.output
 
 
