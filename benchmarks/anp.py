@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import example, mean_std
 
 import fxprune
-from _common import example, mean_std
 from fxprune.robustness import PGD, robust_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

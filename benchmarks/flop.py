@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import example
 
 import fxprune
-from _common import example
 from fxprune.cli.measure import latency_ms
 from fxprune.passes.base import PassContext, Scores
 from fxprune.passes.flop import Flop

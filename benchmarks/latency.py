@@ -92,7 +92,8 @@ def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: in
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor(), "fxprune_commit": commit, "date": time.strftime("%Y-%m-%d")}
@@ -146,7 +147,8 @@ def sweep(args: argparse.Namespace) -> None:
     out = Path(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" / "latency_sweep.json")
     configs = [c for c in SWEEP_CONFIGS if args.budgets is None or c[0] in args.budgets]
     done = {(r["model"], _budget(r), r["batch"], r["round_to"]) for r in _new_rows(configs, args)}
-    rows: list[dict] = [r for r in _kept_rows(out, args) if (r["model"], _budget(r), r["batch"], r["round_to"]) not in done]
+    rows: list[dict] = [r for r in _kept_rows(out, args)
+                        if (r["model"], _budget(r), r["batch"], r["round_to"]) not in done]
     for spec in args.models if args.models != ["resnet50"] else SWEEP_MODELS:
         size = 128 if spec.startswith("hf:") else args.size
         for budget, batch, round_to in configs:

@@ -1,7 +1,8 @@
 """Why a pruned CNN is less faster than its MACs promise: time and MACs per class of op, before and after.
 
 Each model (random weights) is traced and pruned with l1 at 0.5 (fxprune's defaults); the traced original
-and the compacted module then run node by node, taking turns run by run, under an ``torch.fx.Interpreter`` that times every node
+and the compacted module then run node by node, taking turns run by run, under an ``torch.fx.Interpreter``
+that times every node
 (batch 8 at 224, one thread, ``--repeats`` runs after a warm-up; a speed-up is the median over runs of
 the two models' times in the same turn). Nodes are classed as:
 
@@ -20,7 +21,8 @@ written for the rest, from the plan's shapes) and the speed-up the time shares a
 as much faster as its work shrinks (perfect kernels): ``bound``, and ``bound_over_macs_reduction`` (a ceiling
 on speed-up / MACs reduction that no emitted graph can pass).
 
-    python benchmarks/latency_breakdown.py [--models tv:mobilenet_v2 ...] [--out benchmarks/results/latency_breakdown.json]
+    python benchmarks/latency_breakdown.py [--models tv:mobilenet_v2 ...]
+        [--out benchmarks/results/latency_breakdown.json]
     python benchmarks/latency_breakdown.py --models tv:mobilenet_v2 --round-to 1 8 16   # does rounding pay?
     python benchmarks/latency_breakdown.py --bound-only --out benchmarks/results/latency_breakdown.json  # no timing
     python benchmarks/latency_breakdown.py --group-widths --threads 2 --out benchmarks/results/group_widths.json
@@ -169,7 +171,8 @@ def one(spec: str, batch: int, repeats: int, round_to: int = 1, onnx: bool = Fal
         tb, ta = onnx_latency([model, res.module.eval()], x, repeats, torch.get_num_threads())
         ratio = _ratio(tb, ta)
         extra = {"onnxruntime": {"ms": [round(statistics.median(tb), 1), round(statistics.median(ta), 1)],
-                                 "speedup": round(ratio, 2), "speedup_over_macs_reduction": round(ratio / (mb / ma), 2)}}
+                                 "speedup": round(ratio, 2),
+                                 "speedup_over_macs_reduction": round(ratio / (mb / ma), 2)}}
     return {**extra, "model": spec, "batch": batch, "round_to": round_to, "threads": torch.get_num_threads(),
             "ms": [round(total_b, 1), round(total_a, 1)], "speedup": round(speedup, 2),
             "macs_reduction": round(mb / ma, 2), "speedup_over_macs_reduction": round(speedup / (mb / ma), 2),

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import example, mean_std
 
 import fxprune
-from _common import example, mean_std
 from fxprune.passes.sanp import _batch1_ms
 from fxprune.recovery.modes import recover
 

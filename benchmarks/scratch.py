@@ -62,7 +62,8 @@ def main() -> None:
         log = recover(res.module, mode=recovery, original=model, train_loader=data["train_loader"], loss=digits.loss,
                       epochs=args.epochs, evaluate=None, macs_full=res.cost_before.macs,
                       macs_pruned=res.cost_after.macs)
-        row = {"method": method, "options": options, "recovery": recovery, "macs_kept": res.cost_after.macs / res.cost_before.macs,
+        row = {"method": method, "options": options, "recovery": recovery,
+               "macs_kept": res.cost_after.macs / res.cost_before.macs,
                "acc_pruned": acc0, "acc": digits.evaluate(res.module)["accuracy"], "recovery_epochs": len(log),
                "search_s": search, "recovery_s": time.perf_counter() - start,
                "channels": [(r["kept"], r["total"]) for r in res.summary()]}

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import example, mean_std
 from torch import nn
 
 import fxprune
-from _common import example, mean_std
 from fxprune.cli.measure import count_macs
 from fxprune.recovery.engine import train
 from fxprune.recovery.modes import recover

@@ -194,7 +194,8 @@ def _hf_model(name: str):
         return T.MistralForCausalLM(T.MistralConfig(vocab_size=1000, max_position_embeddings=128,
                                                     num_key_value_heads=4, use_cache=False, **small)), "tokens"
     if name == "vit":
-        return T.ViTForImageClassification(T.ViTConfig(image_size=224, patch_size=16, num_labels=1000, **small)), "image"
+        return T.ViTForImageClassification(T.ViTConfig(image_size=224, patch_size=16, num_labels=1000,
+                                                       **small)), "image"
     raise ValueError(f"unknown HF model {name!r}; known: {HF_MODELS}")
 
 
@@ -392,6 +393,7 @@ def _measured(r: dict[str, Any], run: Any) -> Any:
 
 def worker_fxprune(suite: str, name: str, size: int | None, ratio: float) -> dict[str, Any]:
     import torch
+
     import fxprune
     from fxprune.testing import masked_model
 
@@ -482,7 +484,8 @@ def detection_dense_error(model, res, inputs, masked_model) -> float:
     for tag, net in (("ref", masked), ("got", compacted)):
         for name, m in net.named_modules():
             if name in ("head", "rpn.head"):
-                m.register_forward_hook(lambda mod, args, out, tag=tag: outs.setdefault(tag, []).extend(tensor_leaves(out)))
+                m.register_forward_hook(lambda mod, args, out, tag=tag:
+                                        outs.setdefault(tag, []).extend(tensor_leaves(out)))
         with torch.no_grad():
             net([x.double() for x in inputs[0]])
     ref, got = outs["ref"], outs["got"]
@@ -599,7 +602,7 @@ def run_worker(tool: str, suite: str, name: str, size: int | None, ratio: float,
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        partial = [json.loads(l[len(PARTIAL_TAG):]) for l in out.splitlines() if l.startswith(PARTIAL_TAG)]
+        partial = [json.loads(line[len(PARTIAL_TAG):]) for line in out.splitlines() if line.startswith(PARTIAL_TAG)]
         r = partial[-1] if partial else {"tool": tool}
         done = r.pop("stage_done", None)
         r.update(status=f"timeout (after {done})" if done else "timeout", worker_s=timeout,
@@ -935,8 +938,8 @@ def print_table(runs: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "timm-families", "hf", "detection",
-                                                               "all"])
+    ap.add_argument("--suite", default="torchvision",
+                    choices=["torchvision", "timm", "timm-families", "hf", "detection", "all"])
     ap.add_argument("--models", default="", help="comma-separated model names (default: the whole suite)")
     ap.add_argument("--size", type=int, default=None, help="input size (default: 64 where the model allows)")
     ap.add_argument("--ratio", type=float, default=0.5)

@@ -4,7 +4,7 @@ One folder per stage of the pipeline, in order:
 
     tracing/      model + example inputs -> an ATen-level GraphModule with shapes (three front ends)
     analysis/     the graph -> groups of channels that must shrink together (rules/: one table per op family)
-    passes/       scoring passes (installed as fxprune.passes): the Pass interface, the registry, l1, slimming...
+    passes/       scoring passes: the Pass interface, the registry, l1, slimming...
     masking/      trainable channel masks in the traced graph for the passes that learn per channel; folding them
     edits/        graph edits beyond slicing: residual blocks (find, remove, depth masks), factorised linears
     selection/    scores + a budget -> which channels go; the cost model; why a budget falls short

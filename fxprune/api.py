@@ -19,14 +19,13 @@ from .analysis import ChannelGroups, UnsupportedOpWarning, analyze
 from .annotations import read_selection, write_masks, write_scores, write_selection
 from .compaction import CompactionError, Plan, Reindexing, add_aliases, build_plan, emit
 from .compaction.emit import GraphEdit
+from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .passes.base import Pass, PassContext
 from .passes.registry import make_pass
-from .compaction.targets import TARGETS, for_modules, resize, trace_for
+from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width, resource_target
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import nothing_prunable
-from .selection.budget import (Budget, Selection, SelectionError, check_ratio, default_group_width,
-                               resource_target)
-from .state import device_of_module
+from .state import callers_rng_kept, device_of_module
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -108,7 +107,8 @@ def _gc_frozen() -> Iterator[None]:
     """Objects that exist before the trace (torch's own, the model) are left out of garbage collection
     while the trace and the analysis run (``gc.freeze``), and put back after. They allocate enough
     long-lived objects to trigger full collections, and each walks every object in the process (with
-    torch imported, a sizeable share of pruning a small network). Only around fxprune's own work: the pass (which may train, reading the
+    torch imported, a sizeable share of pruning a small network). Only around fxprune's own work: the pass
+    (which may train, reading the
     user's loaders) and recovery run with collection as usual. ``gc.freeze`` is process-wide, but it
     only postpones, for those objects, the collection of cycles: it changes no thread's results.
     Skipped when the caller froze objects itself or turned collection off."""
@@ -144,11 +144,14 @@ class Compacted(NamedTuple):
     removed: np.ndarray
 
 
+@callers_rng_kept()  # a pass's sampling, a loader's shuffle: the caller's random stream reads as before
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
           options: dict[str, Any] | None = None, scope: str | None = None,
           ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (), min_channels: int = 1,
-          min_keep: float | None = None, round_to: int = 1, group_width_to: int | None = None, target_macs: float | None = None, target_params: float | None = None,
-          target_latency: float | None = None, allow_inexact: bool = False, require_prunable: bool = False, verify: bool = True,
+          min_keep: float | None = None, round_to: int = 1, group_width_to: int | None = None,
+          target_macs: float | None = None, target_params: float | None = None,
+          target_latency: float | None = None, allow_inexact: bool = False, require_prunable: bool = False,
+          verify: bool = True,
           progress: Callable[[str], None] | None = None,
           recover: str | None = None, epochs: int = 0, distill: bool | None = None, target: str = "auto",
           uniform_across_layers: bool = False, **data: Any) -> PruneResult:
@@ -160,9 +163,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     fraction per group) or "global" (one threshold; default: the pass's paper default), with
     ``ratio_for={"layer4.*": 0.7}`` overrides, ``protect=["fc", "layer1.*"]`` patterns,
     ``min_channels``, ``uniform_across_layers`` (every layer keeps the same count of each kind
-    of group: one width per kind, what a Hugging Face config describes), ``min_keep`` (a per-group floor: the fraction of every group always kept; default:
+    of group: one width per kind, what a Hugging Face config describes), ``min_keep`` (a per-group floor: the
+    fraction of every group always kept; default:
     the pass's, e.g. slimming's 0.1), ``round_to`` and ``group_width_to`` (a grouped convolution's group width kept a
-    multiple of it; default: the device's, ``fxprune.selection.budget.GROUP_WIDTH_BY_DEVICE``, 8 on CPU); or a resource target ``target_macs`` / ``target_params`` /
+    multiple of it; default: the device's, ``fxprune.selection.budget.GROUP_WIDTH_BY_DEVICE``, 8 on CPU); or a
+    resource target ``target_macs`` / ``target_params`` /
     ``target_latency`` (the fraction to KEEP; latency: of one forward on the example inputs, on their device, as
     predicted by a model measured there, ``fxprune.selection.latency``), reached by binary search to within the
     pass's ``tolerance`` (default 0.01). ``recover``: "finetune", "scratch-e" or
@@ -184,7 +189,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
     distill = bool(getattr(the_pass, "default_distill", False)) if distill is None else distill
     sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
                     protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                    group_width_to=default_group_width(device_of_module(model)) if group_width_to is None else group_width_to,
+                    group_width_to=(default_group_width(device_of_module(model)) if group_width_to is None
+                                    else group_width_to),
                     normalize=getattr(the_pass, "normalize", "mean"),
                     min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
                     uniform_across_layers=uniform_across_layers)

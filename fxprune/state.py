@@ -4,12 +4,14 @@ Torch-free at import (it only calls methods of the objects it is given), so any 
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["attribute", "named_tensors", "device_of_module"]
+__all__ = ["attribute", "named_tensors", "device_of_module", "callers_rng_kept", "seeded"]
 
 
 def attribute(root: Any, path: str) -> Any:
@@ -32,3 +34,28 @@ def device_of_module(module: torch.nn.Module) -> torch.device:
     import torch
 
     return next((t.device for t in module.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def callers_rng_kept() -> Iterator[None]:
+    """Run the block on a fork of the random state (the CPU generator's, and every CUDA device's once CUDA is
+    initialised) and put the caller's back after it: pruning draws random numbers (a pass's sampling, a
+    loader's shuffle, dropout), and the caller's own random stream must read the same after ``fxprune.prune``
+    as before it. Inside, the stream continues from the caller's state, so seeding before a call still
+    makes it reproducible."""
+    import torch
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` for the block only: a pass's own seed, with the caller's random state put
+    back after (``callers_rng_kept``)."""
+    import torch
+
+    with callers_rng_kept():
+        torch.manual_seed(seed)
+        yield

@@ -93,7 +93,7 @@ def test_a_pass_mask_is_written_beside_its_scores():
 def test_each_annotation_key_has_one_writer():
     """Only fxprune/annotations.py writes the fxprune.* node keys."""
     writes = re.compile(r"meta\[(GROUPS|FROZEN|SCORES|MASKS|SELECTION|META_GROUPS)\]\s*=|meta\[\"fxprune\.")
-    offenders = [str(p.relative_to(ROOT)) for root in ("fxprune", "passes") for p in (ROOT / root).rglob("*.py")
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "fxprune").rglob("*.py")
                  if p.name != "annotations.py" and writes.search(p.read_text())]
     assert offenders == []
     assert set(NODE_KEYS) == {GROUPS, FROZEN, SCORES, MASKS, SELECTION}

@@ -1,4 +1,4 @@
-"""anp (passes/anp.py): the Kumaraswamy-to-Beta KL in closed form against Monte Carlo, E[pi] and its
+"""anp (fxprune/passes/anp.py): the Kumaraswamy-to-Beta KL in closed form against Monte Carlo, E[pi] and its
 threshold, the per-sample relaxed Bernoulli, folding the soft survivors (the compacted model computes
 what the trained masked network computes, float64), the engine's phases, every variant end to end on a
 tiny CNN, an MLP and a ViT, and the CLI's robustness report."""

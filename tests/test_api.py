@@ -151,6 +151,33 @@ def test_untraceable_model_names_the_users_line():
         fxprune.trace(Bad(), (torch.randn(2, 3),))
 
 
+BAD_MODEL = """import torch
+
+
+class Bad(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+"""
+
+
+@pytest.mark.parametrize("folder", ["fxprune", "torch"])
+def test_the_users_line_is_found_in_a_project_folder_named_like_a_library(tmp_path, folder):
+    """A user's project folder called fxprune (a fresh clone's default name) or torch is still the user's:
+    "ours" and "torch's" are the installed packages' directories, not names in a path."""
+    import importlib.util
+
+    path = tmp_path / folder / "bad_model.py"
+    path.parent.mkdir()
+    path.write_text(BAD_MODEL)
+    spec = importlib.util.spec_from_file_location("bad_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(fxprune.TraceError, match=f"at {path}:6: if x.sum"):
+        fxprune.trace(module.Bad(), (torch.randn(2, 3),))
+
+
 def test_other_batch_sizes_after_compaction():
     model = torchvision.models.resnet18().eval()
     res = fxprune.prune(model, (torch.randn(2, 3, 32, 32),), "l1", 0.3)

@@ -161,7 +161,7 @@ def test_resnet18_blocks_are_the_identity_skip_basic_blocks(resnet):
             {n for n, _ in model.get_submodule(b.name).named_buffers(prefix=b.name) if "num_batches" not in n}
         # the branch's MACs are the block's as FlopCounterMode counts them, on the block's own input
         seen: list[torch.Tensor] = []
-        handle = model.get_submodule(b.name).register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        handle = model.get_submodule(b.name).register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[0]))
         with torch.no_grad():
             model(*inputs)
         handle.remove()

@@ -238,7 +238,7 @@ def test_streamed_safetensors_read_back(tmp_path):
                "c": torch.tensor(2.5), "d": torch.zeros(0, 4), "e": torch.rand(3) > 0.5,
                "f": torch.randn(2, 3, 4, dtype=torch.float64).transpose(0, 2)}
     with open(tmp_path / "x.safetensors", "wb") as f:
-        for (name, t), write in zip(tensors.items(),
+        for (_, t), write in zip(tensors.items(),
                                     safetensors_stream(f, {n: (t.dtype, list(t.shape)) for n, t in tensors.items()})):
             write(t)
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:

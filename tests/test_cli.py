@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fxprune
-from fxprune.cli.artifacts import staging_folder
 from fxprune.cli import app
+from fxprune.cli.artifacts import staging_folder
 from fxprune.cli.pipeline import OptionError, RunConfig, parse_options, run
 from fxprune.passes.registry import PassError
 
@@ -250,7 +250,8 @@ def test_run_recovers_by_default_when_the_file_can_train(tmp_path):
 
 def test_a_large_drop_without_recovery_says_how_to_recover(tmp_path):
     no_train = _write(tmp_path, "no_train.py", TINY.replace("def train_loader", "def _train_loader")
-                      + "\n\ndef evaluate(m):\n    return {'accuracy': 0.9 if dict(m.named_parameters())['fc.weight'].shape[1] == 128 else 0.5}\n")
+                      + "\n\ndef evaluate(m):\n    return {'accuracy': 0.9 if dict(m.named_parameters())"
+                        "['fc.weight'].shape[1] == 128 else 0.5}\n")
     report = json.loads(_invoke("run", no_train, "--ratio", "0.5", "--out", tmp_path / "out", "--json").stdout)
     assert report["finetune"]["epochs"] == 0
     assert any("accuracy changed from 0.9 to 0.5" in n and "train_loader()" in n and "--epochs N" in n
@@ -265,7 +266,8 @@ from torch import nn
 class Normed(nn.Module):  # every channel of the stream sits behind a LayerNorm: frozen as inexact
     def __init__(self):
         super().__init__()
-        self.inp, self.norm, self.mix, self.head = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.inp, self.norm, self.mix, self.head = (nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 32),
+                                                    nn.Linear(32, 4))
         self.up, self.down = nn.Linear(32, WIDTH), nn.Linear(WIDTH, 32)
 
     def forward(self, x):
@@ -294,7 +296,8 @@ def test_nothing_prunable_exits_2_unless_forced_and_allow_inexact_prunes_it(tmp_
     assert "nothing can be pruned" in refused.output and "32 channels of inp, mix" in refused.output
     assert "layer_norm" in refused.output and "--allow-inexact" in refused.output and "--force" in refused.output
     forced = _invoke("run", path, "--out", tmp_path / "forced", "--force", "--json")
-    assert forced.exit_code == 0 and json.loads(forced.stdout)["after"]["macs"] == json.loads(forced.stdout)["before"]["macs"]
+    assert forced.exit_code == 0 and (json.loads(forced.stdout)["after"]["macs"]
+                                      == json.loads(forced.stdout)["before"]["macs"])
     inexact = _invoke("run", path, "--out", tmp_path / "inexact", "--allow-inexact", "--json")
     assert inexact.exit_code == 0, inexact.output
     report = json.loads(inexact.stdout)
@@ -415,7 +418,8 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     no_model = _write(tmp, "no_model.py", "import torch\n\ndef example_inputs():\n    return (torch.randn(2, 3),)\n")
     untraceable = _write(tmp, "branchy.py", UNTRACEABLE)
     no_train = _write(tmp, "no_train.py", TINY.replace("def train_loader", "def _train_loader"))
-    raises = _write(tmp, "raises.py", TINY.replace("    torch.manual_seed(0)\n", "    raise ValueError('no weights')\n"))
+    raises = _write(tmp, "raises.py", TINY.replace("    torch.manual_seed(0)\n",
+                                                   "    raise ValueError('no weights')\n"))
     bad_metrics = _write(tmp, "bad_metrics.py", TINY + "\n\ndef evaluate(m):\n    return 'good'\n")
     existing = tmp / "existing"
     existing.mkdir()
@@ -447,8 +451,8 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-BAD_INPUT = ["missing file", "no model()", "untraceable", "untraceable, graph target", "ratio 1", "ratio < 0", "unknown pass",
-             "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
+BAD_INPUT = ["missing file", "no model()", "untraceable", "untraceable, graph target", "ratio 1", "ratio < 0",
+             "unknown pass", "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
              "evaluate() wrong type", "bench elsewhere", "latency target > 1", "two targets",
              "latency target, folder"]
 

@@ -407,7 +407,7 @@ def test_gc_freeze_covers_the_trace_and_analysis_not_the_pass(monkeypatch):
 
 # ---- (d) nothing else touches private names; importing never needs them --------------------------
 
-_SCANNED = ("fxprune", "passes")
+_SCANNED = ("fxprune",)
 
 
 def _private_uses(path: pathlib.Path) -> set[str]:
@@ -516,11 +516,8 @@ _WITHOUT_PRIVATE_NAMES = textwrap.dedent("""
             delattr(sys.modules[parent], leaf)
 
     import fxprune
-    import passes
-    names = ["fxprune", "passes"]
-    for pkg in (fxprune, passes):
-        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
-                  if not m.name.endswith("__main__")]  # (runs the command line)
+    names = ["fxprune"] + [m.name for m in pkgutil.walk_packages(fxprune.__path__, "fxprune.")
+                           if not m.name.endswith("__main__")]  # (runs the command line)
     for name in names:
         importlib.import_module(name)
     from fxprune.tracing import compat
@@ -558,8 +555,9 @@ def test_the_recorder_traces_hugging_face_llama():
     """transformers reads ``torch.compiler.is_compiling()`` as a bool (``flag |= ...``): the thread-scoped
     flag must behave as one, or the recorder fails on every Llama and tracing quietly falls back (3x slower)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=32, use_cache=False)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                      max_position_embeddings=32, use_cache=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     x = {"input_ids": torch.randint(0, 100, (1, 6))}

@@ -137,7 +137,8 @@ def test_residual_add_couples_the_stream():
     assert set(stream.layers("consumer")) >= {"a1.0", "b1.0", "head"}
     assert len(groups.prunable) == 3  # the stream + two inner widths
     res = results[0.5]
-    assert res.plan["stem.0.weight"][0] == res.plan["a2.weight"][0] == res.plan["b2.bias"][0] == res.plan["head.weight"][1]
+    assert (res.plan["stem.0.weight"][0] == res.plan["a2.weight"][0] == res.plan["b2.bias"][0]
+            == res.plan["head.weight"][1])
     assert len(res.plan["stem.0.weight"][0]) == 8
     assert res.module.head.weight.shape == (5, 8)
 
@@ -829,7 +830,7 @@ class Deconv(nn.Module):
 
 def test_conv_transpose_plain_and_grouped():
     results = prune_all(randomize_bn(Deconv()), IMG)
-    for ratio, res in results.items():
+    for res in results.values():
         assert group_of(res.groups, "up.weight", 0) is group_of(res.groups, "enc.0.weight", 0)
         assert group_of(res.groups, "up.weight", 1) is group_of(res.groups, "bn.weight", 0)
         # grouped transposed conv (3 groups, 8 inputs and 4 outputs each; weight (in, out per group)):

@@ -195,9 +195,10 @@ def test_cli_target_latency(tmp_path, cli):
 def test_the_probe_follows_the_selections_rounding():
     """Calibrated at ratio 0.5 under the run's own rules: a grouped conv 12 wide is probed at 8 (rounded, as the
     search will pick), not at 6, a width its kernels run slowly."""
+    from test_select import GroupedNet
+
     from fxprune.api import _latency_model
     from fxprune.selection.budget import Selection
-    from test_select import GroupedNet
 
     torch.manual_seed(0)
     net = GroupedNet().eval()

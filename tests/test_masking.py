@@ -9,14 +9,29 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_coupling import (
+    GN,
+    IMG,
+    MHA,
+    BN1d,
+    Concat,
+    Conv1dNet,
+    Deconv,
+    Gated,
+    Grouped,
+    PReLUNet,
+    Residual,
+    Shuffle,
+    Split,
+    ViewHead,
+    randomize_bn,
+)
 from torch import nn
 
 import fxprune
 from fxprune.masking import Fixed, Scale, fold, insert_masks
 from fxprune.recovery.engine import Hook, MaskTraining, train
 from fxprune.testing import _cast, _plain, _run, _tensors, masked_model
-from test_coupling import (IMG, MHA, BN1d, Concat, Conv1dNet, Deconv, GN, Gated, Grouped, PReLUNet, Residual,
-                           Shuffle, Split, ViewHead, randomize_bn)
 
 F64 = torch.float64
 

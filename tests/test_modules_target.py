@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from test_coupling import randomize_bn
 from torch import nn
 
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.compaction.modules import ResizeError, freeze_code_sizes, resize_modules
 from fxprune.testing import assert_equivalent
-from test_coupling import randomize_bn
 from fxprune.tracing.record import record_trace
 
 
@@ -191,7 +191,8 @@ def test_cli_prunes_a_detector_and_load_rebuilds_it(tmp_path) -> None:
             return (torch.rand(1, 3, 32, 32),)
     '''))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--ratio", "0.5", "--out", str(out)])
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "det.py"), "--pass", "l1", "--ratio", "0.5",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "resizing the model's own modules" in result.output
     assert not (out / "model.pt2").exists() and (out / "model.safetensors").exists()

@@ -213,7 +213,8 @@ def test_recording_refuses_a_state_update_and_shapes_norms_on_meta(monkeypatch):
     with pytest.raises(Exception, match="updates running statistics"):
         record.record_trace(Stats(), (X,), {})
     shaped = []
-    monkeypatch.setattr(record, "norm_output", lambda func, args: shaped.append(func) or meta_norms.norm_output(func, args))
+    monkeypatch.setattr(record, "norm_output",
+                        lambda func, args: shaped.append(func) or meta_norms.norm_output(func, args))
     gm = record.record_trace(nn.Sequential(nn.BatchNorm2d(3), nn.GroupNorm(1, 3)).eval(), (X,), {}, on_meta=True)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == shaped == [
         torch.ops.aten.batch_norm.default, torch.ops.aten.group_norm.default]

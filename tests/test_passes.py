@@ -286,7 +286,8 @@ def test_example_plugin_is_small_discovered_listed_and_runs(installed_example: P
 def test_example_learned_mask_pass_trains_gates_and_is_exact(installed_example: Path) -> None:
     net = _net()
     res = fxprune.prune(net, INPUTS, "gates", 0.4, options={"epochs": 2, "lam": 0.01}, train_loader=_loader())
-    gated = {gid for n in res.groups.gm.graph.nodes if n.meta.get("fxprune.masks") for gid in n.meta["fxprune.masks"]["gates"]}
+    gated = {gid for n in res.groups.gm.graph.nodes if n.meta.get("fxprune.masks")
+             for gid in n.meta["fxprune.masks"]["gates"]}
     assert gated == {g.id for g in res.groups.prunable}
     scores = np.concatenate([res.scores[g.id] for g in res.groups.prunable])
     assert 0 < scores.min() and scores.max() < 1 and scores.std() > 0  # the gates moved, differently

@@ -23,7 +23,8 @@ from fxprune.testing import assert_equivalent
 
 WIDTHS = (2, 4, 6, 8, 12, 16)
 ACTS = {"none": lambda x: x, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ def specs(draw, max_blocks: int = 6) -> Spec:
         return list(range(max(1, len(widths) - 4), len(widths)))
 
     def conv(src: int, cout: int, k: int = 1, groups: int = 1) -> int:
-        ops.append(("conv", src, widths[src], cout, k, groups, draw(st.booleans()), draw(st.sampled_from(sorted(ACTS)))))
+        ops.append(("conv", src, widths[src], cout, k, groups, draw(st.booleans()),
+                    draw(st.sampled_from(sorted(ACTS)))))
         widths.append(cout)
         return len(widths) - 1
 

@@ -28,7 +28,8 @@ import fxprune
 from fxprune.analysis import UnsupportedOpWarning
 from fxprune.testing import assert_equivalent
 
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 INPUTS = (torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)),)
 
 

@@ -1,4 +1,4 @@
-"""sanp (passes/sanp.py): the saliency modules read their layer's input; the dynamic module equals the masked
+"""sanp (fxprune/passes/sanp.py): the saliency modules read their layer's input; the dynamic module equals the masked
 model with each sample's own decisions, per sample and per batch (union), in float64, and really computes
 on fewer channels; its saved form loads with plain PyTorch and no pickle; the static variant removes what no
 calibration sample keeps; the cost counts each sample's kept channels; the command line writes it all."""

@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.annotations import MASKS
+from fxprune.masking import Scale
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
-from fxprune.testing import assert_equivalent
-from fxprune.masking import Scale
 from fxprune.passes.scratch import Scratch
 from fxprune.recovery import reinitialize
+from fxprune.testing import assert_equivalent
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""tas (passes/tas.py): prefix + channel-wise interpolation maps, the two distinct Gumbel samples, expected MACs
+"""tas (fxprune/passes/tas.py): prefix + channel-wise interpolation maps, the two distinct Gumbel samples, expected MACs
 equal to the cost model's at one-hot distributions, the cost loss's sign rule, depth search removing blocks
 with the compacted model equal to the searched (masked, zeroed-branch) network, BatchNorm re-estimation,
 the run end to end from Python and the command line."""
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_coupling import randomize_bn
 from torch import nn
 from typer.testing import CliRunner
 
@@ -18,13 +19,20 @@ import fxprune
 from fxprune.analysis import analyze
 from fxprune.cli import app
 from fxprune.cli.measure import count_macs
+from fxprune.edits.blocks import residual_blocks
 from fxprune.masking import insert_masks
 from fxprune.passes.base import PassContext
-from fxprune.passes.tas import (ExpectedMacs, StageDepth, Tas, WidthChoice, channel_map, cost_loss, depth_choices,
-                                stages_of)
-from fxprune.edits.blocks import residual_blocks
+from fxprune.passes.tas import (
+    ExpectedMacs,
+    StageDepth,
+    Tas,
+    WidthChoice,
+    channel_map,
+    cost_loss,
+    depth_choices,
+    stages_of,
+)
 from fxprune.tracing.tracer import trace
-from test_coupling import randomize_bn
 
 F64 = torch.float64
 
@@ -312,7 +320,8 @@ def test_cli_searches_then_trains_from_scratch_with_distillation(tmp_path) -> No
     assert report["pass_report"]["stages"]["layer1"]["blocks"] == 3
     assert (out / "blocks.png").exists() and "Residual stages" in (out / "report.md").read_text()
     no_kd = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
-                                     "--opt", "epochs=1", "--epochs", "1", "--no-distill", "--out", str(tmp_path / "b")])
+                                     "--opt", "epochs=1", "--epochs", "1", "--no-distill",
+                                     "--out", str(tmp_path / "b")])
     assert no_kd.exit_code == 0, no_kd.output
     assert json.loads((tmp_path / "b" / "report.json").read_text())["finetune"]["distill"] is False
 

@@ -27,7 +27,8 @@ def _model(name: str) -> torch.nn.Module:
 
 
 def _inputs(model: torch.nn.Module) -> tuple[torch.Tensor]:
-    size = model.pretrained_cfg.get("input_size", (3, 64, 64))[-1] if model.pretrained_cfg.get("fixed_input_size") else 64
+    size = (model.pretrained_cfg.get("input_size", (3, 64, 64))[-1] if model.pretrained_cfg.get("fixed_input_size")
+            else 64)
     return (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),)
 
 

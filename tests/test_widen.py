@@ -6,12 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_coupling import (
+    GN,
+    IMG,
+    MHA,
+    Concat,
+    Conv1dNet,
+    Deconv,
+    Grouped,
+    Residual,
+    Shuffle,
+    Split,
+    ViewHead,
+    randomize_bn,
+)
 from torch import nn
 
 import fxprune
 from fxprune.compaction.widen import widen, widen_copies
-from test_coupling import (IMG, MHA, Concat, Conv1dNet, Deconv, GN, Grouped, Residual, Shuffle, Split, ViewHead,
-                           randomize_bn)
 
 CASES = {
     "residual": (lambda: Residual(), IMG),

@@ -14,10 +14,10 @@ import torch.fx as fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ..state import named_tensors
 from .couple import Coupler, TensorRef, UnsupportedOpWarning, as_ref
 from .groups import ChannelGroups, Group, ParamSlot
 from .rules import IGNORED, RULES
-from ..state import named_tensors
 from .slots import SlotTable, index_dtype, tensor_values
 
 __all__ = ["analyze", "couple_graph", "ChannelGroups", "Group", "ParamSlot", "UnsupportedOpWarning"]

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.tracing.compat import is_op_overload
+
 from .slots import SlotKey, SlotTable, tensor_values
 
 __all__ = ["Coupler", "TensorRef", "UnsupportedOpWarning"]

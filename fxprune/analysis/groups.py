@@ -147,13 +147,15 @@ class ChannelGroups:
             params = _dedupe_params(params)
             group = Group(gid, arr, params, nodes=sorted({k[0] for k in slots if k[0] not in attrs}))
             group.frozen = self._frozen_reason(slots, members) if comp_frozen[arr].any() else None
-            group.inexact = next((coupler.inexact[k] for k in slots if k in coupler.inexact), None) if comp_inexact[arr].any() else None
+            group.inexact = (next((coupler.inexact[k] for k in slots if k in coupler.inexact), None)
+                             if comp_inexact[arr].any() else None)
             if group.frozen is None and not any(p.role != "other" for p in params):
                 group.frozen = "no layer produces or consumes these positions"
             if group.frozen is None and group.inexact is not None and not self.allow_inexact:
                 group.frozen = f"inexact ({group.inexact}); pass allow_inexact=True to prune it"
             group.grouped_conv = any(p.name in grouped for p in params)
-            group.block = max((int(np.sum(labels[t.offsets[t.index[p.key]]:t.offsets[t.index[p.key]] + t.size(p.key)] == members[0]))
+            group.block = max((int(np.sum(labels[t.offsets[t.index[p.key]]:t.offsets[t.index[p.key]] + t.size(p.key)]
+                                          == members[0]))
                                for p in params), default=1)
             self.groups.append(group)
         self._annotate()

@@ -37,7 +37,7 @@ def bind(node: fx.Node) -> dict[str, Any]:
 
 def set_arg(node: fx.Node, name: str, value: Any) -> None:
     """Replace one argument, wherever it was written (positionally or as a keyword)."""
-    for i, (n, _, kw_only) in enumerate(_schema(node.target)):
+    for i, (n, _, _kw_only) in enumerate(_schema(node.target)):
         if n != name:
             continue
         if i < len(node.args):

@@ -14,18 +14,29 @@ import torch
 from torch import nn
 
 from fxprune.state import named_tensors
+
 from .folder import Checkpoint, CheckpointError
 
-__all__ = ["load_config", "model_class", "meta_model", "example_inputs", "checkpoint_names", "checkpoint_tensors",
-           "TOKENS"]
+__all__ = ["require_transformers", "load_config", "model_class", "meta_model", "example_inputs", "checkpoint_names",
+           "checkpoint_tensors", "TOKENS"]
 
 TOKENS = 8  # token ids the trace runs on: shapes only, so a short sequence is enough
 
 
+def require_transformers() -> Any:
+    """The transformers package, or a CheckpointError naming the extra that installs it (a folder is read
+    through transformers' config and model classes)."""
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError('a Hugging Face model folder is read with transformers, which is not installed: '
+                              'pip install "fxprune[hf]"') from None
+    return transformers
+
+
 def load_config(root: Path, overrides: dict[str, Any] | None = None) -> Any:
     """The folder's config as transformers' config class (from the folder, no network)."""
-    import transformers
-
+    transformers = require_transformers()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
@@ -40,7 +51,7 @@ def load_config(root: Path, overrides: dict[str, Any] | None = None) -> Any:
 def model_class(config: Any) -> type[nn.Module]:
     """``config.architectures[0]`` as a transformers class; without one, the causal-LM (else the base) auto
     class of its model type. Custom code (``auto_map``) is refused: it would run code from the folder."""
-    import transformers
+    transformers = require_transformers()
 
     names = list(getattr(config, "architectures", None) or [])
     for name in names:

@@ -53,6 +53,16 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 class Checkpoint:
     """The config and the tensor table of a model folder; tensors are read on demand."""
 
@@ -63,7 +73,7 @@ class Checkpoint:
         if not (self.root / CONFIG).is_file():
             raise CheckpointError(f"{self.root} has no {CONFIG}: a Hugging Face model folder has config.json beside "
                                   "its *.safetensors (save one with model.save_pretrained(folder))")
-        self.config: dict = json.loads((self.root / CONFIG).read_text())
+        self.config: dict = _read_json(self.root / CONFIG)
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for f in self.files:
@@ -71,7 +81,7 @@ class Checkpoint:
 
     def _weight_files(self) -> list[str]:
         if (self.root / INDEX).is_file():
-            weight_map = json.loads((self.root / INDEX).read_text()).get("weight_map", {})
+            weight_map = _read_json(self.root / INDEX).get("weight_map", {})
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if not (self.root / f).is_file()]
             if missing:
@@ -88,10 +98,15 @@ class Checkpoint:
         raise CheckpointError(f"{self.root} has {CONFIG} but no {SINGLE} or {INDEX}: no weights to prune")
 
     def _header(self, file: str) -> dict[str, TensorInfo]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         out = {}
-        with safe_open(str(self.root / file), framework="pt") as f:
+        try:
+            opened = safe_open(str(self.root / file), framework="pt")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{self.root / file} is not a readable safetensors file ({exc}): is the download "
+                                  "complete?") from None
+        with opened as f:
             for name in f.keys():
                 sl = f.get_slice(name)
                 dtype = DTYPES.get(sl.get_dtype())

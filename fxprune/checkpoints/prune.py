@@ -33,6 +33,7 @@ from fxprune.passes.registry import PassError, make_pass
 from fxprune.selection.budget import Budget, Selection, check_ratio, resource_target
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
+
 from .architecture import checkpoint_tensors, example_inputs, load_config, meta_model, model_class
 from .folder import Checkpoint, CheckpointError
 from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes

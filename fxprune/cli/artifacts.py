@@ -24,8 +24,8 @@ from torch import nn
 
 from fxprune.compaction import as_trainable
 from fxprune.compaction.plan import Plan
-from fxprune.tracing.tracer import export_dynamic_batch, normalize_inputs
 from fxprune.tracing.lazy_module import compiled
+from fxprune.tracing.tracer import export_dynamic_batch, normalize_inputs
 
 __all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
            "staging_folder", "check_target", "OutputExistsError", "MODEL", "ORIGINAL", "WEIGHTS", "PLAN"]

@@ -8,7 +8,8 @@ plan and weights), which a folder of the modules target (a detector) needs: it h
 
 Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
 original, ...; ``fxprune.cli.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
-current thread count), so a change of load on the machine hits both alike. Each round gives a median per model and a speed-up;
+current thread count), so a change of load on the machine hits both alike. Each round gives a median per model
+and a speed-up;
 the row reports the median over rounds and the spread (lowest and highest round). When the folder has a
 ``model.onnx`` (``fxprune export``) and onnxruntime is installed, it is timed too, in the same rounds, against
 ``original.onnx`` (written beside it) so that its speed-up compares one runtime with itself. The MACs reduction

@@ -28,16 +28,17 @@ EXIT_BAD_INPUT = 2
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user's input is wrong (imported lazily: they live next to torch code)."""
+    from fxprune.checkpoints.folder import CheckpointError
+    from fxprune.passes.registry import PassError
+    from fxprune.selection.budget import SelectionError
+    from fxprune.tracing.tracer import TraceError
+
     from .artifacts import OutputExistsError
     from .bench import BenchError
     from .deploy import DeployError
     from .modelfile import ModelFileError
     from .pipeline import OptionError
     from .robust import RobustnessError
-    from fxprune.passes.registry import PassError
-    from fxprune.selection.budget import SelectionError
-    from fxprune.checkpoints.folder import CheckpointError
-    from fxprune.tracing.tracer import TraceError
 
     return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError,
             DeployError, RobustnessError, CheckpointError)
@@ -107,9 +108,9 @@ def _default_out(model_file: Path, method: str, ratio: float) -> Path:
 
 ModelArg = Annotated[Path, typer.Argument(help="the model file: defines model() and example_inputs(); see the README",
                                           show_default=False)]
-SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model() and example_inputs(); see the README), "
-                                           "or a Hugging Face model folder (config.json + *.safetensors), pruned "
-                                           "from disk", show_default=False)]
+SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model() and example_inputs(); see the "
+                                           "README), or a Hugging Face model folder (config.json + *.safetensors), "
+                                           "pruned from disk", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
 
@@ -161,7 +162,8 @@ def run(
                                                          "(repeatable)", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option("--min-channels", help="channels every group keeps at least")] = 1,
     min_keep: Annotated[Optional[float], typer.Option("--min-keep", help="fraction of every group always kept "
-                                                      "(default: the pass's; slimming 0.1)", show_default=False)] = None,
+                                                      "(default: the pass's; slimming 0.1)",
+                                                      show_default=False)] = None,
     round_to: Annotated[int, typer.Option("--round-to", help="kept positions per group: a multiple of N")] = 1,
     group_width_to: Annotated[Optional[int], typer.Option("--group-width-to", help="a grouped convolution's group "
                                                           "width kept a multiple of N (or a power of two "
@@ -392,7 +394,6 @@ def _analysed(model: Any, inputs: Any) -> tuple[Any, dict[str, str]]:
 def _scored_groups(mf: Any, model: Any, inputs: Any, method: str, ratio: float) -> Any:
     """The analysis of ``model`` with ``method``'s scores, masks and selection written on its graph."""
     import fxprune
-
     from fxprune.passes.registry import load_pass
     from fxprune.selection.budget import check_ratio
 
@@ -475,7 +476,8 @@ def bench(
 def evaluate_robustness(
     model_file: ModelArg,
     folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
-    attack: Annotated[str, typer.Option("--attack", help="pgd: L-inf projected gradient descent, random start")] = "pgd",
+    attack: Annotated[str, typer.Option("--attack",
+                                        help="pgd: L-inf projected gradient descent, random start")] = "pgd",
     eps: Annotated[float, typer.Option("--eps", help="the L-inf radius, in input units")] = 0.03,
     steps: Annotated[int, typer.Option("--steps", help="attack steps (ANP evaluates with 40)")] = 40,
     step: Annotated[Optional[float], typer.Option("--step", help="step size (default 2.5 eps / steps)",
@@ -508,8 +510,8 @@ def evaluate_robustness(
 @app.command("export")
 def export_format(
     folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: model.onnx and original.onnx, checked with onnxruntime "
-                                     "(pip install \"fxprune[onnx]\")")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx: model.onnx and original.onnx, checked with "
+                                     "onnxruntime (pip install \"fxprune[onnx]\")")] = "onnx",
     as_json: JsonOpt = False,
 ) -> None:
     """Write the pruned model of an output folder in a deployment format, checked against model.pt2."""

@@ -3,7 +3,8 @@
 ``fxprune export DIR --format onnx`` (and ``fxprune run ... --onnx``) converts ``model.pt2`` (and
 ``original.pt2``, the baseline ``fxprune bench`` times it against) with
 ``torch.onnx.export(..., dynamo=True)`` (the batch axis stays dynamic where the .pt2 has it), writes
-``model.onnx`` (``original.onnx``) next to it (through a temporary file: never half-written), and runs it with onnxruntime on
+``model.onnx`` (``original.onnx``) next to it (through a temporary file: never half-written), and runs it with
+onnxruntime on
 the folder's example inputs against the .pt2 in the same command. Needs the optional extra
 ``pip install "fxprune[onnx]"`` (onnx, onnxscript, onnxruntime).
 """
@@ -24,7 +25,8 @@ from fxprune.tracing.compat import tree_leaves
 
 from .artifacts import MODEL, ORIGINAL
 
-__all__ = ["ONNX", "ORIGINAL_ONNX", "FORMATS", "DeployError", "export_onnx", "onnx_session", "onnx_feed", "require_onnx"]
+__all__ = ["ONNX", "ORIGINAL_ONNX", "FORMATS", "DeployError", "export_onnx", "onnx_session", "onnx_feed",
+           "require_onnx"]
 
 ONNX, ORIGINAL_ONNX = "model.onnx", "original.onnx"
 FORMATS = ("onnx",)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune.state import device_of_module
 from fxprune.tracing.compat import CompatWarning, dispatch_mode_base, tree_leaves
 from fxprune.tracing.tracer import normalize_inputs
-from fxprune.state import device_of_module
 
 __all__ = ["count_macs", "count_params", "latency_ms", "interleaved_latency", "peak_memory_bytes", "to_device"]
 

@@ -80,7 +80,8 @@ class ModelFile:
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, no traceback
-            raise ModelFileError(f"{name}() in {self.path} raised {_describe(exc)}{_user_line(exc, self.path)}") from exc
+            raise ModelFileError(f"{name}() in {self.path} raised "
+                                 f"{_describe(exc)}{_user_line(exc, self.path)}") from exc
 
     def model(self) -> Any:
         import torch
@@ -90,7 +91,8 @@ class ModelFile:
             raise ModelFileError(f"{self.path} defines no model: add {CONTRACT['model']}")
         model = obj if isinstance(obj, torch.nn.Module) else self.call("model")
         if not isinstance(model, torch.nn.Module):
-            raise ModelFileError(f"model() in {self.path} returned {type(model).__name__}; expected {CONTRACT['model']}")
+            raise ModelFileError(f"model() in {self.path} returned {type(model).__name__}; "
+                                 f"expected {CONTRACT['model']}")
         return model
 
     def example_inputs(self) -> Any:

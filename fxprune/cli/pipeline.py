@@ -25,20 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune.passes.registry import PassError, load_pass, make_pass
+from fxprune.recovery import Hook
+from fxprune.recovery.curves import plot_log, write_log
+from fxprune.recovery.distributed import launch_rank
+from fxprune.recovery.engine import batches_per_epoch
+from fxprune.recovery.modes import MODES, recover, scratch_b_epochs
+from fxprune.selection.budget import Selection, check_ratio
+from fxprune.selection.diagnose import removable_fraction, shortfall
+from fxprune.tracing.quiet import ThreadHeldStream
+
 from . import artifacts
 from .deploy import ONNX, ORIGINAL_ONNX, export_onnx, require_onnx
 from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
-from fxprune.passes.registry import PassError, load_pass, make_pass
-from fxprune.selection.diagnose import removable_fraction, shortfall
 from .report import group_rows, layer_rows, pass_report, plot_blocks, plot_channels, plot_histogram, render_markdown
-from fxprune.selection.budget import Selection, check_ratio
-from fxprune.recovery import Hook
-from fxprune.recovery.engine import batches_per_epoch
-from fxprune.recovery.curves import plot_log, write_log
-from fxprune.recovery.distributed import launch_rank
-from fxprune.recovery.modes import MODES, recover, scratch_b_epochs
-from fxprune.tracing.quiet import ThreadHeldStream
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
            "default_epochs", "REPORT_JSON", "REPORT_MD", "CHART"]
@@ -66,8 +67,10 @@ class RunConfig:
     device: str = "cpu"
     force: bool = False
     budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
-    recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's default_recovery, else finetune
-    distill: bool | None = None  # knowledge distillation from the unpruned model during recovery; None: the pass's default
+    recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's
+    #                             default_recovery, else finetune
+    distill: bool | None = None  # knowledge distillation from the unpruned model during recovery; None: the
+    #                              pass's default
     no_recover: bool = False    # --no-recover: no recovery even when the model file can train
     allow_inexact: bool = False  # --allow-inexact: also prune groups where removal is not exactly the masked model
     onnx: bool = False  # --onnx: also write model.onnx, checked with onnxruntime (fxprune.cli.deploy)
@@ -260,7 +263,8 @@ def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, r
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))
-        plot_channels(report["groups"], tmp / CHART, title=f"{Path(report['model_file']).name}: channels kept per group")
+        plot_channels(report["groups"], tmp / CHART,
+                      title=f"{Path(report['model_file']).name}: channels kept per group")
         for write in getattr(result, "artifacts", {}).values():  # files the pass adds (sanp's dynamic/)
             write(tmp)
         if result.report.get("stages"):
@@ -321,12 +325,9 @@ def _warnings_as_notes(fb: Feedback, notes: list[str]) -> Iterator[None]:
 
 
 def _ours(filename: str) -> bool:
-    """A warning issued from fxprune's own code or its built-in passes."""
-    from fxprune import passes
-
-    here = Path(filename).resolve()
+    """A warning issued from fxprune's own code (its built-in passes included)."""
     root = sys.modules[__package__.partition(".")[0]]  # fxprune itself, not only fxprune.cli
-    return any(here.is_relative_to(Path(m.__file__).resolve().parent) for m in (root, passes))
+    return Path(filename).resolve().is_relative_to(Path(root.__file__).resolve().parent)
 
 
 def _check_shortfall(cfg: RunConfig, result: Any, fb: Feedback, notes: list[str]) -> None:
@@ -369,7 +370,8 @@ def _latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: di
                      f"run to run: `fxprune bench {cfg.out}` times both in turns, with a spread")
     macs_kept = after["macs"] / max(before["macs"], 1)
     if macs_kept < target * OVERHEAD_BOUND:
-        _note(fb, notes, f"--target-latency {target:g} kept only {macs_kept:.1%} of the MACs: most of this model's time "
+        _note(fb, notes, f"--target-latency {target:g} kept only {macs_kept:.1%} of the MACs: most of this "
+                         "model's time "
                          "on these inputs is per-op overhead, which removing channels hardly reduces, so the search "
                          "removed nearly everything it could. Check the accuracy before using it; a larger batch in "
                          "example_inputs() or --target-macs is the better budget for such a model")
@@ -512,7 +514,8 @@ def stderr_only_on_success() -> Iterator[None]:
 
 
 def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: dict, after: dict, result: Any,
-            log: list[dict[str, float]], clock: dict[str, float], notes: list[str], attack: Any = None) -> dict[str, Any]:
+            log: list[dict[str, float]], clock: dict[str, float], notes: list[str],
+            attack: Any = None) -> dict[str, Any]:
     from fxprune import __version__
 
     groups = group_rows(result)
@@ -527,7 +530,8 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         # the pruned model's measured latency_ms)
         "latency_model": getattr(result, "latency", None),
         "attack": None if attack is None else {"name": "pgd", "eps": attack.eps, "steps": attack.steps,
-                                               "step": attack.step_length, "from": "--attack" if cfg.attack else "the pass"},
+                                               "step": attack.step_length,
+                                               "from": "--attack" if cfg.attack else "the pass"},
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log), "lr": cfg.lr, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["group_rows", "layer_rows", "pass_report", "render_markdown", "plot_channels", "plot_blocks", "plot_histogram",
-           "cost_rows", "human", "format_ms"]
+__all__ = ["group_rows", "layer_rows", "pass_report", "render_markdown", "plot_channels", "plot_blocks",
+           "plot_histogram", "cost_rows", "human", "format_ms"]
 
 HISTOGRAM_BINS = 40
 
@@ -80,7 +80,8 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     b, a = report["before"], report["after"]
     rows = [("MACs", human(b["macs"]), human(a["macs"]), _ratio(b["macs"], a["macs"])),
             ("params", human(b["params"]), human(a["params"]), _ratio(b["params"], a["params"])),
-            ("latency (ms)", format_ms(b["latency_ms"]), format_ms(a["latency_ms"]), _ratio(b["latency_ms"], a["latency_ms"]))]
+            ("latency (ms)", format_ms(b["latency_ms"]), format_ms(a["latency_ms"]),
+             _ratio(b["latency_ms"], a["latency_ms"]))]
     pruned = report.get("pruned", {}).get("metrics") or {}
     trained = (report.get("pass_report") or {}).get("trained_metrics") or {}
     for name, value in (b.get("metrics") or {}).items():
@@ -88,7 +89,8 @@ def cost_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"{name} (trained by the pass, before pruning)", _fmt(value), _fmt(trained[name]),
                          _diff(value, trained[name])))
         if report["finetune"]["epochs"] and name in pruned:
-            rows.append((f"{name} (pruned, not fine-tuned)", _fmt(value), _fmt(pruned[name]), _diff(value, pruned[name])))
+            rows.append((f"{name} (pruned, not fine-tuned)", _fmt(value), _fmt(pruned[name]),
+                         _diff(value, pruned[name])))
         after = (a.get("metrics") or {}).get(name)
         rows.append((name, _fmt(value), _fmt(after), _diff(value, after)))
     rows += _dynamic_rows(report)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fxprune.robustness import PGD, robust_metrics
+
 from .artifacts import MODEL, ORIGINAL, load
 from .modelfile import load_model_file
 

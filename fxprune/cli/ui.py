@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fxprune.recovery import Hook, TrainState
+
 from .pipeline import Feedback
 from .report import cost_rows, format_ms, human
-from fxprune.recovery import Hook, TrainState
 
 __all__ = ["RichFeedback", "summary_table", "groups_table", "blocks_table", "passes_table", "bench_table"]
 
@@ -154,7 +155,8 @@ def bench_hint(rows: list[dict[str, Any]]) -> str | None:
     if not low:
         return None
     r = low[0]
-    return (f"note: {r['speedup']:.2f}x faster for {r['macs_reduction']:.1f}x fewer MACs ({r['promise_kept']:.2f} of the "
+    return (f"note: {r['speedup']:.2f}x faster for {r['macs_reduction']:.1f}x fewer MACs "
+            f"({r['promise_kept']:.2f} of the "
             "promise): much of this model's time is in ops that follow its activations, not its MACs (batch norm, "
             "activations, depthwise convolutions). `fxprune run ... --target-latency T` prunes to a latency measured "
             "on this device instead.")
@@ -174,7 +176,8 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
         base = r.get("baseline")
         label = r["model"] + (f" vs {base}" if base and base != r["model"].replace("pruned", "original") else "")
         table.add_row(r["device"], label,
-                      f"{format_ms(r['latency_ms'])} ({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
+                      f"{format_ms(r['latency_ms'])} "
+                      f"({format_ms(r['latency_ms_min'])}-{format_ms(r['latency_ms_max'])})",
                       "-" if r["peak_memory_bytes"] is None else human(r["peak_memory_bytes"], "B"), human(r["macs"]),
                       f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if pruned else "",
                       f"{r['promise_kept']:.2f} of {r['macs_reduction']:.1f}x" if pruned else "",

@@ -23,6 +23,7 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.rules import ops
+
 from .plan import Plan, slice_tensor
 from .resize import Reindexing
 
@@ -145,7 +146,7 @@ def resize_modules(model: nn.Module, plan: Plan, weights: dict[str, torch.Tensor
                     sizes(module, old)
                     if isinstance(module, nn.MultiheadAttention):
                         module._qkv_same_embed_dim = module.kdim == module.embed_dim == module.vdim
-                elif not type(module).__name__ in _NO_SIZES and _size_like(module):
+                elif type(module).__name__ not in _NO_SIZES and _size_like(module):
                     raise ResizeError(f"module {path!r} ({type(module).__name__}) holds pruned tensors and size "
                                       f"attributes ({', '.join(_size_like(module))}) the resizer does not know: "
                                       "add its class to fxprune.compaction.modules.SIZE_ATTRIBUTES, or protect it")

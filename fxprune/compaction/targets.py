@@ -24,6 +24,7 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.annotations import write_selection
 from fxprune.tracing.quiet import ThreadHeldStream
 from fxprune.tracing.tracer import TraceError, trace
+
 from .emit import CompactionError, GraphEdit
 from .modules import freeze_code_sizes, resize_modules
 from .plan import add_aliases, build_plan

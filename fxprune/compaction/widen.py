@@ -16,6 +16,7 @@ import numpy as np
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups
+
 from .emit import emit
 from .plan import Plan, build_plan
 from .resize import Reindexing

@@ -35,13 +35,13 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.couple import TensorRef
-from fxprune.selection.cost import node_macs
 from fxprune.analysis.slots import size_hint, tensor_values
 from fxprune.compaction.emit import GraphEdit
+from fxprune.selection.cost import node_macs
 from fxprune.state import named_tensors
 
-__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "stage_exits", "mix_exits", "leads_in",
-           "DEPTH_PREFIX"]
+__all__ = ["Block", "residual_blocks", "remove_blocks", "depth_masks", "remove_where", "stage_exits", "mix_exits",
+           "leads_in", "DEPTH_PREFIX"]
 
 aten = torch.ops.aten
 ADDS = (aten.add.Tensor, aten.add_.Tensor)  # x + f(x); add_ mutates an input that only the add reads after it
@@ -375,7 +375,8 @@ def mix_exits(stages: Sequence[Sequence[Block]], factory: Callable[[Sequence[Blo
     """An edit that replaces each stage's output by ``sum_k p[k] * exit[kept[k]]``: ``m = factory(blocks)``
     (registered at ``fxprune_depth.stage<i>``) has a ``kept`` list (how many of the blocks each weight
     keeps, 0..n) and ``m()`` returns ``p``, one weight per entry; ``exit[d]`` is the output of the stage's
-    first ``d`` blocks (``stage_exits``; ``exit[0]`` its input). A one-hot ``p`` at choice ``d`` equals the stage with the blocks after ``d``
+    first ``d`` blocks (``stage_exits``; ``exit[0]`` its input). A one-hot ``p`` at choice ``d`` equals the stage
+    with the blocks after ``d``
     removed when what follows a block's add is idempotent on its own output (ReLU) or nothing.
     TAS's depth search (Dong & Yang 2019)."""
     stages = [list(b) for b in stages]

@@ -12,7 +12,8 @@
   (``beta - gamma * mean / sqrt(var + eps)`` through whatever follows); nor does one whose mask multiplies
   an activation with no hard site zeroing its other weights (a per-sample mask: ANP's) when ``f(0) != 0``
   follows it (a sigmoid). The constant each consumer reads is measured on the example inputs (the
-  masked module in eval mode) and carried into that consumer: its bias gains ``W[:, c] * constant`` (summed over the kernel), or, when it has no bias
+  masked module in eval mode) and carried into that consumer: its bias gains ``W[:, c] * constant`` (summed over
+  the kernel), or, when it has no bias
   and a BatchNorm follows it, that BatchNorm's running mean loses it. The result equals the masked
   model exactly away from zero-padded borders: at a border a convolution reads padding zeros
   where the pruned channel held its constant, which the bias cannot know. A consumer that is
@@ -41,6 +42,7 @@ from fxprune.compaction.emit import GraphEdit
 from fxprune.edits.blocks import remove_where
 from fxprune.tracing.compat import tree_leaves
 from fxprune.tracing.tracer import META_INPUTS
+
 from .insert import MASKS, SITES, MaskedModel
 from .kinds import Fixed
 from .sites import Site, is_norm, layer_of

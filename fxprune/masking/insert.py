@@ -33,14 +33,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 from fxprune.compaction.trainable import module_batch_norm
+from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
+
 from .apply import ApplyMasks, ApplyTransform, MaskedBatchNorm, Multiplier
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
@@ -172,7 +174,7 @@ class _Insert:
                         self.calls[gid] = graph.call_module(f"{MASKS}.g{gid}", (source,))
                     self.order[self.calls[gid]] = self.order[source] + 0.5
             self._apply(node, axis, entries, hard=False)
-        for (name, axis), entries in norms.items():
+        for (name, _axis), entries in norms.items():
             self._fuse_norm(self.nodes[name], entries)
         for kind, table in (("soft", soft), ("hard", hard)):
             for (target, axis), entries in table.items():
@@ -207,7 +209,8 @@ class _Insert:
                 elif not per_sample and layer is not None and _batch_norm(layer) is not None:
                     norms.setdefault((layer.name, site.axis), []).append((gid, site))
                 elif not per_sample and site.folds and not site.norm and \
-                        all(f.node in self.tensors and isinstance(self.tensors[f.node], nn.Parameter) for f in site.folds):
+                        all(f.node in self.tensors and isinstance(self.tensors[f.node], nn.Parameter)
+                            for f in site.folds):
                     for f in site.folds:
                         soft.setdefault((f.node, f.axis), []).append((gid, f))
                 else:

@@ -33,14 +33,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
-from .checkpoint import (checkpoint_exists, flatten_state, load_checkpoint, module_tensors, rng_state,
-                         save_checkpoint, set_rng_state, unflatten_state)
 from fxprune.cli.measure import to_device
+
+from . import distributed
+from .checkpoint import (
+    checkpoint_exists,
+    flatten_state,
+    load_checkpoint,
+    module_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_state,
+)
 from .curves import append_log, plot_log, write_log
 
-__all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS", "SCHEDULES",
-           "load_weights", "MaskTraining"]
+__all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS",
+           "SCHEDULES", "load_weights", "MaskTraining"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, Any]]
@@ -370,7 +379,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     cross-entropy. The module ends on ``device`` in the train/eval mode it started in.
 
     - ``optimizer``: ``"sgd"`` (``momentum``, ``nesterov``), ``"adamw"`` or ``"adam"`` (L2 decay in the
-      gradient); ``weight_decay`` defaults to 5e-4 for SGD, 1e-2 for AdamW and 0 for Adam. ``parameters``: what the optimiser updates (default: every parameter
+      gradient); ``weight_decay`` defaults to 5e-4 for SGD, 1e-2 for AdamW and 0 for Adam. ``parameters``: what
+      the optimiser updates (default: every parameter
       of ``module`` that requires grad).
     - ``schedule``: ``"cosine"``, ``"step"`` (``gamma`` every ``step_size`` epochs) or ``"none"``.
     - ``max_grad_norm``: clip the total gradient norm before each step.
@@ -407,8 +417,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
                use_amp, max_grad_norm, masks=masks)
-    state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None, device=device,
-                       rank=ctx.rank, world=ctx.world, mask_optimizer=mask_opt)
+    state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None,
+                       device=device, rank=ctx.rank, world=ctx.world, mask_optimizer=mask_opt)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     log_path = Path(log_file) if log_file is not None else (folder / "training.jsonl" if folder else None)
     options = {"epochs": epochs, "optimizer": optimizer, "schedule": schedule, "lr": lr, "world": ctx.world}

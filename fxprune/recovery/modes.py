@@ -27,9 +27,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.state import attribute, device_of_module
 from fxprune.analysis.rules import Role, ops_with_role
+from fxprune.state import attribute, device_of_module
 from fxprune.tracing.compat import fan_in
+
 from .engine import Evaluate, Hook, LossFn, TrainState, train
 
 __all__ = ["recover", "reinitialize", "scratch_b_epochs", "DistillHook", "distill_loss", "MODES"]

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.state import named_tensors
+
 from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
 from .lazy_module import lazy_graph_module
 
@@ -200,8 +201,8 @@ def _lift_state(tc: Support, traced: fx.GraphModule, state: dict[str, torch.Tens
     owned: dict[str, Any] = {}
     first = next(iter(graph.nodes))
     attrs: dict[str, fx.Node] = {}
-    with graph.inserting_before(first), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no underlying reference": the new GraphModule will own them
+    with graph.inserting_before(first), warnings.catch_warnings():  # the new GraphModule will own them:
+        warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node with no underlying", UserWarning)
         for name in state:
             node = graph.get_attr(name)
             node.meta["val"] = by_reader[reader_of[name]].meta["val"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fxprune.annotations import RECORDED_ON_META
+
 from .compat import op_schema
 
 __all__ = ["META_ON_META", "shaped_on_meta", "norm_output"]
@@ -53,6 +54,7 @@ def norm_output(func: Any, args: tuple) -> torch.Tensor:
             raise RuntimeError(f"group_norm: {x.shape[1]} channels in {args[1]} groups")
     for i in _per_channel_positions(func):
         w = args[i] if i < len(args) else None
-        if isinstance(w, torch.Tensor) and tuple(w.shape) != want and w.numel() != (x.shape[1] if len(want) == 1 else -1):
+        if (isinstance(w, torch.Tensor) and tuple(w.shape) != want
+                and w.numel() != (x.shape[1] if len(want) == 1 else -1)):
             raise RuntimeError(f"{func}: a per-channel tensor of shape {tuple(w.shape)} for {want}")
     return torch.empty_like(x)

@@ -8,7 +8,8 @@ costs make_fx about a millisecond per op: fake tensors, proxies, symbolic shapes
 the real tensors (torch's own C++ kernels; small example inputs cost little), or on meta tensors:
 when the model's weights are on meta, and on the CPU when a real forward looks expensive (``_heavy``:
 a rough multiply-add estimate over ``HEAVY_MACS``: large models record several times quicker on
-meta, while BatchNorm-heavy small nets record quicker for real). On meta copies of real weights, device literals are written
+meta, while BatchNorm-heavy small nets record quicker for real). On meta copies of real weights, device literals
+are written
 with the real device, and normalisations are shaped, not run (their meta kernels are Python).
 ``meta["val"]`` always holds meta tensors of the same shape and dtype.
 
@@ -44,9 +45,16 @@ from torch.overrides import TorchFunctionMode
 
 from .compat import Support, compiling_in_this_thread, op_schema, recorder_support
 from .lazy_module import lazy_graph_module
+from .makefx import (
+    Unsupported,
+    _check_state_kept,
+    _forward_arg_names,
+    _input_names,
+    _module_stack,
+    _owners,
+    _state_readers,
+)
 from .meta_norms import META_ON_META, norm_output, shaped_on_meta
-from .makefx import (Unsupported, _check_state_kept, _forward_arg_names, _input_names, _module_stack, _owners,
-                         _state_readers)
 
 __all__ = ["record_trace", "norm_output", "META_ON_META"]
 
@@ -127,7 +135,8 @@ class _OpCheck:
                       tuple(i for i, n in enumerate(self.names) if n in _STATS)) if updates_state else None
         # export traces with cudnn off, so F.batch_norm & co. pass cudnn_enabled=False; the real run keeps
         # the backends on (a depthwise conv without mkldnn is several times slower) and records False
-        self.backend_flag = next((i for i, a in enumerate(schema.arguments) if a.name in ("cudnn_enabled", "cudnn_enable")), None)
+        self.backend_flag = next((i for i, a in enumerate(schema.arguments)
+                                  if a.name in ("cudnn_enabled", "cudnn_enable")), None)
 
 
 class _Recorder:

@@ -37,9 +37,11 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,9 +49,11 @@ import torch.fx as fx
 from torch.export import Dim
 
 from fxprune.annotations import EXAMPLE_INPUTS, FRONTEND
+
 from . import compat
 from .lazy_module import compiled
 from .makefx import Unsupported
+from .quiet import torch_trace_noise_ignored
 
 __all__ = ["trace", "TraceError", "normalize_inputs", "export_dynamic_batch", "META_INPUTS", "META_FRONTEND",
            "FRONTEND_ENV"]
@@ -160,12 +164,29 @@ def _positional_names(model: torch.nn.Module, specs: tuple) -> dict[str, Any]:
     return dict(zip(names, specs))
 
 
+def _library_dirs() -> tuple[Path, ...]:
+    """The installed folders of fxprune, torch and (when loaded) typer: frames there are not the user's. By
+    their real directories, not by names in the path: a user's project folder may be called fxprune or torch."""
+    import fxprune
+
+    modules = [fxprune, torch] + [sys.modules[m] for m in ("typer", "click") if m in sys.modules]
+    return tuple(Path(m.__file__).resolve().parent for m in modules)
+
+
 def _user_frame(exc: BaseException) -> str:
-    """The deepest traceback frame outside torch/our package: the user's line that failed."""
+    """The deepest traceback frame that is the user's (outside fxprune, torch and the command line's library,
+    and not code torch generated, ``<eval_with_key>``): the user's line that failed."""
     import traceback
 
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/fxprune/" not in f.filename and "site-packages/typer" not in f.filename]
+    libraries = _library_dirs()
+
+    def users(filename: str) -> bool:
+        if filename.startswith("<"):
+            return False
+        path = Path(filename).resolve()
+        return not any(path.is_relative_to(d) for d in libraries)
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if users(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
@@ -285,8 +306,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     broken: list[tuple[str, BaseException]] = []   # front ends that fail even on a trivial model
     name = chain[-1]
     try:
-        with _eval_mode(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _eval_mode(model), torch_trace_noise_ignored():
             passed: set[str] = set()  # front ends not worth trying after what an earlier one met
             for name in chain:
                 if name in passed and name != chain[-1]:
@@ -313,7 +333,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
                     if frontend is not None:
                         raise
                     raise _trace_error(model, exc) from exc
-    finally:  # outside the block that silences warnings; ``name``: the front end that traced (or failed last)
+    finally:  # outside the block that ignores torch's noise; ``name``: the front end that traced (or failed last)
         compat.warn_missing(skipped, _FALLBACK_NAMES[name], stacklevel=2)
         for failed, failure in broken:
             _warn_broken(failed, failure, name)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from fxprune.compaction.resize import Reindexing
+
     from ..couple import Coupler, TensorRef
 
     Shape = Callable[[TensorRef], tuple[int, ...]]  # a tensor's shape under the selection a cost is counted for

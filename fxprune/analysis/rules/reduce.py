@@ -1,7 +1,6 @@
 """Reductions, softmax, pooling and other spatial ops."""
 from __future__ import annotations
 
-
 import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref

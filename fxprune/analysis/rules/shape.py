@@ -79,11 +79,15 @@ def reshape_chunks(a: list[int], b: list[int]) -> list[tuple[list[int], list[int
             if pa < pb:
                 if i >= len(a):
                     raise ValueError("shapes do not match")
-                ia.append(i); pa *= a[i]; i += 1
+                ia.append(i)
+                pa *= a[i]
+                i += 1
             else:
                 if j >= len(b):
                     raise ValueError("shapes do not match")
-                jb.append(j); pb *= b[j]; j += 1
+                jb.append(j)
+                pb *= b[j]
+                j += 1
         chunks.append((ia, jb))
     return chunks
 
@@ -239,7 +243,7 @@ def _link_mixed(coupler: Coupler, x: TensorRef, ia: list[int], out: TensorRef, j
         if atom is None or j is None:
             coupler.freeze(x, i, "reshape mixes axes")
             continue
-        value = lambda n, stride: (np.arange(n) * stride // atom) % atom_size[atom]  # noqa: E731
+        value = lambda n, stride, atom=atom: (np.arange(n) * stride // atom) % atom_size[atom]  # noqa: E731
         rep = coupler.el(out, j)[value(coupler.shape(out)[j], outs[j][0]) * (atom // outs[j][0])]
         coupler.link(coupler.el(x, i), coupler.el(out, j)[value(coupler.shape(x)[i], ins[i][0]) * (atom // outs[j][0])])
         coupler.link(coupler.el(out, j), rep)
@@ -321,7 +325,8 @@ _INDEX_SELECT = set(ops("aten.index_select.default"))
 _ZEROS = set(ops("aten.zeros.default", "aten.new_zeros.default"))
 _EXPAND_AS = set(ops("aten.expand_as.default"))
 _SQUEEZE_DIM = set(ops("aten.squeeze.dim", "aten.squeeze.dims"))
-_RESHAPES = set(ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints"))
+_RESHAPES = set(ops("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+                    "aten.flatten.using_ints"))
 
 
 def _permute_link(coupler: Coupler, x: TensorRef, out: TensorRef, perm: list[int]) -> None:

@@ -60,9 +60,10 @@ from torch import nn
 from fxprune.analysis.groups import Group
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.robustness import ACTIVATIONS, PGD
-from fxprune.state import attribute
-from .base import Pass, PassContext, Scores
+from fxprune.state import attribute, seeded
+
 from ._scales import rescaled_l1
+from .base import Pass, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Anp", "BetaBernoulli", "kumaraswamy_beta_kl", "kumaraswamy_mean", "VARIANTS"]
@@ -332,10 +333,13 @@ class Anp(Pass):
                              self.temperature, self.threshold)
 
     def score(self, ctx: PassContext) -> Scores:
+        with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
+            return self._score(ctx)
+
+    def _score(self, ctx: PassContext) -> Scores:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("anp needs train_loader= to train its masks and weights")
-        torch.manual_seed(self.seed)
         factory = (lambda g: self._mask(ctx, g)) if self.uses_masks else None
         masked = ctx.insert_masks(factory, placement=self.placement, training=True)
         ctx.state["masked"] = masked

@@ -66,9 +66,10 @@ from fxprune.masking import MaskedModel, Scale
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.recovery.modes import reinitialize
 from fxprune.state import named_tensors
+
+from ._scales import LearnedScales, mean_scale, rescaled_l1, residual_stream
 from .base import PassContext, Scores
 from .registry import PassError
-from ._scales import LearnedScales, mean_scale, rescaled_l1, residual_stream
 
 __all__ = ["Scratch", "GateHook"]
 
@@ -107,7 +108,8 @@ class Scratch(LearnedScales):
     seed: int = 0
     residual: bool = False   # also gate residual streams (default: only inner channels, as the authors' code)
     expand: float = 1.0      # learn the gates on a copy this much wider (the paper: 1.25)
-    expand_residual: bool = True  # widen residual streams too (authors' CIFAR ResNets); False: inner only (their ResNet-50)
+    expand_residual: bool = True  # widen residual streams too (authors' CIFAR ResNets); False: inner only
+    #                               (their ResNet-50)
 
     def __post_init__(self) -> None:
         if not (1.0 <= self.expand <= 4.0):

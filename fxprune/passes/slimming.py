@@ -63,9 +63,10 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.masking import MaskedModel, Scale
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
 from fxprune.state import named_tensors
+
+from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
 from .base import PassContext, Scores
 from .registry import PassError
-from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
 
@@ -149,7 +150,8 @@ class TargetedShrink(Hook):
         modules = dict(state.module.named_modules())
         masks = _targets(self.ctx.groups, removed, bn_scales(state.module))
         self.targets = [([t for t in (bn.weight, bn.bias) if t is not None], mask.to(bn.weight.device))
-                        for name, mask in masks.items() for bn in [modules[name.rsplit(".", 1)[0] if "." in name else ""]]]
+                        for name, mask in masks.items()
+                        for bn in [modules[name.rsplit(".", 1)[0] if "." in name else ""]]]
         self.targets += [([p], torch.as_tensor(removed[self.ctx.groups[gid].channels], device=p.device))
                          for gid, p in self.scales.items()]
 
@@ -200,7 +202,8 @@ class Slimming(LearnedScales):
         """The sparsity-trained masked copy: BatchNorm gammas and, where a group has no BatchNorm, a scale."""
         loader = self.train_loader(ctx, "for sparsity training (or --opt train=false)")
         with_bn = set(bn_scales(ctx.model))
-        unscaled = [g.id for g in self.prunable(ctx) if not any(p.role == "norm" and p.name in with_bn for p in g.params)]
+        unscaled = [g.id for g in self.prunable(ctx)
+                    if not any(p.role == "norm" and p.name in with_bn for p in g.params)]
         masked = ctx.insert_masks(lambda g: Scale(len(g), mean_gamma), only=unscaled)
         scales = _learned(masked)
         device = next(iter(masked.module.parameters())).device

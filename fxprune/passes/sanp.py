@@ -53,8 +53,10 @@ from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
-from .base import Pass, PassContext, Scores
+from fxprune.state import seeded
+
 from ._scales import residual_stream
+from .base import Pass, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Sanp", "SPM", "Gate", "dynamic_module", "write_dynamic"]
@@ -396,7 +398,8 @@ def load_dynamic(folder: Path, batch: str = "union") -> nn.Module:
     """The module ``write_dynamic`` wrote (its own loader, imported from the folder)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"fxprune_dynamic_{abs(hash(str(folder)))}", Path(folder) / "model.py")
+    spec = importlib.util.spec_from_file_location(f"fxprune_dynamic_{abs(hash(str(folder)))}",
+                                                  Path(folder) / "model.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
@@ -450,10 +453,13 @@ class Sanp(Pass):
             raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
 
     def score(self, ctx: PassContext) -> Scores:
+        with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
+            return self._score(ctx)
+
+    def _score(self, ctx: PassContext) -> Scores:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("sanp needs train_loader= to train its saliency modules")
-        torch.manual_seed(self.seed)
         target = ctx.macs_target("sanp")
         gates, skipped = _gates(ctx, lambda g, c_in, axis: SPM(c_in, len(g), axis, self.reduction, self.binarize,
                                                                self.temperature, self.init_bias))

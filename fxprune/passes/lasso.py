@@ -33,9 +33,18 @@ import numpy as np
 import torch
 
 from fxprune.state import named_tensors
+
+from ._calibrate import (
+    Calibrated,
+    Consumer,
+    Solver,
+    group_contributions,
+    live_outputs,
+    mask_,
+    reconstruct_into,
+    sample_layers,
+)
 from .base import PassContext, Scores
-from ._calibrate import Calibrated, Consumer, Solver, group_contributions, live_outputs, mask_, reconstruct_into, \
-    sample_layers
 
 __all__ = ["Lasso", "lasso_select"]
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, ParamSlot
 from fxprune.state import named_tensors
+
 from .base import Pass, PassContext, Scores
 from .l1 import L1Norm
 

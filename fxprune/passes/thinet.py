@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import PassContext, Scores
 from ._calibrate import Calibrated, Consumer, Solver, contributions, group_contributions, live_outputs
+from .base import PassContext, Scores
 
 __all__ = ["ThiNet", "greedy_order"]
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.analysis.rules import ops
 from fxprune.tracing.compat import batch_norm_types
+
 from .base import Pass, PassContext
 from .l1 import producer_l1
 

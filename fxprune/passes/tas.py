@@ -60,7 +60,9 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import Block, leads_in, mix_exits, remove_blocks, residual_blocks, stage_exits
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
+from fxprune.state import seeded
 from fxprune.tracing.compat import batch_norm_types
+
 from .base import Pass, PassContext, Scores
 from .l1 import producer_l1
 from .registry import PassError
@@ -379,10 +381,13 @@ class Tas(Pass):
         return torch.as_tensor(np.lexsort((np.arange(len(l1)), -l1)), dtype=torch.long)
 
     def score(self, ctx: PassContext) -> Scores:
+        with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
+            return self._score(ctx)
+
+    def _score(self, ctx: PassContext) -> Scores:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("tas needs train_loader= to search")
-        torch.manual_seed(self.seed)
         target = ctx.macs_target("tas")
         fractions = self.fractions()
         stages = stages_of(ctx.gm, residual_blocks(ctx.gm)) if self.depth else {}

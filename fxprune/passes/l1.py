@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fxprune.analysis.groups import ChannelGroups, Group
+
 from .base import Pass, PassContext, Scores
 
 __all__ = ["L1Norm", "producer_l1"]

@@ -120,7 +120,8 @@ class Pass:
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
     min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
-    default_distill: ClassVar[bool] = False  # the CLI's recovery distils from the unpruned model (tas) unless --no-distill
+    default_distill: ClassVar[bool] = False  # the CLI's recovery distils from the unpruned model (tas) unless
+    #                                          --no-distill
     # the CLI's recovery epochs when --epochs is not given (None: chosen from the data when the model file can
     # train; 0: none, e.g. anp, whose trained network is the result and a clean fine-tune would cost robustness)
     recovery_epochs: ClassVar[int | None] = None

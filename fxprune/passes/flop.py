@@ -55,6 +55,7 @@ from fxprune.edits.factorize import factorizable, factorized_graph, merge_unprof
 from fxprune.masking import MaskedModel
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
 from fxprune.selection.cost import CostCounter
+
 from .base import Pass, PassContext, Scores
 from .registry import PassError
 
@@ -160,7 +161,8 @@ class Flop(Pass):
     lr: float = 1e-3              # weights (AdamW, no weight decay)
     mask_lr: float = 0.05         # the gates' log_alpha (Adam); the authors train them at the model's rate over
     #                               ~10^5 steps, a short run needs a faster one (mask_lr=lr is theirs)
-    targets: str = ""             # comma-separated fnmatch patterns of layer paths; "": every linear in a prunable group
+    targets: str = ""             # comma-separated fnmatch patterns of layer paths; "": every linear in a
+    #                               prunable group
     init_drop: float = 0.05       # m: log_alpha ~ N(log((1 - m) / m), 0.01)
     temperature: float = 1.0      # beta
     stretch: float = 0.1          # (l, r) = (-stretch, 1 + stretch)
@@ -173,7 +175,8 @@ class Flop(Pass):
             raise PassError(f"flop: rank_init must be 'svd' (the paper's initialisation), got {self.rank_init!r}")
         if not 0.0 < self.init_drop < 1.0:
             raise PassError(f"flop: init_drop is a probability in (0, 1), got {self.init_drop}")
-        if self.epochs < 0 or self.lr <= 0 or self.mask_lr <= 0 or self.prune_lr <= 0 or self.temperature <= 0 or self.stretch <= 0:
+        if (self.epochs < 0 or self.lr <= 0 or self.mask_lr <= 0 or self.prune_lr <= 0 or self.temperature <= 0
+                or self.stretch <= 0):
             raise PassError("flop: epochs must be >= 0; lr, prune_lr, temperature and stretch > 0")
 
     # ---- which layers --------------------------------------------------------------------------
