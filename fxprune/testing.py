@@ -9,9 +9,11 @@ import torch
 from .analysis.rules.norm import DIRECTION
 from .compaction.plan import Plan
 from .state import attribute, named_tensors
+from .tracing.compat import tree_leaves
+from .tracing.dynamic import resized
 from .tracing.tracer import normalize_inputs
 
-__all__ = ["masked_model", "with_weights", "assert_equivalent"]
+__all__ = ["masked_model", "with_weights", "assert_equivalent", "second_sizes"]
 
 
 def masked_model(model: torch.nn.Module, plan: Plan, groups: Any = None) -> torch.nn.Module:
@@ -67,8 +69,7 @@ def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
-def _run(module: torch.nn.Module, example_inputs: Any) -> Any:
-    args, kwargs = normalize_inputs(example_inputs)
+def _run(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     with torch.no_grad():
         return module(*args, **kwargs)
 
@@ -87,15 +88,30 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     masked = masked_model(with_weights(base if base is not None else model, getattr(result, "weights", None)),
                           result.plan, getattr(result, "groups", None))
     compacted = copy.deepcopy(result.module).eval()
+    inputs = normalize_inputs(example_inputs)
     if dtype is not None:
         masked, compacted = masked.to(dtype), compacted.to(dtype)
-        example_inputs = _cast(example_inputs, dtype)
-    ref = _plain(_run(masked, example_inputs))
-    got = _plain(_run(compacted, example_inputs))
+        inputs = _cast(inputs, dtype)
     if tol is None:
         tol = 1e-6 if dtype == torch.float64 else 1e-4
-    scale = max([1.0] + [float(t.abs().max()) for t in _tensors(ref) if t.is_floating_point() and t.numel()])
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale)
+    for args, kwargs in [inputs, *second_sizes(result, *inputs)]:
+        ref = _plain(_run(masked, args, kwargs))
+        got = _plain(_run(compacted, args, kwargs))
+        scale = max([1.0] + [float(t.abs().max()) for t in _tensors(ref) if t.is_floating_point() and t.numel()])
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale)
+
+
+def second_sizes(result: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """The inputs (args, kwargs) with each group of the result's dynamic input axes (``result.shapes``) at its
+    second size, where they have the traced structure and sizes: the pruned model must equal the masked
+    original there too (a size fixed in the graph would compute with the example's)."""
+    shapes = getattr(result, "shapes", None)
+    if shapes is None:
+        return []
+    leaves = tree_leaves((args, kwargs))
+    return [resized(args, kwargs, {(a.leaf, a.dim): a.probe for a in group}) for group in shapes.groups()
+            if all(a.leaf < len(leaves) and isinstance(leaves[a.leaf], torch.Tensor) and leaves[a.leaf].dim() > a.dim
+                   and leaves[a.leaf].shape[a.dim] == a.size for a in group)]
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

@@ -150,9 +150,9 @@ def test_a_missing_private_name_falls_back_with_one_warning(key, expected, monke
     model.eval()
     missing = _move(monkeypatch, key)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fxprune.prune(model, x, "l1", 0.5)
-        again = fxprune.prune(model, x, "l1", 0.3)  # once per process: no second warning
+        warnings.simplefilter("always")  # static graphs: the recorder's to trace
+        result = fxprune.prune(model, x, "l1", 0.5, dynamic_shapes=False)
+        again = fxprune.prune(model, x, "l1", 0.3, dynamic_shapes=False)  # once per process: no second warning
     assert frontends_used == [expected, expected]
     found = _compat_warnings(caught)
     assert len(found) == (0 if expected == "record" else 1), [str(w.message) for w in found]
@@ -204,9 +204,9 @@ def test_a_front_end_broken_by_torch_is_found_and_warned_about_once(monkeypatch,
     model, x = MODELS["residual_concat"](1)
     model.eval()
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fxprune.prune(model, x, "l1", 0.5)
-        fxprune.prune(model, x, "l1", 0.5)
+        warnings.simplefilter("always")  # static graphs: the recorder's to trace
+        fxprune.prune(model, x, "l1", 0.5, dynamic_shapes=False)
+        fxprune.prune(model, x, "l1", 0.5, dynamic_shapes=False)
     assert frontends_used == ["make_fx", "make_fx"]
     found = _compat_warnings(caught)
     assert len(found) == 1 and "_mode_key" in str(found[0].message) and "record" in str(found[0].message)

@@ -32,6 +32,7 @@ import fxprune
 from fxprune.masking import Fixed, Scale, fold, insert_masks
 from fxprune.recovery.engine import Hook, MaskTraining, train
 from fxprune.testing import _cast, _plain, _run, _tensors, masked_model
+from fxprune.tracing.tracer import normalize_inputs
 
 F64 = torch.float64
 
@@ -71,7 +72,7 @@ CASES = {
 
 
 def _flat(module: nn.Module, inputs) -> list[torch.Tensor]:
-    return [t for t in _tensors(_plain(_run(module, inputs))) if t.is_floating_point()]
+    return [t for t in _tensors(_plain(_run(module, *normalize_inputs(inputs)))) if t.is_floating_point()]
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float = 1e-9) -> None:
@@ -190,7 +191,7 @@ class PerSample(nn.Module):
 def test_per_sample_masks_act_per_sample() -> None:
     model = randomize_bn(Residual()).to(F64).eval()
     x = torch.randn(2, 3, 8, 8, dtype=F64)
-    gm = fxprune.trace(model, (x,))
+    gm = fxprune.trace(model, (x,), dynamic_shapes=False)  # the masks below are for a batch of 2: a static graph
     groups = fxprune.analyze(gm)
     target = next(g for g in groups.prunable if len(g.layers("producer")) == 1)
     values = torch.ones(2, len(target), dtype=F64)

@@ -158,7 +158,7 @@ def test_falls_back_to_export_where_the_fast_path_cannot_follow(cls, refusal):
     model = cls().eval()
     x = torch.randn(3, 4)
     with pytest.raises((AssertionError, Unsupported), match=refusal):
-        fast_trace(model, (x,), {}, True)
+        fast_trace(model, (x,), {}, [])
     gm = fxprune.trace(model, (x,))
     assert gm.meta[META_FRONTEND] == "export"
     res = fxprune.prune(model, (x,), "l1", 0.5)
@@ -406,7 +406,7 @@ def test_recording_on_meta_copies_of_real_weights(make, monkeypatch):
         _same_values(meta(x), model(x))
     assert all(v.device.type == "cpu" and torch.equal(before[k], v) for k, v in model.state_dict().items())
     monkeypatch.setattr(rec, "HEAVY_MACS", 0)  # every model is heavy now: prune records and verifies on meta
-    res = fxprune.prune(model, (x,), "l1", 0.5)
+    res = fxprune.prune(model, (x,), "l1", 0.5, dynamic_shapes=False)  # static: the recorder's to trace
     assert res.groups.gm.meta[rec.META_ON_META]
     fxprune.testing.assert_equivalent(model, res, (x,))
 

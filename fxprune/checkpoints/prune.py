@@ -119,7 +119,7 @@ def analyse_architecture(config: Any, config_dict: dict, tensors: Callable[[torc
     model = meta_model(config, cls)
     inputs = example_inputs(model, config)
     lap("read")
-    gm = trace(model, inputs)
+    gm = trace(model, inputs, dynamic_batch=False)  # shapes for the analysis only: no graph is emitted
     lap("trace")
     groups = analyze(gm, allow_inexact=allow_inexact)
     names, shapes = tensors(model)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from torch import nn
 
 from fxprune.compaction import as_trainable
 from fxprune.compaction.plan import Plan
+from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes
 from fxprune.tracing.lazy_module import compiled
-from fxprune.tracing.tracer import export_dynamic_batch, normalize_inputs
+from fxprune.tracing.tracer import export_program as _export
+from fxprune.tracing.tracer import normalize_inputs
 
 __all__ = ["load", "export_program", "save_program", "save_weights", "save_plan", "write_json",
            "staging_folder", "check_target", "OutputExistsError", "MODEL", "ORIGINAL", "WEIGHTS", "PLAN"]
@@ -37,20 +40,37 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and overwriting it was not asked for."""
 
 
-def export_program(module: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """``module`` in eval mode as an ExportedProgram, with a dynamic batch axis where the model allows one."""
+def export_program(module: nn.Module, example_inputs: Any,
+                   shapes: InputShapes | None = None) -> torch.export.ExportedProgram:
+    """``module`` in eval mode as an ExportedProgram whose input axes are free where ``shapes`` (default: what the
+    module was traced with, ``module.meta[INPUT_SHAPES]``, for a compacted module) keeps them dynamic. An axis
+    export holds at a constant even so is warned about, naming it: the saved program is fixed there."""
     args, kwargs = normalize_inputs(example_inputs)
+    if shapes is None:
+        shapes = getattr(module, "meta", {}).get(INPUT_SHAPES, InputShapes())
     compiled(module)  # export binds keyword inputs to the forward's signature
     was_training = module.training
     module.eval()
     try:
-        return export_dynamic_batch(module, args, kwargs)
+        ep, fixed = _export(module, args, kwargs, list(shapes.dynamic))
+        if fixed:  # a size read as a Python number (len(x)): TorchDynamo's export follows it
+            try:
+                strict, still = _export(module, args, kwargs, list(shapes.dynamic), strict=True)
+                if len(still) < len(fixed):
+                    ep, fixed = strict, still
+            except Exception:  # noqa: BLE001 - Dynamo cannot export this model: the non-strict program stands
+                pass
     finally:
         module.train(was_training)
+    if fixed:
+        warnings.warn(f"fxprune: the saved program of {type(module).__name__} takes only the example's size at "
+                      + "; ".join(f"{a} ({a.size}: {why})" for a, why in fixed.items())
+                      + ", though the pruned module takes others", stacklevel=2)
+    return ep
 
 
-def save_program(module: nn.Module, example_inputs: Any, path: Path) -> None:
-    torch.export.save(export_program(module, example_inputs), str(path))
+def save_program(module: nn.Module, example_inputs: Any, path: Path, shapes: InputShapes | None = None) -> None:
+    torch.export.save(export_program(module, example_inputs, shapes), str(path))
 
 
 def save_weights(module: nn.Module, path: Path) -> None:

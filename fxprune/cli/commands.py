@@ -301,7 +301,7 @@ def inspect(
         model, inputs = mf.model().eval(), mf.example_inputs()
         with stderr_only_on_success():
             if method is None:
-                groups, used = _analysed(model, inputs)
+                groups, used = _analysed(model, inputs, mf.dynamic_shapes())
             else:
                 used = None
                 groups = _scored_groups(mf, model, inputs, method, ratio)
@@ -313,6 +313,8 @@ def inspect(
             "groups": rows, "unsupported_ops": sorted(groups.unsupported)}
     if used is not None:
         info["compaction"] = used
+    shapes = groups.gm.meta.get("fxprune.input_shapes")
+    info["input_axes"] = shapes.report() if shapes is not None else None
     info["blocks"] = _block_rows(groups.gm, info["macs"])
     if as_json:
         _print_json(info)
@@ -320,7 +322,7 @@ def inspect(
     from rich.console import Console
 
     from .report import human
-    from .ui import blocks_table, groups_table
+    from .ui import blocks_table, groups_table, input_axes_line
 
     prunable = sum(r["status"] == "prunable" for r in rows)
     title = (f"{model_file.name}: {len(rows)} channel groups, {prunable} prunable; "
@@ -329,6 +331,8 @@ def inspect(
     if used is not None and used["target"] == "modules":
         console.print(f"analysed from one real run, compacted by resizing its modules: {used['why']}")
     console.print(groups_table(rows, title))
+    if info["input_axes"] is not None:
+        console.print(input_axes_line(info["input_axes"]))
     if info["unsupported_ops"]:
         console.print("ops without a rule (their channels are frozen): " + ", ".join(info["unsupported_ops"]))
     if info["blocks"]:
@@ -377,14 +381,14 @@ def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:
              "add": b.add, "skip": b.skip, "branch": b.branch} for b in residual_blocks(gm)]
 
 
-def _analysed(model: Any, inputs: Any) -> tuple[Any, dict[str, str]]:
+def _analysed(model: Any, inputs: Any, dynamic_shapes: Any = None) -> tuple[Any, dict[str, str]]:
     """The channel groups as ``fxprune run --target auto`` sees them: of the traced graph, or, for a model
     torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
     import fxprune
     from fxprune.compaction.targets import for_modules, trace_for
     from fxprune.passes.l1 import L1Norm
 
-    gm, used = trace_for(model, inputs, "auto")
+    gm, used = trace_for(model, inputs, "auto", dynamic_shapes)
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
         for_modules(L1Norm(), gm, groups, model)

@@ -6,6 +6,8 @@
     val_loader()       -> iterable of (inputs, target) batches        optional
     loss(output, target) -> scalar tensor                            optional (default: cross-entropy)
     evaluate(model)    -> dict[str, float], e.g. {"accuracy": 0.97}   optional
+    dynamic_shapes()   -> torch.export dynamic_shapes for example_inputs   optional (default: every axis the
+                          model runs at with a second size stays free)
 
 The file is imported with importlib as it is (never edited); its folder is put on ``sys.path`` while
 it imports, so it can import its neighbours.
@@ -31,6 +33,8 @@ CONTRACT: dict[str, str] = {
     "val_loader": "def val_loader() -> an iterable of (inputs, target) batches",
     "loss": "def loss(output, target) -> a scalar tensor",
     "evaluate": "def evaluate(model) -> dict[str, float], e.g. {'accuracy': 0.97}",
+    "dynamic_shapes": "def dynamic_shapes() -> torch.export's dynamic_shapes for example_inputs(), e.g. "
+                      "({0: Dim.AUTO, 1: Dim('seq', max=2048)},)",
 }
 
 
@@ -103,6 +107,16 @@ class ModelFile:
         if not isinstance(value, (torch.Tensor, tuple, list, dict)):
             raise ModelFileError(f"example_inputs() in {self.path} returned {type(value).__name__}; "
                                  f"expected {CONTRACT['example_inputs']}")
+        return value
+
+    def dynamic_shapes(self) -> Any:
+        """The file's ``dynamic_shapes()`` (torch.export's format), or None to let fxprune find the free axes."""
+        if not self.has("dynamic_shapes"):
+            return None
+        value = self.call("dynamic_shapes")
+        if value is not None and value is not False and not isinstance(value, (tuple, list, dict)):
+            raise ModelFileError(f"dynamic_shapes() in {self.path} returned {type(value).__name__}; "
+                                 f"expected {CONTRACT['dynamic_shapes']}")
         return value
 
     def loss(self) -> Callable[[Any, Any], Any] | None:

@@ -247,13 +247,22 @@ def _shapes(inputs: Any) -> Any:
     return repr(inputs)
 
 
-def _write(out: Path, force: bool, model: nn.Module, result: Any, inputs: Any, report: dict[str, Any],
-           onnx: bool = False) -> None:
+def _programs(model: nn.Module, result: Any, inputs: Any) -> dict[str, torch.export.ExportedProgram]:
+    """model.pt2 and original.pt2 as programs, each keeping the input axes the pruned model keeps free; none for
+    a model compacted by resizing its modules (it has no graph to save)."""
+    if getattr(result, "compaction", {}).get("target", "graph") != "graph":
+        return {}
+    return {artifacts.MODEL: artifacts.export_program(result.module, inputs, result.shapes),
+            artifacts.ORIGINAL: artifacts.export_program(model, inputs, result.shapes)}
+
+
+def _write(out: Path, force: bool, result: Any, programs: dict[str, torch.export.ExportedProgram],
+           report: dict[str, Any], onnx: bool = False) -> None:
     """Every file of the output folder, into a temporary folder renamed into place at the end."""
     with artifacts.staging_folder(out, force=force) as tmp:
-        if getattr(result, "compaction", {}).get("target", "graph") == "graph":
-            artifacts.save_program(result.module, inputs, tmp / artifacts.MODEL)
-            artifacts.save_program(model, inputs, tmp / artifacts.ORIGINAL)
+        for name, program in programs.items():
+            torch.export.save(program, str(tmp / name))
+        if programs:
             if onnx:  # from the saved programs, checked with onnxruntime; the report says how they compared
                 info = export_onnx(tmp)
                 report["onnx"] = {**info, "path": ONNX,
@@ -424,7 +433,8 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
 
     with stages, _warnings_as_notes(fb, notes):
         result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
-                       require_prunable=not cfg.force, **cfg.budget, **data)  # an untraceable model fails early
+                       require_prunable=not cfg.force, dynamic_shapes=mf.dynamic_shapes(), **cfg.budget,
+                       **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
     if getattr(result, "compaction", {}).get("target") == "modules":
         _note(fb, notes, f"compacted by resizing the model's own modules: {result.compaction['why']}. The folder "
@@ -464,11 +474,13 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
         after = {**_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
     after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
     _latency_note(cfg, result, before, after, fb, notes)
+    cpu_inputs = to_device(inputs, "cpu")
+    result.module.cpu().eval()
+    with fb.step("exporting"), _warnings_as_notes(fb, notes):  # an axis export fixes is a note of report.json
+        programs = _programs(model.cpu(), result, cpu_inputs)
     report = _report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
     with fb.step(f"writing {cfg.out}"):
-        cpu_inputs = to_device(inputs, "cpu")
-        result.module.cpu().eval()
-        _write(cfg.out, cfg.force, model.cpu(), result, cpu_inputs, report, onnx=cfg.onnx)
+        _write(cfg.out, cfg.force, result, programs, report, onnx=cfg.onnx)
     return report, result
 
 
@@ -524,6 +536,8 @@ def _report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, pruned: di
         "model_file": str(cfg.model_file), "pass": cfg.method, "options": dataclasses.asdict(the_pass),
         "compaction": dict(getattr(result, "compaction", {"target": "graph", "why": ""})),
         "ratio": cfg.ratio, "device": cfg.device, "example_inputs": _shapes(inputs),
+        # the input axes the pruned model takes at any size (checked at a second size), and those it fixes
+        "input_axes": result.shapes.report(),
         "target": {k.removeprefix("target_"): float(v) for k, v in cfg.budget.items()
                    if k in TARGET_KEYS and v is not None} or None,
         # with --target-latency: the latency model's measured and predicted milliseconds (``before``/``pruned`` hold

@@ -14,7 +14,8 @@ from fxprune.recovery import Hook, TrainState
 from .pipeline import Feedback
 from .report import cost_rows, format_ms, human
 
-__all__ = ["RichFeedback", "summary_table", "groups_table", "blocks_table", "passes_table", "bench_table"]
+__all__ = ["RichFeedback", "summary_table", "groups_table", "blocks_table", "passes_table", "bench_table",
+           "input_axes_line"]
 
 
 class _TrainBar(Hook):
@@ -184,3 +185,13 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
                       *((f"{r['latency_promise_kept']:.2f} of {1 / r['latency_target']:.1f}x"
                          if r.get("latency_target") else "",) if target else ()))
     return table
+
+
+def input_axes_line(axes: dict[str, Any]) -> str:
+    """``fxprune inspect``'s line on input sizes: the axes the pruned model will take at any size, and those it
+    fixes though the original does not, with why."""
+    free = ", ".join(f"{a['input']} axis {a['axis']}" for a in axes["dynamic"]) or "none"
+    text = f"input axes kept free (checked at a second size): {free}"
+    for f in axes["fixed"]:
+        text += f"\nfixed at {f['size']}: {f['input']} axis {f['axis']} ({f['why']})"
+    return text

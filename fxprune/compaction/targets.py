@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.annotations import write_selection
+from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes, resized
 from fxprune.tracing.quiet import ThreadHeldStream
 from fxprune.tracing.tracer import TraceError, trace
 
@@ -36,19 +37,37 @@ __all__ = ["TARGETS", "trace_for", "analysis_trace", "for_modules", "resize"]
 TARGETS = ("auto", "graph", "modules")
 
 
-def trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The graph the analysis reads, and which compaction target follows from it (with why)."""
+def trace_for(model: torch.nn.Module, example_inputs: Any, target: str, dynamic_shapes: Any = None,
+              modules_ok: bool = False) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The graph the analysis reads, and which compaction target follows from it (with why). With ``"auto"`` and
+    ``modules_ok`` (the pass reads weights only), a graph that would fix an input axis the model's code takes at
+    other sizes (a Python loop over the batch) gives way to the modules target, which keeps that code."""
+    if target == "auto" and modules_ok:
+        gm, used = trace_for(model, example_inputs, "auto", dynamic_shapes)
+        fixed = gm.meta[INPUT_SHAPES].fixed_by_code() if used["target"] == "graph" else []
+        if not fixed:
+            return gm, used
+        try:
+            recorded = analysis_trace(model, example_inputs, dynamic_shapes)
+        except TraceError:
+            return gm, used
+        axes = ", ".join(str(f.axis) for f in fixed)
+        return recorded, {"target": "modules", "why": f"a graph would fix {axes} ({fixed[0].why}): its own "
+                                                     "modules are resized, which keep its code"}
     if target == "graph":
-        return trace(model, example_inputs), {"target": "graph", "why": "asked for (target='graph')"}
+        return trace(model, example_inputs, dynamic_shapes=dynamic_shapes), \
+            {"target": "graph", "why": "asked for (target='graph')"}
     if target == "modules":
-        return analysis_trace(model, example_inputs), {"target": "modules", "why": "asked for (target='modules')"}
+        return analysis_trace(model, example_inputs, dynamic_shapes), \
+            {"target": "modules", "why": "asked for (target='modules')"}
     held = ThreadHeldStream(sys.stderr, threading.get_ident())  # torch.export prints its partial graph on failure
     sys.stderr = held
     try:
-        return trace(model, example_inputs), {"target": "graph", "why": "the model traces as a whole"}
+        return trace(model, example_inputs, dynamic_shapes=dynamic_shapes), \
+            {"target": "graph", "why": "the model traces as a whole"}
     except TraceError as exc:
         try:
-            gm = analysis_trace(model, example_inputs)
+            gm = analysis_trace(model, example_inputs, dynamic_shapes)
         except Exception:  # the model does not even run under the recording: the trace's own error says most
             held.stream.write(held.buffer.getvalue())
             raise exc from None
@@ -63,22 +82,25 @@ def trace_for(model: torch.nn.Module, example_inputs: Any, target: str) -> tuple
         held.stream.write(held.buffer.getvalue())
 
 
-def analysis_trace(model: torch.nn.Module, example_inputs: Any) -> fx.GraphModule:
-    """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``)."""
+def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> fx.GraphModule:
+    """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``). The resized
+    modules keep the model's own code, so the input axes it accepts at other sizes (``input_shapes``) stay free."""
     from fxprune.tracing.makefx import Unsupported
     from fxprune.tracing.record import record_trace
-    from fxprune.tracing.tracer import META_INPUTS, normalize_inputs
+    from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, input_shapes, normalize_inputs
 
     args, kwargs = normalize_inputs(example_inputs)
     was = model.training
     model.eval()
     try:
         gm = record_trace(model, args, kwargs, analysis=True)
+        shapes = input_shapes(model, args, kwargs, dynamic_shapes)
     except Unsupported as exc:
         raise TraceError(f"fxprune could not record {type(model).__name__} for analysis: {exc}") from None
     finally:
         model.train(was)
     gm.meta[META_INPUTS] = (args, kwargs)
+    gm.meta[INPUT_SHAPES] = shapes
     gm.train(was)
     return gm
 
@@ -108,16 +130,25 @@ def resize(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, base:
     plan = add_aliases(build_plan(gm, Reindexing(groups, removed)), base)
     module = resize_modules(base, plan, weights or None)
     if verify:
-        args, kwargs = normalize_inputs(example_inputs)
-        with torch.no_grad():
-            was = module.training
-            module.eval()
-            try:
-                module(*args, **kwargs)
-            except Exception as exc:
-                raise CompactionError(f"the resized {type(base).__name__} does not run on the example inputs: "
-                                      f"{exc}") from exc
-            finally:
-                module.train(was)
+        _check_runs(module, type(base).__name__, *normalize_inputs(example_inputs), gm.meta.get(INPUT_SHAPES))
     write_selection(gm, groups, removed)
     return module, plan, removed
+
+
+def _check_runs(module: torch.nn.Module, name: str, args: tuple, kwargs: dict, shapes: InputShapes | None) -> None:
+    """The resized module runs on the example inputs, and with each group of dynamic axes at its second size."""
+    runs = [("the example inputs", (args, kwargs))]
+    for group in (shapes.groups() if shapes is not None else []):
+        at = ", ".join(f"{a} at {a.probe}" for a in group)
+        runs.append((f"the example inputs with {at}", resized(args, kwargs, {(a.leaf, a.dim): a.probe for a in group})))
+    was = module.training
+    module.eval()
+    try:
+        for what, (a, k) in runs:
+            try:
+                with torch.no_grad():
+                    module(*a, **k)
+            except Exception as exc:
+                raise CompactionError(f"the resized {name} does not run on {what}: {exc}") from exc
+    finally:
+        module.train(was)

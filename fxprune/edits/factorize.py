@@ -47,7 +47,7 @@ from fxprune.annotations import FRONTEND
 from fxprune.compaction.emit import GraphEdit, emit
 from fxprune.compaction.resize import Reindexing
 from fxprune.state import named_tensors
-from fxprune.tracing.tracer import META_INPUTS, trace
+from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, trace
 
 __all__ = ["factorize", "factorized_graph", "factorizable", "Layer", "Factor", "merge_unprofitable", "pair_pays"]
 
@@ -307,7 +307,7 @@ def factorized_graph(model_or_gm: nn.Module, example_inputs: Any,
     gm = _traced(model_or_gm, example_inputs)
     inputs = example_inputs if example_inputs is not None else _inputs(gm)
     module = factorize(gm, factors)
-    new_gm = trace(module, inputs)
+    new_gm = trace(module, inputs, dynamic_shapes=gm.meta.get(INPUT_SHAPES))  # the axes the first trace kept
     return new_gm, analyze(new_gm)
 
 

@@ -128,13 +128,13 @@ class Scratch(LearnedScales):
             return None
         from fxprune.analysis import analyze
         from fxprune.compaction.widen import widen
-        from fxprune.tracing.tracer import META_INPUTS, trace
+        from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, trace
 
         only = [g.id for g in ctx.groups.prunable if self.expand_residual or not residual_stream(ctx.groups, g)]
         wide, _ = widen(ctx.gm, ctx.groups, self.expand, only=only, training=ctx.model.training)
         reinitialize(wide, self.seed)
         args, kwargs = ctx.gm.meta[META_INPUTS]
-        gm = trace(wide, kwargs if kwargs else args)
+        gm = trace(wide, kwargs if kwargs else args, dynamic_shapes=ctx.gm.meta.get(INPUT_SHAPES))
         return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection,
                            target=ctx.target)
 

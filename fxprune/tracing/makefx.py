@@ -29,9 +29,10 @@ import torch.fx as fx
 from fxprune.state import named_tensors
 
 from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
+from .dynamic import Axis
 from .lazy_module import lazy_graph_module
 
-__all__ = ["fast_trace", "Unsupported"]
+__all__ = ["fast_trace", "Unsupported", "Specialised", "TooManyGuards", "GUARD_BUDGET"]
 
 
 class Unsupported(RuntimeError):
@@ -56,19 +57,132 @@ def _state_readers(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return state, reader_of, list(dict.fromkeys(reader_of.values()))
 
 
-def _fake_inputs(tc: Support, mode: Any, leaves: list[Any], dynamic_batch: bool) -> list[Any]:
-    """User input leaves as fake tensors (``mode``: a FakeTensorMode); with ``dynamic_batch`` axis 0 of
-    each tensor is symbolic."""
+def _fake_inputs(tc: Support, mode: Any, leaves: list[Any], dims: dict[int, set[int]]) -> list[Any]:
+    """User input leaves as fake tensors (``mode``: a FakeTensorMode); axis ``d`` of leaf ``i`` is symbolic for
+    each ``d`` in ``dims[i]``, every other axis static."""
     out = []
-    for x in leaves:
+    for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor):
             out.append(x)
-        elif dynamic_batch and x.dim() > 0:
-            dims = [tc.DimDynamic.DYNAMIC] + [tc.DimDynamic.STATIC] * (x.dim() - 1)
-            out.append(mode.from_tensor(x, symbolic_context=tc.StatelessSymbolicContext(dynamic_sizes=dims)))
+        elif dims.get(i):
+            sizes = [tc.DimDynamic.DYNAMIC if d in dims[i] else tc.DimDynamic.STATIC for d in range(x.dim())]
+            out.append(mode.from_tensor(x, symbolic_context=tc.StatelessSymbolicContext(dynamic_sizes=sizes)))
         else:
             out.append(mode.from_tensor(x, static_shapes=True))
     return out
+
+
+def _symbols(fake_leaves: list[Any], axes: list[Axis]) -> dict[Axis, Any]:
+    """The symbol of each asked-for axis, read before the trace (after it, a fixed one reads as its constant)."""
+    return {a: fake_leaves[a.leaf].shape[a.dim].node.expr for a in axes
+            if isinstance(fake_leaves[a.leaf].shape[a.dim], torch.SymInt)}
+
+
+def _specialised(env: Any, symbols: dict[Axis, Any]) -> tuple[dict[Axis, str], set[Axis]]:
+    """The asked-for axes the trace holds at their example size, each with where torch saw it happen: its symbol
+    replaced by a constant (the forward read the size as a Python number: ``len(x)``, ``int(x.shape[0])``), or,
+    for a group of axes that change together, an equality guard the graph relies on that fails at their second size (an
+    expression of several sizes read as a number: ``int(x.shape[1])`` after a patch embedding). Second, the
+    axes no front end keeps free: an inner size of 0 or 1 at the example's size (every tracer fixes those)."""
+    import sympy
+
+    replacements = getattr(env, "replacements", {})
+    slocs = getattr(env, "replacements_slocs", {})
+    out = {a: _where(slocs.get(symbol)) for a, symbol in symbols.items()
+           if getattr(replacements.get(symbol, symbol), "is_number", False)}
+    hints = dict(getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", {}))
+    final: set[Axis] = set()
+    groups: dict[int, list[Axis]] = {}
+    for a in symbols:
+        if a not in out:
+            groups.setdefault(a.group, []).append(a)
+    for group in groups.values():  # equalities only: an inequality is a kernel's choice (batch < 16), not a size
+        at_probe = {**hints, **{symbols[a]: a.probe for a in group}}
+        broken = next((g for g in getattr(env, "guards", [])
+                       if getattr(g.expr, "func", None) is sympy.Eq and _fails(g.expr, at_probe)), None)
+        if broken is not None:
+            one = _inner_size_of_one(broken.expr)
+            out.update(dict.fromkeys(group, ONE_INNER.format(one) if one is not None
+                                     else _where(getattr(broken, "sloc", None))))
+            final.update(group if one is not None else ())
+    return out, final
+
+
+# why an axis stays fixed when the example makes an inner size 0 or 1 (ResNet at 32x32: layer4 is 1x1)
+ONE_INNER = ("at the example's size an inner size is {}, which torch fixes (it specialises sizes 0 and 1): give "
+             "example inputs that keep inner sizes at 2 or more (a larger image) to keep it free")
+
+
+def _inner_size_of_one(expr: Any) -> int | None:
+    """0 or 1 for a guard ``Eq(size expression, 0 or 1)``: torch's specialisation of a size of 0 or 1, which no
+    front end follows past (every tracer specialises them)."""
+    for side in getattr(expr, "args", ())[:2]:
+        if getattr(side, "is_number", False) and side in (0, 1) and \
+                any(not getattr(o, "is_number", True) for o in expr.args):
+            return int(side)
+    return None
+
+
+def _fails(expr: Any, values: dict[Any, Any]) -> bool:
+    """Whether a guard (a sympy condition on sizes) is false with these sizes (unknown: not false)."""
+    try:
+        return bool(expr.xreplace(values) == False)  # noqa: E712 - sympy's false, not Python's identity
+    except Exception:  # noqa: BLE001 - a guard that does not evaluate to a truth value
+        return False
+
+
+def _locate_in_user_code(env: Any) -> None:
+    """Make the source locations this ShapeEnv records for its guards and replacements name the user's line: by
+    itself it names the first frame outside torch's tracing, often another torch file (``torch.linspace``'s
+    handler). The wrapper is this instance's own attribute: no other ShapeEnv is touched."""
+    summary = getattr(env, "_get_stack_summary", None)
+    if summary is None:
+        return
+    import dataclasses
+    import traceback
+
+    from .tracer import user_frames
+
+    def located(*args: Any, **kwargs: Any) -> Any:
+        sloc, *rest = summary(*args, **kwargs)
+        mine = user_frames(traceback.extract_stack()[:-1])
+        if mine and dataclasses.is_dataclass(sloc) and hasattr(sloc, "framework_loc"):
+            sloc = dataclasses.replace(sloc, framework_loc=mine[-1])
+        return (sloc, *rest)
+
+    env._get_stack_summary = located
+
+
+def _where(sloc: Any) -> str:
+    """A replacement's source location as ``file:line: code`` (torch records the frame that fixed the size)."""
+    frame = getattr(sloc, "framework_loc", None)
+    if frame is None:
+        return "the trace fixed its size"
+    if isinstance(frame, str):
+        return f"its size is read as a Python number at {frame}"
+    code = (getattr(frame, "line", "") or "").strip()
+    return f"its size is read as a Python number at {frame.filename}:{frame.lineno}" + (f": {code}" if code else "")
+
+
+# Shape guards a symbolic trace may collect before fxprune gives up keeping its non-batch axes free: torch's
+# sympy reasoning grows with them (measured: ResNet-50 and EfficientNet-B0 15 at free image sizes, ConvNeXt-T
+# 30, ViT-B/16 2, BERT 1, LLaMA 0; Swin-T's window padding 116 after 9 s, 302 after 40 s, 561 after 56 s: its
+# whole trace took three minutes, and Dynamo's export four more).
+GUARD_BUDGET = 100
+
+
+class TooManyGuards(Unsupported):
+    """The symbolic trace collected more than its budget of shape guards (it would take minutes)."""
+
+
+class Specialised(Unsupported):
+    """The trace fixed input axes the model accepts at other sizes (``fixed``: axis -> where; ``final``: those
+    no other front end would keep free)."""
+
+    def __init__(self, fixed: dict[Axis, str], final: set[Axis] | None = None) -> None:
+        super().__init__("; ".join(f"{a}: {why}" for a, why in fixed.items()))
+        self.fixed = fixed
+        self.final = final or set()
 
 
 @contextlib.contextmanager
@@ -120,6 +234,30 @@ def _module_stack(model: torch.nn.Module, graph_of: Callable[[], fx.Graph | None
     finally:
         h1.remove()
         h2.remove()
+
+
+@contextlib.contextmanager
+def _guards_within(env: Any, budget: int | None) -> Iterator[None]:
+    """Stop the trace (``TooManyGuards``) at the next module call once ``env`` holds more than ``budget`` guards;
+    checked in the tracing thread only."""
+    if budget is None:
+        yield
+        return
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    tracing_thread = threading.get_ident()
+
+    def check(mod: torch.nn.Module, args: Any) -> None:
+        count = len(getattr(env, "guards", ()))
+        if count > budget and threading.get_ident() == tracing_thread:
+            raise TooManyGuards(f"symbolic sizes needed over {budget} shape guards ({count} by "
+                                f"{type(mod).__name__})")
+
+    handle = register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _make_fx_graph() -> fx.Graph | None:
@@ -294,18 +432,32 @@ def _backends_off_on_accelerators(tensors: list[Any]) -> Iterator[None]:
         yield
 
 
-def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> fx.GraphModule:
-    """Trace ``model`` (already in eval mode) into an export-like GraphModule. Raises on anything
-    unsupported, and ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
+def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+               guard_budget: int | None = GUARD_BUDGET) -> fx.GraphModule:
+    """Trace ``model`` (already in eval mode) into an export-like GraphModule, each of ``axes`` symbolic.
+    Raises ``Specialised`` when the forward fixes one of them, ``TooManyGuards`` past ``guard_budget`` shape
+    guards (None: no limit), ``Unsupported`` (or the tracer's error) on anything else it does not follow, and
+    ``compat.MissingFeature`` on a torch that lacks a private name it needs."""
     tc = make_fx_support().require()
     pytree = tc.pytree
     state, _, readers = _state_readers(model)
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
-    mode = tc.FakeTensorMode(allow_non_fake_inputs=False, shape_env=tc.ShapeEnv(), static_shapes=not dynamic_batch)
+    dynamic = bool(axes)
+    dims: dict[int, set[int]] = {}
+    for a in axes:
+        dims.setdefault(a.leaf, set()).add(a.dim)
+    # duck_shape=False: two axes of equal example size (height and width) get symbols of their own
+    try:
+        env = tc.ShapeEnv(duck_shape=False)
+    except TypeError:  # a torch without the option: equal sizes share a symbol (a square image stays square)
+        env = tc.ShapeEnv()
+    _locate_in_user_code(env)
+    mode = tc.FakeTensorMode(allow_non_fake_inputs=False, shape_env=env, static_shapes=not dynamic)
     # Fakified here (static shapes); make_fx's own conversion of the real tensors then hits the mode's
     # memo, which holds the fakes weakly: keep them referenced until the trace is done.
     fake_state = [mode.from_tensor(state[name], static_shapes=True) for name in readers]
-    fake_leaves = _fake_inputs(tc, mode, leaves, dynamic_batch)
+    fake_leaves = _fake_inputs(tc, mode, leaves, dims)
+    symbols = _symbols(fake_leaves, axes)
     if not any(isinstance(x, tc.FakeTensor) for x in fake_leaves):
         raise Unsupported("no tensor among the inputs")
     out_spec: list[Any] = []
@@ -314,14 +466,18 @@ def fast_trace(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch:
     # _backends_off_on_accelerators). The torch-function metadata mode only records meta["torch_fn"]
     # (unused here) and maps aten.size to sym_size on symbolic sizes: off for a static trace, where it
     # cost 5-15% of the time (mobilenet_v3_small, efficientnet_b1).
-    with _module_stack(model), torch.no_grad(), _backends_off_on_accelerators(list(state.values()) + leaves):
+    with _module_stack(model), _guards_within(env, guard_budget if dynamic else None), torch.no_grad(), \
+            _backends_off_on_accelerators(list(state.values()) + leaves):
         traced = tc.make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_stack_traces=False,
-                            _disable_torch_fn_metadata_mode=not dynamic_batch)(
+                            _disable_torch_fn_metadata_mode=not dynamic)(
             {name: state[name] for name in readers}, fake_leaves)
     del fake_state
+    fixed, final = _specialised(env, symbols)
+    if fixed:
+        raise Specialised(fixed, final)
     owned = _lift_state(tc, traced, state, readers)
     _backends_off_in_graph(traced.graph)
-    if dynamic_batch:
+    if dynamic:
         _dedupe_size_nodes(traced.graph)
     forward_names = _forward_arg_names(model, args, kwargs)
     _name_inputs(tc, traced.graph, _input_names(forward_names, args, kwargs))

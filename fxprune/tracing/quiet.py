@@ -64,3 +64,4 @@ def torch_trace_noise_ignored() -> Iterator[None]:
         for category, message, module in TRACE_NOISE:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
         yield
+

@@ -46,16 +46,28 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from fxprune.annotations import EXAMPLE_INPUTS, FRONTEND
+from fxprune.state import callers_rng_kept
 
 from . import compat
+from .dynamic import (
+    INPUT_SHAPES,
+    Axis,
+    InputShapes,
+    export_spec,
+    find_axes,
+    from_spec,
+    leaf_names,
+    read_sizes_from_inputs,
+    static_axes,
+)
 from .lazy_module import compiled
 from .makefx import Unsupported
 from .quiet import torch_trace_noise_ignored
 
-__all__ = ["trace", "TraceError", "normalize_inputs", "export_dynamic_batch", "META_INPUTS", "META_FRONTEND",
+__all__ = ["trace", "TraceError", "normalize_inputs", "export_program", "META_INPUTS", "META_FRONTEND",
+           "INPUT_SHAPES", "input_shapes", "user_frames",
            "FRONTEND_ENV"]
 
 # GraphModule.meta keys written here (one writer: this module).
@@ -129,39 +141,28 @@ def _python_state_kept(model: torch.nn.Module) -> Iterator[None]:
                 getattr(m, k).update(before)
 
 
-def _batch_dims(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-    """Dim.AUTO on axis 0 of every tensor input (a traced or saved model then accepts other batch sizes)."""
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return {0: Dim.AUTO}
-        if isinstance(x, (tuple, list)):
-            return type(x)(spec(v) for v in x)
-        if isinstance(x, dict):
-            return {k: spec(v) for k, v in x.items()}
-        return None
-    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
-
-
-def export_dynamic_batch(model: torch.nn.Module, args: tuple, kwargs: dict,
-                         dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export.export(strict=False)`` with a symbolic batch axis (axis 0 of every tensor input)
-    where the model allows it (and ``dynamic_batch``), else static: some models pin the batch size.
-    Used by the export front end and for the saved ``model.pt2`` (``fxprune.cli.artifacts``)."""
-    if dynamic_batch:
-        dyn_args, dyn_kwargs = _batch_dims(args, kwargs)
-        dynamic_shapes: Any = dyn_args if not kwargs else {**_positional_names(model, dyn_args), **dyn_kwargs}
+def export_program(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis], *,
+                   strict: bool = False) -> tuple[torch.export.ExportedProgram, dict[Axis, str]]:
+    """``torch.export.export`` with ``Dim.AUTO`` on each of ``axes`` (non-strict unless ``strict``), and the axes
+    it held at a constant anyway, each with why. Where export refuses the dynamic axes outright, a static
+    program (every axis fixed, why: export's message). Used by the export front ends and for the saved
+    ``model.pt2`` (``fxprune.cli.artifacts``)."""
+    if axes:
         try:
-            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        except Exception:  # noqa: BLE001 - some models pin the batch size; fall back to a static graph
-            pass
-    return torch.export.export(model, args, kwargs, strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=export_spec(model, args, kwargs, axes),
+                                     strict=strict)
+        except Exception as exc:  # noqa: BLE001 - a model that pins a size: a static program, saying why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = f"torch.export refused it dynamic ({first[:200]})"
+            return torch.export.export(model, args, kwargs, strict=strict), dict.fromkeys(axes, why)
+        values = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"][-len(_leaves(args, kwargs)):]
+        fixed = static_axes(values, axes)
+        return ep, dict.fromkeys(fixed, "torch.export holds it at a constant (a size read as a Python number)")
+    return torch.export.export(model, args, kwargs, strict=strict), {}
 
 
-def _positional_names(model: torch.nn.Module, specs: tuple) -> dict[str, Any]:
-    import inspect
-
-    names = [p for p in inspect.signature(model.forward).parameters]
-    return dict(zip(names, specs))
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    return compat.tree_leaves((args, kwargs))
 
 
 def _library_dirs() -> tuple[Path, ...]:
@@ -173,11 +174,9 @@ def _library_dirs() -> tuple[Path, ...]:
     return tuple(Path(m.__file__).resolve().parent for m in modules)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The deepest traceback frame that is the user's (outside fxprune, torch and the command line's library,
-    and not code torch generated, ``<eval_with_key>``): the user's line that failed."""
-    import traceback
-
+def user_frames(frames: list[Any]) -> list[Any]:
+    """The frames (``traceback.FrameSummary``) that are the user's: outside fxprune, torch and the command
+    line's library, and not code torch generated (``<eval_with_key>``)."""
     libraries = _library_dirs()
 
     def users(filename: str) -> bool:
@@ -186,43 +185,60 @@ def _user_frame(exc: BaseException) -> str:
         path = Path(filename).resolve()
         return not any(path.is_relative_to(d) for d in libraries)
 
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if users(f.filename)]
+    return [f for f in frames if users(f.filename)]
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The deepest traceback frame that is the user's (``user_frames``): the user's line that failed."""
+    import traceback
+
+    frames = user_frames(traceback.extract_tb(exc.__traceback__))
     if not frames:
         return ""
     f = frames[-1]
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def _wants_dynamic_batch(args: tuple, kwargs: dict) -> bool:
-    """A symbolic batch axis only pays off when some input's axis 0 is at least 2: export's Dim.AUTO
-    specialises a size-1 axis to a static graph anyway (and a static trace is several times cheaper)."""
-    return any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= 2
-               for x in compat.tree_leaves((args, kwargs)))
+Traced = tuple[fx.GraphModule, dict[Axis, str]]  # a front end's graph, and the asked-for axes it fixed (why)
 
 
-def _record(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    if dynamic:
-        raise Unsupported("the recorder traces static graphs only")
+def _record(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+            insist: bool = False) -> Traced:
+    """Static graphs only: asked for by name on a model with free axes, it fixes them (the chain skips it then)."""
     from .record import record_trace
 
-    return record_trace(model, args, kwargs)
+    return record_trace(model, args, kwargs), dict.fromkeys(axes, "the recorder traces static graphs only")
 
 
-def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    from .makefx import fast_trace
+def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+             insist: bool = False) -> Traced:
+    from .makefx import GUARD_BUDGET, fast_trace
 
-    return fast_trace(model, args, kwargs, dynamic)
+    return fast_trace(model, args, kwargs, axes, None if insist else GUARD_BUDGET), {}
 
 
-def _torch_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    return export_dynamic_batch(model, args, kwargs, dynamic).module()
+def _torch_export(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+                  insist: bool = False) -> Traced:
+    ep, fixed = export_program(model, args, kwargs, axes)
+    return ep.module(), fixed
+
+
+def _strict_export(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+                   insist: bool = False) -> Traced:
+    """torch.export through TorchDynamo: it follows ``len(x)``, ``int(x.shape[0])`` and ``math.sqrt`` of a size
+    symbolically, which the non-strict tracers fix. Tried only when an earlier front end fixed an axis."""
+    ep, fixed = export_program(model, args, kwargs, axes, strict=True)
+    return ep.module(), fixed
 
 
 # The front ends, quickest first; each raises on what it cannot trace and the next one takes over. The
 # first two use private torch helpers (``compat.SUPPORT`` probes them): on a torch where those moved,
 # they are skipped with a warning, export remains.
-FRONTENDS = {"record": _record, "make_fx": _make_fx, "export": _torch_export}
-_FALLBACK_NAMES = {"record": "the recorder", "make_fx": "make_fx", "export": "torch.export"}
+FRONTENDS = {"record": _record, "make_fx": _make_fx, "export": _torch_export, "export-strict": _strict_export}
+_FALLBACK_NAMES = {"record": "the recorder", "make_fx": "make_fx", "export": "torch.export",
+                   "export-strict": "torch.export (strict)"}
+# tried only to keep input axes free that the front ends before it fixed (never alone, never for a failure)
+_ONLY_FOR_AXES = ("export-strict",)
 
 # Front end -> None when it traced a trivial model in this process, else the exception it raised then
 # (torch changed underneath it: skipped from then on). Filled on a front end's first failure only.
@@ -241,7 +257,7 @@ def _self_test_failure(name: str) -> BaseException | None:
 
         def run() -> None:
             try:
-                FRONTENDS[name](model, (torch.randn(1, 3, 8, 8),), {}, False)
+                FRONTENDS[name](model, (torch.randn(1, 3, 8, 8),), {}, [])
             except Exception as exc:  # noqa: BLE001 - whatever it is, the front end does not work here
                 failure.append(exc)
 
@@ -279,7 +295,7 @@ def _warn_broken(name: str, exc: BaseException, fallback: str) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True,
-          fast: bool = True, frontend: str | None = None) -> fx.GraphModule:
+          fast: bool = True, frontend: str | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
     """Trace ``model`` on ``example_inputs`` into a GraphModule whose nodes all carry ``meta["val"]``.
 
     The returned module shares parameters with ``model`` (it is an analysis view); ``fxprune.prune``
@@ -288,8 +304,15 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     for a static graph, else ``"make_fx"``, else ``"export"``, the first that succeeds;
     ``fast=False`` uses export only, ``frontend=`` (or ``$FXPRUNE_FRONTEND`` when ``frontend`` is None
     and ``fast`` is True) that one front end only (its own error if it fails; the recorder traces
-    static graphs only: a batch of 1, or ``dynamic_batch=False``). A quick front end this torch cannot
-    run is skipped with one ``compat.CompatWarning`` per process (``compat.MissingFeature`` if forced).
+    static graphs only). A quick front end this torch cannot run is skipped with one
+    ``compat.CompatWarning`` per process (``compat.MissingFeature`` if forced).
+
+    Input sizes: every axis the model accepts at another size stays symbolic (``fxprune.tracing.dynamic``
+    finds them by running the model there); ``dynamic_shapes`` (torch.export's format) names them instead;
+    ``dynamic_batch=False`` keeps every size static. Where a front end fixes an axis the model accepts
+    (``len(x)``), the next one tries (torch.export through TorchDynamo follows such reads); where none keeps
+    it, the graph is fixed there. ``gm.meta[INPUT_SHAPES]`` records the outcome (``dynamic.InputShapes``:
+    the free axes, and the fixed ones with the line that fixed them); ``fxprune.prune`` warns about those.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -300,47 +323,141 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
                          + (f" (from ${FRONTEND_ENV})" if os.environ.get(FRONTEND_ENV) == frontend else ""))
     compiled(model)  # a compacted module traced again: the front ends read its forward's signature
     args, kwargs = normalize_inputs(example_inputs)
-    dynamic = dynamic_batch and _wants_dynamic_batch(args, kwargs)
-    chain = [frontend] if frontend else list(FRONTENDS) if fast else ["export"]
+    chain = [frontend] if frontend else [n for n in FRONTENDS if n not in _ONLY_FOR_AXES] if fast else ["export"]
     skipped: list[compat.Support] = []             # front ends this torch lacks private names for
     broken: list[tuple[str, BaseException]] = []   # front ends that fail even on a trivial model
     name = chain[-1]
     try:
         with _eval_mode(model), torch_trace_noise_ignored():
-            passed: set[str] = set()  # front ends not worth trying after what an earlier one met
-            for name in chain:
-                if name in passed and name != chain[-1]:
-                    continue
-                runnable = _runnable(name, frontend is not None, dynamic)
-                if runnable is not True:
-                    if isinstance(runnable, compat.Support):  # naming what is missing
-                        skipped.append(runnable)
-                    continue
-                try:
-                    with _python_state_kept(model):  # put back after each try: the next one starts clean
-                        gm = FRONTENDS[name](model, args, kwargs, dynamic_batch if name == "export" else dynamic)
-                    break
-                except Exception as exc:  # noqa: BLE001 - the next front end takes over; the last one explains
-                    if name != chain[-1]:
-                        log.debug("fxprune: %s could not trace (%s: %s)", name, type(exc).__name__, exc)
-                        if name == "record" and _data_dependent(exc):
-                            passed.add("make_fx")  # static too: only export (unbacked sizes) may follow
-                        if not isinstance(exc, Unsupported) and name not in _SELF_TEST:
-                            failure = _self_test_failure(name)
-                            if failure is not None:
-                                broken.append((name, failure))
-                        continue
-                    if frontend is not None:
-                        raise
-                    raise _trace_error(model, exc) from exc
+            shapes = _input_shapes(model, args, kwargs, dynamic_batch, dynamic_shapes)
+            insist = dynamic_shapes is not None and dynamic_shapes is not False  # axes the caller named
+            name, gm, fixed = _first_trace(model, args, kwargs, list(shapes.dynamic), chain, frontend is not None,
+                                           skipped, broken, insist)
     finally:  # outside the block that ignores torch's noise; ``name``: the front end that traced (or failed last)
         compat.warn_missing(skipped, _FALLBACK_NAMES[name], stacklevel=2)
         for failed, failure in broken:
             _warn_broken(failed, failure, name)
+    shapes = shapes.with_fixed(fixed)
+    if shapes.dynamic:
+        read_sizes_from_inputs(gm)
     gm.meta[META_FRONTEND] = name
     gm.meta[META_INPUTS] = (args, kwargs)
+    gm.meta[INPUT_SHAPES] = shapes
     gm.training = model.training  # traced in eval mode; the view reports the model's own mode (the flag
     return gm                     # only: an exported module refuses .train())
+
+
+def _first_trace(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis], chain: list[str],
+                 forced: bool, skipped: list[compat.Support], broken: list[tuple[str, BaseException]],
+                 insist: bool = False) -> tuple[str, fx.GraphModule, dict[Axis, str]]:
+    """The first front end of ``chain`` that traces the model with every one of ``axes`` symbolic; where each
+    fixes some, the one that fixes fewest (TorchDynamo's export tried last, for that). Returns its name, its
+    graph and the axes it fixed (why: where the quick front end saw the size read, else export's reason)."""
+    passed: set[str] = set()  # front ends not worth trying after what an earlier one met
+    best: tuple[str, fx.GraphModule, dict[Axis, str]] | None = None
+    whys: dict[Axis, str] = {}
+    slow: set[Axis] = set()  # axes no other front end keeps free: too slow to trace symbolically, an inner size of 1
+    chain = list(chain)
+    for i, name in enumerate(chain):
+        last = i == len(chain) - 1
+        if name in passed and not last:
+            continue
+        runnable = _runnable(name, forced, bool(axes))
+        if runnable is not True:
+            if isinstance(runnable, compat.Support):  # naming what is missing
+                skipped.append(runnable)
+            continue
+        try:
+            with _python_state_kept(model):  # put back after each try: the next one starts clean
+                gm, fixed = _trace_keeping(name, model, args, kwargs, axes, whys, slow, insist)
+        except Exception as exc:  # noqa: BLE001 - the next front end takes over; the last one explains
+            if not last:
+                log.debug("fxprune: %s could not trace (%s: %s)", name, type(exc).__name__, exc)
+                if name == "record" and _data_dependent(exc):
+                    passed.add("make_fx")  # static too: only export (unbacked sizes) may follow
+                if not isinstance(exc, Unsupported) and name not in _SELF_TEST:
+                    failure = _self_test_failure(name)
+                    if failure is not None:
+                        broken.append((name, failure))
+                continue
+            if best is not None:  # an earlier graph that fixes some axes beats none
+                return best
+            if forced:
+                raise
+            raise _trace_error(model, exc) from exc
+        if not fixed:
+            return name, gm, {}
+        fixed = {a: whys.get(a, why) for a, why in fixed.items()}
+        if best is None or len(fixed) < len(best[2]):
+            best = (name, gm, fixed)
+        if set(fixed) <= slow:  # no other front end would keep these free (or it would take longer still)
+            return best
+        if not forced:
+            if name == "make_fx":  # export's non-strict tracer fixes what make_fx fixes: straight to Dynamo
+                passed.add("export")
+            if "export-strict" not in chain:
+                chain.append("export-strict")
+    assert best is not None
+    return best
+
+
+def _trace_keeping(name: str, model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
+                   whys: dict[Axis, str], slow: set[Axis], insist: bool) -> tuple[fx.GraphModule, dict[Axis, str]]:
+    """One front end's graph with ``axes`` symbolic where it can keep them. make_fx, on finding that the
+    forward fixes some (``Specialised``), traces again with those static (its first graph would compute
+    with the example's size there); where it found them is kept in ``whys`` for the report. Past its budget of
+    shape guards (``TooManyGuards``), it traces again with only the batch's axes free (``slow``: the rest),
+    unless the caller ``insist``s on the axes it named."""
+    from .makefx import Specialised, TooManyGuards
+
+    try:
+        return FRONTENDS[name](model, args, kwargs, axes, insist)
+    except Specialised as exc:
+        whys.update(exc.fixed)
+        slow.update(exc.final)  # an inner size of 1: no tracer does better
+        gm, more = _trace_keeping(name, model, args, kwargs, [a for a in axes if a not in exc.fixed], whys, slow,
+                                  insist)
+        return gm, {**exc.fixed, **more}
+    except TooManyGuards as exc:  # the axes other than the batch's cost the guards (window padding): those go
+        batch = {a.group for a in axes if a.dim == 0}
+        keep = [a for a in axes if a.group in batch] if any(a.group not in batch for a in axes) else []
+        too_slow = {a: f"keeping it free takes minutes of torch's shape reasoning ({exc}); give dynamic_shapes() "
+                       "to insist" for a in axes if a not in keep}
+        whys.update(too_slow)
+        slow.update(too_slow)
+        gm, more = _trace_keeping(name, model, args, kwargs, keep, whys, slow, insist)
+        return gm, {**too_slow, **more}
+
+
+def input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec: Any = None) -> InputShapes:
+    """The input axes ``model`` (in eval mode) takes at other sizes: ``spec``'s (torch.export's
+    ``dynamic_shapes``), or those it runs at with a second size (``fxprune.tracing.dynamic.find_axes``)."""
+    return _input_shapes(model, args, kwargs, True, spec)
+
+
+def _input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, spec: Any) -> InputShapes:
+    """The input axes to keep symbolic: ``spec``'s, or those the model accepts at a second size (the probe)."""
+    if not dynamic or spec is False:
+        return InputShapes()
+    if isinstance(spec, InputShapes):  # a re-trace of a model derived from a traced one: the same axes
+        return spec
+    names = leaf_names(model, args, kwargs)
+    if spec is not None:
+        return InputShapes(tuple(from_spec(spec, names, args, kwargs)))
+    axes, fixed = find_axes(lambda a, k: _runs(model, a, k), names, args, kwargs)
+    return InputShapes(tuple(axes), tuple(fixed))
+
+
+def _runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model`` runs on these inputs, leaving its Python state and the caller's random stream as they
+    were. A real run (on the meta device for a model there: shapes only): measured cheaper than fake tensors on
+    torchvision's CNNs, and only a real run sees what values decide (an index past an embedding's rows)."""
+    try:
+        with _python_state_kept(model), callers_rng_kept(), torch.no_grad():
+            model(*args, **kwargs)
+        return True
+    except Exception:  # noqa: BLE001 - any refusal means: not at these sizes
+        return False
 
 
 def _data_dependent(exc: BaseException) -> bool:
