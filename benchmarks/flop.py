@@ -33,7 +33,7 @@ import torch
 from _common import example
 
 import fxprune
-from fxprune.cli.measure import latency_ms
+from fxprune.measure import latency_ms
 from fxprune.passes.base import PassContext, Scores
 from fxprune.passes.flop import Flop
 from fxprune.recovery.engine import train

@@ -14,7 +14,7 @@ speed-up over the promise (the MACs reduction, or 1 / the latency target), writt
 Each model (torchvision, random weights) is pruned with l1 at ``--ratio`` (fxprune's default per-group
 scope) and the original and the compacted module are timed in eval mode, float32, on this machine's CPU
 with torch's default thread count: the median of ``--repeats`` forwards after a warm-up
-(``fxprune.cli.measure.latency_ms``, what ``fxprune bench`` uses). Original and pruned runs alternate in
+(``fxprune.measure.latency_ms``, what ``fxprune bench`` uses). Original and pruned runs alternate in
 rounds so that a load change on the machine affects both. MACs are FlopCounterMode's, as everywhere.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.cli.measure import count_macs, count_params, interleaved_latency
+from fxprune.measure import count_macs, count_params, interleaved_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "latency.json")

@@ -129,7 +129,7 @@ def onnx_latency(models: list[torch.nn.Module], x: tuple, repeats: int, threads:
 
     import onnxruntime as ort
 
-    from fxprune.cli.artifacts import export_program
+    from fxprune.artifacts import export_program
 
     sessions = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +241,7 @@ def group_widths(batch: int, repeats: int) -> list[dict[str, Any]]:
 def widths_in_models(specs: list[str], batch: int, rounds: int) -> list[dict[str, Any]]:
     """Each model pruned with l1 at 0.5 twice, group widths as the ratio says (``group_width_to=1``) and rounded by
     the device default, the original and both timed in ``rounds`` interleaved rounds (eager, whole forwards)."""
-    from fxprune.cli.measure import count_macs, interleaved_latency
+    from fxprune.measure import count_macs, interleaved_latency
     from fxprune.selection.budget import default_group_width
 
     rows = []

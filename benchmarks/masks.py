@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import fxprune
+from fxprune.analysis.reindex import Reindexing
 from fxprune.compaction.emit import emit
-from fxprune.compaction.resize import Reindexing
 from fxprune.masking import Scale, insert_masks
 from fxprune.recovery.engine import MaskTraining, train
 

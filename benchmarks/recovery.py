@@ -19,7 +19,7 @@ of the compacted module for each mode:
 each without and with distillation from the unpruned model (T = 4, alpha = 0.9). Every run uses AdamW
 with a cosine schedule (the example's own pre-training uses AdamW, 6 epochs, lr 3e-3) and the
 model file's loss and evaluate(); the accuracy is that of the final epoch (not the best epoch),
-averaged over ``--seeds``. MACs are FlopCounterMode's (fxprune.cli.measure.count_macs) on example_inputs().
+averaged over ``--seeds``. MACs are FlopCounterMode's (fxprune.measure.count_macs) on example_inputs().
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fxprune  # noqa: E402
-from fxprune.cli.measure import count_macs  # noqa: E402
 from fxprune.cli.modelfile import load_model_file  # noqa: E402
+from fxprune.measure import count_macs  # noqa: E402
 from fxprune.recovery.modes import recover, scratch_b_epochs  # noqa: E402
 
 MODES = ("finetune", "scratch-e", "scratch-b")

@@ -37,7 +37,7 @@ from _common import example, mean_std
 from torch import nn
 
 import fxprune
-from fxprune.cli.measure import count_macs
+from fxprune.measure import count_macs
 from fxprune.recovery.engine import train
 from fxprune.recovery.modes import recover
 

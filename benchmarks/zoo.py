@@ -316,7 +316,7 @@ def tensor_leaves(x: Any) -> list:
 
 def count_macs(model, inputs) -> int:
     """FlopCounterMode's MACs on one forward: fxprune's own counter, the same for both tools."""
-    from fxprune.cli.measure import count_macs as flop_counter_macs
+    from fxprune.measure import count_macs as flop_counter_macs
     return flop_counter_macs(model, tuple(inputs))
 
 

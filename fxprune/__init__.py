@@ -25,10 +25,10 @@ from typing import Any
 
 if typing.TYPE_CHECKING:
     from .analysis import ChannelGroups, Group, analyze
-    from .api import PruneResult, compact, prune
+    from .api import PruneResult, prune
+    from .artifacts import load
     from .checkpoints import prune_checkpoint
-    from .cli.artifacts import load
-    from .compaction import CompactionError, Plan, apply_plan, slice_tensor
+    from .compaction import CompactionError, Plan, apply_plan, compact, slice_tensor
     from .passes.base import Pass, PassContext
     from .passes.registry import available_passes
     from .tracing.tracer import TraceError, trace
@@ -38,8 +38,8 @@ if typing.TYPE_CHECKING:
 # module __getattr__ serves them.
 _EXPORTS = {
     "analyze": "analysis", "ChannelGroups": "analysis", "Group": "analysis",
-    "prune": "api", "compact": "api", "PruneResult": "api",
-    "load": "cli.artifacts", "prune_checkpoint": "checkpoints",
+    "prune": "api", "compact": "compaction", "PruneResult": "api",
+    "load": "artifacts", "prune_checkpoint": "checkpoints",
     "CompactionError": "compaction", "Plan": "compaction", "apply_plan": "compaction", "slice_tensor": "compaction",
     "Pass": "passes.base", "PassContext": "passes.base",
     "available_passes": "passes.registry",

@@ -9,22 +9,22 @@ import gc
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from .analysis import ChannelGroups, UnsupportedOpWarning, analyze
-from .annotations import read_selection, write_masks, write_scores, write_selection
-from .compaction import CompactionError, Plan, Reindexing, add_aliases, build_plan, emit
-from .compaction.emit import GraphEdit
+from .analysis import ChannelGroups, analyze
+from .annotations import write_masks, write_scores, write_selection
+from .compaction import Plan
+from .compaction.compact import Compacted, compact
 from .compaction.targets import TARGETS, for_modules, resize, trace_for
-from .passes.base import Pass, PassContext
+from .passes.base import Pass, PassContext, PassError
 from .passes.registry import make_pass
 from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width, resource_target
 from .selection.cost import Cost, CostCounter
-from .selection.diagnose import nothing_prunable
+from .selection.diagnose import NothingToPruneError, nothing_prunable
 from .state import callers_rng_kept, device_of_module
 from .tracing.dynamic import INPUT_SHAPES, InputShapes
 from .tracing.tracer import trace
@@ -32,10 +32,6 @@ from .tracing.tracer import trace
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
 RECOVERY = ("finetune", "scratch-e", "scratch-b")
-
-
-class NothingToPruneError(SelectionError):
-    """A removal was asked for, but every channel group of the model is frozen."""
 
 
 @dataclass
@@ -71,39 +67,6 @@ class PruneResult:
             rows.append({"group": g.id, "kept": int((~self.removed[g.channels]).sum()), "total": len(g),
                          "producers": g.layers("producer")})
         return rows
-
-
-def compact(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray | None = None,
-            model: torch.nn.Module | None = None, *, verify: bool = True,
-            weights: Mapping[str, torch.Tensor] | None = None, edits: Sequence[GraphEdit] = ()) -> Compacted:
-    """Apply a removal (bool per channel) to a traced graph: the compacted module, its plan, and the
-    removal actually applied. ``removed=None``: the selection written on the graph (``fxprune.selection``
-    on its nodes, see ``fxprune.annotations``); the removal applied is written back there.
-
-    A rewrite that fails (an op whose literal arguments we cannot fix) never crashes the run: the
-    groups around that node are kept whole, a warning names the node, and compaction is retried.
-    """
-    removed = read_selection(gm, groups) if removed is None else removed.copy()
-    training = bool(model.training) if model is not None else False
-    while True:
-        reindexing = Reindexing(groups, removed)
-        plan = build_plan(gm, reindexing)
-        try:
-            module = emit(gm, reindexing, plan, verify=verify, training=training, weights=weights, edits=edits)
-            break
-        except CompactionError as exc:
-            culprits = [g for g in sorted(groups.groups_near(exc.node)) if removed[groups[g].channels].any()] \
-                if exc.node else []
-            if not culprits:
-                raise
-            warnings.warn(f"fxprune: {exc}; keeping channel groups {culprits} whole", UnsupportedOpWarning,
-                          stacklevel=2)
-            for g in culprits:
-                removed[groups[g].channels] = False
-    write_selection(gm, groups, removed)
-    if model is not None:
-        plan = add_aliases(plan, model)
-    return Compacted(module, plan, removed)
 
 
 @contextlib.contextmanager
@@ -165,6 +128,14 @@ def _unfrozen(model: torch.nn.Module, example_inputs: Any, gm: fx.GraphModule, g
     return static, again
 
 
+def _reads_weights_only(the_pass: Pass) -> None:
+    """The modules target has no graph to train or calibrate in: refuse a pass that runs one."""
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
+                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
+                        "that reads the weights only, such as l1")
+
+
 def _prunable_channels(groups: ChannelGroups) -> int:
     return sum(len(g) for g in groups.prunable)
 
@@ -173,12 +144,6 @@ def _input_shapes(module: torch.nn.Module, gm: fx.GraphModule) -> InputShapes:
     """The compacted graph's record (its verification may have fixed an axis), else the trace's."""
     own = module.meta.get(INPUT_SHAPES) if isinstance(module, fx.GraphModule) else None
     return own or gm.meta.get(INPUT_SHAPES, InputShapes())
-
-
-class Compacted(NamedTuple):
-    module: fx.GraphModule
-    plan: Plan
-    removed: np.ndarray
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
@@ -250,7 +215,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             if used["target"] == "graph" and dynamic_shapes is None:
                 gm, groups = _unfrozen(model, example_inputs, gm, groups, allow_inexact)
             if used["target"] == "modules":
-                for_modules(the_pass, gm, groups, model)
+                _reads_weights_only(the_pass)
+                for_modules(gm, groups, model)
             counter = CostCounter(groups)
             before = counter()
             latency = _latency_model(gm, groups, used["target"], sel) if which == "latency" else None
@@ -295,7 +261,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
             out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
         after = counter(out.removed)
         if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
-            from .cli.measure import count_macs, count_params
+            from .measure import count_macs, count_params
 
             after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
         log: list[dict[str, Any]] = []

@@ -214,7 +214,7 @@ def test_compacted_module_compiles_on_first_use_and_keeps_its_signature():
     signature first (tracing it again, exporting it) sees the real parameter names, not *args/**kwargs."""
     import inspect
 
-    from fxprune.cli.artifacts import export_program
+    from fxprune.artifacts import export_program
 
     model = KeywordNet().eval()
     inputs = (torch.randn(1, 3, 8, 8), torch.rand(1, 10))
@@ -255,6 +255,6 @@ class _ClassToken(nn.Module):
 
 def test_macs_of_a_model_handing_a_parameter_view_to_a_submodule():
     """FlopCounterMode's module tracker fails on such an argument without grad mode; the count still works."""
-    from fxprune.cli.measure import count_macs
+    from fxprune.measure import count_macs
 
     assert count_macs(_ClassToken(), (torch.randn(2, 4),)) == 2 * 4 * 4

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import fxprune
 from fxprune.cli import app
-from fxprune.cli.measure import count_macs
 from fxprune.edits.blocks import Block, depth_masks, remove_blocks, remove_where, residual_blocks
+from fxprune.measure import count_macs
 from fxprune.testing import masked_model
 from fxprune.tracing.tracer import normalize_inputs
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fxprune
+from fxprune.artifacts import staging_folder
 from fxprune.cli import app
-from fxprune.cli.artifacts import staging_folder
 from fxprune.cli.pipeline import OptionError, RunConfig, parse_options, run
 from fxprune.passes.registry import PassError
 

@@ -318,7 +318,7 @@ def example_inputs():
 def test_a_saved_program_that_export_fixes_is_a_note(tmp_path, cli, monkeypatch):
     """Where torch.export cannot keep an axis of the saved program free that the pruned module keeps, the run
     says so: a note on the console and in report.json (model.pt2 is then fixed there)."""
-    import fxprune.cli.artifacts as artifacts
+    import fxprune.artifacts as artifacts
 
     real = artifacts._export
 

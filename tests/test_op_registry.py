@@ -218,3 +218,33 @@ def test_recording_refuses_a_state_update_and_shapes_norms_on_meta(monkeypatch):
     gm = record.record_trace(nn.Sequential(nn.BatchNorm2d(3), nn.GroupNorm(1, 3)).eval(), (X,), {}, on_meta=True)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == shaped == [
         torch.ops.aten.batch_norm.default, torch.ops.aten.group_norm.default]
+
+
+# ---- every op name written in the code resolves -----------------------------------------------------
+def _op_names_in_code() -> dict[str, list[str]]:
+    """Every string literal passed to ``ops(...)`` anywhere in fxprune/, with where it is written."""
+    import ast
+    from pathlib import Path
+
+    found: dict[str, list[str]] = {}
+    root = Path(fxprune.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(func, "id", getattr(func, "attr", None)) == "ops":
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        found.setdefault(arg.value, []).append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_op_name_given_to_ops_resolves_to_an_overload():
+    """``ops()`` skips a name this torch lacks (so an older torch still imports), which would also drop a
+    misspelled name silently: every name written in the code must resolve on the torch the suite runs."""
+    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
+    names = _op_names_in_code()
+    assert len(names) > 100, f"the scan found only {len(names)} names: the ops(...) calls moved?"
+    missing = {name: where for name, where in names.items() if len(ops(name)) != 1}
+    assert not missing, f"op names that resolve to no overload: {missing}"
+    assert all(isinstance(op, torch._ops.OpOverload) for op in ops(*names))

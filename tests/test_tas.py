@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.cli import app
-from fxprune.cli.measure import count_macs
 from fxprune.edits.blocks import residual_blocks
 from fxprune.masking import insert_masks
+from fxprune.measure import count_macs
 from fxprune.passes.base import PassContext
 from fxprune.passes.tas import (
     ExpectedMacs,

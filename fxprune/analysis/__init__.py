@@ -4,6 +4,7 @@
     rules/     one small coupling function per op family, looked up by ATen op (the table)
     couple.py  what a rule may write: links, frozen axes, roles, exactness
     groups.py  connected components -> channels -> groups, and the printable table
+    reindex.py a selection read per slot: the positions each tensor axis keeps (or repeats), new sizes
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.fx as fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ..annotations import write_groups
 from ..state import named_tensors
 from .couple import Coupler, TensorRef, UnsupportedOpWarning, as_ref
 from .groups import ChannelGroups, Group, ParamSlot
@@ -136,4 +138,6 @@ def analyze(gm: fx.GraphModule, *, allow_inexact: bool = False) -> ChannelGroups
     coupler = couple_graph(gm)
     labels = _components(coupler)
     coupler.edges_a, coupler.edges_b, coupler.same = [], [], []  # no reader after this: not kept with the groups
-    return ChannelGroups(gm, coupler, labels, allow_inexact)
+    groups = ChannelGroups(gm, coupler, labels, allow_inexact)
+    write_groups(gm, groups.node_axes(), groups.frozen_reasons())
+    return groups

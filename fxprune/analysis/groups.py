@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from ..annotations import write_groups
 from .couple import Coupler
 from .slots import SlotKey, SlotTable
 
@@ -158,7 +157,6 @@ class ChannelGroups:
                                           == members[0]))
                                for p in params), default=1)
             self.groups.append(group)
-        self._annotate()
 
     def _frozen_reason(self, slots: list[SlotKey], members: list[int]) -> str:
         coupler = self.coupler
@@ -172,9 +170,9 @@ class ChannelGroups:
                 return reason
         return "frozen"
 
-    def _annotate(self) -> None:
-        """Each node's groups per output axis (a concat's axis carries several), and why the frozen ones
-        are frozen (``fxprune.annotations``)."""
+    def node_axes(self) -> dict[str, dict[tuple[int, int], tuple[int, ...]]]:
+        """Each node's groups per (output, axis): what ``analyze`` writes onto the graph
+        (``fxprune.annotations.write_groups``); a concat's axis carries several."""
         t = self.table
         group = self.comp_group.astype(np.int32)[self.labels]  # group ids are few: int32 halves this array
         sized = np.flatnonzero(np.asarray(t.sizes) > 0)
@@ -195,7 +193,11 @@ class ChannelGroups:
                 ids = tuple(int(g) for g in np.unique(values[values >= 0]))
             name, k, a = t.keys[i]
             axes.setdefault(name, {})[(k, a)] = ids
-        write_groups(self.gm, axes, {g.id: g.frozen for g in self.groups if g.frozen})
+        return axes
+
+    def frozen_reasons(self) -> dict[int, str]:
+        """Why each frozen group cannot shrink, by group id."""
+        return {g.id: g.frozen for g in self.groups if g.frozen}
 
     # ---- queries -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Group]:

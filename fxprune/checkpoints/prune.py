@@ -156,7 +156,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         if name != order[-1]:
             stage(order[order.index(name) + 1])
 
-    from fxprune.cli.artifacts import check_target, save_plan, staging_folder, write_json
+    from fxprune.artifacts import check_target, save_plan, staging_folder, write_json
 
     check_target(Path(out).resolve(), force)  # before any work
     with _recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
@@ -181,8 +181,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
             warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=2)
         asked = ratio > 0 or resource is not None or any((ratio_for or {}).values())
         if asked and not groups.prunable and require_prunable:
-            from fxprune.api import NothingToPruneError
-            from fxprune.selection.diagnose import nothing_prunable
+            from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
 
             raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
         sel = arch.selection(sel)

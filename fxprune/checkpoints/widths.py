@@ -23,8 +23,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.analysis.reindex import Reindexing
 from fxprune.compaction.plan import Plan, add_aliases, build_plan
-from fxprune.compaction.resize import Reindexing
 from fxprune.selection.uniform import Kind, kinds, layer_kind, pattern
 from fxprune.state import named_tensors
 

@@ -7,7 +7,7 @@ With ``--model MODEL.py`` they come from the model file instead (the pruned one 
 plan and weights), which a folder of the modules target (a detector) needs: it has no programs.
 
 Timing: both models are warmed up, then timed in ``rounds`` interleaved rounds (original, pruned,
-original, ...; ``fxprune.cli.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
+original, ...; ``fxprune.measure.interleaved_latency``: wall time per forward, CUDA synchronised, torch's
 current thread count), so a change of load on the machine hits both alike. Each round gives a median per model
 and a speed-up;
 the row reports the median over rounds and the spread (lowest and highest round). When the folder has a
@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from .artifacts import MODEL, ORIGINAL
+from fxprune.artifacts import MODEL, ORIGINAL
+from fxprune.measure import count_macs, interleaved_latency, peak_memory_bytes, to_device
+
 from .deploy import ONNX, ORIGINAL_ONNX, DeployError, onnx_feed, onnx_session, require_onnx
-from .measure import count_macs, interleaved_latency, peak_memory_bytes, to_device
 
 __all__ = ["bench", "BenchError"]
 
@@ -50,7 +51,8 @@ def _from_model_file(folder: Path, model_file: Path) -> dict[str, tuple[torch.nn
     """The original (the model file's ``model()``) and the pruned model rebuilt from the folder's plan and
     weights (``fxprune.load(DIR, model=...)``), on the model file's example inputs: a folder written by the
     modules target has no ``.pt2`` to read them from."""
-    from .artifacts import load
+    from fxprune.artifacts import load
+
     from .modelfile import load_model_file
 
     mf = load_model_file(model_file)

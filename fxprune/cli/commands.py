@@ -28,12 +28,12 @@ EXIT_BAD_INPUT = 2
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user's input is wrong (imported lazily: they live next to torch code)."""
+    from fxprune.artifacts import OutputExistsError
     from fxprune.checkpoints.folder import CheckpointError
     from fxprune.passes.registry import PassError
     from fxprune.selection.budget import SelectionError
     from fxprune.tracing.tracer import TraceError
 
-    from .artifacts import OutputExistsError
     from .bench import BenchError
     from .deploy import DeployError
     from .modelfile import ModelFileError
@@ -286,8 +286,9 @@ def inspect(
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="the budget for --pass")] = 0.5,
 ) -> None:
     """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why."""
+    from fxprune.measure import count_macs, count_params
+
     from ..annotations import dump
-    from .measure import count_macs, count_params
     from .modelfile import load_model_file
     from .pipeline import stderr_only_on_success
 
@@ -386,12 +387,11 @@ def _analysed(model: Any, inputs: Any, dynamic_shapes: Any = None) -> tuple[Any,
     torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
     import fxprune
     from fxprune.compaction.targets import for_modules, trace_for
-    from fxprune.passes.l1 import L1Norm
 
     gm, used = trace_for(model, inputs, "auto", dynamic_shapes)
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
-        for_modules(L1Norm(), gm, groups, model)
+        for_modules(gm, groups, model)
     return groups, used
 
 

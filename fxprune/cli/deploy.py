@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fxprune.artifacts import MODEL, ORIGINAL
 from fxprune.tracing.compat import tree_leaves
-
-from .artifacts import MODEL, ORIGINAL
 
 __all__ = ["ONNX", "ORIGINAL_ONNX", "FORMATS", "DeployError", "export_onnx", "onnx_session", "onnx_feed",
            "require_onnx"]

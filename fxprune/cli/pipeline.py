@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune import artifacts
+from fxprune.measure import count_macs, count_params, latency_ms, to_device
 from fxprune.passes.registry import PassError, load_pass, make_pass
 from fxprune.recovery import Hook
 from fxprune.recovery.curves import plot_log, write_log
@@ -35,9 +37,7 @@ from fxprune.selection.budget import Selection, check_ratio
 from fxprune.selection.diagnose import removable_fraction, shortfall
 from fxprune.tracing.quiet import ThreadHeldStream
 
-from . import artifacts
 from .deploy import ONNX, ORIGINAL_ONNX, export_onnx, require_onnx
-from .measure import count_macs, count_params, latency_ms, to_device
 from .modelfile import ModelFile, load_model_file
 from .report import group_rows, layer_rows, pass_report, plot_blocks, plot_channels, plot_histogram, render_markdown
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
+from fxprune.artifacts import MODEL, ORIGINAL, load
 from fxprune.robustness import PGD, robust_metrics
 
-from .artifacts import MODEL, ORIGINAL, load
 from .modelfile import load_model_file
 
 __all__ = ["evaluate_folder", "RobustnessError", "ATTACKS"]

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.rules import IGNORED, RULES
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.lazy_module import lazy_graph_module
@@ -24,7 +25,6 @@ from fxprune.tracing.lazy_module import lazy_graph_module
 from ..state import attribute, named_tensors
 from .plan import Plan, slice_tensor
 from .portable import make_device_portable, make_dtype_portable
-from .resize import Reindexing
 from .trainable import make_trainable
 from .verify import verify_shapes
 

@@ -22,10 +22,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.rules import ops
 
 from .plan import Plan, slice_tensor
-from .resize import Reindexing
 
 __all__ = ["resize_modules", "freeze_code_sizes", "SIZE_ATTRIBUTES", "ResizeError"]
 

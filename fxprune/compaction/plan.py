@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune.analysis.reindex import Reindexing
+
 from ..state import named_tensors
-from .resize import Reindexing
 
 __all__ = ["Plan", "build_plan", "slice_tensor", "apply_plan", "add_aliases"]
 

@@ -3,8 +3,9 @@
 - ``trace_for``: ``"graph"`` traces as before; ``"modules"`` records one real run for the analysis
   (``record_trace(analysis=True)``); ``"auto"`` traces, and falls back to the recording when the model
   cannot be traced whole, saying why (a failed export's page of partial graph is dropped then);
-- ``for_modules``: what the modules target needs before scoring: a pass that does not run the graph
-  (``Pass.runs_graph``), and the groups whose sizes the model's code holds frozen (``freeze_code_sizes``);
+- ``for_modules``: what the modules target needs before scoring: the groups whose sizes the model's code
+  holds frozen (``freeze_code_sizes``); that the pass does not run the graph (``Pass.runs_graph``) is the
+  driver's check;
 - ``resize``: the user's modules resized in a copy by the plan (``resize_modules``), run once on the
   example inputs as the check.
 """
@@ -21,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.reindex import Reindexing
 from fxprune.annotations import write_selection
 from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes, resized
 from fxprune.tracing.quiet import ThreadHeldStream
@@ -29,7 +31,6 @@ from fxprune.tracing.tracer import TraceError, trace
 from .emit import CompactionError, GraphEdit
 from .modules import freeze_code_sizes, resize_modules
 from .plan import add_aliases, build_plan
-from .resize import Reindexing
 
 __all__ = ["TARGETS", "trace_for", "analysis_trace", "for_modules", "resize"]
 
@@ -105,15 +106,9 @@ def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     return gm
 
 
-def for_modules(the_pass: Any, gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module | None = None) -> None:
-    """What the modules target needs: a pass that does not run the graph, and groups whose sizes no line
-    of the model's Python code holds (``freeze_code_sizes``)."""
-    from fxprune.passes.registry import PassError
-
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
-                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
-                        "that reads the weights only, such as l1")
+def for_modules(gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module | None = None) -> None:
+    """What the modules target needs: groups whose sizes no line of the model's Python code holds
+    (``freeze_code_sizes``)."""
     freeze_code_sizes(gm, groups, model)
 
 

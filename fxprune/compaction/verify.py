@@ -11,13 +11,12 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.couple import TensorRef
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.compat import batch_norm_types, has_unbacked_sizes, tree_leaves, tree_map
 from fxprune.tracing.dynamic import INPUT_SHAPES, Axis, InputShapes, resized
 from fxprune.tracing.meta_norms import META_ON_META, norm_output, shaped_on_meta
 from fxprune.tracing.tracer import META_INPUTS
-
-from .resize import Reindexing
 
 __all__ = ["verify_shapes"]
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.reindex import Reindexing
 
 from .emit import emit
 from .plan import Plan, build_plan
-from .resize import Reindexing
 
 __all__ = ["widen", "widen_copies"]
 

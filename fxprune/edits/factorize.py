@@ -42,10 +42,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis import ChannelGroups, analyze
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.schema import bind
 from fxprune.annotations import FRONTEND
 from fxprune.compaction.emit import GraphEdit, emit
-from fxprune.compaction.resize import Reindexing
 from fxprune.state import named_tensors
 from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, trace
 

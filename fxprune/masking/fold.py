@@ -32,6 +32,7 @@ import copy
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,9 +44,11 @@ from fxprune.edits.blocks import remove_where
 from fxprune.tracing.compat import tree_leaves
 from fxprune.tracing.tracer import META_INPUTS
 
-from .insert import MASKS, SITES, MaskedModel
 from .kinds import Fixed
-from .sites import Site, is_norm, layer_of
+from .sites import MASKS, SITES, Site, is_norm, layer_of
+
+if TYPE_CHECKING:
+    from .insert import MaskedModel
 
 __all__ = ["fold", "Folded"]
 

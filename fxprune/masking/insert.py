@@ -44,12 +44,11 @@ from fxprune.compaction.trainable import module_batch_norm
 from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 
 from .apply import ApplyMasks, ApplyTransform, MaskedBatchNorm, Multiplier
+from .fold import Folded, fold
 from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
 
 if TYPE_CHECKING:
     from fxprune.compaction.emit import GraphEdit
-
-    from .fold import Folded
 
 __all__ = ["insert_masks", "MaskedModel", "MaskFactory", "MASKS", "SITES"]
 
@@ -95,8 +94,6 @@ class MaskedModel:
 
     def fold(self, values: Mapping[int, np.ndarray] | None = None, *, threshold: float = 0.0) -> Folded:
         """:func:`fxprune.masking.fold.fold` of this model: new full-size weights and the removal."""
-        from .fold import fold
-
         return fold(self, values, threshold=threshold)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -318,8 +315,8 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
     user's tensors are never modified. ``edits``: more graph edits (``fxprune.compaction.emit.GraphEdit``),
     applied first (e.g. ``fxprune.edits.blocks.mix_exits``, TAS's depth mixture); modules they register under
     ``fxprune_depth.`` stay out of :meth:`MaskedModel.state`."""
+    from fxprune.analysis.reindex import Reindexing
     from fxprune.compaction.emit import emit
-    from fxprune.compaction.resize import Reindexing
 
     wanted = set(only) if only is not None else None
     chosen: dict[int, GroupSites] = {}

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.analysis.groups import ChannelGroups, Group
+from fxprune.selection.budget import Scores
 from fxprune.state import attribute
 
 if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only for a pass that uses them
@@ -33,9 +34,11 @@ if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only
     from fxprune.edits.blocks import Block
     from fxprune.masking import MaskedModel
 
-__all__ = ["Pass", "PassContext", "Scores"]
+__all__ = ["Pass", "PassContext", "PassError", "Scores"]
 
-Scores = dict[int, np.ndarray]  # group id -> one score per channel
+
+class PassError(ValueError):
+    """Unknown pass, duplicate name, an option the pass does not have, or a pass the run cannot use."""
 
 
 @dataclass
@@ -82,8 +85,6 @@ class PassContext:
         if self.target is not None:
             which, value = self.target
             if which != "macs":
-                from .registry import PassError
-
                 what = "a parameter" if which == "params" else f"a {which}"
                 raise PassError(f"{who} searches under a MACs target: give --target-macs (target_macs=), not {what} "
                                 "target")

@@ -9,15 +9,11 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from .base import Pass
+from .base import Pass, PassError
 
 __all__ = ["available_passes", "load_pass", "make_pass", "PassError", "GROUP"]
 
 GROUP = "fxprune.passes"
-
-
-class PassError(ValueError):
-    """Unknown pass, duplicate name, or an option the pass does not have."""
 
 
 def _entry_points() -> dict[str, Any]:

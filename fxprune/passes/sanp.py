@@ -508,13 +508,13 @@ class Sanp(Pass):
         """Batch-1 latency (ms, mean over ``latency_samples`` inputs, median of 3 rounds) of the original
         model (eager, and its traced graph: the same op-by-op execution as the two others), the dynamic
         module and the static variant, on this process's device and threads."""
-        import fxprune
-        from fxprune.cli.measure import to_device
+        from fxprune.compaction import compact
+        from fxprune.measure import to_device
 
         removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
         for gid, k in kept.items():
             removed[ctx.groups[gid].channels[~k]] = True
-        static = fxprune.compact(ctx.gm, ctx.groups, removed, ctx.model, weights=weights).module.eval()
+        static = compact(ctx.gm, ctx.groups, removed, ctx.model, weights=weights).module.eval()
         loader = ctx.data.get("val_loader") or ctx.data["train_loader"]
         device = next(iter(dyn.parameters()), next(iter(ctx.model.parameters()))).device
         samples: list[torch.Tensor] = []
@@ -535,7 +535,7 @@ class Sanp(Pass):
     def _calibrate(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], counter: CostCounter, spm_macs: int,
                    loader: Iterable[Any]) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """Which channels any calibration sample keeps, and every sample's MACs kept (a fraction of full)."""
-        from fxprune.cli.measure import to_device
+        from fxprune.measure import to_device
 
         device = next(iter(masked.module.parameters())).device
         kept = {gid: np.zeros(len(ctx.groups[gid]), dtype=bool) for gid in gates}

@@ -277,7 +277,7 @@ def recalibrate(module: nn.Module, loader: Iterable[Any], batches: int) -> None:
     """Re-estimate every BatchNorm's running statistics (a cumulative average over ``batches`` batches of
     ``loader``) for the argmax architecture: during the search they averaged over sampled mixtures of
     widths, which the argmax network does not compute (the authors keep one BatchNorm per width)."""
-    from fxprune.cli.measure import to_device
+    from fxprune.measure import to_device
 
     norms = [m for m in module.modules() if isinstance(m, batch_norm_types()) and m.track_running_stats]
     if not norms:

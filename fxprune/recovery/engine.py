@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.cli.measure import to_device
+from fxprune.measure import to_device
 
 from . import distributed
 from .checkpoint import (

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.passes.base import Scores
 
 __all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio",
-           "default_group_width", "GROUP_WIDTH_BY_DEVICE", "resource_target"]
+           "default_group_width", "GROUP_WIDTH_BY_DEVICE", "resource_target", "Scores"]
+
+Scores = dict[int, np.ndarray]  # group id -> one score per channel (higher = keep): what a pass gives selection
 
 SCOPES = ("group", "global")
 NORMALISE = ("mean", "max", "l2", "none")

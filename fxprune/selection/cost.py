@@ -16,9 +16,9 @@ import torch.fx as fx
 
 from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.rules import RULES
 from fxprune.analysis.schema import bind
-from fxprune.compaction.resize import Reindexing
 
 if TYPE_CHECKING:
     from fxprune.analysis.rules import Shape

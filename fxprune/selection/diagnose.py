@@ -14,7 +14,13 @@ import numpy as np
 
 from fxprune.analysis.groups import ChannelGroups, Group
 
-__all__ = ["Shortfall", "shortfall", "nothing_prunable", "removable_fraction", "ADVICE"]
+from .budget import SelectionError
+
+__all__ = ["Shortfall", "shortfall", "nothing_prunable", "NothingToPruneError", "removable_fraction", "ADVICE"]
+
+
+class NothingToPruneError(SelectionError):
+    """A removal was asked for, but every channel group of the model is frozen."""
 
 _IO = ("model input", "model output")
 

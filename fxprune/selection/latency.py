@@ -33,9 +33,9 @@ import torch.fx as fx
 
 from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.groups import ChannelGroups
+from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.rules import RULES
 from fxprune.analysis.rules.layers import conv_layout
-from fxprune.compaction.resize import Reindexing
 from fxprune.selection.budget import SelectionError
 from fxprune.tracing.compat import tree_leaves
 from fxprune.tracing.tracer import META_INPUTS

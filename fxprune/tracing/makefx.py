@@ -30,6 +30,7 @@ from fxprune.state import named_tensors
 
 from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
 from .dynamic import Axis
+from .frames import user_frames
 from .lazy_module import lazy_graph_module
 
 __all__ = ["fast_trace", "Unsupported", "Specialised", "TooManyGuards", "GUARD_BUDGET"]
@@ -140,8 +141,6 @@ def _locate_in_user_code(env: Any) -> None:
         return
     import dataclasses
     import traceback
-
-    from .tracer import user_frames
 
     def located(*args: Any, **kwargs: Any) -> Any:
         sloc, *rest = summary(*args, **kwargs)

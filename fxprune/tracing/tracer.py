@@ -37,11 +37,9 @@ import contextlib
 import copy
 import logging
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,12 +60,13 @@ from .dynamic import (
     read_sizes_from_inputs,
     static_axes,
 )
+from .frames import user_line
 from .lazy_module import compiled
 from .makefx import Unsupported
 from .quiet import torch_trace_noise_ignored
 
 __all__ = ["trace", "TraceError", "normalize_inputs", "export_program", "META_INPUTS", "META_FRONTEND",
-           "INPUT_SHAPES", "input_shapes", "user_frames",
+           "INPUT_SHAPES", "input_shapes",
            "FRONTEND_ENV"]
 
 # GraphModule.meta keys written here (one writer: this module).
@@ -146,7 +145,7 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list
     """``torch.export.export`` with ``Dim.AUTO`` on each of ``axes`` (non-strict unless ``strict``), and the axes
     it held at a constant anyway, each with why. Where export refuses the dynamic axes outright, a static
     program (every axis fixed, why: export's message). Used by the export front ends and for the saved
-    ``model.pt2`` (``fxprune.cli.artifacts``)."""
+    ``model.pt2`` (``fxprune.artifacts``)."""
     if axes:
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=export_spec(model, args, kwargs, axes),
@@ -163,40 +162,6 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list
 
 def _leaves(args: tuple, kwargs: dict) -> list[Any]:
     return compat.tree_leaves((args, kwargs))
-
-
-def _library_dirs() -> tuple[Path, ...]:
-    """The installed folders of fxprune, torch and (when loaded) typer: frames there are not the user's. By
-    their real directories, not by names in the path: a user's project folder may be called fxprune or torch."""
-    import fxprune
-
-    modules = [fxprune, torch] + [sys.modules[m] for m in ("typer", "click") if m in sys.modules]
-    return tuple(Path(m.__file__).resolve().parent for m in modules)
-
-
-def user_frames(frames: list[Any]) -> list[Any]:
-    """The frames (``traceback.FrameSummary``) that are the user's: outside fxprune, torch and the command
-    line's library, and not code torch generated (``<eval_with_key>``)."""
-    libraries = _library_dirs()
-
-    def users(filename: str) -> bool:
-        if filename.startswith("<"):
-            return False
-        path = Path(filename).resolve()
-        return not any(path.is_relative_to(d) for d in libraries)
-
-    return [f for f in frames if users(f.filename)]
-
-
-def _user_frame(exc: BaseException) -> str:
-    """The deepest traceback frame that is the user's (``user_frames``): the user's line that failed."""
-    import traceback
-
-    frames = user_frames(traceback.extract_tb(exc.__traceback__))
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
 Traced = tuple[fx.GraphModule, dict[Axis, str]]  # a front end's graph, and the asked-for axes it fixed (why)
@@ -467,7 +432,7 @@ def _data_dependent(exc: BaseException) -> bool:
 
 
 def _trace_error(model: torch.nn.Module, exc: BaseException) -> TraceError:
-    where = _user_frame(exc)
+    where = user_line(exc)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return TraceError(
         f"torch.export could not trace {type(model).__name__}: {first}"

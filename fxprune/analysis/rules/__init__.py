@@ -4,7 +4,7 @@
   it freezes, where removal is not zeroing (``fxprune.analysis.couple.Coupler``);
 - ``rewrite(node, r)``: at compaction (and widening), fix the node's literal arguments (shapes, split
   sizes, slice bounds, group counts) from the new sizes; ``r`` is a
-  ``fxprune.compaction.resize.Reindexing``;
+  ``fxprune.analysis.reindex.Reindexing``;
 - ``cost(node, shape)``: its multiply-adds, ``shape`` giving the (new) shape of any tensor of the graph
   (``fxprune.selection.cost``); no cost: free;
 - ``roles``: what other stages need to know about its arguments (``Role`` below: a kernel, a
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from fxprune.compaction.resize import Reindexing
+    from fxprune.analysis.reindex import Reindexing
 
     from ..couple import Coupler, TensorRef
 

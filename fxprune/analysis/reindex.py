@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from fxprune.analysis.couple import TensorRef
-from fxprune.analysis.groups import ChannelGroups
-from fxprune.analysis.slots import SlotKey
+from .couple import TensorRef
+from .groups import ChannelGroups
+from .slots import SlotKey
 
 __all__ = ["Reindexing"]
 
