@@ -36,7 +36,7 @@ import torch
 from _common import example, mean_std
 
 import fxprune
-from fxprune.passes.sanp import _batch1_ms
+from fxprune.measure import batch1_ms
 from fxprune.recovery.modes import recover
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def run(digits: Any, model: torch.nn.Module, target: float, epochs: int, seed: i
     recover(l1.module, mode="finetune", train_loader=digits.train_loader(), epochs=epochs, lr=0.01)
     rows["l1 + fine-tune"] = {"accuracy": float(digits.evaluate(l1.module.eval())["accuracy"]),
                               "macs": l1.cost_after.macs / l1.cost_before.macs,
-                              "latency_ms": _batch1_ms(l1.module.eval(), _samples(digits))}
+                              "latency_ms": batch1_ms(l1.module.eval(), _samples(digits))}
     return rows
 
 
@@ -80,8 +80,9 @@ def scale_check(samples: int = 8) -> dict[str, float]:
     from torch import nn
 
     from fxprune.analysis import analyze
+    from fxprune.compaction.dynamic import dynamic_module
     from fxprune.passes.base import PassContext
-    from fxprune.passes.sanp import SPM, _gates, dynamic_module
+    from fxprune.passes.sanp import SPM, _gates
     from fxprune.selection.cost import CostCounter
     from fxprune.tracing.tracer import trace
 
@@ -105,8 +106,8 @@ def scale_check(samples: int = 8) -> dict[str, float]:
             for gid, g in gates.items():
                 removed[ctx.groups[gid].channels[g.spm.last[0].numpy() == 0]] = True
             fractions.append((counter(removed).macs + sum(g.spm.macs for g in gates.values())) / full)
-    original = _batch1_ms(gm, xs)
-    dynamic = _batch1_ms(dyn, xs)
+    original = batch1_ms(gm, xs)
+    dynamic = batch1_ms(dyn, xs)
     return {"gated_groups": len(gates), "average_macs": float(np.mean(fractions)), "original_graph_ms": original,
             "dynamic_ms": dynamic, "speedup": original / dynamic}
 

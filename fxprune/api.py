@@ -124,7 +124,7 @@ def _unfrozen(model: torch.nn.Module, example_inputs: Any, gm: fx.GraphModule, g
         return gm, groups
     more = _prunable_channels(again) - _prunable_channels(groups)
     static.meta[INPUT_SHAPES] = static.meta[INPUT_SHAPES].with_fixed(dict.fromkeys(
-        fix, f"kept free, it would freeze {more} channels that a reshape merges with it"))
+        fix, f"free, it would freeze the {more} channels a reshape merges with it; fixed, they prune"))
     return static, again
 
 

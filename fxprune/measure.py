@@ -11,6 +11,7 @@ import statistics
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,3 +176,17 @@ def peak_memory_bytes(module: nn.Module, example_inputs: Any) -> int:
     with mode:
         _call(module, example_inputs)
     return weights + mode.peak
+
+
+def batch1_ms(model: Callable[[torch.Tensor], Any], samples: list[torch.Tensor], rounds: int = 3) -> float:
+    """Median over ``rounds`` of the mean time of one forward at batch 1 over ``samples``, in ms."""
+    times = []
+    with torch.no_grad():
+        for x in samples[:4]:
+            model(x)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for x in samples:
+                model(x)
+            times.append((time.perf_counter() - start) / len(samples) * 1e3)
+    return float(statistics.median(times))

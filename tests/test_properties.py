@@ -18,7 +18,7 @@ from torch import nn
 
 import fxprune
 from fxprune.analysis import UnsupportedOpWarning, couple_graph
-from fxprune.analysis import _components as contracted_components
+from fxprune.analysis.build import components as contracted_components
 from fxprune.testing import assert_equivalent
 
 WIDTHS = (2, 4, 6, 8, 12, 16)

@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 
 import fxprune
 from fxprune.analysis import analyze
+from fxprune.artifacts.source import load_dynamic, write_dynamic
 from fxprune.cli import app
+from fxprune.compaction.dynamic import dynamic_module
 from fxprune.passes.base import PassContext
-from fxprune.passes.sanp import SPM, Sanp, SanpHook, _gates, dynamic_module, load_dynamic, write_dynamic
+from fxprune.passes.sanp import SPM, Sanp, SanpHook, _gates
 from fxprune.selection.cost import CostCounter
 from fxprune.tracing.tracer import trace
 

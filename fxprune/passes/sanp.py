@@ -34,13 +34,14 @@ fxprune's choice, each an option:
   (``batch="split"``: each at its own decision, one launch per sample). torch.export cannot express
   data-dependent channel counts, so it is saved as Python source (``dynamic/model.py``, plain PyTorch: a
   module whose forward is the graph's code) and ``dynamic/weights.safetensors``: no pickle.
+
+This file is the method; the dynamic module's emitter is ``fxprune.compaction.dynamic``, its serializer
+``fxprune.artifacts.source``, the batch-1 timer ``fxprune.measure.batch1_ms``.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,8 @@ from torch import nn
 
 from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
+from fxprune.artifacts.source import write_dynamic
+from fxprune.compaction.dynamic import Gate, dynamic_module
 from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
 from fxprune.selection.cost import CostCounter
 from fxprune.state import seeded
@@ -59,7 +62,7 @@ from ._scales import residual_stream
 from .base import Pass, PassContext, Scores
 from .registry import PassError
 
-__all__ = ["Sanp", "SPM", "Gate", "dynamic_module", "write_dynamic"]
+__all__ = ["Sanp", "SPM", "SanpHook"]
 
 aten = torch.ops.aten
 _LAYERS = frozenset(ops("aten.conv2d.default", "aten.conv1d.default", "aten.linear.default", "aten.addmm.default"))
@@ -108,20 +111,6 @@ class SPM(nn.Module):
         soft = torch.sigmoid(logits)
         self.last = (soft > 0.5).to(soft.dtype) + (soft - soft.detach())  # exactly 0 or 1, the sigmoid's gradient
         return self.last
-
-
-@dataclass
-class Gate:
-    """One gated group: where its SPM reads, where its decisions act, the tensors they slice."""
-
-    gid: int
-    spm: SPM
-    input: str                        # the producing layer's input node
-    input_axis: int
-    input_gate: int | None            # a gated group that fills that input's channel axis, if any
-    site: str                         # the activation the decisions multiply (after the normalisation)
-    site_axis: int
-    params: list[tuple[str, int]]     # (tensor name, axis) of every tensor of the group
 
 
 class SanpHook(Hook):
@@ -216,210 +205,6 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
     return gates, skipped
 
 
-class _Chain:
-    """Nodes appended one after another from an anchor node of a graph."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
-        self.graph, self.anchor = graph, anchor
-
-    def __call__(self, target: Any, *args: Any) -> fx.Node:
-        with self.graph.inserting_after(self.anchor):
-            self.anchor = self.graph.call_function(target, args)
-        return self.anchor
-
-
-def _spm_tensors(graph: fx.Graph, root: dict[str, Any], gates: dict[int, Gate]) -> tuple[dict[str, fx.Node], fx.Node]:
-    """Every SPM's weights as get_attr nodes right after the inputs (before anything runs); returns them by
-    name and the last of them."""
-    nodes: dict[str, fx.Node] = {}
-    top = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    for gid, gate in gates.items():
-        for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-            name = f"fxprune_spm.g{gid}.{k}"
-            root[name] = gate.spm.get_parameter(k).detach()
-            with graph.inserting_after(top):
-                top = nodes[name] = graph.get_attr(name)
-    return nodes, top
-
-
-def _decide(chain: _Chain, x: fx.Node, gate: Gate, spm: dict[str, fx.Node], input_index: fx.Node | None
-            ) -> tuple[fx.Node, fx.Node]:
-    """The SPM on the layer's input: (decisions (batch, C) as bools, indices of the channels the batch
-    runs: any sample's, and at least the best one, since a layer of no channels fails)."""
-    g = f"fxprune_spm.g{gate.gid}"
-    dims = [d for d in range(x.meta["val"].dim()) if d not in (0, gate.input_axis)]
-    pooled = chain(aten.mean.dim, x, dims) if dims else x
-    w1 = spm[f"{g}.fc1.weight"]
-    if input_index is not None:  # the input holds only the kept channels of a gated group
-        w1 = chain(aten.index_select.default, w1, 1, input_index)
-    hidden = chain(aten.relu.default, chain(aten.linear.default, chain(aten.type_as.default, pooled, w1), w1,
-                                            spm[f"{g}.fc1.bias"]))
-    logits = chain(aten.linear.default, hidden, spm[f"{g}.fc2.weight"], spm[f"{g}.fc2.bias"])
-    decide = chain(aten.gt.Scalar, logits, 0)
-    best = chain(aten.amax.default, logits, [0])
-    keep = chain(aten.logical_or.default, chain(aten.any.dim, decide, 0),
-                 chain(aten.ge.Tensor, best, chain(aten.amax.default, best)))
-    return decide, chain(aten.squeeze.dim, chain(aten.nonzero.default, keep), 1)
-
-
-def _slice(chain: _Chain, graph: fx.Graph, latest: dict[str, fx.Node], params: list[tuple[str, int]],
-           index: fx.Node) -> None:
-    """Every tensor of the group read through ``index_select`` on its channel axis."""
-    for name, axis in params:
-        source = latest.get(name) or next((n for n in graph.nodes if n.op == "get_attr" and n.target == name), None)
-        if source is None:
-            continue
-        users = list(source.users)
-        sel = chain(aten.index_select.default, source, axis, index)
-        for u in users:
-            u.replace_input_with(source, sel)
-        latest[name] = sel
-
-
-def _zero_others(graph: fx.Graph, site: fx.Node, axis: int, mine: fx.Node) -> None:
-    """``site * mine`` (each sample's own decisions on the batch's channels), broadcast along ``axis``."""
-    chain = _Chain(graph, site)
-    made = [chain(aten.type_as.default, mine, site)]
-    for d in range(1, site.meta["val"].dim()):
-        if d != axis:
-            made.append(chain(aten.unsqueeze.default, made[-1], d))
-    masked = chain(aten.mul.Tensor, site, made[-1])
-    made.append(masked)
-    for u in list(site.users):
-        if u not in made:
-            u.replace_input_with(site, masked)
-
-
-def dynamic_module(gm: fx.GraphModule, weights: dict[str, torch.Tensor], gates: dict[int, Gate]) -> fx.GraphModule:
-    """The traced graph with the SPMs in it, every gated group's tensors sliced to the channels some sample
-    of the batch keeps, each sample's other channels zeroed (see the module docstring)."""
-    import copy
-
-    graph = copy.deepcopy(gm.graph)
-    nodes = {n.name: n for n in graph.nodes}
-    root: dict[str, Any] = {n.target: weights[n.target] if n.target in weights else _attr(gm, n.target)
-                            for n in graph.nodes if n.op == "get_attr"}
-    spm, top = _spm_tensors(graph, root, gates)
-    latest: dict[str, fx.Node] = {}
-    indices: dict[int, fx.Node] = {}
-    for gid, gate in gates.items():
-        x = nodes[gate.input]
-        chain = _Chain(graph, top if x.op == "placeholder" else x)
-        decide, indices[gid] = _decide(chain, x, gate, spm, indices.get(gate.input_gate))
-        mine = chain(aten.index_select.default, decide, 1, indices[gid])
-        _slice(chain, graph, latest, gate.params, indices[gid])
-        _zero_others(graph, nodes[gate.site], gate.site_axis, mine)
-    graph.lint()
-    return fx.GraphModule(root, graph)
-
-
-def _attr(gm: fx.GraphModule, name: str) -> Any:
-    from fxprune.state import attribute
-
-    return attribute(gm, name)
-
-
-def _plain_code(gm: fx.GraphModule) -> tuple[str, list[str]]:
-    """The graph's forward as plain Python (positional inputs, a single output unwrapped) and its attribute
-    names, flattened (``a.b.c`` -> ``a__b__c``) so that they are plain buffers of one module."""
-    import copy
-
-    graph = copy.deepcopy(gm.graph)
-    graph._codegen = fx.graph.CodeGen()
-    names = []
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            flat = n.target.replace(".", "__")
-            names.append((n.target, flat))
-            n.target = flat
-        if n.op == "output" and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 1:
-            n.args = (n.args[0][0],)
-    graph.lint()
-    code = graph.python_code("self").src
-    return code, [flat for _, flat in names]
-
-
-_TEMPLATE = '''"""A dynamic model written by fxprune's sanp pass: each sample's saliency modules decide which channels
-run, and every gated layer computes only those. Plain PyTorch; load it with
-
-    from model import load
-    model = load(".")          # this folder
-
-Inputs and outputs as the original model's; ``batch="split"`` runs a batch sample by sample (each at its
-own channels), ``"union"`` (the default) runs it at once on the channels any of its samples keeps.
-"""
-import math
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-from torch import device, inf, nan  # noqa: F401  (names the graph's code may use)
-
-
-class DynamicModel(torch.nn.Module):
-    def __init__(self, weights: dict, batch: str = "union") -> None:
-        super().__init__()
-        self.batch = batch
-        for name in NAMES:
-            self.register_buffer(name, weights[name])
-
-    def forward(self, x):
-        if self.batch == "split" and x.shape[0] > 1:
-            return torch.cat([self.graph(x[i:i + 1]) for i in range(x.shape[0])])
-        return self.graph(x)
-
-{code}
-
-NAMES = {names!r}
-
-
-def load(folder=".", batch="union"):
-    return DynamicModel(load_file(str(Path(folder) / "weights.safetensors")), batch).eval()
-'''
-
-
-def write_dynamic(gm: fx.GraphModule, folder: Path) -> None:
-    """``folder/model.py`` (the module's code) and ``folder/weights.safetensors``: see the module docstring."""
-    from safetensors.torch import save_file
-
-    code, names = _plain_code(gm)
-    code = code.replace("def forward(self", "def graph(self", 1)
-    body = "\n".join("    " + line if line.strip() else "" for line in code.strip("\n").splitlines())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.py").write_text(_TEMPLATE.format(code=body, names=sorted(set(names))))
-    flat = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            flat[n.target.replace(".", "__")] = _attr(gm, n.target).detach().contiguous().cpu()
-    save_file(flat, str(folder / "weights.safetensors"))
-
-
-def load_dynamic(folder: Path, batch: str = "union") -> nn.Module:
-    """The module ``write_dynamic`` wrote (its own loader, imported from the folder)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"fxprune_dynamic_{abs(hash(str(folder)))}",
-                                                  Path(folder) / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module.load(folder, batch)
-
-
-def _batch1_ms(model: Callable[[torch.Tensor], Any], samples: list[torch.Tensor], rounds: int = 3) -> float:
-    """Median over ``rounds`` of the mean time of one forward at batch 1 over ``samples``, in ms."""
-    times = []
-    with torch.no_grad():
-        for x in samples[:4]:
-            model(x)
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for x in samples:
-                model(x)
-            times.append((time.perf_counter() - start) / len(samples) * 1e3)
-    return float(np.median(times))
-
-
 @dataclass(frozen=True)
 class Sanp(Pass):
     name = "sanp"
@@ -509,7 +294,7 @@ class Sanp(Pass):
         model (eager, and its traced graph: the same op-by-op execution as the two others), the dynamic
         module and the static variant, on this process's device and threads."""
         from fxprune.compaction import compact
-        from fxprune.measure import to_device
+        from fxprune.measure import batch1_ms, to_device
 
         removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
         for gid, k in kept.items():
@@ -527,7 +312,7 @@ class Sanp(Pass):
         was = ctx.model.training
         ctx.model.eval()
         try:
-            return {name: _batch1_ms(m, samples) for name, m in
+            return {name: batch1_ms(m, samples) for name, m in
                     (("original", ctx.model), ("original graph", ctx.gm), ("dynamic", dyn), ("static", static))}
         finally:
             ctx.model.train(was)

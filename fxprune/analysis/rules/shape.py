@@ -9,6 +9,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
+from ..reshape import atoms, carrier_axis, reshape_chunks
 from ..schema import bind, set_arg
 from ..slots import size_hint
 from . import ops, rule
@@ -55,41 +56,7 @@ def _unflatten_rewrite(node: fx.Node, r: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# reshape: match input and output axes into chunks of equal product
-
-
-def reshape_chunks(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
-    """Split two shapes with equal numel into aligned chunks ([in axes], [out axes]) of equal product."""
-    chunks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) or j < len(b):
-        if i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
-            chunks.append(([i], []))
-            i += 1
-            continue
-        if j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
-            chunks.append(([], [j]))
-            j += 1
-            continue
-        if i >= len(a) or j >= len(b):
-            raise ValueError("shapes do not match")
-        ia, jb, pa, pb = [i], [j], a[i], b[j]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(a):
-                    raise ValueError("shapes do not match")
-                ia.append(i)
-                pa *= a[i]
-                i += 1
-            else:
-                if j >= len(b):
-                    raise ValueError("shapes do not match")
-                jb.append(j)
-                pb *= b[j]
-                j += 1
-        chunks.append((ia, jb))
-    return chunks
+# reshape: match input and output axes into chunks of equal product (the algebra: ..reshape)
 
 
 def _transpose_dims(node: fx.Node, ndim: int) -> tuple[int, int]:
@@ -163,17 +130,6 @@ def _merged_back(node: fx.Node, split: list[int]) -> int | None:
     return None
 
 
-def _carrier(sizes: list[int], axes: list[int], avoid: set[int], prefer: int | None = None) -> int | None:
-    """Which factor axis carries the channel identity of a merged/split axis: ``prefer`` if given and
-    usable, else the outermost real one."""
-    real = [x for x in axes if sizes[x] > 1]
-    preferred = [x for x in real if x not in avoid]
-    if prefer in preferred:
-        return prefer
-    pick = preferred or real
-    return pick[0] if pick else None
-
-
 def _link_factorisation(coupler: Coupler, flat: TensorRef, flat_axis: int, multi: TensorRef, axes: list[int],
                         carrier: int | None, why: str) -> None:
     """flat axis == product of ``axes`` of ``multi``; positions follow the carrier axis in blocks."""
@@ -189,21 +145,6 @@ def _link_factorisation(coupler: Coupler, flat: TensorRef, flat_axis: int, multi
     coupler.link(coupler.el(flat, flat_axis), coupler.el(multi, carrier)[(f // inner) % sizes[carrier]])
 
 
-def _atoms(a: list[int], b: list[int]) -> list[int] | None:
-    """The common refinement of two factorisations of one flat range: the strides (from the inner
-    end) at which either shape has an axis boundary, if they nest (each divides the next)."""
-    def cuts(sizes: list[int]) -> set[int]:
-        out, p = set(), 1
-        for n in reversed(sizes):
-            p *= n
-            out.add(p)
-        return out
-    points = sorted(cuts(a) | cuts(b))
-    if any(q % p for p, q in zip(points, points[1:])):
-        return None
-    return points
-
-
 def _link_mixed(coupler: Coupler, x: TensorRef, ia: list[int], out: TensorRef, jb: list[int], avoid: set[int]) -> bool:
     """A chunk that splits and merges at once, e.g. ``(batch, heads * dim) -> (batch * heads, dim)``
     (nn.MultiheadAttention folds its heads into the batch). Cut the flat range into atoms (the
@@ -212,7 +153,7 @@ def _link_mixed(coupler: Coupler, x: TensorRef, ia: list[int], out: TensorRef, j
     atom's value, every other axis is frozen. Exact by construction: a channel removes the same flat
     positions on both sides (those whose carrier-atom value it holds). False if the shapes do not nest."""
     a, b = [coupler.shape(x)[i] for i in ia], [coupler.shape(out)[j] for j in jb]
-    points = _atoms(a, b)
+    points = atoms(a, b)
     if points is None:
         return False
     atom_size = {p: q // p for p, q in zip([1] + points, points)}  # atom = its inner stride -> its size
@@ -272,11 +213,11 @@ def couple_reshape(node: fx.Node, coupler: Coupler, src: Any) -> None:
             coupler.link_axes(x, ia[0], out, jb[0])
             coupler.set_zero(out, jb[0], coupler.is_zero(x, ia[0]))
         elif len(jb) == 1 and ia:       # merge: in axes -> one out axis
-            c = _carrier(a, ia, batch_in)
+            c = carrier_axis(a, ia, batch_in)
             _link_factorisation(coupler, out, jb[0], x, ia, c, "merged by a reshape (not the carrier)")
             coupler.set_zero(out, jb[0], c is not None and coupler.is_zero(x, c))
         elif len(ia) == 1 and jb:       # split: one in axis -> out axes
-            c = _carrier(b, jb, avoid | batch_out, _merged_back(node, jb))
+            c = carrier_axis(b, jb, avoid | batch_out, _merged_back(node, jb))
             _link_factorisation(coupler, x, ia[0], out, jb, c, "split by a reshape (not the carrier)")
             if c is not None:
                 coupler.set_zero(out, c, coupler.is_zero(x, ia[0]))

@@ -6,7 +6,8 @@
     plan.json           kept indices per parameter/buffer of the original model
 
 Folders are written under a temporary name next to the target and renamed into place at the end, so
-a failed run never leaves a half-written folder behind.
+a failed run never leaves a half-written folder behind. ``source.py``: a graph torch.export cannot express
+(sanp's dynamic module) as Python source and safetensors.
 """
 from __future__ import annotations
 
