@@ -22,7 +22,7 @@ from .compaction.compact import Compacted, compact
 from .compaction.targets import TARGETS, for_modules, resize, trace_for
 from .passes.base import Pass, PassContext, PassError
 from .passes.registry import make_pass
-from .selection.budget import Budget, Selection, SelectionError, check_ratio, default_group_width, resource_target
+from .selection.budget import Budget, Selection, SelectionError, default_group_width, resource_target
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import NothingToPruneError, nothing_prunable
 from .state import callers_rng_kept, device_of_module
@@ -191,13 +191,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         if recover is None and epochs > 0:  # the pass's own recovery (scratch: scratch-b; tas: scratch-e + KD)
             recover = getattr(the_pass, "default_recovery", None) or "finetune"
         distill = bool(getattr(the_pass, "default_distill", False)) if distill is None else distill
-        sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
-                        protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                        group_width_to=(default_group_width(device_of_module(model)) if group_width_to is None
-                                        else group_width_to),
-                        normalize=getattr(the_pass, "normalize", "mean"),
-                        min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
-                        uniform_across_layers=uniform_across_layers)
+        sel = Selection.for_pass(the_pass, ratio, scope=scope, min_keep=min_keep, ratio_for=dict(ratio_for or {}),
+                                 protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                                 group_width_to=(default_group_width(device_of_module(model)) if group_width_to is None
+                                                 else group_width_to),
+                                 uniform_across_layers=uniform_across_layers)
         which, resource = resource_target(macs=target_macs, params=target_params, latency=target_latency)
         if recover is not None and recover not in RECOVERY:
             raise SelectionError(f"recover must be one of {RECOVERY}, got {recover!r}")

@@ -30,7 +30,7 @@ from fxprune.analysis import ChannelGroups, analyze
 from fxprune.compaction.plan import Plan
 from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
-from fxprune.selection.budget import Budget, Selection, check_ratio, resource_target
+from fxprune.selection.budget import Budget, Selection, resource_target
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 
@@ -169,11 +169,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         config = load_config(ckpt.root)
         the_pass = _weights_only_pass(method, options)
         which, resource = resource_target(macs=target_macs, params=target_params)
-        sel = Selection(ratio=check_ratio(ratio), scope=scope or the_pass.scope, ratio_for=dict(ratio_for or {}),
-                        protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                        group_width_to=group_width_to, normalize=getattr(the_pass, "normalize", "mean"),
-                        min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep,
-                        uniform_across_layers=uniform_across_layers)
+        sel = Selection.for_pass(the_pass, ratio, scope=scope, min_keep=min_keep, ratio_for=dict(ratio_for or {}),
+                                 protect=tuple(protect), min_channels=min_channels, round_to=round_to,
+                                 group_width_to=group_width_to, uniform_across_layers=uniform_across_layers)
         arch = analyse_architecture(config, ckpt.config, checkpoint_tensors(ckpt), allow_inexact=allow_inexact,
                                     uniform_across_layers=uniform_across_layers, lap=lap)
         groups, names = arch.groups, arch.names

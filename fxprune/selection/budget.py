@@ -64,6 +64,15 @@ class Selection:
     # ``fxprune.prune``'s default is 8 on CPU
     group_width_to: int = 1
 
+    @classmethod
+    def for_pass(cls, the_pass: Any, ratio: float, *, scope: str | None = None, min_keep: float | None = None,
+                 **given: Any) -> Selection:
+        """The selection a pass runs with: its paper defaults (``scope``, ``normalize``, ``min_keep``, class
+        attributes of the pass) where the caller gave none. The one place those defaults are read."""
+        return cls(ratio=check_ratio(ratio), scope=scope or getattr(the_pass, "scope", "group"),
+                   normalize=getattr(the_pass, "normalize", "mean"),
+                   min_keep=getattr(the_pass, "min_keep", 0.0) if min_keep is None else min_keep, **given)
+
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         for pattern, r in self.ratio_for.items():
