@@ -153,6 +153,9 @@ def run(
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue a killed run of the same command "
+                                         "from its last finished epoch (kept in OUT.resume beside the output); "
+                                         "--no-resume starts over")] = True,
     scope: Annotated[Optional[str], typer.Option("--scope", help="group (same fraction per group) or global "
                                                  "(one threshold); default: the pass's paper default",
                                                  show_default=False)] = None,
@@ -208,7 +211,7 @@ def run(
     with _user_errors():
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
-                        onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps)
+                        onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return

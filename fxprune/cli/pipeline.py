@@ -40,6 +40,7 @@ from fxprune.tracing.quiet import ThreadHeldStream
 from .deploy import ONNX, ORIGINAL_ONNX, export_onnx, require_onnx
 from .modelfile import ModelFile, load_model_file
 from .report import group_rows, layer_rows, pass_report, plot_blocks, plot_channels, plot_histogram, render_markdown
+from .workfolder import resumable
 
 __all__ = ["RunConfig", "Feedback", "check", "run", "parse_options", "OptionError", "stderr_only_on_success",
            "default_epochs", "REPORT_JSON", "REPORT_MD", "CHART"]
@@ -77,6 +78,7 @@ class RunConfig:
     attack: str | None = None  # --attack pgd: robustness before and after (fxprune.robustness), on val_loader()
     eps: float = 0.03
     attack_steps: int = 40
+    resume: bool = True  # continue a killed run of the same description from OUT.resume (fxprune.cli.workfolder)
 
 
 class Feedback:
@@ -407,8 +409,6 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
 
     Under ``torchrun`` every rank runs it (training is data-parallel); the ranks other than 0 neither
     measure, report nor write, and return an empty report."""
-    from fxprune.api import prune
-
     if launch_rank() != 0:
         feedback = None
     fb = feedback or Feedback()
@@ -418,6 +418,14 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune",
                               distill=bool(getattr(the_pass, "default_distill", False) if cfg.distill is None
                                            else cfg.distill))
+    with resumable(cfg, lambda text: _note(fb, notes, text)):  # a killed run continues when run again
+        return _run_checked(cfg, mf, the_pass, fb, notes, clock)
+
+
+def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, notes: list[str],
+                 clock: dict[str, float]) -> tuple[dict[str, Any], Any]:
+    from fxprune.api import prune
+
     with fb.step(f"loading {mf.path.name}"):
         model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
         inputs = to_device(mf.example_inputs(), cfg.device)

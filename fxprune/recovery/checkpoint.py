@@ -12,7 +12,10 @@ A checkpoint is two files side by side, ``NAME.safetensors`` and ``NAME.json``:
 
 Both open with ``safetensors.torch.load_file`` and ``json.load``: nothing in them is executed.
 Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
-checkpoint intact; the JSON file is written last and is what marks a checkpoint complete.
+checkpoint intact; the JSON file is written last and is what marks a checkpoint complete. Both carry
+one random ``pair`` token: a process killed between the two renames leaves a new tensor file beside
+the old JSON, which ``checkpoint_exists`` then reports as no checkpoint (a resumed run starts that
+training afresh: slower, never wrong) and ``load_checkpoint`` refuses.
 """
 from __future__ import annotations
 
@@ -119,15 +122,30 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, torch.Tens
     """Write ``folder/name.safetensors`` then ``folder/name.json``; returns the JSON path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / f"{name}.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    text = json.dumps({"format": FORMAT, **meta}, indent=1, allow_nan=True)
+    pair = os.urandom(8).hex()
+    _write_atomic(folder / f"{name}.safetensors",
+                  lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "pair": pair}))
+    text = json.dumps({"format": FORMAT, "pair": pair, **meta}, indent=1, allow_nan=True)
     _write_atomic(folder / f"{name}.json", lambda p: p.write_text(text))
     return folder / f"{name}.json"
 
 
+def _pairs(folder: Path, name: str) -> tuple[str | None, str | None]:
+    """The pair tokens of the JSON file and of the tensor file."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / f"{name}.safetensors"), "pt") as f:
+        tensors = (f.metadata() or {}).get("pair")
+    return json.loads((folder / f"{name}.json").read_text()).get("pair"), tensors
+
+
 def checkpoint_exists(folder: str | Path, name: str) -> bool:
+    """Both files are there and belong together."""
     folder = Path(folder)
-    return (folder / f"{name}.json").is_file() and (folder / f"{name}.safetensors").is_file()
+    if not ((folder / f"{name}.json").is_file() and (folder / f"{name}.safetensors").is_file()):
+        return False
+    meta, tensors = _pairs(folder, name)
+    return meta == tensors
 
 
 def load_checkpoint(folder: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -136,4 +154,7 @@ def load_checkpoint(folder: str | Path, name: str) -> tuple[dict[str, torch.Tens
     meta = json.loads((folder / f"{name}.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / name}.json is not an fxprune checkpoint (format {meta.get('format')!r})")
+    if meta.get("pair") != _pairs(folder, name)[1]:
+        raise ValueError(f"{folder / name}.safetensors and .json are from two different saves (a process stopped "
+                         "between writing them): that checkpoint is lost, the one before it was replaced")
     return load_file(str(folder / f"{name}.safetensors")), meta

@@ -48,10 +48,11 @@ def launch_rank() -> int:
     """This process's rank as ``torchrun`` launched it (0 outside it, or in a world of one), before any
     process group exists: ``fxprune run`` prunes on every rank and trains data-parallel, and only rank 0
     measures, prints and writes."""
-    return int(os.environ.get("RANK", "0")) if _env_world() > 1 else 0
+    return int(os.environ.get("RANK", "0")) if launch_world() > 1 else 0
 
 
-def _env_world() -> int:
+def launch_world() -> int:
+    """How many processes ``torchrun`` launched (1 outside it)."""
     return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
 
 
@@ -60,7 +61,7 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
     ``torchrun`` with more than one process) and the device this process trains on."""
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-    elif _env_world() > 1:
+    elif launch_world() > 1:
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -47,6 +47,7 @@ from .checkpoint import (
     unflatten_state,
 )
 from .curves import append_log, plot_log, write_log
+from .resume import next_checkpoint_dir
 
 __all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS",
            "SCHEDULES", "load_weights", "MaskTraining"]
@@ -389,11 +390,15 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
       first key) picks the best epoch, higher is better.
     - ``checkpoint_dir``: ``last.safetensors/json`` every epoch, ``best.*`` when it improves, and
       the log ``training.jsonl`` plus ``training.png`` (or ``log_file``, its PNG beside it).
-      ``resume=True`` continues from ``last`` (starting afresh when there is none yet).
+      ``resume=True`` continues from ``last`` (starting afresh when there is none yet). Under
+      ``fxprune.recovery.checkpoints_in(folder)`` a call without ``checkpoint_dir`` gets ``folder/train-N`` and
+      ``resume=True`` (``fxprune run``'s crash-safe runs).
     - ``hooks``: :class:`Hook` objects; ``progress`` is one more hook (the progress bar).
     - ``masks``: :class:`MaskTraining`: mask parameters in their own optimiser, trained jointly or
       alternating on their own loader; they are left out of ``parameters``' default.
     """
+    if checkpoint_dir is None and (run_folder := next_checkpoint_dir()) is not None:
+        checkpoint_dir, resume = run_folder, True  # under checkpoints_in: this call's own folder of the run
     _check(optimizer, schedule, epochs, step_size, max_grad_norm, resume, checkpoint_dir)
     ctx, device = distributed.context(torch.device(device))
     hooks = [*hooks, *([progress] if progress is not None else [])]
