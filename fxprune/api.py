@@ -1,13 +1,12 @@
 """The public entry point: ``fxprune.prune(model, example_inputs, method="l1", ratio=0.5)``.
 
-trace -> analyze -> score (the pass) -> select -> compact. The user's model is never modified.
+A driver: its keywords become the pass, the selection and the recovery, then ``fxprune.pipeline``'s stages run
+in order (trace -> analyse -> score -> select -> compact -> recover). The user's model is never modified.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,19 +14,18 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .analysis import ChannelGroups, analyze
-from .annotations import write_masks, write_scores, write_selection
+from . import pipeline
+from .analysis import ChannelGroups
 from .compaction import Plan
 from .compaction.compact import Compacted, compact
-from .compaction.targets import TARGETS, for_modules, resize, trace_for
-from .passes.base import Pass, PassContext, PassError
+from .compaction.targets import TARGETS
+from .passes.base import Pass
 from .passes.registry import make_pass
-from .selection.budget import Budget, Selection, SelectionError, default_group_width, resource_target
-from .selection.cost import Cost, CostCounter
-from .selection.diagnose import NothingToPruneError, nothing_prunable
+from .selection.budget import Selection, SelectionError, default_group_width, resource_target
+from .selection.cost import Cost
+from .selection.diagnose import NothingToPruneError
 from .state import callers_rng_kept, device_of_module
-from .tracing.dynamic import INPUT_SHAPES, InputShapes
-from .tracing.tracer import trace
+from .tracing.dynamic import InputShapes
 
 __all__ = ["prune", "PruneResult", "compact", "Compacted", "RECOVERY", "NothingToPruneError"]
 
@@ -67,83 +65,6 @@ class PruneResult:
             rows.append({"group": g.id, "kept": int((~self.removed[g.channels]).sum()), "total": len(g),
                          "producers": g.layers("producer")})
         return rows
-
-
-@contextlib.contextmanager
-def _gc_frozen() -> Iterator[None]:
-    """Objects that exist before the trace (torch's own, the model) are left out of garbage collection
-    while the trace and the analysis run (``gc.freeze``), and put back after. They allocate enough
-    long-lived objects to trigger full collections, and each walks every object in the process (with
-    torch imported, a sizeable share of pruning a small network). Only around fxprune's own work: the pass
-    (which may train, reading the
-    user's loaders) and recovery run with collection as usual. ``gc.freeze`` is process-wide, but it
-    only postpones, for those objects, the collection of cycles: it changes no thread's results.
-    Skipped when the caller froze objects itself or turned collection off."""
-    if gc.get_freeze_count() or not gc.isenabled():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def _latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
-    """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
-    calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
-    import dataclasses
-
-    from .selection.budget import select
-    from .selection.latency import LatencyModel
-
-    if target == "modules":
-        raise SelectionError("target_latency needs a model torch.export traces whole (this one is pruned through its "
-                             "modules, from one recorded run, which fxprune cannot time op by op): give target_macs")
-    order = {g.id: np.arange(len(g), dtype=np.float64) for g in groups.prunable}  # the first half goes
-    probe = select(groups, order, dataclasses.replace(sel, ratio=0.5, scope="group", ratio_for={}))
-    return LatencyModel.measure(gm, groups, probe=probe)
-
-
-def _unfrozen(model: torch.nn.Module, example_inputs: Any, gm: fx.GraphModule, groups: ChannelGroups,
-              allow_inexact: bool) -> tuple[fx.GraphModule, ChannelGroups]:
-    """Where a free input axis freezes channels (a reshape merges them with a spatial size: ``x.view(-1, 512)``
-    of a CNN whose head then takes four times the batch), the graph with the axes other than the batch's fixed,
-    when that frees more channels to prune; the fixed axes say why."""
-    shapes: InputShapes = gm.meta.get(INPUT_SHAPES, InputShapes())
-    if not any(g.frozen and "symbolic" in g.frozen and g.params for g in groups):
-        return gm, groups
-    batch = {a.group for a in shapes.dynamic if a.dim == 0}
-    fix = [a for a in shapes.dynamic if a.group not in batch]
-    if not fix:
-        return gm, groups
-    kept = InputShapes(tuple(a for a in shapes.dynamic if a.group in batch), shapes.fixed)
-    static = trace(model, example_inputs, dynamic_shapes=kept)
-    again = analyze(static, allow_inexact=allow_inexact)
-    if _prunable_channels(again) <= _prunable_channels(groups):
-        return gm, groups
-    more = _prunable_channels(again) - _prunable_channels(groups)
-    static.meta[INPUT_SHAPES] = static.meta[INPUT_SHAPES].with_fixed(dict.fromkeys(
-        fix, f"free, it would freeze the {more} channels a reshape merges with it; fixed, they prune"))
-    return static, again
-
-
-def _reads_weights_only(the_pass: Pass) -> None:
-    """The modules target has no graph to train or calibrate in: refuse a pass that runs one."""
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
-                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
-                        "that reads the weights only, such as l1")
-
-
-def _prunable_channels(groups: ChannelGroups) -> int:
-    return sum(len(g) for g in groups.prunable)
-
-
-def _input_shapes(module: torch.nn.Module, gm: fx.GraphModule) -> InputShapes:
-    """The compacted graph's record (its verification may have fixed an axis), else the trace's."""
-    own = module.meta.get(INPUT_SHAPES) if isinstance(module, fx.GraphModule) else None
-    return own or gm.meta.get(INPUT_SHAPES, InputShapes())
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1", ratio: float = 0.5, *,
@@ -204,76 +125,27 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         if target not in TARGETS:
             raise SelectionError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         stage = progress or (lambda name: None)
-        with _gc_frozen():
-            stage("trace")
-            gm, used = trace_for(model, example_inputs, target, dynamic_shapes,
-                                 modules_ok=not getattr(the_pass, "runs_graph", True))
-            stage("analyze")
-            groups = analyze(gm, allow_inexact=allow_inexact)
-            if used["target"] == "graph" and dynamic_shapes is None:
-                gm, groups = _unfrozen(model, example_inputs, gm, groups, allow_inexact)
-            if used["target"] == "modules":
-                _reads_weights_only(the_pass)
-                for_modules(gm, groups, model)
-            counter = CostCounter(groups)
-            before = counter()
-            latency = _latency_model(gm, groups, used["target"], sel) if which == "latency" else None
+        analysed = pipeline.analyse(model, example_inputs, the_pass, target=target, dynamic_shapes=dynamic_shapes,
+                                    allow_inexact=allow_inexact, selection=sel, which=which, progress=stage)
         needs_scores = ratio > 0 or resource is not None or any(ratio_for.values() if ratio_for else ()) or \
             getattr(the_pass, "self_pruning", False)
-        if needs_scores and not groups.prunable:
-            if require_prunable:
-                why = f" (analysed from one real run: {used['why']})" if used["target"] == "modules" else ""
-                raise NothingToPruneError(nothing_prunable(groups) + why)
-            warnings.warn(f"fxprune: {nothing_prunable(groups)}", stacklevel=2)
+        if needs_scores:
+            pipeline.check_prunable(analysed, require_prunable)
         stage("score")
-        ctx = PassContext(gm, groups, model, data, sel,
-                          target=(which, float(resource)) if resource is not None else None)
-        prepared = the_pass.prepare(ctx) if needs_scores else None
-        if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
-            ctx = prepared
-            gm, groups, counter = ctx.gm, ctx.groups, CostCounter(ctx.groups)
-            if latency is not None:
-                raise SelectionError(f"{the_pass.name} prunes its own copy of the model, whose latency fxprune has not "
-                                     "measured: give target_macs instead of target_latency")
-        measure, full = (latency, latency()) if latency is not None else (counter, before)
-        budget = Budget(groups, sel, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
-        ctx.select = budget.removal
-        base = ctx.model
-        scores = the_pass.score(ctx) if needs_scores else {}
-        write_scores(gm, the_pass.name, scores)
-        if ctx.masks:
-            write_masks(gm, the_pass.name, ctx.masks)
+        scored = pipeline.score(the_pass, analysed, model, data, sel, which, resource, needs_scores)
         stage("select")
-        removed, sel = budget(scores)
-        write_selection(gm, groups, removed)
+        selected = pipeline.select(scored)
         stage("compact")
-        weights = the_pass.weights(ctx, removed) if needs_scores else {}
-        edits = the_pass.edits(ctx, removed) if needs_scores else []
-        if used["target"] == "modules":
-            out = Compacted(*resize(gm, groups, removed, base, weights, edits, example_inputs, verify))
-        else:
-            out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)  # the selection
-        if used["target"] == "graph" and (weights or edits) and (out.removed != removed).any():  # kept whole: redo
-            weights = the_pass.weights(ctx, out.removed)
-            edits = the_pass.edits(ctx, out.removed)
-            out = compact(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
-        after = counter(out.removed)
-        if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
-            from .measure import count_macs, count_params
-
-            after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
-        log: list[dict[str, Any]] = []
+        done = pipeline.compact(the_pass, scored, selected, example_inputs, verify, needs_scores)
         if recover is not None:
             stage("recover")
-            from .recovery.modes import recover as run_recovery
-
-            log = run_recovery(out.module, mode=recover, original=model, train_loader=data["train_loader"],
-                               loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
-                               macs_full=before.macs, macs_pruned=after.macs)
-        shapes = _input_shapes(out.module, gm)
+        out, ctx = done.compacted, scored.ctx
+        log = pipeline.recover(out.module, recover, model, data, epochs, distill, analysed.before, done.after)
+        shapes = pipeline.input_shapes(out.module, analysed.gm)
         if shapes.fixed:
             warnings.warn(shapes.warning(type(model).__name__), stacklevel=2)
-        return PruneResult(out.module, out.plan, groups, out.removed, scores, before, after, sel, log, weights,
-                           base if prepared is not None else None, ctx.report, dict(ctx.artifacts),
-                           dict(ctx.state.get("extras", {})), used,
+        latency = analysed.latency
+        return PruneResult(out.module, out.plan, ctx.groups, out.removed, scored.scores, analysed.before, done.after,
+                           selected.selection, log, done.weights, scored.base if scored.prepared else None,
+                           ctx.report, dict(ctx.artifacts), dict(ctx.state.get("extras", {})), analysed.target,
                            latency.summary(out.removed) if latency is not None else None, shapes)

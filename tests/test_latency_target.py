@@ -197,7 +197,7 @@ def test_the_probe_follows_the_selections_rounding():
     search will pick), not at 6, a width its kernels run slowly."""
     from test_select import GroupedNet
 
-    from fxprune.api import _latency_model
+    from fxprune.pipeline import latency_model as _latency_model
     from fxprune.selection.budget import Selection
 
     torch.manual_seed(0)

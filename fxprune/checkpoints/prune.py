@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fxprune import pipeline
 from fxprune.analysis import ChannelGroups, analyze
 from fxprune.compaction.plan import Plan
-from fxprune.passes.base import PassContext
 from fxprune.passes.registry import PassError, make_pass
-from fxprune.selection.budget import Budget, Selection, resource_target
+from fxprune.selection.budget import Selection, resource_target
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 
@@ -186,14 +186,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         counter = CostCounter(groups)
         before = counter()
         lap("analyze")
-        ctx = PassContext(arch.gm, groups, arch.model, {}, sel,
-                          target=(which, float(resource)) if resource is not None else None,
-                          source=lambda name: _read(ckpt, names, name))
-        budget = Budget(groups, sel, counter, before, which, resource, getattr(the_pass, "tolerance", 0.01))
-        ctx.select = budget.removal
-        scores = the_pass.score(ctx) if groups.prunable else {}
+        analysed = pipeline.Analysed(arch.gm, groups, {"target": "folder", "why": ""}, counter, before)
+        scored = pipeline.score(the_pass, analysed, arch.model, {}, sel, which, resource, bool(groups.prunable),
+                                source=lambda name: _read(ckpt, names, name))
         lap("score")
-        removed, sel = budget(scores)
+        selected = pipeline.select(scored)
+        removed, sel, ctx = selected.removed, selected.selection, scored.ctx
         if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
             raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
                             "carry: use a pass that only scores (l1)")

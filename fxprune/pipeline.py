@@ -1,0 +1,265 @@
+"""The pipeline, stage by stage: trace -> analyse -> score -> select -> compact -> recover.
+
+Each stage is a function of plain values that returns one; ``fxprune.prune`` (``fxprune/api.py``) is the driver
+that reads its keywords into those values and calls the stages in order:
+
+    analysed = analyse(model, example_inputs, the_pass, target=..., dynamic_shapes=..., ...)   # trace + groups
+    scored   = score(the_pass, analysed, model, data, selection, which, resource)              # the pass
+    selected = select(scored)                                                                  # the budget
+    done     = compact(scored, selected, example_inputs, verify)                               # the module
+    log      = recover(done.module, ...)                                                       # training
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .analysis import ChannelGroups, analyze
+from .annotations import write_masks, write_scores, write_selection
+from .compaction.compact import Compacted
+from .compaction.compact import compact as compact_graph
+from .compaction.emit import GraphEdit
+from .compaction.targets import for_modules, resize, trace_for
+from .passes.base import Pass, PassContext, PassError, Scores
+from .selection.budget import Budget, Selection, SelectionError
+from .selection.cost import Cost, CostCounter
+from .selection.diagnose import NothingToPruneError, nothing_prunable
+from .tracing.dynamic import INPUT_SHAPES, InputShapes
+from .tracing.tracer import trace
+
+__all__ = ["Analysed", "Scored", "Selected", "Compacted", "analyse", "score", "select", "compact", "recover",
+           "latency_model", "input_shapes"]
+
+
+# ---- helpers of the stages --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Objects that exist before the trace (torch's own, the model) are left out of garbage collection
+    while the trace and the analysis run (``gc.freeze``), and put back after. They allocate enough
+    long-lived objects to trigger full collections, and each walks every object in the process (with
+    torch imported, a sizeable share of pruning a small network). Only around fxprune's own work: the pass
+    (which may train, reading the
+    user's loaders) and recovery run with collection as usual. ``gc.freeze`` is process-wide, but it
+    only postpones, for those objects, the collection of cycles: it changes no thread's results.
+    Skipped when the caller froze objects itself or turned collection off."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
+    """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
+    calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
+    import dataclasses
+
+    from .selection.budget import select
+    from .selection.latency import LatencyModel
+
+    if target == "modules":
+        raise SelectionError("target_latency needs a model torch.export traces whole (this one is pruned through its "
+                             "modules, from one recorded run, which fxprune cannot time op by op): give target_macs")
+    order = {g.id: np.arange(len(g), dtype=np.float64) for g in groups.prunable}  # the first half goes
+    probe = select(groups, order, dataclasses.replace(sel, ratio=0.5, scope="group", ratio_for={}))
+    return LatencyModel.measure(gm, groups, probe=probe)
+
+
+def _unfrozen(model: torch.nn.Module, example_inputs: Any, gm: fx.GraphModule, groups: ChannelGroups,
+              allow_inexact: bool) -> tuple[fx.GraphModule, ChannelGroups]:
+    """Where a free input axis freezes channels (a reshape merges them with a spatial size: ``x.view(-1, 512)``
+    of a CNN whose head then takes four times the batch), the graph with the axes other than the batch's fixed,
+    when that frees more channels to prune; the fixed axes say why."""
+    shapes: InputShapes = gm.meta.get(INPUT_SHAPES, InputShapes())
+    if not any(g.frozen and "symbolic" in g.frozen and g.params for g in groups):
+        return gm, groups
+    batch = {a.group for a in shapes.dynamic if a.dim == 0}
+    fix = [a for a in shapes.dynamic if a.group not in batch]
+    if not fix:
+        return gm, groups
+    kept = InputShapes(tuple(a for a in shapes.dynamic if a.group in batch), shapes.fixed)
+    static = trace(model, example_inputs, dynamic_shapes=kept)
+    again = analyze(static, allow_inexact=allow_inexact)
+    if _prunable_channels(again) <= _prunable_channels(groups):
+        return gm, groups
+    more = _prunable_channels(again) - _prunable_channels(groups)
+    static.meta[INPUT_SHAPES] = static.meta[INPUT_SHAPES].with_fixed(dict.fromkeys(
+        fix, f"free, it would freeze the {more} channels a reshape merges with it; fixed, they prune"))
+    return static, again
+
+
+def _reads_weights_only(the_pass: Pass) -> None:
+    """The modules target has no graph to train or calibrate in: refuse a pass that runs one."""
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
+                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
+                        "that reads the weights only, such as l1")
+
+
+def _prunable_channels(groups: ChannelGroups) -> int:
+    return sum(len(g) for g in groups.prunable)
+
+
+def input_shapes(module: torch.nn.Module, gm: fx.GraphModule) -> InputShapes:
+    """The compacted graph's record (its verification may have fixed an axis), else the trace's."""
+    own = module.meta.get(INPUT_SHAPES) if isinstance(module, fx.GraphModule) else None
+    return own or gm.meta.get(INPUT_SHAPES, InputShapes())
+
+
+# ---- the stages -----------------------------------------------------------------------------------------
+@dataclass
+class Analysed:
+    """The trace and its channel groups: what every later stage reads."""
+
+    gm: fx.GraphModule
+    groups: ChannelGroups
+    target: dict[str, str]          # {"target": "graph" or "modules", "why": ...} (``PruneResult.compaction``)
+    counter: CostCounter
+    before: Cost
+    latency: Any = None             # the measured latency model of a ``target_latency`` budget
+
+
+def analyse(model: torch.nn.Module, example_inputs: Any, the_pass: Pass, *, target: str, dynamic_shapes: Any,
+            allow_inexact: bool, selection: Selection, which: str | None,
+            progress: Callable[[str], None] = lambda stage: None) -> Analysed:
+    """Trace (the target's front end) and group the channels; the cost before pruning, and the latency model
+    a latency budget searches with. ``progress`` is told as the trace and the analysis start."""
+    with _gc_frozen():
+        progress("trace")
+        gm, used = trace_for(model, example_inputs, target, dynamic_shapes,
+                             modules_ok=not getattr(the_pass, "runs_graph", True))
+        progress("analyze")
+        groups = analyze(gm, allow_inexact=allow_inexact)
+        if used["target"] == "graph" and dynamic_shapes is None:
+            gm, groups = _unfrozen(model, example_inputs, gm, groups, allow_inexact)
+        if used["target"] == "modules":
+            _reads_weights_only(the_pass)
+            for_modules(gm, groups, model)
+        counter = CostCounter(groups)
+        before = counter()
+        latency = latency_model(gm, groups, used["target"], selection) if which == "latency" else None
+    return Analysed(gm, groups, used, counter, before, latency)
+
+
+def check_prunable(analysed: Analysed, required: bool) -> None:
+    """A removal asked of a model none of whose groups can shrink: an error naming why (``required``), else a
+    warning."""
+    if analysed.groups.prunable:
+        return
+    why = nothing_prunable(analysed.groups)
+    if required:
+        used = analysed.target
+        where = f" (analysed from one real run: {used['why']})" if used["target"] == "modules" else ""
+        raise NothingToPruneError(why + where)
+    warnings.warn(f"fxprune: {why}", stacklevel=3)
+
+
+@dataclass
+class Scored:
+    """The pass's scores and what it read them from: its context (its own model when it prepared one), the
+    graph and groups it scored, the budget that selects from them and the model compaction slices."""
+
+    ctx: PassContext
+    scores: Scores
+    budget: Budget
+    counter: CostCounter
+    base: torch.nn.Module
+    prepared: bool
+    target: dict[str, str]
+
+
+def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapping[str, Any],
+          selection: Selection, which: str | None, resource: float | None, needs_scores: bool,
+          source: Callable[[str], torch.Tensor] | None = None) -> Scored:
+    """Run the pass (``prepare`` and ``score``) under the run's budget; the scores (and any masks) are written
+    onto the graph (``fxprune.annotations``). ``source``: where the pass reads tensors when the graph holds none
+    (a checkpoint folder, traced on meta)."""
+    ctx = PassContext(analysed.gm, analysed.groups, model, dict(data), selection,
+                      target=(which, float(resource)) if resource is not None else None, source=source)
+    prepared = the_pass.prepare(ctx) if needs_scores else None
+    counter = analysed.counter
+    if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
+        ctx, counter = prepared, CostCounter(prepared.groups)
+        if analysed.latency is not None:
+            raise SelectionError(f"{the_pass.name} prunes its own copy of the model, whose latency fxprune has not "
+                                 "measured: give target_macs instead of target_latency")
+    latency = analysed.latency
+    measure, full = (latency, latency()) if latency is not None else (counter, analysed.before)
+    budget = Budget(ctx.groups, selection, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
+    ctx.select = budget.removal
+    base = ctx.model
+    scores = the_pass.score(ctx) if needs_scores else {}
+    write_scores(ctx.gm, the_pass.name, scores)
+    if ctx.masks:
+        write_masks(ctx.gm, the_pass.name, ctx.masks)
+    return Scored(ctx, scores, budget, counter, base, prepared is not None, analysed.target)
+
+
+@dataclass
+class Selected:
+    removed: np.ndarray             # a bool per channel component
+    selection: Selection            # the budget as it ended (a resource target's ratio found by search)
+
+
+def select(scored: Scored) -> Selected:
+    """The budget applied to the scores; written onto the graph."""
+    removed, sel = scored.budget(scored.scores)
+    write_selection(scored.ctx.gm, scored.ctx.groups, removed)
+    return Selected(removed, sel)
+
+
+@dataclass
+class Done:
+    """The compacted module and what compaction used: the pass's new weights and graph edits, and the cost."""
+
+    compacted: Compacted
+    weights: dict[str, torch.Tensor]
+    edits: list[GraphEdit]
+    after: Cost
+
+
+def compact(the_pass: Pass, scored: Scored, selected: Selected, example_inputs: Any, verify: bool,
+            needs_scores: bool) -> Done:
+    """The pass's weights and edits for the removal, then the target's compaction (graph or modules)."""
+    ctx, removed, base = scored.ctx, selected.removed, scored.base
+    gm, groups = ctx.gm, ctx.groups
+    weights = the_pass.weights(ctx, removed) if needs_scores else {}
+    edits = the_pass.edits(ctx, removed) if needs_scores else []
+    graph = scored.target["target"] == "graph"
+    if not graph:
+        out = Compacted(*resize(gm, groups, removed, base, weights, edits, example_inputs, verify))
+    else:
+        out = compact_graph(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
+    if graph and (weights or edits) and (out.removed != removed).any():  # a group kept whole: redo
+        weights = the_pass.weights(ctx, out.removed)
+        edits = the_pass.edits(ctx, out.removed)
+        out = compact_graph(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
+    after = scored.counter(out.removed)
+    if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
+        from .measure import count_macs, count_params
+
+        after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
+    return Done(out, weights, edits, after)
+
+
+def recover(module: torch.nn.Module, mode: str | None, original: torch.nn.Module, data: Mapping[str, Any],
+            epochs: int, distill: bool, before: Cost, after: Cost) -> list[dict[str, Any]]:
+    """Train the compacted module (``fxprune.recovery.modes.recover``); no mode: nothing, an empty log."""
+    if mode is None:
+        return []
+    from .recovery.modes import recover as run_recovery
+
+    return run_recovery(module, mode=mode, original=original, train_loader=data["train_loader"],
+                        loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
+                        macs_full=before.macs, macs_pruned=after.macs)
