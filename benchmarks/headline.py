@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from fxprune.cli.pipeline import RunConfig, run  # noqa: E402
+from fxprune.cli.pipeline import run  # noqa: E402
+from fxprune.cli.runconfig import RunConfig  # noqa: E402
 
 
 def one(method: str, ratio: float, folder: Path) -> dict:

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 import fxprune
 from fxprune.artifacts import staging_folder
 from fxprune.cli import app
-from fxprune.cli.pipeline import OptionError, RunConfig, parse_options, run
+from fxprune.cli.pipeline import run
+from fxprune.cli.runconfig import OptionError, RunConfig, parse_options
 from fxprune.passes.registry import PassError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -364,7 +364,7 @@ def test_the_recorder_still_refuses_value_reads_and_the_fused_attention_kernel()
 def test_stderr_is_held_back_for_the_tracing_thread_only():
     import io
 
-    from fxprune.cli.pipeline import stderr_only_on_success
+    from fxprune.cli.notes import stderr_only_on_success
 
     real, sink = sys.stderr, io.StringIO()
     sys.stderr = sink

@@ -235,7 +235,9 @@ def test_an_overhead_bound_latency_target_is_named_in_a_note():
     """A target reached only by removing nearly all the MACs (the time is per-op overhead) gets its own note."""
     from types import SimpleNamespace
 
-    from fxprune.cli.pipeline import OVERHEAD_BOUND, Feedback, _latency_note
+    from fxprune.cli.notes import OVERHEAD_BOUND
+    from fxprune.cli.notes import latency_note as _latency_note
+    from fxprune.cli.runconfig import Feedback
 
     cfg = SimpleNamespace(budget={"target_latency": 0.5}, out="out")
     result = SimpleNamespace(latency={"predicted_kept": 0.5, "measured_ms": 1.0})

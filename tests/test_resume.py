@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cli.pipeline import RunConfig
+from fxprune.cli.runconfig import RunConfig
 from fxprune.cli.workfolder import RUN_JSON, description, resumable, work_folder
 from fxprune.recovery import checkpoints_in, train
 from fxprune.recovery.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint

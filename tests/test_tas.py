@@ -346,7 +346,8 @@ def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(m
 def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> None:
     import dataclasses
 
-    from fxprune.cli.pipeline import Feedback, RunConfig, _check_shortfall
+    from fxprune.cli.notes import check_shortfall as _check_shortfall
+    from fxprune.cli.runconfig import Feedback, RunConfig
     from fxprune.selection.cost import Cost
 
     (tmp_path / "m.py").write_text(MODEL_FILE)

@@ -119,7 +119,7 @@ def _latency_target(folder: Path) -> float | None:
     """The --target-latency the folder was pruned to (report.json), or None."""
     import json
 
-    from .pipeline import REPORT_JSON
+    from .output import REPORT_JSON
 
     try:
         target = json.loads((folder / REPORT_JSON).read_text()).get("target") or {}

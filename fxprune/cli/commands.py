@@ -37,8 +37,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .bench import BenchError
     from .deploy import DeployError
     from .modelfile import ModelFileError
-    from .pipeline import OptionError
     from .robust import RobustnessError
+    from .runconfig import OptionError
 
     return (ModelFileError, TraceError, PassError, SelectionError, OutputExistsError, OptionError, BenchError,
             DeployError, RobustnessError, CheckpointError)
@@ -76,7 +76,7 @@ def _print_json(data: Any) -> None:
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, str]:
-    from .pipeline import OptionError
+    from .runconfig import OptionError
 
     out: dict[str, str] = {}
     for pair in pairs:
@@ -88,7 +88,7 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
 
 
 def _parse_ratio_for(pairs: list[str]) -> dict[str, float]:
-    from .pipeline import OptionError
+    from .runconfig import OptionError
 
     out: dict[str, float] = {}
     for pair in pairs:
@@ -193,7 +193,7 @@ def run(
 ) -> None:
     """Prune a model file, optionally fine-tune, evaluate before/after, and write the output folder; or prune a
     Hugging Face model folder from disk into one that from_pretrained loads."""
-    from .pipeline import RunConfig
+    from .runconfig import RunConfig
 
     with _user_errors():  # a malformed --ratio-for is bad input for a folder as for a model file
         budget = {"scope": scope, "ratio_for": _parse_ratio_for(ratio_for or []), "protect": tuple(protect or ()),
@@ -264,8 +264,8 @@ def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[st
 
 
 def _run(cfg: Any, quiet: bool) -> dict[str, Any]:
-    from .pipeline import check
     from .pipeline import run as run_pipeline
+    from .runconfig import check
     from .ui import RichFeedback
 
     _quiet_torch_logs()
@@ -293,7 +293,7 @@ def inspect(
 
     from ..annotations import dump
     from .modelfile import load_model_file
-    from .pipeline import stderr_only_on_success
+    from .notes import stderr_only_on_success
 
     if model_file.is_dir():
         _inspect_folder(model_file, as_json, graph, method)
@@ -346,7 +346,8 @@ def inspect(
 def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None) -> None:
     """``fxprune inspect DIR`` for a Hugging Face model folder: its groups, analysed on the meta device."""
     from .folder import inspect_folder
-    from .pipeline import OptionError, stderr_only_on_success
+    from .notes import stderr_only_on_success
+    from .runconfig import OptionError
 
     _quiet_torch_logs()
     with _user_errors():

@@ -8,7 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .pipeline import Feedback, OptionError, _warnings_as_notes, check_budget, parse_options
+from .notes import warnings_as_notes
+from .runconfig import Feedback, OptionError, check_budget, parse_options
 
 __all__ = ["run_folder", "inspect_folder", "NOT_FOR_FOLDERS"]
 
@@ -48,7 +49,7 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
             "target_params", "uniform_across_layers")
     kwargs = {k: budget[k] for k in keys if budget.get(k) is not None}
     notes: list[str] = []
-    with contextlib.ExitStack() as steps, _warnings_as_notes(fb, notes):
+    with contextlib.ExitStack() as steps, warnings_as_notes(fb, notes):
         warnings.simplefilter("always")
 
         def progress(stage: str) -> None:

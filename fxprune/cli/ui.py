@@ -11,8 +11,8 @@ from rich.table import Table
 
 from fxprune.recovery import Hook, TrainState
 
-from .pipeline import Feedback
 from .report import cost_rows, format_ms, human
+from .runconfig import Feedback
 
 __all__ = ["RichFeedback", "summary_table", "groups_table", "blocks_table", "passes_table", "bench_table",
            "input_axes_line"]
