@@ -5,11 +5,12 @@
     apply.py    the modules that apply mask values (on weights, inside a BatchNorm, or on activations)
     kinds.py    mask kinds every method can start from (Scale, Fixed)
     fold.py     fold(masked) -> new full-size weights + the removal, for compaction's ``weights=``
+    train.py    train_masked(masked, data, ...): the learned passes' one recipe (the engine, eval, evaluate)
 
 Every method that learns something per channel (slimming's scales without BatchNorm, scratch's gates,
 ANP's Bayesian masks, TAS's width distributions, SANP's per-sample gates, FLOP's rank masks) builds on
-this one mechanism; the training engine (``fxprune.recovery.engine.train(..., masks=MaskTraining(...))``)
-trains masks and weights in separate optimisers, jointly or alternating on two data splits.
+this one mechanism and trains through ``train_masked``: the training engine trains masks and weights in separate
+optimisers, jointly or alternating on two data splits; each pass keeps its mask kind, loss terms and schedule.
 """
 from .fold import Folded, fold
 from .insert import MaskedModel, insert_masks

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import Group
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.masking.train import train_masked, trained_metrics
+from fxprune.recovery.engine import Hook, TrainState
 from fxprune.robustness import ACTIVATIONS, PGD
 from fxprune.state import attribute, seeded
 
@@ -347,8 +348,8 @@ class Anp(Pass):
             initial = np.concatenate([m.expected().double().cpu().numpy() for m in masked.masks.values()] or [[]])
         self._train(ctx, masked, loader)
         masked.module.eval()
-        if ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            ctx.report["trained_metrics"] = metrics
         masks: dict[int, BetaBernoulli] = masked.masks  # type: ignore[assignment]
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         if not masks:  # a dense baseline: L1 of the trained filters, each group at mean 1
@@ -382,11 +383,10 @@ class Anp(Pass):
         hook = AnpHook(model, list(masked.masks.values()), self.beta, _dataset_size(loader), self.vs_weight if suppress
                        else 0.0, self.l2, decayed, (self.lr_weight, self.lr_mask))
         data = Labelled(loader)
-        masks = MaskTraining(mask_params, lr=self.lr_mask, optimizer="adamw", loader=Labelled(loader)) \
-            if use_masks and mask_params else None
-        device = next(iter(masked.module.parameters())).device
-        log = train(model, data, task_loss(loss_fn), self.epochs, self.lr_weight, device, optimizer="adamw",
-                    weight_decay=0.0, schedule="none", parameters=weights, hooks=[hook], masks=masks)
+        log = train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr_weight, optimizer="adamw", module=model,
+                           loader=data, loss=task_loss(loss_fn), weights=weights,
+                           masks=mask_params if use_masks else [], mask_lr=self.lr_mask, mask_optimizer="adamw",
+                           mask_loader=Labelled(loader), hooks=[hook], weight_decay=0.0, schedule="none")
         ctx.report["training"] = [{"epoch": r["epoch"], "loss": r["loss"]} for r in log]
 
     def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:

@@ -101,9 +101,10 @@ class PassContext:
         ``factory(group)`` module per prunable group (``only``: these ids) multiplying its channels, and
         with ``blocks`` (``fxprune.edits.blocks.residual_blocks(ctx.gm)``) one ``depth(block)`` scalar per
         residual block multiplying its branch.
-        Train it with ``fxprune.recovery.engine.train(masked.module, ..., masks=MaskTraining(
-        masked.mask_parameters()))``; ``masked.fold()`` gives the full-size weights (for ``ctx.weights``)
-        and the channels whose mask is 0. The user's model and this graph are never modified."""
+        Train it with ``fxprune.masking.train.train_masked(masked, ctx.data, epochs=..., lr=..., mask_lr=...)``
+        (the engine, the weights and masks in optimisers of their own); ``masked.fold()`` gives the full-size
+        weights (for ``ctx.weights``) and the channels whose mask is 0. The user's model and this graph are
+        never modified."""
         from fxprune.masking import insert_masks
 
         return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,

@@ -53,7 +53,8 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.compaction.emit import GraphEdit
 from fxprune.edits.factorize import factorizable, factorized_graph, merge_unprofitable
 from fxprune.masking import MaskedModel
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
+from fxprune.masking.train import train_masked, trained_metrics
+from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch
 from fxprune.selection.cost import CostCounter
 
 from .base import Pass, PassContext, Scores
@@ -258,20 +259,16 @@ class Flop(Pass):
         steps = self.epochs * (batches_per_epoch(loader) or 100)
         warmup = steps // 2 if self.warmup_steps < 0 else self.warmup_steps
         penalty = Lagrangian(gates, {g: size for g, (_, size) in ranks.items()}, t, warmup, self.prune_lr)
-        if self.epochs > 0:
-            device = next(iter(masked.module.parameters())).device
-            train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="adamw",
-                  weight_decay=0.0, schedule="none", parameters=masked.weight_parameters(), hooks=[penalty],
-                  masks=MaskTraining(masked.mask_parameters(), lr=self.mask_lr, optimizer="adamw"))
-        masked.module.eval()
+        train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="adamw", loader=loader,
+                     mask_lr=self.mask_lr, mask_optimizer="adamw", hooks=[penalty], weight_decay=0.0, schedule="none")
         ctx.state["masked"] = masked
         with torch.no_grad():
             soft = {g: gate.soft().double().cpu().numpy() for g, gate in gates.items()}
             expected = float(penalty.sparsity())
         ctx.masks.update(soft)
         ctx.report.update({"target_sparsity": t, "expected_sparsity": expected, "lagrangian": penalty.history})
-        if ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            ctx.report["trained_metrics"] = metrics
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}  # only ranks shrink
         scores.update(soft)
         return scores

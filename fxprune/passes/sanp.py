@@ -54,7 +54,8 @@ from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
 from fxprune.artifacts.source import write_dynamic
 from fxprune.compaction.dynamic import Gate, dynamic_module
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.masking.train import train_masked, trained_metrics
+from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.cost import CostCounter
 from fxprune.state import seeded
 
@@ -256,12 +257,8 @@ class Sanp(Pass):
         spm_macs = sum(g.spm.macs for g in gates.values())
         hook = SanpHook({gid: g.spm for gid, g in gates.items()}, counter.dependence(list(gates)), full_nodes,
                         spm_macs, target, self.cost_weight)
-        if self.epochs > 0:
-            device = next(iter(masked.module.parameters())).device
-            train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="sgd",
-                  parameters=masked.weight_parameters(), hooks=[hook],
-                  masks=MaskTraining(masked.mask_parameters(), lr=self.spm_lr, optimizer="adam"))
-        masked.module.eval()
+        train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=loader,
+                     mask_lr=self.spm_lr, mask_optimizer="adam", hooks=[hook])
         ctx.state.update({"masked": masked, "gates": gates})
         kept, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, loader)
         weights = masked.state()
@@ -275,8 +272,8 @@ class Sanp(Pass):
             "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history,
             "histograms": {"per_sample_macs": {"before": [], "after": per_sample.tolist(),
                                                "threshold": target, "xlabel": "MACs kept per sample"}}}
-        if ctx.data.get("evaluate") is not None:
-            report["dynamic_metrics"] = ctx.data["evaluate"](masked.module)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            report["dynamic_metrics"] = metrics
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, k in kept.items():
             scores[gid] = np.where(k, np.inf, -np.inf)

@@ -63,7 +63,8 @@ import torch
 from torch import nn
 
 from fxprune.masking import MaskedModel, Scale
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.masking.train import train_masked
+from fxprune.recovery.engine import Hook, TrainState
 from fxprune.recovery.modes import reinitialize
 from fxprune.state import named_tensors
 
@@ -154,11 +155,10 @@ class Scratch(LearnedScales):
         for p in masked.weight_parameters():
             p.requires_grad_(False)
         gates = masked.mask_parameters()
-        if gates and self.epochs > 0:
-            device = next(iter(masked.module.parameters())).device
-            train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, parameters=[],
-                  masks=MaskTraining(gates, lr=self.lr, optimizer="adamw", weight_decay=0.0),
-                  hooks=[GateHook(gates, self.lam, self.r, self.sparsity)])
+        if gates and self.epochs > 0:  # the weights stay the random ones: only the gates learn
+            train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, loader=loader, weights=[], masks=gates,
+                         mask_lr=self.lr, mask_optimizer="adamw", mask_weight_decay=0.0,
+                         hooks=[GateHook(gates, self.lam, self.r, self.sparsity)])
         return masked
 
     def score(self, ctx: PassContext) -> Scores:

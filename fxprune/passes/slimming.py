@@ -61,7 +61,8 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.masking import MaskedModel, Scale
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, batches_per_epoch, train
+from fxprune.masking.train import train_masked, trained_metrics
+from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch
 from fxprune.state import named_tensors
 
 from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
@@ -206,14 +207,12 @@ class Slimming(LearnedScales):
                     if not any(p.role == "norm" and p.name in with_bn for p in g.params)]
         masked = ctx.insert_masks(lambda g: Scale(len(g), mean_gamma), only=unscaled)
         scales = _learned(masked)
-        device = next(iter(masked.module.parameters())).device
-        train(masked.module, loader, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer=self.optimizer,
-              parameters=masked.weight_parameters(), hooks=self._hooks(ctx, loader, mean_gamma, scales),
-              masks=MaskTraining(list(scales.values()), lr=self.lr, optimizer="sgd") if scales else None)
-        masked.module.eval()
+        train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, loader=loader,
+                     masks=list(scales.values()), mask_lr=self.lr, mask_optimizer="sgd",
+                     hooks=self._hooks(ctx, loader, mean_gamma, scales))
         ctx.weights.update(masked.fold().weights)  # the sparsity-trained network, its scales folded in
-        if ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            ctx.report["trained_metrics"] = metrics
         return masked
 
     def score(self, ctx: PassContext) -> Scores:

@@ -58,7 +58,8 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import Block, leads_in, mix_exits, remove_blocks, residual_blocks, stage_exits
-from fxprune.recovery.engine import Hook, MaskTraining, TrainState, train
+from fxprune.masking.train import train_masked, trained_metrics
+from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.cost import CostCounter
 from fxprune.state import seeded
 from fxprune.tracing.compat import batch_norm_types
@@ -402,12 +403,11 @@ class Tas(Pass):
                        self.tolerance_macs * cost.full, self.cost_weight, (self.tau_max, self.tau_min))
         if self.epochs > 0 and arch:
             weights_half, arch_half = halves(loader, self.seed)
-            device = next(iter(masked.module.parameters())).device
-            train(masked.module, weights_half, ctx.data.get("loss"), self.epochs, self.lr, device, optimizer="sgd",
-                  nesterov=True, weight_decay=self.weight_decay, schedule="cosine",
-                  parameters=[p for p in masked.weight_parameters() if all(p is not a for a in arch)], hooks=[hook],
-                  masks=MaskTraining(arch, lr=self.arch_lr, optimizer="adam", weight_decay=self.arch_weight_decay,
-                                     betas=(0.5, 0.999), loader=arch_half))
+            train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=weights_half,
+                         weights=[p for p in masked.weight_parameters() if all(p is not a for a in arch)],
+                         masks=arch, mask_lr=self.arch_lr, mask_optimizer="adam",
+                         mask_weight_decay=self.arch_weight_decay, mask_betas=(0.5, 0.999), mask_loader=arch_half,
+                         hooks=[hook], nesterov=True, weight_decay=self.weight_decay, schedule="cosine")
         if self.epochs > 0 and arch and self.recalibrate > 0:
             recalibrate(masked.module, loader, self.recalibrate)
         masked.module.eval()
@@ -425,8 +425,8 @@ class Tas(Pass):
                                "kept": k + int(leads_in(ctx.gm.graph, stages[stage])),
                                "removed": [b.name for b in stages[stage][k:]]} for stage, k in kept_depths.items()},
             "skipped": masked.skipped})
-        if ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            ctx.report["trained_metrics"] = metrics
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, w in widths.items():
             scores[gid] = np.where(w.keep().cpu().numpy() > 0, np.inf, -np.inf)
