@@ -27,8 +27,9 @@ from .annotations import write_masks, write_scores, write_selection
 from .compaction.compact import Compacted
 from .compaction.compact import compact as compact_graph
 from .compaction.emit import GraphEdit
-from .compaction.targets import for_modules, resize, trace_for
-from .passes.base import Pass, PassContext, PassError, Scores
+from .compaction.modules import freeze_code_sizes
+from .compaction.targets import resize, trace_for
+from .passes.base import Pass, PassContext, Scores, require_weights_only
 from .selection.budget import Budget, Selection, SelectionError
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import NothingToPruneError, nothing_prunable
@@ -99,14 +100,6 @@ def _unfrozen(model: torch.nn.Module, example_inputs: Any, gm: fx.GraphModule, g
     return static, again
 
 
-def _reads_weights_only(the_pass: Pass) -> None:
-    """The modules target has no graph to train or calibrate in: refuse a pass that runs one."""
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates in the traced graph, and this model has no "
-                        "graph that runs on other inputs (it is compacted by resizing its modules): use a pass "
-                        "that reads the weights only, such as l1")
-
-
 def _prunable_channels(groups: ChannelGroups) -> int:
     return sum(len(g) for g in groups.prunable)
 
@@ -144,8 +137,10 @@ def analyse(model: torch.nn.Module, example_inputs: Any, the_pass: Pass, *, targ
         if used["target"] == "graph" and dynamic_shapes is None:
             gm, groups = _unfrozen(model, example_inputs, gm, groups, allow_inexact)
         if used["target"] == "modules":
-            _reads_weights_only(the_pass)
-            for_modules(gm, groups, model)
+            require_weights_only(the_pass, "in the traced graph, and this model has no graph that runs on other "
+                                 "inputs (it is compacted by resizing its modules): use a pass that reads the "
+                                 "weights only, such as l1")
+            freeze_code_sizes(gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
         latency = latency_model(gm, groups, used["target"], selection) if which == "latency" else None

@@ -10,7 +10,7 @@ from .analysis.rules.norm import DIRECTION
 from .compaction.plan import Plan
 from .state import attribute, named_tensors
 from .tracing.compat import tree_leaves
-from .tracing.dynamic import resized
+from .tracing.dynamic import at_probe, resized
 from .tracing.tracer import normalize_inputs
 
 __all__ = ["masked_model", "with_weights", "assert_equivalent", "second_sizes"]
@@ -109,7 +109,7 @@ def second_sizes(result: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, di
     if shapes is None:
         return []
     leaves = tree_leaves((args, kwargs))
-    return [resized(args, kwargs, {(a.leaf, a.dim): a.probe for a in group}) for group in shapes.groups()
+    return [resized(args, kwargs, at_probe(group)[0]) for group in shapes.groups()
             if all(a.leaf < len(leaves) and isinstance(leaves[a.leaf], torch.Tensor) and leaves[a.leaf].dim() > a.dim
                    and leaves[a.leaf].shape[a.dim] == a.size for a in group)]
 

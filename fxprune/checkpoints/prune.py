@@ -29,6 +29,7 @@ import torch
 from fxprune import pipeline
 from fxprune.analysis import ChannelGroups, analyze
 from fxprune.compaction.plan import Plan
+from fxprune.passes.base import require_weights_only
 from fxprune.passes.registry import PassError, make_pass
 from fxprune.selection.budget import Selection, resource_target
 from fxprune.selection.cost import Cost, CostCounter
@@ -238,10 +239,9 @@ def _recorded_notes() -> Iterator[list[str]]:
 def _weights_only_pass(method: str, options: dict[str, Any] | None) -> Any:
     """The pass, which must read weights only (``Pass.runs_graph`` False): the others train or calibrate."""
     the_pass = make_pass(method, options)
-    if getattr(the_pass, "runs_graph", True):
-        raise PassError(f"pass {the_pass.name!r} trains or calibrates a model, and a checkpoint folder is pruned "
-                        "from disk without loading it: use a pass that reads weights only (l1), or write a model "
-                        "file whose model() loads the checkpoint")
+    require_weights_only(the_pass, "a model, and a checkpoint folder is pruned from disk without loading it: use a "
+                         "pass that reads weights only (l1), or write a model file whose model() loads the "
+                         "checkpoint")
     return the_pass
 
 

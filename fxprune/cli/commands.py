@@ -390,12 +390,13 @@ def _analysed(model: Any, inputs: Any, dynamic_shapes: Any = None) -> tuple[Any,
     """The channel groups as ``fxprune run --target auto`` sees them: of the traced graph, or, for a model
     torch.export cannot trace whole, of the record of one real run, with the sizes its code holds frozen."""
     import fxprune
-    from fxprune.compaction.targets import for_modules, trace_for
+    from fxprune.compaction.modules import freeze_code_sizes
+    from fxprune.compaction.targets import trace_for
 
     gm, used = trace_for(model, inputs, "auto", dynamic_shapes)
     groups = fxprune.analyze(gm)
     if used["target"] == "modules":
-        for_modules(gm, groups, model)
+        freeze_code_sizes(gm, groups, model)
     return groups, used
 
 

@@ -3,9 +3,6 @@
 - ``trace_for``: ``"graph"`` traces as before; ``"modules"`` records one real run for the analysis
   (``record_trace(analysis=True)``); ``"auto"`` traces, and falls back to the recording when the model
   cannot be traced whole, saying why (a failed export's page of partial graph is dropped then);
-- ``for_modules``: what the modules target needs before scoring: the groups whose sizes the model's code
-  holds frozen (``freeze_code_sizes``); that the pass does not run the graph (``Pass.runs_graph``) is the
-  driver's check;
 - ``resize``: the user's modules resized in a copy by the plan (``resize_modules``), run once on the
   example inputs as the check.
 """
@@ -24,15 +21,15 @@ import torch.fx as fx
 from fxprune.analysis.groups import ChannelGroups
 from fxprune.analysis.reindex import Reindexing
 from fxprune.annotations import write_selection
-from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes, resized
+from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes, at_probe, resized
 from fxprune.tracing.quiet import ThreadHeldStream
 from fxprune.tracing.tracer import TraceError, trace
 
 from .emit import CompactionError, GraphEdit
-from .modules import freeze_code_sizes, resize_modules
+from .modules import resize_modules
 from .plan import add_aliases, build_plan
 
-__all__ = ["TARGETS", "trace_for", "analysis_trace", "for_modules", "resize"]
+__all__ = ["TARGETS", "trace_for", "analysis_trace", "resize"]
 
 
 TARGETS = ("auto", "graph", "modules")
@@ -106,12 +103,6 @@ def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     return gm
 
 
-def for_modules(gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module | None = None) -> None:
-    """What the modules target needs: groups whose sizes no line of the model's Python code holds
-    (``freeze_code_sizes``)."""
-    freeze_code_sizes(gm, groups, model)
-
-
 def resize(gm: fx.GraphModule, groups: ChannelGroups, removed: np.ndarray, base: torch.nn.Module,
            weights: dict[str, torch.Tensor], edits: Sequence[GraphEdit], example_inputs: Any,
            verify: bool) -> tuple[torch.nn.Module, dict, np.ndarray]:
@@ -134,8 +125,8 @@ def _check_runs(module: torch.nn.Module, name: str, args: tuple, kwargs: dict, s
     """The resized module runs on the example inputs, and with each group of dynamic axes at its second size."""
     runs = [("the example inputs", (args, kwargs))]
     for group in (shapes.groups() if shapes is not None else []):
-        at = ", ".join(f"{a} at {a.probe}" for a in group)
-        runs.append((f"the example inputs with {at}", resized(args, kwargs, {(a.leaf, a.dim): a.probe for a in group})))
+        sizes, at = at_probe(group)
+        runs.append((f"the example inputs with {at}", resized(args, kwargs, sizes)))
     was = module.training
     module.eval()
     try:

@@ -14,7 +14,7 @@ from fxprune.analysis.couple import TensorRef
 from fxprune.analysis.reindex import Reindexing
 from fxprune.analysis.slots import tensor_values
 from fxprune.tracing.compat import batch_norm_types, has_unbacked_sizes, tree_leaves, tree_map
-from fxprune.tracing.dynamic import INPUT_SHAPES, Axis, InputShapes, resized
+from fxprune.tracing.dynamic import INPUT_SHAPES, Axis, InputShapes, at_probe, resized
 from fxprune.tracing.meta_norms import META_ON_META, norm_output, shaped_on_meta
 from fxprune.tracing.tracer import META_INPUTS
 
@@ -94,8 +94,7 @@ def verify_shapes(gm: fx.GraphModule, reindexing: Reindexing, error: type[Except
     shapes: InputShapes = gm.meta.get(INPUT_SHAPES, InputShapes())
     unrunnable: dict[Axis, str] = {}
     for group in shapes.groups():
-        sizes = {(a.leaf, a.dim): a.probe for a in group}
-        at = ", ".join(f"{a} at {a.probe}" for a in group)
+        sizes, at = at_probe(group)
         resized_leaves = list(tree_leaves(resized(args, kwargs, sizes)))
         try:
             full = _shapes(_MetaRun(reindexing.groups.gm), [_meta(x) for x in resized_leaves])

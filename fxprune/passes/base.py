@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only
     from fxprune.edits.blocks import Block
     from fxprune.masking import MaskedModel
 
-__all__ = ["Pass", "PassContext", "PassError", "Scores"]
+__all__ = ["Pass", "PassContext", "PassError", "Scores", "require_weights_only"]
 
 
 class PassError(ValueError):
@@ -165,3 +165,10 @@ class Pass:
     @staticmethod
     def prunable(ctx: PassContext) -> list[Group]:
         return ctx.groups.prunable
+
+
+def require_weights_only(the_pass: Pass, why: str) -> None:
+    """Refuse a pass that trains or calibrates (``Pass.runs_graph``) where nothing can run: ``why`` completes
+    "pass NAME trains or calibrates ..." with what is missing and what to do."""
+    if getattr(the_pass, "runs_graph", True):
+        raise PassError(f"pass {the_pass.name!r} trains or calibrates {why}")

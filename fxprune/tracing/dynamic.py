@@ -24,7 +24,7 @@ or say which it does not. Nobody lists those axes by hand:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch.fx as fx
 from . import compat
 
 __all__ = ["Axis", "Fixed", "InputShapes", "find_axes", "from_spec", "export_spec", "static_axes", "resized",
-           "probe_size", "leaf_names", "read_sizes_from_inputs", "INPUT_SHAPES"]
+           "at_probe", "probe_size", "leaf_names", "read_sizes_from_inputs", "INPUT_SHAPES"]
 
 INPUT_SHAPES = "fxprune.input_shapes"  # gm.meta: the InputShapes the graph was traced with (written by the tracer)
 
@@ -139,6 +139,12 @@ def _walk(value: Any, name: str) -> Iterator[str]:
             yield from _walk(v, f"{name}[{k!r}]")
     else:
         yield name
+
+
+def at_probe(group: Sequence[Axis]) -> tuple[dict[tuple[int, int], int], str]:
+    """A group of axes at its second size: ``{(leaf, dim): probe size}`` for ``resized``, and how to say it
+    ("x axis 0 at 5, ...")."""
+    return {(a.leaf, a.dim): a.probe for a in group}, ", ".join(f"{a} at {a.probe}" for a in group)
 
 
 def resized(args: tuple, kwargs: dict, sizes: dict[tuple[int, int], int]) -> tuple[tuple, dict]:
