@@ -130,13 +130,12 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, torch.Tens
     return folder / f"{name}.json"
 
 
-def _pairs(folder: Path, name: str) -> tuple[str | None, str | None]:
-    """The pair tokens of the JSON file and of the tensor file."""
+def _tensor_pair(folder: Path, name: str) -> str | None:
+    """The pair token of the tensor file (from its header: no tensor is read)."""
     from safetensors import safe_open
 
     with safe_open(str(folder / f"{name}.safetensors"), "pt") as f:
-        tensors = (f.metadata() or {}).get("pair")
-    return json.loads((folder / f"{name}.json").read_text()).get("pair"), tensors
+        return (f.metadata() or {}).get("pair")
 
 
 def checkpoint_exists(folder: str | Path, name: str) -> bool:
@@ -144,8 +143,7 @@ def checkpoint_exists(folder: str | Path, name: str) -> bool:
     folder = Path(folder)
     if not ((folder / f"{name}.json").is_file() and (folder / f"{name}.safetensors").is_file()):
         return False
-    meta, tensors = _pairs(folder, name)
-    return meta == tensors
+    return json.loads((folder / f"{name}.json").read_text()).get("pair") == _tensor_pair(folder, name)
 
 
 def load_checkpoint(folder: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -154,7 +152,7 @@ def load_checkpoint(folder: str | Path, name: str) -> tuple[dict[str, torch.Tens
     meta = json.loads((folder / f"{name}.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / name}.json is not an fxprune checkpoint (format {meta.get('format')!r})")
-    if meta.get("pair") != _pairs(folder, name)[1]:
+    if meta.get("pair") != _tensor_pair(folder, name):
         raise ValueError(f"{folder / name}.safetensors and .json are from two different saves (a process stopped "
                          "between writing them): that checkpoint is lost, the one before it was replaced")
     return load_file(str(folder / f"{name}.safetensors")), meta
