@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import threading
@@ -183,23 +184,19 @@ def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis]
 
 
 def _torch_export(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
-                  insist: bool = False) -> Traced:
-    ep, fixed = export_program(model, args, kwargs, axes)
-    return ep.module(), fixed
-
-
-def _strict_export(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
-                   insist: bool = False) -> Traced:
-    """torch.export through TorchDynamo: it follows ``len(x)``, ``int(x.shape[0])`` and ``math.sqrt`` of a size
-    symbolically, which the non-strict tracers fix. Tried only when an earlier front end fixed an axis."""
-    ep, fixed = export_program(model, args, kwargs, axes, strict=True)
+                  insist: bool = False, *, strict: bool = False) -> Traced:
+    """torch.export; ``strict``: through TorchDynamo, which follows ``len(x)``, ``int(x.shape[0])`` and
+    ``math.sqrt`` of a size symbolically where the non-strict tracers fix them (tried only when an earlier
+    front end fixed an axis)."""
+    ep, fixed = export_program(model, args, kwargs, axes, strict=strict)
     return ep.module(), fixed
 
 
 # The front ends, quickest first; each raises on what it cannot trace and the next one takes over. The
 # first two use private torch helpers (``compat.SUPPORT`` probes them): on a torch where those moved,
 # they are skipped with a warning, export remains.
-FRONTENDS = {"record": _record, "make_fx": _make_fx, "export": _torch_export, "export-strict": _strict_export}
+FRONTENDS = {"record": _record, "make_fx": _make_fx, "export": _torch_export,
+             "export-strict": functools.partial(_torch_export, strict=True)}
 _FALLBACK_NAMES = {"record": "the recorder", "make_fx": "make_fx", "export": "torch.export",
                    "export-strict": "torch.export (strict)"}
 # tried only to keep input axes free that the front ends before it fixed (never alone, never for a failure)
