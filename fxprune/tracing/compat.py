@@ -297,6 +297,21 @@ def lazy_graph_module_class() -> type | None:
     return None if isinstance(obj, _Missing) else obj
 
 
+def wrap_stack_summary(env: Any, wrap: Callable[[Any], Any]) -> None:
+    """Pass the source location a ShapeEnv records for each guard and replacement (the first result of its
+    private ``_get_stack_summary``) through ``wrap``, on this instance only; nothing on a torch without it (the
+    locations stay torch's own)."""
+    summary = getattr(env, "_get_stack_summary", None)
+    if summary is None:
+        return
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        sloc, *rest = summary(*args, **kwargs)
+        return (wrap(sloc), *rest)
+
+    env._get_stack_summary = wrapped
+
+
 def is_op_overload(target: Any) -> bool:
     """Whether ``target`` is an ATen/custom operator overload (``torch.ops.aten.add.Tensor``)."""
     cls = _get("OpOverload")

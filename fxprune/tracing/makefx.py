@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxprune.state import named_tensors
 
-from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves
+from .compat import Support, is_op_overload, make_fx_support, op_schema, tree_leaves, wrap_stack_summary
 from .dynamic import Axis
 from .frames import user_frames
 from .lazy_module import lazy_graph_module
@@ -135,21 +135,17 @@ def _fails(expr: Any, values: dict[Any, Any]) -> bool:
 def _locate_in_user_code(env: Any) -> None:
     """Make the source locations this ShapeEnv records for its guards and replacements name the user's line: by
     itself it names the first frame outside torch's tracing, often another torch file (``torch.linspace``'s
-    handler). The wrapper is this instance's own attribute: no other ShapeEnv is touched."""
-    summary = getattr(env, "_get_stack_summary", None)
-    if summary is None:
-        return
+    handler). Only this instance is touched (``compat.wrap_stack_summary``)."""
     import dataclasses
     import traceback
 
-    def located(*args: Any, **kwargs: Any) -> Any:
-        sloc, *rest = summary(*args, **kwargs)
+    def located(sloc: Any) -> Any:
         mine = user_frames(traceback.extract_stack()[:-1])
         if mine and dataclasses.is_dataclass(sloc) and hasattr(sloc, "framework_loc"):
-            sloc = dataclasses.replace(sloc, framework_loc=mine[-1])
-        return (sloc, *rest)
+            return dataclasses.replace(sloc, framework_loc=mine[-1])
+        return sloc
 
-    env._get_stack_summary = located
+    wrap_stack_summary(env, located)
 
 
 def _where(sloc: Any) -> str:
