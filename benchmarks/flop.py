@@ -33,6 +33,7 @@ import torch
 from _common import example
 
 import fxprune
+from fxprune.edits.factorize import merge_unprofitable
 from fxprune.measure import latency_ms
 from fxprune.passes.base import PassContext, Scores
 from fxprune.passes.flop import Flop
@@ -49,15 +50,13 @@ class MagnitudeFactors(Flop):
 
     name = "flop-magnitude"
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> fxprune.Decision:
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, (path, _) in self.rank_groups(ctx).items():
             norms = [_rank_norms(ctx, gid, f"{path}.weight_{k}") for k in ("u", "v")]
             scores[gid] = (norms[0] * norms[1]).detach().double().cpu().numpy()
-        return scores
-
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        return {}
+        layers = self.layers(ctx.user)  # the weights as factorised; layers whose rank saves nothing merged back
+        return fxprune.Decision(scores, finish=lambda removed: fxprune.Finish(edits=[merge_unprofitable(layers)]))
 
 
 def _rank_norms(ctx: PassContext, gid: int, name: str) -> torch.Tensor:

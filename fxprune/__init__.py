@@ -30,6 +30,7 @@ if typing.TYPE_CHECKING:
     from .checkpoints import prune_checkpoint
     from .compaction import CompactionError, Plan, apply_plan, compact, slice_tensor
     from .passes.base import Pass, PassContext
+    from .passes.decision import Decision, Finish
     from .passes.registry import available_passes
     from .tracing.tracer import TraceError, trace
 
@@ -41,14 +42,14 @@ _EXPORTS = {
     "prune": "api", "compact": "compaction", "PruneResult": "api",
     "load": "artifacts", "prune_checkpoint": "checkpoints",
     "CompactionError": "compaction", "Plan": "compaction", "apply_plan": "compaction", "slice_tensor": "compaction",
-    "Pass": "passes.base", "PassContext": "passes.base",
+    "Pass": "passes.base", "PassContext": "passes.base", "Decision": "passes.decision", "Finish": "passes.decision",
     "available_passes": "passes.registry",
     "trace": "tracing.tracer", "TraceError": "tracing.tracer",
 }
 
 __all__ = ["prune", "trace", "analyze", "compact", "PruneResult", "ChannelGroups", "Group", "Pass", "PassContext",
-           "Plan", "apply_plan", "slice_tensor", "available_passes", "TraceError", "CompactionError", "load",
-           "prune_checkpoint"]
+           "Decision", "Finish", "Plan", "apply_plan", "slice_tensor", "available_passes", "TraceError",
+           "CompactionError", "load", "prune_checkpoint"]
 __version__ = "0.1.0"
 
 

@@ -46,8 +46,8 @@ class PruneResult:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors the pass gave compaction
     base: torch.nn.Module | None = None    # the model the plan refers to when a pass pruned another model than
     #                                        the user's (Pass.prepare, e.g. scratch's wider copy); None: the user's
-    report: dict[str, Any] = field(default_factory=dict)  # what the pass reported (PassContext.report), JSON-able
-    # files the pass adds to an output folder (PassContext.artifacts): name -> writer(folder); sanp's "dynamic"
+    report: dict[str, Any] = field(default_factory=dict)  # what the pass reported (Decision.report), JSON-able
+    # files the pass adds to an output folder (Decision.artifacts): name -> writer(folder); sanp's "dynamic"
     artifacts: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # objects the pass built besides the module (sanp: "dynamic")
     # what compaction rewrote: {"target": "graph" (the traced graph) or "modules" (the user's modules, resized), "why"}
@@ -136,10 +136,10 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         stage("select")
         selected = pipeline.select(scored)
         stage("compact")
-        done = pipeline.compact(the_pass, scored, selected, example_inputs, verify, needs_scores)
+        done = pipeline.compact(scored, selected, example_inputs, verify)
         if recover is not None:
             stage("recover")
-        out, ctx = done.compacted, scored.ctx
+        out, ctx, decision = done.compacted, scored.ctx, scored.decision
         log = pipeline.recover(out.module, recover, model, data, epochs, distill, analysed.before, done.after)
         shapes = pipeline.input_shapes(out.module, analysed.gm)
         if shapes.fixed:
@@ -147,5 +147,5 @@ def prune(model: torch.nn.Module, example_inputs: Any, method: str | Pass = "l1"
         latency = analysed.latency
         return PruneResult(out.module, out.plan, ctx.groups, out.removed, scored.scores, analysed.before, done.after,
                            selected.selection, log, done.weights, scored.base if scored.prepared else None,
-                           ctx.report, dict(ctx.artifacts), dict(ctx.state.get("extras", {})), analysed.target,
+                           dict(decision.report), dict(decision.artifacts), dict(decision.extras), analysed.target,
                            latency.summary(out.removed) if latency is not None else None, shapes)

@@ -12,6 +12,7 @@ that reads its keywords into those values and calls the stages in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +31,7 @@ from .compaction.emit import GraphEdit
 from .compaction.modules import freeze_code_sizes
 from .compaction.targets import resize, trace_for
 from .passes.base import Pass, PassContext, Scores, require_weights_only
+from .passes.decision import Decision, as_decision
 from .selection.budget import Budget, Selection, SelectionError
 from .selection.cost import Cost, CostCounter
 from .selection.diagnose import NothingToPruneError, nothing_prunable
@@ -64,8 +66,6 @@ def _gc_frozen() -> Iterator[None]:
 def latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
     """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
     calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
-    import dataclasses
-
     from .selection.budget import select
     from .selection.latency import LatencyModel
 
@@ -162,16 +162,20 @@ def check_prunable(analysed: Analysed, required: bool) -> None:
 
 @dataclass
 class Scored:
-    """The pass's scores and what it read them from: its context (its own model when it prepared one), the
-    graph and groups it scored, the budget that selects from them and the model compaction slices."""
+    """The pass's decision and what it was made on: its context (its own model when it prepared one), the budget
+    that selects from its scores and the model compaction slices."""
 
     ctx: PassContext
-    scores: Scores
+    decision: Decision
     budget: Budget
     counter: CostCounter
     base: torch.nn.Module
     prepared: bool
     target: dict[str, str]
+
+    @property
+    def scores(self) -> Scores:
+        return self.decision.scores
 
 
 def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapping[str, Any],
@@ -180,7 +184,7 @@ def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapp
     """Run the pass (``prepare`` and ``score``) under the run's budget; the scores (and any masks) are written
     onto the graph (``fxprune.annotations``). ``source``: where the pass reads tensors when the graph holds none
     (a checkpoint folder, traced on meta)."""
-    ctx = PassContext(analysed.gm, analysed.groups, model, dict(data), selection,
+    ctx = PassContext(analysed.gm, analysed.groups, model, data, selection,
                       target=(which, float(resource)) if resource is not None else None, source=source)
     prepared = the_pass.prepare(ctx) if needs_scores else None
     counter = analysed.counter
@@ -192,13 +196,12 @@ def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapp
     latency = analysed.latency
     measure, full = (latency, latency()) if latency is not None else (counter, analysed.before)
     budget = Budget(ctx.groups, selection, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
-    ctx.select = budget.removal
-    base = ctx.model
-    scores = the_pass.score(ctx) if needs_scores else {}
-    write_scores(ctx.gm, the_pass.name, scores)
-    if ctx.masks:
-        write_masks(ctx.gm, the_pass.name, ctx.masks)
-    return Scored(ctx, scores, budget, counter, base, prepared is not None, analysed.target)
+    ctx = dataclasses.replace(ctx, select=budget.removal)
+    decision = as_decision(the_pass.score(ctx), the_pass.name) if needs_scores else Decision({})
+    write_scores(ctx.gm, the_pass.name, decision.scores)
+    if decision.masks:
+        write_masks(ctx.gm, the_pass.name, decision.masks)
+    return Scored(ctx, decision, budget, counter, ctx.model, prepared is not None, analysed.target)
 
 
 @dataclass
@@ -224,28 +227,26 @@ class Done:
     after: Cost
 
 
-def compact(the_pass: Pass, scored: Scored, selected: Selected, example_inputs: Any, verify: bool,
-            needs_scores: bool) -> Done:
-    """The pass's weights and edits for the removal, then the target's compaction (graph or modules)."""
-    ctx, removed, base = scored.ctx, selected.removed, scored.base
+def compact(scored: Scored, selected: Selected, example_inputs: Any, verify: bool) -> Done:
+    """The pass's weights and edits for the removal (``Decision.finished``), then the target's compaction (graph
+    or modules)."""
+    ctx, removed, base, decision = scored.ctx, selected.removed, scored.base, scored.decision
     gm, groups = ctx.gm, ctx.groups
-    weights = the_pass.weights(ctx, removed) if needs_scores else {}
-    edits = the_pass.edits(ctx, removed) if needs_scores else []
+    weights, edits = decision.finished(removed)
     graph = scored.target["target"] == "graph"
     if not graph:
         out = Compacted(*resize(gm, groups, removed, base, weights, edits, example_inputs, verify))
     else:
         out = compact_graph(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
     if graph and (weights or edits) and (out.removed != removed).any():  # a group kept whole: redo
-        weights = the_pass.weights(ctx, out.removed)
-        edits = the_pass.edits(ctx, out.removed)
+        weights, edits = decision.finished(out.removed)
         out = compact_graph(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
     after = scored.counter(out.removed)
     if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
         from .measure import count_macs, count_params
 
         after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
-    return Done(out, weights, edits, after)
+    return Done(out, dict(weights), list(edits), after)
 
 
 def recover(module: torch.nn.Module, mode: str | None, original: torch.nn.Module, data: Mapping[str, Any],

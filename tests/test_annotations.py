@@ -78,8 +78,7 @@ class GatedL1(L1Norm):
 
     def score(self, ctx):
         scores = super().score(ctx)
-        ctx.masks.update({g: s / s.max() for g, s in scores.items()})
-        return scores
+        return fxprune.Decision(scores, masks={g: s / s.max() for g, s in scores.items()})
 
 
 def test_a_pass_mask_is_written_beside_its_scores():

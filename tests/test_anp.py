@@ -128,8 +128,8 @@ def test_folded_soft_scales_equal_the_trained_masked_network(placement: str, net
     x = torch.rand(6, *shape)
     ctx = _context(model, x, _data(shape))
     the_pass = Anp(variant="bp", epochs=1, placement=placement, lr_mask=0.5)
-    scores = the_pass.score(ctx)
-    masked = ctx.state["masked"]
+    finish = the_pass.score(ctx).finish
+    masked = finish.masked
     assert set(masked.masks) == {g.id for g in ctx.groups.prunable}  # every group, with or without a norm
     with torch.no_grad():  # push a few channels under the threshold: the method's own pruning
         for mask in masked.masks.values():
@@ -139,7 +139,7 @@ def test_folded_soft_scales_equal_the_trained_masked_network(placement: str, net
     removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
     for g in ctx.groups.prunable:
         removed[g.channels[np.isneginf(scores[g.id])]] = True
-    out = fxprune.compact(ctx.gm, ctx.groups, removed, model, weights=the_pass.weights(ctx, removed))
+    out = fxprune.compact(ctx.gm, ctx.groups, removed, model, weights=finish(removed).weights)
     assert out.removed.sum() == 2 * len(masked.masks)
     want = masked.module.eval().to(F64)(x.to(F64))
     got = out.module.eval().to(F64)(x.to(F64))

@@ -197,11 +197,11 @@ def test_flop_factorised_model_at_full_rank_is_the_original_in_float64() -> None
     gm = fxprune.trace(model, (x,))
     ctx = fxprune.PassContext(gm, fxprune.analyze(gm), model, {})
     new = Flop().prepare(ctx)
-    assert set(new.state["layers"]) == {"fc1", "fc2", "fc3"}
+    assert new.origin is ctx and set(Flop().layers(new.user)) == {"fc1", "fc2", "fc3"}
     names = dict(new.gm.named_parameters())
     assert names["fc2.weight_v"].shape == (64, 64) and "fc2.weight" not in names
     torch.testing.assert_close(new.gm(x), model(x), rtol=1e-10, atol=1e-12)
-    ranks = Flop.rank_groups(new)
+    ranks = Flop().rank_groups(new)
     assert sorted(path for path, _ in ranks.values()) == ["fc1", "fc2", "fc3"]
     assert {size for _, size in ranks.values()} == {16 + 64, 64 + 64, 64 + 4}
 

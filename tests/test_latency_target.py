@@ -133,7 +133,7 @@ def test_prune_to_a_latency_target_is_exact_and_hits_its_prediction():
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     res = fxprune.prune(net, (x,), "l1", target_latency=0.7)
     assert res.latency is not None
-    assert abs(res.latency["predicted_kept"] - 0.7) <= 0.01
+    assert abs(res.latency["predicted_kept"] - 0.7) <= 0.01 + 1e-9  # the search's tolerance, less float rounding
     assert res.removed.any() and res.latency["measured_ms"] > 0
     assert_equivalent(net, res, (x,), dtype=torch.float32)
     json.dumps(res.latency)  # goes into report.json as it is

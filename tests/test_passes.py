@@ -7,6 +7,7 @@ signal (ThiNet and LASSO against l1 on the bundled digits network, trained for a
 """
 from __future__ import annotations
 
+import functools
 import sys
 import textwrap
 import tomllib
@@ -225,8 +226,8 @@ def test_thinet_and_lasso_select_better_channels_than_l1_on_a_trained_network(tr
     class L1ChoiceThiNetRescale(ThiNet):
         name = "l1-choice-thinet-rescale"
 
-        def score(self, ctx):
-            return L1Norm().score(ctx)
+        def score(self, ctx):  # l1's choice, ThiNet's reconstruction of the consumers for it
+            return fxprune.Decision(L1Norm().score(ctx), finish=functools.partial(self.reconstructed, ctx))
 
     digits, net = trained_digits
     opts = {"batches": 6, "per_batch": 32}
@@ -350,3 +351,82 @@ TINY_MODEL = '''
     def example_inputs():
         return (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
 '''
+
+
+# ---- the pass interface: a function of a read-only context to a Decision --------------------------------------
+def test_readme_shows_the_l1_pass_whole_as_the_template():
+    readme = (REPO / "README.md").read_text()
+    source = (REPO / "fxprune" / "passes" / "l1.py").read_text()
+    assert f"```python\n{source}```" in readme
+
+
+def test_a_pass_context_is_read_only_and_names_what_replaced_its_old_fields():
+    import dataclasses
+
+    model = Net().eval()
+    gm = fxprune.trace(model, (torch.randn(2, 3, 4, 4),))
+    ctx = fxprune.PassContext(gm, fxprune.analyze(gm), model, {"train_loader": []})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.model = None
+    with pytest.raises(TypeError):
+        ctx.data["loss"] = None
+    for gone in ("weights", "report", "masks", "state", "artifacts"):
+        with pytest.raises(AttributeError, match=rf"PassContext.{gone} is gone.*Decision|closure"):
+            getattr(ctx, gone)
+    wide = ctx.prepared(gm, ctx.groups, model)
+    assert wide.origin is ctx and wide.user is ctx and ctx.user is ctx
+
+
+def test_a_pass_with_the_old_weights_hook_is_refused_when_defined():
+    from dataclasses import dataclass
+
+    with pytest.raises(PassError, match="weights hook.*Decision"):
+        @dataclass(frozen=True)
+        class Old(fxprune.Pass):
+            name = "old"
+
+            def score(self, ctx):
+                return {}
+
+            def weights(self, ctx, removed):
+                return {}
+
+
+def test_a_pass_returning_neither_scores_nor_a_decision_is_named():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Wrong(fxprune.Pass):
+        name = "wrong"
+
+        def score(self, ctx):
+            return [1.0]
+
+    with pytest.raises(TypeError, match="pass 'wrong': score.. returned list"):
+        fxprune.prune(Net().eval(), (torch.randn(2, 3, 4, 4),), Wrong(), 0.5)
+
+
+def test_a_decision_finish_gets_the_removal_and_its_weights_are_compacted():
+    """finish(removed) is called with the selected removal; the weights it returns are the ones compacted (the
+    result equals the masked original with them loaded)."""
+    from dataclasses import dataclass
+
+    from fxprune.passes.l1 import L1Norm
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class Doubled(fxprune.Pass):
+        name = "doubled"
+
+        def score(self, ctx):
+            def finish(removed):
+                seen.append(removed.copy())
+                return fxprune.Finish({"fc.weight": 2 * ctx.tensor("fc.weight")})
+            return fxprune.Decision(L1Norm().score(ctx), finish=finish)
+
+    model, x = Net().eval(), torch.randn(2, 3, 4, 4)
+    res = fxprune.prune(model, (x,), Doubled(), 0.5)
+    assert len(seen) == 1 and np.array_equal(seen[0], res.removed)
+    torch.testing.assert_close(res.weights["fc.weight"], 2 * model.fc.weight)
+    assert_equivalent(model, res, (x,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from fxprune.measure import count_macs
 from fxprune.passes.base import PassContext
 from fxprune.passes.tas import (
     ExpectedMacs,
+    Searched,
     StageDepth,
     Tas,
     WidthChoice,
@@ -159,7 +161,7 @@ def test_cost_loss_sign_rule() -> None:
     assert float(e.grad) < 0  # descending it raises E
 
 
-def _searched(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, dict, ExpectedMacs]:
+def _searched(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, dict, ExpectedMacs, Any, dict]:
     from fxprune.edits.blocks import mix_exits
 
     gm = trace(model, (x,))
@@ -171,14 +173,13 @@ def _searched(model: nn.Module, x: torch.Tensor) -> tuple[PassContext, dict, dic
     masked = ctx.insert_masks(lambda g: WidthChoice(tas.order(ctx, g), tas.fractions()), training=True,
                               edits=[mix_exits(list(stages.values()), lambda bs: depths[bs[0].stage])])
     widths = masked.masks
-    ctx.state.update({"masked": masked, "stages": stages, "depths": depths})
-    return ctx, widths, depths, ExpectedMacs(groups, widths, stages, depths)
+    return ctx, widths, depths, ExpectedMacs(groups, widths, stages, depths), masked, stages
 
 
 def test_expected_macs_equal_the_cost_model_at_one_hot_distributions() -> None:
     model = _model()
     x = torch.randn(2, 1, 8, 8)
-    ctx, widths, depths, cost = _searched(model, x)
+    ctx, widths, depths, cost, _, _ = _searched(model, x)
     assert set(depths) == {"layer1", "layer2"}
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -196,22 +197,21 @@ def test_expected_macs_equal_the_cost_model_at_one_hot_distributions() -> None:
 def test_depth_search_removes_blocks_and_compaction_equals_the_searched_network() -> None:
     model = _model()
     x = torch.randn(3, 1, 8, 8)
-    ctx, widths, depths, cost = _searched(model, x)
+    ctx, widths, depths, cost, masked, stages = _searched(model, x)
     with torch.no_grad():
         for w in widths.values():
             w.logits.copy_(torch.linspace(0, 1, len(w.logits)) * torch.tensor([1.0] * (len(w.logits) - 3) + [5, 0, 0]))
         depths["layer1"].logits.copy_(torch.tensor([5.0, 0.0]))  # keep 1 of 3
         depths["layer2"].logits.copy_(torch.tensor([0.0, 5.0]))  # keep all 3
-    masked = ctx.state["masked"]
     masked.module.eval()
-    tas = Tas()
     scores = {gid: np.where(w.keep().numpy() > 0, np.inf, -np.inf) for gid, w in widths.items()}
     removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
     for gid, s in scores.items():
         removed[ctx.groups[gid].channels[np.isneginf(s)]] = True
     assert removed.any()
-    out = fxprune.compact(ctx.gm, ctx.groups, removed, model, weights=tas.weights(ctx, removed),
-                          edits=tas.edits(ctx, removed))
+    gone = [b for stage, bs in stages.items() for b in bs[depths[stage].argmax_depth():]]
+    weights, edits = Searched(masked, gone)(removed)
+    out = fxprune.compact(ctx.gm, ctx.groups, removed, model, weights=weights, edits=edits)
     names = {n.target for n in out.module.graph.nodes if n.op == "get_attr"}
     assert not any(t.startswith(("layer1.1.", "layer1.2.")) for t in names)
     assert any(t.startswith("layer2.2.") for t in names)
@@ -247,8 +247,8 @@ def test_recalibration_reestimates_batchnorm_for_the_argmax_network() -> None:
 
     model = _model()
     x = torch.randn(2, 1, 8, 8)
-    ctx, widths, depths, _ = _searched(model, x)
-    module = ctx.state["masked"].module
+    _, widths, _, _, masked, _ = _searched(model, x)
+    module = masked.module
     bn = next(m for m in module.modules() if isinstance(m, nn.BatchNorm2d))
     recalibrate(module, _data(), 3)
     assert not module.training and all(not w.training for w in widths.values())

@@ -192,8 +192,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                                 source=lambda name: _read(ckpt, names, name))
         lap("score")
         selected = pipeline.select(scored)
-        removed, sel, ctx = selected.removed, selected.selection, scored.ctx
-        if the_pass.weights(ctx, removed) or the_pass.edits(ctx, removed):
+        removed, sel = selected.removed, selected.selection
+        if any(scored.decision.finished(removed)):
             raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
                             "carry: use a pass that only scores (l1)")
         plan, new_config, why_not = arch.decide(removed)

@@ -11,6 +11,7 @@ seeded per (layer, batch), so the original and the pruned copy are sampled at th
 from __future__ import annotations
 
 import copy
+import functools
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 from fxprune.analysis.groups import ChannelGroups, ParamSlot
 from fxprune.state import named_tensors
 
-from .base import Pass, PassContext, Scores
+from .base import Decision, Finish, Pass, PassContext, Scores
 from .l1 import L1Norm
 
 __all__ = ["Calibrated", "Consumer", "consumers", "calibration", "sample_layers", "mask_", "reconstruct",
@@ -238,7 +239,7 @@ def group_contributions(c: Consumer, x: torch.Tensor, w: torch.Tensor, gid: int,
 class Calibrated(Pass):
     """Base of the passes that judge a group by what its consumers compute on calibration batches and
     reconstruct those consumers after selection (thinet, lasso): their shared options, the l1 fallback
-    for groups whose consumers cannot be modelled, and ``Pass.weights`` through :meth:`solver`."""
+    for groups whose consumers cannot be modelled, and the decision's new weights through :meth:`solver`."""
 
     scope = "group"
     normalize = "max"
@@ -250,7 +251,7 @@ class Calibrated(Pass):
     calibration: str = "train"  # "train": train_loader (val_loader as fallback); "val": the other way round
     seed: int = 0              # the row subsampling
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         scores = L1Norm().score(ctx)  # the fallback
         cons = consumers(ctx)
         if cons:
@@ -258,7 +259,7 @@ class Calibrated(Pass):
             layers = sorted({c.layer for cs in cons.values() for c in cs})
             samples = sample_layers(ctx.model, layers, batches, self.per_batch)
             scores.update(self.score_consumed(ctx, cons, batches, samples, np.random.default_rng(self.seed)))
-        return scores
+        return Decision(scores, finish=functools.partial(self.reconstructed, ctx))
 
     def score_consumed(self, ctx: PassContext, cons: dict[int, list[Consumer]], batches: list[Any],
                        samples: dict[str, tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator) -> Scores:
@@ -274,5 +275,7 @@ class Calibrated(Pass):
         """How a consumer's new tensors are solved from the kept inputs (see :func:`reconstruct`)."""
         raise NotImplementedError
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        return reconstruct_removed(ctx, removed, self.solver(), self.calibration, self.batches, self.per_batch)
+    def reconstructed(self, ctx: PassContext, removed: np.ndarray) -> Finish:
+        """The consumers of the removed channels, solved again from the kept inputs (the decision's finish)."""
+        return Finish(reconstruct_removed(ctx, removed, self.solver(), self.calibration, self.batches,
+                                          self.per_batch))

@@ -58,16 +58,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import Group
+from fxprune.masking import MaskedModel
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.robustness import ACTIVATIONS, PGD
 from fxprune.state import attribute, seeded
 
 from ._scales import rescaled_l1
-from .base import Pass, PassContext, Scores
+from .base import Decision, Finish, Pass, PassContext, Scores
 from .registry import PassError
 
-__all__ = ["Anp", "BetaBernoulli", "kumaraswamy_beta_kl", "kumaraswamy_mean", "VARIANTS"]
+__all__ = ["KeepFolded", "Anp", "BetaBernoulli", "kumaraswamy_beta_kl", "kumaraswamy_mean", "VARIANTS"]
 
 EULER_GAMMA = 0.5772156649015329
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # variant -> (masks, adversarial training, vulnerability suppression)
@@ -333,47 +334,49 @@ class Anp(Pass):
         return BetaBernoulli(len(group), self.a_init_conv if conv else self.a_init_fc, self.b_init, self.alpha,
                              self.temperature, self.threshold)
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
             return self._score(ctx)
 
-    def _score(self, ctx: PassContext) -> Scores:
+    def _score(self, ctx: PassContext) -> Decision:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("anp needs train_loader= to train its masks and weights")
         factory = (lambda g: self._mask(ctx, g)) if self.uses_masks else None
         masked = ctx.insert_masks(factory, placement=self.placement, training=True)
-        ctx.state["masked"] = masked
         with torch.no_grad():
             initial = np.concatenate([m.expected().double().cpu().numpy() for m in masked.masks.values()] or [[]])
-        self._train(ctx, masked, loader)
+        report: dict[str, Any] = {"variant": self.variant}
+        if (log := self._train(ctx, masked, loader)) is not None:
+            report["training"] = [{"epoch": r["epoch"], "loss": r["loss"]} for r in log]
         masked.module.eval()
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
-            ctx.report["trained_metrics"] = metrics
+            report["trained_metrics"] = metrics
+        finish = KeepFolded(masked)
         masks: dict[int, BetaBernoulli] = masked.masks  # type: ignore[assignment]
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         if not masks:  # a dense baseline: L1 of the trained filters, each group at mean 1
             state = masked.state()
             for group in self.prunable(ctx):
                 scores[group.id] = rescaled_l1(ctx.groups, group, state.__getitem__, 1.0)
-            ctx.report.update({"variant": self.variant})
-            return scores
+            return Decision(scores, report=report, finish=finish)
         with torch.no_grad():
             expected = {gid: m.expected().double().cpu().numpy() for gid, m in masks.items()}
         for gid, e in expected.items():
             scores[gid] = np.where(e > self.threshold, e, -np.inf)
-        ctx.masks.update({gid: np.where(e > self.threshold, e, 0.0) for gid, e in expected.items()})
         every = np.concatenate(list(expected.values()))
-        ctx.report.update({"variant": self.variant, "masked_groups": len(masks), "skipped": masked.skipped,
-                           "pruned_by_threshold": int((every <= self.threshold).sum()), "channels": len(every),
-                           "mean_keep_probability": float(every.mean()),
-                           "histograms": {"keep_probability": {"before": initial.tolist(), "after": every.tolist(),
-                                                               "threshold": self.threshold, "xlabel": "E[pi]"}}})
-        return scores
+        report.update({"masked_groups": len(masks), "skipped": masked.skipped,
+                       "pruned_by_threshold": int((every <= self.threshold).sum()), "channels": len(every),
+                       "mean_keep_probability": float(every.mean()),
+                       "histograms": {"keep_probability": {"before": initial.tolist(), "after": every.tolist(),
+                                                           "threshold": self.threshold, "xlabel": "E[pi]"}}})
+        return Decision(scores, masks={gid: np.where(e > self.threshold, e, 0.0) for gid, e in expected.items()},
+                        report=report, finish=finish)
 
-    def _train(self, ctx: PassContext, masked: Any, loader: Iterable[Any]) -> None:
+    def _train(self, ctx: PassContext, masked: Any, loader: Iterable[Any]) -> list[dict[str, Any]] | None:
+        """Adversarial training of the masks and weights; the engine's log (None with ``epochs=0``)."""
         if self.epochs == 0:
-            return
+            return None
         use_masks, adversarial, suppress = VARIANTS[self.variant]
         loss_fn = ctx.data.get("loss") or F.cross_entropy
         model = Adversarial(masked.module, self.train_attack(), loss_fn, suppress)
@@ -383,21 +386,26 @@ class Anp(Pass):
         hook = AnpHook(model, list(masked.masks.values()), self.beta, _dataset_size(loader), self.vs_weight if suppress
                        else 0.0, self.l2, decayed, (self.lr_weight, self.lr_mask))
         data = Labelled(loader)
-        log = train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr_weight, optimizer="adamw", module=model,
-                           loader=data, loss=task_loss(loss_fn), weights=weights,
-                           masks=mask_params if use_masks else [], mask_lr=self.lr_mask, mask_optimizer="adamw",
-                           mask_loader=Labelled(loader), hooks=[hook], weight_decay=0.0, schedule="none")
-        ctx.report["training"] = [{"epoch": r["epoch"], "loss": r["loss"]} for r in log]
+        return train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr_weight, optimizer="adamw", module=model,
+                            loader=data, loss=task_loss(loss_fn), weights=weights,
+                            masks=mask_params if use_masks else [], mask_lr=self.lr_mask, mask_optimizer="adamw",
+                            mask_loader=Labelled(loader), hooks=[hook], weight_decay=0.0, schedule="none")
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        """The trained network: the masks' evaluation values folded in, 0 on every removed channel."""
-        masked = ctx.state["masked"]
-        if not masked.masks:
-            return masked.state()
+
+@dataclass(frozen=True)
+class KeepFolded:
+    """Anp's finish: the trained network with the masks' evaluation values folded in, 0 on every removed
+    channel (the dense baseline, without masks: its trained weights)."""
+
+    masked: MaskedModel
+
+    def __call__(self, removed: np.ndarray) -> Finish:
+        if not self.masked.masks:
+            return Finish(self.masked.state())
         values = {}
-        for gid, mask in masked.masks.items():
+        for gid, mask in self.masked.masks.items():
             with torch.no_grad():
                 v = mask.keep().double().cpu().numpy()
-            v[removed[masked.groups[gid].channels]] = 0.0
+            v[removed[self.masked.groups[gid].channels]] = 0.0
             values[gid] = v
-        return masked.fold(values).weights
+        return Finish(self.masked.fold(values).weights)

@@ -1,24 +1,25 @@
 """The pass interface every scoring method implements, built-in or third-party.
 
-A pass is a frozen dataclass whose fields are its options (``--opt key=value`` on the command line).
-It must ``score`` every prunable group: one float per channel, higher = keep (``-inf`` must go,
-``+inf`` must stay). A pass that learns something per channel inserts masks into the traced graph
-(``ctx.insert_masks``), trains them with the one engine (``MaskTraining``), scores by their values and
-hands ``masked.fold()``'s weights to compaction.
+A pass is a frozen dataclass whose fields are its options (``--opt key=value`` on the command line). It is a
+function of what it may read, :class:`PassContext` (read-only), to its answer, :class:`~fxprune.Decision`:
+``score(ctx)`` returns the scores of every prunable group (one float per channel, higher = keep; ``-inf`` must
+go, ``+inf`` must stay) and, for a pass that changes more than shapes, the new weights and graph edits.
 
-What a pass may read: everything in :class:`PassContext`. What it may write: nothing in place (the
-graph's parameters are the user's tensors). A pass that changes weights, not only shapes (slimming
-after sparsity training, ThiNet / LASSO least-squares reconstruction), hands NEW full-size tensors
-to compaction instead: either it fills ``ctx.weights`` while scoring (e.g. a trained copy's state),
-or it overrides :meth:`Pass.weights`, called once after selection with the removal, which returns
-``{parameter or buffer name: new full-size tensor}``. Compaction substitutes them before slicing by
-the plan, so they go through the same rewrite as everything else; ``PruneResult.weights`` records
-them, and ``fxprune.testing.assert_equivalent`` loads them into the masked reference.
+A pass that learns something per channel inserts masks into the traced graph (``ctx.insert_masks``), trains them
+with the one mask-training helper (``fxprune.masking.train.train_masked``), scores by their values and returns
+``masked.fold()``'s weights in its Decision. The graph's parameters are the user's tensors: a pass changes
+none in place. A pass that changes weights (slimming after sparsity training, ThiNet / LASSO least-squares
+reconstruction) returns NEW full-size tensors (``Decision.weights``, or ``Decision.finish(removed)`` when they
+depend on the removal); compaction substitutes them before slicing by the plan, so they go through the same
+rewrite as everything else; ``PruneResult.weights`` records them, and ``fxprune.testing.assert_equivalent``
+loads them into the masked reference.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -29,49 +30,69 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.selection.budget import Scores
 from fxprune.state import attribute
 
+from .decision import Decision, Finish
+
 if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only for a pass that uses them
     from fxprune.compaction.emit import GraphEdit
     from fxprune.edits.blocks import Block
     from fxprune.masking import MaskedModel
 
-__all__ = ["Pass", "PassContext", "PassError", "Scores", "require_weights_only"]
+__all__ = ["Decision", "Finish", "Pass", "PassContext", "PassError", "Scores", "require_weights_only"]
 
 
 class PassError(ValueError):
     """Unknown pass, duplicate name, an option the pass does not have, or a pass the run cannot use."""
 
 
-@dataclass
+_GONE = {  # what a pass wrote into its context before passes returned a Decision, and where it goes now
+    "weights": "Decision(scores, weights=...) (or finish=, for weights that depend on the removal)",
+    "report": "Decision(scores, report={...})",
+    "masks": "Decision(scores, masks={group id: values})",
+    "artifacts": "Decision(scores, artifacts={name: writer})",
+    "state": "a closure: Decision(scores, finish=functools.partial(my_finish, what_it_needs))",
+}
+
+
+@dataclass(frozen=True)
 class PassContext:
-    """What a pass may read: the traced graph, its groups, the model's tensors and the user's data."""
+    """What a pass may read: the traced graph, its groups, the model's tensors, the user's data and the budget.
+    Read-only: a pass answers with the :class:`fxprune.Decision` that ``score`` returns."""
 
     gm: fx.GraphModule
     groups: ChannelGroups
     model: torch.nn.Module
-    data: dict[str, Any] = field(default_factory=dict)  # train_loader, val_loader, loss, evaluate
+    data: Mapping[str, Any] = field(default_factory=dict)  # train_loader, val_loader, loss, evaluate
     selection: Any = None  # the budget (fxprune.selection.budget.Selection) the scores will be selected with
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new full-size tensors a pass hands to compaction
     # the budget as a function: scores -> the removal it would select (a bool per channel component);
     # passes that train toward the selection (slimming's adaptive sparsity) ask it which channels would go
     select: Callable[[Scores], np.ndarray] | None = None
-    # what the pass reports (JSON-able): it lands in report.json under "pass_report"; "trained_metrics":
-    # evaluate() of the network the pass trained, before pruning (a row of the summary table); an entry
-    # "histograms": {name: {"before": [...], "after": [...], "threshold": t, "xlabel": "..."}} is also
-    # drawn as NAME_histogram.png in the output folder
-    report: dict[str, Any] = field(default_factory=dict)
-    # a pass that learns a mask per channel (gates): their final values, per group id; written onto the
-    # graph beside the scores (``fxprune.masks``, see fxprune.annotations)
-    masks: dict[int, np.ndarray] = field(default_factory=dict)
     # the run's resource target, when it has one: ("macs" or "params", fraction of the USER's model to keep)
     target: tuple[str, float] | None = None
-    # a pass's own objects between prepare, score, weights and edits (a masked model...); not reported
-    state: dict[str, Any] = field(default_factory=dict)
-    # files a pass adds to the output folder: name -> writer(folder) (sanp's dynamic module); the CLI calls
-    # each with the folder being written, fxprune.prune hands them on in PruneResult.artifacts
-    artifacts: dict[str, Callable[[Any], None]] = field(default_factory=dict)
     # where tensors are read when the graph holds none (a checkpoint folder pruned from disk, traced on the meta
     # device: ``fxprune.checkpoints``): name -> the tensor, read on demand; None: the graph's own tensors
     source: Callable[[str], torch.Tensor] | None = None
+    # a context ``Pass.prepare`` made for a model of the pass's own (scratch's wider copy, flop's factorised
+    # graph): the user's model's context it was made from; None: this is the user's
+    origin: PassContext | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _GONE:
+            raise AttributeError(f"PassContext.{name} is gone: a pass's context is read-only; return {_GONE[name]} "
+                                 "from score()")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def prepared(self, gm: fx.GraphModule, groups: ChannelGroups, model: torch.nn.Module) -> PassContext:
+        """The context of a model the pass prunes instead of the user's (what ``Pass.prepare`` returns): the
+        same data, budget and target; ``origin`` is this context."""
+        return dataclasses.replace(self, gm=gm, groups=groups, model=model, origin=self, select=None)
+
+    @property
+    def user(self) -> PassContext:
+        """The user's model's context (this one unless ``prepare`` made it)."""
+        return self.origin.user if self.origin is not None else self
 
     def tensor(self, name: str) -> torch.Tensor:
         """A parameter or buffer of the traced graph by its name in the original model (read from the
@@ -103,7 +124,7 @@ class PassContext:
         residual block multiplying its branch.
         Train it with ``fxprune.masking.train.train_masked(masked, ctx.data, epochs=..., lr=..., mask_lr=...)``
         (the engine, the weights and masks in optimisers of their own); ``masked.fold()`` gives the full-size
-        weights (for ``ctx.weights``) and the channels whose mask is 0. The user's model and this graph are
+        weights (for ``Decision.weights``) and the channels whose mask is 0. The user's model and this graph are
         never modified."""
         from fxprune.masking import insert_masks
 
@@ -135,32 +156,30 @@ class Pass:
     runs_graph: ClassVar[bool] = True
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
-        """Optionally prune a different model than the user's: return a context with its own ``gm``,
-        ``groups`` and ``model`` (e.g. Pruning from Scratch's wider copy, see
-        ``fxprune.compaction.widen``), or None (the default) to prune the user's model. Scoring,
-        selection and compaction then run on the returned model, ``PruneResult.plan`` refers to its
-        tensors and ``PruneResult.base`` is that model; ``--target-macs``/``--target-params`` stay
+        """Optionally prune a different model than the user's: return ``ctx.prepared(gm, groups, model)``, a
+        context with its own graph, groups and model (e.g. Pruning from Scratch's wider copy, see
+        ``fxprune.compaction.widen``; its ``origin`` is the user's context), or None (the default) to prune the
+        user's model. Scoring, selection and compaction then run on the returned model, ``PruneResult.plan``
+        refers to its tensors and ``PruneResult.base`` is that model; ``--target-macs``/``--target-params`` stay
         fractions of the USER's model."""
         return None
 
-    def score(self, ctx: PassContext) -> Scores:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        old = [hook for hook in ("weights", "edits") if callable(cls.__dict__.get(hook))]
+        if old:
+            raise PassError(f"pass {cls.__name__}: the {' and '.join(old)} hook(s) are gone; score() returns "
+                            "fxprune.Decision(scores, finish=...) whose finish(removed) gives the weights and edits "
+                            "for the removal (fxprune.Finish)")
+
+    def score(self, ctx: PassContext) -> Decision | Scores:
+        """The pass's answer for ``ctx``: its :class:`~fxprune.Decision`, or just the scores."""
         raise NotImplementedError
 
     def evaluation_attack(self) -> Any:
         """The attack (``fxprune.robustness.PGD``) the CLI reports robustness with when ``--attack`` is not
         given: None (the default) reports none; anp returns its own."""
         return None
-
-    def edits(self, ctx: PassContext, removed: np.ndarray) -> list[GraphEdit]:
-        """Graph edits for compaction besides slicing (``fxprune.compaction.emit.GraphEdit``), given the
-        removal: e.g. residual blocks to remove (``fxprune.edits.blocks``), factorised layers to merge back
-        (``fxprune.edits.factorize.merge_unprofitable``). Default: none."""
-        return []
-
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        """New full-size tensors for compaction, given the selected removal (a bool per channel
-        component, ``removed[group.channels]`` per group). Default: what ``score`` left in ``ctx.weights``."""
-        return dict(ctx.weights)
 
     @staticmethod
     def prunable(ctx: PassContext) -> list[Group]:

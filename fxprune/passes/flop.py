@@ -41,6 +41,7 @@ Defaults follow the authors' released code (asappresearch/flop: ``HardConcrete``
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,13 @@ import torch
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups
-from fxprune.compaction.emit import GraphEdit
 from fxprune.edits.factorize import factorizable, factorized_graph, merge_unprofitable
 from fxprune.masking import MaskedModel
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch
 from fxprune.selection.cost import CostCounter
 
-from .base import Pass, PassContext, Scores
+from .base import Decision, Finish, Pass, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Flop", "HardConcrete", "Lagrangian"]
@@ -203,16 +203,16 @@ class Flop(Pass):
             raise PassError("flop: the model has no linear layer to factorise (give --opt targets=PATTERN)")
         gm, groups = factorized_graph(ctx.gm, None, {k: min(shape) for k, shape in layers.items()})
         gm.train(ctx.model.training)  # the factorised model is the one compacted: it keeps the user's mode
-        new = PassContext(gm, groups, gm, ctx.data, ctx.selection, target=ctx.target)
-        new.state.update(layers=layers, before=CostCounter(ctx.groups)())  # the user's model's cost
-        new.report["factorised"] = {k: list(v) for k, v in layers.items()}
-        return new
+        return ctx.prepared(gm, groups, gm)
 
-    @staticmethod
-    def rank_groups(ctx: PassContext) -> dict[int, tuple[str, int]]:
-        """Group id -> (layer path, in + out) of every factorised layer's rank group."""
+    def rank_groups(self, ctx: PassContext) -> dict[int, tuple[str, int]]:
+        """Group id -> (layer path, in + out) of every factorised layer's rank group (``ctx``: the factorised
+        model's context, which ``prepare`` made)."""
+        if ctx.origin is None:
+            raise PassError("flop scores the factorised copy of the model its prepare() makes (fxprune.prune and "
+                            "the command line call it): give score() that context")
         out: dict[int, tuple[str, int]] = {}
-        for path, (o, i) in ctx.state["layers"].items():
+        for path, (o, i) in self.layers(ctx.user).items():
             group = next((g for g in ctx.groups.prunable if any(p.name == f"{path}.weight_v" and p.role == "producer"
                                                                  for p in g.params)), None)
             if group is not None:
@@ -228,7 +228,7 @@ class Flop(Pass):
         if ctx.target is None:
             return float(ctx.selection.ratio) if ctx.selection is not None else 0.5
         which, goal = ctx.target
-        counter, full = CostCounter(ctx.groups), max(getattr(ctx.state["before"], which), 1)
+        counter, full = CostCounter(ctx.groups), max(getattr(CostCounter(ctx.user.groups)(), which), 1)
 
         def kept(f: float) -> float:
             removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
@@ -247,7 +247,8 @@ class Flop(Pass):
         return hi
 
     # ---- training and scores ---------------------------------------------------------------------
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
+        layers = self.layers(ctx.user)
         ranks = self.rank_groups(ctx)
         loader = ctx.data.get("train_loader")
         if loader is None:
@@ -261,22 +262,20 @@ class Flop(Pass):
         penalty = Lagrangian(gates, {g: size for g, (_, size) in ranks.items()}, t, warmup, self.prune_lr)
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="adamw", loader=loader,
                      mask_lr=self.mask_lr, mask_optimizer="adamw", hooks=[penalty], weight_decay=0.0, schedule="none")
-        ctx.state["masked"] = masked
         with torch.no_grad():
             soft = {g: gate.soft().double().cpu().numpy() for g, gate in gates.items()}
             expected = float(penalty.sparsity())
-        ctx.masks.update(soft)
-        ctx.report.update({"target_sparsity": t, "expected_sparsity": expected, "lagrangian": penalty.history})
+        report: dict[str, Any] = {"factorised": {k: list(v) for k, v in layers.items()}, "target_sparsity": t,
+                                  "expected_sparsity": expected, "lagrangian": penalty.history}
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
-            ctx.report["trained_metrics"] = metrics
+            report["trained_metrics"] = metrics
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}  # only ranks shrink
         scores.update(soft)
-        return scores
+        return Decision(scores, masks=soft, report=report, finish=functools.partial(_finish, masked, layers))
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        masked: MaskedModel = ctx.state["masked"]
-        values = {g: masked.masks[g].soft().detach().double().cpu().numpy() for g in masked.masks}
-        return masked.fold(values).weights  # survivors keep their soft value, folded into Q's rows
 
-    def edits(self, ctx: PassContext, removed: np.ndarray) -> list[GraphEdit]:
-        return [merge_unprofitable(ctx.state["layers"])]
+def _finish(masked: MaskedModel, layers: dict[str, tuple[int, int]], removed: np.ndarray) -> Finish:
+    """Survivors keep their soft gate value, folded into Q's rows; layers whose kept rank saves nothing are
+    merged back into one matrix."""
+    values = {g: masked.masks[g].soft().detach().double().cpu().numpy() for g in masked.masks}
+    return Finish(masked.fold(values).weights, [merge_unprofitable(layers)])

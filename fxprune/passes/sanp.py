@@ -40,8 +40,10 @@ This file is the method; the dynamic module's emitter is ``fxprune.compaction.dy
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,7 @@ from fxprune.selection.cost import CostCounter
 from fxprune.state import seeded
 
 from ._scales import residual_stream
-from .base import Pass, PassContext, Scores
+from .base import Decision, Pass, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Sanp", "SPM", "SanpHook"]
@@ -206,6 +208,11 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
     return gates, skipped
 
 
+def _write_dynamic(dyn: fx.GraphModule, folder: Path) -> None:
+    """The dynamic module as the output folder's ``dynamic/`` (``fxprune.artifacts.source``)."""
+    write_dynamic(dyn, folder / "dynamic")
+
+
 @dataclass(frozen=True)
 class Sanp(Pass):
     name = "sanp"
@@ -238,11 +245,11 @@ class Sanp(Pass):
         if self.reduction < 1 or self.epochs < 0 or self.calibration < 0:
             raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
             return self._score(ctx)
 
-    def _score(self, ctx: PassContext) -> Scores:
+    def _score(self, ctx: PassContext) -> Decision:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("sanp needs train_loader= to train its saliency modules")
@@ -259,10 +266,8 @@ class Sanp(Pass):
                         spm_macs, target, self.cost_weight)
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=loader,
                      mask_lr=self.spm_lr, mask_optimizer="adam", hooks=[hook])
-        ctx.state.update({"masked": masked, "gates": gates})
         kept, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, loader)
         weights = masked.state()
-        ctx.weights.update(weights)
         report: dict[str, Any] = {
             "target_macs": target, "gated_groups": len(gates), "skipped": skipped,
             "average_macs": float(np.mean(per_sample)), "per_sample_macs": {
@@ -277,13 +282,12 @@ class Sanp(Pass):
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, k in kept.items():
             scores[gid] = np.where(k, np.inf, -np.inf)
-        if self.dynamic:
-            dyn = dynamic_module(ctx.gm, weights, gates)
-            ctx.state["extras"] = {"dynamic": dyn}
-            ctx.artifacts["dynamic"] = lambda folder, dyn=dyn: write_dynamic(dyn, folder / "dynamic")
-            report["latency_ms_batch1"] = self._latencies(ctx, dyn, kept, weights)
-        ctx.report.update(report)
-        return scores
+        if not self.dynamic:
+            return Decision(scores, report=report, weights=weights)
+        dyn = dynamic_module(ctx.gm, weights, gates)
+        report["latency_ms_batch1"] = self._latencies(ctx, dyn, kept, weights)
+        return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn},
+                        artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
 
     def _latencies(self, ctx: PassContext, dyn: fx.GraphModule, kept: dict[int, np.ndarray],
                    weights: dict[str, torch.Tensor]) -> dict[str, float]:

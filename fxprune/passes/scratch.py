@@ -32,7 +32,7 @@ this pass). No pre-training is used.
   the whole model (they compete under the same threshold, like slimming's fallback).
 - Compaction: the gates are folded into the weights (``gamma * g``, ``beta * g`` of the BatchNorm, or
   the producing layer's rows and bias) and the working copy's whole state goes to compaction through
-  ``ctx.weights``: the compacted model is exactly the gated random network restricted to the kept
+  ``Decision.weights``: the compacted model is exactly the gated random network restricted to the kept
   channels. No gate exists in the output: the gates only ever live in the masked copy of the graph.
   Recovery (scratch-b) re-initialises those weights anyway; without recovery the output is the
   searched architecture with the gated random weights.
@@ -63,13 +63,13 @@ import torch
 from torch import nn
 
 from fxprune.masking import MaskedModel, Scale
-from fxprune.masking.train import train_masked
+from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.recovery.modes import reinitialize
 from fxprune.state import named_tensors
 
 from ._scales import LearnedScales, mean_scale, rescaled_l1, residual_stream
-from .base import PassContext, Scores
+from .base import Decision, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Scratch", "GateHook"]
@@ -136,8 +136,7 @@ class Scratch(LearnedScales):
         reinitialize(wide, self.seed)
         args, kwargs = ctx.gm.meta[META_INPUTS]
         gm = trace(wide, kwargs if kwargs else args, dynamic_shapes=ctx.gm.meta.get(INPUT_SHAPES))
-        return PassContext(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide, ctx.data, ctx.selection,
-                           target=ctx.target)
+        return ctx.prepared(gm, analyze(gm, allow_inexact=ctx.groups.allow_inexact), wide)
 
     def gated(self, ctx: PassContext) -> list[int]:
         """The groups that get a gate: every prunable one, residual streams only with ``residual``."""
@@ -161,13 +160,13 @@ class Scratch(LearnedScales):
                          hooks=[GateHook(gates, self.lam, self.r, self.sparsity)])
         return masked
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         masked = self.learn(ctx)
+        masked.module.eval()
         values = masked.values()
-        ctx.weights.update(masked.fold(values).weights)  # the gated network, gates folded in
-        if values and ctx.data.get("evaluate") is not None:
-            ctx.report["trained_metrics"] = ctx.data["evaluate"](masked.module.eval())
-        ctx.masks.update(values)  # the learned gates, written on the graph beside the scores (fxprune.masks)
+        report: dict[str, Any] = {}
+        if values and (metrics := trained_metrics(masked, ctx.data)) is not None:
+            report["trained_metrics"] = metrics
         mean_gate = mean_scale(values)
         scores: Scores = {}
         for group in self.prunable(ctx):
@@ -179,4 +178,5 @@ class Scratch(LearnedScales):
                 continue
             # fallback: the given model's, rescaled to the mean gate
             scores[group.id] = rescaled_l1(ctx.groups, group, ctx.tensor, max(mean_gate, 1e-6))
-        return scores
+        # the gated network, gates folded in, is what compaction slices; the gates are written on the graph
+        return Decision(scores, masks=values, report=report, weights=masked.fold(values).weights)

@@ -15,7 +15,7 @@ Sparsity training, then one global threshold on |gamma| of the BatchNorm scales.
   one global threshold treat both kinds. The scales train in the engine's mask optimiser (SGD at the
   pass's rate, without weight decay: the L1 term is their only regulariser).
 - The channels are scored on the trained copy, and its whole state (the masks folded into the
-  producing layers' rows and bias) goes to compaction through ``ctx.weights``: the pruned model is
+  producing layers' rows and bias) goes to compaction as the decision's weights: the pruned model is
   the slimmed network, not the original one.
 - ``schedule="fixed"`` is the paper exactly: that subgradient and nothing else. It needs the paper's
   budget (160 epochs at lr 0.1 for ``s=1e-4``): in a short run the scales barely move (10 epochs of
@@ -66,7 +66,7 @@ from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch
 from fxprune.state import named_tensors
 
 from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
-from .base import PassContext, Scores
+from .base import Decision, PassContext, Scores
 from .registry import PassError
 
 __all__ = ["Slimming", "SparsityHook", "TargetedShrink", "bn_scales"]
@@ -210,29 +210,29 @@ class Slimming(LearnedScales):
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, loader=loader,
                      masks=list(scales.values()), mask_lr=self.lr, mask_optimizer="sgd",
                      hooks=self._hooks(ctx, loader, mean_gamma, scales))
-        ctx.weights.update(masked.fold().weights)  # the sparsity-trained network, its scales folded in
-        if (metrics := trained_metrics(masked, ctx.data)) is not None:
-            ctx.report["trained_metrics"] = metrics
         return masked
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         scales_before = _abs_values(bn_scales(ctx.model))
         mean_gamma = float(scales_before.mean()) if len(scales_before) else 1.0
         if not self.train:
-            return gamma_scores(ctx, ctx.model)
+            return Decision(gamma_scores(ctx, ctx.model))
         masked = self._slimmed(ctx, mean_gamma)
         scales = _learned(masked)
         scores = gamma_scores(ctx, masked.module, scales)
-        self._report(ctx, scales_before, mean_gamma, masked.module, scales, scores)
-        return scores
+        report = self._report(ctx, scales_before, mean_gamma, masked.module, scales, scores)
+        if (metrics := trained_metrics(masked, ctx.data)) is not None:
+            report["trained_metrics"] = metrics
+        # the sparsity-trained network, its scales folded in, is what compaction slices
+        return Decision(scores, report=report, weights=masked.fold().weights)
 
     def _report(self, ctx: PassContext, gammas_before: np.ndarray, mean_gamma: float, trained: nn.Module,
-                learned: Scales, scores: Scores) -> None:
+                learned: Scales, scores: Scores) -> dict[str, Any]:
         """The paper's figure (|gamma| before/after; the learned scales of groups without BatchNorm
         beside them) and how sparse the scales became."""
         before = np.concatenate([gammas_before] + [np.full(len(p), mean_gamma) for p in learned.values()])
         if not len(before):
-            return
+            return {}
         scales = {**bn_scales(trained), **{f"group {gid}": p for gid, p in learned.items()}}
         after = _abs_values(scales)
         threshold = self.threshold * float(before.mean())
@@ -244,7 +244,11 @@ class Slimming(LearnedScales):
         gammas = {k: v.detach().abs().cpu() for k, v in scales.items()}
         chosen_values = torch.cat([gammas[k][m] for k, m in chosen.items()]) if chosen else torch.zeros(0)
         reached = bool((chosen_values < threshold).all()) if len(chosen_values) else True
-        ctx.report.update({
+        if self.schedule == "adaptive" and not reached:
+            warnings.warn(f"slimming: the training budget ended before every selected channel's |gamma| fell "
+                          f"below {threshold:.3g}; pruning them costs accuracy. Raise --opt epochs= (now "
+                          f"{self.epochs}) or --opt lr= (now {self.lr}).", stacklevel=2)
+        return {
             "sparsity": {"schedule": self.schedule, "threshold": threshold,
                          "fraction_below_before": float((before < threshold).mean()),
                          "fraction_below_after": float((after < threshold).mean()),
@@ -253,11 +257,7 @@ class Slimming(LearnedScales):
             "histograms": {"gamma": {"before": before.tolist(), "after": after.tolist(), "threshold": threshold,
                                      "xlabel": "|gamma| of the BatchNorm scales (and learned scales where "
                                                "a group has no BatchNorm)"}},
-        })
-        if self.schedule == "adaptive" and not reached:
-            warnings.warn(f"slimming: the training budget ended before every selected channel's |gamma| fell "
-                          f"below {threshold:.3g}; pruning them costs accuracy. Raise --opt epochs= (now "
-                          f"{self.epochs}) or --opt lr= (now {self.lr}).", stacklevel=2)
+        }
 
 
 def _learned(masked: MaskedModel) -> Scales:

@@ -58,17 +58,18 @@ from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.edits.blocks import Block, leads_in, mix_exits, remove_blocks, residual_blocks, stage_exits
+from fxprune.masking import MaskedModel
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.cost import CostCounter
 from fxprune.state import seeded
 from fxprune.tracing.compat import batch_norm_types
 
-from .base import Pass, PassContext, Scores
+from .base import Decision, Finish, Pass, PassContext, Scores
 from .l1 import producer_l1
 from .registry import PassError
 
-__all__ = ["Tas", "WidthChoice", "StageDepth", "ExpectedMacs", "channel_map", "cost_loss",
+__all__ = ["Tas", "Searched", "WidthChoice", "StageDepth", "ExpectedMacs", "channel_map", "cost_loss",
            "depth_choices"]
 
 WIDTHS = "0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
@@ -381,11 +382,11 @@ class Tas(Pass):
         l1 = producer_l1(ctx.groups, group, ctx.tensor)
         return torch.as_tensor(np.lexsort((np.arange(len(l1)), -l1)), dtype=torch.long)
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
             return self._score(ctx)
 
-    def _score(self, ctx: PassContext) -> Scores:
+    def _score(self, ctx: PassContext) -> Decision:
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("tas needs train_loader= to search")
@@ -395,7 +396,6 @@ class Tas(Pass):
         depths = {stage: StageDepth(len(bs), leads_in(ctx.gm.graph, bs)) for stage, bs in stages.items()}
         masked = ctx.insert_masks(lambda g: WidthChoice(self.order(ctx, g), fractions), training=True,
                                   edits=[mix_exits(list(stages.values()), lambda bs: depths[bs[0].stage])])
-        ctx.state["masked"], ctx.state["stages"], ctx.state["depths"] = masked, stages, depths
         widths: dict[int, WidthChoice] = masked.masks  # type: ignore[assignment]
         cost = ExpectedMacs(ctx.groups, widths, stages, depths)
         arch = [p for w in widths.values() for p in w.parameters()] + [d.logits for d in depths.values()]
@@ -418,32 +418,32 @@ class Tas(Pass):
             warnings.warn(f"fxprune: tas: the searched architecture keeps {searched:.3f} of the MACs, outside the "
                           f"target {target:.3f} +- {self.tolerance_macs:g}: search longer (--opt epochs=N) or let the "
                           "architecture move faster (--opt arch_lr=...)", stacklevel=2)
-        ctx.report.update({
+        report: dict[str, Any] = {
             "target_macs": target, "searched_macs": searched, "search": hook.history,
             "widths": {str(gid): {"channels": len(ctx.groups[gid]), "kept": k} for gid, k in kept_widths.items()},
             "stages": {stage: {"blocks": len(stages[stage]) + int(leads_in(ctx.gm.graph, stages[stage])),
                                "kept": k + int(leads_in(ctx.gm.graph, stages[stage])),
                                "removed": [b.name for b in stages[stage][k:]]} for stage, k in kept_depths.items()},
-            "skipped": masked.skipped})
+            "skipped": masked.skipped}
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
-            ctx.report["trained_metrics"] = metrics
+            report["trained_metrics"] = metrics
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         for gid, w in widths.items():
             scores[gid] = np.where(w.keep().cpu().numpy() > 0, np.inf, -np.inf)
-        return scores
+        gone = [b for stage, bs in stages.items() for b in bs[kept_depths[stage]:]]
+        return Decision(scores, report=report, finish=Searched(masked, gone))
 
-    def weights(self, ctx: PassContext, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        masked = ctx.state["masked"]
-        return masked.fold(self._values(masked, removed)).weights
 
-    def edits(self, ctx: PassContext, removed: np.ndarray) -> list[Any]:
-        """The blocks after each stage's argmax depth, removed."""
-        gone = [b for stage, bs in ctx.state["stages"].items() for b in bs[ctx.state["depths"][stage].argmax_depth():]]
-        return [remove_blocks(gone)] if gone else []
+@dataclass(frozen=True)
+class Searched:
+    """Tas's finish: the searched network for the removal, each width's expected mask folded in and 0 on every
+    removed channel; the blocks after each stage's argmax depth (``gone``) removed."""
 
-    @staticmethod
-    def _values(masked: Any, removed: np.ndarray) -> dict[int, np.ndarray]:
-        values = masked.values()
+    masked: MaskedModel
+    gone: list[Block]
+
+    def __call__(self, removed: np.ndarray) -> Finish:
+        values = self.masked.values()
         for gid, v in values.items():
-            v[removed[masked.groups[gid].channels]] = 0.0
-        return values
+            v[removed[self.masked.groups[gid].channels]] = 0.0
+        return Finish(self.masked.fold(values).weights, [remove_blocks(self.gone)] if self.gone else [])

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.passes.base import Pass, PassContext, Scores
-from fxprune.recovery.engine import Hook, MaskTraining, train
+from fxprune.masking.train import train_masked
+from fxprune.passes.base import Decision, Pass, PassContext
+from fxprune.recovery.engine import Hook
 
 
 class Gate(nn.Module):
@@ -50,13 +51,13 @@ class SigmoidGates(Pass):
     weight_lr: float = 0.01  # the weights' (SGD); 0 trains the gates alone
     lam: float = 1e-3
 
-    def score(self, ctx: PassContext) -> Scores:
+    def score(self, ctx: PassContext) -> Decision:
         masked = ctx.insert_masks(lambda group: Gate(len(group)))
         gates = list(masked.masks.values())
-        train(masked.module, ctx.data["train_loader"], ctx.data.get("loss"), self.epochs, self.weight_lr,
-              parameters=masked.weight_parameters() if self.weight_lr > 0 else [],
-              masks=MaskTraining(masked.mask_parameters(), lr=self.lr), hooks=[Penalty(gates, self.lam)])
+        train_masked(masked, ctx.data, epochs=self.epochs, lr=self.weight_lr, mask_lr=self.lr, mask_optimizer="adamw",
+                     weights=None if self.weight_lr > 0 else [], hooks=[Penalty(gates, self.lam)])
         values = masked.values()                    # group id -> gate per channel
-        ctx.weights.update(masked.fold(values).weights)  # the trained network, gates folded in
-        ctx.masks.update(values)                     # shown by `fxprune inspect --graph`
-        return {g.id: values.get(g.id, np.full(len(g), np.inf)) for g in self.prunable(ctx)}
+        scores = {g.id: values.get(g.id, np.full(len(g), np.inf)) for g in self.prunable(ctx)}
+        return Decision(scores,
+                        weights=masked.fold(values).weights,  # the trained network, gates folded in
+                        masks=values)                         # shown by `fxprune inspect --graph`
