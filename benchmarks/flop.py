@@ -121,7 +121,7 @@ def main() -> None:
         for options in variants:
             torch.manual_seed(0)
             start = time.perf_counter()
-            res = fxprune.prune(dense, inputs, "flop", target_params=target,
+            res = fxprune.prune(dense, inputs, "flop", budget=fxprune.Budget(target_params=target),
                                 options={"epochs": args.prune_epochs, **options},
                                 train_loader=lm.train_loader(), loss=lm.loss)
             pruned = lm.evaluate(res.module)["bpc"]
@@ -135,7 +135,7 @@ def main() -> None:
             if not options:
                 flop_params = rows[-1]["params"]
         start = time.perf_counter()
-        res = fxprune.prune(dense, inputs, MagnitudeFactors(), target_params=target)
+        res = fxprune.prune(dense, inputs, MagnitudeFactors(), budget=fxprune.Budget(target_params=target))
         pruned = lm.evaluate(res.module)["bpc"]
         _finetune(res.module, lm, args.prune_epochs + args.finetune_epochs)
         rows.append(_row(f"magnitude {target}", res.module, lm, time.perf_counter() - start, target=target,

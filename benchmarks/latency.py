@@ -70,8 +70,9 @@ def one(name: str, ratio: float, batch: int, size: int, repeats: int, rounds: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        res = fxprune.prune(model, x, "l1", ratio, target_macs=target_macs, round_to=round_to,
-                            target_latency=target_latency)
+        res = fxprune.prune(model, x, "l1", ratio,
+                            budget=fxprune.Budget(target_macs=target_macs, round_to=round_to,
+                                                  target_latency=target_latency))
         prune_s = time.perf_counter() - start
     pruned = res.module.eval()
     times = interleaved_latency({"original": (model, x), "pruned": (pruned, x)}, rounds=rounds, repeats=repeats,

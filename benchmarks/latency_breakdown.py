@@ -154,7 +154,7 @@ def one(spec: str, batch: int, repeats: int, round_to: int = 1, onnx: bool = Fal
     model, x1 = build(spec, 1, 224)
     _, x = build(spec, batch, 224)
     gm = fxprune.trace(model, x1).eval()
-    res = fxprune.prune(model, x1, "l1", 0.5, round_to=round_to)
+    res = fxprune.prune(model, x1, "l1", 0.5, budget=fxprune.Budget(round_to=round_to))
     runs_b, runs_a = profile([gm, res.module.eval()], x, repeats)
     macs_before, macs_after = _macs(gm, x), _macs(res.module.eval(), x)
     before = {c: statistics.median(r[c] for r in runs_b) for c in CLASSES}
@@ -189,7 +189,7 @@ def work_reduction(spec: str, round_to: int = 1) -> dict[str, float]:
     from fxprune.selection.latency import node_work
 
     model, x1 = build(spec, 1, 224)
-    res = fxprune.prune(model, x1, "l1", 0.5, round_to=round_to)
+    res = fxprune.prune(model, x1, "l1", 0.5, budget=fxprune.Budget(round_to=round_to))
     gm = res.groups.gm
     full, after = Reindexing(res.groups, np.zeros_like(res.removed)), Reindexing(res.groups, res.removed)
     w0, w1 = dict.fromkeys(CLASSES, 0.0), dict.fromkeys(CLASSES, 0.0)
@@ -247,7 +247,7 @@ def widths_in_models(specs: list[str], batch: int, rounds: int) -> list[dict[str
     rows = []
     for spec in specs:
         model, x = build(spec, batch, 224)
-        exact = fxprune.prune(model, x, "l1", 0.5, group_width_to=1).module.eval()
+        exact = fxprune.prune(model, x, "l1", 0.5, budget=fxprune.Budget(group_width_to=1)).module.eval()
         rounded = fxprune.prune(model, x, "l1", 0.5).module.eval()
         times = interleaved_latency({"original": (model, x), "widths 1": (exact, x), "rounded": (rounded, x)},
                                     rounds=rounds, repeats=3, warmup_first=1)

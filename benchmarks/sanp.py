@@ -53,7 +53,7 @@ def run(digits: Any, model: torch.nn.Module, target: float, epochs: int, seed: i
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = fxprune.prune(model, digits.example_inputs(), "sanp", target_macs=target,
+        res = fxprune.prune(model, digits.example_inputs(), "sanp", budget=fxprune.Budget(target_macs=target),
                             options={"epochs": epochs, "seed": seed}, **data)
     rep = res.report
     lat = rep["latency_ms_batch1"]
@@ -65,7 +65,7 @@ def run(digits: Any, model: torch.nn.Module, target: float, epochs: int, seed: i
                          "latency_ms": lat["original graph"]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        l1 = fxprune.prune(model, digits.example_inputs(), "l1", target_macs=rep["average_macs"])
+        l1 = fxprune.prune(model, digits.example_inputs(), "l1", budget=fxprune.Budget(target_macs=rep["average_macs"]))
     torch.manual_seed(seed)
     recover(l1.module, mode="finetune", train_loader=digits.train_loader(), epochs=epochs, lr=0.01)
     rows["l1 + fine-tune"] = {"accuracy": float(digits.evaluate(l1.module.eval())["accuracy"]),

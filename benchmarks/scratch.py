@@ -54,7 +54,8 @@ def main() -> None:
     for method, options, recovery in runs:
         data = {"train_loader": digits.train_loader(), "loss": digits.loss, "evaluate": digits.evaluate}
         start = time.perf_counter()
-        res = fxprune.prune(model, inputs, method, options=options, target_macs=args.target_macs, **data)
+        res = fxprune.prune(model, inputs, method, options=options, budget=fxprune.Budget(target_macs=args.target_macs),
+                            **data)
         search = time.perf_counter() - start
         acc0 = digits.evaluate(res.module)["accuracy"]
         start = time.perf_counter()

@@ -98,7 +98,7 @@ def run_seed(digits: Any, model: nn.Module, args: argparse.Namespace, seed: int)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tas = fxprune.prune(model, x, "tas", target_macs=args.target_macs,
+        tas = fxprune.prune(model, x, "tas", budget=fxprune.Budget(target_macs=args.target_macs),
                             options={"epochs": args.search_epochs, "arch_lr": args.arch_lr, "seed": seed}, **data)
     search = time.perf_counter() - start
     missed = any("tas: the searched" in str(w.message) for w in caught)
@@ -108,13 +108,14 @@ def run_seed(digits: Any, model: nn.Module, args: argparse.Namespace, seed: int)
                                           args.train_epochs, seed), search, x)
     rows["tas, no KD"] = _row(tas, _trained(digits, copy.deepcopy(tas.module), "scratch-e", None,
                                             args.train_epochs, seed), search, x)
-    uniform = fxprune.prune(model, x, "l1", target_macs=args.target_macs, scope="group")
+    uniform = fxprune.prune(model, x, "l1", budget=fxprune.Budget(target_macs=args.target_macs, scope="group"))
     rows["uniform + KD"] = _row(uniform, _trained(digits, copy.deepcopy(uniform.module), "scratch-e", model,
                                                   args.train_epochs, seed), 0.0, x)
     rows["l1 + fine-tune"] = _row(uniform, _trained(digits, copy.deepcopy(uniform.module), "finetune", None,
                                                     args.train_epochs, seed), 0.0, x)
     start = time.perf_counter()
-    scratch = fxprune.prune(model, x, "scratch", target_macs=args.target_macs, options={"seed": seed}, **data)
+    scratch = fxprune.prune(model, x, "scratch", budget=fxprune.Budget(target_macs=args.target_macs),
+                            options={"seed": seed}, **data)
     seconds = time.perf_counter() - start
     torch.manual_seed(seed)
     recover(scratch.module, mode="scratch-b", train_loader=digits.train_loader(), epochs=args.train_epochs, lr=0.05,

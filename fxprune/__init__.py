@@ -25,13 +25,14 @@ from typing import Any
 
 if typing.TYPE_CHECKING:
     from .analysis import ChannelGroups, Group, analyze
-    from .api import PruneResult, prune
+    from .api import prune
     from .artifacts import load
     from .checkpoints import prune_checkpoint
     from .compaction import CompactionError, Plan, apply_plan, compact, slice_tensor
     from .passes.base import Pass, PassContext
     from .passes.decision import Decision, Finish
     from .passes.registry import available_passes
+    from .pipeline import Budget, PruneResult, Recovery
     from .tracing.tracer import TraceError, trace
 
 # Public name -> the submodule that defines it. Imported on first use, so that importing fxprune (and
@@ -39,7 +40,7 @@ if typing.TYPE_CHECKING:
 # module __getattr__ serves them.
 _EXPORTS = {
     "analyze": "analysis", "ChannelGroups": "analysis", "Group": "analysis",
-    "prune": "api", "compact": "compaction", "PruneResult": "api",
+    "prune": "api", "compact": "compaction", "PruneResult": "pipeline", "Budget": "pipeline", "Recovery": "pipeline",
     "load": "artifacts", "prune_checkpoint": "checkpoints",
     "CompactionError": "compaction", "Plan": "compaction", "apply_plan": "compaction", "slice_tensor": "compaction",
     "Pass": "passes.base", "PassContext": "passes.base", "Decision": "passes.decision", "Finish": "passes.decision",
@@ -47,9 +48,9 @@ _EXPORTS = {
     "trace": "tracing.tracer", "TraceError": "tracing.tracer",
 }
 
-__all__ = ["prune", "trace", "analyze", "compact", "PruneResult", "ChannelGroups", "Group", "Pass", "PassContext",
-           "Decision", "Finish", "Plan", "apply_plan", "slice_tensor", "available_passes", "TraceError",
-           "CompactionError", "load", "prune_checkpoint"]
+__all__ = ["prune", "Budget", "Recovery", "trace", "analyze", "compact", "PruneResult", "ChannelGroups", "Group",
+           "Pass", "PassContext", "Decision", "Finish", "Plan", "apply_plan", "slice_tensor", "available_passes",
+           "TraceError", "CompactionError", "load", "prune_checkpoint"]
 __version__ = "0.1.0"
 
 

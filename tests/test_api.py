@@ -258,3 +258,54 @@ def test_macs_of_a_model_handing_a_parameter_view_to_a_submodule():
     from fxprune.measure import count_macs
 
     assert count_macs(_ClassToken(), (torch.randn(2, 4),)) == 2 * 4 * 4
+
+
+# ---- one run, one value: fxprune.Budget and fxprune.Recovery ------------------------------------------------
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+
+
+def test_the_previous_flat_keywords_still_work_with_a_deprecation_warning_and_the_same_result():
+    model = Net().eval()
+    grouped = fxprune.prune(model, (X,), "l1", budget=fxprune.Budget(target_macs=0.6, min_channels=2),
+                            recovery=fxprune.Recovery(epochs=1), train_loader=_loader())
+    with pytest.warns(DeprecationWarning, match=r"target_macs, min_channels, epochs are deprecated.*budget="
+                                                r"fxprune.Budget") as caught:
+        flat = fxprune.prune(model, (X,), "l1", target_macs=0.6, min_channels=2, epochs=1, train_loader=_loader())
+    assert caught[0].filename == __file__  # the warning names the caller's line
+    assert np.array_equal(flat.removed, grouped.removed) and flat.selection == grouped.selection
+    assert len(flat.log) == len(grouped.log) == 1
+    for k, v in grouped.module.state_dict().items():
+        torch.testing.assert_close(flat.module.state_dict()[k], v)
+    with pytest.raises(fxprune.selection.budget.SelectionError, match="given together"):
+        fxprune.prune(model, (X,), "l1", budget=fxprune.Budget(), scope="global")
+
+
+def test_a_budget_is_checked_when_built_and_the_positional_ratio_is_its_ratio():
+    SelectionError = fxprune.selection.budget.SelectionError
+    for bad, match in (({"target_macs": 0.5, "target_params": 0.5}, "one resource target"),
+                       ({"ratio": 1.0}, "ratio must be in"), ({"scope": "layer"}, "scope must be one of"),
+                       ({"ratio_for": {"fc": 2.0}}, "ratio for 'fc'"), ({"min_keep": 1.5}, "min_keep")):
+        with pytest.raises(SelectionError, match=match):
+            fxprune.Budget(**bad)
+    with pytest.raises(SelectionError, match="recover must be one of"):
+        fxprune.Recovery(epochs=1, mode="retrain")
+    res = fxprune.prune(Net().eval(), (X,), "l1", 0.25, budget=fxprune.Budget(ratio=0.75, scope="global"))
+    assert res.selection.ratio == 0.25 and res.selection.scope == "global"
+
+
+def test_the_pass_defaults_are_resolved_in_one_place():
+    from fxprune.passes.registry import make_pass
+    from fxprune.pipeline import RunSpec
+
+    tas, slimming = make_pass("tas"), make_pass("slimming")
+    assert fxprune.Recovery(epochs=2).for_pass(tas) == fxprune.Recovery(2, "scratch-e", True)
+    assert fxprune.Recovery(epochs=2, distill=False).for_pass(tas).distill is False
+    assert fxprune.Recovery().for_pass(tas).mode is None  # no epochs: nothing trains
+    assert fxprune.Recovery(epochs=1).for_pass(make_pass("l1")) == fxprune.Recovery(1, "finetune", False)
+    sel = fxprune.Budget(0.3).selection(slimming, torch.device("cpu"))
+    assert (sel.scope, sel.min_keep, sel.normalize, sel.group_width_to) == ("global", 0.1, "none", 8)
+    assert fxprune.Budget(0.3, min_keep=0.0, group_width_to=1).selection(slimming).min_keep == 0.0
+    with pytest.raises(fxprune.selection.budget.SelectionError, match="needs train_loader"):
+        RunSpec(Net(), (X,), tas, recovery=fxprune.Recovery(epochs=1))

@@ -103,16 +103,35 @@ def test_gqa_head_counts_the_config_accepts(tmp_path):
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
 
 
+def test_a_folder_takes_the_same_budget_as_a_model_and_refuses_what_needs_one_in_memory(tmp_path):
+    """budget=fxprune.Budget(...) as fxprune.prune; the previous flat keywords with a DeprecationWarning and the
+    same folder; a latency target (it times a model) and a keyword that is no budget's stop before any work."""
+    _, _, src = _save(tmp_path, _llama)
+    grouped = prune_checkpoint(src, tmp_path / "g", "l1", budget=fxprune.Budget(target_params=0.7))
+    with pytest.warns(DeprecationWarning, match="target_params are deprecated"):
+        flat = prune_checkpoint(src, tmp_path / "f", "l1", target_params=0.7)
+    assert np.array_equal(flat.removed, grouped.removed)
+    same = {k: v for k, v in _digest(tmp_path / "g").items() if k != "report.json"}  # report.json: timings
+    assert same == {k: v for k, v in _digest(tmp_path / "f").items() if k != "report.json"}
+    with pytest.raises(fxprune.selection.budget.SelectionError, match="target_latency.*never loads"):
+        prune_checkpoint(src, tmp_path / "l", "l1", budget=fxprune.Budget(target_latency=0.5))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epochs'"):
+        prune_checkpoint(src, tmp_path / "e", "l1", epochs=1)
+    assert not (tmp_path / "l").exists() and not (tmp_path / "e").exists()
+
+
 def test_uniform_widths_across_layers_by_default(tmp_path):
     """A ratio for one layer only: uniform (the default) gives every layer the mean width and a loadable folder;
     --per-layer-widths keeps the per-layer result, says it does not load, and writes the widths."""
     cls, model, src = _save(tmp_path, _llama)
-    uniform = prune_checkpoint(src, tmp_path / "u", "l1", 0.0, ratio_for={"model.layers.0.mlp.*": 0.5})
+    uniform = prune_checkpoint(src, tmp_path / "u", "l1", 0.0,
+                               budget=fxprune.Budget(ratio_for={"model.layers.0.mlp.*": 0.5}))
     assert uniform.loadable and len(set(uniform.widths["model.layers.*.mlp.down_proj.weight"])) == 1
     cls.from_pretrained(tmp_path / "u", dtype=torch.float64)
     with pytest.warns(UserWarning, match="not loadable by from_pretrained"):
-        per_layer = prune_checkpoint(src, tmp_path / "p", "l1", 0.0, ratio_for={"model.layers.0.mlp.*": 0.5},
-                                     uniform_across_layers=False)
+        per_layer = prune_checkpoint(src, tmp_path / "p", "l1", 0.0,
+                                     budget=fxprune.Budget(ratio_for={"model.layers.0.mlp.*": 0.5},
+                                                           uniform_across_layers=False))
     assert not per_layer.loadable and "across layers" in per_layer.why_not
     assert per_layer.widths["model.layers.*.mlp.down_proj.weight"] == [64, 128]
     report = json.loads((tmp_path / "p" / "report.json").read_text())
@@ -182,10 +201,10 @@ def test_uniform_selection_on_any_model():
 
     model = torch.nn.Sequential(*[Block(s) for s in (0.2, 1.0, 5.0)]).eval()
     x = torch.randn(4, 16)
-    free = fxprune.prune(model, (x,), "l1", 0.5, scope="global")
+    free = fxprune.prune(model, (x,), "l1", 0.5, budget=fxprune.Budget(scope="global"))
     kept = [r["kept"] for r in free.summary() if r["total"] == 32]
     assert len(set(kept)) > 1
-    uniform = fxprune.prune(model, (x,), "l1", 0.5, scope="global", uniform_across_layers=True)
+    uniform = fxprune.prune(model, (x,), "l1", 0.5, budget=fxprune.Budget(scope="global", uniform_across_layers=True))
     kept = [r["kept"] for r in uniform.summary() if r["total"] == 32]
     assert len(kept) == 3 and len(set(kept)) == 1
     fxprune.testing.assert_equivalent(model, uniform, (x,))

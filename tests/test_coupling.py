@@ -338,7 +338,8 @@ def _conv_groups(gm: torch.fx.GraphModule) -> list[int]:
 
 def test_grouped_conv_prunes_every_group_alike_and_depthwise_whole_groups():
     model = randomize_bn(Grouped())
-    results = prune_all(model, IMG, group_width_to=1)  # widths as the ratio says (rounding: test_select)
+    # widths as the ratio says (rounding: test_select)
+    results = prune_all(model, IMG, budget=fxprune.Budget(group_width_to=1))
     for ratio, res in results.items():
         # grouped (4 groups, 4 inputs and 8 outputs each): position j of every group is one channel
         g_in = group_of(res.groups, "stem.0.weight", 0)

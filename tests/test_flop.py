@@ -93,7 +93,8 @@ def test_flop_on_an_mlp_meets_the_target_is_exact_and_keeps_pairs_only_where_the
     torch.manual_seed(0)
     model = MLP().eval()
     inputs = (torch.randn(3, 16),)
-    res = fxprune.prune(model, inputs, "flop", target_params=0.5, options={"epochs": 2}, train_loader=_mlp_data())
+    res = fxprune.prune(model, inputs, "flop", budget=fxprune.Budget(target_params=0.5),
+                        options={"epochs": 2}, train_loader=_mlp_data())
     kept = res.cost_after.params / res.cost_before.params
     assert abs(kept - 0.5) <= 0.02, kept  # the target, within 2% (the budget search's tolerance is 1%)
     assert _params(res.module) <= res.cost_after.params  # merging back never costs more than the pair counted
@@ -120,7 +121,8 @@ def test_flop_options_and_errors() -> None:
     with pytest.raises(PassError, match="matches no linear layer"):
         fxprune.prune(model, (torch.randn(3, 16),), "flop", 0.5, options={"targets": "conv*"}, train_loader=_mlp_data())
     with pytest.raises(PassError, match="below what the layers"):
-        fxprune.prune(model, (torch.randn(3, 16),), "flop", target_params=0.05, options={"targets": "fc1"},
+        fxprune.prune(model, (torch.randn(3, 16),), "flop", budget=fxprune.Budget(target_params=0.05),
+                      options={"targets": "fc1"},
                       train_loader=_mlp_data())
     res = fxprune.prune(model, (torch.randn(3, 16),), "flop", 0.5, options={"targets": "fc2", "epochs": 0},
                         train_loader=_mlp_data())
@@ -148,7 +150,8 @@ def test_flop_on_hugging_face_language_models(name: str) -> None:
         model = transformers.GPT2LMHeadModel(cfg).eval()
     data, loss = _lm_data()
     inputs = (data[0][0][:2],)
-    res = fxprune.prune(model, inputs, "flop", target_params=0.7, options={"epochs": 2}, train_loader=data, loss=loss)
+    res = fxprune.prune(model, inputs, "flop", budget=fxprune.Budget(target_params=0.7),
+                        options={"epochs": 2}, train_loader=data, loss=loss)
     kept = res.cost_after.params / res.cost_before.params
     # the budget counts each kept pair at its factorised size, and a pair merged back is never larger: the
     # target is met within 2% or beaten (cost_after counts the compacted module itself)

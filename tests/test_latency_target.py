@@ -131,7 +131,7 @@ def test_prune_to_a_latency_target_is_exact_and_hits_its_prediction():
     torch.manual_seed(0)
     net = Net(width=64).eval()
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    res = fxprune.prune(net, (x,), "l1", target_latency=0.7)
+    res = fxprune.prune(net, (x,), "l1", budget=fxprune.Budget(target_latency=0.7))
     assert res.latency is not None
     assert abs(res.latency["predicted_kept"] - 0.7) <= 0.01 + 1e-9  # the search's tolerance, less float rounding
     assert res.removed.any() and res.latency["measured_ms"] > 0
@@ -141,20 +141,21 @@ def test_prune_to_a_latency_target_is_exact_and_hits_its_prediction():
 
 def test_latency_target_refusals(net):
     with pytest.raises(ValueError, match="one resource target"):
-        fxprune.prune(net, (X,), "l1", target_macs=0.5, target_latency=0.5)
+        fxprune.prune(net, (X,), "l1", budget=fxprune.Budget(target_macs=0.5, target_latency=0.5))
     with pytest.raises(ValueError, match="fraction to keep"):
-        fxprune.prune(net, (X,), "l1", target_latency=0.0)
+        fxprune.prune(net, (X,), "l1", budget=fxprune.Budget(target_latency=0.0))
     with pytest.raises(ValueError, match="traces whole"):
-        fxprune.prune(net, (X,), "l1", target_latency=0.5, target="modules")
+        fxprune.prune(net, (X,), "l1", budget=fxprune.Budget(target_latency=0.5), target="modules")
     from fxprune.passes.registry import PassError
 
     with pytest.raises(PassError, match="not a latency target"):
-        fxprune.prune(net, (X,), "tas", target_latency=0.5, train_loader=[(X, torch.zeros(2, dtype=torch.long))])
+        fxprune.prune(net, (X,), "tas", budget=fxprune.Budget(target_latency=0.5),
+                      train_loader=[(X, torch.zeros(2, dtype=torch.long))])
 
 
 def test_latency_target_refused_for_a_pass_that_prunes_its_own_copy(net):
     with pytest.raises(ValueError, match="target_macs instead of target_latency"):
-        fxprune.prune(net, (X,), "scratch", options={"expand": 2.0}, target_latency=0.5)
+        fxprune.prune(net, (X,), "scratch", options={"expand": 2.0}, budget=fxprune.Budget(target_latency=0.5))
 
 
 MODEL_FILE = '''
@@ -218,7 +219,7 @@ def test_a_graph_that_cannot_be_timed_is_a_clear_error(net, monkeypatch):
 
     monkeypatch.setattr(latency, "time_nodes", broken)
     with pytest.raises(SelectionError, match="times the traced graph op by op.*no kernel.*target_macs"):
-        fxprune.prune(net, (X,), "l1", target_latency=0.5)
+        fxprune.prune(net, (X,), "l1", budget=fxprune.Budget(target_latency=0.5))
 
 
 def test_bench_hints_at_a_latency_target_when_the_macs_promise_falls_short():

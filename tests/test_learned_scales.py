@@ -51,7 +51,8 @@ def _learned_groups(res: fxprune.PruneResult, name: str) -> dict[int, np.ndarray
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_scratch_gates_heads_and_mlp_channels_and_meets_a_macs_target(name: str) -> None:
     model, inputs, data, loss = MODELS[name]()
-    res = fxprune.prune(model, inputs, "scratch", target_macs=0.5, options={"epochs": 1, "lr": 0.05},
+    res = fxprune.prune(model, inputs, "scratch", budget=fxprune.Budget(target_macs=0.5),
+                        options={"epochs": 1, "lr": 0.05},
                         train_loader=data, loss=loss)
     kept = res.cost_after.macs / res.cost_before.macs
     assert abs(kept - 0.5) <= 0.02, kept

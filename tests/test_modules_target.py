@@ -293,8 +293,9 @@ def test_grouped_and_depthwise_convolutions_resize_like_the_graph_target() -> No
                           nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),                  # depthwise
                           nn.Conv2d(32, 6, 1)).eval()
     x = torch.rand(2, 3, 8, 8)
-    graph = fxprune.prune(model, (x,), "l1", 0.5, group_width_to=1)  # widths as the ratio says: 4 -> 2
-    modules = fxprune.prune(model, (x,), "l1", 0.5, target="modules", group_width_to=1)
+    graph = fxprune.prune(model, (x,), "l1", 0.5,
+                          budget=fxprune.Budget(group_width_to=1))  # widths as the ratio says: 4 -> 2
+    modules = fxprune.prune(model, (x,), "l1", 0.5, target="modules", budget=fxprune.Budget(group_width_to=1))
     grouped, depthwise = modules.module[3], modules.module[6]
     assert grouped.groups == 8 and grouped.out_channels == grouped.in_channels == 16  # every group shrinks alike
     assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == 16

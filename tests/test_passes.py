@@ -80,7 +80,7 @@ def test_slimming_trains_sparse_gammas_prunes_globally_and_is_exact() -> None:
     before = _gamma_l1(dict(net.named_parameters()))
     opts = {"epochs": 3, "lr": 0.01, "schedule": "fixed"}  # the paper's subgradient alone
     sparse = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.1}, train_loader=_loader(),
-                           min_keep=0.0)
+                           budget=fxprune.Budget(min_keep=0.0))
     plain = fxprune.prune(net, INPUTS, "slimming", 0.4, options={**opts, "s": 0.0}, train_loader=_loader())
     # the L1 subgradient shrinks |gamma|: below the start and below the same training without it
     assert _gamma_l1(sparse.weights) < before
@@ -121,10 +121,10 @@ def test_slimming_adaptive_zeroes_what_it_removes_so_pruning_costs_nothing() -> 
 
 def test_slimming_floor_keeps_a_fraction_of_every_group() -> None:
     net = _net()
-    res = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, min_keep=0.5)
+    res = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, budget=fxprune.Budget(min_keep=0.5))
     for g in res.groups.prunable:
         assert (~res.removed[g.channels]).sum() >= len(g) / 2
-    low = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, min_keep=0.0)
+    low = fxprune.prune(net, INPUTS, "slimming", 0.9, options={"train": False}, budget=fxprune.Budget(min_keep=0.0))
     assert low.removed.sum() > res.removed.sum()
 
 

@@ -164,7 +164,7 @@ def _prune(model: nn.Module, ratio: float) -> fxprune.PruneResult:
         # every op here has a rule, and no rule may fail (a failing rule warns and freezes); group widths as the
         # ratio says (their rounding for CPU kernels, group_width_to, is tested in test_select)
         warnings.simplefilter("error", UnsupportedOpWarning)
-        return fxprune.prune(model, INPUTS, "l1", ratio, group_width_to=1)
+        return fxprune.prune(model, INPUTS, "l1", ratio, budget=fxprune.Budget(group_width_to=1))
 
 
 @settings(max_examples=30, **SETTINGS)

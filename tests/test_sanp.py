@@ -171,7 +171,8 @@ def test_cost_counts_each_samples_kept_channels() -> None:
 def test_prune_trains_toward_the_average_target_and_removes_what_no_sample_keeps() -> None:
     model = _model()
     x = torch.randn(2, 3, 8, 8)
-    result = fxprune.prune(model, (x,), "sanp", target_macs=0.5, options={"epochs": 3, "spm_lr": 0.1},
+    result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.5),
+                           options={"epochs": 3, "spm_lr": 0.1},
                            train_loader=_data(), val_loader=_data(1, seed=5))
     report = result.report
     assert report["gated_groups"] == 3 and len(report["search"]) == 3

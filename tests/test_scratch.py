@@ -131,7 +131,8 @@ def test_budget_search_hits_target_macs_within_0_1_percent_on_resnet18(expand):
     model = tv.models.resnet18(num_classes=4).eval()
     x = torch.randn(1, 3, 32, 32)
     loader = _loader(n=8, size=32, batch=4)
-    res = fxprune.prune(model, (x,), "scratch", options={"epochs": 1, "expand": expand}, target_macs=0.5,
+    res = fxprune.prune(model, (x,), "scratch", options={"epochs": 1, "expand": expand},
+                        budget=fxprune.Budget(target_macs=0.5),
                         train_loader=loader)
     kept = res.cost_after.macs / res.cost_before.macs
     assert abs(kept - 0.5) <= 0.001, kept
@@ -207,7 +208,8 @@ def test_expand_residual_false_widens_only_inner_channels():
     torch.manual_seed(0)
     model = tv.models.resnet18(num_classes=4).eval()
     x = torch.randn(1, 3, 32, 32)
-    res = fxprune.prune(model, (x,), Scratch(epochs=1, expand=1.25, expand_residual=False), target_macs=0.5,
+    res = fxprune.prune(model, (x,), Scratch(epochs=1, expand=1.25, expand_residual=False),
+                        budget=fxprune.Budget(target_macs=0.5),
                         train_loader=_loader(n=8, size=32, batch=4))
     wide = res.base.state_dict()
     assert wide["conv1.weight"].shape[0] == 64 and wide["layer1.0.conv1.weight"].shape[0] == 80

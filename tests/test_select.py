@@ -37,7 +37,7 @@ def test_per_group_scope_removes_the_same_fraction_everywhere(resnet):
 
 
 def test_global_scope_uses_one_threshold(resnet):
-    res = fxprune.prune(resnet, (X,), "l1", 0.5, scope="global")
+    res = fxprune.prune(resnet, (X,), "l1", 0.5, budget=fxprune.Budget(scope="global"))
     groups = res.groups.prunable
     total = sum(len(g) for g in groups)
     removed = sum(len(g) - _kept(res, g) for g in groups)
@@ -56,7 +56,8 @@ def test_global_scope_uses_one_threshold(resnet):
 
 
 def test_overrides_protections_and_minimum(resnet):
-    res = fxprune.prune(resnet, (X,), "l1", 0.5, ratio_for={"layer4.*": 0.75}, protect=["layer1.*"], min_channels=40)
+    res = fxprune.prune(resnet, (X,), "l1", 0.5,
+                        budget=fxprune.Budget(ratio_for={"layer4.*": 0.75}, protect=["layer1.*"], min_channels=40))
     for g in res.groups.prunable:
         names = [p.name for p in g.params]
         kept = _kept(res, g)
@@ -69,7 +70,7 @@ def test_overrides_protections_and_minimum(resnet):
 
 
 def test_round_to_keeps_multiples_of_eight(resnet):
-    res = fxprune.prune(resnet, (X,), "l1", 0.37, round_to=8)
+    res = fxprune.prune(resnet, (X,), "l1", 0.37, budget=fxprune.Budget(round_to=8))
     for g in res.groups.prunable:
         assert _kept(res, g) % 8 == 0
     assert_equivalent(resnet, res, (X,))
@@ -80,7 +81,7 @@ def test_round_to_keeps_heads_whole():
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=96, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    res = fxprune.prune(model, (torch.randint(0, 100, (2, 8)),), "l1", 0.3, round_to=8)
+    res = fxprune.prune(model, (torch.randint(0, 100, (2, 8)),), "l1", 0.3, budget=fxprune.Budget(round_to=8))
     heads = [g for g in res.groups.prunable if g.block == 16]
     assert heads and all(_kept(res, g) in (3, 4) for g in heads)  # whole heads of 16 positions
     mlp = [g for g in res.groups.prunable if g.block == 1]
@@ -89,7 +90,7 @@ def test_round_to_keeps_heads_whole():
 
 @pytest.mark.parametrize("which", ["macs", "params"])
 def test_resource_target_within_one_percent(resnet, which):
-    res = fxprune.prune(resnet, (X,), "l1", **{f"target_{which}": 0.5})
+    res = fxprune.prune(resnet, (X,), "l1", budget=fxprune.Budget(**{f"target_{which}": 0.5}))
     before, after = res.cost_before, res.cost_after
     assert abs(getattr(after, which) / getattr(before, which) - 0.5) <= 0.01
     if which == "macs":  # torch's own counter agrees
@@ -101,7 +102,7 @@ def test_resource_target_within_one_percent(resnet, which):
 
 def test_unreachable_target_warns(resnet):
     with pytest.warns(UserWarning, match="cannot reach"):
-        res = fxprune.prune(resnet, (X,), "l1", target_macs=0.001, min_channels=16)
+        res = fxprune.prune(resnet, (X,), "l1", budget=fxprune.Budget(target_macs=0.001, min_channels=16))
     assert res.cost_after.macs < res.cost_before.macs
 
 
@@ -147,13 +148,13 @@ def test_macs_per_layer_add_up_and_name_the_layer():
 
 def test_bad_budgets(resnet):
     with pytest.raises(ValueError, match="scope"):
-        fxprune.prune(resnet, (X,), "l1", 0.5, scope="layer")
+        fxprune.prune(resnet, (X,), "l1", 0.5, budget=fxprune.Budget(scope="layer"))
     with pytest.raises(ValueError, match="ratio for 'fc'"):
-        fxprune.prune(resnet, (X,), "l1", 0.5, ratio_for={"fc": 1.5})
+        fxprune.prune(resnet, (X,), "l1", 0.5, budget=fxprune.Budget(ratio_for={"fc": 1.5}))
     with pytest.raises(ValueError, match="one resource target"):
-        fxprune.prune(resnet, (X,), "l1", target_macs=0.5, target_params=0.5)
+        fxprune.prune(resnet, (X,), "l1", budget=fxprune.Budget(target_macs=0.5, target_params=0.5))
     with pytest.raises(ValueError, match="fraction to keep"):
-        fxprune.prune(resnet, (X,), "l1", target_macs=1.5)
+        fxprune.prune(resnet, (X,), "l1", budget=fxprune.Budget(target_macs=1.5))
 
 
 MODEL_FILE = '''
@@ -243,7 +244,7 @@ def test_group_width_to_rounds_a_grouped_convs_group_width(ratio, width_to, expe
     torch.manual_seed(0)
     net = GroupedNet().eval()
     x = torch.randn(2, 3, 8, 8)
-    res = fxprune.prune(net, (x,), "l1", ratio, group_width_to=width_to)
+    res = fxprune.prune(net, (x,), "l1", ratio, budget=fxprune.Budget(group_width_to=width_to))
     assert _group_width(res.module) == expected
     grouped = [g for g in res.groups.prunable if g.grouped_conv]
     assert len(grouped) == 2 and all(len(g) == 12 and g.block == 4 for g in grouped)
@@ -260,7 +261,7 @@ def test_group_width_default_is_the_devices():
     assert res.selection.group_width_to == GROUP_WIDTH_BY_DEVICE["cpu"] == default_group_width(torch.device("cpu"))
     assert default_group_width("meta") == 1
     with pytest.raises(ValueError, match="group_width_to"):
-        fxprune.prune(net, (torch.randn(2, 3, 8, 8),), "l1", 0.5, group_width_to=0)
+        fxprune.prune(net, (torch.randn(2, 3, 8, 8),), "l1", 0.5, budget=fxprune.Budget(group_width_to=0))
 
 
 def test_a_target_the_rounded_group_widths_overshoot_gets_the_widths_it_needs():
@@ -270,7 +271,7 @@ def test_a_target_the_rounded_group_widths_overshoot_gets_the_widths_it_needs():
     net = GroupedNet().eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.warns(UserWarning, match="group widths rounded to 8"):
-        res = fxprune.prune(net, (x,), "l1", target_macs=0.6)
+        res = fxprune.prune(net, (x,), "l1", budget=fxprune.Budget(target_macs=0.6))
     assert abs(res.cost_after.macs / res.cost_before.macs - 0.6) <= 0.02
     assert res.selection.group_width_to == 1 and _group_width(res.module) not in (4, 8, 12)
     assert_equivalent(net, res, (x,))

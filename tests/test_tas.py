@@ -224,7 +224,8 @@ def test_depth_search_removes_blocks_and_compaction_equals_the_searched_network(
 def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
     model = _model()
     x = torch.randn(2, 1, 8, 8)
-    result = fxprune.prune(model, (x,), "tas", target_macs=0.5, options={"epochs": 2, "arch_lr": 0.2},
+    result = fxprune.prune(model, (x,), "tas", budget=fxprune.Budget(target_macs=0.5),
+                           options={"epochs": 2, "arch_lr": 0.2},
                            train_loader=_data())
     report = result.report
     assert set(report["stages"]) == {"layer1", "layer2"} and report["widths"]
@@ -238,7 +239,8 @@ def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
 
 def test_a_search_that_misses_the_band_says_so() -> None:
     with pytest.warns(UserWarning, match="tas: the searched architecture keeps"):
-        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.05, options={"epochs": 0},
+        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.05),
+                      options={"epochs": 0},
                       train_loader=_data())
 
 
@@ -262,7 +264,8 @@ def test_bad_options_are_named() -> None:
         with pytest.raises(PassError, match="tas"):
             Tas(**bad)
     with pytest.raises(PassError, match="target-macs"):
-        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_params=0.5, train_loader=_data())
+        fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_params=0.5),
+                      train_loader=_data())
 
 
 MODEL_FILE = textwrap.dedent('''
@@ -338,7 +341,8 @@ def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(m
 
     monkeypatch.setattr(modes, "recover", spy)
     model = _model()
-    result = fxprune.prune(model, (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.6, epochs=1,
+    result = fxprune.prune(model, (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.6),
+                           recovery=fxprune.Recovery(epochs=1),
                            options={"epochs": 1}, train_loader=_data())
     assert calls == [{"mode": "scratch-e", "distill": True}] and len(result.log) == 1
 
@@ -357,7 +361,7 @@ def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> N
     notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
     assert any("tas: the searched architecture keeps" in n for n in notes)  # a note, not a raw warning
     with pytest.warns(UserWarning):
-        pruned = fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", target_macs=0.05,
+        pruned = fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.05),
                                options={"epochs": 0}, train_loader=_data())
     short = dataclasses.replace(pruned, cost_after=Cost(int(0.9 * pruned.cost_before.macs), pruned.cost_after.params))
     cfg = RunConfig(tmp_path / "m.py", "tas", 0.5, tmp_path / "o2", budget={"target_macs": 0.05})

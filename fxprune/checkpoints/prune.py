@@ -18,7 +18,7 @@ import dataclasses
 import io
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from fxprune.analysis import ChannelGroups, analyze
 from fxprune.compaction.plan import Plan
 from fxprune.passes.base import require_weights_only
 from fxprune.passes.registry import PassError, make_pass
-from fxprune.selection.budget import Selection, resource_target
+from fxprune.pipeline.spec import BUDGET_KEYWORDS, Budget, Recovery, grouped
+from fxprune.selection.budget import Selection, SelectionError
 from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 
@@ -131,22 +132,21 @@ def analyse_architecture(config: Any, config_dict: dict, tensors: Callable[[torc
     return arch
 
 
-def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio: float = 0.5, *,
-                     options: dict[str, Any] | None = None, scope: str | None = None,
-                     ratio_for: Mapping[str, float] | None = None, protect: Sequence[str] = (),
-                     min_channels: int = 1, min_keep: float | None = None, round_to: int = 1,
-                     group_width_to: int = 1, target_macs: float | None = None, target_params: float | None = None,
-                     allow_inexact: bool = False, uniform_across_layers: bool = True,
-                     shard_bytes: int | None = None, force: bool = False, require_prunable: bool = True,
-                     progress: Callable[[str], None] | None = None) -> CheckpointResult:
+def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio: float | None = None, *,
+                     options: dict[str, Any] | None = None, budget: Budget | None = None,
+                     allow_inexact: bool = False, shard_bytes: int | None = None, force: bool = False,
+                     require_prunable: bool = True, progress: Callable[[str], None] | None = None,
+                     **deprecated: Any) -> CheckpointResult:
     """Prune the Hugging Face model folder ``src`` (config.json + safetensors, sharded or not) into ``out``,
-    never holding more than a tensor or a shard of it in memory. The budget options are ``fxprune.prune``'s;
-    ``uniform_across_layers`` (default on) keeps one width per kind of layer, so that ``out`` loads with
-    ``from_pretrained``; off, layers get their own widths, ``out`` holds them (plan.json, report.json) and
+    never holding more than a tensor or a shard of it in memory. ``ratio`` and ``budget`` (:class:`fxprune.Budget`)
+    are ``fxprune.prune``'s, but for a latency target (nothing runs); its ``uniform_across_layers`` (default
+    here: on) keeps one width per kind of layer, so that ``out`` loads with ``from_pretrained``; off, layers get
+    their own widths, ``out`` holds them (plan.json, report.json) and
     its config.json is the original one, which does not describe them. ``shard_bytes``: output shard size
     (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``. A removal
     asked of an architecture none of whose groups can shrink raises ``NothingToPruneError`` (naming why) unless
     ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``."""
+    budget = _budget(ratio, budget, deprecated)
     t0 = time.perf_counter()
     stage = progress or (lambda name: None)
     timings: dict[str, float] = {}
@@ -169,17 +169,14 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                                   "not channels; prune the full-precision checkpoint, then quantize the result")
         config = load_config(ckpt.root)
         the_pass = _weights_only_pass(method, options)
-        which, resource = resource_target(macs=target_macs, params=target_params)
-        sel = Selection.for_pass(the_pass, ratio, scope=scope, min_keep=min_keep, ratio_for=dict(ratio_for or {}),
-                                 protect=tuple(protect), min_channels=min_channels, round_to=round_to,
-                                 group_width_to=group_width_to, uniform_across_layers=uniform_across_layers)
+        which, resource = budget.resource
+        sel = budget.selection(the_pass, uniform=True)
         arch = analyse_architecture(config, ckpt.config, checkpoint_tensors(ckpt), allow_inexact=allow_inexact,
-                                    uniform_across_layers=uniform_across_layers, lap=lap)
+                                    uniform_across_layers=sel.uniform_across_layers, lap=lap)
         groups, names = arch.groups, arch.names
         for kind, why in arch.frozen_kinds.items():
             warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=2)
-        asked = ratio > 0 or resource is not None or any((ratio_for or {}).values())
-        if asked and not groups.prunable and require_prunable:
+        if budget.asks_removal and not groups.prunable and require_prunable:
             from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
 
             raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
@@ -197,7 +194,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
             raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
                             "carry: use a pass that only scores (l1)")
         plan, new_config, why_not = arch.decide(removed)
-        if new_config is None and uniform_across_layers:
+        if new_config is None and sel.uniform_across_layers:
             raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
                                   "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
         if new_config is None:
@@ -218,6 +215,19 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         write_json(report, tmp / "report.json")
     return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
                             new_config is not None, why_not, kept_widths, before, after, sel, report)
+
+
+def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, Any]) -> Budget:
+    """The call's budget (the previous release's flat keywords with a DeprecationWarning); a latency target, or
+    a keyword that is no budget's, is an error."""
+    unknown = sorted(set(deprecated) - set(BUDGET_KEYWORDS))
+    if unknown:
+        raise TypeError(f"prune_checkpoint() got an unexpected keyword argument {unknown[0]!r}")
+    budget, _ = grouped(ratio, budget, Recovery(), deprecated, "fxprune.prune_checkpoint", stacklevel=4)
+    if budget.target_latency is not None:
+        raise SelectionError("target_latency times the model on its device, which pruning from disk never loads: "
+                             "give target_macs or target_params")
+    return budget
 
 
 @contextlib.contextmanager

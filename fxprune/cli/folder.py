@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .notes import warnings_as_notes
-from .runconfig import Feedback, OptionError, check_budget, parse_options
+from .runconfig import Feedback, OptionError, budget_of, parse_options
 
 __all__ = ["run_folder", "inspect_folder", "NOT_FOR_FOLDERS"]
 
@@ -42,12 +42,9 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
     from fxprune.passes.registry import load_pass
 
     fb = fb or Feedback()
-    check_budget(ratio, budget)
+    chosen = budget_of(ratio, budget)
     pass_cls = load_pass(method)
     opts = parse_options(pass_cls, options, method)
-    keys = ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to", "group_width_to", "target_macs",
-            "target_params", "uniform_across_layers")
-    kwargs = {k: budget[k] for k in keys if budget.get(k) is not None}
     notes: list[str] = []
     with contextlib.ExitStack() as steps, warnings_as_notes(fb, notes):
         warnings.simplefilter("always")
@@ -56,8 +53,8 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
             steps.close()
             steps.enter_context(fb.step(stage))
 
-        result = prune_checkpoint(folder, out, method, ratio, options=opts, allow_inexact=allow_inexact,
-                                  force=force, require_prunable=not force, progress=progress, **kwargs)
+        result = prune_checkpoint(folder, out, method, options=opts, budget=chosen, allow_inexact=allow_inexact,
+                                  force=force, require_prunable=not force, progress=progress)
     return dict(result.report, out=str(result.out))
 
 

@@ -32,7 +32,7 @@ from .notes import (
     warnings_as_notes,
 )
 from .output import build_report, export_programs, measured_costs, write_folder
-from .runconfig import Feedback, RunConfig, attack_of, check
+from .runconfig import Feedback, RunConfig, attack_of, budget_of, check
 from .workfolder import resumable
 
 __all__ = ["run", "model_file_data", "default_epochs"]
@@ -138,8 +138,9 @@ def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, not
             stages.enter_context(stderr_only_on_success())
 
     with stages, warnings_as_notes(fb, notes):
-        result = prune(model, inputs, the_pass, cfg.ratio, progress=stage, allow_inexact=cfg.allow_inexact,
-                       require_prunable=not cfg.force, dynamic_shapes=mf.dynamic_shapes(), **cfg.budget,
+        result = prune(model, inputs, the_pass, budget=budget_of(cfg.ratio, cfg.budget), progress=stage,
+                       target=cfg.budget.get("target", "auto"), allow_inexact=cfg.allow_inexact,
+                       require_prunable=not cfg.force, dynamic_shapes=mf.dynamic_shapes(),
                        **data)  # an untraceable model fails early
     clock["prune"] = time.perf_counter() - start
     if getattr(result, "compaction", {}).get("target") == "modules":

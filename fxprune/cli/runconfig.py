@@ -15,9 +15,10 @@ import torch
 
 from fxprune import artifacts
 from fxprune.passes.registry import PassError, load_pass, make_pass
+from fxprune.pipeline.spec import BUDGET_KEYWORDS, Budget
 from fxprune.recovery import Hook
 from fxprune.recovery.modes import MODES
-from fxprune.selection.budget import Selection, check_ratio
+from fxprune.selection.budget import SelectionError, check_ratio
 
 from .deploy import require_onnx
 from .modelfile import ModelFile, load_model_file
@@ -40,7 +41,9 @@ class RunConfig:
     options: dict[str, str] = field(default_factory=dict)  # raw key=value strings from --opt
     device: str = "cpu"
     force: bool = False
-    budget: dict[str, Any] = field(default_factory=dict)  # fxprune.prune's selection keywords (scope, target_macs...)
+    # the budget flags (scope, target_macs..., fxprune.Budget's fields, and "target": what compaction rewrites);
+    # budget_of(ratio, budget) is the run's fxprune.Budget
+    budget: dict[str, Any] = field(default_factory=dict)
     recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's
     #                             default_recovery, else finetune
     distill: bool | None = None  # knowledge distillation from the unpruned model during recovery; None: the
@@ -112,29 +115,29 @@ def _check_device(device: str) -> None:
         raise OptionError("--device cuda: CUDA is not available on this machine")
 
 
-def check_budget(ratio: float, budget: dict[str, Any]) -> None:
-    """The selection keywords are valid (same checks as fxprune.prune, before any work)."""
-    targets = {k: budget[k] for k in TARGET_KEYS if budget.get(k) is not None}
+def budget_of(ratio: float, flags: dict[str, Any]) -> Budget:
+    """The run's ``fxprune.Budget`` from ``--ratio`` and the budget flags (``RunConfig.budget``), checked before
+    any work: a flag's bad value names the flag."""
+    targets = {k: flags[k] for k in TARGET_KEYS if flags.get(k) is not None}
     if len(targets) > 1:
         raise OptionError(f"give one of --target-macs, --target-params and --target-latency, not "
                           f"{' and '.join('--' + k.replace('_', '-') for k in targets)}")
     for key, value in targets.items():
         if not 0.0 < value <= 1.0:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
-    if budget.get("target", "auto") not in ("auto", "graph", "modules"):
-        raise OptionError(f"--target must be auto, graph or modules, got {budget['target']!r}")
-    fields = {k: budget[k] for k in ("scope", "ratio_for", "protect", "min_channels", "min_keep", "round_to",
-                                     "group_width_to") if k in budget}
-    for key in ("scope", "min_keep", "group_width_to"):
-        if fields.get(key) is None:
-            fields.pop(key, None)
-    Selection(ratio=ratio, **fields)
+    if flags.get("target", "auto") not in ("auto", "graph", "modules"):
+        raise OptionError(f"--target must be auto, graph or modules, got {flags['target']!r}")
+    given = {k: v for k, v in flags.items() if k in BUDGET_KEYWORDS and v is not None}
+    try:
+        return Budget(ratio=ratio, **given)
+    except SelectionError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     """Everything that can be checked before any work: returns the model file and the configured pass."""
     check_ratio(cfg.ratio)
-    check_budget(cfg.ratio, cfg.budget)
+    budget_of(cfg.ratio, cfg.budget)
     artifacts.check_target(cfg.out, cfg.force)
     if cfg.finetune_epochs is not None and cfg.finetune_epochs < 0:
         raise OptionError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")

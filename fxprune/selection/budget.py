@@ -21,7 +21,7 @@ import numpy as np
 
 from fxprune.analysis.groups import ChannelGroups, Group
 
-__all__ = ["Budget", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio",
+__all__ = ["Selector", "Selection", "select", "select_per_group", "search_budget", "SelectionError", "check_ratio",
            "default_group_width", "GROUP_WIDTH_BY_DEVICE", "resource_target", "Scores"]
 
 Scores = dict[int, np.ndarray]  # group id -> one score per channel (higher = keep): what a pass gives selection
@@ -261,7 +261,7 @@ def _search(groups: ChannelGroups, scores: Scores, sel: Selection, cost: Callabl
 
 
 @dataclass
-class Budget:
+class Selector:
     """The selection a run applies: a ratio budget (``select``) or a MACs/parameter target (binary search)."""
 
     groups: ChannelGroups

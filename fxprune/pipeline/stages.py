@@ -1,13 +1,6 @@
-"""The pipeline, stage by stage: trace -> analyse -> score -> select -> compact -> recover.
-
-Each stage is a function of plain values that returns one; ``fxprune.prune`` (``fxprune/api.py``) is the driver
-that reads its keywords into those values and calls the stages in order:
-
-    analysed = analyse(model, example_inputs, the_pass, target=..., dynamic_shapes=..., ...)   # trace + groups
-    scored   = score(the_pass, analysed, model, data, selection, which, resource)              # the pass
-    selected = select(scored)                                                                  # the budget
-    done     = compact(scored, selected, example_inputs, verify)                               # the module
-    log      = recover(done.module, ...)                                                       # training
+"""The pipeline's stages, in order: trace -> analyse -> score -> select -> compact -> recover. Each is a function
+of plain values that returns one; ``fxprune.pipeline.run`` calls them for a ``RunSpec`` (see the package's
+docstring).
 """
 from __future__ import annotations
 
@@ -23,20 +16,20 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .analysis import ChannelGroups, analyze
-from .annotations import write_masks, write_scores, write_selection
-from .compaction.compact import Compacted
-from .compaction.compact import compact as compact_graph
-from .compaction.emit import GraphEdit
-from .compaction.modules import freeze_code_sizes
-from .compaction.targets import resize, trace_for
-from .passes.base import Pass, PassContext, Scores, require_weights_only
-from .passes.decision import Decision, as_decision
-from .selection.budget import Budget, Selection, SelectionError
-from .selection.cost import Cost, CostCounter
-from .selection.diagnose import NothingToPruneError, nothing_prunable
-from .tracing.dynamic import INPUT_SHAPES, InputShapes
-from .tracing.tracer import trace
+from fxprune.analysis import ChannelGroups, analyze
+from fxprune.annotations import write_masks, write_scores, write_selection
+from fxprune.compaction.compact import Compacted
+from fxprune.compaction.compact import compact as compact_graph
+from fxprune.compaction.emit import GraphEdit
+from fxprune.compaction.modules import freeze_code_sizes
+from fxprune.compaction.targets import resize, trace_for
+from fxprune.passes.base import Pass, PassContext, Scores, require_weights_only
+from fxprune.passes.decision import Decision, as_decision
+from fxprune.selection.budget import Selection, SelectionError, Selector
+from fxprune.selection.cost import Cost, CostCounter
+from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
+from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes
+from fxprune.tracing.tracer import trace
 
 __all__ = ["Analysed", "Scored", "Selected", "Compacted", "analyse", "score", "select", "compact", "recover",
            "latency_model", "input_shapes"]
@@ -66,8 +59,8 @@ def _gc_frozen() -> Iterator[None]:
 def latency_model(gm: fx.GraphModule, groups: ChannelGroups, target: str, sel: Selection) -> Any:
     """The measured latency model a ``target_latency`` budget searches with (``fxprune.selection.latency``),
     calibrated at ratio 0.5 under the selection's own rules (its rounding and floors)."""
-    from .selection.budget import select
-    from .selection.latency import LatencyModel
+    from fxprune.selection.budget import select
+    from fxprune.selection.latency import LatencyModel
 
     if target == "modules":
         raise SelectionError("target_latency needs a model torch.export traces whole (this one is pruned through its "
@@ -157,7 +150,7 @@ def check_prunable(analysed: Analysed, required: bool) -> None:
         used = analysed.target
         where = f" (analysed from one real run: {used['why']})" if used["target"] == "modules" else ""
         raise NothingToPruneError(why + where)
-    warnings.warn(f"fxprune: {why}", stacklevel=3)
+    warnings.warn(f"fxprune: {why}", stacklevel=4)  # the line that called fxprune.prune (through run)
 
 
 @dataclass
@@ -167,7 +160,7 @@ class Scored:
 
     ctx: PassContext
     decision: Decision
-    budget: Budget
+    budget: Selector
     counter: CostCounter
     base: torch.nn.Module
     prepared: bool
@@ -195,7 +188,7 @@ def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapp
                                  "measured: give target_macs instead of target_latency")
     latency = analysed.latency
     measure, full = (latency, latency()) if latency is not None else (counter, analysed.before)
-    budget = Budget(ctx.groups, selection, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
+    budget = Selector(ctx.groups, selection, measure, full, which, resource, getattr(the_pass, "tolerance", 0.01))
     ctx = dataclasses.replace(ctx, select=budget.removal)
     decision = as_decision(the_pass.score(ctx), the_pass.name) if needs_scores else Decision({})
     write_scores(ctx.gm, the_pass.name, decision.scores)
@@ -243,7 +236,7 @@ def compact(scored: Scored, selected: Selected, example_inputs: Any, verify: boo
         out = compact_graph(gm, groups, None, base, verify=verify, weights=weights or None, edits=edits)
     after = scored.counter(out.removed)
     if edits:  # blocks removed or layers merged: the graph's counter does not see them, the compacted module does
-        from .measure import count_macs, count_params
+        from fxprune.measure import count_macs, count_params
 
         after = Cost(count_macs(out.module, example_inputs), count_params(out.module))
     return Done(out, dict(weights), list(edits), after)
@@ -254,7 +247,7 @@ def recover(module: torch.nn.Module, mode: str | None, original: torch.nn.Module
     """Train the compacted module (``fxprune.recovery.modes.recover``); no mode: nothing, an empty log."""
     if mode is None:
         return []
-    from .recovery.modes import recover as run_recovery
+    from fxprune.recovery.modes import recover as run_recovery
 
     return run_recovery(module, mode=mode, original=original, train_loader=data["train_loader"],
                         loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
