@@ -146,75 +146,122 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``. A removal
     asked of an architecture none of whose groups can shrink raises ``NothingToPruneError`` (naming why) unless
     ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``."""
+    from fxprune.artifacts import check_target
+
     budget = _budget(ratio, budget, deprecated)
-    t0 = time.perf_counter()
-    stage = progress or (lambda name: None)
-    timings: dict[str, float] = {}
-    order = ("read", "trace", "analyze", "score", "select", "write")
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 3)
-        if name != order[-1]:
-            stage(order[order.index(name) + 1])
-
-    from fxprune.artifacts import check_target, save_plan, staging_folder, write_json
-
     check_target(Path(out).resolve(), force)  # before any work
     with _recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
-        stage("read")
-        ckpt = Checkpoint(src)
-        if ckpt.config.get("quantization_config"):
-            method_name = ckpt.config["quantization_config"].get("quant_method", "quantization_config")
-            raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method_name}): its tensors are packed, "
-                                  "not channels; prune the full-precision checkpoint, then quantize the result")
-        config = load_config(ckpt.root)
-        the_pass = _weights_only_pass(method, options)
-        which, resource = budget.resource
-        sel = budget.selection(the_pass, uniform=True)
-        arch = analyse_architecture(config, ckpt.config, checkpoint_tensors(ckpt), allow_inexact=allow_inexact,
-                                    uniform_across_layers=sel.uniform_across_layers, lap=lap)
-        groups, names = arch.groups, arch.names
-        for kind, why in arch.frozen_kinds.items():
-            warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=2)
-        if budget.asks_removal and not groups.prunable and require_prunable:
-            from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
-
-            raise NothingToPruneError(f"{nothing_prunable(groups)} (pass --force to write the folder unchanged)")
-        sel = arch.selection(sel)
-        counter = CostCounter(groups)
-        before = counter()
-        lap("analyze")
-        analysed = pipeline.Analysed(arch.gm, groups, {"target": "folder", "why": ""}, counter, before)
-        scored = pipeline.score(the_pass, analysed, arch.model, {}, sel, which, resource, bool(groups.prunable),
-                                source=lambda name: _read(ckpt, names, name))
-        lap("score")
-        selected = pipeline.select(scored)
-        removed, sel = selected.removed, selected.selection
-        if any(scored.decision.finished(removed)):
-            raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
-                            "carry: use a pass that only scores (l1)")
-        plan, new_config, why_not = arch.decide(removed)
-        if new_config is None and sel.uniform_across_layers:
-            raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
-                                  "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
-        if new_config is None:
-            warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
-                          "widths are in its plan.json and report.json", stacklevel=2)
-        after = counter(removed)
-        lap("select")
-        entries = {names[m]: e for m, e in plan.items() if m in names}
-        kept_widths = {kind[0][0]: w for kind, w in layer_widths(groups, removed).items() if min(w) < kind[1]}
-        report = _report(ckpt, arch, new_config, kept_widths, before, after, sel, the_pass.name, why_not)
-        report["target"] = {which: float(resource)} if resource is not None else {}
+        clock = _Clock(progress)
+        ckpt, the_pass = _open(src), _weights_only_pass(method, options)
+        arch, analysed, sel = _analyse(ckpt, the_pass, budget, allow_inexact, require_prunable, clock.lap)
+        scored = pipeline.score(the_pass, analysed, arch.model, {}, sel, *budget.resource, bool(arch.groups.prunable),
+                                source=lambda name: _read(ckpt, arch.names, name))
+        clock.lap("score")
+        decided = _decide(the_pass, arch, scored, analysed.counter, ckpt.config)
+        clock.lap("select")
+        report = _report(ckpt, arch, decided, analysed.before, the_pass.name, budget)
     report["notes"] = notes
-    with staging_folder(Path(out), force=force) as tmp:  # renamed into place at the end: never half-written
-        write_checkpoint(ckpt, entries, tmp, new_config or ckpt.config, shard_bytes or ckpt.shard_bytes())
-        save_plan(plan, tmp / "plan.json", compact=True)
-        lap("write")
-        report["seconds"] = dict(timings, total=round(time.perf_counter() - t0, 3))
+    _write(ckpt, Path(out), arch, decided, report, shard_bytes, force, clock)
+    return CheckpointResult(Path(out).resolve(), decided.plan, arch.groups, decided.removed, decided.config,
+                            decided.loadable, decided.why_not, decided.widths, analysed.before, decided.after,
+                            decided.selection, report)
+
+
+class _Clock:
+    """Seconds per stage (report.json's ``seconds``), and ``progress`` told as each stage starts."""
+
+    ORDER = ("read", "trace", "analyze", "score", "select", "write")
+
+    def __init__(self, progress: Callable[[str], None] | None) -> None:
+        self.t0, self.progress, self.timings = time.perf_counter(), progress or (lambda name: None), {}
+        self.progress(self.ORDER[0])
+
+    def lap(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self.t0 - sum(self.timings.values()), 3)
+        if name != self.ORDER[-1]:
+            self.progress(self.ORDER[self.ORDER.index(name) + 1])
+
+    def seconds(self) -> dict[str, float]:
+        return dict(self.timings, total=round(time.perf_counter() - self.t0, 3))
+
+
+def _open(src: str | Path) -> Checkpoint:
+    """The folder, refused when its tensors are quantized (packed, not channels)."""
+    ckpt = Checkpoint(src)
+    if ckpt.config.get("quantization_config"):
+        method = ckpt.config["quantization_config"].get("quant_method", "quantization_config")
+        raise CheckpointError(f"{ckpt.root} is a quantized checkpoint ({method}): its tensors are packed, not "
+                              "channels; prune the full-precision checkpoint, then quantize the result")
+    return ckpt
+
+
+def _analyse(ckpt: Checkpoint, the_pass: Any, budget: Budget, allow_inexact: bool, require_prunable: bool,
+             lap: Callable[[str], None]) -> tuple[Architecture, pipeline.Analysed, Selection]:
+    """The architecture on meta, its groups (kinds no config field can express kept whole, with a warning), the
+    cost before, and the selection the pass runs with; a removal asked of nothing prunable stops here."""
+    sel = budget.selection(the_pass, uniform=True)
+    arch = analyse_architecture(load_config(ckpt.root), ckpt.config, checkpoint_tensors(ckpt),
+                                allow_inexact=allow_inexact, uniform_across_layers=sel.uniform_across_layers, lap=lap)
+    for kind, why in arch.frozen_kinds.items():
+        warnings.warn(f"fxprune: {kind}: kept whole, {why}", stacklevel=4)  # the line that called prune_checkpoint
+    if budget.asks_removal and not arch.groups.prunable and require_prunable:
+        from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
+
+        raise NothingToPruneError(f"{nothing_prunable(arch.groups)} (pass --force to write the folder unchanged)")
+    counter = CostCounter(arch.groups)
+    analysed = pipeline.Analysed(arch.gm, arch.groups, {"target": "folder", "why": ""}, counter, counter())
+    lap("analyze")
+    return arch, analysed, arch.selection(sel)
+
+
+@dataclass
+class _Decided:
+    """The selection and what it makes of the folder: the plan, the config.json to write (or why none)."""
+
+    removed: np.ndarray
+    selection: Selection
+    plan: Plan
+    config: dict                    # the config.json written: the rewritten one, else the original
+    loadable: bool
+    why_not: str
+    widths: dict[str, list[int]]    # kind of group -> channels kept per layer, for the kinds that shrank
+    after: Cost
+
+
+def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter: CostCounter,
+            original: dict) -> _Decided:
+    """The budget applied to the pass's scores; the plan and the rewritten config (a selection no config can
+    describe is an error with uniform widths, a warning without)."""
+    selected = pipeline.select(scored)
+    removed, sel = selected.removed, selected.selection
+    if any(scored.decision.finished(removed)):  # new weights or graph edits: nothing on disk could carry them
+        raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
+                        "carry: use a pass that only scores (l1)")
+    plan, new_config, why_not = arch.decide(removed)
+    if new_config is None and sel.uniform_across_layers:
+        raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
+                              "Pass --per-layer-widths (uniform_across_layers=False) to write the tensors anyway")
+    if new_config is None:
+        warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
+                      "widths are in its plan.json and report.json", stacklevel=4)
+    widths = {kind[0][0]: w for kind, w in layer_widths(arch.groups, removed).items() if min(w) < kind[1]}
+    return _Decided(removed, sel, plan, new_config or original, new_config is not None, why_not, widths,
+                    counter(removed))
+
+
+def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, report: dict[str, Any],
+           shard_bytes: int | None, force: bool, clock: _Clock) -> None:
+    """The kept slices shard by shard, the config, the plan and the report, in a staging folder renamed into
+    place at the end: never half-written."""
+    from fxprune.artifacts import save_plan, staging_folder, write_json
+
+    entries = {arch.names[m]: e for m, e in decided.plan.items() if m in arch.names}
+    with staging_folder(out, force=force) as tmp:
+        write_checkpoint(ckpt, entries, tmp, decided.config, shard_bytes or ckpt.shard_bytes())
+        save_plan(decided.plan, tmp / "plan.json", compact=True)
+        clock.lap("write")
+        report["seconds"] = clock.seconds()
         write_json(report, tmp / "report.json")
-    return CheckpointResult(Path(out).resolve(), plan, groups, removed, new_config or ckpt.config,
-                            new_config is not None, why_not, kept_widths, before, after, sel, report)
 
 
 def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, Any]) -> Budget:
@@ -282,20 +329,23 @@ def _frozen_kinds(groups: ChannelGroups) -> dict[str, str]:
     return out
 
 
-def _report(ckpt: Checkpoint, arch: Architecture, new_config: dict | None, widths: dict[str, list[int]],
-            before: Cost, after: Cost, sel: Selection, method: str, why_not: str) -> dict[str, Any]:
+def _report(ckpt: Checkpoint, arch: Architecture, decided: _Decided, before: Cost, method: str,
+            budget: Budget) -> dict[str, Any]:
+    new_config, after, sel = decided.config if decided.loadable else None, decided.after, decided.selection
     changed = {k: [v, new_config[k]] for k, v in ckpt.config.items() if new_config and new_config.get(k) != v}
     changed.update({k: [None, v] for k, v in (new_config or {}).items() if k not in ckpt.config})
+    which, resource = budget.resource
     return {
         "source": str(ckpt.root), "architecture": arch.cls.__name__,
         "model_type": getattr(arch.config, "model_type", None),
         "pass": method, "ratio": sel.ratio, "uniform_across_layers": sel.uniform_across_layers,
-        "loadable": new_config is not None, "why_not_loadable": why_not or None,
-        "config_changes": changed, "widths": widths, "kept_whole_for_config": arch.frozen_kinds,
+        "loadable": decided.loadable, "why_not_loadable": decided.why_not or None,
+        "config_changes": changed, "widths": decided.widths, "kept_whole_for_config": arch.frozen_kinds,
         "frozen": _frozen_kinds(arch.groups),
         "params": {"before": before.params, "after": after.params},
         "macs": {"before": before.macs, "after": after.macs, "tokens": _tokens_note()},
         "checkpoint_bytes": ckpt.nbytes,
+        "target": {which: float(resource)} if resource is not None else {},
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from fxprune.measure import to_device
+from fxprune.pipeline.spec import Recovery
 from fxprune.recovery.distributed import launch_rank
 from fxprune.recovery.engine import batches_per_epoch
 from fxprune.recovery.modes import recover, scratch_b_epochs
@@ -113,21 +114,51 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     clock = {"start": time.perf_counter()}
     notes: list[str] = []
     mf, the_pass = check(cfg)
-    cfg = dataclasses.replace(cfg, recover=cfg.recover or getattr(the_pass, "default_recovery", None) or "finetune",
-                              distill=bool(getattr(the_pass, "default_distill", False) if cfg.distill is None
-                                           else cfg.distill))
+    own = Recovery(epochs=1, mode=cfg.recover, distill=cfg.distill).for_pass(the_pass)  # the pass's defaults
+    cfg = dataclasses.replace(cfg, recover=own.mode, distill=own.distill)
     with resumable(cfg, lambda text: note(fb, notes, text)):  # a killed run continues when run again
         return _run_checked(cfg, mf, the_pass, fb, notes, clock)
 
 
 def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, notes: list[str],
                  clock: dict[str, float]) -> tuple[dict[str, Any], Any]:
-    from fxprune.api import prune
-
     with fb.step(f"loading {mf.path.name}"):
         model = mf.model().to(cfg.device).eval()  # measured and pruned for inference; fine-tuning trains
         inputs = to_device(mf.example_inputs(), cfg.device)
         data = model_file_data(mf)
+    result = _pruned(cfg, mf, the_pass, model, inputs, data, fb, notes, clock)
+    if launch_rank() != 0:  # trains with rank 0 (recovery is data-parallel); rank 0 measures and writes
+        _train_with_rank_zero(cfg, mf, data, result, model, the_pass)
+        return {}, result
+    check_shortfall(cfg, result, fb, notes)
+    with fb.step("measuring the original model"):
+        before = {**measured_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
+    attack = _run_attack(cfg, the_pass, mf)
+    before["robustness"] = _robustness(attack, mf, model, fb, "original")
+    pruned: dict[str, Any] = {"metrics": None}
+    if mf.has("evaluate"):
+        with fb.step("evaluating the pruned model"):
+            pruned["metrics"] = mf.evaluate(result.module)
+    log = _recovered(cfg, mf, data, result, model, the_pass, before, pruned, fb, notes, clock)
+    with fb.step("measuring the pruned model"):
+        result.module.eval()
+        after = {**measured_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
+    after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
+    latency_note(cfg, result, before, after, fb, notes)
+    result.module.cpu().eval()
+    with fb.step("exporting"), warnings_as_notes(fb, notes):  # an axis export fixes is a note of report.json
+        programs = export_programs(model.cpu(), result, to_device(inputs, "cpu"))
+    report = build_report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
+    with fb.step(f"writing {cfg.out}"):
+        write_folder(cfg.out, cfg.force, result, programs, report, onnx=cfg.onnx)
+    return report, result
+
+
+def _pruned(cfg: RunConfig, mf: ModelFile, the_pass: Any, model: nn.Module, inputs: Any, data: dict[str, Any],
+            fb: Feedback, notes: list[str], clock: dict[str, float]) -> Any:
+    """``fxprune.prune`` with one progress line per pipeline stage and fxprune's warnings as notes."""
+    from fxprune.api import prune
+
     start = time.perf_counter()
     stages = contextlib.ExitStack()
 
@@ -147,48 +178,30 @@ def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, not
         note(fb, notes, f"compacted by resizing the model's own modules: {result.compaction['why']}. The folder "
                          "holds model.safetensors and plan.json, no model.pt2: fxprune.load(DIR, model=model()) "
                          "rebuilds it")
-    if launch_rank() != 0:  # trains with rank 0 (recovery is data-parallel); rank 0 measures and writes
-        _train_with_rank_zero(cfg, mf, data, result, model, the_pass)
-        return {}, result
-    check_shortfall(cfg, result, fb, notes)
-    with fb.step("measuring the original model"):
-        before = {**measured_costs(model, inputs), "metrics": mf.evaluate(model)}  # prune() left it untouched
-    attack = _run_attack(cfg, the_pass, mf)
-    before["robustness"] = _robustness(attack, mf, model, fb, "original")
-    pruned: dict[str, Any] = {"metrics": None}
-    if mf.has("evaluate"):
-        with fb.step("evaluating the pruned model"):
-            pruned["metrics"] = mf.evaluate(result.module)
+    return result
+
+
+def _recovered(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module, the_pass: Any,
+               before: dict[str, Any], pruned: dict[str, Any], fb: Feedback, notes: list[str],
+               clock: dict[str, float]) -> list[dict[str, float]]:
+    """The recovery (its log), or without one a note when the pruned model fell far below the original."""
     epochs = _recovery_epochs(cfg, mf, data, fb, notes, the_pass)
-    if epochs == 0:
-        why = None
-        if not cfg.no_recover and cfg.finetune_epochs is None and "train_loader" in data:
-            why = (f"{cfg.method} does not recover by default; --epochs N recovers ({cfg.recover}"
-                   f"{', which trains on the clean loss' if the_pass.evaluation_attack() is not None else ''})")
-        elif cfg.no_recover or cfg.finetune_epochs == 0:
-            why = "recovery was turned off; --epochs N recovers"
-        check_drop(before["metrics"], pruned["metrics"], fb, notes, why)
-        if cfg.allow_inexact and any(g.inexact for g in result.groups.prunable):
-            note(fb, notes, "--allow-inexact pruned groups whose removal is not exactly the masked model, and "
-                             "nothing recovered it: recover with --epochs N (needs train_loader())")
-    log: list[dict[str, float]] = []
     if epochs > 0:
         start = time.perf_counter()
         log = _recover(cfg, mf, data, result, model, epochs, fb)
         clock["finetune"] = time.perf_counter() - start
-    with fb.step("measuring the pruned model"):
-        result.module.eval()
-        after = {**measured_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
-    after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
-    latency_note(cfg, result, before, after, fb, notes)
-    cpu_inputs = to_device(inputs, "cpu")
-    result.module.cpu().eval()
-    with fb.step("exporting"), warnings_as_notes(fb, notes):  # an axis export fixes is a note of report.json
-        programs = export_programs(model.cpu(), result, cpu_inputs)
-    report = build_report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
-    with fb.step(f"writing {cfg.out}"):
-        write_folder(cfg.out, cfg.force, result, programs, report, onnx=cfg.onnx)
-    return report, result
+        return log
+    why = None
+    if not cfg.no_recover and cfg.finetune_epochs is None and "train_loader" in data:
+        why = (f"{cfg.method} does not recover by default; --epochs N recovers ({cfg.recover}"
+               f"{', which trains on the clean loss' if the_pass.evaluation_attack() is not None else ''})")
+    elif cfg.no_recover or cfg.finetune_epochs == 0:
+        why = "recovery was turned off; --epochs N recovers"
+    check_drop(before["metrics"], pruned["metrics"], fb, notes, why)
+    if cfg.allow_inexact and any(g.inexact for g in result.groups.prunable):
+        note(fb, notes, "--allow-inexact pruned groups whose removal is not exactly the masked model, and "
+                         "nothing recovered it: recover with --epochs N (needs train_loader())")
+    return []
 
 
 def _recover(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module, epochs: int,
