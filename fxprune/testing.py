@@ -80,7 +80,7 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     weights (``result.weights``), the masked original carries them (see :func:`with_weights`).
 
     Both run in float64 by default, so the tolerance measures the rewrite, not float32 summation
-    order. ``tol`` is relative to the largest output magnitude (default 1e-6 in float64, 1e-4 in
+    order. ``tol`` is relative to each output's largest magnitude (default 1e-6 in float64, 1e-4 in
     float32: random-weight models produce outputs in the thousands). float32 is the fast choice for
     models full of depthwise convolutions, whose float64 kernels are far slower on CPU.
     """
@@ -97,8 +97,24 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     for args, kwargs in [inputs, *second_sizes(result, *inputs)]:
         ref = _plain(_run(masked, args, kwargs))
         got = _plain(_run(compacted, args, kwargs))
-        scale = max([1.0] + [float(t.abs().max()) for t in _tensors(ref) if t.is_floating_point() and t.numel()])
-        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale)
+        _close_per_output(got, ref, tol)
+
+
+def _close_per_output(got: Any, ref: Any, tol: float, where: str = "output") -> None:
+    """Each floating-point output against its own scale (its largest magnitude, at least 1): a small output
+    beside a large one is checked as closely as if it were alone. Anything else compares exactly, and a
+    different structure fails."""
+    if isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.is_floating_point():
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale, msg=lambda text: f"{where}: {text}")
+    elif isinstance(ref, (tuple, list)) and isinstance(got, (tuple, list)) and len(ref) == len(got):
+        for i, (g, r) in enumerate(zip(got, ref)):
+            _close_per_output(g, r, tol, f"{where}[{i}]")
+    elif isinstance(ref, dict) and isinstance(got, dict) and list(ref) == list(got):
+        for k in ref:
+            _close_per_output(got[k], ref[k], tol, f"{where}[{k!r}]")
+    else:
+        torch.testing.assert_close(got, ref, msg=lambda text: f"{where}: {text}")
 
 
 def second_sizes(result: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
@@ -115,6 +131,7 @@ def second_sizes(result: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, di
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor of a (nested) output, in order."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (tuple, list)):

@@ -309,3 +309,25 @@ def test_the_pass_defaults_are_resolved_in_one_place():
     assert fxprune.Budget(0.3, min_keep=0.0, group_width_to=1).selection(slimming).min_keep == 0.0
     with pytest.raises(fxprune.selection.budget.SelectionError, match="needs train_loader"):
         RunSpec(Net(), (X,), tas, recovery=fxprune.Recovery(epochs=1))
+
+
+def test_assert_equivalent_checks_each_output_at_its_own_scale():
+    """A small output beside a large one: an error of 1% in the small one fails, though it is far below the large
+    output's scale (the tolerance was once taken from the largest output of all)."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.big, self.small = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.big(h) * 1e4, self.small(h) * 1e-2
+
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(5, 4)
+    res = fxprune.prune(model, (x,), "l1", 0.5)
+    assert_equivalent(model, res, (x,))
+    with torch.no_grad():
+        dict(res.module.named_parameters())["small.bias"].mul_(1.01)
+    with pytest.raises(AssertionError, match=r"output\[1\]: Tensor-likes are not close"):
+        assert_equivalent(model, res, (x,))

@@ -136,7 +136,7 @@ RESNET_BLOCKS = ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
 
 @pytest.fixture(scope="module")
 def resnet():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     with torch.no_grad():  # BatchNorm at its init is the identity: random statistics make every branch count
@@ -326,7 +326,7 @@ IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=128, use_cache=False)
     names = [f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn", "mlp")]
@@ -334,7 +334,7 @@ def _llama():
 
 
 def _bert():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128)
     names = [n for i in range(2) for n in (f"encoder.layer.{i}.attention", f"encoder.layer.{i}")]
@@ -367,7 +367,7 @@ def test_branch_reading_another_input_is_not_a_block():
 
 
 def test_timm_vit_blocks():
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=5).eval()
     size = model.pretrained_cfg["input_size"][-1]

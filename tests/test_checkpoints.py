@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers as T
 from typer.testing import CliRunner
 
 import fxprune
@@ -15,8 +16,6 @@ from fxprune.checkpoints.folder import INDEX
 from fxprune.cli import app
 from fxprune.compaction.plan import slice_tensor
 from fxprune.testing import masked_model
-
-T = pytest.importorskip("transformers")
 
 SHARD = "60KB"  # tiny models in several shards, with an index
 IDS = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -139,8 +138,12 @@ def test_uniform_widths_across_layers_by_default(tmp_path):
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert len(plan["model.layers.0.mlp.up_proj.weight"]["0"]) == 64
     assert "model.layers.1.mlp.up_proj.weight" not in plan
-    # the tensors are the per-layer ones: equal to the masked original when built at those widths
-    assert Checkpoint(tmp_path / "p").tensors["model.layers.0.mlp.up_proj.weight"].shape == (64, 64)
+    # the tensors are the per-layer ones: every written tensor is the source's kept slice (the masked original at
+    # those widths), whole where nothing is planned
+    written, source = Checkpoint(tmp_path / "p"), Checkpoint(src)
+    assert written.tensors["model.layers.0.mlp.up_proj.weight"].shape == (64, 64)
+    for name in written.tensors:
+        assert torch.equal(written.read(name), fxprune.apply_plan(per_layer.plan, name, source.read(name))), name
 
 
 def test_residual_stream_with_allow_inexact(tmp_path):

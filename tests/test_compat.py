@@ -554,7 +554,7 @@ def test_importing_fxprune_needs_no_private_torch_name():
 def test_the_recorder_traces_hugging_face_llama():
     """transformers reads ``torch.compiler.is_compiling()`` as a bool (``flag |= ...``): the thread-scoped
     flag must behave as one, or the recorder fails on every Llama and tracing quietly falls back (3x slower)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
                                       max_position_embeddings=32, use_cache=False)

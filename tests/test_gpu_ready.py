@@ -24,7 +24,7 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=128, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -44,12 +44,13 @@ def test_no_device_literals_left(llama):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(resnet, dtype):
-    _, x, res = resnet
+    """The pruned model in half precision computes the masked ORIGINAL (float32), to half precision's accuracy."""
+    model, x, res = resnet
     half = copy.deepcopy(res.module).to(dtype)
     with torch.no_grad():
-        ref, got = res.module(x), half(x.to(dtype))
+        ref, got = fxprune.testing.masked_model(model, res.plan, res.groups)(x), half(x.to(dtype))
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, rtol=0.1, atol=0.1 * float(ref.abs().max()))
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
 
 
 class WeightDtypeCast(torch.nn.Module):

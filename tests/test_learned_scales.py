@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import fxprune
 from fxprune.annotations import MASKS
 from fxprune.testing import assert_equivalent
-
-transformers = pytest.importorskip("transformers")
 
 
 def _vit():

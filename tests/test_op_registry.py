@@ -112,11 +112,11 @@ def test_toy_op_without_its_registration_freezes_its_channels():
 
 
 def test_a_case_is_part_of_an_existing_record_and_only_couples(registered):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a case .when=.... only couples"):
         rule(SCALE, when=lambda node: True, cost=lambda node, shape: 0)(lambda node, coupler: None)
     unknown = ops("aten.cosh.default")[0]
     assert unknown not in RULES
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="register its record before a case of it"):
         rule(unknown, when=lambda node: True)(lambda node, coupler: None)
     assert unknown not in RULES
 

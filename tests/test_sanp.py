@@ -176,7 +176,9 @@ def test_prune_trains_toward_the_average_target_and_removes_what_no_sample_keeps
                            train_loader=_data(), val_loader=_data(1, seed=5))
     report = result.report
     assert report["gated_groups"] == 3 and len(report["search"]) == 3
-    assert report["average_macs"] < report["search"][0] or report["average_macs"] < 0.9
+    # from nearly every MAC in the first epoch to the 0.5 target within 0.1 in three (a short run on random data;
+    # the per-sample MACs of the calibration samples, each counted exactly)
+    assert report["search"][0] > 0.8 and abs(report["average_macs"] - 0.5) <= 0.1, report["search"]
     assert set(report["latency_ms_batch1"]) == {"original", "original graph", "dynamic", "static"}
     assert "dynamic" in result.extras and "dynamic" in result.artifacts
     assert result.cost_after.macs / result.cost_before.macs >= report["per_sample_macs"]["max"] - 1e-9 - \

@@ -235,6 +235,19 @@ def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
     removed_blocks = sum(len(s["removed"]) for s in report["stages"].values())
     assert removed_blocks > 0  # a fast architecture rate moves the depths within two epochs
     assert result.module(x).shape == (2, 4)
+    # the compacted module is the searched network: the masked original with the pass's weights and every removed
+    # block's branch at zero (its last BatchNorm's scale and shift), in float64
+    from fxprune.testing import masked_model, with_weights
+
+    reference = with_weights(model, result.weights)
+    for stage in report["stages"].values():
+        for block in stage["removed"]:
+            bn = reference.get_submodule(f"{block}.bn2")
+            bn.weight.data.zero_(), bn.bias.data.zero_()
+    reference = masked_model(reference, result.plan, result.groups).eval().to(F64)
+    torch.testing.assert_close(result.module.eval().to(F64)(x.to(F64)), reference(x.to(F64)), rtol=1e-9, atol=1e-9)
+    with_blocks = masked_model(with_weights(model, result.weights), result.plan, result.groups).eval().to(F64)
+    assert not torch.allclose(with_blocks(x.to(F64)), reference(x.to(F64)), atol=1e-6)  # the removed blocks mattered
 
 
 def test_a_search_that_misses_the_band_says_so() -> None:

@@ -418,11 +418,11 @@ def test_meta_normalisations_check_their_shapes():
     w = torch.empty(8, device="meta")
     assert norm_output(torch.ops.aten.batch_norm.default, (x, w, w, w, w)).shape == x.shape
     assert norm_output(torch.ops.aten.layer_norm.default, (x, [4], torch.empty(4, device="meta"))).shape == x.shape
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"per-channel tensor of shape \(6,\) for \(8,\)"):
         norm_output(torch.ops.aten.batch_norm.default, (x, torch.empty(6, device="meta"), None, None, None))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="8 channels in 3 groups"):
         norm_output(torch.ops.aten.group_norm.default, (x, 3, w, w))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"layer_norm over \(8,\) of an input of shape \(2, 8, 4, 4\)"):
         norm_output(torch.ops.aten.layer_norm.default, (x, [8]))
 
 

@@ -118,10 +118,12 @@ def test_sgd_cosine_and_none_schedules() -> None:
     assert [r["lr"] for r in flat] == [0.1, 0.1]
 
 
-@pytest.mark.parametrize("bad", [{"optimizer": "lamb"}, {"schedule": "linear"}, {"max_grad_norm": 0.0},
-                                 {"resume": True}])
-def test_bad_options(bad: dict) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad,match", [({"optimizer": "lamb"}, "optimizer must be one of"),
+                                       ({"schedule": "linear"}, "schedule must be one of"),
+                                       ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+                                       ({"resume": True}, "resume=True needs checkpoint_dir")])
+def test_bad_options(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         train(Tiny(), _loader(), epochs=1, **bad)
 
 
@@ -280,7 +282,7 @@ def test_scratch_b_epochs() -> None:
     assert scratch_b_epochs(10, 3e6, 2e6) == 15
     assert scratch_b_epochs(3, 1.7e6, 1e6) == 5  # 5.1 rounds to 5
     assert scratch_b_epochs(1, 1e6, 1e6) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scratch-b needs positive MACs"):
         scratch_b_epochs(10, 0, 1e6)
 
 

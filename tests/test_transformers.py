@@ -1,11 +1,10 @@
 """Hugging Face models built from small configs: traced through torch.export, heads removed whole, exact."""
 import pytest
 import torch
+import transformers
 
 import fxprune
 from fxprune.testing import assert_equivalent
-
-transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 
