@@ -331,3 +331,23 @@ def test_assert_equivalent_checks_each_output_at_its_own_scale():
         dict(res.module.named_parameters())["small.bias"].mul_(1.01)
     with pytest.raises(AssertionError, match=r"output\[1\]: Tensor-likes are not close"):
         assert_equivalent(model, res, (x,))
+
+
+def test_recovery_options_reach_the_engine():
+    """Scratch-B's cap and own learning rate, and distillation's weight: kd_alpha=0 is the task loss alone (the
+    same weights as no distillation), the default 0.9 trains differently."""
+    model = Net().eval()
+    capped = fxprune.prune(model, (X,), "l1", 0.5, train_loader=_loader(),
+                           recovery=fxprune.Recovery(epochs=1, mode="scratch-b", scratch_lr=0.05, scratch_b_cap=2))
+    assert len(capped.log) == 2 and capped.log[0]["lr"] == pytest.approx(0.05)
+
+    def trained(**options):
+        torch.manual_seed(0)
+        return fxprune.prune(model, (X,), "l1", 0.5, train_loader=_loader(),
+                             recovery=fxprune.Recovery(epochs=1, **options)).module.state_dict()
+
+    plain, alpha0, kd = trained(distill=False), trained(distill=True, kd_alpha=0.0), trained(distill=True)
+    assert all(torch.equal(plain[k], alpha0[k]) for k in plain)
+    assert not all(torch.equal(plain[k], kd[k]) for k in plain)
+    with pytest.raises(fxprune.selection.budget.SelectionError, match="kd_alpha"):
+        fxprune.Recovery(kd_alpha=1.5)

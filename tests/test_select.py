@@ -214,6 +214,16 @@ def train_loader():
     assert (out / "training.png").stat().st_size > 0
     bad = cli("run", path, "--recover", "magic", "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "--recover" in bad.output
+    capped = cli("run", path, "--ratio", "0.5", "--epochs", "1", "--recover", "scratch-b", "--scratch-b-cap", "1.5",
+                 "--scratch-lr", "0.05", "--lr", "0.001", "--out", tmp_path / "capped", "--quiet")
+    assert capped.exit_code == 0, capped.output
+    log = json.loads((tmp_path / "capped" / "report.json").read_text())["finetune"]
+    assert round(ratio) > 2 and log["epochs"] == 2 and log["scratch_b_cap"] == 1.5  # at most 1.5 x 1 epoch
+    assert log["lr"] == 0.05 and log["log"][0]["lr"] == pytest.approx(0.05)  # scratch-b's own rate, not --lr
+    for args, message in ((["--kd-alpha", "2"], "kd_alpha"), (["--scratch-b-cap", "0.5"], "scratch_b_cap"),
+                          (["--scratch-lr", "0"], "learning rates")):
+        bad = cli("run", path, *args, "--out", tmp_path / "bad")
+        assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "bad").exists(), (args, bad.output)
 
 
 class GroupedNet(nn.Module):

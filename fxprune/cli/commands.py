@@ -146,9 +146,18 @@ def run(
                                                    "default: the pass's own (scratch: scratch-b), else finetune",
                                                    show_default=False)] = None,
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="distil from the unpruned model "
-                                                    "during recovery (T=4, alpha=0.9); default: the pass's own "
-                                                    "(tas: on), else off", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="fine-tuning learning rate (SGD, cosine schedule)")] = 0.01,
+                                                    "during recovery (--kd-alpha, --kd-temperature); default: the "
+                                                    "pass's own (tas: on), else off", show_default=False)] = None,
+    lr: Annotated[float, typer.Option("--lr", help="recovery learning rate (SGD, cosine schedule)")] = 0.01,
+    scratch_lr: Annotated[Optional[float], typer.Option("--scratch-lr", help="scratch-e / scratch-b's own learning "
+                                                        "rate (Liu et al. 2019: 0.1 from scratch, 1e-3 fine-tuning); "
+                                                        "default: --lr", show_default=False)] = None,
+    scratch_b_cap: Annotated[Optional[float], typer.Option("--scratch-b-cap", help="Scratch-B trains the full "
+                                                           "model's budget (--epochs x the MACs removed), at most "
+                                                           "this factor x --epochs; default: no cap",
+                                                           show_default=False)] = None,
+    kd_alpha: Annotated[float, typer.Option("--kd-alpha", help="distillation's weight: (1 - a) task + a T^2 KL")] = 0.9,
+    kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="distillation's temperature T")] = 4.0,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
@@ -202,6 +211,7 @@ def run(
                   "target_params": target_params, "target_latency": target_latency}
     if model_file.is_dir():  # a Hugging Face folder: one width per kind of layer unless --per-layer-widths
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
+                 "scratch_lr": scratch_lr, "scratch_b_cap": scratch_b_cap,
                  "attack": attack, "target_latency": target_latency}
         _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [],
                     {**budget, "uniform_across_layers": True if uniform is None else uniform}, given, target,
@@ -211,7 +221,9 @@ def run(
     with _user_errors():
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
-                        onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume)
+                        onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume,
+                        scratch_lr=scratch_lr, scratch_b_cap=scratch_b_cap, kd_alpha=kd_alpha,
+                        kd_temperature=kd_temperature)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return

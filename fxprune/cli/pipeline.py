@@ -18,7 +18,6 @@ from typing import Any
 from torch import nn
 
 from fxprune.measure import to_device
-from fxprune.pipeline.spec import Recovery
 from fxprune.recovery.distributed import launch_rank
 from fxprune.recovery.engine import batches_per_epoch
 from fxprune.recovery.modes import recover, scratch_b_epochs
@@ -33,7 +32,7 @@ from .notes import (
     warnings_as_notes,
 )
 from .output import build_report, export_programs, measured_costs, write_folder
-from .runconfig import Feedback, RunConfig, attack_of, budget_of, check
+from .runconfig import Feedback, RunConfig, attack_of, budget_of, check, recovery_of
 from .workfolder import resumable
 
 __all__ = ["run", "model_file_data", "default_epochs"]
@@ -114,7 +113,7 @@ def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any
     clock = {"start": time.perf_counter()}
     notes: list[str] = []
     mf, the_pass = check(cfg)
-    own = Recovery(epochs=1, mode=cfg.recover, distill=cfg.distill).for_pass(the_pass)  # the pass's defaults
+    own = recovery_of(cfg, 1).for_pass(the_pass)  # the pass's defaults
     cfg = dataclasses.replace(cfg, recover=own.mode, distill=own.distill)
     with resumable(cfg, lambda text: note(fb, notes, text)):  # a killed run continues when run again
         return _run_checked(cfg, mf, the_pass, fb, notes, clock)
@@ -206,14 +205,14 @@ def _recovered(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any,
 
 def _recover(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module, epochs: int,
              fb: Feedback) -> list[dict[str, float]]:
-    loader = data["train_loader"]
+    loader, recovery = data["train_loader"], recovery_of(cfg, epochs)
     total = epochs
-    if cfg.recover == "scratch-b":
-        total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs)
-    return recover(result.module, mode=cfg.recover, original=model, train_loader=loader, loss=mf.loss(),
-                   epochs=epochs, evaluate=mf.evaluate if mf.has("evaluate") else None,
-                   distill=cfg.distill, macs_full=result.cost_before.macs, macs_pruned=result.cost_after.macs,
-                   lr=cfg.lr, device=cfg.device, progress=fb.training(total, batches_per_epoch(loader)))
+    if recovery.mode == "scratch-b":
+        total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs, recovery.scratch_b_cap)
+    return recover(result.module, original=model, train_loader=loader, loss=mf.loss(),
+                   evaluate=mf.evaluate if mf.has("evaluate") else None, macs_full=result.cost_before.macs,
+                   macs_pruned=result.cost_after.macs, device=cfg.device,
+                   progress=fb.training(total, batches_per_epoch(loader)), **recovery.options())
 
 
 def _train_with_rank_zero(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, model: nn.Module,

@@ -15,7 +15,7 @@ import torch
 
 from fxprune import artifacts
 from fxprune.passes.registry import PassError, load_pass, make_pass
-from fxprune.pipeline.spec import BUDGET_KEYWORDS, Budget
+from fxprune.pipeline.spec import BUDGET_KEYWORDS, Budget, Recovery
 from fxprune.recovery import Hook
 from fxprune.recovery.modes import MODES
 from fxprune.selection.budget import SelectionError, check_ratio
@@ -55,6 +55,19 @@ class RunConfig:
     eps: float = 0.03
     attack_steps: int = 40
     resume: bool = True  # continue a killed run of the same description from OUT.resume (fxprune.cli.workfolder)
+    scratch_lr: float | None = None  # --scratch-lr: scratch-e / scratch-b's own rate (None: --lr)
+    scratch_b_cap: float | None = None  # --scratch-b-cap: Scratch-B's epochs at most this factor x --epochs
+    kd_alpha: float = 0.9  # --kd-alpha, --kd-temperature: distillation's weight and temperature
+    kd_temperature: float = 4.0
+
+
+def recovery_of(cfg: RunConfig, epochs: int) -> Recovery:
+    """The run's ``fxprune.Recovery`` for ``epochs``: an OptionError naming the flag when a value makes no sense."""
+    try:
+        return Recovery(epochs, cfg.recover, cfg.distill, cfg.lr, cfg.scratch_lr, cfg.scratch_b_cap, cfg.kd_alpha,
+                        cfg.kd_temperature)
+    except SelectionError as exc:
+        raise OptionError(f"{exc} (--lr, --scratch-lr, --scratch-b-cap, --kd-alpha, --kd-temperature)") from None
 
 
 class Feedback:
@@ -145,6 +158,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
         raise OptionError("--no-recover and --finetune-epochs/--epochs contradict each other: give one")
     if cfg.recover is not None and cfg.recover not in MODES:
         raise OptionError(f"--recover must be one of {', '.join(MODES)}, got {cfg.recover!r}")
+    recovery_of(cfg, 0)
     _check_device(cfg.device)
     if cfg.onnx:
         require_onnx()  # before any work: the export runs last

@@ -30,8 +30,7 @@ def run(spec: RunSpec, progress: Callable[[str], None] | None = None) -> PruneRe
     out, rec = done.compacted, spec.recovery
     if rec.mode is not None:
         stage("recover")
-    log = recover(out.module, rec.mode, spec.model, spec.data, rec.epochs, bool(rec.distill), analysed.before,
-                  done.after)
+    log = recover(out.module, rec, spec.model, spec.data, analysed.before, done.after)
     shapes = input_shapes(out.module, analysed.gm)
     if shapes.fixed:
         warnings.warn(shapes.warning(type(spec.model).__name__), stacklevel=3)  # the line that called prune()

@@ -87,17 +87,37 @@ class Recovery:
     """How the pruned model trains after compaction: ``epochs`` (0: not at all) in ``mode`` "finetune",
     "scratch-e" or "scratch-b" (None: the pass's own, e.g. scratch's scratch-b, tas's scratch-e, else
     finetune), with knowledge distillation from the unpruned model when ``distill`` (None: the pass's own,
-    tas's on)."""
+    tas's on).
+
+    The engine's SGD with a cosine schedule runs at ``lr``; the modes that train from scratch at ``scratch_lr``
+    when given (Liu et al. 2019 train from scratch at 0.1 and fine-tune at 1e-3: one option each; the defaults
+    stay one rate for both). ``scratch_b_cap``: Scratch-B trains the full model's compute budget, ``epochs`` x
+    the MACs removed, at most ``scratch_b_cap`` x ``epochs`` (None: no cap). Distillation's loss is
+    ``(1 - kd_alpha) * task + kd_alpha * T^2 * KL`` at temperature ``kd_temperature`` (Hinton et al.: 0.9, 4).
+    """
 
     epochs: int = 0
     mode: str | None = None
     distill: bool | None = None
+    lr: float = 0.01
+    scratch_lr: float | None = None
+    scratch_b_cap: float | None = None
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in RECOVERY:
             raise SelectionError(f"recover must be one of {RECOVERY}, got {self.mode!r}")
         if self.epochs < 0:
             raise SelectionError(f"recovery epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0 or (self.scratch_lr is not None and self.scratch_lr <= 0):
+            raise SelectionError(f"recovery learning rates must be > 0, got lr={self.lr}, scratch_lr={self.scratch_lr}")
+        if self.scratch_b_cap is not None and self.scratch_b_cap < 1:
+            raise SelectionError(f"scratch_b_cap is the most Scratch-B's epochs grow (a factor >= 1), got "
+                                 f"{self.scratch_b_cap}")
+        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
+            raise SelectionError(f"kd_alpha must be in [0, 1] and kd_temperature > 0, got {self.kd_alpha}, "
+                                 f"{self.kd_temperature}")
 
     def for_pass(self, the_pass: Pass) -> Recovery:
         """This recovery with the pass's defaults filled in: a mode whenever it trains, and distillation."""
@@ -106,6 +126,16 @@ class Recovery:
             mode = getattr(the_pass, "default_recovery", None) or "finetune"
         distill = bool(getattr(the_pass, "default_distill", False)) if self.distill is None else self.distill
         return replace(self, mode=mode, distill=distill)
+
+    @property
+    def rate(self) -> float:
+        """The learning rate of this recovery's mode."""
+        return self.scratch_lr if self.scratch_lr is not None and self.mode in ("scratch-e", "scratch-b") else self.lr
+
+    def options(self) -> dict[str, Any]:
+        """What ``fxprune.recovery.modes.recover`` takes from this recovery besides the model and data."""
+        return {"mode": self.mode, "epochs": self.epochs, "distill": bool(self.distill), "lr": self.rate,
+                "alpha": self.kd_alpha, "temperature": self.kd_temperature, "max_budget_factor": self.scratch_b_cap}
 
 
 @dataclass(frozen=True)

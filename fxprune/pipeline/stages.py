@@ -31,6 +31,8 @@ from fxprune.selection.diagnose import NothingToPruneError, nothing_prunable
 from fxprune.tracing.dynamic import INPUT_SHAPES, InputShapes
 from fxprune.tracing.tracer import trace
 
+from .spec import Recovery
+
 __all__ = ["Analysed", "Scored", "Selected", "Compacted", "analyse", "score", "select", "compact", "recover",
            "latency_model", "input_shapes"]
 
@@ -242,13 +244,14 @@ def compact(scored: Scored, selected: Selected, example_inputs: Any, verify: boo
     return Done(out, dict(weights), list(edits), after)
 
 
-def recover(module: torch.nn.Module, mode: str | None, original: torch.nn.Module, data: Mapping[str, Any],
-            epochs: int, distill: bool, before: Cost, after: Cost) -> list[dict[str, Any]]:
-    """Train the compacted module (``fxprune.recovery.modes.recover``); no mode: nothing, an empty log."""
-    if mode is None:
+def recover(module: torch.nn.Module, recovery: Recovery, original: torch.nn.Module, data: Mapping[str, Any],
+            before: Cost, after: Cost) -> list[dict[str, Any]]:
+    """Train the compacted module (``fxprune.recovery.modes.recover``) as ``recovery`` says; no mode: nothing,
+    an empty log."""
+    if recovery.mode is None:
         return []
     from fxprune.recovery.modes import recover as run_recovery
 
-    return run_recovery(module, mode=mode, original=original, train_loader=data["train_loader"],
-                        loss=data.get("loss"), epochs=epochs, evaluate=data.get("evaluate"), distill=distill,
-                        macs_full=before.macs, macs_pruned=after.macs)
+    return run_recovery(module, original=original, train_loader=data["train_loader"], loss=data.get("loss"),
+                        evaluate=data.get("evaluate"), macs_full=before.macs, macs_pruned=after.macs,
+                        **recovery.options())
