@@ -4,18 +4,19 @@ One folder per stage of the pipeline, in order:
 
     tracing/      model + example inputs -> an ATen-level GraphModule with shapes (three front ends)
     analysis/     the graph -> groups of channels that must shrink together (rules/: one table per op family)
-    passes/       scoring passes: the Pass interface, the registry, l1, slimming...
+    passes/       scoring passes: the Pass interface (a read-only PassContext -> a Decision), the registry, l1...
     masking/      trainable channel masks in the traced graph for the passes that learn per channel; folding them
     edits/        graph edits beyond slicing: residual blocks (find, remove, depth masks), factorised linears
     selection/    scores + a budget -> which channels go; the cost model; why a budget falls short
     compaction/   the selection -> a plan and an exactly equivalent smaller module
     checkpoints/  Hugging Face model folders pruned from disk, streamed shard by shard (no model in memory)
     recovery/     the training engine: fine-tune / scratch-e / scratch-b, distillation, checkpoints, DDP
+    pipeline/     a run as one value (RunSpec: the pass, Budget, Recovery...) and the stages in order (run)
     cli/          the command line around them: pipeline, output folder, report, bench, measurement
 
-``api.py`` chains the stages (``prune``); ``testing.py`` holds the equivalence check; ``robustness.py`` the
-PGD attack and layer vulnerability (``fxprune eval``); ``state.py`` looks a
-model's tensors up by name (the dotted-name getter, the parameters-and-buffers view) for every stage.
+``api.py`` is the driver ``prune`` (its arguments -> a RunSpec -> ``pipeline.run``); ``testing.py`` holds the
+equivalence check; ``robustness.py`` the PGD attack and layer vulnerability (``fxprune eval``); ``state.py`` looks
+a model's tensors up by name (the dotted-name getter, the parameters-and-buffers view) for every stage.
 """
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ Solver = Callable[[Consumer, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarra
 
 def reconstruct_removed(ctx: PassContext, removed: np.ndarray, solve: Solver, source: str, n_batches: int,
                         per_batch: int) -> dict[str, torch.Tensor]:
-    """New weights for every next layer that lost input channels (``Pass.weights`` of thinet and lasso)."""
+    """New weights for every next layer that lost input channels (thinet's and lasso's ``Decision.finish``)."""
     todo = {c.layer: c for gid, cs in consumers(ctx).items() if removed[ctx.groups[gid].channels].any() for c in cs}
     if not todo:
         return {}
