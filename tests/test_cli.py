@@ -664,3 +664,23 @@ def test_readme_aotinductor_recipe_compiles_model_pt2_on_cpu(folder_copy):
     x = torch.randn(5, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), fxprune.load(folder_copy).eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_that_ends_more_than_two_points_below_the_original_says_so_and_what_would_help(tmp_path):
+    """evaluate() that rewards the full width: after recovery the pruned model is 40 points below, and one note
+    names more epochs, a smaller ratio and distillation; a run that ends level has no such note."""
+    for full_only, expected in ((True, True), (False, False)):
+        full = "sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in Tiny().parameters())"
+        score = f"0.9 if {full} else 0.5" if full_only else "0.9"
+        model_file = _write(tmp_path, f"widths_{full_only}.py", TINY.replace(
+            "def evaluate(m):", f"def evaluate(m):\n    return {{'accuracy': {score}}}\n\n\ndef _unused(m):"))
+        out = tmp_path / f"out_{full_only}"
+        result = _invoke("run", model_file, "--pass", "l1", "--ratio", "0.5", "--epochs", "1", "--out", out,
+                         "--json")
+        assert result.exit_code == 0, result.output
+        notes = json.loads(result.stdout)["notes"]
+        said = [n for n in notes if n.startswith("accuracy ended at")]
+        assert bool(said) == expected, notes
+        if expected:
+            assert "0.5 after 1 epoch of finetune" in said[0] and "--epochs 2" in said[0]
+            assert "a smaller --ratio" in said[0] and "--distill" in said[0]

@@ -18,6 +18,7 @@ from fxprune.tracing.quiet import ThreadHeldStream
 from .runconfig import Feedback, RunConfig
 
 DROP_POINTS = 0.03   # a metric in [0, 1] that fell by more than this (3 points) gets a line saying how to recover
+FINAL_POINTS = 0.02  # after recovery: the final metric more than this (2 points) below the original's gets a line
 
 
 def note(fb: Feedback, notes: list[str], text: str) -> None:
@@ -107,6 +108,30 @@ def check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb:
     if fell:
         how = why or ("define train_loader() in the model file (recovery then runs by default) or give --epochs N")
         note(fb, notes, f"{name} changed from {b:.4g} to {a:.4g} by pruning and nothing recovered it: {how}")
+
+
+def check_final(cfg: RunConfig, before: dict[str, Any] | None, after: dict[str, Any] | None, epochs: int,
+                the_pass: Any, fb: Feedback, notes: list[str]) -> None:
+    """After recovery: one line when evaluate()'s first metric ended more than ``FINAL_POINTS`` below the original
+    model's (a metric in [0, 1]; relatively, for another), naming what would help."""
+    if not before or not after:
+        return
+    name = next(iter(before))
+    b, a = before.get(name), after.get(name)
+    if b is None or a is None:
+        return
+    if not ((b - a) > FINAL_POINTS if 0.0 <= b <= 1.0 else abs(a - b) > FINAL_POINTS * max(abs(b), 1e-12)):
+        return
+    helps = [f"more recovery (--epochs {2 * (cfg.finetune_epochs or epochs)})",
+             "a smaller --ratio" if not any(cfg.budget.get(k) for k in ("target_macs", "target_params",
+                                                                          "target_latency")) else "a larger target"]
+    own = getattr(the_pass, "default_recovery", None)
+    if own and own != cfg.recover:
+        helps.append(f"the pass's own recovery (--recover {own})")
+    if not cfg.distill:
+        helps.append("distillation from the original (--distill)")
+    note(fb, notes, f"{name} ended at {a:.4g} after {epochs} epoch{'s' * (epochs > 1)} of {cfg.recover}, more than "
+                    f"{FINAL_POINTS * 100:g} points from the original's {b:.4g}: try {', '.join(helps)}")
 
 
 @contextlib.contextmanager

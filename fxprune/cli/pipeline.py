@@ -25,6 +25,7 @@ from fxprune.recovery.modes import recover, scratch_b_epochs
 from .modelfile import ModelFile
 from .notes import (
     check_drop,
+    check_final,
     check_shortfall,
     latency_note,
     note,
@@ -143,6 +144,8 @@ def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, not
         result.module.eval()
         after = {**measured_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
     after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
+    if log:
+        check_final(cfg, before["metrics"], after["metrics"], len(log), the_pass, fb, notes)
     latency_note(cfg, result, before, after, fb, notes)
     result.module.cpu().eval()
     with fb.step("exporting"), warnings_as_notes(fb, notes):  # an axis export fixes is a note of report.json
