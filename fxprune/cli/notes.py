@@ -94,18 +94,26 @@ def latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: dic
                          "example_inputs() or --target-macs is the better budget for such a model")
 
 
+def _fell(before: dict[str, Any] | None, after: dict[str, Any] | None,
+          points: float) -> tuple[str, float, float] | None:
+    """evaluate()'s first metric (name, before, after) when it fell by more than ``points`` (a metric in [0, 1]),
+    or changed by more than that fraction (another); None otherwise or without both."""
+    if not before or not after:
+        return None
+    name = next(iter(before))
+    b, a = before.get(name), after.get(name)
+    if b is None or a is None:
+        return None
+    fell = (b - a) > points if 0.0 <= b <= 1.0 else abs(a - b) > points * max(abs(b), 1e-12)
+    return (name, b, a) if fell else None
+
+
 def check_drop(before: dict[str, Any] | None, pruned: dict[str, Any] | None, fb: Feedback,
-                notes: list[str], why: str | None = None) -> None:
+               notes: list[str], why: str | None = None) -> None:
     """Without recovery: one line when evaluate() fell by more than a few points, and how to recover
     (``why``: the reason no recovery ran, when it is not a missing train_loader())."""
-    if not before or not pruned:
-        return
-    name = next(iter(before))
-    b, a = before.get(name), pruned.get(name)
-    if b is None or a is None:
-        return
-    fell = (b - a) >= DROP_POINTS if 0.0 <= b <= 1.0 else abs(a - b) > DROP_POINTS * max(abs(b), 1e-12)
-    if fell:
+    if (fell := _fell(before, pruned, DROP_POINTS - 1e-12)) is not None:  # "by 3 points or more"
+        name, b, a = fell
         how = why or ("define train_loader() in the model file (recovery then runs by default) or give --epochs N")
         note(fb, notes, f"{name} changed from {b:.4g} to {a:.4g} by pruning and nothing recovered it: {how}")
 
@@ -114,14 +122,9 @@ def check_final(cfg: RunConfig, before: dict[str, Any] | None, after: dict[str, 
                 the_pass: Any, fb: Feedback, notes: list[str]) -> None:
     """After recovery: one line when evaluate()'s first metric ended more than ``FINAL_POINTS`` below the original
     model's (a metric in [0, 1]; relatively, for another), naming what would help."""
-    if not before or not after:
+    if (fell := _fell(before, after, FINAL_POINTS)) is None:
         return
-    name = next(iter(before))
-    b, a = before.get(name), after.get(name)
-    if b is None or a is None:
-        return
-    if not ((b - a) > FINAL_POINTS if 0.0 <= b <= 1.0 else abs(a - b) > FINAL_POINTS * max(abs(b), 1e-12)):
-        return
+    name, b, a = fell
     helps = [f"more recovery (--epochs {2 * (cfg.finetune_epochs or epochs)})",
              "a smaller --ratio" if not any(cfg.budget.get(k) for k in ("target_macs", "target_params",
                                                                           "target_latency")) else "a larger target"]
