@@ -51,11 +51,12 @@ class MagnitudeFactors(Flop):
     name = "flop-magnitude"
 
     def score(self, ctx: PassContext) -> fxprune.Decision:
+        layers = self.layers(ctx.user)
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
-        for gid, (path, _) in self.rank_groups(ctx).items():
+        for gid, (path, _) in self.rank_groups(ctx, layers).items():
             norms = [_rank_norms(ctx, gid, f"{path}.weight_{k}") for k in ("u", "v")]
             scores[gid] = (norms[0] * norms[1]).detach().double().cpu().numpy()
-        layers = self.layers(ctx.user)  # the weights as factorised; layers whose rank saves nothing merged back
+        # the weights as factorised; layers whose rank saves nothing merged back
         return fxprune.Decision(scores, finish=lambda removed: fxprune.Finish(edits=[merge_unprofitable(layers)]))
 
 

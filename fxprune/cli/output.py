@@ -16,7 +16,7 @@ from fxprune.recovery.curves import plot_log, write_log
 
 from .deploy import ONNX, ORIGINAL_ONNX, export_onnx
 from .report import group_rows, layer_rows, pass_report, plot_blocks, plot_channels, plot_histogram, render_markdown
-from .runconfig import TARGET_KEYS, RunConfig
+from .runconfig import TARGET_KEYS, RunConfig, recovery_of
 
 REPORT_JSON, REPORT_MD, CHART = "report.json", "report.md", "channels.png"
 
@@ -105,7 +105,7 @@ def build_report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, prune
                                                "from": "--attack" if cfg.attack else "the pass"},
         "before": before, "pruned": pruned, "after": after,
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log),
-                     "lr": cfg.scratch_lr if cfg.scratch_lr is not None and cfg.recover != "finetune" else cfg.lr,
+                     "lr": recovery_of(cfg, len(log)).rate,
                      "scratch_b_cap": cfg.scratch_b_cap, "kd_alpha": cfg.kd_alpha,
                      "kd_temperature": cfg.kd_temperature, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),

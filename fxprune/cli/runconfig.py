@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fxprune import artifacts
+from fxprune.compaction.targets import TARGETS
 from fxprune.passes.registry import PassError, load_pass, make_pass
 from fxprune.pipeline.spec import BUDGET_KEYWORDS, Budget, Recovery
 from fxprune.recovery import Hook
@@ -138,8 +139,8 @@ def budget_of(ratio: float, flags: dict[str, Any]) -> Budget:
     for key, value in targets.items():
         if not 0.0 < value <= 1.0:
             raise OptionError(f"--{key.replace('_', '-')} is the fraction to keep, in (0, 1]; got {value}")
-    if flags.get("target", "auto") not in ("auto", "graph", "modules"):
-        raise OptionError(f"--target must be auto, graph or modules, got {flags['target']!r}")
+    if flags.get("target", "auto") not in TARGETS:
+        raise OptionError(f"--target must be {', '.join(TARGETS[:-1])} or {TARGETS[-1]}, got {flags['target']!r}")
     given = {k: v for k, v in flags.items() if k in BUDGET_KEYWORDS and v is not None}
     try:
         return Budget(ratio=ratio, **given)

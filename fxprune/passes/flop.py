@@ -205,14 +205,15 @@ class Flop(Pass):
         gm.train(ctx.model.training)  # the factorised model is the one compacted: it keeps the user's mode
         return ctx.prepared(gm, groups, gm)
 
-    def rank_groups(self, ctx: PassContext) -> dict[int, tuple[str, int]]:
+    def rank_groups(self, ctx: PassContext, layers: dict[str, tuple[int, int]] | None = None
+                    ) -> dict[int, tuple[str, int]]:
         """Group id -> (layer path, in + out) of every factorised layer's rank group (``ctx``: the factorised
-        model's context, which ``prepare`` made)."""
+        model's context, which ``prepare`` made; ``layers``: ``self.layers(ctx.user)`` when the caller has it)."""
         if ctx.origin is None:
             raise PassError("flop scores the factorised copy of the model its prepare() makes (fxprune.prune and "
                             "the command line call it): give score() that context")
         out: dict[int, tuple[str, int]] = {}
-        for path, (o, i) in self.layers(ctx.user).items():
+        for path, (o, i) in (self.layers(ctx.user) if layers is None else layers).items():
             group = next((g for g in ctx.groups.prunable if any(p.name == f"{path}.weight_v" and p.role == "producer"
                                                                  for p in g.params)), None)
             if group is not None:
@@ -249,7 +250,7 @@ class Flop(Pass):
     # ---- training and scores ---------------------------------------------------------------------
     def score(self, ctx: PassContext) -> Decision:
         layers = self.layers(ctx.user)
-        ranks = self.rank_groups(ctx)
+        ranks = self.rank_groups(ctx, layers)
         loader = ctx.data.get("train_loader")
         if loader is None:
             raise ValueError("flop needs train_loader= to learn its gates")
