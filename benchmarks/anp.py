@@ -24,13 +24,13 @@ Writes benchmarks/results/anp.json (the README's table).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import example, mean_std
+from _results import save
 
 import fxprune
 from fxprune.robustness import PGD, robust_metrics
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--lr-mask", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     digits = example("digits")
     model = digits.model().eval()
@@ -77,7 +78,7 @@ def main() -> None:
             runs.setdefault(row, []).append(run_row(digits, model, variant, pruned, vs_weight, args, seed))
             print(row, seed, {k: round(v, 4) for k, v in runs[row][-1].items()}, flush=True)
     table = mean_std(runs)
-    OUT.write_text(json.dumps({"settings": vars(args), "pretrained": original, "rows": table, "runs": runs}, indent=1))
+    save(OUT, {"settings": vars(args), "pretrained": original, "rows": table, "runs": runs}, __file__, started)
     print(f"{'row':12} {'clean':>12} {'PGD-40':>12} {'vuln':>8} {'MACs':>6} {'s':>6}")
     for row, t in table.items():
         print(f"{row:12} {100 * t['clean_accuracy']['mean']:6.2f}±{100 * t['clean_accuracy']['std']:4.2f} "

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import example
+from _results import save
 
 import fxprune
 from fxprune.edits.factorize import merge_unprofitable
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--targets", default="0.5,0.3")
     ap.add_argument("--variants", default='[{"prune_lr": 0.03}]', help="JSON list of extra flop option sets")
     args = ap.parse_args()
+    started = time.perf_counter()
     os.environ["CHARLM_STEPS"] = str(args.pretrain)
     os.environ["CHARLM_BATCHES"] = str(args.batches)
     lm = example("charlm")
@@ -147,8 +149,7 @@ def main() -> None:
         lm.pretrain(small, steps)
         rows.append(_row(f"dense-small {target}", small.eval(), lm, time.perf_counter() - start, steps=steps,
                          target=target))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"torch": torch.__version__, "args": vars(args), "rows": rows}, indent=1) + "\n")
+    save(OUT, {"args": vars(args), "rows": rows}, __file__, started)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _results import save  # noqa: E402
+
 from fxprune.cli.pipeline import run  # noqa: E402
 from fxprune.cli.runconfig import RunConfig  # noqa: E402
 
@@ -72,14 +74,14 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "headline.json")
     args = ap.parse_args()
+    started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for ratio in args.ratios:
             for method in args.passes:
                 rows.append(one(method, ratio, Path(folder)))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "notes"}), file=sys.stderr, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    save(args.out, rows, __file__, started)
     print(table(rows))
 
 

@@ -12,11 +12,13 @@ changed, the parameters kept and why the kinds that stayed whole did.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
+
+from _results import save
 
 
 def families() -> dict[str, Callable[[], tuple[type, Any]]]:
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     warnings.filterwarnings("ignore")
     rows = []
     for name, build in families().items():
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{name:28s} {'err %.1e' % r['max_abs_err'] if 'max_abs_err' in r else r.get('error')}  "
               f"{r.get('params_kept', '')}  {r.get('config_changes', '')}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        save(args.out, rows, __file__, started)
     return rows
 
 

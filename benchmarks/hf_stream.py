@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import save
+
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                  vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(plan_70b(args.plan_layers, args.ratio)))
         return {}
 
+    started = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fxprune-hf-stream-"))
     src, dst = work / "src", work / "pruned"
     try:
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        save(args.out, result, __file__, started)
     return result
 
 

@@ -20,7 +20,6 @@ rounds so that a load change on the machine affects both. MACs are FlopCounterMo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _results import load, save
 
 import fxprune
 from fxprune.measure import count_macs, count_params, interleaved_latency
@@ -141,7 +141,7 @@ def _kept_rows(out: Path, args: argparse.Namespace) -> list[dict]:
     own commit); without it, none (a full sweep starts over)."""
     if args.budgets is None or not out.exists():
         return []
-    return [r for r in json.loads(out.read_text())["rows"] if "error" not in r]
+    return [r for r in load(out)["rows"] if "error" not in r]
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -163,9 +163,7 @@ def sweep(args: argparse.Namespace) -> None:
                 print(rows[-1], flush=True)
                 continue
             print(sweep_table(rows[-1:]).splitlines()[-1], flush=True)
-            out.write_text(json.dumps({"env": environment(), "command": " ".join(["python benchmarks/latency.py"]
-                                                                                 + sys.argv[1:]),
-                                       "rows": rows}, indent=1))
+            save(out, {"env": environment(), "rows": rows}, __file__)
     print(sweep_table([r for r in rows if "error" not in r]))
 
 
@@ -190,8 +188,7 @@ def main() -> None:
         rows.append(one(name, args.ratio, args.batch, args.size, args.repeats, args.rounds))
         print(table(rows[-1:]), flush=True)
     command = " ".join(["python benchmarks/latency.py"] + sys.argv[1:])
-    Path(args.out).write_text(json.dumps({"env": environment(), "command": command, "args": vars(args), "rows": rows},
-                                         indent=1))
+    save(args.out, {"env": environment(), "command": command, "args": vars(args), "rows": rows}, __file__)
     print(table(rows))
 
 

@@ -33,7 +33,6 @@ on speed-up / MACs reduction that no emitted graph can pass).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ import fxprune
 from fxprune.selection.latency import op_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import load, save  # noqa: E402
 from latency import build  # noqa: E402 - the same model builder as the latency sweep
 
 CNNS = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:regnet_y_800mf",
@@ -265,7 +265,7 @@ def widths_in_models(specs: list[str], batch: int, rounds: int) -> list[dict[str
 
 def _save(rows: list[dict[str, Any]], out: str | None) -> None:
     if out:
-        Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+        save(out, rows, __file__)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         _save(rows, args.out)
         return rows
     if args.bound_only:
-        rows = [add_bound(r) for r in json.loads(Path(args.out).read_text())]
+        rows = [add_bound(r) for r in load(args.out)]
         _save(rows, args.out)
         for r in rows:
             print(f"{r['model']}: at best {r['bound']}x for {r['macs_reduction']}x fewer MACs "

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _results import save
 
 import fxprune
 from fxprune.analysis.reindex import Reindexing
@@ -99,14 +100,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    started = time.perf_counter()
     rows = []
     for name, make in _models().items():
         row = measure(name, make, args.batch, args.steps, args.rounds)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
-                              indent=1) + "\n")
+    save(OUT, {"rows": rows}, __file__, started)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import resource
 import time
 import warnings
 
+from _results import save
+
 
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -92,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        save(args.out, out, __file__)
     return out
 
 

@@ -10,7 +10,6 @@ cosine, on the compacted model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import digits  # noqa: E402
+from _results import save  # noqa: E402
 
 import fxprune  # noqa: E402
 from fxprune.recovery.engine import finetune  # noqa: E402
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.json")
     args = ap.parse_args()
+    started = time.perf_counter()
     model = digits.model()
     inputs = digits.example_inputs()
     base = digits.evaluate(model)["accuracy"]
@@ -60,8 +61,7 @@ def main() -> None:
                    "macs_kept": res.cost_after.macs / ref, "seconds": seconds}
             rows.append(row)
             print(row, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    save(args.out, rows, __file__, started)
     print("\n| method | ratio | acc (no recovery) | acc after fine-tune | MACs kept | prune time (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

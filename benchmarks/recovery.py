@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import save  # noqa: E402
 
 import fxprune  # noqa: E402
 from fxprune.cli.modelfile import load_model_file  # noqa: E402
@@ -131,10 +132,10 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     args = _args()
+    started = time.perf_counter()
     res = run(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        save(args.json, res, __file__, started)
     print(markdown(res))
 
 

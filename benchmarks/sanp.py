@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import example, mean_std
+from _results import save
 
 import fxprune
 from fxprune.measure import batch1_ms
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     scale = scale_check() if args.scale else None
     print("scale check", scale, flush=True)
@@ -133,7 +135,7 @@ def main() -> None:
                 runs.setdefault(row, []).append(values)
                 print(target, seed, row, {k: round(v, 4) for k, v in values.items()}, flush=True)
         table[str(target)] = mean_std(runs)
-    OUT.write_text(json.dumps({"settings": vars(args), "rows": table, "resnet18_scale_check": scale}, indent=1))
+    save(OUT, {"settings": vars(args), "rows": table, "resnet18_scale_check": scale}, __file__, started)
     for target, rows in table.items():
         print(f"target {target}")
         for row, t in rows.items():

@@ -16,7 +16,6 @@ One thread (torch.set_num_threads(1)): the timings are comparable, not fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import digits  # noqa: E402
+from _results import save  # noqa: E402
 
 import fxprune  # noqa: E402
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scratch.json")
     args = ap.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     model = digits.model()
@@ -70,8 +71,7 @@ def main() -> None:
                "channels": [(r["kept"], r["total"]) for r in res.summary()]}
         rows.append(row)
         print(row, flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        save(args.out, rows, __file__, started)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import example, mean_std
+from _results import save
 from torch import nn
 
 import fxprune
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     digits = example("digits")
     model = pretrained(digits)
@@ -144,9 +145,9 @@ def main() -> None:
             runs.setdefault(row, []).append(values)
             print(seed, row, {k: round(v, 4) for k, v in values.items()}, flush=True)
     table = mean_std(runs)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "dense_accuracy": dense,
-                               "authors": "ResNet-56 CIFAR-10 searched to ~58 MFLOPs of 125 (0.47)",
-                               "rows": table, "runs": runs}, indent=1))
+    save(args.out, {"settings": {k: str(v) for k, v in vars(args).items()}, "dense_accuracy": dense,
+                    "authors": "ResNet-56 CIFAR-10 searched to ~58 MFLOPs of 125 (0.47)",
+                    "rows": table, "runs": runs}, __file__, started)
     print(f"dense {100 * dense:.2f}")
     for row, t in table.items():
         print(f"{row:28} {100 * t['accuracy']['mean']:6.2f}±{100 * t['accuracy']['std']:4.2f} "

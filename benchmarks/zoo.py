@@ -73,6 +73,8 @@ import traceback
 import warnings
 from typing import Any
 
+from _results import load, save
+
 RESULT_TAG = "ZOO_RESULT "
 PARTIAL_TAG = "ZOO_PARTIAL "  # what a worker knows so far: kept when it times out later
 
@@ -619,17 +621,13 @@ def run_worker(tool: str, suite: str, name: str, size: int | None, ratio: float,
 
 def load_results(path: str) -> dict[str, Any]:
     if path and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        return load(path)
     return {"runs": []}
 
 
 def save_results(path: str, data: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+    save(path, json.loads(json.dumps(data, default=str)), __file__)
 
 
 def environment() -> dict[str, Any]:
