@@ -354,10 +354,10 @@ TINY_MODEL = '''
 
 
 # ---- the pass interface: a function of a read-only context to a Decision --------------------------------------
-def test_readme_shows_the_l1_pass_whole_as_the_template():
-    readme = (REPO / "README.md").read_text()
+def test_the_docs_show_the_l1_pass_whole_as_the_template():
+    page = (REPO / "docs" / "writing-a-pass.md").read_text()
     source = (REPO / "fxprune" / "passes" / "l1.py").read_text()
-    assert f"```python\n{source}```" in readme
+    assert f"```python\n{source}```" in page
 
 
 def test_a_pass_context_is_read_only_and_names_what_replaced_its_old_fields():
