@@ -89,6 +89,8 @@ def measure(name: str, make: Callable[[], torch.nn.Module], batch: int, steps: i
             "trace_s": round(t_trace, 3), "analyze_s": round(t_analyze, 3), "insert_s": round(t_insert, 3),
             "insert_over_trace": round(t_insert / t_trace, 3),
             "step_s": {k: round(v, 4) for k, v in step.items()},
+            "step_rounds_s": {k: [round(t, 4) for t in v] for k, v in runs.items()},
+            "masked_over_eager_rounds": [round(m / e, 3) for m, e in zip(runs["masked"], runs["eager"])],
             "masked_over_eager": round(step["masked"] / step["eager"], 3),
             "graph_over_eager": round(step["graph"] / step["eager"], 3),
             "batch": batch, "steps": steps, "rounds": rounds}
