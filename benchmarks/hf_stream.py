@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import save
-
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                  vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -230,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.out:
+        from _results import save  # noqa: PLC0415 - here: the children run this file without benchmarks/ on sys.path
+
         save(args.out, result, __file__, started)
     return result
 
