@@ -1,0 +1,193 @@
+"""How each benchmark's results become tables: one function per benchmark, from its ``results`` payload to
+Markdown tables (``benchmarks/report.py`` adds the title, the description and what it was measured with).
+
+A table here formats numbers; it never computes a claim the results file does not hold. A benchmark without
+a renderer here is an error in ``report.py``, so a new results file cannot go unpublished.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+Rows = list[list[Any]]
+
+
+def table(header: list[str], rows: Rows) -> str:
+    """A Markdown table; None shows as a dash."""
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+
+def pct(x: float | None, digits: int = 1) -> str | None:
+    return None if x is None else f"{100 * x:.{digits}f}"
+
+
+def ms(stat: dict[str, float], scale: float = 100, digits: int = 1) -> str:
+    """A mean +- std over seeds ({"mean", "std"}), scaled (100: a fraction as percent)."""
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """min / median / max of repeated rounds."""
+    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
+
+
+def mega(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def headline(res: list[dict[str, Any]]) -> list[str]:
+    rows = [[r["pass"], r["ratio"], f"{r['recovery']} ({r['recovery_epochs']})", pct(r["macs_kept"]),
+             pct(r["params_kept"]), pct(r["acc_unpruned"]), pct(r.get("acc_trained_copy")), pct(r["acc_pruned"]),
+             pct(r["acc_recovered"]), f"{r['seconds_total']:.0f}"] for r in res]
+    return ["Accuracy in %, on the validation split; MACs and parameters kept in %. Latency is left out: at 8x8 "
+            "images it is per-op overhead and one run's figure varies from run to run; [latency](latency.md) "
+            "times real model sizes over repeated rounds.",
+            table(["pass", "ratio", "recovery (epochs)", "MACs kept", "params kept", "unpruned",
+                   "trained by the pass", "pruned", "recovered", "seconds"], rows)]
+
+
+def methods(res: list[dict[str, Any]]) -> list[str]:
+    rows = [[r["method"], r["ratio"], pct(r["acc"]), pct(r["acc_ft"]), pct(r["macs_kept"]), f"{r['seconds']:.1f}"]
+            for r in res]
+    return ["Accuracy in %; the unpruned row's fine-tuned accuracy is the same fine-tune on the dense model.",
+            table(["method", "ratio", "accuracy, no recovery", "after fine-tune", "MACs kept %", "prune s"], rows)]
+
+
+def recovery(res: dict[str, Any]) -> list[str]:
+    full, rows = res["full"], res["rows"]
+    out = []
+    for r in rows:
+        if r["distill"]:
+            continue
+        kd = next((k for k in rows if k["ratio"] == r["ratio"] and k["mode"] == r["mode"] and k["distill"]), None)
+        out.append([r["ratio"], pct(r["macs"] / full["macs"], 0), r["mode"], r["epochs"], pct(r["accuracy"]),
+                    pct(kd["accuracy"]) if kd else None,
+                    f"{r['seconds']:.0f} ({kd['seconds']:.0f})" if kd else None])
+    return [f"Unpruned: accuracy {pct(full['accuracy'])}%, {mega(full['macs'])} MACs, {mega(full['params'])} "
+            f"parameters. Accuracy (%) after the last epoch, mean of seeds {res['seeds']}; fine-tune lr "
+            f"{res['finetune_lr']:g}, scratch lr {res['lr']:g}, AdamW with a cosine schedule, {res['threads']} "
+            "thread(s).",
+            table(["ratio", "MACs kept %", "recovery", "epochs", "accuracy", "with KD", "s per run (KD)"], out)]
+
+
+def scratch(res: list[dict[str, Any]]) -> list[str]:
+    rows = [[r["method"], ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or None,
+             r["recovery"], pct(r["macs_kept"]), pct(r.get("acc_pruned")), pct(r["acc"]),
+             None if r["search_s"] is None else f"{r['search_s']:.1f}",
+             None if r["recovery_s"] is None else f"{r['recovery_s']:.1f}"] for r in res]
+    return ["Accuracy in %; search s: the pass's own training (slimming's sparsity training, scratch's gates).",
+            table(["method", "options", "recovery", "MACs kept %", "accuracy pruned", "accuracy recovered",
+                   "search s", "recovery s"], rows)]
+
+
+def sanp(res: dict[str, Any]) -> list[str]:
+    out = []
+    for target, rows in res["rows"].items():
+        out.append(f"**Average-MACs target {target}** (mean ± std over {res['settings']['seeds']} seeds; "
+                   "accuracy %, MACs as a fraction of the original's, batch-1 latency ms):")
+        out.append(table(["row", "accuracy", "MACs", "latency ms"],
+                         [[name, ms(t["accuracy"]), ms(t["macs"], 1, 3), ms(t["latency_ms"], 1, 3)]
+                          for name, t in rows.items()]))
+    scale = res.get("resnet18_scale_check")
+    if scale:
+        out.append(f"ResNet-18 scale check: {scale['gated_groups']} gated groups, average MACs "
+                   f"{scale['average_macs']:.2f}, original graph {scale['original_graph_ms']:.1f} ms, dynamic "
+                   f"{scale['dynamic_ms']:.1f} ms ({scale['speedup']:.2f}x).")
+    return out
+
+
+def tas(res: dict[str, Any]) -> list[str]:
+    rows = [[name, ms(t["accuracy"]), ms(t["macs_kept"], 1, 3), ms(t["blocks_removed"], 1, 1),
+             ms(t["seconds"], 1, 1), ms(t["missed_band"], 1, 2) if "missed_band" in t else None]
+            for name, t in res["rows"].items()]
+    return [f"Dense accuracy {pct(res['dense_accuracy'])}%. Mean ± std over {res['settings']['seeds']} seeds; "
+            f"target MACs {res['settings']['target_macs']}. The authors: {res['authors']}.",
+            table(["row", "accuracy %", "MACs kept", "blocks removed", "search s", "missed the band"], rows)]
+
+
+def anp(res: dict[str, Any]) -> list[str]:
+    p = res["pretrained"]
+    rows = [[name, ms(t["clean_accuracy"]), ms(t["pgd_accuracy"]), ms(t["vulnerability"], 1, 4),
+             ms(t["macs_kept"], 1, 2), ms(t["seconds"], 1, 1)] for name, t in res["rows"].items()]
+    return [f"Pre-trained: clean {pct(p['clean_accuracy'])}%, PGD-40 {pct(p['pgd_accuracy'])}%, vulnerability "
+            f"{p['vulnerability']:.4f}. Mean ± std over {res['settings']['seeds']} seeds, eps "
+            f"{res['settings']['eps']}.",
+            table(["row", "clean %", "PGD-40 %", "vulnerability", "MACs kept", "seconds"], rows)]
+
+
+def flop(res: dict[str, Any]) -> list[str]:
+    rows = [[r["model"], r["bpc"], r.get("bpc_before_finetune"), mega(r["params"]), r.get("kept"),
+             r.get("expected_sparsity"), r.get("target_sparsity"), r["seconds"]] for r in res["rows"]]
+    return ["Bits per character on the validation windows (lower is better); params of the whole model; seconds of "
+            "the row's training and pruning. (The results file also holds one batch-1 latency per row, a single "
+            "measurement, not shown.)",
+            table(["model", "bpc", "bpc before fine-tune", "params", "kept", "expected sparsity",
+                   "target sparsity", "seconds"], rows)]
+
+
+def key_values(res: dict[str, Any], prefix: str = "") -> Rows:
+    rows: Rows = []
+    for k, v in res.items():
+        if isinstance(v, dict) and v and all(not isinstance(x, dict) for x in v.values()) and len(v) > 4:
+            rows += key_values(v, f"{prefix}{k}.")
+        elif isinstance(v, dict):
+            rows += key_values(v, f"{prefix}{k}.") if v else [[f"{prefix}{k}", None]]
+        else:
+            rows.append([f"{prefix}{k}", v])
+    return rows
+
+
+def meta_plan(res: dict[str, Any]) -> list[str]:
+    return [table(["measurement", "value"], key_values(res))]
+
+
+def hf_stream(res: dict[str, Any]) -> list[str]:
+    return [table(["measurement", "value"], key_values(res))]
+
+
+def hf_folders(res: list[dict[str, Any]]) -> list[str]:
+    rows = [[r["family"], r.get("loads"), r.get("max_abs_err"), r.get("params_kept"),
+             ", ".join(f"{k} {a}→{b}" for k, (a, b) in (r.get("config_changes") or {}).items()) or None,
+             r.get("error")] for r in res]
+    return [table(["family", "loads", "max abs error", "params kept", "config changes", "error"], rows)]
+
+
+def masks(res: dict[str, Any]) -> list[str]:
+    rows = [[r["model"], r["prunable_groups"], r["trace_s"], r["analyze_s"], r["insert_s"],
+             *(spread(r["step_rounds_s"][k], 3) for k in ("eager", "graph", "masked")),
+             spread(r["masked_over_eager_rounds"], 2)] for r in res["rows"]]
+    return ["Seconds. Trace, analyze and insert: one measurement each. A training step: min / median / max over "
+            "interleaved rounds, each round the median of its steps; masked / eager per round.",
+            table(["model", "groups", "trace", "analyze", "insert masks", "step eager", "step graph",
+                   "step masked", "masked / eager"], rows)]
+
+
+def latency(res: dict[str, Any]) -> list[str]:
+    rows = [[r["model"], r["ratio"], r["batch"], r["size"], f"{mega(r['macs_before'])} → {mega(r['macs_after'])}",
+             f"{mega(r['params_before'])} → {mega(r['params_after'])}",
+             spread(r["latency_rounds_ms"]["original"]), spread(r["latency_rounds_ms"]["pruned"]),
+             f"{r['speedup']:.2f}x"] for r in res["rows"]]
+    return ["Latency in ms: min / median / max over interleaved rounds (each round the median of its repeats); "
+            "the speed-up is the original's median over rounds divided by the pruned model's.",
+            table(["model", "ratio", "batch", "size", "MACs", "params", "original ms", "pruned ms", "speed-up"],
+                  rows)]
+
+
+def zoo(res: dict[str, Any]) -> list[str]:
+    from zoo import family_markdown, markdown  # noqa: PLC0415 - the zoo's own tables and totals
+
+    head = f"l1 at ratio {res['ratio']}; one row per model."
+    if {r["suite"] for r in res["runs"]} == {"timm-families"}:  # one model per family: the verdict table
+        return [head + " One model per timm family: the smallest (`timm_families.json`, the zoo's cache).",
+                family_markdown(res["runs"])]
+    return [head, markdown(res["runs"])]
+
+
+RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "headline": headline, "methods": methods, "recovery": recovery, "scratch": scratch, "sanp": sanp, "tas": tas,
+    "anp": anp, "flop": flop, "meta_plan": meta_plan, "hf_stream": hf_stream, "hf_folders": hf_folders,
+    "masks": masks, "latency": latency, "zoo": zoo,
+}
