@@ -129,22 +129,18 @@ def flop(res: dict[str, Any]) -> list[str]:
 
 
 def key_values(res: dict[str, Any], prefix: str = "") -> Rows:
+    """A nested dict as (dotted key, value) rows; an empty dict shows as a dash."""
     rows: Rows = []
     for k, v in res.items():
-        if isinstance(v, dict) and v and all(not isinstance(x, dict) for x in v.values()) and len(v) > 4:
+        if isinstance(v, dict) and v:
             rows += key_values(v, f"{prefix}{k}.")
-        elif isinstance(v, dict):
-            rows += key_values(v, f"{prefix}{k}.") if v else [[f"{prefix}{k}", None]]
         else:
-            rows.append([f"{prefix}{k}", v])
+            rows.append([f"{prefix}{k}", None if v == {} else v])
     return rows
 
 
-def meta_plan(res: dict[str, Any]) -> list[str]:
-    return [table(["measurement", "value"], key_values(res))]
-
-
-def hf_stream(res: dict[str, Any]) -> list[str]:
+def measurements(res: dict[str, Any]) -> list[str]:
+    """A benchmark that records one set of named measurements (meta_plan, hf_stream): one row each."""
     return [table(["measurement", "value"], key_values(res))]
 
 
@@ -188,6 +184,6 @@ def zoo(res: dict[str, Any]) -> list[str]:
 
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "headline": headline, "methods": methods, "recovery": recovery, "scratch": scratch, "sanp": sanp, "tas": tas,
-    "anp": anp, "flop": flop, "meta_plan": meta_plan, "hf_stream": hf_stream, "hf_folders": hf_folders,
+    "anp": anp, "flop": flop, "meta_plan": measurements, "hf_stream": measurements, "hf_folders": hf_folders,
     "masks": masks, "latency": latency, "zoo": zoo,
 }
