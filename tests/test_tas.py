@@ -109,7 +109,8 @@ def test_gumbel_sampling_picks_two_distinct_widths_and_mixes_them() -> None:
 
 
 def test_depth_choices_and_stage_weights() -> None:
-    assert depth_choices(1) == [1] and depth_choices(3) == [1, 3] and depth_choices(4) == [1, 3, 4]
+    assert depth_choices(1) == [1] and depth_choices(2) == [1, 2] and depth_choices(3) == [1, 2, 3]  # the authors'
+    assert depth_choices(4) == [1, 3, 4]
     assert depth_choices(9) == [1, 3, 5, 7, 9]
     stage = StageDepth(5).train()
     p = stage()
@@ -201,8 +202,8 @@ def test_depth_search_removes_blocks_and_compaction_equals_the_searched_network(
     with torch.no_grad():
         for w in widths.values():
             w.logits.copy_(torch.linspace(0, 1, len(w.logits)) * torch.tensor([1.0] * (len(w.logits) - 3) + [5, 0, 0]))
-        depths["layer1"].logits.copy_(torch.tensor([5.0, 0.0]))  # keep 1 of 3
-        depths["layer2"].logits.copy_(torch.tensor([0.0, 5.0]))  # keep all 3
+        depths["layer1"].logits.copy_(torch.tensor([5.0, 0.0, 0.0]))  # keep 1 of 3
+        depths["layer2"].logits.copy_(torch.tensor([0.0, 0.0, 5.0]))  # keep all 3
     masked.module.eval()
     scores = {gid: np.where(w.keep().numpy() > 0, np.inf, -np.inf) for gid, w in widths.items()}
     removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
@@ -231,7 +232,8 @@ def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
     assert set(report["stages"]) == {"layer1", "layer2"} and report["widths"]
     assert len(report["search"]) == 2
     assert result.cost_after.macs == count_macs(result.module, (x,))
-    assert result.cost_after.macs / result.cost_before.macs == pytest.approx(report["searched_macs"])
+    assert result.cost_after.macs / result.cost_before.macs == pytest.approx(report["final_macs"])
+    assert abs(report["final_macs"] - 0.5) <= 0.02  # on budget: the chosen epoch's or the fit's
     removed_blocks = sum(len(s["removed"]) for s in report["stages"].values())
     assert removed_blocks > 0  # a fast architecture rate moves the depths within two epochs
     assert result.module(x).shape == (2, 4)
@@ -250,11 +252,54 @@ def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
     assert not torch.allclose(with_blocks(x.to(F64)), reference(x.to(F64)), atol=1e-6)  # the removed blocks mattered
 
 
-def test_a_search_that_misses_the_band_says_so() -> None:
+def test_a_search_that_misses_the_band_says_so_with_fit_off() -> None:
     with pytest.warns(UserWarning, match="tas: the searched architecture keeps"):
         fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.05),
-                      options={"epochs": 0},
+                      options={"epochs": 0, "fit": False},
                       train_loader=_data())
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_a_search_off_budget_is_fitted_to_it_and_says_so(target: float) -> None:
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match="tas: the method ended at .* the budget fit selected by"):
+        result = fxprune.prune(_model(), (x,), "tas", budget=fxprune.Budget(target_macs=target),
+                               options={"epochs": 1}, train_loader=_data())
+    report = result.report
+    kept = result.cost_after.macs / result.cost_before.macs
+    assert report["fit"]["ran"] and report["chosen_epoch"] is None
+    assert abs(kept - target) <= 0.02 and kept == pytest.approx(report["final_macs"])
+    assert not abs(report["searched_macs"] - target) <= 0.02  # one epoch at arch lr 1e-3 does not get there
+    assert all(1 <= w["kept"] <= w["channels"] for w in report["widths"].values())
+
+
+def test_the_best_validated_in_budget_epoch_is_returned(monkeypatch) -> None:
+    from fxprune.passes.tas import Epoch
+
+    picked: list[Any] = []
+    real = Tas._choose
+
+    def spy(self, epochs, target):  # type: ignore[no-untyped-def]
+        out = real(self, epochs, target)
+        picked.append((epochs, out))
+        return out
+
+    monkeypatch.setattr(Tas, "_choose", spy)
+    calls = iter([0.9, 0.3, 0.6])  # the metric of each epoch's argmax architecture (then the trained network's)
+    fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.5),
+                  options={"epochs": 3, "arch_lr": 0.2}, train_loader=_data(),
+                  evaluate=lambda m: {"accuracy": next(calls, 0.0)})
+    epochs, chosen = picked[0]
+    assert [e.metric for e in epochs] == [0.9, 0.3, 0.6]
+    inside = [e for e in epochs if abs(e.macs - 0.5) <= 0.02]
+    assert chosen == (max(inside, key=lambda e: (e.metric, e.epoch)) if inside else None)
+    # the rule itself, on made-up epochs: the best metric in budget wins over a better one outside it
+    logits = [torch.zeros(2)]
+    made = [Epoch(1, 0.8, 0.99, logits), Epoch(2, 0.51, 0.5, logits), Epoch(3, 0.49, 0.7, logits),
+            Epoch(4, 0.45, 0.9, logits)]
+    assert real(Tas(), made, 0.5).epoch == 3
+    assert real(Tas(fit=False), made, 0.5).epoch == 4  # the authors' band [R - 0.05, R]
+    assert real(Tas(), [Epoch(1, 0.5, None, logits), Epoch(2, 0.5, None, logits)], 0.5).epoch == 2  # no metric: last
 
 
 def test_recalibration_reestimates_batchnorm_for_the_argmax_network() -> None:
@@ -369,13 +414,14 @@ def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> N
 
     (tmp_path / "m.py").write_text(MODEL_FILE)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.05",
-                                      "--opt", "epochs=0", "--no-recover", "--out", str(tmp_path / "o")])
+                                      "--opt", "epochs=0", "--opt", "fit=false", "--no-recover",
+                                      "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
     assert any("tas: the searched architecture keeps" in n for n in notes)  # a note, not a raw warning
     with pytest.warns(UserWarning):
         pruned = fxprune.prune(_model(), (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.05),
-                               options={"epochs": 0}, train_loader=_data())
+                               options={"epochs": 0, "fit": False}, train_loader=_data())
     short = dataclasses.replace(pruned, cost_after=Cost(int(0.9 * pruned.cost_before.macs), pruned.cost_after.params))
     cfg = RunConfig(tmp_path / "m.py", "tas", 0.5, tmp_path / "o2", budget={"target_macs": 0.05})
     found: list[str] = []

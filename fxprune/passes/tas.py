@@ -17,9 +17,10 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
   group's own normalisation serves every width. Groups whose tensors hold channels more than once
   (attention heads) get no width search.
 - Depth (``depth=true``): per stage of consecutive residual blocks (``fxprune.edits.blocks``: stages of
-  two or more blocks chained exit to entry), logits over how many blocks to keep {1, 3, 5, ..., n} (n
-  always included; a stage's downsampling first block, which is not a removable block, counts as its
-  first and is always kept), init N(0, 0.01), Gumbel-softmax probabilities p at tau; the stage's output is
+  two or more blocks chained exit to entry), logits over how many blocks to keep, the authors'
+  ``get_depth_choices``: {1, 2, 3} up to three blocks, else {1, 3, 5, ..., n} (n always included; a stage's
+  downsampling first block, which is not a removable block, counts as its first and is always kept),
+  init N(0, 0.01), Gumbel-softmax probabilities p at tau; the stage's output is
   replaced by ``sum_k p_k * exit_{d_k}``, exit_d being the output of its first d blocks
   (``fxprune.edits.blocks.mix_exits``), as the authors' code mixes the stage's exits.
 - Temperature: cosine from 5 to 0.1 over the search epochs (set per epoch).
@@ -35,7 +36,15 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
 - Target: ``--target-macs T``; with a ratio alone (fraction of channels to remove, r), T = (1 - r)^2 (what
   removing r of every channel costs a chain of convolutions); ``--target-params`` is refused (TAS's cost
   is MACs).
-- Final architecture: argmax width per group (its prefix kept: scores +inf, the rest -inf, so selection
+- Which architecture: after every epoch the argmax architecture, its MACs and (with ``evaluate()``) its
+  validation metric are recorded; the result is the best-validated one in budget, as the authors' search
+  returns (the latest one without ``evaluate()``). In budget: within 0.02 of the target (fxprune's promise
+  for every learned pass, ``fxprune.selection.fit``); the authors' band [R - tol, R] with ``fit=false``.
+  When no epoch is in budget (a short search), the shared budget fit selects every group's width by its
+  channels' survival probability under the width distribution (P(width > position)), the argmax depths
+  kept, to the target +- 0.02; the report says so (``fit``) and a note names where the search ended.
+  ``fit=false`` keeps the last argmax and warns instead.
+- Final architecture: that width per group (its prefix kept: scores +inf, the rest -inf, so selection
   keeps exactly the search's choice), argmax depth per stage (blocks beyond it removed, an exact edit:
   the compacted model equals the searched network with those branches zeroed and the other channels
   removed). The CLI's recovery then trains it from scratch (``scratch-e``) with knowledge distillation
@@ -45,6 +54,7 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -62,6 +72,7 @@ from fxprune.masking import MaskedModel
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.cost import CostCounter
+from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, fit_to_budget, on_budget
 from fxprune.state import seeded
 from fxprune.tracing.compat import batch_norm_types
 
@@ -109,6 +120,7 @@ class WidthChoice(nn.Module):
         self.logits = nn.Parameter(torch.randn(len(self.counts)) * 0.01)
         self.tau = 5.0
         self.probs: torch.Tensor | None = None  # the last forward's Gumbel-softmax probabilities
+        self.fixed: torch.Tensor | None = None  # the budget fit's keep (0/1 per channel), replacing the argmax
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
 
     def _map(self, k: int, m: int) -> torch.Tensor:
@@ -120,10 +132,24 @@ class WidthChoice(nn.Module):
         return self.counts[int(self.logits.argmax())]
 
     def keep(self) -> torch.Tensor:
-        """1 on the argmax prefix, 0 elsewhere."""
+        """1 on the argmax prefix, 0 elsewhere (the budget fit's choice once it ran)."""
+        if self.fixed is not None:
+            return self.fixed.to(self.logits.device)
         keep = torch.zeros(len(self.order), device=self.logits.device)
         keep[self.order[: self.argmax_count()]] = 1.0
         return keep
+
+    def survival(self) -> np.ndarray:
+        """P(width > i) for the channel at position i of the order, under the softmax of the logits, per channel
+        (the fit's score: higher = kept by more of the distribution), less 1e-9 per position so that a prefix
+        stays a prefix among equal probabilities."""
+        with torch.no_grad():
+            probs = self.logits.softmax(-1).double().cpu().numpy()
+        n = len(self.order)
+        alive = np.array([[float(k > i) for k in self.counts] for i in range(n)])  # (position, choice)
+        out = np.empty(n)
+        out[self.order.cpu().numpy()] = alive @ probs - 1e-9 * np.arange(n)
+        return out
 
     def expected_fraction(self) -> torch.Tensor:
         probs = self.probs if self.probs is not None else self.logits.softmax(-1)
@@ -147,7 +173,10 @@ class WidthChoice(nn.Module):
 
 
 def depth_choices(n: int) -> list[int]:
-    """How many blocks a stage of ``n`` may keep: 1, 3, 5, ... and n."""
+    """How many blocks a stage of ``n`` may keep, as the authors' ``get_depth_choices``: every count up to 3
+    blocks (1, 2, 3), then 1, 3, 5, ... and n."""
+    if n <= 3:
+        return list(range(1, n + 1))
     return sorted(set(range(1, n + 1, 2)) | {n})
 
 
@@ -165,14 +194,20 @@ class StageDepth(nn.Module):
         self.logits = nn.Parameter(torch.randn(len(self.choices)) * 0.01)
         self.tau = 5.0
         self.probs: torch.Tensor | None = None  # the last forward's probabilities
+        self.fixed: int | None = None  # the budget fit's choice (an index), replacing the argmax
+
+    def choice(self) -> int:
+        """The argmax choice's index (the budget fit's once it ran)."""
+        return self.fixed if self.fixed is not None else int(self.logits.argmax())
 
     def argmax_depth(self) -> int:
-        """How many removable blocks the argmax keeps."""
-        return self.kept[int(self.logits.argmax())]
+        """How many removable blocks the argmax (or the budget fit) keeps."""
+        return self.kept[self.choice()]
 
     def forward(self) -> torch.Tensor:
         if not self.training:
-            return F.one_hot(self.logits.argmax(), len(self.choices)).to(self.logits.dtype)
+            return F.one_hot(torch.tensor(self.choice(), device=self.logits.device),
+                             len(self.choices)).to(self.logits.dtype)
         self.probs = gumbel_softmax(self.logits, self.tau)[1]
         return self.probs
 
@@ -233,9 +268,13 @@ class ExpectedMacs:
 
     def argmax(self) -> int:
         """MACs of the argmax architecture: argmax widths, blocks beyond each stage's argmax depth removed."""
-        per_node = self.counter.per_node(self.removal())
-        gone = {name for name, (stage, j) in self.block_of.items()
-                if stage in self.depths and j >= self.depths[stage].argmax_depth()}
+        return self.macs(self.removal(), {stage: d.argmax_depth() for stage, d in self.depths.items()})
+
+    def macs(self, removed: np.ndarray, kept: dict[str, int]) -> int:
+        """MACs of the network without the channels ``removed`` and the blocks beyond ``kept[stage]`` of each
+        searched stage."""
+        per_node = self.counter.per_node(removed)
+        gone = {name for name, (stage, j) in self.block_of.items() if stage in kept and j >= kept[stage]}
         return sum(m for name, m in per_node.items() if name not in gone)
 
 
@@ -248,14 +287,40 @@ def cost_loss(expected: torch.Tensor, argmax: float, target: float, tolerance: f
     return expected.new_zeros(())
 
 
+@dataclass(frozen=True)
+class Epoch:
+    """One search epoch's argmax architecture (its logits), its MACs (a fraction of full) and validation metric."""
+
+    epoch: int
+    macs: float
+    metric: float | None
+    logits: list[torch.Tensor]
+
+
 class TasHook(Hook):
-    """Temperature per epoch (cosine 5 -> 0.1), the cost loss on the architecture's steps."""
+    """Temperature per epoch (cosine 5 -> 0.1), the cost loss on the architecture's steps; after each epoch, the
+    argmax architecture, its MACs and (with ``evaluate``) its validation metric (``epochs``)."""
 
     def __init__(self, choices: list[Any], cost: ExpectedMacs, target: float, tolerance: float, weight: float,
-                 tau: tuple[float, float]) -> None:
+                 tau: tuple[float, float], module: nn.Module | None = None, evaluate: Any = None) -> None:
         self.choices, self.cost, self.target, self.tolerance, self.weight, self.tau = \
             choices, cost, target, tolerance, weight, tau
+        self.module, self.evaluate = module, evaluate
         self.history: list[dict[str, float]] = []
+        self.epochs: list[Epoch] = []
+
+    def after_epoch(self, state: TrainState) -> None:
+        metric = None
+        if self.evaluate is not None and self.module is not None:
+            self.module.eval()  # the argmax architecture
+            try:
+                with torch.no_grad():
+                    metrics = self.evaluate(self.module)
+                metric = float(next(iter(metrics.values())))
+            finally:
+                self.module.train()
+        self.epochs.append(Epoch(state.epoch + 1, self.cost.argmax() / self.cost.full, metric,
+                                 [c.logits.detach().clone() for c in self.choices]))
 
     def before_epoch(self, state: TrainState) -> None:
         hi, lo = self.tau
@@ -362,6 +427,7 @@ class Tas(Pass):
     tau_max: float = 5.0
     tau_min: float = 0.1
     recalibrate: int = 20       # batches that re-estimate BatchNorm statistics for the argmax architecture
+    fit: bool = True            # off budget (+-0.02): fit the widths to it (False: the authors' band, else a warning)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -373,6 +439,57 @@ class Tas(Pass):
             raise PassError(f"tas: every width must be in (0, 1], got {self.widths!r}")
         if self.epochs < 0 or not 0 < self.tau_min <= self.tau_max or self.tolerance_macs < 0:
             raise PassError("tas: epochs must be >= 0, 0 < tau_min <= tau_max and tolerance_macs >= 0")
+
+    def _choose(self, epochs: list[Epoch], target: float) -> Epoch | None:
+        """The epoch whose argmax architecture has the best validation metric (the latest without ``evaluate()``)
+        among those in budget: within ``BUDGET_TOLERANCE`` of the target (``fit=false``: the authors' band,
+        ``[target - tolerance_macs, target]``); None when no epoch is."""
+        def inside(e: Epoch) -> bool:
+            return on_budget(e.macs, target) if self.fit else target - self.tolerance_macs <= e.macs <= target + 1e-12
+
+        candidates = [e for e in epochs if inside(e)]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda e: (e.metric if e.metric is not None else -math.inf, e.epoch))
+
+    def _fit(self, ctx: PassContext, widths: dict[int, WidthChoice], cost: ExpectedMacs, kept: dict[str, int],
+             target: float, searched: float) -> Fit:
+        """The shared budget fit (``fxprune.selection.fit``): widths selected by each channel's survival probability
+        under its group's width distribution, the stages' argmax depths kept; fixed on the width choices."""
+        scores = {gid: w.survival() for gid, w in widths.items()}
+        kept = self._reachable(ctx, widths, cost, dict(kept), scores, target)
+        removed, fit = fit_to_budget("tas", ctx.groups, scores, lambda rem: cost.macs(rem, kept) / cost.full,
+                                     target, searched, by="the width distributions' survival probabilities",
+                                     selection=ctx.selection)
+        for gid, w in widths.items():
+            w.fixed = torch.as_tensor(~removed[ctx.groups[gid].channels], dtype=torch.float32)
+        for stage, d in cost.depths.items():
+            d.fixed = d.kept.index(kept[stage])
+        return fit
+
+    def _reachable(self, ctx: PassContext, widths: dict[int, WidthChoice], cost: ExpectedMacs, kept: dict[str, int],
+                   scores: Scores, target: float) -> dict[str, int]:
+        """Stage depths from which widths alone can reach ``target``: from the argmax depths, one stage at a time
+        (the one whose next choice has the largest logit) deeper while every channel kept stays under the target,
+        shallower while the narrowest widths stay over it."""
+        from fxprune.selection.budget import Selection, select
+
+        sel = dataclasses.replace(ctx.selection or Selection(scope="global", normalize="none"), ratio=0.999,
+                                  ratio_for={}, protect=())
+        none, narrowest = np.zeros(len(ctx.groups.comp_group), dtype=bool), select(ctx.groups, scores, sel)
+        for removal, short, step in ((none, lambda f: f < target - BUDGET_TOLERANCE, 1),
+                                     (narrowest, lambda f: f > target + BUDGET_TOLERANCE, -1)):
+            while short(cost.macs(removal, kept) / cost.full):
+                moves = []
+                for stage, d in cost.depths.items():
+                    k = d.kept.index(kept[stage]) + step
+                    if 0 <= k < len(d.kept):
+                        moves.append((float(d.logits[k]), stage, d.kept[k]))
+                if not moves:
+                    break
+                _, stage, depth = max(moves)
+                kept[stage] = depth
+        return kept
 
     def fractions(self) -> list[float]:
         return [float(f) for f in self.widths.split(",") if f.strip()]
@@ -400,7 +517,8 @@ class Tas(Pass):
         cost = ExpectedMacs(ctx.groups, widths, stages, depths)
         arch = [p for w in widths.values() for p in w.parameters()] + [d.logits for d in depths.values()]
         hook = TasHook([*widths.values(), *depths.values()], cost, target * cost.full,
-                       self.tolerance_macs * cost.full, self.cost_weight, (self.tau_max, self.tau_min))
+                       self.tolerance_macs * cost.full, self.cost_weight, (self.tau_max, self.tau_min),
+                       module=masked.module, evaluate=ctx.data.get("evaluate"))
         if self.epochs > 0 and arch:
             weights_half, arch_half = halves(loader, self.seed)
             train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=weights_half,
@@ -408,18 +526,31 @@ class Tas(Pass):
                          masks=arch, mask_lr=self.arch_lr, mask_optimizer="adam",
                          mask_weight_decay=self.arch_weight_decay, mask_betas=(0.5, 0.999), mask_loader=arch_half,
                          hooks=[hook], nesterov=True, weight_decay=self.weight_decay, schedule="cosine")
-        if self.epochs > 0 and arch and self.recalibrate > 0:
-            recalibrate(masked.module, loader, self.recalibrate)
-        masked.module.eval()
-        kept_widths = {gid: w.argmax_count() for gid, w in widths.items()}
+        chosen = self._choose(hook.epochs, target)
+        if chosen is not None:  # the best-validated in-budget architecture, as the authors return
+            with torch.no_grad():
+                for c, logits in zip([*widths.values(), *depths.values()], chosen.logits):
+                    c.logits.copy_(logits)
         kept_depths = {stage: d.argmax_depth() for stage, d in depths.items()}
         searched = cost.argmax() / cost.full
-        if not target - self.tolerance_macs <= searched <= target + self.tolerance_macs:
+        fit = None
+        if chosen is None and self.fit and not on_budget(searched, target):
+            fit = self._fit(ctx, widths, cost, kept_depths, target, searched)
+            kept_depths = {stage: d.argmax_depth() for stage, d in depths.items()}
+        elif chosen is None and not target - self.tolerance_macs <= searched <= target + self.tolerance_macs:
             warnings.warn(f"fxprune: tas: the searched architecture keeps {searched:.3f} of the MACs, outside the "
                           f"target {target:.3f} +- {self.tolerance_macs:g}: search longer (--opt epochs=N) or let the "
                           "architecture move faster (--opt arch_lr=...)", stacklevel=2)
+        if self.epochs > 0 and arch and self.recalibrate > 0:
+            recalibrate(masked.module, loader, self.recalibrate)
+        masked.module.eval()
+        kept_widths = {gid: int(w.keep().sum()) for gid, w in widths.items()}
         report: dict[str, Any] = {
             "target_macs": target, "searched_macs": searched, "search": hook.history,
+            "epochs": [{"epoch": e.epoch, "macs": e.macs, "metric": e.metric} for e in hook.epochs],
+            "chosen_epoch": chosen.epoch if chosen is not None else None,
+            "fit": fit.report() if fit is not None else {"ran": False},
+            "final_macs": fit.fitted if fit is not None else searched,
             "widths": {str(gid): {"channels": len(ctx.groups[gid]), "kept": k} for gid, k in kept_widths.items()},
             "stages": {stage: {"blocks": len(stages[stage]) + int(leads_in(ctx.gm.graph, stages[stage])),
                                "kept": k + int(leads_in(ctx.gm.graph, stages[stage])),
