@@ -168,21 +168,39 @@ def test_cost_counts_each_samples_kept_channels() -> None:
         assert float(got[s]) == pytest.approx(counter(removed).macs / full, rel=1e-6)
 
 
-def test_prune_trains_toward_the_average_target_and_removes_what_no_sample_keeps() -> None:
+def test_prune_trains_toward_the_average_target_and_the_static_union_keeps_what_any_sample_keeps() -> None:
     model = _model()
     x = torch.randn(2, 3, 8, 8)
     result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.5),
-                           options={"epochs": 3, "spm_lr": 0.1},
+                           options={"epochs": 3, "spm_lr": 0.1, "fit": False, "static": "union"},
                            train_loader=_data(), val_loader=_data(1, seed=5))
     report = result.report
     assert report["gated_groups"] == 3 and len(report["search"]) == 3
     # from nearly every MAC in the first epoch to the 0.5 target within 0.1 in three (a short run on random data;
-    # the per-sample MACs of the calibration samples, each counted exactly)
+    # the per-sample MACs of the validation samples, each counted exactly)
     assert report["search"][0] > 0.8 and abs(report["average_macs"] - 0.5) <= 0.1, report["search"]
+    assert report["stats_on"] == "val_loader" and report["fit"] == {"ran": False}
     assert set(report["latency_ms_batch1"]) == {"original", "original graph", "dynamic", "static"}
     assert "dynamic" in result.extras and "dynamic" in result.artifacts
     assert result.cost_after.macs / result.cost_before.macs >= report["per_sample_macs"]["max"] - 1e-9 - \
         report["spm_macs"]  # the static variant keeps the union of every sample's channels
+    assert result.module(x).shape == (2, 4)
+
+
+def test_average_macs_on_validation_data_are_fitted_to_the_target_and_the_static_variant_too() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    val = _data(2, seed=5)
+    for target in (0.35, 0.55):
+        with pytest.warns(UserWarning, match="sanp: the method ended at .* shifting every SPM's decision threshold"):
+            result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=target),
+                                   options={"epochs": 0}, train_loader=_data(), val_loader=val)
+        report = result.report
+        assert report["fit"]["ran"] and abs(report["average_macs"] - target) <= 0.02
+        assert abs(report["fit"]["fitted"] - report["average_macs"]) < 1e-12
+        # the static variant: the channels kept most often, selected to the same target
+        static = result.cost_after.macs / result.cost_before.macs
+        assert abs(static - target) <= 0.02 and static == pytest.approx(report["static_macs"])
     assert result.module(x).shape == (2, 4)
 
 

@@ -22,9 +22,16 @@ fxprune's choice, each an option:
   Target: ``--target-macs`` (the AVERAGE over samples); with a ratio alone, (1 - ratio)^2.
 - Training (``epochs``): backbone (SGD ``lr`` 0.01, momentum 0.9, cosine) and SPMs (Adam ``spm_lr`` 1e-2)
   jointly on the task loss + the cost loss.
-- Static variant (always the output's ``model.pt2``): the channels that no calibration sample keeps
-  (``calibration`` batches of the training data) are removed by normal compaction; the other channels
-  stay, ungated. ``dynamic=false`` stops there.
+- Statistics (``stats``): the average per-sample MACs and the static variant are measured on the
+  validation data (``val_loader``; the training batches, said in the report, when there is none;
+  ``stats=train``: the training batches), at most ``calibration`` batches of it.
+- On budget (``fit``, fxprune's): when the average per-sample MACs on those samples end more than 0.02
+  from the target, one shift of every SPM's decision threshold (added to its last bias), found by
+  bisection, brings them to it; the report (``fit``) and a note say so.
+- Static variant (the output's ``model.pt2``, a second product): ``static="budget"`` (the default) keeps the
+  channels the statistics' samples keep most often, selected to the same MACs target (+- 0.02, as far as
+  the gated groups reach), removed by normal compaction, and the run's recovery fine-tunes it;
+  ``static="union"`` removes only what no sample keeps. ``dynamic=false`` stops there.
 - Dynamic module (``dynamic=true``, the default; ``dynamic/`` in the output folder): the traced graph with
   the SPMs in it; for each gated group the kept channels' indices (``nonzero``) slice every tensor of the
   group (the producer's rows, its normalisation's parameters and statistics, the consumers' columns) with
@@ -41,6 +48,7 @@ This file is the method; the dynamic module's emitter is ``fxprune.compaction.dy
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +66,9 @@ from fxprune.artifacts.source import write_dynamic
 from fxprune.compaction.dynamic import Gate, dynamic_module
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
+from fxprune.selection.budget import Selection, search_budget
 from fxprune.selection.cost import CostCounter
+from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, on_budget, removal_scores
 from fxprune.state import seeded
 
 from ._scales import residual_stream
@@ -221,7 +231,7 @@ class Sanp(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
-    tolerance = 1.0  # the static variant is what calibration never keeps; the average MACs are the target
+    tolerance = 1.0  # the pass selects the static variant itself (to the target); the average MACs are the target
 
     epochs: int = 3
     reduction: int = 4
@@ -233,7 +243,10 @@ class Sanp(Pass):
     spm_lr: float = 1e-2         # SPMs: Adam
     dynamic: bool = True         # also build the dynamic module (dynamic/ in the output folder)
     batch: str = "union"         # the dynamic module at batch > 1: "union" or "split"
-    calibration: int = 0         # training batches that decide the static variant (0: all)
+    calibration: int = 0         # batches of the statistics' data measured (0: all)
+    stats: str = "val"           # the average MACs and the static variant on "val" (val_loader) or "train" data
+    fit: bool = True             # average MACs off budget (+-0.02): shift the SPMs' decision threshold to it
+    static: str = "budget"       # the static variant: "budget" (most often kept, to the target) or "union"
     latency_samples: int = 64    # batch-1 samples the report's latencies average over
     seed: int = 0
 
@@ -242,6 +255,9 @@ class Sanp(Pass):
             raise PassError(f"sanp: binarize must be 'st' or 'gumbel', got {self.binarize!r}")
         if self.batch not in ("union", "split"):
             raise PassError(f"sanp: batch must be 'union' or 'split', got {self.batch!r}")
+        if self.stats not in ("val", "train") or self.static not in ("budget", "union"):
+            raise PassError(f"sanp: stats must be 'val' or 'train' and static 'budget' or 'union', got "
+                            f"{self.stats!r}, {self.static!r}")
         if self.reduction < 1 or self.epochs < 0 or self.calibration < 0:
             raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
 
@@ -266,10 +282,18 @@ class Sanp(Pass):
                         spm_macs, target, self.cost_weight)
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=loader,
                      mask_lr=self.spm_lr, mask_optimizer="adam", hooks=[hook])
-        kept, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, loader)
+        stats, stats_on = self._stats_loader(ctx)
+        frequency, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, stats)
+        fit = None
+        if self.fit and not on_budget(float(np.mean(per_sample)), target):
+            fit, frequency, per_sample = self._fit(ctx, masked, gates, counter, spm_macs, stats, target,
+                                                   float(np.mean(per_sample)))
         weights = masked.state()
+        removed, static_macs = self._static(ctx, counter, frequency, target)
         report: dict[str, Any] = {
-            "target_macs": target, "gated_groups": len(gates), "skipped": skipped,
+            "target_macs": target, "gated_groups": len(gates), "skipped": skipped, "stats_on": stats_on,
+            "fit": fit.report() if fit is not None else {"ran": False}, "static": self.static,
+            "static_macs": static_macs,
             "average_macs": float(np.mean(per_sample)), "per_sample_macs": {
                 "min": float(np.min(per_sample)), "p10": float(np.quantile(per_sample, 0.1)),
                 "median": float(np.median(per_sample)), "p90": float(np.quantile(per_sample, 0.9)),
@@ -279,17 +303,74 @@ class Sanp(Pass):
                                                "threshold": target, "xlabel": "MACs kept per sample"}}}
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
             report["dynamic_metrics"] = metrics
-        scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
-        for gid, k in kept.items():
-            scores[gid] = np.where(k, np.inf, -np.inf)
+        scores = removal_scores(removed, ctx.groups)
         if not self.dynamic:
             return Decision(scores, report=report, weights=weights)
         dyn = dynamic_module(ctx.gm, weights, gates)
-        report["latency_ms_batch1"] = self._latencies(ctx, dyn, kept, weights)
+        report["latency_ms_batch1"] = self._latencies(ctx, dyn, removed, weights)
         return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn},
                         artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
 
-    def _latencies(self, ctx: PassContext, dyn: fx.GraphModule, kept: dict[int, np.ndarray],
+    def _stats_loader(self, ctx: PassContext) -> tuple[Iterable[Any], str]:
+        """Where the average MACs and the static variant are measured, and its name for the report."""
+        if self.stats == "val" and ctx.data.get("val_loader") is not None:
+            return ctx.data["val_loader"], "val_loader"
+        if self.stats == "val":
+            return ctx.data["train_loader"], "train_loader (no val_loader was given)"
+        return ctx.data["train_loader"], "train_loader"
+
+    def _fit(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], counter: CostCounter, spm_macs: int,
+             stats: Iterable[Any], target: float, ended: float) -> tuple[Fit, dict[int, np.ndarray], np.ndarray]:
+        """The shared budget fit for a per-sample method: one shift of every SPM's decision threshold (added to the
+        last layer's bias), found by bisection, that brings the average per-sample MACs on the statistics' samples
+        within ``BUDGET_TOLERANCE`` of the target (the closest one found when none does)."""
+        lo, hi = -20.0, 20.0  # more shift keeps more channels
+        biases = {gid: g.spm.fc2.bias.detach().clone() for gid, g in gates.items()}
+
+        def measured(delta: float) -> tuple[float, dict[int, np.ndarray], np.ndarray]:
+            with torch.no_grad():
+                for gid, g in gates.items():
+                    g.spm.fc2.bias.copy_(biases[gid] + delta)
+            frequency, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, stats)
+            return float(np.mean(per_sample)), frequency, per_sample
+
+        best: tuple[float, float, dict[int, np.ndarray], np.ndarray] | None = None
+        for _ in range(20):
+            delta = (lo + hi) / 2
+            mean, frequency, per_sample = measured(delta)
+            if best is None or abs(mean - target) < abs(best[1] - target):
+                best = (delta, mean, frequency, per_sample)
+            if on_budget(mean, target):
+                break
+            lo, hi = (delta, hi) if mean < target else (lo, delta)
+        assert best is not None
+        delta, mean, frequency, per_sample = best
+        measured(delta)
+        fit = Fit("sanp", "macs", target, ended, mean, f"shifting every SPM's decision threshold by {delta:+.3g}")
+        warnings.warn(fit.note(), stacklevel=3)
+        return fit, frequency, per_sample
+
+    def _static(self, ctx: PassContext, counter: CostCounter, frequency: dict[int, np.ndarray],
+                target: float) -> tuple[np.ndarray, float]:
+        """The static variant's removal and its MACs (a fraction of full): ``static="budget"``, the channels the
+        statistics' samples keep most often, selected to the target +- ``BUDGET_TOLERANCE`` (as far as the gated
+        groups reach); ``"union"``, every channel some sample keeps."""
+        full = max(counter().macs, 1)
+        if self.static == "union":
+            removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+            for gid, f in frequency.items():
+                removed[ctx.groups[gid].channels[f == 0]] = True
+            return removed, counter(removed).macs / full
+        scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
+        scores.update({gid: f.astype(np.float64) for gid, f in frequency.items()})
+        sel = Selection(scope="global", normalize="none", ratio=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a static variant short of the target is in the report
+            removed, _ = search_budget(ctx.groups, scores, sel, lambda rem: counter(rem).macs / full, target,
+                                       BUDGET_TOLERANCE)
+        return removed, counter(removed).macs / full
+
+    def _latencies(self, ctx: PassContext, dyn: fx.GraphModule, removed: np.ndarray,
                    weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Batch-1 latency (ms, mean over ``latency_samples`` inputs, median of 3 rounds) of the original
         model (eager, and its traced graph: the same op-by-op execution as the two others), the dynamic
@@ -297,9 +378,6 @@ class Sanp(Pass):
         from fxprune.compaction import compact
         from fxprune.measure import batch1_ms, to_device
 
-        removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
-        for gid, k in kept.items():
-            removed[ctx.groups[gid].channels[~k]] = True
         static = compact(ctx.gm, ctx.groups, removed, ctx.model, weights=weights).module.eval()
         loader = ctx.data.get("val_loader") or ctx.data["train_loader"]
         device = next(iter(dyn.parameters()), next(iter(ctx.model.parameters()))).device
@@ -320,11 +398,12 @@ class Sanp(Pass):
 
     def _calibrate(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], counter: CostCounter, spm_macs: int,
                    loader: Iterable[Any]) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Which channels any calibration sample keeps, and every sample's MACs kept (a fraction of full)."""
+        """How often each channel is kept (the fraction of ``loader``'s samples, at most ``calibration`` batches),
+        and every sample's MACs kept (a fraction of full)."""
         from fxprune.measure import to_device
 
         device = next(iter(masked.module.parameters())).device
-        kept = {gid: np.zeros(len(ctx.groups[gid]), dtype=bool) for gid in gates}
+        kept = {gid: np.zeros(len(ctx.groups[gid])) for gid in gates}
         decisions: list[dict[int, np.ndarray]] = []
         with torch.no_grad():
             for i, (x, _) in enumerate(loader):
@@ -333,7 +412,7 @@ class Sanp(Pass):
                 masked.module(to_device(x, device))
                 batch = {gid: g.spm.last.cpu().numpy() > 0 for gid, g in gates.items()}
                 for gid, d in batch.items():
-                    kept[gid] |= d.any(0)
+                    kept[gid] += d.sum(0)
                 decisions += [{gid: d[s] for gid, d in batch.items()} for s in range(len(next(iter(batch.values()))))]
         full = counter().macs
         cache: dict[bytes, float] = {}
@@ -346,4 +425,4 @@ class Sanp(Pass):
             if key not in cache:
                 cache[key] = (counter(removed).macs + spm_macs) / full
             fractions.append(cache[key])
-        return kept, np.asarray(fractions)
+        return {gid: k / max(len(decisions), 1) for gid, k in kept.items()}, np.asarray(fractions)
