@@ -324,3 +324,52 @@ def test_cli_run_reports_robustness_with_the_pass_attack_and_does_not_fine_tune(
     assert not report["finetune"]["log"]  # anp's trained network is the result
     assert "PGD accuracy" in (out / "report.md").read_text()
     assert (out / "keep_probability_histogram.png").exists()
+
+
+def test_joint_update_steps_each_side_on_its_own_loss_from_one_forward_and_one_attack() -> None:
+    """update="joint" (the authors'): the weights' gradient is their loss's, (CE(x) + 2 CE(x_adv)) / 3 + the hook's
+    terms; the masks' gradient is replaced by CE(x_adv) + beta KL / N's, from the same forward."""
+    from types import SimpleNamespace
+
+    from fxprune.passes.anp import JointGrads, Output
+
+    torch.manual_seed(0)
+    w, m = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.rand(3) + 0.5)
+    x, xa, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def forward() -> Output:
+        return Output((x @ w.T) * m, (xa @ w.T) * m, None)
+
+    def kl() -> torch.Tensor:
+        return (m ** 2).sum() / 7
+
+    def weights_loss(out: Output) -> torch.Tensor:
+        return (F.cross_entropy(out.clean, y) + 2 * F.cross_entropy(out.adv, y)) / 3 + kl()
+
+    hook, state = JointGrads([m], kl, F.cross_entropy), SimpleNamespace(phase="joint")
+    out = forward()
+    assert hook.loss(state, out, y) is None
+    weights_loss(out).backward()
+    hook.after_backward(state)
+    want_m = torch.autograd.grad(F.cross_entropy(forward().adv, y) + kl(), m)[0]
+    want_w = torch.autograd.grad(weights_loss(forward()), w)[0]
+    torch.testing.assert_close(m.grad, want_m)
+    torch.testing.assert_close(w.grad, want_w)
+    assert not torch.allclose(want_m, torch.autograd.grad(weights_loss(forward()), m)[0])  # the two losses differ
+
+
+def test_budget_schedule_drives_the_budgets_channels_under_the_threshold_before_training_ends() -> None:
+    """schedule="budget" (fxprune's default): by 60% of the epochs the channels the budget removes have E[pi] under
+    the threshold, so the method's own pruning IS the budget's cut (and the masked network the pass trained equals
+    the compacted one); schedule="threshold" (the authors') leaves the cut to selection after training."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.rand(4, 1, 8, 8)
+    data = _data((1, 8, 8))
+    options = {"variant": "bp", "epochs": 5}
+    result = fxprune.prune(model, (x,), "anp", 0.5, options=options, train_loader=data)
+    channels = sum(len(g) for g in result.groups.prunable)
+    assert result.report["pruned_by_threshold"] == int(result.removed.sum()) >= 0.4 * channels
+    assert_equivalent(model, result, (x,))
+    hard = fxprune.prune(model, (x,), "anp", 0.5, options={**options, "schedule": "threshold"}, train_loader=data)
+    assert hard.report["pruned_by_threshold"] == 0 and int(hard.removed.sum()) == int(result.removed.sum())

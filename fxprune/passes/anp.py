@@ -25,14 +25,23 @@ Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless
   adversarial-training code does; the losses then run in training mode.
 - Vulnerability: mean |f(x) - f(x_adv)| of every post-activation feature of the graph (the activations
   ``fxprune.robustness`` reads); the VS loss is its mean over them.
-- Losses (phase by phase, the engine's alternating scheme: a weight step, then a mask step on the next
-  batch): weights minimise ``(CE(x) + 2 CE(x_adv)) / 3 + beta KL / N + vs_weight VS + l2 * sum(w^2) / 2``;
-  masks minimise ``CE(x_adv) + beta KL / N``. N = the training set's size. CE is the model file's
+- Losses: weights minimise ``(CE(x) + 2 CE(x_adv)) / 3 + beta KL / N + vs_weight VS + l2 * sum(w^2) / 2``;
+  masks minimise ``CE(x_adv) + beta KL / N``. ``update="joint"`` (the default, the authors' two train ops
+  grouped): both step together on one batch and one attack, each on its own loss (the masks' gradient
+  taken from theirs on the same forward, :class:`JointGrads`); ``"alternate"``: a weight step, then a mask
+  step on the next batch with its own attack. N = the training set's size. CE is the model file's
   ``loss()`` (cross-entropy by default). Adam, ``lr_weight`` 1e-3, ``lr_mask`` 1e-2, both x0.1 at 50%
   and 80% of ``epochs``. ``beta`` / ``vs_weight``: 2 / 1e-4 (CIFAR-10; CIFAR-100: 1 / 0.1; MNIST: 4 / 1e-3).
 - Variants (``variant``): ``standard`` (clean training, no masks), ``bp`` (masks, clean training),
   ``at`` (adversarial training), ``at-vs`` (+ VS), ``anp`` (masks + adversarial training), ``anp-vs``
   (the default: all of it). Without an attack the clean loss replaces the adversarial one in both phases.
+- Budget (``schedule``): the authors prune only what E[pi] <= ``threshold`` removes during training
+  (``schedule="threshold"``); a budget beyond it then cuts by E[pi] after training, with nothing to recover
+  the cut. fxprune's default ``"budget"`` (:class:`KeepBudget`) asks the run's budget at every epoch from
+  20% of the epochs on which channels it would remove under the current E[pi], and holds their ``a_raw``
+  under a bound falling linearly to -8 (E[pi] about 3e-4) by 60% of the epochs: by then the budget's
+  channels are pruned by the method's own threshold and the last 40% of the epochs train the network
+  adversarially without them, so the result is on budget and the cut costs nothing more.
 - Scores: E[pi] per channel, ``-inf`` where E[pi] <= ``threshold`` (the method's own pruning: those always
   go). Selection is global over E[pi] (no normalisation): ``--ratio 0`` keeps exactly what ANP keeps;
   a budget (``--ratio``, ``--target-macs``) removes more, lowest E[pi] first. Variants without masks
@@ -268,6 +277,76 @@ class AnpHook(Hook):
         return torch.stack(terms).sum() if terms else None
 
 
+class JointGrads(Hook):
+    """The authors' one-step update (``update="joint"``): weights and masks step together on one batch and one
+    attack, each on its own loss: the engine backpropagates the weights' loss; the masks' gradients are
+    replaced by those of theirs, ``CE(x_adv) + beta KL / N``, computed on the same forward."""
+
+    def __init__(self, masks: list[nn.Parameter], kl: Callable[[], torch.Tensor],
+                 loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
+        self.masks, self.kl, self.loss_fn = masks, kl, loss_fn
+        self.grads: tuple[torch.Tensor, ...] | None = None
+
+    def loss(self, state: TrainState, output: Any, target: Any) -> torch.Tensor | None:
+        if state.phase == "joint" and self.masks:
+            task = self.loss_fn(output.adv if output.adv is not None else output.clean, target)
+            self.grads = torch.autograd.grad(task + self.kl(), self.masks, retain_graph=True, allow_unused=True)
+        return None
+
+    def after_backward(self, state: TrainState) -> None:
+        if self.grads is None:
+            return
+        for p, g in zip(self.masks, self.grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach()
+        self.grads = None
+
+
+class KeepBudget(Hook):
+    """fxprune's budget schedule (``schedule="budget"``): from epoch ``start`` on, at the start of every epoch the
+    run's budget (``select``, as slimming's adaptive schedule asks it) names the channels it would remove under the
+    current E[pi]; after every step their ``a_raw`` is held under a bound that falls linearly from the largest
+    ``a_raw`` to ``floor`` (E[pi] about 3e-4, under the threshold) between epochs ``start`` and ``end``, and stays
+    there: by ``end`` the budget's channels are pruned by the method's own threshold, and the remaining epochs
+    train the network (adversarially) without them."""
+
+    def __init__(self, masks: dict[int, BetaBernoulli], groups: Any, select: Callable[[Scores], np.ndarray],
+                 start: int, end: int, floor: float = -8.0) -> None:
+        self.masks, self.groups, self.select = masks, groups, select
+        self.start, self.end, self.floor = start, end, floor
+        self.chosen: dict[int, torch.Tensor] = {}
+        self.top: float | None = None
+
+    def before_epoch(self, state: TrainState) -> None:
+        if state.epoch < self.start:
+            return
+        if self.top is None:
+            self.top = max(float(m.a_raw.detach().max()) for m in self.masks.values())
+        with torch.no_grad():
+            scores: Scores = {g.id: np.full(len(g), np.inf) for g in self.groups.prunable}
+            scores.update({gid: m.expected().double().cpu().numpy() for gid, m in self.masks.items()})
+        removed = self.select(scores)
+        self.chosen = {gid: torch.as_tensor(removed[self.groups[gid].channels], device=m.a_raw.device)
+                       for gid, m in self.masks.items()}
+
+    def bound(self, state: TrainState) -> float:
+        if state.batches:  # by step
+            first, last = self.start * state.batches, max(self.end * state.batches, self.start * state.batches + 1)
+            t = (state.step + 1 - first) / (last - first)
+        else:  # a loader without a length: by epoch
+            t = (state.epoch + 1 - self.start) / max(self.end - self.start, 1)
+        t = min(max(t, 0.0), 1.0)
+        return (self.top if self.top is not None else 0.0) * (1 - t) + self.floor * t
+
+    def after_step(self, state: TrainState) -> None:
+        if not self.chosen:
+            return
+        bound = self.bound(state)
+        with torch.no_grad():
+            for gid, m in self.masks.items():
+                chosen = self.chosen[gid]
+                m.a_raw[chosen] = m.a_raw[chosen].clamp(max=bound)
+
+
 def _dataset_size(loader: Any) -> int:
     try:
         return len(loader.dataset)
@@ -305,11 +384,17 @@ class Anp(Pass):
     a_init_fc: float = -1.0
     b_init: float = 0.5413
     placement: str = "output"   # "output" (exact compaction) or "prenorm" (the authors': before BatchNorm)
+    update: str = "joint"       # "joint" (the authors': one step, one attack) or "alternate" (two batches)
+    schedule: str = "budget"    # "budget" (fxprune's: the budget's channels driven under the threshold) or
+    #                             "threshold" (the authors': only E[pi] <= threshold, a budget cuts after training)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise PassError(f"anp: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.update not in ("joint", "alternate") or self.schedule not in ("budget", "threshold"):
+            raise PassError(f"anp: update must be 'joint' or 'alternate' and schedule 'budget' or 'threshold', got "
+                            f"{self.update!r}, {self.schedule!r}")
         if self.placement not in ("output", "prenorm"):
             raise PassError(f"anp: placement must be 'output' or 'prenorm', got {self.placement!r}")
         if self.epochs < 0 or self.steps < 1 or self.eval_steps < 1:
@@ -383,13 +468,24 @@ class Anp(Pass):
         mask_params = masked.mask_parameters()
         weights = masked.weight_parameters()
         decayed = [w for w in weights if w.dim() > 1]
-        hook = AnpHook(model, list(masked.masks.values()), self.beta, _dataset_size(loader), self.vs_weight if suppress
-                       else 0.0, self.l2, decayed, (self.lr_weight, self.lr_mask))
+        n = _dataset_size(loader)
+        masks = list(masked.masks.values())
+        hook = AnpHook(model, masks, self.beta, n, self.vs_weight if suppress else 0.0, self.l2, decayed,
+                       (self.lr_weight, self.lr_mask))
+        hooks: list[Hook] = [hook]
+        if use_masks and self.update == "joint":
+            hooks.append(JointGrads(mask_params, lambda: self.beta * torch.stack([m.kl() for m in masks]).sum() / n,
+                                    loss_fn))
+        if use_masks and self.schedule == "budget" and ctx.select is not None:
+            start = round(0.2 * self.epochs)
+            hooks.append(KeepBudget(masked.masks, ctx.groups, ctx.select, start,
+                                    max(start + 1, round(0.6 * self.epochs))))
         data = Labelled(loader)
         return train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr_weight, optimizer="adamw", module=model,
                             loader=data, loss=task_loss(loss_fn), weights=weights,
                             masks=mask_params if use_masks else [], mask_lr=self.lr_mask, mask_optimizer="adamw",
-                            mask_loader=Labelled(loader), hooks=[hook], weight_decay=0.0, schedule="none")
+                            mask_loader=Labelled(loader) if self.update == "alternate" else None, hooks=hooks,
+                            weight_decay=0.0, schedule="none")
 
 
 @dataclass(frozen=True)
