@@ -90,12 +90,13 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_flop_on_an_mlp_meets_the_target_is_exact_and_keeps_pairs_only_where_they_pay() -> None:
+@pytest.mark.parametrize("preset", ["", "paper"])  # paper: the noam schedule, gates at the model's rate
+def test_flop_on_an_mlp_meets_the_target_is_exact_and_keeps_pairs_only_where_they_pay(preset: str) -> None:
     torch.manual_seed(0)
     model = MLP().eval()
     inputs = (torch.randn(3, 16),)
     res = fxprune.prune(model, inputs, "flop", budget=fxprune.Budget(target_params=0.5),
-                        options={"epochs": 2}, train_loader=_mlp_data())
+                        options={"epochs": 2, "preset": preset}, train_loader=_mlp_data())
     kept = res.cost_after.params / res.cost_before.params
     assert abs(kept - 0.5) <= 0.02, kept  # the target, within 2% (the budget search's tolerance is 1%)
     assert _params(res.module) <= res.cost_after.params  # merging back never costs more than the pair counted

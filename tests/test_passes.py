@@ -12,6 +12,7 @@ import sys
 import textwrap
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -430,3 +431,45 @@ def test_a_decision_finish_gets_the_removal_and_its_weights_are_compacted():
     assert len(seen) == 1 and np.array_equal(seen[0], res.removed)
     torch.testing.assert_close(res.weights["fc.weight"], 2 * model.fc.weight)
     assert_equivalent(model, res, (x,))
+
+
+def test_paper_presets_set_the_authors_options_and_given_options_win() -> None:
+    """``preset=paper`` (``--opt preset=paper``): the pass is made with the preset's options, the options given
+    beside it win, the preset is recorded, an unknown one is named with the known ones; the CLI lists them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+    from fxprune.passes.registry import PassError, load_pass, make_pass
+
+    for name in ("tas", "anp", "sanp", "flop", "slimming", "scratch"):
+        cls = load_pass(name)
+        made = make_pass(name, {"preset": "paper"})
+        assert made.preset == "paper" and cls.presets["paper"]
+        assert all(getattr(made, k) == v for k, v in cls.presets["paper"].items())
+        assert any(getattr(made, k) != getattr(cls(), k) for k in cls.presets["paper"])  # it changes something
+        assert make_pass(name, {}).preset == ""
+    assert make_pass("tas", {"preset": "paper", "epochs": 5}).epochs == 5
+    assert not make_pass("tas", {"preset": "paper", "epochs": 5}).fit
+    with pytest.raises(PassError, match="no preset 'cifar'.*'paper'"):
+        make_pass("anp", {"preset": "cifar"})
+    rows = json.loads(CliRunner().invoke(app, ["passes", "--json"]).output)
+    assert {r["name"]: r["presets"] for r in rows}["flop"] == {"paper": {"schedule": "noam", "init_drop": 0.5}}
+
+
+def test_flop_noam_rates_follow_the_authors_schedule() -> None:
+    """The enwik8 script's --noam: rate(t) = min(t^-0.5, t w^-1.5) x lr / sqrt(d); the multipliers at prune_lr."""
+    from fxprune.passes.flop import Noam, noam
+
+    w = 100
+    assert noam(1, w) == pytest.approx(1 * w ** -1.5) and noam(w, w) == pytest.approx(w ** -0.5)
+    assert noam(4 * w, w) == pytest.approx((4 * w) ** -0.5)
+    peak = max(noam(t, w) for t in range(1, 5 * w))
+    assert peak == pytest.approx(w ** -0.5)
+    penalty = SimpleNamespace(optimizer=torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0))
+    hook = Noam(w, 1024, 1e-3, 3.0, penalty)  # type: ignore[arg-type]
+    weights = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hook.before_forward(SimpleNamespace(step=w - 1, optimizer=weights, mask_optimizer=None))
+    assert weights.param_groups[0]["lr"] == pytest.approx(w ** -0.5 * 1e-3 / 32)
+    assert penalty.optimizer.param_groups[0]["lr"] == pytest.approx(w ** -0.5 * 3.0 / 32)

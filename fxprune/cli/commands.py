@@ -440,6 +440,7 @@ def _pass_rows() -> list[dict[str, Any]]:
                     "default": f.default if f.default is not dataclasses.MISSING else None}
                    for f in dataclasses.fields(cls)]
         rows.append({"name": name, "description": cls.description, "scope": cls.scope, "options": options,
+                     "presets": {k: dict(v) for k, v in getattr(cls, "presets", {}).items()},
                      "provider": f"{cls.__module__}:{cls.__qualname__}"})
     return rows
 

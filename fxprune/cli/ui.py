@@ -141,6 +141,8 @@ def passes_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, overflow="fold")
     for r in rows:
         opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in r["options"]) or "-"
+        for preset, values in (r.get("presets") or {}).items():
+            opts += f"; preset={preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
         table.add_row(r["name"], r["description"], r["scope"], opts)
     return table
 

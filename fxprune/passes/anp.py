@@ -363,6 +363,7 @@ class Anp(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
+    presets = {"paper": {"epochs": 200, "update": "joint", "schedule": "threshold"}}  # ANP_VS, CIFAR-10
     recovery_epochs: ClassVar[int | None] = 0  # the trained network is the result; --epochs N fine-tunes (clean)
     self_pruning = True  # E[pi] <= threshold goes even at ratio 0
 
@@ -388,6 +389,7 @@ class Anp(Pass):
     schedule: str = "budget"    # "budget" (fxprune's: the budget's channels driven under the threshold) or
     #                             "threshold" (the authors': only E[pi] <= threshold, a budget cuts after training)
     seed: int = 0
+    preset: str = ""            # "paper": the authors' schedule (threshold pruning only, joint update, 200 epochs)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -154,6 +154,18 @@ class Pass:
     # the pass runs the traced graph (training, calibration): it cannot prune a model without a static graph,
     # which is compacted by resizing its modules (``fxprune.prune(target="modules")``); l1 reads weights only
     runs_graph: ClassVar[bool] = True
+    # named sets of options; "paper": the authors' released code's schedule and hyperparameters where fxprune's
+    # defaults differ (``--opt preset=paper``; options given beside it win). A pass with presets has a
+    # ``preset: str = ""`` option ("": fxprune's defaults) that records which one it was made with
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def with_preset(cls, name: str, **options: Any) -> Pass:
+        """The pass made with preset ``name``'s options, then ``options`` (which win); "" is fxprune's defaults."""
+        if name and name not in cls.presets:
+            known = ", ".join(map(repr, cls.presets)) or "none"
+            raise PassError(f"pass {cls.name!r} has no preset {name!r}; its presets: {known}")
+        return cls(**{**cls.presets.get(name, {}), **options, "preset": name})
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return ``ctx.prepared(gm, groups, model)``, a

@@ -145,6 +145,33 @@ class Lagrangian(Hook):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+def noam(step: int, warmup: int) -> float:
+    """The noam factor of step ``step`` (1-based): ``min(step^-0.5, step warmup^-1.5)``."""
+    step = max(step, 1)
+    return min(step ** -0.5, step * warmup ** -1.5)
+
+
+class Noam(Hook):
+    """The authors' ``--noam`` rates, set before every step t: the weights and the gates at
+    ``noam(t) lr / sqrt(d)``, the multipliers' ascent at ``noam(t) prune_lr / sqrt(d)``."""
+
+    def __init__(self, warmup: int, d: int, lr: float, prune_lr: float, penalty: Lagrangian) -> None:
+        self.warmup, self.scale, self.lr, self.prune_lr, self.penalty = warmup, d ** -0.5, lr, prune_lr, penalty
+
+    def rates(self, step: int) -> tuple[float, float]:
+        """(the weights' and gates' rate, the multipliers' rate) at step ``step`` (1-based)."""
+        f = noam(step, self.warmup) * self.scale
+        return f * self.lr, f * self.prune_lr
+
+    def before_forward(self, state: TrainState) -> None:
+        model, multipliers = self.rates(state.step + 1)
+        for opt in (state.optimizer, state.mask_optimizer):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"] = model
+        for group in self.penalty.optimizer.param_groups:
+            group["lr"] = multipliers
+
+
 def _in_prunable_group(groups: ChannelGroups, weight: str) -> bool:
     return any(p.name == weight and p.role in ("producer", "consumer") for g in groups.prunable for p in g.params)
 
@@ -157,6 +184,9 @@ class Flop(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
+    # the authors' enwik8 script (--noam): every rate on the noam schedule, the gates at the model's rate, the
+    # gates' initial mean 0.5
+    presets = {"paper": {"schedule": "noam", "init_drop": 0.5}}
 
     epochs: int = 1
     lr: float = 1e-3              # weights (AdamW, no weight decay)
@@ -170,12 +200,19 @@ class Flop(Pass):
     prune_lr: float = 3.0         # the multipliers' Adam (ascent)
     warmup_steps: int = -1        # steps over which the target grows from 0; -1: half of the training steps
     rank_init: str = "svd"
+    schedule: str = "constant"    # "noam" (the authors' --noam): rates x min(t^-0.5, t w^-1.5) / sqrt(d), gates at lr
+    noam_warmup: int = 32000      # w, the noam schedule's warmup steps (the enwik8 script's default)
+    d_model: int = 0              # d of the noam schedule (0: the widest input of a factorised layer)
+    preset: str = ""              # "paper": the authors' enwik8 schedule and gate initialisation
 
     def __post_init__(self) -> None:
         if self.rank_init != "svd":
             raise PassError(f"flop: rank_init must be 'svd' (the paper's initialisation), got {self.rank_init!r}")
         if not 0.0 < self.init_drop < 1.0:
             raise PassError(f"flop: init_drop is a probability in (0, 1), got {self.init_drop}")
+        if self.schedule not in ("constant", "noam") or self.noam_warmup < 1 or self.d_model < 0:
+            raise PassError(f"flop: schedule must be 'constant' or 'noam' (noam_warmup >= 1, d_model >= 0), got "
+                            f"{self.schedule!r}")
         if (self.epochs < 0 or self.lr <= 0 or self.mask_lr <= 0 or self.prune_lr <= 0 or self.temperature <= 0
                 or self.stretch <= 0):
             raise PassError("flop: epochs must be >= 0; lr, prune_lr, temperature and stretch > 0")
@@ -261,8 +298,13 @@ class Flop(Pass):
         steps = self.epochs * (batches_per_epoch(loader) or 100)
         warmup = steps // 2 if self.warmup_steps < 0 else self.warmup_steps
         penalty = Lagrangian(gates, {g: size for g, (_, size) in ranks.items()}, t, warmup, self.prune_lr)
+        hooks: list[Hook] = [penalty]
+        if self.schedule == "noam":
+            d = self.d_model or max(inp for _, inp in layers.values())
+            hooks.insert(0, Noam(self.noam_warmup, d, self.lr, self.prune_lr, penalty))
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="adamw", loader=loader,
-                     mask_lr=self.mask_lr, mask_optimizer="adamw", hooks=[penalty], weight_decay=0.0, schedule="none")
+                     mask_lr=self.mask_lr if self.schedule == "constant" else self.lr, mask_optimizer="adamw",
+                     hooks=hooks, weight_decay=0.0, schedule="none")
         with torch.no_grad():
             soft = {g: gate.soft().double().cpu().numpy() for g, gate in gates.items()}
             expected = float(penalty.sparsity())

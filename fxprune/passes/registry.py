@@ -72,4 +72,6 @@ def make_pass(name: str | Pass, options: dict[str, Any] | None = None) -> Pass:
     if bad:
         raise PassError(f"pass {name!r} has no option {', '.join(map(repr, bad))}; "
                         f"its options: {', '.join(fields) or 'none'}")
+    if "preset" in options and "preset" in fields:  # the preset's options first, the ones given win
+        return cls.with_preset(options.pop("preset"), **options)
     return cls(**options)

@@ -231,6 +231,7 @@ class Sanp(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
+    presets = {"paper": {"fit": False}}  # no code was released: the cost loss alone meets the budget
     tolerance = 1.0  # the pass selects the static variant itself (to the target); the average MACs are the target
 
     epochs: int = 3
@@ -249,6 +250,7 @@ class Sanp(Pass):
     static: str = "budget"       # the static variant: "budget" (most often kept, to the target) or "union"
     latency_samples: int = 64    # batch-1 samples the report's latencies average over
     seed: int = 0
+    preset: str = ""             # "paper": no threshold shift (the paper has only its cost loss)
 
     def __post_init__(self) -> None:
         if self.binarize not in ("st", "gumbel"):

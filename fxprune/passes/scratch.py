@@ -99,6 +99,7 @@ class Scratch(LearnedScales):
                    "global gate threshold; recovery defaults to scratch-b")
     tolerance = 0.001
     default_recovery = "scratch-b"
+    presets = {"paper": {"epochs": 10}}  # the authors' CIFAR gate training (lam 0.5, r 0.2, Adam 0.01 are defaults)
 
     epochs: int = 2          # gate-training epochs (the paper: 10)
     lr: float = 0.01         # Adam
@@ -111,6 +112,7 @@ class Scratch(LearnedScales):
     expand: float = 1.0      # learn the gates on a copy this much wider (the paper: 1.25)
     expand_residual: bool = True  # widen residual streams too (authors' CIFAR ResNets); False: inner only
     #                               (their ResNet-50)
+    preset: str = ""         # "paper": the authors' 10 gate-training epochs
 
     def __post_init__(self) -> None:
         if not (1.0 <= self.expand <= 4.0):

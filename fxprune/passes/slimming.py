@@ -173,6 +173,7 @@ class Slimming(LearnedScales):
     description = ("Network Slimming (Liu et al. 2017): L1 sparsity on BatchNorm scales (adaptive so it happens "
                    "within the budget), one global |gamma| threshold")
     min_keep = 0.1          # the paper's safeguard: no layer is removed whole (a floor per group)
+    presets = {"paper": {"schedule": "fixed", "s": 1e-4, "epochs": 160, "lr": 0.1}}  # VGG on CIFAR (ResNets: s=1e-5)
 
     train: bool = True      # sparsity-train a copy first; False: score the given model's |gamma|
     s: float = 1e-4         # the paper: 1e-4 for VGG, 1e-5 for ResNet/DenseNet (adaptive: the starting strength)
@@ -182,6 +183,7 @@ class Slimming(LearnedScales):
     epochs: int = 10
     lr: float = 0.01
     optimizer: str = "sgd"
+    preset: str = ""        # "paper": the fixed subgradient s=1e-4, 160 epochs at lr 0.1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -411,6 +411,7 @@ class Tas(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
+    presets = {"paper": {"epochs": 600, "fit": False}}  # AutoDL-Projects' search-shape on CIFAR
     tolerance = 1.0  # the selection keeps exactly the searched widths; the pass itself warns when it missed the band
     default_recovery = "scratch-e"
     default_distill = True
@@ -429,6 +430,7 @@ class Tas(Pass):
     recalibrate: int = 20       # batches that re-estimate BatchNorm statistics for the argmax architecture
     fit: bool = True            # off budget (+-0.02): fit the widths to it (False: the authors' band, else a warning)
     seed: int = 0
+    preset: str = ""            # "paper": the authors' search (600 epochs, their band, no fit)
 
     def __post_init__(self) -> None:
         try:
