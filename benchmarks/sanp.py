@@ -60,7 +60,7 @@ def run(digits: Any, model: torch.nn.Module, target: float, epochs: int, seed: i
     lat = rep["latency_ms_batch1"]
     rows = {"sanp dynamic": {"accuracy": rep["dynamic_metrics"]["accuracy"], "macs": rep["average_macs"],
                              "latency_ms": lat["dynamic"]},
-            "sanp static": {"accuracy": float(digits.evaluate(res.module.eval())["accuracy"]),
+            "sanp static": {"accuracy": float(digits.evaluate(res.compacted.eval())["accuracy"]),
                             "macs": res.cost_after.macs / res.cost_before.macs, "latency_ms": lat["static"]},
             "original": {"accuracy": float(digits.evaluate(model)["accuracy"]), "macs": 1.0,
                          "latency_ms": lat["original graph"]}}

@@ -182,9 +182,17 @@ def test_prune_trains_toward_the_average_target_and_the_static_union_keeps_what_
     assert report["stats_on"] == "val_loader" and report["fit"] == {"ran": False}
     assert set(report["latency_ms_batch1"]) == {"original", "original graph", "dynamic", "static"}
     assert "dynamic" in result.extras and "dynamic" in result.artifacts
+    # the method's product is the per-sample module; the static variant is the compacted model of the plan
+    assert result.module is result.extras["dynamic"] and result.compacted is result.extras["static"]
     assert result.cost_after.macs / result.cost_before.macs >= report["per_sample_macs"]["max"] - 1e-9 - \
         report["spm_macs"]  # the static variant keeps the union of every sample's channels
     assert result.module(x).shape == (2, 4)
+    from fxprune.testing import assert_equivalent
+
+    assert_equivalent(model, result, (x,))  # the static variant against the masked original
+    plain = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.5),
+                          options={"epochs": 0, "dynamic": False}, train_loader=_data())
+    assert plain.module is plain.compacted and "static" not in plain.extras
 
 
 def test_average_macs_on_validation_data_are_fitted_to_the_target_and_the_static_variant_too() -> None:

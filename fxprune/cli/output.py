@@ -47,7 +47,7 @@ def export_programs(model: nn.Module, result: Any, inputs: Any) -> dict[str, tor
     a model compacted by resizing its modules (it has no graph to save)."""
     if getattr(result, "compaction", {}).get("target", "graph") != "graph":
         return {}
-    return {artifacts.MODEL: artifacts.export_program(result.module, inputs, result.shapes),
+    return {artifacts.MODEL: artifacts.export_program(result.compacted, inputs, result.shapes),
             artifacts.ORIGINAL: artifacts.export_program(model, inputs, result.shapes)}
 
 
@@ -63,7 +63,7 @@ def write_folder(out: Path, force: bool, result: Any, programs: dict[str, torch.
                 report["onnx"] = {**info, "path": ONNX,
                                   "original": {**info["original"], "path": ORIGINAL_ONNX}}
         # the modules target: no program to export; model.safetensors + plan.json, fxprune.load(DIR, model=...)
-        artifacts.save_weights(result.module, tmp / artifacts.WEIGHTS)
+        artifacts.save_weights(result.compacted, tmp / artifacts.WEIGHTS)
         artifacts.save_plan(result.plan, tmp / artifacts.PLAN)
         artifacts.write_json(report, tmp / REPORT_JSON)
         (tmp / REPORT_MD).write_text(render_markdown(report))

@@ -138,16 +138,16 @@ def _run_checked(cfg: RunConfig, mf: ModelFile, the_pass: Any, fb: Feedback, not
     pruned: dict[str, Any] = {"metrics": None}
     if mf.has("evaluate"):
         with fb.step("evaluating the pruned model"):
-            pruned["metrics"] = mf.evaluate(result.module)
+            pruned["metrics"] = mf.evaluate(result.compacted)
     log = _recovered(cfg, mf, data, result, model, the_pass, before, pruned, fb, notes, clock)
     with fb.step("measuring the pruned model"):
-        result.module.eval()
-        after = {**measured_costs(result.module, inputs), "metrics": mf.evaluate(result.module)}
-    after["robustness"] = _robustness(attack, mf, result.module, fb, "pruned")
+        result.compacted.eval()
+        after = {**measured_costs(result.compacted, inputs), "metrics": mf.evaluate(result.compacted)}
+    after["robustness"] = _robustness(attack, mf, result.compacted, fb, "pruned")
     if log:
         check_final(cfg, before["metrics"], after["metrics"], len(log), the_pass, fb, notes)
     latency_note(cfg, result, before, after, fb, notes)
-    result.module.cpu().eval()
+    result.compacted.cpu().eval()
     with fb.step("exporting"), warnings_as_notes(fb, notes):  # an axis export fixes is a note of report.json
         programs = export_programs(model.cpu(), result, to_device(inputs, "cpu"))
     report = build_report(cfg, the_pass, inputs, before, pruned, after, result, log, clock, notes, attack)
@@ -212,7 +212,7 @@ def _recover(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], result: Any, m
     total = epochs
     if recovery.mode == "scratch-b":
         total = scratch_b_epochs(epochs, result.cost_before.macs, result.cost_after.macs, recovery.scratch_b_cap)
-    return recover(result.module, original=model, train_loader=loader, loss=mf.loss(),
+    return recover(result.compacted, original=model, train_loader=loader, loss=mf.loss(),
                    evaluate=mf.evaluate if mf.has("evaluate") else None, macs_full=result.cost_before.macs,
                    macs_pruned=result.cost_after.macs, device=cfg.device,
                    progress=fb.training(total, batches_per_epoch(loader)), **recovery.options())

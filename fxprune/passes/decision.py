@@ -46,7 +46,10 @@ class Decision:
     - ``finish(removed) -> Finish``: the weights and graph edits for the selected removal (a bool per channel
       component, ``removed[group.channels]`` per group); replaces ``weights`` when given;
     - ``artifacts``: files the pass adds to the output folder, name -> writer(folder) (sanp's dynamic module);
-    - ``extras``: objects it built besides the module, handed on in ``PruneResult.extras``.
+    - ``extras``: objects it built besides the module, handed on in ``PruneResult.extras``;
+    - ``product``: the method's product when it is not the compacted model (sanp: its per-sample module):
+      ``PruneResult.module`` is it, and the compacted model (which recovery trains, and the command line exports)
+      is ``PruneResult.compacted``.
     """
 
     scores: Scores
@@ -56,6 +59,7 @@ class Decision:
     finish: Callable[[np.ndarray], Finish] | None = None
     artifacts: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
+    product: torch.nn.Module | None = None
 
     def finished(self, removed: np.ndarray) -> Finish:
         """The weights and edits compaction applies for ``removed``."""

@@ -32,7 +32,8 @@ fxprune's choice, each an option:
   channels the statistics' samples keep most often, selected to the same MACs target (+- 0.02, as far as
   the gated groups reach), removed by normal compaction, and the run's recovery fine-tunes it;
   ``static="union"`` removes only what no sample keeps. ``dynamic=false`` stops there.
-- Dynamic module (``dynamic=true``, the default; ``dynamic/`` in the output folder): the traced graph with
+- Dynamic module (``dynamic=true``, the default; ``dynamic/`` in the output folder; ``PruneResult.module``, the
+  method's product, with the static variant as ``PruneResult.compacted``): the traced graph with
   the SPMs in it; for each gated group the kept channels' indices (``nonzero``) slice every tensor of the
   group (the producer's rows, its normalisation's parameters and statistics, the consumers' columns) with
   ``index_select``, so the producer and its consumers run on the kept channels only. At batch 1 that is the
@@ -310,7 +311,7 @@ class Sanp(Pass):
             return Decision(scores, report=report, weights=weights)
         dyn = dynamic_module(ctx.gm, weights, gates)
         report["latency_ms_batch1"] = self._latencies(ctx, dyn, removed, weights)
-        return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn},
+        return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn}, product=dyn,
                         artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
 
     def _stats_loader(self, ctx: PassContext) -> tuple[Iterable[Any], str]:

@@ -19,7 +19,9 @@ __all__ = ["PruneResult"]
 
 @dataclass
 class PruneResult:
-    module: fx.GraphModule                 # the compacted, trainable model (same train/eval mode as the input)
+    # the method's product: the compacted, trainable model (same train/eval mode as the input), or the module the
+    # pass made of it (sanp: the per-sample module; the compacted model is then ``compacted``)
+    module: fx.GraphModule
     plan: Plan                             # original parameter/buffer name -> {dim: kept indices} (of `base` if set)
     groups: ChannelGroups                  # the analysis it was planned on
     removed: np.ndarray                    # bool per channel component
@@ -42,6 +44,12 @@ class PruneResult:
     latency: dict[str, Any] | None = None
     # the input axes the module takes at any size, and those it fixes that the original does not (with why)
     shapes: InputShapes = field(default_factory=InputShapes)
+
+    @property
+    def compacted(self) -> fx.GraphModule:
+        """The compacted model of the plan: ``module`` itself, unless the method's product is another module
+        (sanp's per-sample module), when it is its static variant (``extras["static"]``). ``cost_after`` is its."""
+        return self.extras.get("static", self.module)
 
     def summary(self) -> list[dict[str, Any]]:
         """Kept/total channels per prunable group."""

@@ -35,7 +35,10 @@ def run(spec: RunSpec, progress: Callable[[str], None] | None = None) -> PruneRe
     if shapes.fixed:
         warnings.warn(shapes.warning(type(spec.model).__name__), stacklevel=3)  # the line that called prune()
     decision, latency = scored.decision, analysed.latency
-    return PruneResult(out.module, out.plan, scored.ctx.groups, out.removed, decision.scores, analysed.before,
+    module, extras = out.module, dict(decision.extras)
+    if decision.product is not None:  # the method's product is another module: the compacted one is its static
+        module, extras["static"] = decision.product, out.module
+    return PruneResult(module, out.plan, scored.ctx.groups, out.removed, decision.scores, analysed.before,
                        done.after, selected.selection, log, done.weights, scored.base if scored.prepared else None,
-                       dict(decision.report), dict(decision.artifacts), dict(decision.extras), analysed.target,
+                       dict(decision.report), dict(decision.artifacts), extras, analysed.target,
                        latency.summary(out.removed) if latency is not None else None, shapes)
