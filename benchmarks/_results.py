@@ -68,9 +68,14 @@ def _device() -> str:
     return f"CPU {platform.machine()}, {os.cpu_count()} cores"
 
 
+# files a benchmark runs besides fxprune, the examples and the shared helpers (its model files)
+ALSO = {"methods_robustness": ("benchmarks/robustness_models.py",)}
+
+
 def measures_of(script: str) -> list[str]:
-    """What a benchmark's numbers depend on: fxprune, the examples, the shared helpers and its own script."""
-    return [*MEASURES, f"benchmarks/{Path(script).name}"]
+    """What a benchmark's numbers depend on: fxprune, the examples, the shared helpers, its own script and the
+    files it runs (``ALSO``)."""
+    return [*MEASURES, f"benchmarks/{Path(script).name}", *ALSO.get(Path(script).stem, ())]
 
 
 def meta(script: str, seconds: float | None = None) -> dict[str, Any]:

@@ -182,8 +182,59 @@ def zoo(res: dict[str, Any]) -> list[str]:
     return [head, markdown(res["runs"])]
 
 
+def _mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str | None:
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def methods_robustness(res: dict[str, Any]) -> list[str]:
+    """One row per architecture and pass: mean +- std over seeds; the bar's verdicts counted per row."""
+    bar, groups = res["bar"], {}
+    for r in res["rows"]:
+        groups.setdefault((r["arch"], r["row"]), []).append(r)
+    rows, held, total = [], 0, 0
+    for (arch, name), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        lm = arch == "charlm"
+        sign = -1 if lm else 1  # the LM's first metric is -bpc: shown as bpc
+
+        def vals(key: str, rs: list[dict[str, Any]] = ok, sign: int = sign) -> list[float]:
+            return [sign * r[key] for r in rs if r.get(key) is not None]
+
+        budget = sum(abs(r["kept"] - r["target"]) <= bar["budget"] + 1e-9 for r in ok)
+        accurate = sum(r["final"] is not None and r["dense"] - r["final"] <= bar["accuracy"] + 1e-9 for r in ok)
+        if not lm:
+            total += 1
+            held += budget == accurate == len(rs)
+        scale, digits = (1, 3) if lm else (100, 1)
+        drop = [sign * (r["final"] - r["dense"]) for r in ok if r["final"] is not None]
+        pgd = _mean_std(vals("pgd_final")) if any("pgd_final" in r for r in ok) else None
+        static = (f"{_mean_std(vals('static_final'))} at {_mean_std(vals('static_kept'), 100, 0)}"
+                  if any("static_final" in r for r in ok) else None)
+        errors = sorted({r["error"].strip().splitlines()[-1][:120] for r in rs if "error" in r})
+        rows.append([arch, name, len(rs), _mean_std(vals("dense"), scale, digits),
+                     _mean_std(vals("trained"), scale, digits), _mean_std(vals("pruned"), scale, digits),
+                     _mean_std(vals("final"), scale, digits), _mean_std(drop, scale, digits),
+                     _mean_std([r["kept"] for r in ok], 100, 1), f"{budget}/{len(rs)}",
+                     f"{accurate}/{len(rs)}" if not lm else None, sum(r.get("fit", False) for r in ok), pgd, static,
+                     f"{statistics.fmean(r['seconds'] for r in rs):.0f}",
+                     "; ".join(errors) or None])
+    state = "" if res.get("complete", True) else " The run is not complete: rows may have fewer seeds."
+    return [f"Mean ± std over seeds. Accuracy in % on the validation split (the character LM: bits per byte, lower "
+            f"is better); kept: the fraction of the dense model's MACs (flop: parameters; sanp: average MACs per "
+            f"sample of its per-sample module) measured on the result. The bar: kept within "
+            f"{bar['budget']:g} of the target on every run, final accuracy at most {100 * bar['accuracy']:g} "
+            f"points below the dense model's. {held} of {total} image rows hold both on every seed.{state}",
+            table(["model", "pass", "runs", "dense", "trained by the pass", "pruned", "final", "final - dense",
+                   "kept %", "on budget", "within 2 points", "budget fit ran", "PGD accuracy",
+                   "sanp static: accuracy at kept %", "seconds", "errors"], rows)]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "headline": headline, "methods": methods, "recovery": recovery, "scratch": scratch, "sanp": sanp, "tas": tas,
     "anp": anp, "flop": flop, "meta_plan": measurements, "hf_stream": measurements, "hf_folders": hf_folders,
-    "masks": masks, "latency": latency, "zoo": zoo,
+    "masks": masks, "latency": latency, "zoo": zoo, "methods_robustness": methods_robustness,
 }
