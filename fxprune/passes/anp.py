@@ -31,7 +31,8 @@ Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless
   taken from theirs on the same forward, :class:`JointGrads`); ``"alternate"``: a weight step, then a mask
   step on the next batch with its own attack. N = the training set's size. CE is the model file's
   ``loss()`` (cross-entropy by default). Adam, ``lr_weight`` 1e-3, ``lr_mask`` 1e-2, both x0.1 at 50%
-  and 80% of ``epochs``. ``beta`` / ``vs_weight``: 2 / 1e-4 (CIFAR-10; CIFAR-100: 1 / 0.1; MNIST: 4 / 1e-3).
+  and 80% of ``epochs`` (with the budget schedule: of the epochs after the cut). ``beta`` / ``vs_weight``:
+  2 / 1e-4 (CIFAR-10; CIFAR-100: 1 / 0.1; MNIST: 4 / 1e-3).
 - Variants (``variant``): ``standard`` (clean training, no masks), ``bp`` (masks, clean training),
   ``at`` (adversarial training), ``at-vs`` (+ VS), ``anp`` (masks + adversarial training), ``anp-vs``
   (the default: all of it). Without an attack the clean loss replaces the adversarial one in both phases.
@@ -41,7 +42,10 @@ Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless
   20% of the epochs on which channels it would remove under the current E[pi], and holds their ``a_raw``
   under a bound falling linearly to -8 (E[pi] about 3e-4) by 60% of the epochs: by then the budget's
   channels are pruned by the method's own threshold and the last 40% of the epochs train the network
-  adversarially without them, so the result is on budget and the cut costs nothing more.
+  adversarially without them, so the result is on budget and the cut costs nothing more. The rates' x0.1
+  steps then fall at 50% and 80% of those last epochs: the network needs the full rate to adapt to the
+  cut (on a plain digits CNN the pruned network ends 6 points higher than with the steps at 50% and 80%
+  of the whole run).
 - Scores: E[pi] per channel, ``-inf`` where E[pi] <= ``threshold`` (the method's own pruning: those always
   go). Selection is global over E[pi] (no normalisation): ``--ratio 0`` keeps exactly what ANP keeps;
   a budget (``--ratio``, ``--target-macs``) removes more, lowest E[pi] first. Variants without masks
@@ -252,12 +256,14 @@ class AnpHook(Hook):
     learning-rate steps at 50% and 80% of the epochs (both optimisers)."""
 
     def __init__(self, model: Adversarial, masks: list[BetaBernoulli], beta: float, n: int, vs_weight: float,
-                 l2: float, decayed: list[nn.Parameter], rates: tuple[float, float]) -> None:
+                 l2: float, decayed: list[nn.Parameter], rates: tuple[float, float], decay_from: int = 0) -> None:
         self.model, self.masks, self.beta, self.n = model, masks, beta, n
         self.vs_weight, self.l2, self.decayed, self.rates = vs_weight, l2, decayed, rates
+        self.decay_from = decay_from  # the x0.1 steps fall at 50% and 80% of the epochs from this one on
 
     def before_epoch(self, state: TrainState) -> None:
-        factor = 0.1 ** sum(state.epoch >= int(m * state.epochs) for m in (0.5, 0.8))
+        left = state.epochs - self.decay_from
+        factor = 0.1 ** sum(state.epoch >= self.decay_from + int(m * left) for m in (0.5, 0.8))
         for opt, rate in ((state.optimizer, self.rates[0]), (state.mask_optimizer, self.rates[1])):
             for group in (opt.param_groups if opt is not None else []):
                 group["lr"] = rate * factor
@@ -472,16 +478,17 @@ class Anp(Pass):
         decayed = [w for w in weights if w.dim() > 1]
         n = _dataset_size(loader)
         masks = list(masked.masks.values())
+        budget = use_masks and self.schedule == "budget" and ctx.select is not None
+        start = round(0.2 * self.epochs)
+        end = max(start + 1, round(0.6 * self.epochs))
         hook = AnpHook(model, masks, self.beta, n, self.vs_weight if suppress else 0.0, self.l2, decayed,
-                       (self.lr_weight, self.lr_mask))
+                       (self.lr_weight, self.lr_mask), decay_from=min(end, self.epochs - 1) if budget else 0)
         hooks: list[Hook] = [hook]
         if use_masks and self.update == "joint":
             hooks.append(JointGrads(mask_params, lambda: self.beta * torch.stack([m.kl() for m in masks]).sum() / n,
                                     loss_fn))
-        if use_masks and self.schedule == "budget" and ctx.select is not None:
-            start = round(0.2 * self.epochs)
-            hooks.append(KeepBudget(masked.masks, ctx.groups, ctx.select, start,
-                                    max(start + 1, round(0.6 * self.epochs))))
+        if budget:
+            hooks.append(KeepBudget(masked.masks, ctx.groups, ctx.select, start, end))
         data = Labelled(loader)
         return train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr_weight, optimizer="adamw", module=model,
                             loader=data, loss=task_loss(loss_fn), weights=weights,
