@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baseline import baseline  # noqa: E402
 
 BATCH = 64
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -146,18 +150,8 @@ def _train(net: nn.Module, epochs: int) -> None:
 
 
 def model() -> nn.Module:
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(0)
-    net = build()
-    checkpoint = os.environ.get("RECIPE_CHECKPOINT")
-    if checkpoint and Path(checkpoint).exists():
-        net.load_state_dict(load_file(checkpoint))
-        return net.eval()
-    _train(net, int(os.environ.get("RECIPE_EPOCHS", "160")))
-    if checkpoint:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, checkpoint)
-    return net.eval()
+    return baseline(build(), lambda net: _train(net, int(os.environ.get("RECIPE_EPOCHS", "160"))))
 
 
 def example_inputs() -> tuple[torch.Tensor]:

@@ -30,6 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baseline import baseline  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("fxprune_example_charlm", Path(__file__).resolve().parents[1] /
                                                "charlm.py")
 charlm = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
@@ -88,14 +91,12 @@ def build() -> nn.Module:
 
 
 def model() -> nn.Module:
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(0)
-    net = build()
-    checkpoint = os.environ.get("RECIPE_CHECKPOINT")
-    if checkpoint and Path(checkpoint).exists():
-        net.load_state_dict(load_file(checkpoint))
-        return net.eval()
+    return baseline(build(), _train)
+
+
+def _train(net: nn.Module) -> None:
+    """``RECIPE_STEPS`` AdamW steps at 3e-4 over the training windows."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net.to(device).train()
     steps = int(os.environ.get("RECIPE_STEPS", "100000"))
@@ -110,9 +111,6 @@ def model() -> nn.Module:
         loss(net(x.to(device)), y.to(device)).backward()
         opt.step()
     net.cpu().eval()
-    if checkpoint:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, checkpoint)
-    return net
 
 
 def example_inputs() -> tuple[torch.Tensor]:
