@@ -87,7 +87,7 @@ def assert_equivalent(model: torch.nn.Module, result: Any, example_inputs: Any, 
     base = getattr(result, "base", None)  # a pass that pruned its own model (scratch's wider copy)
     masked = masked_model(with_weights(base if base is not None else model, getattr(result, "weights", None)),
                           result.plan, getattr(result, "groups", None))
-    compacted = copy.deepcopy(result.compacted).eval()
+    compacted = copy.deepcopy(getattr(result, "compacted", result.module)).eval()  # a PruneResult or a Compacted
     inputs = normalize_inputs(example_inputs)
     if dtype is not None:
         masked, compacted = masked.to(dtype), compacted.to(dtype)
