@@ -227,7 +227,10 @@ def methods_robustness(res: dict[str, Any]) -> list[str]:
             f"is better); kept: the fraction of the dense model's MACs (flop: parameters; sanp: average MACs per "
             f"sample of its per-sample module) measured on the result. The bar: kept within "
             f"{bar['budget']:g} of the target on every run, final accuracy at most {100 * bar['accuracy']:g} "
-            f"points below the dense model's. {held} of {total} image rows hold both on every seed.{state}",
+            f"points below the dense model's. {held} of {total} image rows hold both on every seed.{state} "
+            f"\"Trained by the pass\": the network the pass trained, before the cut (scratch's is its random weights "
+            f"with learned gates, near chance by design; tas's the argmax of its search, retrained by its recovery); "
+            f"\"pruned\": the compacted model before recovery.",
             table(["model", "pass", "runs", "dense", "trained by the pass", "pruned", "final", "final - dense",
                    "kept %", "on budget", "within 2 points", "budget fit ran", "PGD accuracy",
                    "sanp static: accuracy at kept %", "seconds", "errors"], rows)]
