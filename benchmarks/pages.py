@@ -183,11 +183,8 @@ def zoo(res: dict[str, Any]) -> list[str]:
 
 
 def _mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str | None:
-    if not values:
-        return None
-    mean = statistics.fmean(values)
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    """``ms`` of the mean and (population) standard deviation of ``values``; None without any."""
+    return ms({"mean": statistics.fmean(values), "std": statistics.pstdev(values)}, scale, digits) if values else None
 
 
 def methods_robustness(res: dict[str, Any]) -> list[str]:
