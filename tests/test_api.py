@@ -351,3 +351,12 @@ def test_recovery_options_reach_the_engine():
     assert not all(torch.equal(plain[k], kd[k]) for k in plain)
     with pytest.raises(fxprune.selection.budget.SelectionError, match="kd_alpha"):
         fxprune.Recovery(kd_alpha=1.5)
+    # gradient clipping: a bound the first step's gradient is far over trains differently from none; one far
+    # above every gradient trains exactly as none does
+    unclipped, loose, tight = (trained(max_grad_norm=None), trained(max_grad_norm=1e6),
+                               trained(max_grad_norm=1e-3))
+    assert all(torch.equal(unclipped[k], loose[k]) for k in unclipped)
+    assert not all(torch.equal(unclipped[k], tight[k]) for k in unclipped)
+    assert fxprune.Recovery().max_grad_norm == 5.0
+    with pytest.raises(fxprune.selection.budget.SelectionError, match="max_grad_norm"):
+        fxprune.Recovery(max_grad_norm=0)

@@ -158,6 +158,8 @@ def run(
                                                            show_default=False)] = None,
     kd_alpha: Annotated[float, typer.Option("--kd-alpha", help="distillation's weight: (1 - a) task + a T^2 KL")] = 0.9,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="distillation's temperature T")] = 4.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="recovery clips the total gradient norm "
+                                                 "to this before every step (0: no clipping)")] = 5.0,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
@@ -223,7 +225,7 @@ def run(
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume,
                         scratch_lr=scratch_lr, scratch_b_cap=scratch_b_cap, kd_alpha=kd_alpha,
-                        kd_temperature=kd_temperature)
+                        kd_temperature=kd_temperature, max_grad_norm=max_grad_norm)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return

@@ -107,7 +107,7 @@ def build_report(cfg: RunConfig, the_pass: Any, inputs: Any, before: dict, prune
         "finetune": {"mode": cfg.recover, "distill": cfg.distill, "epochs": len(log),
                      "lr": recovery_of(cfg, len(log)).rate,
                      "scratch_b_cap": cfg.scratch_b_cap, "kd_alpha": cfg.kd_alpha,
-                     "kd_temperature": cfg.kd_temperature, "log": log},
+                     "kd_temperature": cfg.kd_temperature, "max_grad_norm": cfg.max_grad_norm or None, "log": log},
         "groups": groups, "frozen_groups": len(result.groups) - len(groups),
         "layers": layer_rows(result), "allow_inexact": cfg.allow_inexact,
         "pass_report": pass_report(result.report), "notes": notes,
