@@ -259,6 +259,20 @@ def test_a_search_that_misses_the_band_says_so_with_fit_off() -> None:
                       train_loader=_data())
 
 
+def test_a_fit_that_misses_says_so_in_a_second_line() -> None:
+    """``Fit.warn``, what every learned pass's fit calls: the note always, and a second line when the fit itself
+    ends off the target (the silent miss sanp's fit had: 0.69 of the MACs for 0.5 on the inverted-residual net)."""
+    from fxprune.selection.fit import Fit
+
+    with pytest.warns(UserWarning) as caught:
+        Fit("sanp", "macs", 0.5, 0.8, 0.69, "a threshold shift").warn()
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 2 and "ended at 0.800" in lines[0] and "reaches only 0.690" in lines[1]
+    with pytest.warns(UserWarning) as caught:
+        Fit("tas", "params", 0.5, 0.8, 0.51, "survival").warn()
+    assert len(caught) == 1 and "of the parameters" in str(caught[0].message)
+
+
 @pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
 def test_a_search_off_budget_is_fitted_to_it_and_says_so(target: float) -> None:
     x = torch.randn(2, 1, 8, 8)

@@ -54,7 +54,6 @@ distillation. Defaults follow the authors' released code (AutoDL-Projects, ``sea
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -72,7 +71,7 @@ from fxprune.masking import MaskedModel
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.cost import CostCounter
-from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, fit_to_budget, on_budget
+from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, fit_selection, fit_to_budget, on_budget
 from fxprune.state import seeded
 from fxprune.tracing.compat import batch_norm_types
 
@@ -474,11 +473,10 @@ class Tas(Pass):
         """Stage depths from which widths alone can reach ``target``: from the argmax depths, one stage at a time
         (the one whose next choice has the largest logit) deeper while every channel kept stays under the target,
         shallower while the narrowest widths stay over it."""
-        from fxprune.selection.budget import Selection, select
+        from fxprune.selection.budget import select
 
-        sel = dataclasses.replace(ctx.selection or Selection(scope="global", normalize="none"), ratio=0.999,
-                                  ratio_for={}, protect=())
-        none, narrowest = np.zeros(len(ctx.groups.comp_group), dtype=bool), select(ctx.groups, scores, sel)
+        narrowest = select(ctx.groups, scores, fit_selection(ctx.selection, ratio=0.999))
+        none = np.zeros(len(ctx.groups.comp_group), dtype=bool)
         for removal, short, step in ((none, lambda f: f < target - BUDGET_TOLERANCE, 1),
                                      (narrowest, lambda f: f > target + BUDGET_TOLERANCE, -1)):
             while short(cost.macs(removal, kept) / cost.full):

@@ -23,7 +23,7 @@ from fxprune.analysis.groups import ChannelGroups
 
 from .budget import Scores, Selection, search_budget
 
-__all__ = ["BUDGET_TOLERANCE", "Fit", "fit_to_budget", "on_budget", "removal_scores"]
+__all__ = ["BUDGET_TOLERANCE", "Fit", "fit_selection", "fit_to_budget", "on_budget", "removal_scores"]
 
 WHAT = {"macs": "MACs", "params": "parameters"}
 
@@ -57,6 +57,21 @@ class Fit:
                 f"{self.target:.3f} (+-{BUDGET_TOLERANCE:g}); the budget fit selected by {self.by} to "
                 f"{self.fitted:.3f}")
 
+    def warn(self, tolerance: float = BUDGET_TOLERANCE) -> None:
+        """Warn the note (a run shows it), and a second line when the fit itself missed the target."""
+        warnings.warn(self.note(), stacklevel=3)
+        if not on_budget(self.fitted, self.target, tolerance):
+            warnings.warn(f"fxprune: {self.who}: the budget fit reaches only {self.fitted:.3f} of the "
+                          f"{WHAT.get(self.which, self.which)} (target {self.target:.3f}): the groups' floors, the "
+                          f"channels the method cannot remove, or the method's own granularity bound it", stacklevel=3)
+
+
+def fit_selection(selection: Selection | None = None, ratio: float = 0.0) -> Selection:
+    """The selection a fit searches with: ``selection`` (default global, not normalised) at ``ratio``, without
+    the per-layer ratios and protections of a ratio run (the target decides)."""
+    return dataclasses.replace(selection or Selection(scope="global", normalize="none"), ratio=ratio, ratio_for={},
+                               protect=())
+
 
 def fit_to_budget(who: str, groups: ChannelGroups, scores: Scores, cost: Callable[[np.ndarray], float],
                   target: float, method: float, *, by: str, which: str = "macs", selection: Selection | None = None,
@@ -64,16 +79,11 @@ def fit_to_budget(who: str, groups: ChannelGroups, scores: Scores, cost: Callabl
     """Select by ``scores`` (global, not normalised unless ``selection`` says otherwise) so that ``cost(removed)``
     (a kept fraction) is within ``tolerance`` of ``target``; ``method``: where the pass's own mechanism ended.
     Returns the removal and the :class:`Fit` (its note is warned, so a run shows it)."""
-    sel = selection or Selection(scope="global", normalize="none")
-    sel = dataclasses.replace(sel, ratio=0.0, ratio_for={}, protect=())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a shortfall is reported below, with the fit's numbers
-        removed, _ = search_budget(groups, scores, sel, cost, target, tolerance)
+        removed, _ = search_budget(groups, scores, fit_selection(selection), cost, target, tolerance)
     done = Fit(who, which, float(target), float(method), float(cost(removed)), by)
-    warnings.warn(done.note(), stacklevel=3)
-    if not on_budget(done.fitted, target, tolerance):
-        warnings.warn(f"fxprune: {who}: the budget fit reaches only {done.fitted:.3f} of the {WHAT.get(which, which)} "
-                      f"(target {target:.3f}): the groups' floors or frozen channels bound it", stacklevel=3)
+    done.warn(tolerance)
     return removed, done
 
 
