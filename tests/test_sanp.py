@@ -212,6 +212,38 @@ def test_average_macs_on_validation_data_are_fitted_to_the_target_and_the_static
     assert result.module(x).shape == (2, 4)
 
 
+class Stream(nn.Module):
+    """Most of the MACs on a residual stream (stem, a, b2 write it: not gated per sample); b1's 4 channels are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2, self.fc = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.a(torch.relu(x))
+        x = x + self.b2(torch.relu(self.b1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_target_the_gated_groups_cannot_reach_is_refused_before_training() -> None:
+    """Closing every channel sanp can gate still keeps most of the MACs: the cost loss would close them all (at
+    chance, off budget: 0.69 of the MACs for 0.5 on an inverted-residual net); refused, with the reachable floor,
+    why the other groups are not gated and what to ask for; a reachable target trains."""
+    from fxprune.passes.registry import PassError
+
+    torch.manual_seed(0)
+    model, x = Stream().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(PassError, match=r"target of 0.50 is out of reach.*still keeps 0\.9\d.*residual stream.*at "
+                                        r"least"):
+        fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.5), options={"epochs": 1},
+                      train_loader=_data())
+    result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.97),
+                           options={"epochs": 1, "latency_samples": 2}, train_loader=_data())
+    assert result.report["gated_groups"] == 1
+
+
 def test_bad_options_are_named() -> None:
     from fxprune.passes.registry import PassError
 

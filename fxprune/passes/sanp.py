@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,9 @@ from fxprune.artifacts.source import write_dynamic
 from fxprune.compaction.dynamic import Gate, dynamic_module
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
-from fxprune.selection.budget import Selection, search_budget
+from fxprune.selection.budget import search_budget
 from fxprune.selection.cost import CostCounter
-from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, on_budget, removal_scores
+from fxprune.selection.fit import BUDGET_TOLERANCE, Fit, fit_selection, on_budget, removal_scores
 from fxprune.state import seeded
 
 from ._scales import residual_stream
@@ -277,10 +278,11 @@ class Sanp(Pass):
                                                                self.temperature, self.init_bias))
         if not gates:
             raise PassError("sanp: no channel group can be gated (" + "; ".join(sorted(set(skipped.values()))) + ")")
-        masked = ctx.insert_masks(lambda g: gates[g.id].spm, only=list(gates), training=True)
         counter = CostCounter(ctx.groups)
-        full_nodes = counter.per_node()
         spm_macs = sum(g.spm.macs for g in gates.values())
+        self._check_reachable(ctx, counter, gates, skipped, spm_macs, target)
+        masked = ctx.insert_masks(lambda g: gates[g.id].spm, only=list(gates), training=True)
+        full_nodes = counter.per_node()
         hook = SanpHook({gid: g.spm for gid, g in gates.items()}, counter.dependence(list(gates)), full_nodes,
                         spm_macs, target, self.cost_weight)
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=loader,
@@ -313,6 +315,25 @@ class Sanp(Pass):
         report["latency_ms_batch1"] = self._latencies(ctx, dyn, removed, weights)
         return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn}, product=dyn,
                         artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
+
+    @staticmethod
+    def _check_reachable(ctx: PassContext, counter: CostCounter, gates: dict[int, Gate], skipped: dict[int, str],
+                         spm_macs: int, target: float) -> None:
+        """A PassError before any training when closing every gated channel for every sample still keeps more than
+        the target (+- the budget tolerance): the cost loss would close them all and end at chance, off budget."""
+        removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+        for gid in gates:
+            removed[ctx.groups[gid].channels] = True
+        floor = (counter(removed).macs + spm_macs) / max(counter().macs, 1)
+        if floor <= target + BUDGET_TOLERANCE:
+            return
+        why = "; ".join(f"{n} group{'s' * (n > 1)} because {reason}" for reason, n in
+                        sorted(Counter(skipped.values()).items(), key=lambda kv: -kv[1]))
+        raise PassError(f"sanp: a MACs target of {target:.2f} is out of reach on this model: the {len(gates)} channel "
+                        f"groups sanp can gate per sample hold {1 - floor:.2f} of the MACs, so closing every one of "
+                        f"them for every sample still keeps {floor:.2f} (not gated: {why or 'none'}). Ask for a "
+                        f"target of at least {min(floor + 0.1, 1.0):.2f} (--target-macs), or prune this model with a "
+                        f"static pass (l1, slimming, thinet...)")
 
     def _stats_loader(self, ctx: PassContext) -> tuple[Iterable[Any], str]:
         """Where the average MACs and the static variant are measured, and its name for the report."""
@@ -350,7 +371,7 @@ class Sanp(Pass):
         delta, mean, frequency, per_sample = best
         measured(delta)
         fit = Fit("sanp", "macs", target, ended, mean, f"shifting every SPM's decision threshold by {delta:+.3g}")
-        warnings.warn(fit.note(), stacklevel=3)
+        fit.warn()
         return fit, frequency, per_sample
 
     def _static(self, ctx: PassContext, counter: CostCounter, frequency: dict[int, np.ndarray],
@@ -366,11 +387,10 @@ class Sanp(Pass):
             return removed, counter(removed).macs / full
         scores: Scores = {g.id: np.full(len(g), np.inf) for g in ctx.groups.prunable}
         scores.update({gid: f.astype(np.float64) for gid, f in frequency.items()})
-        sel = Selection(scope="global", normalize="none", ratio=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a static variant short of the target is in the report
-            removed, _ = search_budget(ctx.groups, scores, sel, lambda rem: counter(rem).macs / full, target,
-                                       BUDGET_TOLERANCE)
+            removed, _ = search_budget(ctx.groups, scores, fit_selection(), lambda rem: counter(rem).macs / full,
+                                       target, BUDGET_TOLERANCE)
         return removed, counter(removed).macs / full
 
     def _latencies(self, ctx: PassContext, dyn: fx.GraphModule, removed: np.ndarray,
