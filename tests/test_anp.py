@@ -255,6 +255,31 @@ def test_vision_transformer_heads_and_mlp_units() -> None:
     assert_equivalent(model, result, (x,), dtype=torch.float64)
 
 
+def test_masks_start_near_the_trained_network_and_the_prior_weighs_as_on_cifar(monkeypatch) -> None:
+    """fxprune's defaults: every mask starts at E[pi] ~ 0.97 (the authors' 0.68 / 0.24 with preset=paper), and
+    the KL is divided by at least kl_n_min = 50000 examples (the training set's own size with kl_n_min=0)."""
+    import fxprune.passes.anp as anp_module
+    from fxprune.passes.registry import make_pass
+
+    seen: list[int] = []
+    original = anp_module.AnpHook.__init__
+
+    def spy(self, model, masks, beta, n, *args, **kwargs):
+        seen.append(n)
+        assert masks and all(float(m.expected().detach().min()) > 0.96 for m in masks)  # before any step
+        original(self, model, masks, beta, n, *args, **kwargs)
+
+    monkeypatch.setattr(anp_module.AnpHook, "__init__", spy)
+    model, x, data = Net().eval(), torch.rand(4, 1, 8, 8), _data((1, 8, 8))
+    options = {"variant": "bp", "epochs": 1}
+    fxprune.prune(model, (x,), "anp", 0.25, options=options, train_loader=data)
+    fxprune.prune(model, (x,), "anp", 0.25, options={**options, "kl_n_min": 0}, train_loader=data)
+    assert seen == [50000, anp_module._dataset_size(data)]
+    paper = make_pass("anp", {"preset": "paper"})
+    assert kumaraswamy_mean(F.softplus(torch.tensor(paper.a_init_conv)), torch.tensor(1.0)) == pytest.approx(
+        0.68, abs=0.01) and paper.kl_n_min == 0
+
+
 def test_bad_options_are_named() -> None:
     from fxprune.passes.registry import PassError
 

@@ -4,9 +4,13 @@ Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless
 
 - Masks: one Beta-Bernoulli mask per channel of every prunable group (:class:`BetaBernoulli`, a mask kind
   of ``fxprune.masking``): a Kumaraswamy(a, b) posterior over the keep probability pi, ``a =
-  softplus(a_raw)``, ``b = softplus(b_raw)``, ``b_raw = 0.5413`` (b = 1) and ``a_raw = 2.0`` on
-  convolution channels (E[pi] = 0.68), ``-1.0`` on fully connected units (E[pi] = 0.24). Prior
-  Beta(1e-4, 1); the KL of the posterior from it in closed form (:func:`kumaraswamy_beta_kl`).
+  softplus(a_raw)``, ``b = softplus(b_raw)``, ``b_raw = 0.5413`` (b = 1). fxprune's default ``a_raw`` is 32 on
+  every channel (E[pi] = 0.97): fxprune starts from the user's trained network, and the authors' start
+  (``a_raw = 2.0`` on convolution channels, E[pi] = 0.68; ``-1.0`` on fully connected units, E[pi] = 0.24;
+  ``preset=paper``) drops a third of every layer's channels per sample, which a deep narrow network does not
+  survive (an inverted-residual net with depthwise convolutions went from 99.7% to chance before training,
+  and stayed there; a ViT, all of whose units start at 0.24, ended at 56-69%). Prior Beta(1e-4, 1); the KL of
+  the posterior from it in closed form (:func:`kumaraswamy_beta_kl`).
   Training: pi from the Kumaraswamy inverse CDF (one draw per channel and step), then a relaxed
   Bernoulli z per sample and channel at temperature 0.1. Evaluation: z = E[pi], and 0 where E[pi] <=
   ``threshold`` (1e-3): those channels are pruned; the survivors keep their soft scale, folded into
@@ -29,7 +33,10 @@ Defaults follow the authors' released code (TensorFlow; CIFAR-10 settings unless
   masks minimise ``CE(x_adv) + beta KL / N``. ``update="joint"`` (the default, the authors' two train ops
   grouped): both step together on one batch and one attack, each on its own loss (the masks' gradient
   taken from theirs on the same forward, :class:`JointGrads`); ``"alternate"``: a weight step, then a mask
-  step on the next batch with its own attack. N = the training set's size. CE is the model file's
+  step on the next batch with its own attack. N = the training set's size, at least ``kl_n_min`` (50000, CIFAR-10's:
+  fxprune's, so that the prior weighs on each example at most as it does in the authors' runs; on 1437 images the
+  ELBO's KL/N is 35x theirs and drives every keep probability down together; ``kl_n_min=0``, ``preset=paper``:
+  the training set's size). CE is the model file's
   ``loss()`` (cross-entropy by default). Adam, ``lr_weight`` 1e-3, ``lr_mask`` 1e-2, both x0.1 at 50%
   and 80% of ``epochs`` (with the budget schedule: of the epochs after the cut). ``beta`` / ``vs_weight``:
   2 / 1e-4 (CIFAR-10; CIFAR-100: 1 / 0.1; MNIST: 4 / 1e-3).
@@ -369,7 +376,8 @@ class Anp(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
-    presets = {"paper": {"epochs": 200, "update": "joint", "schedule": "threshold"}}  # ANP_VS, CIFAR-10
+    presets = {"paper": {"epochs": 200, "update": "joint", "schedule": "threshold", "a_init_conv": 2.0,
+                         "a_init_fc": -1.0, "kl_n_min": 0}}  # ANP_VS, CIFAR-10
     recovery_epochs: ClassVar[int | None] = 0  # the trained network is the result; --epochs N fine-tunes (clean)
     self_pruning = True  # E[pi] <= threshold goes even at ratio 0
 
@@ -378,7 +386,7 @@ class Anp(Pass):
     step_size: float = 0.007    # PGD step (MNIST: 0.01)
     steps: int = 10             # PGD steps to train (MNIST: 20)
     eval_steps: int = 40        # PGD steps to evaluate (the CLI's robustness report)
-    epochs: int = 5             # training epochs (masks and weights, alternating)
+    epochs: int = 10            # training epochs (the budget's cut by 60%, then 40% without those channels)
     beta: float = 2.0           # KL weight (CIFAR-100: 1, MNIST: 4)
     vs_weight: float = 1e-4     # VS weight lambda (CIFAR-100: 0.1, MNIST: 1e-3)
     lr_mask: float = 1e-2
@@ -387,8 +395,9 @@ class Anp(Pass):
     alpha: float = 1e-4         # prior Beta(alpha, 1)
     temperature: float = 0.1    # relaxed Bernoulli
     threshold: float = 1e-3     # E[pi] at or under it: pruned
-    a_init_conv: float = 2.0
-    a_init_fc: float = -1.0
+    a_init_conv: float = 32.0   # initial a_raw on convolution channels (E[pi] 0.97; the authors': 2.0, E[pi] 0.68)
+    a_init_fc: float = 32.0     # initial a_raw on fully connected units (the authors': -1.0, E[pi] 0.24)
+    kl_n_min: int = 50000       # N in beta KL / N is at least this (CIFAR-10's size; 0: the training set's)
     b_init: float = 0.5413
     placement: str = "output"   # "output" (exact compaction) or "prenorm" (the authors': before BatchNorm)
     update: str = "joint"       # "joint" (the authors': one step, one attack) or "alternate" (two batches)
@@ -476,7 +485,7 @@ class Anp(Pass):
         mask_params = masked.mask_parameters()
         weights = masked.weight_parameters()
         decayed = [w for w in weights if w.dim() > 1]
-        n = _dataset_size(loader)
+        n = max(_dataset_size(loader), self.kl_n_min)
         masks = list(masked.masks.values())
         budget = use_masks and self.schedule == "budget" and ctx.select is not None
         start = round(0.2 * self.epochs)
