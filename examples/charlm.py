@@ -35,7 +35,9 @@ import functools
 import math
 import os
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +186,9 @@ def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
 
 
-def evaluate(model: nn.Module) -> dict[str, float]:
-    """``{"neg_bpc": -bpc, "bpc": bpc}`` on val_loader() (bits per byte; lower bpc is better).
+def evaluate(model: nn.Module, loader: Iterable[Any] | None = None) -> dict[str, float]:
+    """``{"neg_bpc": -bpc, "bpc": bpc}`` on ``loader`` (default: val_loader()), in bits per byte (lower bpc is
+    better).
 
     ``neg_bpc`` is first because fxprune reads the first metric as higher-is-better. The model stays
     on its device (batches go to it) and keeps its train/eval mode.
@@ -196,13 +199,13 @@ def evaluate(model: nn.Module) -> dict[str, float]:
     nats = 0.0
     count = 0
     with torch.no_grad():
-        for x, y in val_loader():
+        for x, y in (val_loader() if loader is None else loader):
             out = model(x.to(device))
             nats += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.to(device).reshape(-1),
                                           reduction="sum"))
             count += y.numel()
     model.train(was_training)
-    bpc = nats / count / math.log(2)
+    bpc = nats / max(count, 1) / math.log(2)
     return {"neg_bpc": -bpc, "bpc": bpc}
 
 

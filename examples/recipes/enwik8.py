@@ -118,17 +118,5 @@ def example_inputs() -> tuple[torch.Tensor]:
 
 
 def evaluate(net: nn.Module) -> dict[str, float]:
-    """``{"neg_bpc", "bpc"}`` on the validation windows (bits per byte, lower is better)."""
-    was = net.training
-    net.eval()
-    device = next(iter(net.parameters())).device
-    nats = count = 0.0
-    with torch.no_grad():
-        for x, y in val_loader():
-            out = net(x.to(device))
-            nats += float(torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.to(device).reshape(-1),
-                                                            reduction="sum"))
-            count += y.numel()
-    net.train(was)
-    bpc = nats / max(count, 1) / 0.6931471805599453
-    return {"neg_bpc": -bpc, "bpc": bpc}
+    """``{"neg_bpc", "bpc"}`` on the validation windows (bits per byte, lower is better): the character LM's."""
+    return charlm.evaluate(net, val_loader())
