@@ -211,7 +211,7 @@ def methods_robustness(res: dict[str, Any]) -> list[str]:
         pgd = _mean_std(vals("pgd_final")) if any("pgd_final" in r for r in ok) else None
         static = (f"{_mean_std(vals('static_final'))} at {_mean_std(vals('static_kept'), 100, 0)}"
                   if any("static_final" in r for r in ok) else None)
-        errors = sorted({r["error"].strip().splitlines()[-1][:120] for r in rs if "error" in r})
+        errors = sorted({r["error"].strip().splitlines()[-1][:240] for r in rs if "error" in r})
         rows.append([arch, name, len(rs), _mean_std(vals("dense"), scale, digits),
                      _mean_std(vals("trained"), scale, digits), _mean_std(vals("pruned"), scale, digits),
                      _mean_std(vals("final"), scale, digits), _mean_std(drop, scale, digits),
@@ -227,7 +227,8 @@ def methods_robustness(res: dict[str, Any]) -> list[str]:
             f"points below the dense model's. {held} of {total} image rows hold both on every seed.{state} "
             f"\"Trained by the pass\": the network the pass trained, before the cut (scratch's is its random weights "
             f"with learned gates, near chance by design; tas's the argmax of its search, retrained by its recovery); "
-            f"\"pruned\": the compacted model before recovery.",
+            f"\"pruned\": the compacted model before recovery. A run that ends in an error counts against both bars, "
+            f"and its message is in the last column (sanp refuses a target its per-sample gates cannot reach).",
             table(["model", "pass", "runs", "dense", "trained by the pass", "pruned", "final", "final - dense",
                    "kept %", "on budget", "within 2 points", "budget fit ran", "PGD accuracy",
                    "sanp static: accuracy at kept %", "seconds", "errors"], rows)]
