@@ -357,6 +357,8 @@ def test_recovery_options_reach_the_engine():
                                trained(max_grad_norm=1e-3))
     assert all(torch.equal(unclipped[k], loose[k]) for k in unclipped)
     assert not all(torch.equal(unclipped[k], tight[k]) for k in unclipped)
-    assert fxprune.Recovery().max_grad_norm == 5.0
+    assert fxprune.Recovery(1, "finetune").clip == 5.0 and fxprune.Recovery(1, "scratch-e").clip is None
+    assert fxprune.Recovery(1, "finetune", max_grad_norm=0).clip is None
+    assert fxprune.Recovery(1, "scratch-b", max_grad_norm=2).clip == 2
     with pytest.raises(fxprune.selection.budget.SelectionError, match="max_grad_norm"):
-        fxprune.Recovery(max_grad_norm=0)
+        fxprune.Recovery(max_grad_norm=-1)

@@ -220,7 +220,7 @@ def train_loader():
     log = json.loads((tmp_path / "capped" / "report.json").read_text())["finetune"]
     assert round(ratio) > 2 and log["epochs"] == 2 and log["scratch_b_cap"] == 1.5  # at most 1.5 x 1 epoch
     assert log["lr"] == 0.05 and log["log"][0]["lr"] == pytest.approx(0.05)  # scratch-b's own rate, not --lr
-    assert log["max_grad_norm"] == 5.0  # recovery clips by default
+    assert log["max_grad_norm"] is None  # re-initialised training is not clipped by default (fine-tuning is)
     for args, message in ((["--kd-alpha", "2"], "kd_alpha"), (["--scratch-b-cap", "0.5"], "scratch_b_cap"),
                           (["--scratch-lr", "0"], "learning rates"), (["--max-grad-norm", "-1"], "max_grad_norm")):
         bad = cli("run", path, *args, "--out", tmp_path / "bad")

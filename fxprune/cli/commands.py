@@ -158,8 +158,10 @@ def run(
                                                            show_default=False)] = None,
     kd_alpha: Annotated[float, typer.Option("--kd-alpha", help="distillation's weight: (1 - a) task + a T^2 KL")] = 0.9,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="distillation's temperature T")] = 4.0,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="recovery clips the total gradient norm "
-                                                 "to this before every step (0: no clipping)")] = 5.0,
+    max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="recovery clips the total "
+                                                           "gradient norm to this before every step (0: never); "
+                                                           "default: 5 when fine-tuning, never from scratch",
+                                                           show_default=False)] = None,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",

@@ -60,14 +60,14 @@ class RunConfig:
     scratch_b_cap: float | None = None  # --scratch-b-cap: Scratch-B's epochs at most this factor x --epochs
     kd_alpha: float = 0.9  # --kd-alpha, --kd-temperature: distillation's weight and temperature
     kd_temperature: float = 4.0
-    max_grad_norm: float | None = 5.0  # --max-grad-norm: recovery's gradient clipping (0: none)
+    max_grad_norm: float | None = None  # --max-grad-norm: recovery's gradient clipping (0: none; None: the mode's)
 
 
 def recovery_of(cfg: RunConfig, epochs: int) -> Recovery:
     """The run's ``fxprune.Recovery`` for ``epochs``: an OptionError naming the flag when a value makes no sense."""
     try:
         return Recovery(epochs, cfg.recover, cfg.distill, cfg.lr, cfg.scratch_lr, cfg.scratch_b_cap, cfg.kd_alpha,
-                        cfg.kd_temperature, cfg.max_grad_norm or None)
+                        cfg.kd_temperature, cfg.max_grad_norm)
     except SelectionError as exc:
         raise OptionError(f"{exc} (--lr, --scratch-lr, --scratch-b-cap, --kd-alpha, --kd-temperature, "
                           f"--max-grad-norm)") from None

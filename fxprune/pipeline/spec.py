@@ -82,6 +82,9 @@ class Budget:
             uniform_across_layers=uniform if self.uniform_across_layers is None else self.uniform_across_layers)
 
 
+FINETUNE_CLIP = 5.0  # the gradient norm fine-tuning clips at by default (Recovery.max_grad_norm)
+
+
 @dataclass(frozen=True)
 class Recovery:
     """How the pruned model trains after compaction: ``epochs`` (0: not at all) in ``mode`` "finetune",
@@ -94,10 +97,11 @@ class Recovery:
     stay one rate for both). ``scratch_b_cap``: Scratch-B trains the full model's compute budget, ``epochs`` x
     the MACs removed, at most ``scratch_b_cap`` x ``epochs`` (None: no cap). Distillation's loss is
     ``(1 - kd_alpha) * task + kd_alpha * T^2 * KL`` at temperature ``kd_temperature`` (Hinton et al.: 0.9, 4).
-    ``max_grad_norm``: the total gradient norm is clipped to it before every step (None: never). 5 by default:
-    a least-squares reconstruction (lasso, thinet) can leave a transformer whose first SGD steps undo it (a ViT
-    pruned by lasso fell from 94% to 22% in its first epoch unclipped, to 98.6% clipped), while the convolutional
-    networks' recoveries, whose norms stay under it, are unchanged (``benchmarks/methods_robustness.py``).
+    ``max_grad_norm``: the total gradient norm is clipped to it before every step; 0: never; None (the default):
+    5 when fine-tuning, never when the weights are re-initialised. Fine-tuning inherits weights that a
+    least-squares reconstruction (lasso, thinet) can leave so that the first SGD steps undo it (a ViT pruned by
+    lasso fell from 94% to 22% in its first epoch unclipped; 97.5% clipped at 5); training from scratch with
+    distillation has large gradients by design, and clipping them slows it (tas's ViT: 90% clipped, 94% not).
     """
 
     epochs: int = 0
@@ -108,7 +112,7 @@ class Recovery:
     scratch_b_cap: float | None = None
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
-    max_grad_norm: float | None = 5.0
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in RECOVERY:
@@ -123,8 +127,9 @@ class Recovery:
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
             raise SelectionError(f"kd_alpha must be in [0, 1] and kd_temperature > 0, got {self.kd_alpha}, "
                                  f"{self.kd_temperature}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise SelectionError(f"max_grad_norm must be > 0 (None: no clipping), got {self.max_grad_norm}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise SelectionError(f"max_grad_norm must be >= 0 (0: never clip; None: the mode's default), got "
+                                 f"{self.max_grad_norm}")
 
     def for_pass(self, the_pass: Pass) -> Recovery:
         """This recovery with the pass's defaults filled in: a mode whenever it trains, and distillation."""
@@ -139,11 +144,18 @@ class Recovery:
         """The learning rate of this recovery's mode."""
         return self.scratch_lr if self.scratch_lr is not None and self.mode in ("scratch-e", "scratch-b") else self.lr
 
+    @property
+    def clip(self) -> float | None:
+        """The gradient norm this recovery's mode clips at (None: no clipping)."""
+        if self.max_grad_norm is None:
+            return FINETUNE_CLIP if self.mode == "finetune" else None
+        return self.max_grad_norm or None
+
     def options(self) -> dict[str, Any]:
         """What ``fxprune.recovery.modes.recover`` takes from this recovery besides the model and data."""
         return {"mode": self.mode, "epochs": self.epochs, "distill": bool(self.distill), "lr": self.rate,
                 "alpha": self.kd_alpha, "temperature": self.kd_temperature, "max_budget_factor": self.scratch_b_cap,
-                "max_grad_norm": self.max_grad_norm}
+                "max_grad_norm": self.clip}
 
 
 @dataclass(frozen=True)
