@@ -361,11 +361,14 @@ class KeepBudget(Hook):
 
 
 def _dataset_size(loader: Any) -> int:
+    """The training set's size: a DataLoader's dataset, the samples of a list of ``(x, y)`` batches, else the
+    batches times the loader's batch size."""
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):
-        batches = len(loader)
-        return batches * int(getattr(loader, "batch_size", None) or 1)
+        if isinstance(loader, (list, tuple)):
+            return sum(len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in loader) or 1
+        return len(loader) * int(getattr(loader, "batch_size", None) or 1)
 
 
 @dataclass(frozen=True)
