@@ -28,7 +28,7 @@ from fxprune.state import named_tensors
 from .base import Decision, Finish, Pass, PassContext, Scores
 from .l1 import L1Norm
 
-__all__ = ["Calibrated", "Consumer", "consumers", "calibration", "sample_layers", "mask_", "reconstruct",
+__all__ = ["Calibrated", "Consumer", "attr_order", "consumers", "calibration", "sample_layers", "mask_", "reconstruct",
            "reconstruct_into", "reconstruct_removed", "contributions", "group_contributions", "live_outputs", "Solver"]
 
 
@@ -47,9 +47,14 @@ def _usable(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str) and m.padding_mode == "zeros"
 
 
+def attr_order(ctx: PassContext) -> dict[str, int]:
+    """Each parameter's position among the graph's ``get_attr`` nodes (graph order of first use)."""
+    return {n.target: i for i, n in enumerate(ctx.gm.graph.nodes) if n.op == "get_attr"}
+
+
 def consumers(ctx: PassContext) -> dict[int, list[Consumer]]:
     """Prunable group id -> its consumer layers; a group with any consumer we cannot model is absent."""
-    order = {n.target: i for i, n in enumerate(ctx.gm.graph.nodes) if n.op == "get_attr"}
+    order = attr_order(ctx)
     out: dict[int, list[Consumer]] = {}
     for group in ctx.groups.prunable:
         found: list[Consumer] = []

@@ -45,6 +45,7 @@ from ._calibrate import (
     Calibrated,
     Consumer,
     Solver,
+    attr_order,
     calibration,
     consumers,
     contributions,
@@ -119,7 +120,7 @@ class ThiNet(Calibrated):
             mask_(work, ctx.groups, removed, only={gid})
             if gid in cons:
                 reconstruct_into(work, ctx, removed, cons[gid], self.solver(), batches, self.per_batch, samples)
-            self._finetune(ctx, work, ctx.groups, removed)
+            self._finetune(ctx, work, removed)
             layers += 1
         weights = {name: t.detach().clone() for name, t in named_tensors(work).items()}
         report: dict[str, Any] = {"layerwise": True, "layers_pruned": layers, "layer_epochs": self.layer_epochs}
@@ -127,12 +128,12 @@ class ThiNet(Calibrated):
             report["trained_metrics"] = evaluate(work)
         return Decision(scores, report=report, finish=lambda rem: self._finished(ctx, rem, removed, weights))
 
-    def _finetune(self, ctx: PassContext, work: nn.Module, groups: ChannelGroups, removed: np.ndarray) -> None:
+    def _finetune(self, ctx: PassContext, work: nn.Module, removed: np.ndarray) -> None:
         """``layer_epochs`` epochs of SGD at ``layer_lr`` on the working copy, the removed channels held at 0."""
         loader = ctx.data.get("train_loader")
         if self.layer_epochs and loader is not None:
             train(work, loader, ctx.data.get("loss"), self.layer_epochs, lr=self.layer_lr,
-                  device=device_of_module(work), hooks=[HoldRemoved(groups, removed)])
+                  device=device_of_module(work), hooks=[HoldRemoved(ctx.groups, removed)])
 
     def _finished(self, ctx: PassContext, rem: np.ndarray, removed: np.ndarray,
                   weights: dict[str, torch.Tensor]) -> Finish:
@@ -197,7 +198,7 @@ class HoldRemoved(Hook):
 
 def _producer_order(ctx: PassContext) -> list[int]:
     """The prunable groups in graph order of their first tensor (the layer that produces the channels)."""
-    order = {n.target: i for i, n in enumerate(ctx.gm.graph.nodes) if n.op == "get_attr"}
+    order = attr_order(ctx)
     first = {g.id: min((order.get(p.name, len(order)) for p in g.params), default=len(order))
              for g in ctx.groups.prunable}
     return sorted(first, key=lambda gid: (first[gid], gid))
