@@ -438,3 +438,20 @@ def test_prenorm_fold_works_with_buffer_masks() -> None:
     out = fxprune.compact(gm, groups, folded.removed, model, weights=folded.weights)
     want, got = masked.module.eval()(x), out.module.to(F64).eval()(x)
     torch.testing.assert_close(got[..., 2:-2, 2:-2], want[..., 2:-2, 2:-2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_transform_mask_keeps_the_activation_layout(whole: bool) -> None:
+    """A transform mask's (C, C) map leaves a contiguous activation contiguous: a channels-last result would
+    turn every later convolution channels-last, where oneDNN's 1x1 strided backward with few input channels
+    writes past its workspace (hangs and wrong gradients on CPU; uxlfoundation/oneDNN#6035)."""
+    from fxprune.masking.apply import ApplyTransform
+
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    positions = torch.arange(6) if whole else torch.tensor([1, 3, 4])
+    value = torch.randn(len(positions), len(positions), dtype=torch.float64)
+    y = ApplyTransform(1, positions, 6)(x, value)
+    assert y.is_contiguous()
+    want = x.clone()
+    want[:, positions] = torch.einsum("nchw,cd->ndhw", x[:, positions], value)
+    torch.testing.assert_close(y, want)

@@ -81,6 +81,8 @@ class ApplyTransform(nn.Module):
             return x * mult.reshape(shape)
         part = x if self.whole else x.index_select(self.axis, self.positions)
         mapped = torch.movedim(torch.movedim(part, self.axis, -1) @ value, -1, self.axis)
+        if x.is_contiguous():  # the matmul leaves the channels last: a 4-D activation would turn every later
+            mapped = mapped.contiguous()  # convolution channels-last (oneDNN's 1x1 strided backward overruns there)
         return mapped if self.whole else x.index_copy(self.axis, self.positions, mapped)
 
 
