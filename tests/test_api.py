@@ -300,7 +300,10 @@ def test_the_pass_defaults_are_resolved_in_one_place():
     from fxprune.pipeline import RunSpec
 
     tas, slimming = make_pass("tas"), make_pass("slimming")
-    assert fxprune.Recovery(epochs=2).for_pass(tas) == fxprune.Recovery(2, "scratch-e", True)
+    assert fxprune.Recovery(epochs=2).for_pass(tas) == fxprune.Recovery(2, "finetune", True)
+    paper = make_pass("tas", {"preset": "paper"})
+    assert fxprune.Recovery(epochs=2).for_pass(paper) == fxprune.Recovery(2, "scratch-e", True)
+    assert fxprune.Recovery(epochs=2, mode="scratch-b").for_pass(paper).mode == "scratch-b"
     assert fxprune.Recovery(epochs=2, distill=False).for_pass(tas).distill is False
     assert fxprune.Recovery().for_pass(tas).mode is None  # no epochs: nothing trains
     assert fxprune.Recovery(epochs=1).for_pass(make_pass("l1")) == fxprune.Recovery(1, "finetune", False)

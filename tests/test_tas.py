@@ -226,7 +226,7 @@ def test_prune_searches_and_compacts_and_counts_removed_blocks() -> None:
     model = _model()
     x = torch.randn(2, 1, 8, 8)
     result = fxprune.prune(model, (x,), "tas", budget=fxprune.Budget(target_macs=0.5),
-                           options={"epochs": 2, "arch_lr": 0.2},
+                           options={"epochs": 2, "arch_lr": 0.2, "lr": 0.1},  # an untrained model: the authors' rate
                            train_loader=_data())
     report = result.report
     assert set(report["stages"]) == {"layer1", "layer2"} and report["widths"]
@@ -384,14 +384,15 @@ MODEL_FILE = textwrap.dedent('''
 ''')
 
 
-def test_cli_searches_then_trains_from_scratch_with_distillation(tmp_path) -> None:
+def test_cli_searches_then_fine_tunes_with_distillation_and_the_paper_preset_trains_from_scratch(tmp_path) -> None:
     (tmp_path / "m.py").write_text(MODEL_FILE)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
                                       "--opt", "epochs=2", "--opt", "arch_lr=0.2", "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["finetune"]["mode"] == "scratch-e" and report["finetune"]["distill"] is True
+    assert report["finetune"]["mode"] == "finetune" and report["finetune"]["distill"] is True
+    assert report["options"]["lr"] == 0.01
     assert report["pass_report"]["stages"]["layer1"]["blocks"] == 3
     assert (out / "blocks.png").exists() and "Residual stages" in (out / "report.md").read_text()
     no_kd = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
@@ -399,9 +400,16 @@ def test_cli_searches_then_trains_from_scratch_with_distillation(tmp_path) -> No
                                      "--out", str(tmp_path / "b")])
     assert no_kd.exit_code == 0, no_kd.output
     assert json.loads((tmp_path / "b" / "report.json").read_text())["finetune"]["distill"] is False
+    paper = CliRunner().invoke(app, ["run", str(tmp_path / "m.py"), "--pass", "tas", "--target-macs", "0.6",
+                                     "--opt", "preset=paper", "--opt", "epochs=1", "--epochs", "1",
+                                     "--out", str(tmp_path / "p")])
+    assert paper.exit_code == 0, paper.output
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["finetune"]["mode"] == "scratch-e" and report["finetune"]["distill"] is True
+    assert report["options"]["lr"] == 0.1
 
 
-def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(monkeypatch) -> None:
+def test_python_api_recovers_with_the_pass_defaults_finetune_and_distillation(monkeypatch) -> None:
     import fxprune.recovery.modes as modes
 
     calls: list[dict] = []
@@ -416,7 +424,7 @@ def test_python_api_recovers_with_the_pass_defaults_scratch_e_and_distillation(m
     result = fxprune.prune(model, (torch.randn(2, 1, 8, 8),), "tas", budget=fxprune.Budget(target_macs=0.6),
                            recovery=fxprune.Recovery(epochs=1),
                            options={"epochs": 1}, train_loader=_data())
-    assert calls == [{"mode": "scratch-e", "distill": True}] and len(result.log) == 1
+    assert calls == [{"mode": "finetune", "distill": True}] and len(result.log) == 1
 
 
 def test_cli_says_the_search_missed_and_does_not_blame_the_budget(tmp_path) -> None:

@@ -128,7 +128,7 @@ def check_final(cfg: RunConfig, before: dict[str, Any] | None, after: dict[str, 
     helps = [f"more recovery (--epochs {2 * (cfg.finetune_epochs or epochs)})",
              "a smaller --ratio" if not any(cfg.budget.get(k) for k in ("target_macs", "target_params",
                                                                           "target_latency")) else "a larger target"]
-    own = getattr(the_pass, "default_recovery", None)
+    own = the_pass.own_recovery()
     if own and own != cfg.recover:
         helps.append(f"the pass's own recovery (--recover {own})")
     if not cfg.distill:

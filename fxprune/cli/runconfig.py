@@ -46,7 +46,7 @@ class RunConfig:
     # budget_of(ratio, budget) is the run's fxprune.Budget
     budget: dict[str, Any] = field(default_factory=dict)
     recover: str | None = None  # what --epochs runs: finetune, scratch-e, scratch-b; None: the pass's
-    #                             default_recovery, else finetune
+    #                             own_recovery(), else finetune
     distill: bool | None = None  # knowledge distillation from the unpruned model during recovery; None: the
     #                              pass's default
     no_recover: bool = False    # --no-recover: no recovery even when the model file can train

@@ -143,6 +143,8 @@ class Pass:
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
     min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
+    # a preset's own recovery, where it differs from default_recovery (tas's "paper": scratch-e); see own_recovery()
+    preset_recovery: ClassVar[Mapping[str, str]] = {}
     default_distill: ClassVar[bool] = False  # the CLI's recovery distils from the unpruned model (tas) unless
     #                                          --no-distill
     # the CLI's recovery epochs when --epochs is not given (None: chosen from the data when the model file can
@@ -166,6 +168,11 @@ class Pass:
             known = ", ".join(map(repr, cls.presets)) or "none"
             raise PassError(f"pass {cls.name!r} has no preset {name!r}; its presets: {known}")
         return cls(**{**cls.presets.get(name, {}), **options, "preset": name})
+
+    def own_recovery(self) -> str | None:
+        """The recovery mode this pass's result gets when the caller names none: its preset's, else
+        ``default_recovery`` (None: finetune)."""
+        return self.preset_recovery.get(getattr(self, "preset", ""), self.default_recovery)
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return ``ctx.prepared(gm, groups, model)``, a

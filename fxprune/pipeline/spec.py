@@ -135,7 +135,7 @@ class Recovery:
         """This recovery with the pass's defaults filled in: a mode whenever it trains, and distillation."""
         mode = self.mode
         if mode is None and self.epochs > 0:
-            mode = getattr(the_pass, "default_recovery", None) or "finetune"
+            mode = the_pass.own_recovery() or "finetune"
         distill = bool(getattr(the_pass, "default_distill", False)) if self.distill is None else self.distill
         return replace(self, mode=mode, distill=distill)
 
