@@ -146,6 +146,8 @@ def test_budget_search_hits_target_macs_within_0_1_percent_on_resnet18(expand):
 
 def test_options_and_class_defaults():
     assert Scratch.tolerance == 0.001 and Scratch.default_recovery == "scratch-b" and Scratch.scope == "global"
+    assert Scratch().own_distill() and not make_pass("scratch", {"preset": "paper"}).own_distill()
+    assert make_pass("scratch", {"preset": "paper"}).own_recovery() == "scratch-b"
     assert isinstance(make_pass("scratch", {"epochs": 1}), Scratch)
     assert make_pass("scratch", {"expand": 1.25}).expand == 1.25
     with pytest.raises(PassError, match="between 1.0 and 4.0"):
@@ -156,7 +158,7 @@ def test_options_and_class_defaults():
         Scratch(sparsity="l2")
 
 
-def test_cli_run_defaults_to_scratch_b(tmp_path, monkeypatch):
+def test_cli_run_defaults_to_scratch_b_with_distillation(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fxprune.cli import app
@@ -168,7 +170,7 @@ def test_cli_run_defaults_to_scratch_b(tmp_path, monkeypatch):
                                       "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["finetune"]["mode"] == "scratch-b"
+    assert report["finetune"]["mode"] == "scratch-b" and report["finetune"]["distill"] is True
     assert report["finetune"]["epochs"] >= 1
     # at or under the target (one digits channel is ~1% of its MACs, so 0.1% is not always reachable there)
     assert 0.45 <= report["after"]["macs"] / report["before"]["macs"] <= 0.501

@@ -143,8 +143,9 @@ class Pass:
     tolerance: ClassVar[float] = 0.01  # how close a --target-macs/--target-params search must get (kept fraction)
     min_keep: ClassVar[float] = 0.0  # the per-group floor the selection applies unless min_keep= / --min-keep is given
     default_recovery: ClassVar[str | None] = None  # the CLI's recovery when --recover is not given (None: finetune)
-    # a preset's own recovery, where it differs from default_recovery (tas's "paper": scratch-e); see own_recovery()
-    preset_recovery: ClassVar[Mapping[str, str]] = {}
+    # a preset's own recovery where it differs from the pass's: {"paper": {"mode": "scratch-e"}} (tas),
+    # {"paper": {"distill": False}} (scratch); own_recovery() and own_distill() answer which applies
+    preset_recovery: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_distill: ClassVar[bool] = False  # the CLI's recovery distils from the unpruned model (tas) unless
     #                                          --no-distill
     # the CLI's recovery epochs when --epochs is not given (None: chosen from the data when the model file can
@@ -172,7 +173,12 @@ class Pass:
     def own_recovery(self) -> str | None:
         """The recovery mode this pass's result gets when the caller names none: its preset's, else
         ``default_recovery`` (None: finetune)."""
-        return self.preset_recovery.get(getattr(self, "preset", ""), self.default_recovery)
+        return self.preset_recovery.get(getattr(self, "preset", ""), {}).get("mode", self.default_recovery)
+
+    def own_distill(self) -> bool:
+        """Whether that recovery distils from the unpruned model when the caller does not say: the preset's
+        choice, else ``default_distill``."""
+        return bool(self.preset_recovery.get(getattr(self, "preset", ""), {}).get("distill", self.default_distill))
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return ``ctx.prepared(gm, groups, model)``, a

@@ -416,7 +416,7 @@ class Tas(Pass):
     presets = {"paper": {"epochs": 600, "fit": False, "lr": 0.1}}  # AutoDL-Projects' search-shape on CIFAR
     tolerance = 1.0  # the selection keeps exactly the searched widths; the pass itself warns when it missed the band
     default_recovery = "finetune"  # the searched weights, with distillation (the authors': scratch-e, the preset's)
-    preset_recovery = {"paper": "scratch-e"}
+    preset_recovery = {"paper": {"mode": "scratch-e"}}
     default_distill = True
 
     epochs: int = 3             # search epochs (the authors': 600 on CIFAR)

@@ -136,7 +136,7 @@ class Recovery:
         mode = self.mode
         if mode is None and self.epochs > 0:
             mode = the_pass.own_recovery() or "finetune"
-        distill = bool(getattr(the_pass, "default_distill", False)) if self.distill is None else self.distill
+        distill = the_pass.own_distill() if self.distill is None else self.distill
         return replace(self, mode=mode, distill=distill)
 
     @property
