@@ -226,7 +226,8 @@ def methods_robustness(res: dict[str, Any]) -> list[str]:
             f"{bar['budget']:g} of the target on every run, final accuracy at most {100 * bar['accuracy']:g} "
             f"points below the dense model's. {held} of {total} image rows hold both on every seed.{state} "
             f"\"Trained by the pass\": the network the pass trained, before the cut (scratch's is its random weights "
-            f"with learned gates, near chance by design; tas's the argmax of its search, before its recovery fine-tunes it); "
+            f"with learned gates, near chance by design; tas's the argmax of its search, before its recovery "
+            f"fine-tunes it); "
             f"\"pruned\": the compacted model before recovery. A run that ends in an error counts against both bars, "
             f"and its message is in the last column (sanp refuses a target its per-sample gates cannot reach).",
             table(["model", "pass", "runs", "dense", "trained by the pass", "pruned", "final", "final - dense",
