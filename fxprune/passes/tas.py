@@ -1,5 +1,6 @@
 """tas: Transformable Architecture Search (Dong & Yang, NeurIPS 2019): learned widths AND depths, then
-distillation. Defaults follow the authors' released code (AutoDL-Projects, ``search-shape``).
+distillation. The search follows the authors' released code (AutoDL-Projects, ``search-shape``) except where
+said below (the weights' rate, the search length, the budget fit, the recovery); ``preset=paper`` is theirs.
 
 - Channel order: a group's prefix of width C_i is its C_i most important channels, importance = the L1
   norm of the producing filters of the model as given (``producer_l1``; summed over a residual stream's
