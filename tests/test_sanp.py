@@ -303,3 +303,130 @@ def test_cli_writes_the_static_model_the_dynamic_module_and_the_histogram(tmp_pa
     assert "average_macs" in report["pass_report"] and "latency_ms_batch1" in report["pass_report"]
     x = torch.randn(3, 3, 8, 8)
     assert load_dynamic(out / "dynamic")(x).shape == (3, 4)
+
+
+class Inverted(nn.Module):
+    """An inverted-residual block with squeeze-excite: expand conv, depthwise conv (with a bias), the SE's scale;
+    all three write the hidden group, which sanp gates as one chain decided from the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.expand, self.bn1 = nn.Conv2d(6, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.dw, self.bn2 = nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12)
+        self.se1, self.se2 = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.project, self.bn3 = nn.Conv2d(12, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.expand(x))))))
+        h = h * torch.sigmoid(self.se2(torch.relu(self.se1(h.mean((2, 3), keepdim=True)))))
+        return self.fc((x + self.bn3(self.project(h))).mean((2, 3)))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.eval()
+
+
+def test_an_inverted_residual_chain_is_gated_as_one_group_and_its_dynamic_module_is_exact() -> None:
+    torch.manual_seed(1)
+    model = _randomised(Inverted())
+    x = torch.randn(7, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x[:2])
+    hidden = next(g for g in gates.values() if len(ctx.groups[g.gid]) == 12)
+    assert set(ctx.groups[hidden.gid].layers("producer")) == {"expand", "dw", "se2"}
+    assert len(hidden.sites) == 3 and len(hidden.depthwise) == 1  # after bn1, after bn2, se2's output
+    read = next(n for n in masked.module.graph.nodes if n.op == "call_module" and n.target == f"fxprune_masks.g"
+                f"{hidden.gid}")
+    assert read.args[0].name == hidden.input == "relu"  # the expand's input, decided before the chain runs
+    assert hidden.input_gate is None  # the stem writes the residual stream: not gated
+    dyn = dynamic_module(ctx.gm, masked.state(), gates).to(F64)
+    ref = masked.module.to(F64)
+    for gate in gates.values():
+        gate.spm.float()
+    xs = x.to(F64)
+    want = ref(xs)
+    for i in range(len(xs)):
+        torch.testing.assert_close(dyn(xs[i:i + 1]), want[i:i + 1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dyn(xs), want, rtol=1e-9, atol=1e-9)
+    kept = int(hidden.spm.last[0].sum())
+    groups: list[int] = []
+
+    class Convs(torch.fx.Interpreter):
+        def run_node(self, n):  # type: ignore[no-untyped-def]
+            out = super().run_node(n)
+            if n.name in hidden.depthwise:
+                groups.append(int(self.fetch_args_kwargs_from_env(n)[0][1].shape[0]))
+                assert out.shape[1] == groups[-1]
+            return out
+
+    ref(xs[:1])
+    kept = int(hidden.spm.last[0].sum())
+    Convs(dyn).run(xs[:1])
+    assert groups == [kept] and 0 < kept < 12  # the depthwise convolution runs on the kept channels only
+
+
+class Leaky(nn.Module):
+    """conv1's channels reach conv2 through a sigmoid: zeroed at conv1's output they arrive as 0.5, so slicing
+    them away per sample would not be exact; conv2's channels reach the head through a ReLU (exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(torch.sigmoid(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_group_whose_closed_channels_would_reach_a_consumer_non_zero_is_not_gated() -> None:
+    model = Leaky().eval()
+    gm = trace(model, (torch.randn(2, 3, 8, 8),))
+    ctx = PassContext(gm, analyze(gm), model, {})
+    gates, skipped = _gates(ctx, lambda g, c_in, axis: SPM(c_in, len(g), axis))
+    assert [ctx.groups[g].layers("producer") for g in gates] == [["conv2"]]
+    assert list(skipped.values()) == ["a closed channel reaches conv2d_1 as a non-zero value (through sigmoid)"]
+
+
+def test_the_per_sample_network_is_fine_tuned_with_its_decisions_frozen() -> None:
+    """``finetune``: the backbone trains (distilling from the model as given), the SPMs do not; the user's model is
+    left as it was; ``finetune=0`` (the paper preset's) skips it."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.7),
+                           options={"epochs": 0, "finetune": 1, "fit": False, "latency_samples": 2},
+                           train_loader=_data())
+    tensors = dict(result.module.named_buffers()) | dict(result.module.named_parameters())
+    spm_bias = [v for k, v in tensors.items() if k.startswith("fxprune_spm") and k.endswith("fc2.bias")]
+    assert spm_bias and all(torch.equal(b, torch.ones_like(b)) for b in spm_bias)  # init_bias, untouched
+    assert not torch.equal(tensors["conv2.weight"], before["conv2.weight"])  # the backbone trained
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not model.training
+    assert result.report["search"] == [] and len(result.report["finetune"]) == 1  # the cost loss still on
+    paper = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.7),
+                          options={"epochs": 0, "preset": "paper", "latency_samples": 2}, train_loader=_data())
+    assert paper.report["finetune"] == []
+
+
+def test_a_budget_fit_that_wrecks_the_per_sample_network_is_undone_and_said() -> None:
+    """The threshold shift opens channels that were closed for every training sample; when that costs more than
+    2 points of ``evaluate()``, the method's own decisions are kept (off budget, said)."""
+    model = _model()
+
+    def evaluate(module: nn.Module) -> dict[str, float]:  # "accuracy" falls as soon as any decision threshold moves
+        biases = [p for n, p in module.named_parameters() if n.startswith("fxprune_masks") and n.endswith("fc2.bias")]
+        return {"accuracy": 0.9 if all(torch.equal(b, torch.ones_like(b)) for b in biases) else 0.1}
+
+    with pytest.warns(UserWarning, match=r"sanp: the budget fit's threshold shift cost accuracy 0.9 -> 0.1; the "
+                                         r"method's own decisions are kept"):
+        result = fxprune.prune(model, (torch.randn(2, 3, 8, 8),), "sanp", budget=fxprune.Budget(target_macs=0.5),
+                               options={"epochs": 0, "finetune": 0, "latency_samples": 2}, train_loader=_data(),
+                               evaluate=evaluate)
+    report = result.report
+    assert report["fit"]["ran"] and report["fit"]["undone"] == "accuracy 0.9 -> 0.1"
+    assert report["average_macs"] > 0.9 and report["dynamic_metrics"] == {"accuracy": 0.9}  # every channel open

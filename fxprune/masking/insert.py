@@ -11,8 +11,9 @@ are multiplied by the output of ``factory(group)``:
   ``transform = True``, ``forward()`` returns a (channels, channels) map of the group's channels (in
   training; ``y_j = sum_k x_k M[k, j]``, :class:`~fxprune.masking.apply.ApplyTransform`) or (channels,)
   (a plain value, in eval mode), acting on activations only, on groups whose every masked tensor holds
-  each channel once; a per-sample mask with ``reads_input = True`` reads the input of the group's one
-  producing layer instead (SANP's saliency modules decide from what the layer is about to compute on);
+  each channel once; a per-sample mask with ``reads_input = True`` reads the input of the group's first
+  producing layer (in graph order) instead (SANP's saliency modules decide from what the layer is about to
+  compute on);
 - where the mask acts is :mod:`fxprune.masking.sites` (``placement="output"`` or ``"prenorm"``); how,
   :mod:`fxprune.masking.apply`: a per-channel mask on a producer's output multiplies its rows and bias
   (the same product on a weight-sized tensor), one on a BatchNorm's output multiplies its affine
@@ -283,16 +284,18 @@ class _Insert:
 
 
 def _producer_input(gm: fx.GraphModule, group: Group, facts: GraphFacts) -> str | None:
-    """The input node of the group's one producing layer (None when it has several or none)."""
+    """The input node of the group's first producing layer in graph order (None when it has none): a group
+    written by a chain (a conv, then its depthwise conv, then squeeze-excite's scale) is decided where the chain
+    starts."""
     from fxprune.analysis.schema import bind
 
     from .sites import layer_of
 
     layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
     layers.discard(None)
-    if len(layers) != 1:
+    if not layers:
         return None
-    layer = next(iter(layers))
+    layer = min(layers, key=lambda n: facts.order[n])
     b = bind(layer)
     x = b.get("mat1") if "mat1" in b else b.get("input")  # addmm(bias, input, weight^T) names its input mat1
     return x.name if isinstance(x, fx.Node) else None
@@ -340,7 +343,7 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
         elif getattr(mask, "reads_input", False):
             source = _producer_input(gm, groups[gid], facts)
             if source is None:
-                why = "a mask that reads the layer's input needs exactly one producing layer"
+                why = "a mask that reads the layer's input needs a producing layer"
             else:
                 reads[gid] = source
         if why is not None:

@@ -13,9 +13,13 @@ fxprune's choice, each an option:
 - Binarisation (``binarize``): ``st``, a straight-through hard threshold (forward ``sigmoid(l) > 0.5``,
   backward the sigmoid's gradient), or ``gumbel``, the same on ``sigmoid((l + logistic noise) /
   temperature)``; hard (``l > 0``) at inference.
-- Which groups: those with exactly one producing conv/linear whose channels pass only through
-  channel-wise ops (normalisation, activations, pooling, dropout) to their consumers, and whose
-  tensors hold each channel once (not attention heads); residual streams (several writers) are not gated.
+- Which groups: those written by convs/linears whose channels pass only through channel-wise ops
+  (normalisation, activations, pooling, dropout, products) to their consumers, and whose tensors hold each
+  channel once (not attention heads): one layer's output, or a chain of them (an inverted residual's expand
+  conv, its depthwise conv and its squeeze-excite scale), decided from the input of the chain's first layer;
+  and where a channel zeroed at the group's mask sites reaches every consumer as zero (a sigmoid or a bias
+  after the last site would not; ``fxprune.compaction.dynamic.closed_leak``). Residual streams (several
+  layers' outputs added) are not gated.
 - Cost loss (``cost_weight`` 5): ``(mean over the batch of the per-sample MACs / full - target)^2``, the
   per-sample MACs counted by fxprune's cost model with each sample's kept channels (every op's MACs times
   the kept fraction of each group it depends on, ``CostCounter.dependence``), plus the SPMs' own MACs.
@@ -25,9 +29,13 @@ fxprune's choice, each an option:
 - Statistics (``stats``): the average per-sample MACs and the static variant are measured on the
   validation data (``val_loader``; the training batches, said in the report, when there is none;
   ``stats=train``: the training batches), at most ``calibration`` batches of it.
+- Fine-tune (``finetune``, fxprune's): then the backbone alone with the SPMs frozen, the cost loss still on,
+  distilling from the model as given (``distill``): the per-sample network's own recovery.
 - On budget (``fit``, fxprune's): when the average per-sample MACs on those samples end more than 0.02
   from the target, one shift of every SPM's decision threshold (added to its last bias), found by
-  bisection, brings them to it; the report (``fit``) and a note say so.
+  bisection, brings them to it; the report (``fit``) and a note say so. A shift that costs more than 2
+  points of ``evaluate()`` (it opens channels closed for every training sample, never trained in place) is
+  undone, and said: the method's own decisions stay, off budget.
 - Static variant (the output's ``model.pt2``, a second product): ``static="budget"`` (the default) keeps the
   channels the statistics' samples keep most often, selected to the same MACs target (+- 0.02, as far as
   the gated groups reach), removed by normal compaction, and the run's recovery fine-tunes it;
@@ -65,7 +73,7 @@ from torch import nn
 from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
 from fxprune.artifacts.source import write_dynamic
-from fxprune.compaction.dynamic import Gate, dynamic_module
+from fxprune.compaction.dynamic import Gate, closed_leak, depthwise, dynamic_module
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.budget import search_budget
@@ -87,7 +95,7 @@ _CHANNELWISE = _LAYERS | frozenset(ops(
     "aten.silu_.default", "aten.sigmoid.default", "aten.hardswish.default", "aten.hardswish_.default",
     "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.dropout.default", "aten.t.default",
     "aten.leaky_relu.default", "aten.elu.default", "aten.tanh.default", "aten.mean.dim",
-    "aten.adaptive_avg_pool2d.default", "aten.max_pool2d_with_indices.default"))
+    "aten.adaptive_avg_pool2d.default", "aten.max_pool2d_with_indices.default", "aten.mul.Tensor"))
 
 
 class SPM(nn.Module):
@@ -176,23 +184,28 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
     for group in ctx.groups.prunable:
         layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
         layers.discard(None)
-        if residual_stream(ctx.groups, group) or len(layers) != 1:
-            skipped[group.id] = "not one producing layer (a residual stream or a shared channel)"
+        if residual_stream(ctx.groups, group) or not layers:
+            skipped[group.id] = "its channels add up several layers' outputs (a residual stream)"
             continue
-        layer = next(iter(layers))
-        if layer.target not in _LAYERS or any(nodes[n].op == "call_function" and nodes[n].target not in _CHANNELWISE
-                                               for n in group.nodes if n in nodes):
+        ops_in = [nodes[n] for n in group.nodes if n in nodes and nodes[n].op == "call_function"]
+        if any(layer.target not in _LAYERS for layer in layers) or any(n.target not in _CHANNELWISE for n in ops_in):
             skipped[group.id] = "its channels pass through an op that is not channel-wise (a reshape, a concat...)"
             continue
         sites = find_sites(ctx.gm, ctx.groups, group, "output", facts)
-        if sites.skipped or len(sites.activations) != 1 or \
-                len(sites.activations[0].pos) != len(group) or len(set(sites.activations[0].pos)) != len(group):
+        if sites.skipped or not all(len(s.pos) == len(group) and len(set(s.pos)) == len(group)
+                                    for s in sites.activations):
             skipped[group.id] = sites.skipped or "its channels are not one tensor axis of their own"
             continue
-        b = bind(layer)
+        leak = closed_leak(ctx.gm, set(group.nodes), {s.node for s in sites.activations}, _LAYERS)
+        if leak is not None:
+            skipped[group.id] = leak
+            continue
+        first = min(layers, key=lambda n: order[n.name])  # the chain's start: its input decides for the group
+        b = bind(first)
         x = b.get("mat1") if "mat1" in b else b.get("input")
-        candidates.append((order[layer.name], group, layer, x, sites.activations[0]))
-    for _, group, layer, x, site in sorted(candidates, key=lambda c: c[0]):
+        dw = sorted(n for n in group.nodes if n in nodes and depthwise(nodes[n]))
+        candidates.append((order[first.name], group, first, x, sites.activations, dw))
+    for _, group, layer, x, sites, dw in sorted(candidates, key=lambda c: c[0]):
         val = x.meta.get("val")
         axis = 1 if layer.target in ops("aten.conv2d.default", "aten.conv1d.default") else val.dim() - 1
         key = (x.name, 0, axis)
@@ -215,9 +228,21 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         if params is None:
             skipped[group.id] = "a tensor holds these channels with others"
             continue
-        gates[group.id] = Gate(group.id, spm(group, int(val.shape[axis]), axis), x.name, axis, input_gate, site.node,
-                               site.axis, params)
+        gates[group.id] = Gate(group.id, spm(group, int(val.shape[axis]), axis), x.name, axis, input_gate,
+                               [(s.node, s.axis) for s in sites], params, dw)
     return gates, skipped
+
+
+def _fit_cost(before: dict[str, Any] | None, after: dict[str, Any] | None, points: float = 0.02) -> str | None:
+    """What the budget fit cost, in words, when ``evaluate()``'s first metric (in [0, 1], higher is better) fell by
+    more than ``points``; None otherwise or without a metric."""
+    if not before or not after:
+        return None
+    name = next(iter(before))
+    b, a = before.get(name), after.get(name)
+    if not isinstance(b, float) or not isinstance(a, float) or not 0.0 <= b <= 1.0 or b - a <= points:
+        return None
+    return f"{name} {b:.4g} -> {a:.4g}"
 
 
 def _write_dynamic(dyn: fx.GraphModule, folder: Path) -> None:
@@ -233,7 +258,7 @@ class Sanp(Pass):
     scope = "global"
     normalize = "none"
     needs = ("train_loader",)
-    presets = {"paper": {"fit": False}}  # no code was released: the cost loss alone meets the budget
+    presets = {"paper": {"fit": False, "finetune": 0}}  # no code was released: the cost loss alone meets the budget
     tolerance = 1.0  # the pass selects the static variant itself (to the target); the average MACs are the target
 
     epochs: int = 3
@@ -242,6 +267,8 @@ class Sanp(Pass):
     temperature: float = 0.5     # gumbel
     init_bias: float = 1.0
     cost_weight: float = 5.0
+    finetune: int = 10           # fxprune's: epochs of the per-sample network with its SPMs frozen (0: none)
+    distill: bool = True         # ... distilling from the model as given
     lr: float = 0.01             # backbone: SGD, momentum 0.9, cosine
     spm_lr: float = 1e-2         # SPMs: Adam
     dynamic: bool = True         # also build the dynamic module (dynamic/ in the output folder)
@@ -262,8 +289,8 @@ class Sanp(Pass):
         if self.stats not in ("val", "train") or self.static not in ("budget", "union"):
             raise PassError(f"sanp: stats must be 'val' or 'train' and static 'budget' or 'union', got "
                             f"{self.stats!r}, {self.static!r}")
-        if self.reduction < 1 or self.epochs < 0 or self.calibration < 0:
-            raise PassError("sanp: reduction must be >= 1, epochs and calibration >= 0")
+        if self.reduction < 1 or self.epochs < 0 or self.calibration < 0 or self.finetune < 0:
+            raise PassError("sanp: reduction must be >= 1, epochs, finetune and calibration >= 0")
 
     def score(self, ctx: PassContext) -> Decision:
         with seeded(self.seed):  # the pass's own seed; the caller's random stream is put back after
@@ -287,23 +314,36 @@ class Sanp(Pass):
                         spm_macs, target, self.cost_weight)
         train_masked(masked, ctx.data, epochs=self.epochs, lr=self.lr, optimizer="sgd", loader=loader,
                      mask_lr=self.spm_lr, mask_optimizer="adam", hooks=[hook])
+        finetuned = self._finetune(ctx, masked, gates, hook, loader)
         stats, stats_on = self._stats_loader(ctx)
         frequency, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, stats)
-        fit = None
+        fit, undone = None, None
         if self.fit and not on_budget(float(np.mean(per_sample)), target):
-            fit, frequency, per_sample = self._fit(ctx, masked, gates, counter, spm_macs, stats, target,
-                                                   float(np.mean(per_sample)))
+            before = trained_metrics(masked, ctx.data)
+            biases = {gid: g.spm.fc2.bias.detach().clone() for gid, g in gates.items()}
+            fit, fitted, fitted_samples = self._fit(ctx, masked, gates, counter, spm_macs, stats, target,
+                                                    float(np.mean(per_sample)))
+            if (cost := _fit_cost(before, trained_metrics(masked, ctx.data))) is None:
+                frequency, per_sample = fitted, fitted_samples
+            else:  # a channel closed for every training sample has never trained in its place: opening it can wreck
+                with torch.no_grad():
+                    for gid, g in gates.items():
+                        g.spm.fc2.bias.copy_(biases[gid])
+                undone = cost
+                warnings.warn(f"fxprune: sanp: the budget fit's threshold shift cost {cost}; the method's own "
+                              f"decisions are kept, at {float(np.mean(per_sample)):.3f} of the MACs (target "
+                              f"{target:.3f}): train longer (--opt epochs=N) or ask for that target", stacklevel=2)
         weights = masked.state()
         removed, static_macs = self._static(ctx, counter, frequency, target)
         report: dict[str, Any] = {
             "target_macs": target, "gated_groups": len(gates), "skipped": skipped, "stats_on": stats_on,
-            "fit": fit.report() if fit is not None else {"ran": False}, "static": self.static,
+            "fit": {**fit.report(), "undone": undone} if fit is not None else {"ran": False}, "static": self.static,
             "static_macs": static_macs,
             "average_macs": float(np.mean(per_sample)), "per_sample_macs": {
                 "min": float(np.min(per_sample)), "p10": float(np.quantile(per_sample, 0.1)),
                 "median": float(np.median(per_sample)), "p90": float(np.quantile(per_sample, 0.9)),
                 "max": float(np.max(per_sample))},
-            "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history,
+            "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history, "finetune": finetuned,
             "histograms": {"per_sample_macs": {"before": [], "after": per_sample.tolist(),
                                                "threshold": target, "xlabel": "MACs kept per sample"}}}
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
@@ -315,6 +355,32 @@ class Sanp(Pass):
         report["latency_ms_batch1"] = self._latencies(ctx, dyn, removed, weights)
         return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn}, product=dyn,
                         artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
+
+    def _finetune(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], hook: SanpHook,
+                  loader: Iterable[Any]) -> list[float]:
+        """fxprune's: the per-sample network fine-tuned with its SPMs frozen (``finetune`` epochs, the backbone's
+        ``lr``), the cost loss still on (the decisions move with the backbone's activations; its gradient through
+        them holds the average MACs at the target), distilling from the model as given (``distill``). Returns
+        each epoch's average MACs on the training batches."""
+        if self.finetune <= 0:
+            return []
+        searched = len(hook.history)
+        from fxprune.recovery import DistillHook
+        from fxprune.state import device_of_module
+
+        teacher = ctx.model
+        restore = (device_of_module(teacher), teacher.training)
+        for gate in gates.values():
+            gate.spm.requires_grad_(False)
+        try:
+            train_masked(masked, ctx.data, epochs=self.finetune, lr=self.lr, optimizer="sgd", loader=loader,
+                         mask_lr=0.0, masks=[], hooks=[hook, *([DistillHook(teacher)] if self.distill else [])])
+        finally:
+            teacher.to(restore[0]).train(restore[1])
+            for gate in gates.values():
+                gate.spm.requires_grad_(True)
+        finetuned, hook.history = hook.history[searched:], hook.history[:searched]
+        return finetuned
 
     @staticmethod
     def _check_reachable(ctx: PassContext, counter: CostCounter, gates: dict[int, Gate], skipped: dict[int, str],
