@@ -185,7 +185,8 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
         layers.discard(None)
         if residual_stream(ctx.groups, group) or not layers:
-            skipped[group.id] = "its channels add up several layers' outputs (a residual stream)"
+            skipped[group.id] = ("its channels add up several layers' outputs (a residual stream)" if layers else
+                                 "no layer writes its channels")
             continue
         ops_in = [nodes[n] for n in group.nodes if n in nodes and nodes[n].op == "call_function"]
         if any(layer.target not in _LAYERS for layer in layers) or any(n.target not in _CHANNELWISE for n in ops_in):
