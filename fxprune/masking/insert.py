@@ -46,7 +46,7 @@ from fxprune.edits.blocks import DEPTH_PREFIX, Block, depth_masks
 
 from .apply import ApplyMasks, ApplyTransform, MaskedBatchNorm, Multiplier
 from .fold import Folded, fold
-from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites
+from .sites import MASKS, SITES, GraphFacts, GroupSites, Site, find_sites, first_producer
 
 if TYPE_CHECKING:
     from fxprune.compaction.emit import GraphEdit
@@ -283,24 +283,6 @@ class _Insert:
         graph.erase_node(node)
 
 
-def _producer_input(gm: fx.GraphModule, group: Group, facts: GraphFacts) -> str | None:
-    """The input node of the group's first producing layer in graph order (None when it has none): a group
-    written by a chain (a conv, then its depthwise conv, then squeeze-excite's scale) is decided where the chain
-    starts."""
-    from fxprune.analysis.schema import bind
-
-    from .sites import layer_of
-
-    layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
-    layers.discard(None)
-    if not layers:
-        return None
-    layer = min(layers, key=lambda n: facts.order[n])
-    b = bind(layer)
-    x = b.get("mat1") if "mat1" in b else b.get("input")  # addmm(bias, input, weight^T) names its input mat1
-    return x.name if isinstance(x, fx.Node) else None
-
-
 def _each_channel_once(site: Site, channels: int) -> bool:
     return len(site.pos) == channels and len(np.unique(site.pos)) == channels
 
@@ -341,11 +323,11 @@ def insert_masks(gm: fx.GraphModule, groups: ChannelGroups, factory: MaskFactory
                                                          for s in chosen[gid].activations):
             why = "a channel map needs every masked tensor to hold each channel once (not heads)"
         elif getattr(mask, "reads_input", False):
-            source = _producer_input(gm, groups[gid], facts)
-            if source is None:
+            first = first_producer(groups[gid], facts)
+            if first is None or first[1] is None:
                 why = "a mask that reads the layer's input needs a producing layer"
             else:
-                reads[gid] = source
+                reads[gid] = first[1].name
         if why is not None:
             skipped[gid] = why
             del masks[gid], chosen[gid]

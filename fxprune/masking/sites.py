@@ -39,7 +39,8 @@ from fxprune.analysis.rules.norm import DIRECTION
 from fxprune.analysis.schema import bind
 from fxprune.state import named_tensors
 
-__all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "is_norm", "layer_of", "PLACEMENTS", "MASKS", "SITES"]
+__all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "is_norm", "layer_of", "producer_layers", "first_producer",
+           "PLACEMENTS", "MASKS", "SITES"]
 
 PLACEMENTS = ("output", "prenorm")
 MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"  # where a masked graph keeps its masks and what applies them
@@ -97,6 +98,26 @@ def layer_of(attr: fx.Node) -> fx.Node | None:
         if node.target not in _VIEWS and not _applies_mask(node):
             return node
     return None
+
+
+def producer_layers(group: Group, facts: GraphFacts) -> set[fx.Node]:
+    """The layers (conv / linear / matmul nodes) that use the group's producer weights."""
+    layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
+    layers.discard(None)
+    return layers  # type: ignore[return-value]
+
+
+def first_producer(group: Group, facts: GraphFacts) -> tuple[fx.Node, fx.Node | None] | None:
+    """The group's first producing layer in graph order and that layer's input node (None when it is not a node),
+    or None when no layer writes the group: a group written by a chain (a conv, then its depthwise conv, then
+    squeeze-excite's scale) is decided where the chain starts."""
+    layers = producer_layers(group, facts)
+    if not layers:
+        return None
+    layer = min(layers, key=lambda n: facts.order[n])
+    b = bind(layer)
+    x = b.get("mat1") if "mat1" in b else b.get("input")  # addmm(bias, input, weight^T) names its input mat1
+    return layer, x if isinstance(x, fx.Node) else None
 
 
 def _applies_mask(node: fx.Node) -> bool:

@@ -56,6 +56,7 @@ This file is the method; the dynamic module's emitter is ``fxprune.compaction.dy
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections import Counter
@@ -73,7 +74,7 @@ from torch import nn
 from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
 from fxprune.artifacts.source import write_dynamic
-from fxprune.compaction.dynamic import Gate, closed_leak, depthwise, dynamic_module
+from fxprune.compaction.dynamic import ANY_ZERO, KEEPS_ZERO, Gate, closed_leak, depthwise, dynamic_module
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.budget import search_budget
@@ -89,13 +90,12 @@ __all__ = ["Sanp", "SPM", "SanpHook"]
 
 aten = torch.ops.aten
 _LAYERS = frozenset(ops("aten.conv2d.default", "aten.conv1d.default", "aten.linear.default", "aten.addmm.default"))
-_CHANNELWISE = _LAYERS | frozenset(ops(
-    "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default", "aten.relu.default",
-    "aten.relu_.default", "aten.hardtanh.default", "aten.hardtanh_.default", "aten.gelu.default", "aten.silu.default",
-    "aten.silu_.default", "aten.sigmoid.default", "aten.hardswish.default", "aten.hardswish_.default",
-    "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.dropout.default", "aten.t.default",
-    "aten.leaky_relu.default", "aten.elu.default", "aten.tanh.default", "aten.mean.dim",
-    "aten.adaptive_avg_pool2d.default", "aten.max_pool2d_with_indices.default", "aten.mul.Tensor"))
+# ops a gated group's channels may pass: the layers, ops that keep a closed channel at zero (the exactness rule's
+# tables), per-channel BatchNorm, and ops that make a value of a closed channel (closed_leak refuses those where the
+# value reaches a consumer)
+_CHANNELWISE = _LAYERS | KEEPS_ZERO | ANY_ZERO | frozenset(ops(
+    "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default", "aten.sigmoid.default",
+    "aten.t.default"))
 
 
 class SPM(nn.Module):
@@ -172,18 +172,15 @@ class SanpHook(Hook):
 
 def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
     """The groups SANP gates, in graph order, with why the others are not."""
-    from fxprune.analysis.schema import bind
-    from fxprune.masking.sites import GraphFacts, find_sites, layer_of
+    from fxprune.masking.sites import GraphFacts, find_sites, first_producer, producer_layers
 
     facts = GraphFacts(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
     gates: dict[int, Gate] = {}
     skipped: dict[int, str] = {}
-    order = {n.name: i for i, n in enumerate(ctx.gm.graph.nodes)}
     candidates = []
     for group in ctx.groups.prunable:
-        layers = {layer_of(a) for p in group.params if p.role == "producer" for a in facts.attrs.get(p.name, [])}
-        layers.discard(None)
+        layers = producer_layers(group, facts)
         if residual_stream(ctx.groups, group) or not layers:
             skipped[group.id] = ("its channels add up several layers' outputs (a residual stream)" if layers else
                                  "no layer writes its channels")
@@ -201,11 +198,12 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         if leak is not None:
             skipped[group.id] = leak
             continue
-        first = min(layers, key=lambda n: order[n.name])  # the chain's start: its input decides for the group
-        b = bind(first)
-        x = b.get("mat1") if "mat1" in b else b.get("input")
+        first, x = first_producer(group, facts)  # type: ignore[misc]  # the chain's start decides for the group
+        if x is None:
+            skipped[group.id] = "its first layer's input is not a tensor of the graph"
+            continue
         dw = sorted(n for n in group.nodes if n in nodes and depthwise(nodes[n]))
-        candidates.append((order[first.name], group, first, x, sites.activations, dw))
+        candidates.append((facts.order[first], group, first, x, sites.activations, dw))
     for _, group, layer, x, sites, dw in sorted(candidates, key=lambda c: c[0]):
         val = x.meta.get("val")
         axis = 1 if layer.target in ops("aten.conv2d.default", "aten.conv1d.default") else val.dim() - 1
@@ -232,6 +230,19 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         gates[group.id] = Gate(group.id, spm(group, int(val.shape[axis]), axis), x.name, axis, input_gate,
                                [(s.node, s.axis) for s in sites], params, dw)
     return gates, skipped
+
+
+def _biases(gates: dict[int, Gate]) -> dict[int, torch.Tensor]:
+    """Every SPM's decision bias (its last layer's), a copy to shift from or put back."""
+    return {gid: g.spm.fc2.bias.detach().clone() for gid, g in gates.items()}
+
+
+def _shift(gates: dict[int, Gate], biases: dict[int, torch.Tensor], delta: float = 0.0) -> None:
+    """Every SPM's decision threshold moved by ``delta`` from ``biases`` (more keeps more channels; 0 puts them
+    back)."""
+    with torch.no_grad():
+        for gid, g in gates.items():
+            g.spm.fc2.bias.copy_(biases[gid] + delta)
 
 
 def _fit_cost(before: dict[str, Any] | None, after: dict[str, Any] | None, points: float = 0.02) -> str | None:
@@ -321,15 +332,13 @@ class Sanp(Pass):
         fit, undone = None, None
         if self.fit and not on_budget(float(np.mean(per_sample)), target):
             before = trained_metrics(masked, ctx.data)
-            biases = {gid: g.spm.fc2.bias.detach().clone() for gid, g in gates.items()}
+            biases = _biases(gates)
             fit, fitted, fitted_samples = self._fit(ctx, masked, gates, counter, spm_macs, stats, target,
                                                     float(np.mean(per_sample)))
             if (cost := _fit_cost(before, trained_metrics(masked, ctx.data))) is None:
                 frequency, per_sample = fitted, fitted_samples
             else:  # a channel closed for every training sample has never trained in its place: opening it can wreck
-                with torch.no_grad():
-                    for gid, g in gates.items():
-                        g.spm.fc2.bias.copy_(biases[gid])
+                _shift(gates, biases)
                 undone = cost
                 warnings.warn(f"fxprune: sanp: the budget fit's threshold shift cost {cost}; the method's own "
                               f"decisions are kept, at {float(np.mean(per_sample)):.3f} of the MACs (target "
@@ -367,17 +376,15 @@ class Sanp(Pass):
             return []
         searched = len(hook.history)
         from fxprune.recovery import DistillHook
-        from fxprune.state import device_of_module
 
-        teacher = ctx.model
-        restore = (device_of_module(teacher), teacher.training)
+        kd = DistillHook(ctx.model) if self.distill else None
         for gate in gates.values():
             gate.spm.requires_grad_(False)
         try:
-            train_masked(masked, ctx.data, epochs=self.finetune, lr=self.lr, optimizer="sgd", loader=loader,
-                         mask_lr=0.0, masks=[], hooks=[hook, *([DistillHook(teacher)] if self.distill else [])])
+            with kd or contextlib.nullcontext():
+                train_masked(masked, ctx.data, epochs=self.finetune, lr=self.lr, optimizer="sgd", loader=loader,
+                             mask_lr=0.0, masks=[], hooks=[hook, *([kd] if kd is not None else [])])
         finally:
-            teacher.to(restore[0]).train(restore[1])
             for gate in gates.values():
                 gate.spm.requires_grad_(True)
         finetuned, hook.history = hook.history[searched:], hook.history[:searched]
@@ -416,12 +423,10 @@ class Sanp(Pass):
         last layer's bias), found by bisection, that brings the average per-sample MACs on the statistics' samples
         within ``BUDGET_TOLERANCE`` of the target (the closest one found when none does)."""
         lo, hi = -20.0, 20.0  # more shift keeps more channels
-        biases = {gid: g.spm.fc2.bias.detach().clone() for gid, g in gates.items()}
+        biases = _biases(gates)
 
         def measured(delta: float) -> tuple[float, dict[int, np.ndarray], np.ndarray]:
-            with torch.no_grad():
-                for gid, g in gates.items():
-                    g.spm.fc2.bias.copy_(biases[gid] + delta)
+            _shift(gates, biases, delta)
             frequency, per_sample = self._calibrate(ctx, masked, gates, counter, spm_macs, stats)
             return float(np.mean(per_sample)), frequency, per_sample
 

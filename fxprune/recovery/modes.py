@@ -17,6 +17,7 @@ masked full-size model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable
@@ -73,7 +74,8 @@ class DistillHook(Hook):
     The engine's objective is ``task_loss + sum of hook terms``; this hook's term is
     ``alpha * T^2 * KL - alpha * task_loss``, so the total is exactly
     ``(1 - alpha) * task_loss + alpha * T^2 * KL``. The teacher runs in eval mode without gradients
-    on the same batch (``state.inputs``); the caller puts it on the training device.
+    on the same batch (``state.inputs``), on the training device. Used as a context manager around the
+    training, it puts the teacher back where it was, in the mode it was in, when the training ends.
     """
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
@@ -82,6 +84,17 @@ class DistillHook(Hook):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+        self._restore: tuple[torch.device, bool] | None = None
+
+    def __enter__(self) -> DistillHook:
+        self._restore = (device_of_module(self.teacher), self.teacher.training)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._restore is not None:
+            device, training = self._restore
+            self.teacher.to(device).train(training)
+            self._restore = None
 
     def before_epoch(self, state: TrainState) -> None:
         self.teacher.to(state.device).eval()  # the engine picks the device (cuda:LOCAL_RANK under torchrun)
@@ -254,14 +267,7 @@ def recover(module: nn.Module, *, mode: str, original: nn.Module | None = None, 
     if mode != "finetune":
         reinitialize(module)  # (a resumed run then loads its checkpoint's weights over these)
     hooks = list(train_options.pop("hooks", ()))
-    restore: tuple[nn.Module, torch.device, bool] | None = None
-    if distill:
-        assert original is not None
-        restore = (original, device_of_module(original), original.training)
-        hooks.append(DistillHook(original, temperature, alpha))
-    try:
-        return train(module, train_loader, loss, epochs, evaluate=evaluate, hooks=hooks, **train_options)
-    finally:
-        if restore is not None:
-            teacher, device, training = restore
-            teacher.to(device).train(training)
+    kd = DistillHook(original, temperature, alpha) if distill and original is not None else None
+    with kd or contextlib.nullcontext():
+        return train(module, train_loader, loss, epochs, evaluate=evaluate, hooks=[*hooks, *([kd] if kd else [])],
+                     **train_options)
