@@ -404,13 +404,37 @@ def test_the_per_sample_network_is_fine_tuned_with_its_decisions_frozen() -> Non
                            train_loader=_data())
     tensors = dict(result.module.named_buffers()) | dict(result.module.named_parameters())
     spm_bias = [v for k, v in tensors.items() if k.startswith("fxprune_spm") and k.endswith("fc2.bias")]
-    assert spm_bias and all(torch.equal(b, torch.ones_like(b)) for b in spm_bias)  # init_bias, untouched
+    # init_bias 1, moved only by the threshold controller: the same shift for every SPM, in the report
+    shift = result.report["steered"]
+    assert shift != 0 and spm_bias and all(torch.allclose(b, torch.full_like(b, 1 + shift)) for b in spm_bias)
     assert not torch.equal(tensors["conv2.weight"], before["conv2.weight"])  # the backbone trained
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not model.training
     assert result.report["search"] == [] and len(result.report["finetune"]) == 1  # the cost loss still on
     paper = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.7),
                           options={"epochs": 0, "preset": "paper", "latency_samples": 2}, train_loader=_data())
     assert paper.report["finetune"] == []
+
+
+def test_the_fine_tunes_threshold_controller_lands_the_average_macs_on_the_target() -> None:
+    """No joint phase (every SPM at its init bias: nearly every channel open), then the fine-tune: the controller
+    alone brings the average MACs of the training batches, and of the validation samples, to the target; the
+    gain halves at each overshoot, so decisions that flip together settle. ``steer=0`` leaves them where they
+    were."""
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    for target in (0.45, 0.7):
+        result = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=target),
+                               options={"epochs": 0, "finetune": 4, "fit": False, "distill": False,
+                                        "latency_samples": 2},
+                               train_loader=_data(8), val_loader=_data(8))  # validation = training batches
+        report = result.report
+        assert report["fit"] == {"ran": False} and report["steered"] < 0
+        assert abs(report["finetune"][-1] - target) <= 0.05, report["finetune"]
+        assert abs(report["average_macs"] - target) <= 0.05, report["average_macs"]
+    off = fxprune.prune(model, (x,), "sanp", budget=fxprune.Budget(target_macs=0.45),
+                        options={"epochs": 0, "finetune": 1, "fit": False, "steer": 0, "latency_samples": 2},
+                        train_loader=_data(8))
+    assert off.report["steered"] == 0 and off.report["average_macs"] > 0.9
 
 
 def test_a_budget_fit_that_wrecks_the_per_sample_network_is_undone_and_said() -> None:

@@ -170,15 +170,19 @@ class Pass:
             raise PassError(f"pass {cls.name!r} has no preset {name!r}; its presets: {known}")
         return cls(**{**cls.presets.get(name, {}), **options, "preset": name})
 
+    def _preset_recovery(self) -> Mapping[str, Any]:
+        """The recovery this pass's preset (its ``preset`` option, if any) asks for: {} when none."""
+        return self.preset_recovery.get(getattr(self, "preset", ""), {})
+
     def own_recovery(self) -> str | None:
         """The recovery mode this pass's result gets when the caller names none: its preset's, else
         ``default_recovery`` (None: finetune)."""
-        return self.preset_recovery.get(getattr(self, "preset", ""), {}).get("mode", self.default_recovery)
+        return self._preset_recovery().get("mode", self.default_recovery)
 
     def own_distill(self) -> bool:
         """Whether that recovery distils from the unpruned model when the caller does not say: the preset's
         choice, else ``default_distill``."""
-        return bool(self.preset_recovery.get(getattr(self, "preset", ""), {}).get("distill", self.default_distill))
+        return bool(self._preset_recovery().get("distill", self.default_distill))
 
     def prepare(self, ctx: PassContext) -> PassContext | None:
         """Optionally prune a different model than the user's: return ``ctx.prepared(gm, groups, model)``, a

@@ -30,7 +30,9 @@ fxprune's choice, each an option:
   validation data (``val_loader``; the training batches, said in the report, when there is none;
   ``stats=train``: the training batches), at most ``calibration`` batches of it.
 - Fine-tune (``finetune``, fxprune's): then the backbone alone with the SPMs frozen, the cost loss still on,
-  distilling from the model as given (``distill``): the per-sample network's own recovery.
+  distilling from the model as given (``distill``): the per-sample network's own recovery. A threshold
+  controller (``steer``, :class:`SanpHook`) holds the average MACs on the target meanwhile, so the channels it
+  opens or closes train in place.
 - On budget (``fit``, fxprune's): when the average per-sample MACs on those samples end more than 0.02
   from the target, one shift of every SPM's decision threshold (added to its last bias), found by
   bisection, brings them to it; the report (``fit``) and a note say so. A shift that costs more than 2
@@ -137,13 +139,20 @@ class SPM(nn.Module):
 
 
 class SanpHook(Hook):
-    """The cost loss: (mean per-sample MACs / full - target)^2, weighted."""
+    """The cost loss: (mean per-sample MACs / full - target)^2, weighted. With ``steer`` > 0 (fxprune's fine-tune
+    of the per-sample network, whose SPMs are frozen), also a controller on the decisions' threshold: after each
+    step every SPM's decision bias moves by ``gain * (target - the batch's mean MACs)``, so the average MACs
+    settle on the target while the backbone trains in the channels that opens or closes. The gain starts at
+    ``steer`` and halves each time the error changes sign (down to ``steer / 32``), so decisions that flip all at
+    once (logits close together) converge instead of swinging."""
 
     def __init__(self, spms: dict[int, SPM], dependence: dict[str, dict[int, float]], full_nodes: dict[str, int],
                  extra: int, target: float, weight: float) -> None:
         self.spms, self.dependence, self.full_nodes, self.extra = spms, dependence, full_nodes, extra
         self.full = sum(full_nodes.values())
         self.target, self.weight = target, weight
+        self.steer, self.shifted = 0.0, 0.0  # the controller's gain, and the threshold shift it has applied
+        self._gain, self._error = 0.0, 0.0
         self.history: list[float] = []
 
     def fraction(self) -> torch.Tensor:
@@ -168,6 +177,21 @@ class SanpHook(Hook):
         frac = self.fraction().mean()
         self._epoch.append(float(frac.detach()))
         return self.weight * (frac - self.target) ** 2
+
+    def after_step(self, state: TrainState) -> None:
+        if not self.steer or not self._epoch:
+            return
+        error = self.target - self._epoch[-1]
+        if not self._gain:
+            self._gain = self.steer
+        elif error * self._error < 0:
+            self._gain = max(self._gain / 2, self.steer / 32)
+        self._error = error
+        delta = self._gain * error
+        self.shifted += delta
+        with torch.no_grad():
+            for spm in self.spms.values():
+                spm.fc2.bias.add_(delta)
 
 
 def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
@@ -279,7 +303,8 @@ class Sanp(Pass):
     temperature: float = 0.5     # gumbel
     init_bias: float = 1.0
     cost_weight: float = 5.0
-    finetune: int = 10           # fxprune's: epochs of the per-sample network with its SPMs frozen (0: none)
+    finetune: int = 20           # fxprune's: epochs of the per-sample network with its SPMs frozen (0: none)
+    steer: float = 5.0           # ... its threshold controller's gain (see SanpHook; 0: the cost loss alone)
     distill: bool = True         # ... distilling from the model as given
     lr: float = 0.01             # backbone: SGD, momentum 0.9, cosine
     spm_lr: float = 1e-2         # SPMs: Adam
@@ -354,6 +379,7 @@ class Sanp(Pass):
                 "median": float(np.median(per_sample)), "p90": float(np.quantile(per_sample, 0.9)),
                 "max": float(np.max(per_sample))},
             "spm_macs": spm_macs / max(sum(full_nodes.values()), 1), "search": hook.history, "finetune": finetuned,
+            "steered": hook.shifted,
             "histograms": {"per_sample_macs": {"before": [], "after": per_sample.tolist(),
                                                "threshold": target, "xlabel": "MACs kept per sample"}}}
         if (metrics := trained_metrics(masked, ctx.data)) is not None:
@@ -369,9 +395,9 @@ class Sanp(Pass):
     def _finetune(self, ctx: PassContext, masked: Any, gates: dict[int, Gate], hook: SanpHook,
                   loader: Iterable[Any]) -> list[float]:
         """fxprune's: the per-sample network fine-tuned with its SPMs frozen (``finetune`` epochs, the backbone's
-        ``lr``), the cost loss still on (the decisions move with the backbone's activations; its gradient through
-        them holds the average MACs at the target), distilling from the model as given (``distill``). Returns
-        each epoch's average MACs on the training batches."""
+        ``lr``), the cost loss still on (the decisions move with the backbone's activations) and the threshold
+        controller (``steer``) holding the average MACs at the target, distilling from the model as given
+        (``distill``). Returns each epoch's average MACs on the training batches."""
         if self.finetune <= 0:
             return []
         searched = len(hook.history)
@@ -380,11 +406,13 @@ class Sanp(Pass):
         kd = DistillHook(ctx.model) if self.distill else None
         for gate in gates.values():
             gate.spm.requires_grad_(False)
+        hook.steer = self.steer
         try:
             with kd or contextlib.nullcontext():
                 train_masked(masked, ctx.data, epochs=self.finetune, lr=self.lr, optimizer="sgd", loader=loader,
                              mask_lr=0.0, masks=[], hooks=[hook, *([kd] if kd is not None else [])])
         finally:
+            hook.steer = 0.0
             for gate in gates.values():
                 gate.spm.requires_grad_(True)
         finetuned, hook.history = hook.history[searched:], hook.history[:searched]
