@@ -334,6 +334,26 @@ def _randomised(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def test_first_producer_is_the_chain_start_in_graph_order() -> None:
+    """``fxprune.masking.sites.first_producer``: the hidden group is written by expand, dw and se2, and is decided
+    where the chain starts (expand, reading the block's input); the residual stream's first writer is the stem,
+    reading the image."""
+    from fxprune.masking.sites import GraphFacts, first_producer, producer_layers
+
+    model = _randomised(Inverted())
+    gm = trace(model, (torch.randn(2, 3, 8, 8),))
+    groups, facts = analyze(gm), GraphFacts(gm)
+    hidden = next(g for g in groups.prunable if set(g.layers("producer")) == {"expand", "dw", "se2"})
+    stream = next(g for g in groups.prunable if "stem" in g.layers("producer"))
+    assert len(producer_layers(hidden, facts)) == 3
+    layer, x = first_producer(hidden, facts)
+    assert facts.order[layer] == min(facts.order[n] for n in producer_layers(hidden, facts))
+    assert layer.args[1].op == "get_attr" and layer.args[1].target == "expand.weight"
+    assert x is layer.args[0] and x.target is torch.ops.aten.relu.default  # the block's input: relu(bn0(stem(.)))
+    layer, x = first_producer(stream, facts)
+    assert x.op == "placeholder"
+
+
 def test_an_inverted_residual_chain_is_gated_as_one_group_and_its_dynamic_module_is_exact() -> None:
     torch.manual_seed(1)
     model = _randomised(Inverted())
