@@ -25,8 +25,7 @@ def commands() -> list[str]:
 
 
 def shortened(argv: list[str]) -> list[str]:
-    """The command with its recovery and the pass's own epochs cut to one (sanp: its fine-tune epochs too, and its
-    latency samples to 2)."""
+    """The command with its recovery and the pass's own epochs cut to one (and sanp's latency samples to 2)."""
     out, i = [], 0
     while i < len(argv):
         if argv[i] == "--epochs":
@@ -41,8 +40,6 @@ def shortened(argv: list[str]) -> list[str]:
     fields = set(getattr(load_pass(argv[argv.index("--pass") + 1]), "__dataclass_fields__", {}))
     if "epochs" in fields:
         out += ["--opt", "epochs=1"]
-    if "finetune" in fields:  # sanp's own second phase
-        out += ["--opt", "finetune=1"]
     if "latency_samples" in fields:  # sanp's report times batch-1 inputs: a measurement, not the recipe
         out += ["--opt", "latency_samples=2"]
     return out
