@@ -83,3 +83,17 @@ def test_slimming_learns_scales_where_no_batchnorm_is(name: str) -> None:
         want, got = trained(*inputs).logits, res.module(*inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     _no_masks_left(res.module)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_slimming_ranks_untrained_scales_by_their_filters(name: str) -> None:
+    """The learned scales all start equal, so at the first selection the producing filters rank the channels
+    (the score ``train=false`` gives), not the order the channels come in: a tie there let the adaptive
+    schedule zero whichever channels came first (3 of the 4 heads of a ViT's first layers)."""
+    model, inputs, data, loss = MODELS[name]()
+    start = fxprune.prune(model, inputs, "slimming", 0.4, options={"epochs": 0}, train_loader=data, loss=loss)
+    given = fxprune.prune(model, inputs, "slimming", 0.4, options={"train": False}, train_loader=data, loss=loss)
+    assert set(start.scores) == set(given.scores)
+    for gid, scores in given.scores.items():
+        np.testing.assert_allclose(start.scores[gid], scores, rtol=1e-6)
+    assert all(np.ptp(v) > 0 for v in start.scores.values() if len(v) > 1)
