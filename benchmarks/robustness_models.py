@@ -208,6 +208,11 @@ def model() -> nn.Module:
     return net.eval()
 
 
+def train_epochs() -> int:
+    """How long model() trains: the length Scratch-E retrains for, and Scratch-B x the MACs removed."""
+    return EPOCHS[arch()]
+
+
 def example_inputs() -> tuple[torch.Tensor]:
     return (_digits(SIZE[arch()])[2][:2],)
 

@@ -249,6 +249,24 @@ def test_run_recovers_by_default_when_the_file_can_train(tmp_path):
     assert both.exit_code == 2 and "contradict" in both.output and not (tmp_path / "out3").exists()
 
 
+def test_scratch_recoveries_retrain_for_the_declared_training_length(tmp_path):
+    """Scratch-E retrains as long as the model file says model() was trained, Scratch-B that long x the MACs
+    removed; without the declaration the default recovery's epochs stand in for it, and a note says which."""
+    declared = _write(tmp_path, "declared.py", TINY + "\n\ntrain_epochs = 3\n")
+    e = json.loads(_invoke("run", declared, "--ratio", "0.5", "--recover", "scratch-e", "--out", tmp_path / "e",
+                           "--json").stdout)
+    assert e["finetune"]["mode"] == "scratch-e" and e["finetune"]["epochs"] == 3
+    assert any("train_epochs = 3 in the model file" in n for n in e["notes"])
+    b = json.loads(_invoke("run", declared, "--ratio", "0.5", "--recover", "scratch-b", "--out", tmp_path / "b",
+                           "--json").stdout)
+    assert b["finetune"]["epochs"] == round(3 * b["before"]["macs"] / b["after"]["macs"]) > 3
+    plain = _write(tmp_path, "plain.py", TINY)
+    p = json.loads(_invoke("run", plain, "--ratio", "0.5", "--recover", "scratch-e", "--out", tmp_path / "p",
+                           "--json").stdout)
+    assert p["finetune"]["epochs"] == 10
+    assert any("does not say how long model() was trained" in n for n in p["notes"])
+
+
 def test_a_large_drop_without_recovery_says_how_to_recover(tmp_path):
     no_train = _write(tmp_path, "no_train.py", TINY.replace("def train_loader", "def _train_loader")
                       + "\n\ndef evaluate(m):\n    return {'accuracy': 0.9 if dict(m.named_parameters())"
@@ -422,6 +440,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
     raises = _write(tmp, "raises.py", TINY.replace("    torch.manual_seed(0)\n",
                                                    "    raise ValueError('no weights')\n"))
     bad_metrics = _write(tmp, "bad_metrics.py", TINY + "\n\ndef evaluate(m):\n    return 'good'\n")
+    bad_epochs = _write(tmp, "bad_epochs.py", TINY + "\n\ntrain_epochs = 0\n")
     existing = tmp / "existing"
     existing.mkdir()
     hf_folder = tmp / "hf"
@@ -443,6 +462,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
         "existing out": (["run", tiny, "--out", existing], "already exists; pass --force"),
         "model() raises": (["run", raises], "model() in " + str(raises) + " raised ValueError: no weights"),
         "evaluate() wrong type": (["run", bad_metrics], "evaluate() in " + str(bad_metrics) + " returned 'good'"),
+        "train_epochs < 1": (["run", bad_epochs], "train_epochs in " + str(bad_epochs) + " is 0; expected"),
         "bench elsewhere": (["bench", tmp / "nowhere"], "not an fxprune output folder"),
         "latency target > 1": (["run", tiny, "--target-latency", "1.5"], "--target-latency is the fraction to keep"),
         "two targets": (["run", tiny, "--target-latency", "0.5", "--target-macs", "0.5"],
@@ -454,7 +474,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
 
 BAD_INPUT = ["missing file", "no model()", "untraceable", "untraceable, graph target", "ratio 1", "ratio < 0",
              "unknown pass", "unknown option", "malformed option", "no train_loader", "existing out", "model() raises",
-             "evaluate() wrong type", "bench elsewhere", "latency target > 1", "two targets",
+             "evaluate() wrong type", "train_epochs < 1", "bench elsewhere", "latency target > 1", "two targets",
              "latency target, folder"]
 
 

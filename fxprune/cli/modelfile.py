@@ -8,6 +8,8 @@
     evaluate(model)    -> dict[str, float], e.g. {"accuracy": 0.97}   optional
     dynamic_shapes()   -> torch.export dynamic_shapes for example_inputs   optional (default: every axis the
                           model runs at with a second size stays free)
+    train_epochs       = N (or train_epochs() -> int): how many epochs model() was trained       optional
+                          (the length the scratch recoveries retrain for; default: the recovery's epochs)
 
 The file is imported with importlib as it is (never edited); its folder is put on ``sys.path`` while
 it imports, so it can import its neighbours.
@@ -35,6 +37,7 @@ CONTRACT: dict[str, str] = {
     "evaluate": "def evaluate(model) -> dict[str, float], e.g. {'accuracy': 0.97}",
     "dynamic_shapes": "def dynamic_shapes() -> torch.export's dynamic_shapes for example_inputs(), e.g. "
                       "({0: Dim.AUTO, 1: Dim('seq', max=2048)},)",
+    "train_epochs": "train_epochs = N (or def train_epochs() -> int): how many epochs model() was trained for",
 }
 
 
@@ -117,6 +120,19 @@ class ModelFile:
         if value is not None and value is not False and not isinstance(value, (tuple, list, dict)):
             raise ModelFileError(f"dynamic_shapes() in {self.path} returned {type(value).__name__}; "
                                  f"expected {CONTRACT['dynamic_shapes']}")
+        return value
+
+    def train_epochs(self) -> int | None:
+        """How many epochs ``model()`` was trained for (``train_epochs = N`` or a function returning it), or None
+        when the file does not say: Scratch-E retrains that long, Scratch-B that long x the MACs removed."""
+        value = self.get("train_epochs")
+        if value is None:
+            return None
+        if callable(value):
+            value = self.call("train_epochs")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelFileError(f"train_epochs in {self.path} is {value!r}; expected {CONTRACT['train_epochs']} "
+                                 "(a whole number >= 1)")
         return value
 
     def loss(self) -> Callable[[Any, Any], Any] | None:

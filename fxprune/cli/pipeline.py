@@ -38,6 +38,7 @@ from .workfolder import resumable
 
 __all__ = ["run", "model_file_data", "default_epochs"]
 
+SCRATCH = ("scratch-e", "scratch-b")  # the recoveries that re-initialise, whose epochs stand for the original training
 DEFAULT_STEPS = 250  # recovery without --epochs: about this many optimiser steps (1 to 10 epochs)
 
 
@@ -94,13 +95,28 @@ def _recovery_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Fe
         return 0
     if getattr(the_pass, "recovery_epochs", None) is not None:
         return int(the_pass.recovery_epochs)
+    if cfg.recover in SCRATCH:
+        return _scratch_epochs(cfg, mf, data, fb, notes)
     epochs = default_epochs(data["train_loader"])
     note(fb, notes, f"recovering with {cfg.recover} for {epochs} epoch{'s' * (epochs > 1)} (the default when the "
                      "model file defines train_loader(); --epochs N sets it, --no-recover turns it off)")
     return epochs
 
 
-# a latency target that keeps less than this fraction of its own value in MACs is overhead-bound (the note says so)
+def _scratch_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Feedback, notes: list[str]) -> int:
+    """The original training's length, which Scratch-E retrains for and Scratch-B scales by the MACs removed: the
+    model file's ``train_epochs``, else the default recovery's epochs standing in for it (a note says which)."""
+    scaled = " (x the MACs removed)" if cfg.recover == "scratch-b" else ""
+    declared = mf.train_epochs()
+    if declared is not None:
+        note(fb, notes, f"retraining from scratch ({cfg.recover}) for the model's own training length{scaled}: "
+                         f"train_epochs = {declared} in the model file (--epochs N sets it)")
+        return declared
+    epochs = default_epochs(data["train_loader"])
+    note(fb, notes, f"retraining from scratch ({cfg.recover}) with {epochs} epoch{'s' * (epochs > 1)} standing for "
+                     f"the original training{scaled}: the model file does not say how long model() was trained "
+                     "(train_epochs = N says it; --epochs N sets it, --no-recover turns it off)")
+    return epochs
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:
