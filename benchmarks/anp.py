@@ -49,10 +49,10 @@ def run_row(digits: Any, model: torch.nn.Module, variant: str, pruned: bool, vs_
             args: argparse.Namespace, seed: int) -> dict[str, float]:
     options = {"variant": variant, "eps": args.eps, "step_size": args.eps / 10, "steps": 10, "epochs": args.epochs,
                "lr_mask": args.lr_mask, "beta": 4.0, "vs_weight": vs_weight, "seed": seed}  # MNIST's beta
-    budget = {"target_macs": args.target_macs} if pruned else {"ratio": 0.0}
+    budget = fxprune.Budget(target_macs=args.target_macs) if pruned else fxprune.Budget(ratio=0.0)
     start = time.perf_counter()
-    result = fxprune.prune(model, digits.example_inputs(), "anp", options=options, train_loader=digits.train_loader(),
-                           **budget)
+    result = fxprune.prune(model, digits.example_inputs(), "anp", budget=budget, options=options,
+                           train_loader=digits.train_loader())
     seconds = time.perf_counter() - start
     metrics = robust_metrics(result.module.eval(), digits.val_loader(), PGD(args.eps, args.eps / 30, 40), seed=seed)
     return {**metrics, "macs_kept": result.cost_after.macs / result.cost_before.macs, "seconds": seconds}

@@ -115,9 +115,14 @@ def first_producer(group: Group, facts: GraphFacts) -> tuple[fx.Node, fx.Node | 
     if not layers:
         return None
     layer = min(layers, key=lambda n: facts.order[n])
+    return layer, layer_input(layer)
+
+
+def layer_input(layer: fx.Node) -> fx.Node | None:
+    """A conv / linear / matmul node's input (None when it is not a node of the graph)."""
     b = bind(layer)
     x = b.get("mat1") if "mat1" in b else b.get("input")  # addmm(bias, input, weight^T) names its input mat1
-    return layer, x if isinstance(x, fx.Node) else None
+    return x if isinstance(x, fx.Node) else None
 
 
 def _applies_mask(node: fx.Node) -> bool:

@@ -152,7 +152,7 @@ class SanpHook(Hook):
         self.full = sum(full_nodes.values())
         self.target, self.weight = target, weight
         self.steer, self.shifted = 0.0, 0.0  # the controller's gain, and the threshold shift it has applied
-        self._gain, self._error = 0.0, 0.0
+        self._gain, self._error = 0.0, 0.0  # the gain now (halved as the error changes sign), the last error
         self.history: list[float] = []
 
     def fraction(self) -> torch.Tensor:
@@ -166,6 +166,10 @@ class SanpHook(Hook):
                     term = term * fracs[gid] ** e
             total = total + term
         return torch.as_tensor(total) / self.full
+
+    def steering(self, gain: float) -> None:
+        """Start the controller at ``gain`` (0: stop it)."""
+        self.steer, self._gain, self._error = gain, gain, 0.0
 
     def before_epoch(self, state: TrainState) -> None:
         self._epoch: list[float] = []
@@ -182,9 +186,7 @@ class SanpHook(Hook):
         if not self.steer or not self._epoch:
             return
         error = self.target - self._epoch[-1]
-        if not self._gain:
-            self._gain = self.steer
-        elif error * self._error < 0:
+        if error * self._error < 0:
             self._gain = max(self._gain / 2, self.steer / 32)
         self._error = error
         delta = self._gain * error
@@ -196,7 +198,7 @@ class SanpHook(Hook):
 
 def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
     """The groups SANP gates, in graph order, with why the others are not."""
-    from fxprune.masking.sites import GraphFacts, find_sites, first_producer, producer_layers
+    from fxprune.masking.sites import GraphFacts, find_sites, layer_input, producer_layers
 
     facts = GraphFacts(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
@@ -222,7 +224,8 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         if leak is not None:
             skipped[group.id] = leak
             continue
-        first, x = first_producer(group, facts)  # type: ignore[misc]  # the chain's start decides for the group
+        first = min(layers, key=lambda n: facts.order[n])  # the chain's start decides for the group
+        x = layer_input(first)
         if x is None:
             skipped[group.id] = "its first layer's input is not a tensor of the graph"
             continue
@@ -406,13 +409,13 @@ class Sanp(Pass):
         kd = DistillHook(ctx.model) if self.distill else None
         for gate in gates.values():
             gate.spm.requires_grad_(False)
-        hook.steer = self.steer
+        hook.steering(self.steer)
         try:
             with kd or contextlib.nullcontext():
                 train_masked(masked, ctx.data, epochs=self.finetune, lr=self.lr, optimizer="sgd", loader=loader,
                              mask_lr=0.0, masks=[], hooks=[hook, *([kd] if kd is not None else [])])
         finally:
-            hook.steer = 0.0
+            hook.steering(0.0)
             for gate in gates.values():
                 gate.spm.requires_grad_(True)
         finetuned, hook.history = hook.history[searched:], hook.history[:searched]
