@@ -13,13 +13,16 @@ fxprune's choice, each an option:
 - Binarisation (``binarize``): ``st``, a straight-through hard threshold (forward ``sigmoid(l) > 0.5``,
   backward the sigmoid's gradient), or ``gumbel``, the same on ``sigmoid((l + logistic noise) /
   temperature)``; hard (``l > 0``) at inference.
-- Which groups: those written by convs/linears whose channels pass only through channel-wise ops
-  (normalisation, activations, pooling, dropout, products) to their consumers, and whose tensors hold each
-  channel once (not attention heads): one layer's output, or a chain of them (an inverted residual's expand
-  conv, its depthwise conv and its squeeze-excite scale), decided from the input of the chain's first layer;
-  and where a channel zeroed at the group's mask sites reaches every consumer as zero (a sigmoid or a bias
-  after the last site would not; ``fxprune.compaction.dynamic.closed_leak``). Residual streams (several
-  layers' outputs added) are not gated.
+- Which groups: those written by convs/linears whose channels reach their consumers through ops the dynamic
+  module can slice per sample (channel-wise ops: normalisation, activations, pooling, dropout, products;
+  re-layouts: reshape, permute, transpose, unbind; attention: SDPA, matmuls, softmax): one layer's output, a
+  chain of them (an inverted residual's expand conv, its depthwise conv and its squeeze-excite scale), decided
+  from the input of the chain's first layer, or attention heads (a head's rows of q, k, v and columns of the
+  output projection; the reshapes' head count follows the kept count, ``fxprune.compaction.dynamic.
+  symbolic_sizes``); and where a channel zeroed at the group's mask sites reaches every consumer as zero (a
+  sigmoid or a bias after the last site would not; ``fxprune.compaction.dynamic.closed_leak``). Residual streams
+  (several layers' outputs added) are not gated. The dynamic module is checked against the masked network
+  (``_verify_dynamic``) before it is returned.
 - Cost loss (``cost_weight`` 5): ``(mean over the batch of the per-sample MACs / full - target)^2``, the
   per-sample MACs counted by fxprune's cost model with each sample's kept channels (every op's MACs times
   the kept fraction of each group it depends on, ``CostCounter.dependence``), plus the SPMs' own MACs.
