@@ -474,3 +474,79 @@ def test_a_budget_fit_that_wrecks_the_per_sample_network_is_undone_and_said() ->
     report = result.report
     assert report["fit"]["ran"] and report["fit"]["undone"] == "accuracy 0.9 -> 0.1"
     assert report["average_macs"] > 0.9 and report["dynamic_metrics"] == {"accuracy": 0.9}  # every channel open
+
+
+class Attention(nn.Module):
+    """A ViT block's attention as people write it: one qkv projection, its heads in a reshape, SDPA, and the output
+    projection; then an MLP. The heads and the MLP units are the gated groups."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 24), nn.GELU(), nn.Linear(24, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_attention_heads_are_gated_per_sample_and_run_on_the_kept_heads_only() -> None:
+    """A head spans 3 x 4 rows of qkv and 4 columns of proj: the dynamic module slices them by the head each position
+    belongs to, and the reshape's head count follows the kept count (float64, per sample and per batch)."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = torch.randn(6, 5, 16)
+    ctx, gates, masked = _gated(model, x[:2])
+    heads = next(g for g in gates.values() if len(ctx.groups[g.gid]) == 4)
+    assert len(gates) == 2 and all(owner is not None for _, _, owner in heads.params)  # 12 rows of qkv per head...
+    dyn = dynamic_module(ctx.gm, masked.state(), gates, ctx.groups).to(F64)
+    ref = masked.module.to(F64)
+    for gate in gates.values():
+        gate.spm.float()
+    xs = x.to(F64)
+    want = ref(xs)
+    kept = heads.spm.last.sum(1)
+    assert kept.min() < 4 and len(set(kept.tolist())) > 1  # the samples keep different heads
+    sdpa: list[tuple[int, ...]] = []
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n):  # type: ignore[no-untyped-def]
+            out = super().run_node(n)
+            if n.target == torch.ops.aten.scaled_dot_product_attention.default:
+                sdpa.append(tuple(out.shape))
+            return out
+
+    for i in range(len(xs)):
+        torch.testing.assert_close(Shapes(dyn).run(xs[i:i + 1]), want[i:i + 1], rtol=1e-9, atol=1e-9)
+        assert sdpa[-1][1] == max(int(kept[i]), 1)  # ... the attention runs on this sample's heads only (at least one)
+    torch.testing.assert_close(dyn(xs), want, rtol=1e-9, atol=1e-9)
+
+
+def test_a_dynamic_module_that_differs_from_its_network_is_refused() -> None:
+    from fxprune.passes.registry import PassError
+    from fxprune.passes.sanp import _verify_dynamic
+
+    model = _model()
+    x = torch.randn(4, 3, 8, 8)
+    ctx, gates, masked = _gated(model, x[:2])
+    _verify_dynamic(dynamic_module(ctx.gm, masked.state(), gates), masked.module, [(x, None)])  # as built: equal
+    weights = {k: v.detach().clone() for k, v in masked.state().items()}
+    weights[next(k for k in weights if "conv3" in k and k.endswith("weight"))] *= 1.01
+    with pytest.raises(PassError, match="differs from the network it was built from"):
+        _verify_dynamic(dynamic_module(ctx.gm, weights, gates), masked.module, [(x, None)])
+
+
+def test_size_arguments_follow_the_kept_count_as_a_line() -> None:
+    from fxprune.compaction.dynamic import ShapeError, _line
+
+    made = []
+    line = _line([2, 17, 3, 4, -1], [2, 17, 3, 1, -1], [2, 17, 3, 2, -1], 4,
+                 lambda slope, intercept: made.append((slope, intercept)) or "K")
+    assert line == [2, 17, 3, "K", -1] and made == [(1, 0)]
+    assert _line(64, 16, 32, 4, lambda s, i: (s, i)) == (16, 0)  # the merged width: 16 x kept
+    with pytest.raises(ShapeError, match="not a line"):
+        _line(10, 1, 2, 4, lambda s, i: None)

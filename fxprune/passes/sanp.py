@@ -13,13 +13,16 @@ fxprune's choice, each an option:
 - Binarisation (``binarize``): ``st``, a straight-through hard threshold (forward ``sigmoid(l) > 0.5``,
   backward the sigmoid's gradient), or ``gumbel``, the same on ``sigmoid((l + logistic noise) /
   temperature)``; hard (``l > 0``) at inference.
-- Which groups: those written by convs/linears whose channels pass only through channel-wise ops
-  (normalisation, activations, pooling, dropout, products) to their consumers, and whose tensors hold each
-  channel once (not attention heads): one layer's output, or a chain of them (an inverted residual's expand
-  conv, its depthwise conv and its squeeze-excite scale), decided from the input of the chain's first layer;
-  and where a channel zeroed at the group's mask sites reaches every consumer as zero (a sigmoid or a bias
-  after the last site would not; ``fxprune.compaction.dynamic.closed_leak``). Residual streams (several
-  layers' outputs added) are not gated.
+- Which groups: those written by convs/linears whose channels reach their consumers through ops the dynamic
+  module can slice per sample (channel-wise ops: normalisation, activations, pooling, dropout, products;
+  re-layouts: reshape, permute, transpose, unbind; attention: SDPA, matmuls, softmax): one layer's output, a
+  chain of them (an inverted residual's expand conv, its depthwise conv and its squeeze-excite scale), decided
+  from the input of the chain's first layer, or attention heads (a head's rows of q, k, v and columns of the
+  output projection; the reshapes' head count follows the kept count, ``fxprune.compaction.dynamic.
+  symbolic_sizes``); and where a channel zeroed at the group's mask sites reaches every consumer as zero (a
+  sigmoid or a bias after the last site would not; ``fxprune.compaction.dynamic.closed_leak``). Residual streams
+  (several layers' outputs added) are not gated. The dynamic module is checked against the masked network
+  (``_verify_dynamic``) before it is returned.
 - Cost loss (``cost_weight`` 5): ``(mean over the batch of the per-sample MACs / full - target)^2``, the
   per-sample MACs counted by fxprune's cost model with each sample's kept channels (every op's MACs times
   the kept fraction of each group it depends on, ``CostCounter.dependence``), plus the SPMs' own MACs.
@@ -59,6 +62,7 @@ This file is the method; the dynamic module's emitter is ``fxprune.compaction.dy
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import warnings
 from collections import Counter
@@ -76,7 +80,18 @@ from torch import nn
 from fxprune.analysis.groups import Group
 from fxprune.analysis.rules import ops
 from fxprune.artifacts.source import write_dynamic
-from fxprune.compaction.dynamic import ANY_ZERO, KEEPS_ZERO, Gate, closed_leak, depthwise, dynamic_module
+from fxprune.compaction.dynamic import (
+    ANY_ZERO,
+    KEEPS_ZERO,
+    ZERO_WITH_ARG,
+    Gate,
+    Owner,
+    ShapeError,
+    closed_leak,
+    depthwise,
+    dynamic_module,
+    symbolic_sizes,
+)
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState
 from fxprune.selection.budget import search_budget
@@ -95,9 +110,9 @@ _LAYERS = frozenset(ops("aten.conv2d.default", "aten.conv1d.default", "aten.line
 # ops a gated group's channels may pass: the layers, ops that keep a closed channel at zero (the exactness rule's
 # tables), per-channel BatchNorm, and ops that make a value of a closed channel (closed_leak refuses those where the
 # value reaches a consumer)
-_CHANNELWISE = _LAYERS | KEEPS_ZERO | ANY_ZERO | frozenset(ops(
+_CHANNELWISE = _LAYERS | KEEPS_ZERO | ANY_ZERO | frozenset(ZERO_WITH_ARG) | frozenset(ops(
     "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default", "aten.sigmoid.default",
-    "aten.t.default"))
+    "aten.t.default", "aten._softmax.default", "aten.softmax.int"))
 
 
 class SPM(nn.Module):
@@ -196,12 +211,30 @@ class SanpHook(Hook):
                 spm.fc2.bias.add_(delta)
 
 
+def _owner(gid: np.ndarray, pos: np.ndarray, group: Group) -> Owner:
+    """The group channel at each position of a tensor's axis (``len(group)``: another group's), or None when
+    position i holds channel i."""
+    mine = gid == group.id
+    if mine.all() and np.array_equal(pos, np.arange(len(group))):
+        return None
+    return torch.as_tensor(np.where(mine, pos, len(group)), dtype=torch.int64)
+
+
+def _site_owner(site: Any, group: Group) -> Owner:
+    """:func:`_owner` of a mask site (``site.index[i]`` holds channel ``site.pos[i]``)."""
+    gid = np.full(site.size, -1)
+    pos = np.zeros(site.size, dtype=np.int64)
+    gid[site.index], pos[site.index] = group.id, site.pos
+    return _owner(gid, pos, group)
+
+
 def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
     """The groups SANP gates, in graph order, with why the others are not."""
     from fxprune.masking.sites import GraphFacts, find_sites, layer_input, producer_layers
 
     facts = GraphFacts(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
+    shapes = copy.deepcopy(ctx.gm.graph)  # the size arguments are probed on a copy
     gates: dict[int, Gate] = {}
     skipped: dict[int, str] = {}
     candidates = []
@@ -213,12 +246,16 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
             continue
         ops_in = [nodes[n] for n in group.nodes if n in nodes and nodes[n].op == "call_function"]
         if any(layer.target not in _LAYERS for layer in layers) or any(n.target not in _CHANNELWISE for n in ops_in):
-            skipped[group.id] = "its channels pass through an op that is not channel-wise (a reshape, a concat...)"
+            skipped[group.id] = "its channels pass through an op fxprune cannot slice per sample (a concat, a norm...)"
             continue
         sites = find_sites(ctx.gm, ctx.groups, group, "output", facts)
-        if sites.skipped or not all(len(s.pos) == len(group) and len(set(s.pos)) == len(group)
-                                    for s in sites.activations):
-            skipped[group.id] = sites.skipped or "its channels are not one tensor axis of their own"
+        if sites.skipped:
+            skipped[group.id] = sites.skipped
+            continue
+        try:
+            symbolic_sizes(shapes, ctx.groups, group.id, None, skip=_LAYERS)
+        except ShapeError as exc:
+            skipped[group.id] = f"a size its reshapes name does not follow its kept count: {exc}"
             continue
         leak = closed_leak(ctx.gm, set(group.nodes), {s.node for s in sites.activations}, _LAYERS)
         if leak is not None:
@@ -244,18 +281,13 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
                 skipped[group.id] = "its layer's input mixes a gated group with other channels"
                 continue
             input_gate = next(iter(gated_here), None)
-        params = []
-        for p in group.params:
-            g, pos = ctx.groups.positions(p.key)
-            if not (g == group.id).all() or len(set(pos.tolist())) != len(pos):
-                params = None
-                break
-            params.append((p.name, p.axis))
-        if params is None:
+        if not all((ctx.groups.positions(p.key)[0] == group.id).all() for p in group.params) or \
+                not all(len(s.index) == s.size for s in sites):
             skipped[group.id] = "a tensor holds these channels with others"
             continue
+        params = [(p.name, p.axis, _owner(*ctx.groups.positions(p.key), group)) for p in group.params]
         gates[group.id] = Gate(group.id, spm(group, int(val.shape[axis]), axis), x.name, axis, input_gate,
-                               [(s.node, s.axis) for s in sites], params, dw)
+                               [(s.node, s.axis, _site_owner(s, group)) for s in sites], params, dw)
     return gates, skipped
 
 
@@ -282,6 +314,34 @@ def _fit_cost(before: dict[str, Any] | None, after: dict[str, Any] | None, point
     if not isinstance(b, float) or not isinstance(a, float) or not 0.0 <= b <= 1.0 or b - a <= points:
         return None
     return f"{name} {b:.4g} -> {a:.4g}"
+
+
+def _verify_dynamic(dyn: fx.GraphModule, masked: nn.Module, loader: Iterable[Any], samples: int = 4) -> None:
+    """The dynamic module against the masked network it was built from, on the first ``samples`` inputs of
+    ``loader``: sample by sample (each at its own decisions) and as one batch (the union); a PassError when an
+    output differs beyond float tolerance (a rewrite fxprune got wrong: nothing is written)."""
+    from fxprune.measure import to_device
+    from fxprune.tracing.compat import tree_leaves
+
+    x = to_device(next(iter(loader))[0], next(iter(masked.parameters())).device)[:samples]
+    was = masked.training
+    masked.eval()
+    try:
+        with torch.no_grad():
+            want = tree_leaves(masked(x))
+            runs = {"as one batch": tree_leaves(dyn(x)),
+                    "sample by sample": [torch.cat(parts) for parts in
+                                         zip(*(tree_leaves(dyn(x[i:i + 1])) for i in range(len(x))))]}
+    finally:
+        masked.train(was)
+    for how, got in runs.items():
+        for w, g in zip(want, got):
+            scale = float(w.abs().max()) if w.numel() else 0.0
+            gap = float((g.to(w.dtype) - w).abs().max()) if w.numel() else 0.0
+            if g.shape != w.shape or gap > 1e-4 * max(scale, 1.0):
+                raise PassError(f"sanp: the per-sample module differs from the network it was built from, {how} "
+                                f"(largest difference {gap:.3g} at outputs up to {scale:.3g}): a rewrite fxprune "
+                                "got wrong; please report it with the model")
 
 
 def _write_dynamic(dyn: fx.GraphModule, folder: Path) -> None:
@@ -390,7 +450,8 @@ class Sanp(Pass):
         scores = removal_scores(removed, ctx.groups)
         if not self.dynamic:
             return Decision(scores, report=report, weights=weights)
-        dyn = dynamic_module(ctx.gm, weights, gates)
+        dyn = dynamic_module(ctx.gm, weights, gates, ctx.groups)
+        _verify_dynamic(dyn, masked.module, stats)
         report["latency_ms_batch1"] = self._latencies(ctx, dyn, removed, weights)
         return Decision(scores, report=report, weights=weights, extras={"dynamic": dyn}, product=dyn,
                         artifacts={"dynamic": functools.partial(_write_dynamic, dyn)})
