@@ -21,6 +21,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -122,9 +123,11 @@ class ModelFile:
                                  f"expected {CONTRACT['dynamic_shapes']}")
         return value
 
+    @cached_property
     def train_epochs(self) -> int | None:
-        """How many epochs ``model()`` was trained for (``train_epochs = N`` or a function returning it), or None
-        when the file does not say: Scratch-E retrains that long, Scratch-B that long x the MACs removed."""
+        """How many epochs ``model()`` was trained for (``train_epochs = N`` or a function returning it, called
+        once), or None when the file does not say: Scratch-E retrains that long, Scratch-B that long x the MACs
+        removed."""
         value = self.get("train_epochs")
         if value is None:
             return None

@@ -95,28 +95,25 @@ def _recovery_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Fe
         return 0
     if getattr(the_pass, "recovery_epochs", None) is not None:
         return int(the_pass.recovery_epochs)
-    if cfg.recover in SCRATCH:
-        return _scratch_epochs(cfg, mf, data, fb, notes)
-    epochs = default_epochs(data["train_loader"])
-    note(fb, notes, f"recovering with {cfg.recover} for {epochs} epoch{'s' * (epochs > 1)} (the default when the "
-                     "model file defines train_loader(); --epochs N sets it, --no-recover turns it off)")
-    return epochs
-
-
-def _scratch_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Feedback, notes: list[str]) -> int:
-    """The original training's length, which Scratch-E retrains for and Scratch-B scales by the MACs removed: the
-    model file's ``train_epochs``, else the default recovery's epochs standing in for it (a note says which)."""
-    scaled = " (x the MACs removed)" if cfg.recover == "scratch-b" else ""
-    declared = mf.train_epochs()
-    if declared is not None:
+    scratch = cfg.recover in SCRATCH
+    if scratch and mf.train_epochs is not None:
+        scaled = " (x the MACs removed)" if cfg.recover == "scratch-b" else ""
         note(fb, notes, f"retraining from scratch ({cfg.recover}) for the model's own training length{scaled}: "
-                         f"train_epochs = {declared} in the model file (--epochs N sets it)")
-        return declared
+                         f"train_epochs = {mf.train_epochs} in the model file (--epochs N sets it)")
+        return mf.train_epochs
     epochs = default_epochs(data["train_loader"])
-    note(fb, notes, f"retraining from scratch ({cfg.recover}) with {epochs} epoch{'s' * (epochs > 1)} standing for "
-                     f"the original training{scaled}: the model file does not say how long model() was trained "
-                     "(train_epochs = N says it; --epochs N sets it, --no-recover turns it off)")
+    how = " (the default when the model file defines train_loader(); "
+    if scratch:
+        how = (f" standing for the original training{' (x the MACs removed)' * (cfg.recover == 'scratch-b')}: the "
+               "model file does not say how long model() was trained (train_epochs = N says it; ")
+    note(fb, notes, f"{_doing(cfg.recover)} for {epochs} epoch{'s' * (epochs > 1)}{how}--epochs N sets it, "
+                     "--no-recover turns it off)")
     return epochs
+
+
+def _doing(mode: str) -> str:
+    """How a note names the recovery ``mode``."""
+    return f"retraining from scratch ({mode})" if mode in SCRATCH else f"recovering with {mode}"
 
 
 def run(cfg: RunConfig, feedback: Feedback | None = None) -> tuple[dict[str, Any], Any]:

@@ -170,7 +170,7 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     the_pass = make_pass(cfg.method, parse_options(pass_cls, cfg.options, cfg.method))
     mf = load_model_file(cfg.model_file)
     mf.require("model", "example_inputs", why="pruning")
-    mf.train_epochs()  # a declared training length that is not a whole number >= 1 stops here
+    _ = mf.train_epochs  # a declared training length that is not a whole number >= 1 stops here
     if cfg.finetune_epochs:
         mf.require("train_loader", why=f"--finetune-epochs {cfg.finetune_epochs}")
     needs = tuple(getattr(pass_cls, "needs", ()))  # the model-file functions the pass reads (Pass.needs)

@@ -27,6 +27,7 @@ they are left alone, so a gate at zero still receives gradient (as in the papers
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,7 @@ from fxprune.analysis.schema import bind
 from fxprune.state import named_tensors
 
 __all__ = ["Site", "GroupSites", "GraphFacts", "find_sites", "is_norm", "layer_of", "producer_layers", "first_producer",
-           "PLACEMENTS", "MASKS", "SITES"]
+           "first_layer", "PLACEMENTS", "MASKS", "SITES"]
 
 PLACEMENTS = ("output", "prenorm")
 MASKS, SITES = "fxprune_masks", "fxprune_mask_sites"  # where a masked graph keeps its masks and what applies them
@@ -114,8 +115,13 @@ def first_producer(group: Group, facts: GraphFacts) -> tuple[fx.Node, fx.Node | 
     layers = producer_layers(group, facts)
     if not layers:
         return None
-    layer = min(layers, key=lambda n: facts.order[n])
+    layer = first_layer(layers, facts)
     return layer, layer_input(layer)
+
+
+def first_layer(layers: Iterable[fx.Node], facts: GraphFacts) -> fx.Node:
+    """The first of ``layers`` in graph order: where a chain of layers writing one group starts."""
+    return min(layers, key=lambda n: facts.order[n])
 
 
 def layer_input(layer: fx.Node) -> fx.Node | None:

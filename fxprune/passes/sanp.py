@@ -230,7 +230,7 @@ def _site_owner(site: Any, group: Group) -> Owner:
 
 def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dict[int, Gate], dict[int, str]]:
     """The groups SANP gates, in graph order, with why the others are not."""
-    from fxprune.masking.sites import GraphFacts, find_sites, layer_input, producer_layers
+    from fxprune.masking.sites import GraphFacts, find_sites, first_layer, layer_input, producer_layers
 
     facts = GraphFacts(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
@@ -261,7 +261,7 @@ def _gates(ctx: PassContext, spm: Callable[[Group, int, int], SPM]) -> tuple[dic
         if leak is not None:
             skipped[group.id] = leak
             continue
-        first = min(layers, key=lambda n: facts.order[n])  # the chain's start decides for the group
+        first = first_layer(layers, facts)  # the chain's start decides for the group
         x = layer_input(first)
         if x is None:
             skipped[group.id] = "its first layer's input is not a tensor of the graph"
