@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["attribute", "named_tensors", "device_of_module", "callers_rng_kept", "seeded"]
+__all__ = ["attribute", "named_tensors", "user_tensors", "device_of_module", "callers_rng_kept", "seeded"]
 
 
 def attribute(root: Any, path: str) -> Any:
@@ -27,6 +27,23 @@ def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``module`` by state-dict name, a tied tensor under each of its
     names (parameters first, then buffers). The values are the module's own tensors, not copies."""
     return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
+def user_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``named_tensors`` with a parametrized tensor under its own name (``a.weight``, not
+    ``a.parametrizations.weight.original``): the unparametrized value, as the user's model holds it. The
+    parametrizations' own tensors are left out."""
+    named = {_unparametrized(k): v for k, v in named_tensors(module).items()}
+    return {k: v for k, v in named.items() if k is not None}
+
+
+def _unparametrized(name: str) -> str | None:
+    head, sep, tail = ("." + name).rpartition(".parametrizations.")
+    if not sep:
+        return name
+    if not tail.endswith(".original") or tail.count(".") != 1:
+        return None  # a tensor of a parametrization module
+    return f"{head}.{tail[:-len('.original')]}".lstrip(".")
 
 
 def device_of_module(module: torch.nn.Module) -> torch.device:

@@ -79,8 +79,13 @@ class GroupSites:
 
     @property
     def folds(self) -> list[Site]:
-        """The tensors a mask folds into (``node`` = tensor name): every activation site's."""
-        return [f for site in self.activations for f in site.folds]
+        """The tensors a mask folds into (``node`` = tensor name): every activation site's, each once (a norm or
+        layer that runs at several sites, a detector's head shared by its levels, folds its mask once)."""
+        seen: dict[tuple[str, int], Site] = {}
+        for site in self.activations:
+            for f in site.folds:
+                seen.setdefault((f.node, f.axis), f)
+        return list(seen.values())
 
 
 def is_norm(node: fx.Node) -> bool:
