@@ -7,10 +7,12 @@ import copy
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from test_modules_target import DetNet, _detnet
 from torch import nn
 
+import fxprune
 from fxprune.analysis import analyze
 from fxprune.analysis.reindex import Reindexing
 from fxprune.compaction.modules import freeze_code_sizes, resize_modules
@@ -18,8 +20,9 @@ from fxprune.compaction.plan import add_aliases, build_plan
 from fxprune.masking import Fixed, Scale, fold
 from fxprune.masking.on_modules import insert_module_masks
 from fxprune.masking.sites import MASKS
+from fxprune.passes.registry import PassError
 from fxprune.recovery.engine import MaskTraining, train
-from fxprune.testing import _close_per_output, _plain
+from fxprune.testing import _close_per_output, _plain, assert_equivalent
 from fxprune.tracing.record import record_trace
 
 F64 = torch.float64
@@ -106,3 +109,40 @@ def test_module_masks_train_in_their_own_optimiser_and_take_weights() -> None:
     train(masked.module, loader, epochs=1, lr=0.05, parameters=weights, masks=MaskTraining(masks, lr=0.2))
     assert any(not torch.equal(a, p) for a, p in zip(start, masks))
     assert masked.module.training and not any("parametrizations" in k for k in model.state_dict())
+
+
+def _feature_loss(out, y):
+    return nn.functional.cross_entropy(out["features"][:, :3] * 4, y)
+
+
+def _loader(n: int = 4, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(1, 3, 32, 32, generator=g), torch.randint(0, 3, (1,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["slimming", "scratch"])
+def test_learned_passes_prune_a_model_without_a_graph_exactly(method: str) -> None:
+    model = _detnet()
+    x = torch.rand(1, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, (x,), method, 0.5, train_loader=_loader(), loss=_feature_loss,
+                               options={"epochs": 2})
+    assert result.compaction["target"] == "modules" and type(result.module) is DetNet
+    assert result.weights  # the trained (slimming) or gated (scratch) network is what was resized
+    assert result.cost_after.macs < 0.75 * result.cost_before.macs
+    assert_equivalent(model, result, (x,))
+    assert_equivalent(model, result, (torch.rand(1, 3, 48, 40),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("parametrizations" in k for k in result.module.state_dict())
+
+
+@pytest.mark.parametrize(("method", "why"), [("anp", "per sample"), ("tas", "edits of the traced graph"),
+                                             ("sanp", "compiled from the traced graph"),
+                                             ("thinet", "reads the layers' inputs")])
+def test_passes_that_need_the_graph_say_why_on_the_modules_target(method: str, why: str) -> None:
+    with pytest.raises(PassError, match=why), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), method, 0.5, train_loader=_loader(),
+                      loss=_feature_loss)

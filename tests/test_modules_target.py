@@ -135,8 +135,8 @@ def test_forced_targets_and_passes_that_need_a_graph() -> None:
     assert modules.compaction == {"target": "modules", "why": "asked for (target='modules')"}
     assert type(modules.module) is nn.Sequential and modules.module[0].out_channels == 4
     torch.testing.assert_close(modules.module(x), graph.module(x))
-    with pytest.raises(PassError, match="reads the weights only"):
-        fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), "slimming", 0.5,
+    with pytest.raises(PassError, match="compacted by resizing its modules.*per sample"):
+        fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), "anp", 0.5,
                       train_loader=[(torch.rand(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))])
 
 

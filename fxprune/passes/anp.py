@@ -374,6 +374,7 @@ def _dataset_size(loader: Any) -> int:
 @dataclass(frozen=True)
 class Anp(Pass):
     name = "anp"
+    graph_only = "its Bayesian masks act on activations, per sample, inside the traced graph"
     description = ("Adversarial Neural Pruning with vulnerability suppression (Madaan et al. 2020): Beta-Bernoulli "
                    "channel masks learned with adversarial training; reports PGD robustness")
     scope = "global"

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only
     from fxprune.edits.blocks import Block
     from fxprune.masking import MaskedModel
 
-__all__ = ["Decision", "Finish", "Pass", "PassContext", "PassError", "Scores", "require_weights_only"]
+__all__ = ["Decision", "Finish", "Pass", "PassContext", "PassError", "Scores", "require_weights_only",
+           "require_modules_support"]
 
 
 class PassError(ValueError):
@@ -74,6 +75,9 @@ class PassContext:
     # a context ``Pass.prepare`` made for a model of the pass's own (scratch's wider copy, flop's factorised
     # graph): the user's model's context it was made from; None: this is the user's
     origin: PassContext | None = None
+    # how the model is compacted: "graph" (the traced graph runs) or "modules" (its modules are resized; no traced
+    # graph runs, and ``insert_masks`` puts the masks on a copy of the user's modules)
+    compaction: str = "graph"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
@@ -125,11 +129,28 @@ class PassContext:
         Train it with ``fxprune.masking.train.train_masked(masked, ctx.data, epochs=..., lr=..., mask_lr=...)``
         (the engine, the weights and masks in optimisers of their own); ``masked.fold()`` gives the full-size
         weights (for ``Decision.weights``) and the channels whose mask is 0. The user's model and this graph are
-        never modified."""
+        never modified. On the modules target (``compaction == "modules"``) the masks act on a copy of the user's
+        model (``fxprune.masking.on_modules``): per-channel masks at the output placement only, no depth masks or
+        graph edits."""
         from fxprune.masking import insert_masks
 
+        if self.compaction == "modules":
+            return self._module_masks(factory, only, placement, weights, training, bool(blocks or edits))
         return insert_masks(self.gm, self.groups, factory, only=only, placement=placement, weights=weights,
                             training=training, blocks=blocks, depth=depth, edits=edits)
+
+
+    def _module_masks(self, factory: Callable[[Group], torch.nn.Module] | None, only: Iterable[int] | None,
+                      placement: str, weights: Mapping[str, torch.Tensor] | None, training: bool,
+                      edits: bool) -> MaskedModel:
+        from fxprune.masking.on_modules import insert_module_masks
+
+        if edits or placement != "output":
+            what = "depth masks and graph edits" if edits else f"placement={placement!r}"
+            raise PassError(f"{what} need the traced graph, and this model is compacted by resizing its modules: "
+                            "use the pass's defaults, or a model torch.export traces whole")
+        return insert_module_masks(self.model, self.gm, self.groups, factory, only=only, weights=weights,
+                                   training=training)
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,10 @@ class Pass:
     # the pass runs the traced graph (training, calibration): it cannot prune a model without a static graph,
     # which is compacted by resizing its modules (``fxprune.prune(target="modules")``); l1 reads weights only
     runs_graph: ClassVar[bool] = True
+    # why the pass needs the traced graph to run (None: it also runs on the modules target, where its masks, made
+    # with ``ctx.insert_masks``, act on a copy of the user's modules: slimming, scratch); a pass that reads
+    # weights only (``runs_graph = False``) runs there anyway
+    graph_only: ClassVar[str | None] = "it runs the traced graph"
     # named sets of options; "paper": the authors' released code's schedule and hyperparameters where fxprune's
     # defaults differ (``--opt preset=paper``; options given beside it win). A pass with presets has a
     # ``preset: str = ""`` option ("": fxprune's defaults) that records which one it was made with
@@ -213,6 +238,16 @@ class Pass:
     @staticmethod
     def prunable(ctx: PassContext) -> list[Group]:
         return ctx.groups.prunable
+
+
+def require_modules_support(the_pass: Pass) -> None:
+    """Refuse a pass that cannot run on a model compacted by resizing its modules (``Pass.graph_only``), saying
+    why and what runs there."""
+    why = getattr(the_pass, "graph_only", "it runs the traced graph")
+    if getattr(the_pass, "runs_graph", True) and why:
+        raise PassError(f"pass {the_pass.name!r} cannot run on this model: it has no graph that runs on other inputs "
+                        f"(it is compacted by resizing its modules), and {why}. Passes that run there: l1, slimming, "
+                        "scratch")
 
 
 def require_weights_only(the_pass: Pass, why: str) -> None:

@@ -179,6 +179,7 @@ def _in_prunable_group(groups: ChannelGroups, weight: str) -> bool:
 @dataclass(frozen=True)
 class Flop(Pass):
     name = "flop"
+    graph_only = "its factorised layers are edits of the traced graph"
     description = ("FLOP (Wang et al. 2020): linear maps factorised P diag(z) Q from their SVD, hard-concrete L0 "
                    "gates on the rank, augmented Lagrangian to the target sparsity")
     scope = "global"

@@ -352,6 +352,7 @@ def _write_dynamic(dyn: fx.GraphModule, folder: Path) -> None:
 @dataclass(frozen=True)
 class Sanp(Pass):
     name = "sanp"
+    graph_only = "its per-sample module is compiled from the traced graph"
     description = ("Self-Adaptive Network Pruning (Chen et al. 2019): per-sample saliency modules decide which "
                    "channels each input runs; a dynamic module that skips them, and its static variant")
     scope = "global"

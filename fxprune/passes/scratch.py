@@ -96,6 +96,7 @@ class GateHook(Hook):
 @dataclass(frozen=True)
 class Scratch(LearnedScales):
     name = "scratch"
+    graph_only = None  # runs on the modules target too: its masks act on a copy of the user's modules
     description = ("Pruning from Scratch (Wang et al. 2020): BatchNorm channel gates learned on random weights, "
                    "global gate threshold; recovery defaults to scratch-b with distillation")
     tolerance = 0.001
@@ -134,6 +135,9 @@ class Scratch(LearnedScales):
         """With ``expand > 1``: a re-initialised copy ``expand`` times wider, traced and analysed."""
         if self.expand == 1.0:
             return None
+        if ctx.compaction == "modules":
+            raise PassError("scratch: expand > 1 traces a wider copy of the model, and this one has no graph that runs "
+                            "on other inputs (it is compacted by resizing its modules): leave expand at 1")
         from fxprune.analysis import analyze
         from fxprune.compaction.widen import widen
         from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, trace

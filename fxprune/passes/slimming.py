@@ -67,7 +67,7 @@ from fxprune.analysis.groups import ChannelGroups
 from fxprune.masking import MaskedModel, Scale
 from fxprune.masking.train import train_masked, trained_metrics
 from fxprune.recovery.engine import Hook, TrainState, batches_per_epoch
-from fxprune.state import named_tensors
+from fxprune.state import user_tensors
 
 from ._scales import BN, LearnedScales, mean_scale, rescaled_l1
 from .base import Decision, PassContext, Scores
@@ -105,7 +105,7 @@ def gamma_scores(ctx: PassContext, model: nn.Module, scales: Scales | None = Non
     producers' L1 relative to the group's mean (``scales``), else that L1 rescaled to the model's mean |gamma|."""
     gammas = {k: v.detach().abs().float().cpu().numpy() for k, v in bn_scales(model).items()}
     mean_gamma = mean_scale(gammas)
-    state = named_tensors(model)
+    state = user_tensors(model)  # a masked copy of the user's modules: its parametrized tensors by their names
 
     def tensor(name: str) -> torch.Tensor:  # ``model``'s own, else the traced graph's
         return state[name] if name in state else ctx.tensor(name)
@@ -175,6 +175,7 @@ class TargetedShrink(Hook):
 @dataclass(frozen=True)
 class Slimming(LearnedScales):
     name = "slimming"
+    graph_only = None  # runs on the modules target too: its masks act on a copy of the user's modules
     description = ("Network Slimming (Liu et al. 2017): L1 sparsity on BatchNorm scales (adaptive so it happens "
                    "within the budget), one global |gamma| threshold")
     min_keep = 0.1          # the paper's safeguard: no layer is removed whole (a floor per group)

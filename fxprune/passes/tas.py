@@ -409,6 +409,7 @@ class _EveryOther:
 @dataclass(frozen=True)
 class Tas(Pass):
     name = "tas"
+    graph_only = "its width mixtures and depth choices are edits of the traced graph"
     description = ("Transformable Architecture Search (Dong & Yang 2019): learned widths and depths under a MACs "
                    "target, then training with distillation")
     scope = "global"

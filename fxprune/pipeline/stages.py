@@ -23,7 +23,7 @@ from fxprune.compaction.compact import compact as compact_graph
 from fxprune.compaction.emit import GraphEdit
 from fxprune.compaction.modules import freeze_code_sizes
 from fxprune.compaction.targets import resize, trace_for
-from fxprune.passes.base import Pass, PassContext, Scores, require_weights_only
+from fxprune.passes.base import Pass, PassContext, Scores, require_modules_support
 from fxprune.passes.decision import Decision, as_decision
 from fxprune.selection.budget import Selection, SelectionError, Selector
 from fxprune.selection.cost import Cost, CostCounter
@@ -132,9 +132,7 @@ def analyse(model: torch.nn.Module, example_inputs: Any, the_pass: Pass, *, targ
         if used["target"] == "graph" and dynamic_shapes is None:
             gm, groups = _unfrozen(model, example_inputs, gm, groups, allow_inexact)
         if used["target"] == "modules":
-            require_weights_only(the_pass, "in the traced graph, and this model has no graph that runs on other "
-                                 "inputs (it is compacted by resizing its modules): use a pass that reads the "
-                                 "weights only, such as l1")
+            require_modules_support(the_pass)
             freeze_code_sizes(gm, groups, model)
         counter = CostCounter(groups)
         before = counter()
@@ -180,7 +178,8 @@ def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapp
     onto the graph (``fxprune.annotations``). ``source``: where the pass reads tensors when the graph holds none
     (a checkpoint folder, traced on meta)."""
     ctx = PassContext(analysed.gm, analysed.groups, model, data, selection,
-                      target=(which, float(resource)) if resource is not None else None, source=source)
+                      target=(which, float(resource)) if resource is not None else None, source=source,
+                      compaction=analysed.target["target"])
     prepared = the_pass.prepare(ctx) if needs_scores else None
     counter = analysed.counter
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's
