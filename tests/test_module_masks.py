@@ -120,17 +120,18 @@ def _loader(n: int = 4, seed: int = 0) -> list:
     return [(torch.rand(1, 3, 32, 32, generator=g), torch.randint(0, 3, (1,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("method", ["slimming", "scratch"])
+@pytest.mark.parametrize("method", ["slimming", "scratch", "thinet", "lasso"])
 def test_learned_passes_prune_a_model_without_a_graph_exactly(method: str) -> None:
     model = _detnet()
     x = torch.rand(1, 3, 32, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        options = {"epochs": 2} if method in ("slimming", "scratch") else {"batches": 2}
         result = fxprune.prune(model, (x,), method, 0.5, train_loader=_loader(), loss=_feature_loss,
-                               options={"epochs": 2})
+                               options=options)
     assert result.compaction["target"] == "modules" and type(result.module) is DetNet
-    assert result.weights  # the trained (slimming) or gated (scratch) network is what was resized
+    assert result.weights  # the trained, gated or reconstructed network is what was resized
     assert result.cost_after.macs < 0.75 * result.cost_before.macs
     assert_equivalent(model, result, (x,))
     assert_equivalent(model, result, (torch.rand(1, 3, 48, 40),))
@@ -140,7 +141,7 @@ def test_learned_passes_prune_a_model_without_a_graph_exactly(method: str) -> No
 
 @pytest.mark.parametrize(("method", "why"), [("anp", "per sample"), ("tas", "edits of the traced graph"),
                                              ("sanp", "compiled from the traced graph"),
-                                             ("thinet", "reads the layers' inputs")])
+                                             ("flop", "edits of the traced graph")])
 def test_passes_that_need_the_graph_say_why_on_the_modules_target(method: str, why: str) -> None:
     with pytest.raises(PassError, match=why), warnings.catch_warnings():
         warnings.simplefilter("ignore")

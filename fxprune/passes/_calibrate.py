@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis.groups import ChannelGroups, ParamSlot
+from fxprune.measure import to_device
 from fxprune.state import named_tensors
 
 from .base import Decision, Finish, Pass, PassContext, Scores
@@ -103,26 +104,32 @@ def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_batch: int,
                   stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``batches`` through ``model`` and sample each layer at ``per_batch`` (image, location) pairs
-    per batch: {layer: (inputs (S, C, K), outputs (S, O))}, float64. Sampling is seeded by (layer,
-    batch): another copy of the model is sampled at the same places."""
+    per call of the layer per batch: {layer: (inputs (S, C, K), outputs (S, O))}, float64. Sampling is seeded by
+    (layer, batch, call): another copy of the model is sampled at the same places. A layer that runs several
+    times per forward (a detector's head shared by its levels) is sampled at every call. ``stop_after``: the
+    forward of a batch stops once that layer ran as often as it did in the first batch's whole forward."""
     got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
     step = [0]
+    calls: dict[str, int] = {}  # the current batch's calls per layer
+    stop_at = [0]  # calls of stop_after per batch (0: not known yet, the first batch runs whole)
 
     class _Stop(Exception):
         pass
 
     def hook(name: str) -> Callable:
         def fn(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            call = calls[name] = calls.get(name, 0) + 1
             u = _patches(m, args[0].detach()).double()
             y = out.detach().double()
             y = y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.flatten(2)  # (N, O) / (N, O, L)
             # zlib.crc32, not hash(): str hashes are salted per process, and runs must be reproducible
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step[0]}".encode()))
+            key = f"{name}/{step[0]}" + (f"/{call - 1}" if call > 1 else "")
+            gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             n = torch.randint(u.shape[0], (per_batch,), generator=gen)
             loc = torch.randint(u.shape[-1], (per_batch,), generator=gen)
             ys = y[n] if y.dim() == 2 else y[n, :, loc]
             got[name].append((u[n, :, :, loc].cpu(), ys.cpu()))
-            if name == stop_after:
+            if name == stop_after and call == stop_at[0]:
                 raise _Stop
 
         return fn
@@ -133,10 +140,13 @@ def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_b
         with torch.no_grad():
             for i, x in enumerate(batches):
                 step[0] = i
+                calls.clear()
                 try:
-                    model(x.to(device))
+                    model(to_device(x, device))
                 except _Stop:
                     pass
+                if stop_after is not None and not stop_at[0]:
+                    stop_at[0] = calls.get(stop_after, 0)
     finally:
         for h in handles:
             h.remove()

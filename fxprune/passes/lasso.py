@@ -95,7 +95,7 @@ def _keep_counts(ctx: PassContext) -> dict[int, int]:
 @dataclass(frozen=True)
 class Lasso(Calibrated):
     name = "lasso"
-    graph_only = "its calibration reads the layers' inputs from the traced graph"
+    graph_only = None  # runs on the modules target too: its calibration hooks the user's modules
     description = "Channel Pruning (He et al. 2017): LASSO selection with bisected lambda, least-squares weights"
 
     rows: int = 4000

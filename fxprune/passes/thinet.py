@@ -78,7 +78,7 @@ def greedy_order(x: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class ThiNet(Calibrated):
     name = "thinet"
-    graph_only = "its calibration reads the layers' inputs from the traced graph"
+    graph_only = None  # runs on the modules target too: its calibration hooks the user's modules
     description = "ThiNet (Luo et al. 2017): greedy next-layer reconstruction error, least-squares rescale"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"layerwise": True}}
 
