@@ -30,7 +30,7 @@ from fxprune.measure import count_macs, interleaved_latency, peak_memory_bytes, 
 
 from .deploy import ONNX, ORIGINAL_ONNX, DeployError, onnx_feed, onnx_session, require_onnx
 
-__all__ = ["bench", "BenchError"]
+__all__ = ["bench", "BenchError", "from_model_file"]
 
 
 class BenchError(FileNotFoundError):
@@ -47,7 +47,7 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _from_model_file(folder: Path, model_file: Path) -> dict[str, tuple[torch.nn.Module, Any]]:
+def from_model_file(folder: Path, model_file: Path) -> dict[str, tuple[torch.nn.Module, Any]]:
     """The original (the model file's ``model()``) and the pruned model rebuilt from the folder's plan and
     weights (``fxprune.load(DIR, model=...)``), on the model file's example inputs: a folder written by the
     modules target has no ``.pt2`` to read them from."""
@@ -81,7 +81,7 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
     for device in devices():
         models = {}
         if model_file is not None:
-            for label, (module, inputs) in _from_model_file(folder, Path(model_file)).items():
+            for label, (module, inputs) in from_model_file(folder, Path(model_file)).items():
                 models[label] = (module.to(device), to_device(inputs, device))
         else:
             for label, name in (("original", ORIGINAL), ("pruned", MODEL)):
