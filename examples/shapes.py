@@ -7,6 +7,7 @@ Plain PyTorch; fxprune is not imported here. The detector examples import it as 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -18,11 +19,18 @@ CLASSES = ("square", "disc", "triangle")
 Target = dict[str, torch.Tensor]  # {"boxes": (n, 4) x1 y1 x2 y2 in pixels, "labels": (n,) int64, 1 to 3}
 
 
+@functools.cache
+def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ys, xs): each pixel's row and column, (size, size) each."""
+    return torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+
+
 def _background(size: int, g: torch.Generator) -> torch.Tensor:
     """Low-frequency colour noise plus faint stripes at a random angle: a texture the detector must ignore."""
     coarse = torch.rand(1, 3, 4, 4, generator=g)
     img = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ys, xs = _grid(size)
     angle = float(torch.rand((), generator=g)) * math.pi
     period = 4 + 8 * float(torch.rand((), generator=g))
     stripes = torch.sin((xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / period)
@@ -30,7 +38,7 @@ def _background(size: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _shape_mask(kind: int, x0: int, y0: int, side: int, size: int) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ys, xs = _grid(size)
     u, v = (xs - x0 + 0.5) / side, (ys - y0 + 0.5) / side  # 0..1 inside the box
     inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     if kind == 0:

@@ -103,6 +103,9 @@ def test_cli_slims_a_detector_recovers_it_and_eval_measures_its_folder(tmp_path)
     assert report["finetune"]["log"][0]["terms"].keys() == {"loss_classifier", "loss_box"}
     assert "metrics" in report["before"] and "metrics" in report["after"] and "trained_metrics" in report["pass_report"]
     assert not (out / "model.pt2").exists()
+    # an example batch of one: the resized modules keep the model's code, so the batch stays free (checked at two)
+    assert {"input": "x", "axis": 0, "example": 1, "checked_at": 2} in report["input_axes"]["dynamic"]
+    assert not any("fixed at 1" in note for note in report["notes"])
     rows = runner.invoke(app, ["eval", str(path), str(out), "--attack", "none", "--json"])
     assert rows.exit_code == 0, rows.output
     got = json.loads(rows.stdout)
