@@ -11,7 +11,8 @@ import torch
 from fxprune.artifacts import MODEL, ORIGINAL, PLAN, load
 from fxprune.robustness import PGD, robust_metrics
 
-from .modelfile import load_model_file
+from .modelfile import ModelFile, load_model_file
+from .rebuild import rebuilt
 
 __all__ = ["evaluate_folder", "RobustnessError", "ATTACKS"]
 
@@ -22,13 +23,11 @@ class RobustnessError(ValueError):
     """An attack that does not exist, a folder without its models, or a model file without val_loader()."""
 
 
-def _models(folder: Path, model_file: Path) -> dict[str, torch.nn.Module]:
+def _models(folder: Path, mf: ModelFile) -> dict[str, torch.nn.Module]:
     """The original and the pruned model: the folder's programs, or, for a folder of the modules target (a plan and
     weights, no program), the model file's ``model()`` and that model resized by the plan."""
     if not (folder / MODEL).is_file() and (folder / PLAN).is_file():
-        from .bench import from_model_file
-
-        return {label: module for label, (module, _) in from_model_file(folder, model_file).items()}
+        return rebuilt(folder, mf, "eval of a folder without model.pt2 (the modules target)")
     try:
         return {"original": load(folder, ORIGINAL), "pruned": load(folder, MODEL)}
     except FileNotFoundError as exc:
@@ -53,7 +52,7 @@ def evaluate_folder(model_file: Path, folder: Path, *, attack: str = "pgd", eps:
         mf.require("val_loader", why="eval (the data to attack; --attack none evaluates without attacking)")
     elif not mf.has("evaluate"):
         mf.require("evaluate", why="eval --attack none (the metrics to report)")
-    models = _models(folder, Path(model_file))
+    models = _models(folder, mf)
     evaluate, loss = mf.get("evaluate"), mf.loss()
     rows = []
     for name, model in models.items():
