@@ -15,26 +15,18 @@ pruning, of recovery and of the whole run. Prints a Markdown table for the READM
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _common import each_run, run_example  # noqa: E402
 from _results import save  # noqa: E402
-
-from fxprune.cli.pipeline import run  # noqa: E402
-from fxprune.cli.runconfig import RunConfig  # noqa: E402
 
 
 def one(method: str, ratio: float, folder: Path) -> dict:
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report, _ = run(RunConfig(ROOT / "examples" / "digits.py", method, ratio, folder / f"{method}-{ratio}"))
+    report = run_example("digits", method, ratio, folder)
     trained = (report.get("pass_report") or {}).get("trained_metrics") or {}
     return {"pass": method, "ratio": ratio, "recovery": report["finetune"]["mode"],
             "recovery_epochs": report["finetune"]["epochs"],
@@ -75,12 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "headline.json")
     args = ap.parse_args()
     started = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for ratio in args.ratios:
-            for method in args.passes:
-                rows.append(one(method, ratio, Path(folder)))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "notes"}), file=sys.stderr, flush=True)
+    rows = each_run(args.passes, args.ratios, one)
     save(args.out, rows, __file__, started)
     print(table(rows))
 

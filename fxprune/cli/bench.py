@@ -29,6 +29,8 @@ from fxprune.artifacts import MODEL, ORIGINAL
 from fxprune.measure import count_macs, interleaved_latency, peak_memory_bytes, to_device
 
 from .deploy import ONNX, ORIGINAL_ONNX, DeployError, onnx_feed, onnx_session, require_onnx
+from .modelfile import load_model_file
+from .rebuild import rebuilt
 
 __all__ = ["bench", "BenchError"]
 
@@ -45,20 +47,6 @@ def _load(path: Path) -> tuple[torch.nn.Module, Any]:
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _from_model_file(folder: Path, model_file: Path) -> dict[str, tuple[torch.nn.Module, Any]]:
-    """The original (the model file's ``model()``) and the pruned model rebuilt from the folder's plan and
-    weights (``fxprune.load(DIR, model=...)``), on the model file's example inputs: a folder written by the
-    modules target has no ``.pt2`` to read them from."""
-    from fxprune.artifacts import load
-
-    from .modelfile import load_model_file
-
-    mf = load_model_file(model_file)
-    mf.require("model", "example_inputs", why="bench --model")
-    inputs = mf.example_inputs()
-    return {"original": (mf.model().eval(), inputs), "pruned": (load(folder, model=mf.model()), inputs)}
 
 
 def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
@@ -81,7 +69,10 @@ def bench(folder: str | Path, *, repeats: int = 50, rounds: int = 5,
     for device in devices():
         models = {}
         if model_file is not None:
-            for label, (module, inputs) in _from_model_file(folder, Path(model_file)).items():
+            mf = load_model_file(Path(model_file))
+            mf.require("example_inputs", why="bench --model")
+            inputs = mf.example_inputs()
+            for label, module in rebuilt(folder, mf, "bench --model").items():
                 models[label] = (module.to(device), to_device(inputs, device))
         else:
             for label, name in (("original", ORIGINAL), ("pruned", MODEL)):

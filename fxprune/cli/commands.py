@@ -503,7 +503,8 @@ def evaluate_robustness(
     model_file: ModelArg,
     folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
     attack: Annotated[str, typer.Option("--attack",
-                                        help="pgd: L-inf projected gradient descent, random start")] = "pgd",
+                                        help="pgd: L-inf projected gradient descent, random start; none: only the "
+                                             "model file's evaluate() (a detector's mAP)")] = "pgd",
     eps: Annotated[float, typer.Option("--eps", help="the L-inf radius, in input units")] = 0.03,
     steps: Annotated[int, typer.Option("--steps", help="attack steps (ANP evaluates with 40)")] = 40,
     step: Annotated[Optional[float], typer.Option("--step", help="step size (default 2.5 eps / steps)",
@@ -512,8 +513,9 @@ def evaluate_robustness(
                                                    show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Clean accuracy, white-box PGD accuracy and mean layer vulnerability of the original and the pruned
-    model of an output folder, on the model file's val_loader() (the same code path for both)."""
+    """The model file's evaluate() metrics, clean accuracy, white-box PGD accuracy and mean layer vulnerability of
+    the original and the pruned model of an output folder, on the model file's val_loader() (the same code path
+    for both). A folder of the modules target (a detector) is rebuilt from the model file and the folder's plan."""
     from .robust import evaluate_folder
 
     with _user_errors():
@@ -524,12 +526,15 @@ def evaluate_robustness(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{folder}: {attack.upper()} eps {eps:g}, {steps} steps", title_justify="left")
-    for col in ("model", "clean accuracy", "PGD accuracy", "vulnerability"):
+    title = f"{folder}: {attack.upper()} eps {eps:g}, {steps} steps" if attack != "none" else f"{folder}"
+    table = Table(title=title, title_justify="left")
+    metrics = list(rows[0].get("metrics", {}))
+    attacked = [c for c in ("clean_accuracy", "pgd_accuracy", "vulnerability") if c in rows[0]]
+    for col in ["model", *metrics, *(c.replace("_", " ").replace("pgd", "PGD") for c in attacked)]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
-        table.add_row(row["model"], f"{row['clean_accuracy']:.4f}", f"{row['pgd_accuracy']:.4f}",
-                      f"{row['vulnerability']:.4g}")
+        table.add_row(row["model"], *(f"{row['metrics'][m]:.4g}" for m in metrics),
+                      *(f"{row[c]:.4f}" if c != "vulnerability" else f"{row[c]:.4g}" for c in attacked))
     Console().print(table)
 
 

@@ -92,7 +92,8 @@ def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     model.eval()
     try:
         gm = record_trace(model, args, kwargs, analysis=True)
-        shapes = input_shapes(model, args, kwargs, dynamic_shapes)
+        shapes = input_shapes(model, args, kwargs, dynamic_shapes).ones_free()  # the resized modules keep the
+        # model's code, so a batch of one it runs at two stays free (checked at two after resizing)
     except Unsupported as exc:
         raise TraceError(f"fxprune could not record {type(model).__name__} for analysis: {exc}") from None
     finally:

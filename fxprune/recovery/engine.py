@@ -47,6 +47,7 @@ from .checkpoint import (
     unflatten_state,
 )
 from .curves import append_log, plot_log, write_log
+from .own_loss import reduce_loss, target_parameter
 from .resume import next_checkpoint_dir
 
 __all__ = ["train", "finetune", "batches_per_epoch", "Hook", "TrainState", "LossFn", "Evaluate", "OPTIMIZERS",
@@ -143,13 +144,14 @@ class Hook:
         pass
 
 
-def _forward(module: nn.Module, inputs: Any) -> Any:
-    """A batch's inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs."""
+def _forward(module: nn.Module, inputs: Any, **more: Any) -> Any:
+    """A batch's inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs (``more``: keyword
+    inputs beside them, the target of a model that computes its own loss)."""
     if isinstance(inputs, dict):
-        return module(**inputs)
+        return module(**inputs, **more)
     if isinstance(inputs, (tuple, list)):
-        return module(*inputs)
-    return module(inputs)
+        return module(*inputs, **more)
+    return module(inputs, **more)
 
 
 def batches_per_epoch(loader: Iterable[Any]) -> int | None:
@@ -237,6 +239,8 @@ class _Run:
     max_grad_norm: float | None
     masks: MaskTraining | None = None
     mask_batches: Any = None             # the alternating loader's iterator (cycled)
+    target_parameter: str | None = None  # the model computes its own loss: the forward parameter taking the target
+    terms: dict[str, list[float]] = field(default_factory=dict)  # its loss terms this epoch, by name
 
     def next_mask_batch(self) -> Any:
         assert self.masks is not None and self.masks.loader is not None
@@ -257,8 +261,14 @@ def _objective(state: TrainState, run: _Run, batch: Any) -> torch.Tensor:
     for hook in run.hooks:
         hook.before_forward(state)
     with torch.autocast(state.device.type, enabled=run.amp):
-        output = _forward(run.runner, inputs)
-        loss = run.loss_fn(output, target)
+        if run.target_parameter is not None:  # the model computes its own loss (fxprune.recovery.own_loss)
+            output = _forward(run.runner, inputs, **{run.target_parameter: target})
+            loss, terms = reduce_loss(output)
+            for name, value in terms.items():
+                run.terms.setdefault(name, []).append(value)
+        else:
+            output = _forward(run.runner, inputs)
+            loss = run.loss_fn(output, target)
         state.task_loss = loss
         for hook in run.hooks:
             extra = hook.loss(state, output, target)
@@ -377,7 +387,10 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     """Train ``module`` in place for ``epochs`` epochs; returns one log record per epoch.
 
     ``train_loader`` yields ``(inputs, target)`` batches; ``loss_fn(output, target)`` defaults to
-    cross-entropy. The module ends on ``device`` in the train/eval mode it started in.
+    cross-entropy, or, for a model whose forward takes the target (a parameter named ``targets``, ``target`` or
+    ``labels``: a torchvision detector, a Hugging Face model), to the loss the model returns given it
+    (:mod:`fxprune.recovery.own_loss`; a dict of losses is summed, its terms logged per epoch under ``terms``).
+    The module ends on ``device`` in the train/eval mode it started in.
 
     - ``optimizer``: ``"sgd"`` (``momentum``, ``nesterov``), ``"adamw"`` or ``"adam"`` (L2 decay in the
       gradient); ``weight_decay`` defaults to 5e-4 for SGD, 1e-2 for AdamW and 0 for Adam. ``parameters``: what
@@ -421,7 +434,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     sched = _schedule(schedule, opt, epochs, step_size, gamma) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
-               use_amp, max_grad_norm, masks=masks)
+               use_amp, max_grad_norm, masks=masks,
+               target_parameter=target_parameter(module) if loss_fn is None else None)
     state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None,
                        device=device, rank=ctx.rank, world=ctx.world, mask_optimizer=mask_opt)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -445,6 +459,9 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
             distributed.sync_buffers(module, ctx)
             record: dict[str, Any] = {"epoch": state.epoch + 1, "loss": mean, "lr": rate,
                                       "seconds": time.perf_counter() - start}
+            if run.terms:  # a model's own loss terms, each its epoch mean (this process's)
+                record["terms"] = {k: float(np.mean(v)) for k, v in run.terms.items()}
+                run.terms = {}
             improved = False
             if evaluate is not None:
                 state.metrics = _metrics(evaluate, module)

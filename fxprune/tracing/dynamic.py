@@ -23,6 +23,7 @@ or say which it does not. Nobody lists those axes by hand:
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,15 @@ class InputShapes:
                 if self.fixed_by_code() else "")
         return (f"fxprune: {model_name} takes other sizes than the example's where the pruned model will not: "
                 + "; ".join(str(f) for f in self.fixed) + "." + hint)
+
+    def ones_free(self) -> InputShapes:
+        """The example's axes of size 1 that the model runs at 2 (fixed: torch specialises them), dynamic instead,
+        each a group of its own: for a model whose own code runs after pruning (the modules target), not a graph
+        torch traced."""
+        ones = [f for f in self.fixed if f.axis.size == 1]
+        first = max((a.group for a in self.dynamic), default=-1) + 1
+        freed = tuple(dataclasses.replace(f.axis, group=first + k) for k, f in enumerate(ones))
+        return InputShapes(self.dynamic + freed, tuple(f for f in self.fixed if f.axis.size != 1))
 
     def with_fixed(self, fixed: dict[Axis, str]) -> InputShapes:
         """These axes moved from dynamic to fixed, with why."""
