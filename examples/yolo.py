@@ -32,7 +32,7 @@ from torch import nn
 CLASSES = len(shapes.CLASSES)  # labels 1..3 (0: background, as torchvision counts)
 SIZE = 64
 WIDTH = 8  # the stem's channels; every stage doubles it up to 8x
-TRAIN_EPOCHS = int(os.environ.get("YOLO_EPOCHS", "30"))
+TRAIN_EPOCHS = int(os.environ.get("YOLO_EPOCHS", "40"))
 IMAGES = int(os.environ.get("YOLO_IMAGES", "1024"))
 BATCH = 32
 
@@ -215,9 +215,9 @@ def model() -> YOLO:
     """The detector trained TRAIN_EPOCHS epochs on the shapes (deterministic), in eval mode."""
     torch.manual_seed(0)
     net = YOLO()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-3, weight_decay=1e-4)
     steps = TRAIN_EPOCHS * len(train_loader())
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=max(steps, 1))
     net.train()
     for _ in range(TRAIN_EPOCHS):
         for images, targets in train_loader():
