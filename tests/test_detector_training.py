@@ -115,3 +115,29 @@ def test_cli_slims_a_detector_recovers_it_and_eval_measures_its_folder(tmp_path)
     attacked = runner.invoke(app, ["eval", str(path), str(out)])
     assert attacked.exit_code == 2 and "val_loader" in attacked.output and "--attack none" in attacked.output
     sys.modules.pop("test_detector_training", None)
+
+
+def test_slimming_trains_and_prunes_a_torchvision_detector_exactly() -> None:
+    """Faster R-CNN (MobileNetV3-FPN, random weights): no static graph; slimming trains its sparsity on a masked copy
+    of its modules through its own dict of losses, and the resized detector equals the masked original."""
+    import warnings
+
+    import torchvision
+
+    import fxprune
+    from fxprune.testing import assert_equivalent
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128).eval()
+    g = torch.Generator().manual_seed(0)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 110.0]]), "labels": torch.tensor([2])}]
+    loader = [(torch.rand(2, 3, 128, 128, generator=g), targets)]
+    x = ([torch.rand(3, 128, 128, generator=g)],)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, x, "slimming", 0.5, train_loader=loader, options={"epochs": 1})
+    assert result.compaction["target"] == "modules" and result.weights
+    assert result.cost_after.macs < 0.6 * result.cost_before.macs
+    assert_equivalent(model, result, x, dtype=None)
