@@ -147,3 +147,10 @@ def test_passes_that_need_the_graph_say_why_on_the_modules_target(method: str, w
         warnings.simplefilter("ignore")
         fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), method, 0.5, train_loader=_loader(),
                       loss=_feature_loss)
+
+
+def test_scratch_refuses_a_wider_copy_on_the_modules_target() -> None:
+    with pytest.raises(PassError, match="expand > 1 traces a wider copy"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxprune.prune(_detnet(), (torch.rand(1, 3, 32, 32),), "scratch", 0.5, train_loader=_loader(),
+                      loss=_feature_loss, options={"expand": 1.25})
