@@ -5,13 +5,14 @@ Torch-free at import (it only calls methods of the objects it is given), so any 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["attribute", "named_tensors", "user_tensors", "device_of_module", "callers_rng_kept", "seeded"]
+__all__ = ["attribute", "named_tensors", "user_tensors", "load_tensors", "device_of_module", "callers_rng_kept",
+           "seeded"]
 
 
 def attribute(root: Any, path: str) -> Any:
@@ -35,6 +36,17 @@ def user_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     parametrizations' own tensors are left out."""
     named = {_unparametrized(k): v for k, v in named_tensors(module).items()}
     return {k: v for k, v in named.items() if k is not None}
+
+
+def load_tensors(state: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy each of ``tensors`` into the tensor of the same name in ``state`` (a ``named_tensors`` view of a
+    module), in place and without autograd; names ``state`` lacks are skipped."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in state:
+                state[name].copy_(t)
 
 
 def _unparametrized(name: str) -> str | None:

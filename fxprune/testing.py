@@ -8,7 +8,7 @@ import torch
 
 from .analysis.rules.norm import DIRECTION
 from .compaction.plan import Plan
-from .state import attribute, named_tensors
+from .state import attribute, load_tensors, named_tensors
 from .tracing.compat import tree_leaves
 from .tracing.dynamic import at_probe, resized
 from .tracing.tracer import normalize_inputs
@@ -52,11 +52,7 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
     if not weights:
         return model
     model = copy.deepcopy(model)
-    state = named_tensors(model)
-    with torch.no_grad():
-        for name, t in weights.items():
-            if name in state:
-                state[name].copy_(t)
+    load_tensors(named_tensors(model), weights)
     return model
 
 

@@ -704,3 +704,15 @@ def test_a_run_that_ends_more_than_two_points_below_the_original_says_so_and_wha
         if expected:
             assert "0.5 after 1 epoch of finetune" in said[0] and "--epochs 2" in said[0]
             assert "a smaller --ratio" in said[0] and "--distill" in said[0]
+
+
+@pytest.mark.parametrize("before, after, fell", [
+    (0.9, 0.87, True), (0.9, 0.89, False), (0.9, 0.95, False),     # a metric in [0, 1]: points
+    (-3.648, -3.472, False), (-3.0, -3.1, True), (40.0, 39.5, False), (40.0, 44.0, False), (40.0, 38.0, True)])
+def test_a_metric_only_falls_downwards(before: float, after: float, fell: bool) -> None:
+    """The notes read evaluate()'s first metric as higher-is-better: a character LM's neg_bpc that improves from
+    -3.648 to -3.472 is no drop (it was reported as one), a fall of 2% of |before| or more is."""
+    from fxprune.cli.notes import _fell
+
+    got = _fell({"m": before}, {"m": after}, 0.02)
+    assert (got is not None) == fell and (got is None or got == ("m", before, after))

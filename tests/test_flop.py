@@ -131,6 +131,24 @@ def test_flop_options_and_errors() -> None:
     assert set(res.report["factorised"]) == {"fc2"}
 
 
+def test_flop_trains_about_500_steps_by_default_and_its_lagrangian_reaches_the_target() -> None:
+    """Without epochs=, flop trains the whole epochs that give about 500 optimiser steps (40 batches: 13 epochs,
+    520 steps); the expected sparsity then ends at the target, where one epoch (40 steps) leaves it far below,
+    the cut then doing all the pruning (the ViT in the robustness benchmark: 0.006 for a 0.68 target)."""
+    torch.manual_seed(0)
+    model, inputs = MLP().eval(), (torch.randn(3, 16),)
+    runs = {}
+    for epochs in (None, 1):
+        options = {} if epochs is None else {"epochs": epochs}
+        res = fxprune.prune(model, inputs, "flop", budget=fxprune.Budget(target_params=0.5), options=options,
+                            train_loader=_mlp_data(40))
+        runs[epochs] = res.report
+    assert runs[None]["epochs"] == 13 and runs[1]["epochs"] == 1
+    target = runs[None]["target_sparsity"]
+    assert abs(runs[None]["expected_sparsity"] - target) < 0.03, runs[None]["expected_sparsity"]
+    assert target - runs[1]["expected_sparsity"] > 0.2, runs[1]["expected_sparsity"]
+
+
 def _lm_data(vocab: int = 100) -> tuple[list, object]:
     g = torch.Generator().manual_seed(0)
     data = [(ids, ids) for ids in (torch.randint(0, vocab, (8, 12), generator=g) for _ in range(6))]

@@ -97,14 +97,16 @@ def latency_note(cfg: RunConfig, result: Any, before: dict[str, Any], after: dic
 def _fell(before: dict[str, Any] | None, after: dict[str, Any] | None,
           points: float) -> tuple[str, float, float] | None:
     """evaluate()'s first metric (name, before, after) when it fell by more than ``points`` (a metric in [0, 1]),
-    or changed by more than that fraction (another); None otherwise or without both."""
+    or by more than that fraction of ``|before|`` (another); None otherwise or without both. The first metric is
+    higher-is-better, as recovery's best epoch reads it (a loss goes in negated, e.g. the character LM's
+    ``neg_bpc``): a rise is never reported."""
     if not before or not after:
         return None
     name = next(iter(before))
     b, a = before.get(name), after.get(name)
     if b is None or a is None:
         return None
-    fell = (b - a) > points if 0.0 <= b <= 1.0 else abs(a - b) > points * max(abs(b), 1e-12)
+    fell = (b - a) > (points if 0.0 <= b <= 1.0 else points * max(abs(b), 1e-12))
     return (name, b, a) if fell else None
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from fxprune.measure import to_device
 from fxprune.recovery.distributed import launch_rank
-from fxprune.recovery.engine import batches_per_epoch
+from fxprune.recovery.engine import batches_per_epoch, epochs_for_steps
 from fxprune.recovery.modes import recover, scratch_b_epochs
 
 from .modelfile import ModelFile
@@ -79,8 +78,7 @@ def model_file_data(mf: ModelFile) -> dict[str, Any]:
 def default_epochs(loader: Any) -> int:
     """Recovery epochs when none are given: about ``DEFAULT_STEPS`` optimiser steps, 1 to 10 epochs
     (small data sets get several passes, a large one a single epoch); 1 for a loader without a length."""
-    batches = batches_per_epoch(loader)
-    return 1 if not batches else min(10, max(1, math.ceil(DEFAULT_STEPS / batches)))
+    return epochs_for_steps(loader, DEFAULT_STEPS, most=10)
 
 
 def _recovery_epochs(cfg: RunConfig, mf: ModelFile, data: dict[str, Any], fb: Feedback,

@@ -117,7 +117,7 @@ def _evaluated(mask: nn.Module) -> torch.Tensor:
         mask.train(was)
 
 
-def _index(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
+def index_of(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
     """Per position of an axis: 0 (no group) or 1 + (offset of its group's mask in the table) + channel."""
     index = np.zeros(size, dtype=np.int64)
     for site, offset in entries:
@@ -237,7 +237,7 @@ class _Insert:
         for gid, site in entries:
             table.append((site, offsets))
             offsets += self.chosen[gid].channels
-        return _index(entries[0][1].size, table)
+        return index_of(entries[0][1].size, table)
 
     def _path(self) -> str:
         self.count += 1

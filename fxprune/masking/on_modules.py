@@ -28,17 +28,16 @@ import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune.analysis.groups import ChannelGroups, Group
-from fxprune.state import named_tensors, user_tensors
+from fxprune.state import load_tensors, named_tensors, user_tensors
 
 from .apply import ApplyMasks
-from .insert import MaskedModel
+from .insert import MaskedModel, index_of
 from .sites import MASKS, GraphFacts, GroupSites, Site, find_sites
 
 __all__ = ["insert_module_masks", "ModuleMasked"]
@@ -88,11 +87,11 @@ Entries = list[tuple[int, Site]]
 
 def _index(entries: Entries, sizes: Mapping[int, int]) -> torch.Tensor:
     """Per position of the axis: 0 (no group) or 1 + the channel's place in the masks' concatenation."""
-    index, offset = np.zeros(entries[0][1].size, dtype=np.int64), 0
+    table, offset = [], 0
     for gid, site in entries:
-        index[site.index] = 1 + offset + site.pos
+        table.append((site, offset))
         offset += sizes[gid]
-    return torch.as_tensor(index)
+    return index_of(entries[0][1].size, table)
 
 
 def _why_not(gs: GroupSites, mask: nn.Module, state: Mapping[str, torch.Tensor], shared: set[str]) -> str | None:
@@ -118,11 +117,7 @@ def insert_module_masks(model: nn.Module, gm: fx.GraphModule, groups: ChannelGro
     first. ``model`` is never modified."""
     module = copy.deepcopy(model)
     state = named_tensors(module)
-    if weights:
-        with torch.no_grad():
-            for name, t in weights.items():
-                if name in state:
-                    state[name].copy_(t)
+    load_tensors(state, weights or {})
     names: dict[int, list[str]] = {}
     for name, t in state.items():
         names.setdefault(id(t), []).append(name)

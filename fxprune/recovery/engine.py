@@ -162,6 +162,14 @@ def batches_per_epoch(loader: Iterable[Any]) -> int | None:
         return None
 
 
+def epochs_for_steps(loader: Iterable[Any], steps: int, *, most: int | None = None) -> int:
+    """Whole epochs of ``loader`` that give about ``steps`` optimiser steps: ``ceil(steps / len(loader))``,
+    at least 1 and at most ``most``; 1 for a loader without a length."""
+    batches = batches_per_epoch(loader)
+    epochs = 1 if not batches else max(1, math.ceil(steps / batches))
+    return epochs if most is None else min(most, epochs)
+
+
 def _optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float,
                weight_decay: float | None, nesterov: bool = False,
                betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
