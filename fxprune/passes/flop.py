@@ -67,6 +67,7 @@ __all__ = ["Flop", "HardConcrete", "Lagrangian"]
 
 STEPS = 500  # gate training without epochs=: about this many optimiser steps (whole epochs, at least one)
 
+
 class HardConcrete(nn.Module):
     """Hard-concrete L0 gates (Louizos et al.; FLOP's defaults): sampled in training, the evaluation mask
     in eval mode (``sigmoid(0.8 log_alpha)`` with the ``round(E[#zeros])`` smallest set to 0)."""
