@@ -16,8 +16,10 @@ from torch import nn
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.compaction.modules import ResizeError, freeze_code_sizes, resize_modules
+from fxprune.compaction.targets import trace_for
 from fxprune.testing import assert_equivalent
 from fxprune.tracing.record import record_trace
+from fxprune.tracing.tracer import INPUT_SHAPES, input_shapes
 
 
 class DetNet(nn.Module):
@@ -103,6 +105,27 @@ def test_prune_resizes_the_modules_exactly_on_inputs_of_two_sizes() -> None:
     assert_equivalent(model, result, (torch.rand(1, 3, 48, 40),))  # another size: its own boxes, its own loop
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.cost_after.macs < 0.5 * result.cost_before.macs
+
+
+def test_the_fallback_reuses_the_input_axes_the_failed_trace_found() -> None:
+    """A model torch.export cannot take is probed at other input sizes once: the modules target's recording takes
+    the axes the failed trace found (the probe is real runs of the model: a second one cost a ResNet-50 detector
+    two forwards at twice the example's size)."""
+    model, x = _detnet(), torch.rand(2, 3, 32, 32)
+    seen: list[tuple[int, ...]] = []
+    hook = model.c1.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm, used = trace_for(model, (x,), "auto")
+            probes = [s for s in seen if s != tuple(x.shape)]
+            seen.clear()
+            alone = input_shapes(model, (x,), {})
+    finally:
+        hook.remove()
+    assert used["target"] == "modules"
+    assert probes and len(probes) == len([s for s in seen if s != tuple(x.shape)])  # one probe's runs, not two
+    assert gm.meta[INPUT_SHAPES] == alone.ones_free()  # the axes the recording would have found itself
 
 
 def test_sizes_in_python_code_freeze_their_groups() -> None:

@@ -64,8 +64,8 @@ def trace_for(model: torch.nn.Module, example_inputs: Any, target: str, dynamic_
         return trace(model, example_inputs, dynamic_shapes=dynamic_shapes), \
             {"target": "graph", "why": "the model traces as a whole"}
     except TraceError as exc:
-        try:
-            gm = analysis_trace(model, example_inputs, dynamic_shapes)
+        try:  # the axes the failed trace found stand: the model is not run at other sizes again
+            gm = analysis_trace(model, example_inputs, dynamic_shapes if exc.input_shapes is None else exc.input_shapes)
         except Exception:  # the model does not even run under the recording: the trace's own error says most
             held.stream.write(held.buffer.getvalue())
             raise exc from None
@@ -82,7 +82,8 @@ def trace_for(model: torch.nn.Module, example_inputs: Any, target: str, dynamic_
 
 def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> fx.GraphModule:
     """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``). The resized
-    modules keep the model's own code, so the input axes it accepts at other sizes (``input_shapes``) stay free."""
+    modules keep the model's own code, so the input axes it accepts at other sizes (``input_shapes``) stay free.
+    ``dynamic_shapes``: torch.export's spec, or the ``InputShapes`` a failed trace already found."""
     from fxprune.tracing.makefx import Unsupported
     from fxprune.tracing.record import record_trace
     from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, input_shapes, normalize_inputs

@@ -117,15 +117,17 @@ def _evaluated(mask: nn.Module) -> torch.Tensor:
         mask.train(was)
 
 
-def index_of(size: int, entries: list[tuple[Site, int]]) -> torch.Tensor:
-    """Per position of an axis: 0 (no group) or 1 + (offset of its group's mask in the table) + channel."""
-    index = np.zeros(size, dtype=np.int64)
-    for site, offset in entries:
-        index[site.index] = 1 + offset + site.pos
-    return torch.as_tensor(index)
-
-
 Entries = list[tuple[int, Site]]  # (group id, where on this tensor's axis)
+
+
+def index_of(entries: Entries, sizes: Mapping[int, int]) -> torch.Tensor:
+    """Per position of the axis ``entries`` share: 0 (no group) or 1 + (offset of its group's mask in the
+    concatenation of the entries' masks, ``sizes[gid]`` channels each) + channel."""
+    index, offset = np.zeros(entries[0][1].size, dtype=np.int64), 0
+    for gid, site in entries:
+        index[site.index] = 1 + offset + site.pos
+        offset += sizes[gid]
+    return torch.as_tensor(index)
 
 
 def _batch_norm(node: fx.Node) -> dict | None:
@@ -233,11 +235,7 @@ class _Insert:
         self.latest[node] = applied
 
     def _index(self, entries: Entries) -> torch.Tensor:
-        offsets, table = 0, []
-        for gid, site in entries:
-            table.append((site, offsets))
-            offsets += self.chosen[gid].channels
-        return index_of(entries[0][1].size, table)
+        return index_of(entries, {gid: self.chosen[gid].channels for gid, _ in entries})
 
     def _path(self) -> str:
         self.count += 1

@@ -37,8 +37,8 @@ from fxprune.analysis.groups import ChannelGroups, Group
 from fxprune.state import load_tensors, named_tensors, user_tensors
 
 from .apply import ApplyMasks
-from .insert import MaskedModel, index_of
-from .sites import MASKS, GraphFacts, GroupSites, Site, find_sites
+from .insert import Entries, MaskedModel, index_of
+from .sites import MASKS, GraphFacts, GroupSites, find_sites
 
 __all__ = ["insert_module_masks", "ModuleMasked"]
 
@@ -80,18 +80,6 @@ class ModuleMasked(MaskedModel):
 
     def state(self) -> dict[str, torch.Tensor]:
         return user_tensors(self.module)
-
-
-Entries = list[tuple[int, Site]]
-
-
-def _index(entries: Entries, sizes: Mapping[int, int]) -> torch.Tensor:
-    """Per position of the axis: 0 (no group) or 1 + the channel's place in the masks' concatenation."""
-    table, offset = [], 0
-    for gid, site in entries:
-        table.append((site, offset))
-        offset += sizes[gid]
-    return index_of(entries[0][1].size, table)
 
 
 def _why_not(gs: GroupSites, mask: nn.Module, state: Mapping[str, torch.Tensor], shared: set[str]) -> str | None:
@@ -166,7 +154,7 @@ def _parametrize(module: nn.Module, chosen: Mapping[int, GroupSites], values: _V
     for (name, axis, hard), entries in table.items():
         path, _, local = name.rpartition(".")
         owner = module.get_submodule(path)
-        times = _Times(ApplyMasks(axis, _index(entries, sizes), hard), [gid for gid, _ in entries], values)
+        times = _Times(ApplyMasks(axis, index_of(entries, sizes), hard), [gid for gid, _ in entries], values)
         parametrize.register_parametrization(owner, local, times.to(getattr(owner, local).device), unsafe=True)
         first = first if first is not None else times
     return first

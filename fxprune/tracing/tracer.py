@@ -78,7 +78,11 @@ log = logging.getLogger(__name__)
 
 
 class TraceError(RuntimeError):
-    """The model could not be traced; the message names the failing op and the user's source line."""
+    """The model could not be traced; the message names the failing op and the user's source line.
+    ``input_shapes``: the input axes found before the front ends failed (``dynamic.InputShapes``; None when
+    the probe did not run), so a fallback (the modules target's recording) need not run the model there again."""
+
+    input_shapes: InputShapes | None = None
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -293,8 +297,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
         with _eval_mode(model), torch_trace_noise_ignored():
             shapes = _input_shapes(model, args, kwargs, dynamic_batch, dynamic_shapes)
             insist = dynamic_shapes is not None and dynamic_shapes is not False  # axes the caller named
-            name, gm, fixed = _first_trace(model, args, kwargs, list(shapes.dynamic), chain, frontend is not None,
-                                           skipped, broken, insist)
+            try:
+                name, gm, fixed = _first_trace(model, args, kwargs, list(shapes.dynamic), chain,
+                                               frontend is not None, skipped, broken, insist)
+            except TraceError as exc:
+                exc.input_shapes = shapes
+                raise
     finally:  # outside the block that ignores torch's noise; ``name``: the front end that traced (or failed last)
         compat.warn_missing(skipped, _FALLBACK_NAMES[name], stacklevel=2)
         for failed, failure in broken:
