@@ -455,7 +455,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list, str]]:
         "untraceable, graph target": (["run", untraceable, "--target", "graph"], "branchy.py:12: if x.sum() > 0:"),
         "ratio 1": (["run", tiny, "--ratio", "1.0"], "ratio must be in [0, 1)"),
         "ratio < 0": (["run", tiny, "--ratio", "-0.1"], "ratio must be in [0, 1)"),
-        "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: anp, flop, l1"),
+        "unknown pass": (["run", tiny, "--pass", "nope"], "unknown pass 'nope'; available: act, anp, depth, flop, l1"),
         "unknown option": (["run", tiny, "--opt", "foo=1"], "pass 'l1' has no option 'foo'"),
         "malformed option": (["run", tiny, "--opt", "foo"], "--opt expects key=value"),
         "no train_loader": (["run", no_train, "--finetune-epochs", "1"], "does not define train_loader"),

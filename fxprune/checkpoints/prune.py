@@ -3,22 +3,24 @@
     architecture   config.json -> the model class, built on the meta device (no weights in memory)
     trace/analyze  on the meta model, with token ids (or an image) shaped from the config
     freeze         (uniform_across_layers) the kinds of group no config.json field can express
-    score          the pass reads each tensor it needs from the shards (``PassContext.source``)
+    score          the pass reads each tensor it needs from the shards (``PassContext.source``), and activations
+                   on calibration text streamed layer by layer (``PassContext.calibrate``)
     select         the budget, one width per kind of layer (``fxprune.selection.uniform``)
     verify         the rewritten config rebuilds (on meta) to exactly the shapes the plan writes
     write          shard by shard, the kept slices only (``fxprune.checkpoints.write``)
+    measure        (eval text) perplexity of the source and the written folder, streamed
 
-Only passes that read weights alone apply (``Pass.runs_graph`` False: l1): the others train or calibrate a
-model, which a checkpoint larger than memory cannot be.
+Passes that read weights alone (``Pass.runs_graph`` False: l1) apply, and passes that read activations on
+calibration text (``calibrates``: act, depth), which runs through the model one decoder layer at a time from disk
+(``fxprune.checkpoints.stream``); the others train a model, which a checkpoint larger than memory cannot be.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import io
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,10 @@ from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 
 from .architecture import checkpoint_tensors, example_inputs, load_config, meta_model, model_class
+from .calibration import Calibration, TextData
+from .depth import drop_blocks
 from .folder import Checkpoint, CheckpointError
+from .steps import Clock, measure_perplexity, recorded_notes
 from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes
 from .write import write_checkpoint
 
@@ -136,7 +141,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
                      options: dict[str, Any] | None = None, budget: Budget | None = None,
                      allow_inexact: bool = False, shard_bytes: int | None = None, force: bool = False,
                      require_prunable: bool = True, progress: Callable[[str], None] | None = None,
-                     **deprecated: Any) -> CheckpointResult:
+                     text: TextData | None = None, **deprecated: Any) -> CheckpointResult:
     """Prune the Hugging Face model folder ``src`` (config.json + safetensors, sharded or not) into ``out``,
     never holding more than a tensor or a shard of it in memory. ``ratio`` and ``budget`` (:class:`fxprune.Budget`)
     are ``fxprune.prune``'s, but for a latency target (nothing runs); its ``uniform_across_layers`` (default
@@ -145,44 +150,38 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     its config.json is the original one, which does not describe them. ``shard_bytes``: output shard size
     (default: the input's largest shard). The residual stream stays whole unless ``allow_inexact``. A removal
     asked of an architecture none of whose groups can shrink raises ``NothingToPruneError`` (naming why) unless
-    ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``."""
+    ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``.
+
+    ``text`` (:class:`fxprune.checkpoints.TextData`): calibration text for the passes that read activations
+    (act; depth, which removes whole decoder blocks and returns a ``DepthResult``), run through the model one
+    decoder layer at a time from disk, and the text whose perplexity report.json records before and after."""
     from fxprune.artifacts import check_target
 
-    budget = _budget(ratio, budget, deprecated)
+    budget, text = _budget(ratio, budget, deprecated), text or TextData()
     check_target(Path(out).resolve(), force)  # before any work
-    with _recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
-        clock = _Clock(progress)
-        ckpt, the_pass = _open(src), _weights_only_pass(method, options)
+    ckpt, the_pass = _open(src), _folder_pass(method, options, text)
+    calib = Calibration(ckpt, text) if text.calib is not None else None
+    if getattr(the_pass, "removes_blocks", False):
+        return drop_blocks(ckpt, Path(out), the_pass, budget, calib, text, shard_bytes, force, progress)
+    with recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
+        clock = Clock(progress)
         arch, analysed, sel = _analyse(ckpt, the_pass, budget, allow_inexact, require_prunable, clock.lap)
         scored = pipeline.score(the_pass, analysed, arch.model, {}, sel, *budget.resource, bool(arch.groups.prunable),
-                                source=lambda name: _read(ckpt, arch.names, name))
+                                source=lambda name: _read(ckpt, arch.names, name), calibrate=calib)
         clock.lap("score")
         decided = _decide(the_pass, arch, scored, analysed.counter, ckpt.config)
         clock.lap("select")
         report = _report(ckpt, arch, decided, analysed.before, the_pass.name, budget)
+        if calib is not None:
+            report["calibration"] = calib.info
+        if scored.decision.report:
+            report["pass_report"] = scored.decision.report
     report["notes"] = notes
-    _write(ckpt, Path(out), arch, decided, report, shard_bytes, force, clock)
+    _write(ckpt, Path(out), arch, decided, report, shard_bytes, force, clock, text)
     return CheckpointResult(Path(out).resolve(), decided.plan, arch.groups, decided.removed, decided.config,
                             decided.loadable, decided.why_not, decided.widths, analysed.before, decided.after,
                             decided.selection, report)
 
-
-class _Clock:
-    """Seconds per stage (report.json's ``seconds``), and ``progress`` told as each stage starts."""
-
-    ORDER = ("read", "trace", "analyze", "score", "select", "write")
-
-    def __init__(self, progress: Callable[[str], None] | None) -> None:
-        self.t0, self.progress, self.timings = time.perf_counter(), progress or (lambda name: None), {}
-        self.progress(self.ORDER[0])
-
-    def lap(self, name: str) -> None:
-        self.timings[name] = round(time.perf_counter() - self.t0 - sum(self.timings.values()), 3)
-        if name != self.ORDER[-1]:
-            self.progress(self.ORDER[self.ORDER.index(name) + 1])
-
-    def seconds(self) -> dict[str, float]:
-        return dict(self.timings, total=round(time.perf_counter() - self.t0, 3))
 
 
 def _open(src: str | Path) -> Checkpoint:
@@ -250,9 +249,9 @@ def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter:
 
 
 def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, report: dict[str, Any],
-           shard_bytes: int | None, force: bool, clock: _Clock) -> None:
-    """The kept slices shard by shard, the config, the plan and the report, in a staging folder renamed into
-    place at the end: never half-written."""
+           shard_bytes: int | None, force: bool, clock: Clock, text: TextData) -> None:
+    """The kept slices shard by shard, the config, the plan and the report (with the perplexity before and after
+    when asked), in a staging folder renamed into place at the end: never half-written."""
     from fxprune.artifacts import save_plan, staging_folder, write_json
 
     entries = {arch.names[m]: e for m, e in decided.plan.items() if m in arch.names}
@@ -261,7 +260,9 @@ def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, r
         save_plan(decided.plan, tmp / "plan.json", compact=True)
         clock.lap("write")
         report["seconds"] = clock.seconds()
+        measure_perplexity(report, ckpt, tmp, text, decided.loadable)
         write_json(report, tmp / "report.json")
+
 
 
 def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, Any]) -> Budget:
@@ -277,28 +278,19 @@ def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, An
     return budget
 
 
-@contextlib.contextmanager
-def _recorded_notes() -> Iterator[list[str]]:
-    """The fxprune warnings issued inside, as a list of notes (for report.json); each warning is issued again on
-    the way out, so that callers (the command line's notes, pytest.warns) see it as if nothing caught it."""
-    notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield notes
-        finally:
-            notes.extend(dict.fromkeys(str(w.message).removeprefix("fxprune: ") for w in caught
-                                       if str(w.message).startswith("fxprune: ")))
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-
-def _weights_only_pass(method: str, options: dict[str, Any] | None) -> Any:
-    """The pass, which must read weights only (``Pass.runs_graph`` False): the others train or calibrate."""
+def _folder_pass(method: str, options: dict[str, Any] | None, text: TextData) -> Any:
+    """The pass, which must read weights only (``Pass.runs_graph`` False), or read activations on calibration
+    text (``calibrates``: act, depth) given with ``text.calib``: the others train, which a folder is not."""
     the_pass = make_pass(method, options)
+    if getattr(the_pass, "calibrates", False):
+        if text.calib is None:
+            raise PassError(f"pass {the_pass.name!r} reads activations on calibration text: give --calib FILE.txt "
+                            "(text=TextData(calib=...)), a plain-text file like the text the model will see")
+        return the_pass
     require_weights_only(the_pass, "a model, and a checkpoint folder is pruned from disk without loading it: use a "
-                         "pass that reads weights only (l1), or write a model file whose model() loads the "
-                         "checkpoint")
+                         "pass that reads weights only (l1) or calibration text (act, depth, with --calib), or "
+                         "write a model file whose model() loads the checkpoint")
     return the_pass
 
 

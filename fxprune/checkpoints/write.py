@@ -42,13 +42,19 @@ def shard_layout(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
 
 
 def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]], folder: Path, config: dict,
-                     shard_bytes: int, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+                     shard_bytes: int, progress: Callable[[int, int], None] | None = None,
+                     rename: dict[str, str] | None = None) -> dict[str, str]:
     """Write every tensor of ``ckpt``, sliced by ``entries`` (checkpoint name -> kept indices per dim; absent:
     unchanged), into ``folder`` in shards of about ``shard_bytes``; then config.json and the side files.
+    ``rename``: checkpoint name -> its name in the output, the tensors it lacks left out (removed blocks).
     Returns the weight map (tensor -> shard file)."""
-    sizes, shapes = {}, {}
-    for name, info in ckpt.tensors.items():
-        entry = entries.get(name) or {}
+    sizes, shapes, source = {}, {}, {}
+    for old, info in ckpt.tensors.items():
+        if rename is not None and old not in rename:
+            continue
+        name = rename[old] if rename is not None else old
+        entry = entries.get(old) or {}
+        source[name] = old
         shapes[name] = [len(entry[d]) if d in entry else s for d, s in enumerate(info.shape)]
         sizes[name] = math.prod(shapes[name]) * info.dtype.itemsize
     layout = shard_layout(sizes, shard_bytes)
@@ -56,10 +62,10 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
         [f"model-{i + 1:05d}-of-{len(layout):05d}.safetensors" for i in range(len(layout))]
     weight_map: dict[str, str] = {}
     for i, (file, names) in enumerate(zip(files, layout)):
-        header = {name: (ckpt.tensors[name].dtype, shapes[name]) for name in names}
+        header = {name: (ckpt.tensors[source[name]].dtype, shapes[name]) for name in names}
         with open(folder / file, "wb") as f:
             for name, written in zip(names, safetensors_stream(f, header)):
-                written(ckpt.read_kept(name, entries.get(name)))
+                written(ckpt.read_kept(source[name], entries.get(source[name])))
         weight_map.update({name: file for name in names})
         if progress is not None:
             progress(i + 1, len(layout))

@@ -112,6 +112,10 @@ SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model()
                                            "README), or a Hugging Face model folder (config.json + *.safetensors), "
                                            "pruned from disk", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
+CalibOpt = Annotated[Optional[Path], typer.Option("--calib", help="a Hugging Face folder: calibration text (a plain-"
+                                                  "text file) for the passes that read activations (act, depth), "
+                                                  "run through the model one decoder layer at a time from disk",
+                                                  show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
 
 
@@ -201,11 +205,20 @@ def run(
                                                     "(one width per kind: what a Hugging Face config.json can "
                                                     "describe); default: on for a model folder, off for a model "
                                                     "file", show_default=False)] = None,
+    calib: CalibOpt = None,
+    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help="--calib's sequences (default "
+                                                         "64)", show_default=False)] = None,
+    seq_length: Annotated[Optional[int], typer.Option("--seq-length", help="tokens per sequence of --calib and "
+                                                      "--eval-text (default 256)", show_default=False)] = None,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="a Hugging Face folder: perplexity before "
+                                                      "and after pruning on this text file (report.json), streamed "
+                                                      "layer by layer", show_default=False)] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Prune a model file, optionally fine-tune, evaluate before/after, and write the output folder; or prune a
     Hugging Face model folder from disk into one that from_pretrained loads."""
+    from .language import text_data
     from .runconfig import RunConfig
 
     with _user_errors():  # a malformed --ratio-for is bad input for a folder as for a model file
@@ -217,12 +230,15 @@ def run(
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
                  "scratch_lr": scratch_lr, "scratch_b_cap": scratch_b_cap,
                  "attack": attack, "target_latency": target_latency}
+        with _user_errors():
+            text = text_data(calib, eval_text, calib_samples, seq_length, folder=True)
         _run_folder(model_file, method, ratio, out or _default_out(model_file, method, ratio), opt or [],
                     {**budget, "uniform_across_layers": True if uniform is None else uniform}, given, target,
-                    allow_inexact, force, quiet, as_json)
+                    allow_inexact, force, quiet, as_json, text)
         return
     budget.update(target=target, uniform_across_layers=bool(uniform))
     with _user_errors():
+        text_data(calib, eval_text, calib_samples, seq_length, folder=False)
         cfg = RunConfig(model_file, method, ratio, out or _default_out(model_file, method, ratio), finetune_epochs,
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume,
@@ -255,7 +271,7 @@ def _quiet_torch_logs() -> None:
 
 def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[str], budget: dict[str, Any],
                 given: dict[str, Any], target: str, allow_inexact: bool, force: bool, quiet: bool,
-                as_json: bool) -> None:
+                as_json: bool, text: Any) -> None:
     """``fxprune run DIR``: a Hugging Face model folder (``fxprune.cli.folder``)."""
     from .folder import check_folder_options, run_folder
     from .ui import RichFeedback
@@ -264,11 +280,12 @@ def _run_folder(folder: Path, method: str, ratio: float, out: Path, opt: list[st
     with _user_errors():
         check_folder_options(given, target)
         if quiet or as_json or _rank() != 0:
-            report = run_folder(folder, method, ratio, out, _parse_opts(opt), budget, allow_inexact, force)
+            report = run_folder(folder, method, ratio, out, _parse_opts(opt), budget, allow_inexact, force,
+                                text=text)
         else:
             with RichFeedback(_console(False)) as feedback:
                 report = run_folder(folder, method, ratio, out, _parse_opts(opt), budget, allow_inexact, force,
-                                    feedback)
+                                    feedback, text)
     if as_json:
         _print_json(report)
     elif not quiet:
@@ -303,8 +320,10 @@ def inspect(
                                                   "(pruned in memory, nothing written, no recovery)",
                                                   show_default=False)] = None,
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="the budget for --pass")] = 0.5,
+    calib: CalibOpt = None,
 ) -> None:
-    """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why."""
+    """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why;
+    for a Hugging Face folder with --calib, also each decoder block's importance on that text."""
     from fxprune.measure import count_macs, count_params
 
     from ..annotations import dump
@@ -312,8 +331,13 @@ def inspect(
     from .notes import stderr_only_on_success
 
     if model_file.is_dir():
-        _inspect_folder(model_file, as_json, graph, method)
+        _inspect_folder(model_file, as_json, graph, method, calib)
         return
+    if calib is not None:
+        with _user_errors():
+            from .language import text_data
+
+            text_data(calib, None, None, None, folder=False)
     with _user_errors():
         mf = load_model_file(model_file)
         mf.require("model", "example_inputs", why="inspect")
@@ -359,7 +383,7 @@ def inspect(
         console.print(blocks_table(info["blocks"]))
 
 
-def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None) -> None:
+def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None, calib: Path | None) -> None:
     """``fxprune inspect DIR`` for a Hugging Face model folder: its groups, analysed on the meta device."""
     from .folder import inspect_folder
     from .notes import stderr_only_on_success
@@ -372,6 +396,10 @@ def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None
                               "weights from disk and writes the pruned folder)")
         with stderr_only_on_success():
             groups, info = inspect_folder(folder)
+        if calib is not None:
+            from .language import block_rows
+
+            info["blocks"] = block_rows(folder, calib)
     if graph:
         from ..annotations import dump
 
@@ -388,6 +416,10 @@ def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None
         Console().print(groups_table(info["groups"], f"{folder.name} ({info['architecture']}, on the meta device): "
                                      f"{len(info['groups'])} channel groups, {prunable} prunable; "
                                      f"{human(info['macs'])} MACs on 8 tokens, {human(info['params'])} params"))
+        if "blocks" in info:
+            from .language import blocks_importance_table
+
+            Console().print(blocks_importance_table(info["blocks"]))
 
 
 def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:
@@ -500,8 +532,10 @@ def bench(
 
 @app.command("eval")
 def evaluate_robustness(
-    model_file: ModelArg,
-    folder: Annotated[Path, typer.Argument(help="an output folder of `fxprune run`", show_default=False)],
+    model_file: SourceArg,
+    folder: Annotated[Optional[Path], typer.Argument(help="an output folder of `fxprune run` (with a Hugging Face "
+                                                     "folder first: the pruned folder, measured beside it)",
+                                                     show_default=False)] = None,
     attack: Annotated[str, typer.Option("--attack",
                                         help="pgd: L-inf projected gradient descent, random start; none: only the "
                                              "model file's evaluate() (a detector's mAP)")] = "pgd",
@@ -511,14 +545,30 @@ def evaluate_robustness(
                                                   show_default=False)] = None,
     batches: Annotated[Optional[int], typer.Option("--batches", help="validation batches to attack (default all)",
                                                    show_default=False)] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="a Hugging Face folder: perplexity and bits per byte "
+                                                 "on this text file, run one decoder layer at a time from disk",
+                                                 show_default=False)] = None,
+    seq_length: Annotated[int, typer.Option("--seq-length", help="--text's tokens per window")] = 256,
     as_json: JsonOpt = False,
 ) -> None:
     """The model file's evaluate() metrics, clean accuracy, white-box PGD accuracy and mean layer vulnerability of
     the original and the pruned model of an output folder, on the model file's val_loader() (the same code path
-    for both). A folder of the modules target (a detector) is rebuilt from the model file and the folder's plan."""
+    for both). A folder of the modules target (a detector) is rebuilt from the model file and the folder's plan.
+    A Hugging Face folder (and optionally its pruned folder) with --text: perplexity on that text."""
     from .robust import evaluate_folder
 
+    if model_file.is_dir() or text is not None:
+        from .language import perplexity_command
+
+        with _user_errors():
+            rows = perplexity_command(model_file, folder, text, seq_length)
+        _print_json(rows) if as_json else _print_perplexity(rows)
+        return
     with _user_errors():
+        if folder is None:
+            from .runconfig import OptionError
+
+            raise OptionError("fxprune eval MODEL_FILE FOLDER: give the output folder to evaluate")
         rows = evaluate_folder(model_file, folder, attack=attack, eps=eps, steps=steps, step=step, batches=batches)
     if as_json:
         _print_json(rows)
@@ -536,6 +586,14 @@ def evaluate_robustness(
         table.add_row(row["model"], *(f"{row['metrics'][m]:.4g}" for m in metrics),
                       *(f"{row[c]:.4f}" if c != "vulnerability" else f"{row[c]:.4g}" for c in attacked))
     Console().print(table)
+
+
+def _print_perplexity(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+
+    from .language import perplexity_table
+
+    Console().print(perplexity_table(rows))
 
 
 @app.command("export")

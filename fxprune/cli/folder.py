@@ -38,7 +38,7 @@ def check_folder_options(given: dict[str, Any], target: str) -> None:
 
 
 def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict[str, str], budget: dict[str, Any],
-               allow_inexact: bool, force: bool, fb: Feedback | None = None) -> dict[str, Any]:
+               allow_inexact: bool, force: bool, fb: Feedback | None = None, text: Any = None) -> dict[str, Any]:
     """Prune ``folder`` into ``out``, printing its notes as they come; returns report.json's content."""
     from fxprune.checkpoints import prune_checkpoint
     from fxprune.passes.registry import load_pass
@@ -56,7 +56,7 @@ def run_folder(folder: Path, method: str, ratio: float, out: Path, options: dict
             steps.enter_context(fb.step(stage))
 
         result = prune_checkpoint(folder, out, method, options=opts, budget=chosen, allow_inexact=allow_inexact,
-                                  force=force, require_prunable=not force, progress=progress)
+                                  force=force, require_prunable=not force, progress=progress, text=text)
     return dict(result.report, out=str(result.out))
 
 

@@ -98,8 +98,18 @@ def folder_table(report: dict[str, Any]) -> Table:
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="left" if not col else "right")
     for what, label in (("params", "parameters"), ("macs", "MACs")):
-        a, b = report[what]["before"], report[what]["after"]
-        table.add_row(label, f"{a:,}", f"{b:,}", f"{(b - a) / a:+.1%}" if a else "")
+        if what in report:
+            a, b = report[what]["before"], report[what]["after"]
+            table.add_row(label, f"{a:,}", f"{b:,}", f"{(b - a) / a:+.1%}" if a else "")
+    if "blocks" in report:
+        blocks = report["blocks"]
+        table.add_row("decoder blocks", str(blocks["before"]), str(blocks["after"]),
+                      "removed " + ", ".join(map(str, blocks["removed"])))
+    ppl = report.get("perplexity") or {}
+    if ppl:
+        a, b = ppl["before"]["perplexity"], (ppl["after"] or {}).get("perplexity")
+        table.add_row("perplexity", f"{a:.4g}", f"{b:.4g}" if b is not None else "-",
+                      f"{(b - a) / a:+.1%}" if b is not None else "")
     for key, (a, b) in report["config_changes"].items():
         table.add_row(f"config {key}", str(a), str(b), "")
     table.add_row("from_pretrained", "", "loads" if report["loadable"] else "does NOT load", "")

@@ -78,6 +78,10 @@ class PassContext:
     # how the model is compacted: "graph" (the traced graph runs) or "modules" (its modules are resized; no traced
     # graph runs, and ``insert_masks`` puts the masks on a copy of the user's modules)
     compaction: str = "graph"
+    # runs the calibration data through the model once, calling each forward hook (module name -> hook) as its
+    # module runs: a Hugging Face folder's text (``--calib``), streamed from disk one decoder layer at a time
+    # (``fxprune.checkpoints.stream``); None: the pass reads the model file's loaders itself
+    calibrate: Callable[[Mapping[str, Callable]], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", MappingProxyType(dict(self.data)))

@@ -173,13 +173,15 @@ class Scored:
 
 def score(the_pass: Pass, analysed: Analysed, model: torch.nn.Module, data: Mapping[str, Any],
           selection: Selection, which: str | None, resource: float | None, needs_scores: bool,
-          source: Callable[[str], torch.Tensor] | None = None) -> Scored:
+          source: Callable[[str], torch.Tensor] | None = None,
+          calibrate: Callable[[Mapping[str, Callable]], None] | None = None) -> Scored:
     """Run the pass (``prepare`` and ``score``) under the run's budget; the scores (and any masks) are written
     onto the graph (``fxprune.annotations``). ``source``: where the pass reads tensors when the graph holds none
-    (a checkpoint folder, traced on meta)."""
+    (a checkpoint folder, traced on meta); ``calibrate``: how the pass runs calibration data through it (a folder's
+    text, streamed layer by layer)."""
     ctx = PassContext(analysed.gm, analysed.groups, model, data, selection,
                       target=(which, float(resource)) if resource is not None else None, source=source,
-                      compaction=analysed.target["target"])
+                      compaction=analysed.target["target"], calibrate=calibrate)
     prepared = the_pass.prepare(ctx) if needs_scores else None
     counter = analysed.counter
     if prepared is not None:  # the pass prunes its own model (e.g. a wider copy): budgets stay the user's

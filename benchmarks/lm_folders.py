@@ -1,0 +1,191 @@
+"""Language model folders pruned with calibration text, from disk: quality on a trained model, and memory.
+
+Part 1, quality. Trains a small LLaMA-architecture language model (8 decoder blocks, hidden 128, 4 heads with 2
+key/value heads, MLP 384, SwiGLU; 1.6 M parameters; the vocabulary is the 256 byte values) on the standard
+library's source (the corpus of ``examples/charlm.py``: its first 90% trains, the last 10% is held out), saves it
+as a Hugging Face folder, then prunes that folder from disk with the CLI and measures the perplexity of every
+result on held-out text with ``fxprune eval DIR --text``:
+
+- width: l1 and act (activation magnitude on calibration text, Minitron's estimator) at 25% and 50% of the MLP
+  neurons and attention heads removed (``--ratio``; the residual stream stays whole: exact by default);
+- depth: 2 and 4 of the 8 blocks removed by block influence (ShortGPT) and by the perplexity with the block
+  skipped (Minitron).
+
+Calibration text: 64 windows of 256 bytes spread evenly over the training text; held-out text: the first
+``--eval-bytes`` of the last 10%. No recovery is run (a distillation recovery of a folder is not built yet).
+
+Part 2, memory (``--memory``). LLaMA-shaped checkpoints with random bf16 weights (TinyLlama's widths, 1.1 B
+parameters at 22 layers, and the same widths at 11 layers), pruned by ``fxprune run DIR --pass act --calib``
+in a child process: its peak resident memory (VmHWM) against the fixed cost of a process that only imports
+torch, transformers and fxprune, one decoder layer in the compute dtype (float32), the embedding and head, the
+calibration activations and one shard. Memory independent of depth: the two peaks differ by less than one layer.
+
+    python benchmarks/lm_folders.py --out benchmarks/results/lm_folders.json            # part 1 (~15 min)
+    python benchmarks/lm_folders.py --memory --out benchmarks/results/lm_memory.json    # part 2 (~10 min)
+    python benchmarks/lm_folders.py --steps 20 --eval-bytes 8192                        # a quick smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import example
+from _results import save
+
+CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+SEQ, BATCH, LR, SEED = 256, 16, 3e-3, 0
+CALIB_WINDOWS = 64
+WIDTH = [("l1", 0.25), ("l1", 0.5), ("act", 0.25), ("act", 0.5)]
+DEPTH = [("bi", 2), ("bi", 4), ("ppl", 2), ("ppl", 4)]
+
+
+def corpus() -> tuple[bytes, bytes]:
+    """The character LM example's corpus: (training bytes, held-out bytes)."""
+    raw = b"".join(p.read_bytes() for p in example("charlm").corpus_files())
+    cut = int(len(raw) * 0.9)
+    return raw[:cut], raw[cut:]
+
+
+def train(train_bytes: bytes, steps: int) -> tuple[torch.nn.Module, list[float]]:
+    """The LLaMA-architecture model trained for ``steps`` AdamW steps (cosine schedule) on random windows."""
+    import transformers as T
+
+    torch.manual_seed(SEED)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**CONFIG))
+    data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(SEED)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - SEQ, (BATCH,), generator=gen)
+        ids = torch.stack([data[s:s + SEQ] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def calibration_text(train_bytes: bytes) -> bytes:
+    """CALIB_WINDOWS windows of SEQ bytes spread evenly over the training text, concatenated."""
+    stride = (len(train_bytes) - SEQ) // CALIB_WINDOWS
+    return b"".join(train_bytes[i * stride:i * stride + SEQ] for i in range(CALIB_WINDOWS))
+
+
+def fxprune_cli(*args: str) -> dict[str, Any]:
+    """``fxprune ARGS --json`` in a child process: its JSON output."""
+    proc = subprocess.run([sys.executable, "-m", "fxprune", *args, "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fxprune {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    train_bytes, held_out = corpus()
+    t0 = time.perf_counter()
+    model, losses = train(train_bytes, args.steps)
+    train_s = time.perf_counter() - t0
+    src = work / "dense"
+    model.save_pretrained(src)
+    calib, evalt = work / "calib.txt", work / "eval.txt"
+    calib.write_bytes(calibration_text(train_bytes))
+    evalt.write_bytes(held_out[:args.eval_bytes])
+    text = ["--text", str(evalt), "--seq-length", str(SEQ)]
+    rows = [dict(fxprune_cli("eval", str(src), *text)[0], method="dense", removed="-", kind="dense")]
+    print(f"dense: perplexity {rows[0]['perplexity']:.3f}", flush=True)
+    for method, ratio in WIDTH:
+        rows.append(_pruned(src, work / f"{method}-{ratio}", ["--pass", method, "--ratio", str(ratio)], text, calib,
+                            dict(method=method, removed=f"{ratio:.0%} of MLP neurons and heads", kind="width",
+                                 ratio=ratio)))
+    for by, blocks in DEPTH:
+        rows.append(_pruned(src, work / f"depth-{by}-{blocks}", ["--pass", "depth", "--opt", f"by={by}", "--opt",
+                                                                 f"blocks={blocks}"], text, calib,
+                            dict(method=f"depth ({by})", removed=f"{blocks} of 8 blocks", kind="depth",
+                                 blocks=blocks)))
+    return {"config": CONFIG, "steps": args.steps, "batch": BATCH, "seq": SEQ, "lr": LR, "train_seconds": train_s,
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "calibration": {"windows": CALIB_WINDOWS, "length": SEQ}, "eval_bytes": len(held_out[:args.eval_bytes]),
+            "rows": rows}
+
+
+def _pruned(src: Path, out: Path, how: list[str], text: list[str], calib: Path, row: dict) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    report = fxprune_cli("run", str(src), *how, "--calib", str(calib), "--out", str(out), "--quiet")
+    seconds = time.perf_counter() - t0
+    ppl = fxprune_cli("eval", str(out), *text)[0]
+    row.update(ppl, params_before=report["params"]["before"], params_after=report["params"]["after"],
+               prune_seconds=seconds, calibration=report.get("calibration"),
+               removed_blocks=(report.get("blocks") or {}).get("removed"))
+    print(f"{row['method']} {row['removed']}: perplexity {ppl['perplexity']:.3f}, "
+          f"params {row['params_after'] / row['params_before']:.3f}", flush=True)
+    return row
+
+
+# --- part 2: memory ------------------------------------------------------------------------------------------
+
+
+def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import hf_stream
+
+    calib = work / "calib.txt"
+    train_bytes, _ = corpus()
+    calib.write_bytes(train_bytes[:args.mem_windows * SEQ * 2])
+    code, _, imports_mb, _ = hf_stream._child(["-c", hf_stream.IMPORTS])
+    assert code == 0
+    runs = []
+    for layers in args.mem_layers:
+        folder = work / f"llama-{layers}"
+        info = hf_stream.write_checkpoint(folder, layers, args.shard_mb)
+        out = work / f"llama-{layers}-act"
+        code, seconds, peak_mb, _ = hf_stream._child(
+            ["-m", "fxprune", "run", str(folder), "--pass", "act", "--ratio", "0.25", "--calib", str(calib),
+             "--calib-samples", str(args.mem_windows), "--seq-length", str(SEQ), "--out", str(out), "--quiet"])
+        report = json.loads((out / "report.json").read_text()) if code == 0 else {}
+        hidden, inter, vocab = 2048, 5632, 32000
+        layer_fp32 = 4 * (2 * hidden * hidden + 2 * hidden * 256 + 3 * hidden * inter + 2 * hidden)
+        outside_fp32 = 4 * (2 * vocab * hidden + hidden)
+        activations = 4 * args.mem_windows * SEQ * hidden * 2
+        runs.append({**info, "exit_code": code, "seconds": seconds, "peak_mb": peak_mb, "imports_mb": imports_mb,
+                     "layer_fp32_mb": layer_fp32 / 2**20, "embedding_and_head_fp32_mb": outside_fp32 / 2**20,
+                     "activations_mb": activations / 2**20, "shard_mb": info["largest_shard_bytes"] / 2**20,
+                     "calibration": report.get("calibration"), "seconds_by_stage": report.get("seconds")})
+        shutil.rmtree(folder)
+        shutil.rmtree(out, ignore_errors=True)
+        print(json.dumps(runs[-1]), flush=True)
+    return {"runs": runs, "windows": args.mem_windows, "seq": SEQ}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the small model")
+    parser.add_argument("--eval-bytes", type=int, default=65536, help="held-out bytes perplexity is measured on")
+    parser.add_argument("--memory", action="store_true", help="part 2: peak memory on 1.1B-shaped checkpoints")
+    parser.add_argument("--mem-layers", type=int, nargs="+", default=[22, 11])
+    parser.add_argument("--mem-windows", type=int, default=16, help="calibration windows of part 2")
+    parser.add_argument("--shard-mb", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fxprune-lm-") as tmp:
+        results = memory(args, Path(tmp)) if args.memory else quality(args, Path(tmp))
+    if args.out is not None:
+        save(args.out, results, __file__, started)
+    return results
+
+
+if __name__ == "__main__":
+    main()

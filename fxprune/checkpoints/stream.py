@@ -1,0 +1,285 @@
+"""A decoder-only language model run from its folder one decoder layer at a time (the SparseGPT / Wanda
+sequential scheme, from the shards): memory holds one layer's weights and the text's hidden states, never the
+model, so it does not grow with depth.
+
+    build     the model class with its parameters on the meta device and its buffers real (rotary tables are
+              computed at construction and are not in the checkpoint)
+    capture   the modules outside the decoder layers (embedding, final norm, head) read from the shards; the
+              layers replaced by stand-ins that record how the model calls each one (masks, positions, rotary
+              tables) and pass the hidden states on; the embedding's output is the first layer's input
+    layers    per decoder layer: its tensors read, every batch's hidden states run through it with the caller's
+              forward hooks on its modules, its outputs kept as the next layer's inputs, its tensors let go
+    tail      (perplexity) the stand-ins replay the last hidden states; the final norm and head give the logits
+
+The decoder layers are the model's ``nn.ModuleList`` of ``num_hidden_layers`` modules of one class.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architecture import checkpoint_names, load_config, model_class
+from .folder import Checkpoint, CheckpointError
+
+__all__ = ["DecoderStream", "StreamResult", "Hook", "params_on_meta"]
+
+Hook = Callable[[nn.Module, tuple, Any], None]  # a forward hook: (module, inputs, output)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside have every parameter on the meta device (no memory) and their buffers where they
+    were computed: a parameter is moved to meta as it is registered, before any initialisation touches it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+@dataclass
+class StreamResult:
+    """What one pass over the text measured: per decoder layer, the mean cosine similarity between its input and
+    output hidden states (ShortGPT's block influence is 1 minus it; nan for a skipped layer); with the tail, the
+    summed negative log-likelihood (nats) of the predicted tokens and their count."""
+
+    cosine: list[float] = field(default_factory=list)
+    nll: float = 0.0
+    predicted: int = 0
+    peak_loaded_bytes: int = 0   # the most tensor bytes read from the shards and held at once
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.predicted) if self.predicted else float("nan")
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in: the capture has what it needs, the head need not run."""
+
+
+class _Stand(nn.Module):
+    """A decoder layer's stand-in: records the call (positional arguments after the hidden states, keywords), and
+    returns the hidden states it is given, or ``replay`` in their place, in the layer's own output form."""
+
+    def __init__(self, calls: list, tuple_out: bool, replay: torch.Tensor | None = None, stop: bool = False) -> None:
+        super().__init__()
+        self.calls, self.tuple_out, self.replay, self.stop = calls, tuple_out, replay, stop
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.calls.append((args[1:], kwargs))
+        if self.stop:
+            raise _Stop
+        out = hidden if self.replay is None else self.replay
+        return (out,) if self.tuple_out else out
+
+
+class DecoderStream:
+    """A decoder-only language model folder, run layer by layer (see the module's doc). ``dtype``: the compute
+    dtype (default: the checkpoint's when it is float32 or float64, else float32)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None = None) -> None:
+        self.ckpt, self.config = ckpt, load_config(ckpt.root)
+        if hasattr(self.config, "use_cache"):
+            self.config.use_cache = False
+        cls = model_class(self.config)
+        with params_on_meta(), contextlib.redirect_stderr(io.StringIO()):
+            self.model = cls(self.config).eval()
+        self.names = checkpoint_names(self.model, ckpt)
+        self.path, self.layers = _decoder_layers(self.model, self.config)
+        self.dtype = dtype or _compute_dtype(ckpt)
+        self._held = self.peak = 0
+
+    # --- the three steps ------------------------------------------------------------------------------------
+
+    def run(self, batches: list[torch.Tensor], hooks: Mapping[str, Hook] | None = None, *,
+            skip: Iterable[int] = (), tail: bool = False) -> StreamResult:
+        """Run the token-id ``batches`` through the model layer by layer; ``hooks``: module name -> forward hook,
+        registered while its module runs; ``skip``: decoder layers passed over (their input is the next one's);
+        ``tail``: also run the head and sum the next-token negative log-likelihood."""
+        hooks, skip = dict(hooks or {}), set(skip)
+        self._held = self.peak = 0
+        result = StreamResult()
+        hidden, calls, tuple_out = self._capture(batches)
+        for i, layer in enumerate(self.layers):
+            if i in skip:
+                result.cosine.append(float("nan"))
+                continue
+            with self._loaded(f"{self.path}.{i}", layer), self._hooked(f"{self.path}.{i}", layer, hooks), \
+                    torch.no_grad():
+                result.cosine.append(self._through(layer, hidden, [c[i] for c in calls]))
+        if tail:
+            result.nll, result.predicted = self._tail(batches, hidden, tuple_out, hooks)
+        result.peak_loaded_bytes = self.peak
+        return result
+
+    def _capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list], bool]:
+        """Each batch's first hidden states and every layer's call, per batch; whether layers return tuples
+        (older transformers) or the hidden states (newer): the first layer is run once on the first batch to see,
+        with the modules outside the layers let go meanwhile (one of the two is held at a time)."""
+        first: list = []
+        seen: list = []
+        with self._loaded("", self.model, outside=True), torch.no_grad():
+            self._with_stands([_Recording(first, False, seen, stop=True)], batches[0])
+        with self._loaded(f"{self.path}.0", self.layers[0]), torch.no_grad():
+            args, kwargs = first[0]
+            tuple_out = isinstance(self.layers[0](seen[0].to(self.dtype), *args, **kwargs), tuple)
+        hidden, calls = [], []
+        last = len(self.layers) - 1
+        with self._loaded("", self.model, outside=True), torch.no_grad():
+            for ids in batches:
+                per_layer: list[list] = [[] for _ in self.layers]
+                seen = []
+                stands: list[nn.Module] = [_Stand(c, tuple_out, stop=k == last) for k, c in enumerate(per_layer)]
+                stands[0] = _Recording(per_layer[0], tuple_out, seen, stop=last == 0)
+                self._with_stands(stands, ids)
+                hidden.append(seen[0].to(self.dtype))
+                calls.append([c[0] for c in per_layer])
+        return hidden, calls, tuple_out
+
+    def _through(self, layer: nn.Module, hidden: list[torch.Tensor], calls: list) -> float:
+        """Every batch through ``layer`` (in place in ``hidden``); the mean cosine of input and output."""
+        total, count = 0.0, 0
+        for b, (args, kwargs) in enumerate(calls):
+            out = layer(hidden[b], *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(hidden[b].double(), out.double(), dim=-1)
+            total, count = total + float(cos.sum()), count + cos.numel()
+            hidden[b] = out
+        return total / max(count, 1)
+
+    def _tail(self, batches: list[torch.Tensor], hidden: list[torch.Tensor], tuple_out: bool,
+              hooks: dict[str, Hook]) -> tuple[float, int]:
+        nll, predicted = 0.0, 0
+        with self._loaded("", self.model, outside=True), self._hooked("", self.model, hooks, outside=True), \
+                torch.no_grad():
+            for ids, h in ((i[r:r + 1], h[r:r + 1]) for i, h in zip(batches, hidden) for r in range(len(i))):
+                # one sequence at a time: its logits are (length x vocabulary), large for a large vocabulary
+                stands = [_Stand([], tuple_out, replay=h if k == len(self.layers) - 1 else None)
+                          for k in range(len(self.layers))]
+                logits = self._with_stands(stands, ids).logits[0, :-1]
+                nll += float(torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum"))
+                predicted += ids.shape[1] - 1
+        return nll, predicted
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+
+    def _with_stands(self, stands: list[nn.Module], ids: torch.Tensor) -> Any:
+        """The model called on ``ids`` with its decoder layers replaced by ``stands`` (put back after)."""
+        originals = list(self.layers)
+        for k, s in enumerate(stands):
+            self.layers[k] = s
+        try:
+            return self.model(input_ids=ids)
+        except _Stop:
+            return None
+        finally:
+            for k, m in enumerate(originals):
+                self.layers[k] = m
+
+    @contextlib.contextmanager
+    def _loaded(self, prefix: str, module: nn.Module, outside: bool = False) -> Iterator[None]:
+        """``module``'s parameters (and saved buffers) read from the shards for the duration; with ``outside``,
+        those of the whole model that are not in a decoder layer. Tied parameters are read once."""
+        owners = [(n, m) for n, m in module.named_modules(remove_duplicate=False)
+                  if not (outside and _under(n, self.path))]
+        swapped: list[tuple[nn.Module, str, Any, bool]] = []
+        by_id: dict[int, Any] = {}
+        nbytes = 0
+        try:
+            for name, owner in owners:
+                for leaf, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+                    if t is None:
+                        continue
+                    full = ".".join(p for p in (prefix, name, leaf) if p)
+                    is_param = leaf in owner._parameters
+                    if id(t) not in by_id:
+                        value = self._read(full, is_param)
+                        if value is None:
+                            continue
+                        by_id[id(t)] = nn.Parameter(value, requires_grad=False) if is_param else value
+                        nbytes += value.numel() * value.element_size()
+                        self._held += value.numel() * value.element_size()
+                    store = owner._parameters if is_param else owner._buffers
+                    swapped.append((owner, leaf, t, is_param))
+                    store[leaf] = by_id[id(t)]
+            self.peak = max(self.peak, self._held)
+            yield
+        finally:
+            for owner, leaf, t, is_param in reversed(swapped):
+                (owner._parameters if is_param else owner._buffers)[leaf] = t
+            self._held -= nbytes
+
+    def _read(self, name: str, is_param: bool) -> torch.Tensor | None:
+        key = self.names.get(name)
+        if key is None:
+            if is_param:
+                raise CheckpointError(f"{self.ckpt.root} has no tensor for {name}")
+            return None  # a buffer computed at construction (rotary frequencies), or one that is not saved
+        t = self.ckpt.read(key)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    @contextlib.contextmanager
+    def _hooked(self, prefix: str, module: nn.Module, hooks: dict[str, Hook], outside: bool = False) \
+            -> Iterator[None]:
+        handles = []
+        for name, m in module.named_modules():
+            full = ".".join(p for p in (prefix, name) if p)
+            if full in hooks and not (outside and _under(full, self.path)):
+                handles.append(m.register_forward_hook(hooks[full]))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class _Recording(_Stand):
+    """The first layer's stand-in, which also keeps the hidden states it is given (the embedding's output)."""
+
+    def __init__(self, calls: list, tuple_out: bool, seen: list, stop: bool = False) -> None:
+        super().__init__(calls, tuple_out, stop=stop)
+        self.seen = seen
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(args[0] if args else kwargs["hidden_states"])
+        return super().forward(*args, **kwargs)
+
+
+def _decoder_layers(model: nn.Module, config: Any) -> tuple[str, nn.ModuleList]:
+    """The model's decoder layers: its ``nn.ModuleList`` of ``num_hidden_layers`` modules of one class (the
+    one with the most parameters, if several)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n and len({type(x) for x in m}) == 1]
+    if getattr(config, "is_encoder_decoder", False) or not found:
+        raise CheckpointError(f"{type(model).__name__}: fxprune runs decoder-only language models layer by layer "
+                              f"(a list of num_hidden_layers={n} decoder layers), and found none here: load it in "
+                              "a model file to calibrate it in memory")
+    name, layers = max(found, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    return name, layers
+
+
+def _compute_dtype(ckpt: Checkpoint) -> torch.dtype:
+    floats = {t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point}
+    return torch.float64 if floats == {torch.float64} else torch.float32
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+

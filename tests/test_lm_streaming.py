@@ -1,0 +1,285 @@
+"""Language model folders run one decoder layer at a time from disk (``fxprune.checkpoints.stream``): perplexity,
+the act pass on calibration text and depth pruning, against the same model in memory."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from typer.testing import CliRunner
+
+import fxprune
+from fxprune.checkpoints import Checkpoint, CheckpointError, prune_checkpoint
+from fxprune.checkpoints.calibration import TextData
+from fxprune.checkpoints.perplexity import perplexity
+from fxprune.checkpoints.stream import DecoderStream
+from fxprune.checkpoints.text import text_windows
+from fxprune.cli import app
+from fxprune.passes.base import PassError
+from fxprune.testing import masked_model
+
+SMALL = dict(vocab_size=256, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+ARCHS = {
+    "llama": lambda n: (T.LlamaForCausalLM, T.LlamaConfig(**SMALL, num_hidden_layers=n, num_key_value_heads=2,
+                                                          tie_word_embeddings=False)),
+    "qwen2": lambda n: (T.Qwen2ForCausalLM, T.Qwen2Config(**SMALL, num_hidden_layers=n, num_key_value_heads=2)),
+    "gpt2": lambda n: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=256, n_embd=32, n_layer=n, n_head=4,
+                                                       bos_token_id=0, eos_token_id=0)),
+}
+LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Calibration and held-out text: two different parts of a standard-library source file."""
+    source = open(os.__file__, encoding="utf-8").read()
+    root = tmp_path_factory.mktemp("text")
+    (root / "calib.txt").write_text(source[:12000])
+    (root / "eval.txt").write_text(source[12000:18000])
+    return root / "calib.txt", root / "eval.txt"
+
+
+def _save(tmp_path, arch="llama", layers=3, edit=None, name="src"):
+    torch.manual_seed(0)
+    cls, cfg = ARCHS[arch](layers)
+    model = cls(cfg).double().eval()
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(tmp_path / name, max_shard_size="40KB")
+    return model, tmp_path / name
+
+
+def _nll(model, batches):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            logits = model(input_ids=ids).logits
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+    return total, count
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_streamed_perplexity_equals_the_model_in_memory(tmp_path, texts, arch):
+    model, folder = _save(tmp_path, arch)
+    got = perplexity(folder, texts[1], LENGTH)
+    windows = text_windows(Checkpoint(folder), texts[1], LENGTH)
+    nll, count = _nll(model, windows.batches)
+    assert got["tokens"] == count
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-10)
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(windows.nbytes), rel=1e-10)
+    assert got["tokenizer"].startswith("UTF-8 bytes")
+
+
+def test_one_decoder_layer_is_loaded_at_a_time(tmp_path, texts):
+    """The most tensor bytes held at once is the modules outside the layers or one layer, whatever the depth."""
+    peaks = {}
+    for layers in (2, 6):
+        model, folder = _save(tmp_path, "llama", layers, name=f"l{layers}")
+        result = DecoderStream(Checkpoint(folder)).run(text_windows(Checkpoint(folder), texts[0], LENGTH, 4).batches,
+                                                       tail=True)
+        outside = sum(p.numel() * 8 for n, p in model.named_parameters() if ".layers." not in n)
+        layer = sum(p.numel() * 8 for p in model.model.layers[0].parameters())
+        assert result.peak_loaded_bytes == max(outside, layer)
+        peaks[layers] = result.peak_loaded_bytes
+    assert peaks[2] == peaks[6]
+
+
+def _silence_half_the_neurons(model):
+    """Half of every MLP's neurons never fire (their up rows are zero: silu(gate x) * 0) but have the largest gate
+    rows: l1 (the producers' |W|) keeps them, activations say they do nothing."""
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        dead = torch.arange(0, mlp.up_proj.out_features, 2)
+        mlp.up_proj.weight[dead] = 0
+        mlp.gate_proj.weight[dead] *= 50
+
+
+def test_act_on_a_folder_removes_the_neurons_silent_on_the_text(tmp_path, texts):
+    model, folder = _save(tmp_path, edit=_silence_half_the_neurons)
+    text = TextData(calib=texts[0], samples=8, length=LENGTH)
+    mlp_only = fxprune.Budget(ratio=0.5, protect=("*self_attn*",))
+    r = prune_checkpoint(folder, tmp_path / "act", "act", budget=mlp_only, text=text)
+    assert not any("self_attn" in name for name in r.plan)
+    kept = r.plan["model.layers.0.mlp.down_proj.weight"][1]
+    assert sorted(kept) == list(range(1, 64, 2))  # exactly the neurons that fire
+    l1 = prune_checkpoint(folder, tmp_path / "l1", "l1", budget=mlp_only)
+    assert sorted(l1.plan["model.layers.0.mlp.down_proj.weight"][1]) == list(range(0, 64, 2))  # the silent ones
+    # exact: act only scores, so the pruned folder is the masked original
+    pruned = T.LlamaForCausalLM.from_pretrained(tmp_path / "act", dtype=torch.float64).eval()
+    ids = text_windows(Checkpoint(folder), texts[1], LENGTH, 2).batches[0]
+    with torch.no_grad():
+        want = masked_model(model, r.plan)(input_ids=ids).logits
+        got = pruned(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-10)
+    # and the silent neurons cost nothing: the perplexity is the original's
+    assert r.report["calibration"]["tokens"] == 8 * LENGTH
+    before, after = perplexity(folder, texts[1], LENGTH), perplexity(tmp_path / "act", texts[1], LENGTH)
+    assert after["perplexity"] == pytest.approx(before["perplexity"], rel=1e-9)
+
+
+def test_act_scores_heads_with_their_key_value_groups(tmp_path, texts):
+    model, folder = _save(tmp_path, "qwen2")
+    r = prune_checkpoint(folder, tmp_path / "out", "act", 0.5, text=TextData(calib=texts[0], samples=4,
+                                                                              length=LENGTH))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 1)
+    assert r.report["pass_report"]["scored_by_l1"] == []
+    assert T.Qwen2ForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+
+def test_act_in_memory_reads_the_model_files_train_loader():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                            torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad():  # channels 0-3 of the first conv never fire (a large negative bias), big weights anyway
+        m[0].weight[:4] *= 5
+        m[0].bias[:4] = -1e3
+    loader = [(torch.randn(4, 3, 6, 6), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    r = fxprune.prune(m, (torch.randn(2, 3, 6, 6),), "act", 0.5, train_loader=loader)
+    assert sorted(r.plan["0.weight"][0]) == [4, 5, 6, 7]
+    with pytest.raises(PassError, match="calibration data"):
+        fxprune.prune(m, (torch.randn(2, 3, 6, 6),), "act", 0.5)
+
+
+def _identity_block(index):
+    def edit(model):
+        _layers(model)[index].self_attn.o_proj.weight.zero_()
+        _layers(model)[index].mlp.down_proj.weight.zero_()
+    return edit
+
+
+def _layers(model):
+    return model.model.layers
+
+
+@pytest.mark.parametrize("by", ["bi", "ppl"])
+def test_depth_removes_the_block_that_does_nothing_and_renumbers(tmp_path, texts, by):
+    model, folder = _save(tmp_path, "qwen2", 4, edit=_identity_block(2))
+    text = TextData(calib=texts[0], eval_text=texts[1], samples=4, length=LENGTH)
+    r = prune_checkpoint(folder, tmp_path / "out", "depth", options={"by": by, "blocks": 1}, text=text)
+    assert r.removed == [2]
+    assert r.importance[2] == pytest.approx(0.0, abs=1e-9)
+    assert min(r.importance[i] for i in (0, 1, 3)) > 1e-6
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and len(cfg["layer_types"]) == 3
+    pruned = T.Qwen2ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    ids = text_windows(Checkpoint(folder), texts[1], LENGTH, 2).batches[0]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # the block is the identity: the original IS the model without it
+        got = pruned(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-10)
+    ppl = r.report["perplexity"]
+    assert ppl["after"]["perplexity"] == pytest.approx(ppl["before"]["perplexity"], rel=1e-9)
+
+
+def test_depth_by_ratio_and_parameter_target(tmp_path, texts):
+    model, folder = _save(tmp_path, "llama", 4)
+    text = TextData(calib=texts[0], samples=4, length=LENGTH)
+    r = prune_checkpoint(folder, tmp_path / "half", "depth", 0.5, text=text)
+    assert len(r.removed) == 2 and r.report["blocks"]["after"] == 2
+    assert r.removed == sorted(np.argsort(r.importance)[:2].tolist())
+    # a kept block's weights are the source's, under its new number
+    kept = [i for i in range(4) if i not in r.removed]
+    src = Checkpoint(folder)
+    out = Checkpoint(tmp_path / "half")
+    for new, old in enumerate(kept):
+        a = src.read(f"model.layers.{old}.mlp.up_proj.weight")
+        assert torch.equal(out.read(f"model.layers.{new}.mlp.up_proj.weight"), a)
+    r = prune_checkpoint(folder, tmp_path / "params", "depth", budget=fxprune.Budget(target_params=0.8), text=text)
+    total, after = r.report["params"]["before"], r.report["params"]["after"]
+    per_block = (total - after) // len(r.removed)
+    assert after <= 0.8 * total < after + per_block  # the fewest blocks that meet the target
+
+
+def test_text_and_pass_refusals(tmp_path, texts):
+    _, folder = _save(tmp_path, "llama", 2)
+    with pytest.raises(PassError, match="--calib"):
+        prune_checkpoint(folder, tmp_path / "o", "act", 0.5)
+    with pytest.raises(CheckpointError, match="fewer than one window"):
+        perplexity(folder, texts[1], 10 ** 6)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        perplexity(folder, tmp_path / "missing.txt")
+    with pytest.raises(PassError, match="Hugging Face model folder"):
+        mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        fxprune.prune(mlp, (torch.randn(1, 4),), "depth", 0.5)
+    with pytest.raises(CheckpointError, match="cannot remove 2 of 2"):
+        prune_checkpoint(folder, tmp_path / "o", "depth", options={"blocks": 2}, text=TextData(calib=texts[0]))
+    assert not (tmp_path / "o").exists()
+    small = tmp_path / "small"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "vocab_size": 100}, num_hidden_layers=1)).save_pretrained(small)
+    with pytest.raises(CheckpointError, match="too small for UTF-8 bytes"):
+        perplexity(small, texts[1], LENGTH)
+
+
+def test_the_folders_tokenizer_is_used(tmp_path, texts):
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "src"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "vocab_size": 400}, num_hidden_layers=1)).save_pretrained(folder)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train([str(texts[0])], tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
+                                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel
+                                                             .alphabet()))
+    T.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    got = perplexity(folder, texts[1], LENGTH)
+    assert "PreTrainedTokenizerFast" in got["tokenizer"] or "Tokenizer" in got["tokenizer"]
+    text = texts[1].read_text()
+    assert got["tokens"] < 0.8 * len(text.encode())  # merges: fewer tokens than bytes
+    assert math.isfinite(got["bits_per_byte"])
+
+
+def test_cli_language_model_folder(tmp_path, texts):
+    _, folder = _save(tmp_path, "llama", 4)
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(folder), "--pass", "act", "--calib", str(texts[0]), "--eval-text",
+                              str(texts[1]), "--seq-length", str(LENGTH), "--calib-samples", "4", "--out",
+                              str(tmp_path / "act"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "act" / "report.json").read_text())
+    assert report["calibration"]["sequences"] == 4 and report["calibration"]["length"] == LENGTH
+    assert report["perplexity"]["after"]["perplexity"] > 0
+    res = runner.invoke(app, ["run", str(folder), "--pass", "depth", "--ratio", "0.25", "--calib", str(texts[0]),
+                              "--seq-length", str(LENGTH), "--out", str(tmp_path / "depth")])
+    assert res.exit_code == 0, res.output
+    assert "decoder blocks" in res.output
+    res = runner.invoke(app, ["eval", str(folder), str(tmp_path / "depth"), "--text", str(texts[1]),
+                              "--seq-length", str(LENGTH), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["model"] for r in rows] == ["original", "pruned"]
+    res = runner.invoke(app, ["inspect", str(folder), "--calib", str(texts[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    blocks = json.loads(res.stdout)["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1, 2, 3] and sorted(b["rank"] for b in blocks) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pass", "act"], "--calib"),
+    (["--pass", "act", "--calib", "MISSING"], "no such file"),
+    (["--pass", "thinet", "--calib", "CALIB"], "trains or calibrates"),
+])
+def test_cli_refuses_bad_text_options(tmp_path, texts, args, message):
+    _, folder = _save(tmp_path, "llama", 2)
+    args = [str(texts[0]) if a == "CALIB" else str(tmp_path / "missing.txt") if a == "MISSING" else a for a in args]
+    res = CliRunner().invoke(app, ["run", str(folder), *args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_text_options_for_a_model_file(tmp_path, texts):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "digits.py"
+    res = CliRunner().invoke(app, ["run", str(example), "--calib", str(texts[0]), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Hugging Face model folder" in res.output, res.output
+    res = CliRunner().invoke(app, ["eval", str(tmp_path), "--text", str(texts[1])])
+    assert res.exit_code == 2 and "not a Hugging Face model folder" in res.output, res.output
