@@ -266,8 +266,58 @@ def detection(res: list[dict[str, Any]]) -> list[str]:
                    "trained by the pass", "pruned", "final", "final - dense (mAP@0.5)", "seconds"], rows)]
 
 
+def lm_folders(res: dict[str, Any]) -> list[str]:
+    """Part 1 (quality, ``rows``) or part 2 (memory, ``runs``) of benchmarks/lm_folders.py."""
+    return lm_memory(res) if "runs" in res else lm_quality(res)
+
+
+def lm_quality(res: dict[str, Any]) -> list[str]:
+    dense = next(r for r in res["rows"] if r["method"] == "dense")
+
+    def row(r: dict[str, Any]) -> list[Any]:
+        kept = r["params_after"] / r["params_before"] if r.get("params_before") else 1.0
+        return [r["method"], r["removed"], pct(kept), f"{r['perplexity']:.3f}",
+                f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}%" if r is not dense else None,
+                f"{r['bits_per_byte']:.4f}", ", ".join(map(str, r["removed_blocks"])) if r.get("removed_blocks")
+                else None, f"{r['prune_seconds']:.1f}" if r.get("prune_seconds") else None]
+
+    cfg = res["config"]
+    return [f"The dense model: LLaMA architecture, {cfg['num_hidden_layers']} blocks, hidden {cfg['hidden_size']}, "
+            f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} key/value), MLP "
+            f"{cfg['intermediate_size']}, bytes as tokens; trained {res['steps']} steps of {res['batch']} x "
+            f"{res['seq']} bytes in {res['train_seconds']:.0f} s (last 20 steps' loss {res['final_train_loss']:.3f} "
+            f"nats). Perplexity per byte on {res['eval_bytes']:,} held-out bytes (windows of {res['seq']}); "
+            f"calibration: {res['calibration']['windows']} windows of {res['calibration']['length']} bytes of the "
+            "training text. No recovery after pruning. Seconds: the whole `fxprune run` (a child process, imports "
+            "included).",
+            table(["method", "removed", "params kept", "perplexity", "vs dense", "bits per byte", "blocks removed",
+                   "seconds"], [row(r) for r in res["rows"]])]
+
+
+def lm_memory(res: dict[str, Any]) -> list[str]:
+    def row(r: dict[str, Any]) -> list[Any]:
+        bound = r["imports_mb"] + r["layer_fp32_mb"] + r["embedding_and_head_fp32_mb"] + r["activations_mb"] + \
+            r["shard_mb"]
+        cal = r.get("calibration") or {}
+        return [r["layers"], f"{r['parameters_billion']:.2f}", f"{r['bytes'] / 2**30:.2f}", f"{r['shard_mb']:.0f}",
+                f"{r['peak_mb']:.0f}", f"{r['imports_mb']:.0f}", f"{r['layer_fp32_mb']:.0f}",
+                f"{r['embedding_and_head_fp32_mb']:.0f}", f"{r['activations_mb']:.0f}", f"{bound:.0f}",
+                "yes" if r["peak_mb"] <= bound else "**no**", f"{cal.get('seconds', float('nan')):.1f}",
+                f"{cal.get('seconds', float('nan')) / r['layers']:.2f}", f"{r['seconds']:.0f}"]
+
+    return [f"MB (2^20 bytes). `fxprune run DIR --pass act --ratio 0.25 --calib` with {res['windows']} calibration "
+            f"windows of {res['seq']} tokens, in a child process: its peak resident memory against the bound "
+            "imports + one decoder layer + embedding and head + calibration activations (input and output) + one "
+            "shard, each in float32 (the compute dtype for a bf16 checkpoint on the CPU). Calibration seconds: the "
+            "streamed pass over the text (reading each layer's tensors from the shards included).",
+            table(["layers", "params (B)", "checkpoint GiB", "largest shard", "peak", "imports", "one layer",
+                   "embedding + head", "activations", "bound", "peak <= bound", "calibration s", "s per layer",
+                   "run s"], [row(r) for r in res["runs"]])]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "headline": headline, "methods": methods, "recovery": recovery, "scratch": scratch, "sanp": sanp, "tas": tas,
     "anp": anp, "flop": flop, "meta_plan": measurements, "hf_stream": measurements, "hf_folders": hf_folders,
     "masks": masks, "latency": latency, "zoo": zoo, "methods_robustness": methods_robustness, "detection": detection,
+    "lm_folders": lm_folders,
 }
