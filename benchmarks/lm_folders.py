@@ -6,8 +6,9 @@ library's source (the corpus of ``examples/charlm.py``: its first 90% trains, th
 as a Hugging Face folder, then prunes that folder from disk with the CLI and measures the perplexity of every
 result on held-out text with ``fxprune eval DIR --text``:
 
-- width: l1 and act (activation magnitude on calibration text, Minitron's estimator) at 25% and 50% of the MLP
-  neurons and attention heads removed (``--ratio``; the residual stream stays whole: exact by default);
+- width: l1, act (activation magnitude on calibration text, Minitron's estimator) and thinet (greedy next-layer
+  error, then least-squares rescaling, layer by layer) at 25% and 50% of the MLP neurons and attention heads
+  removed (``--ratio``; the residual stream stays whole: exact by default);
 - depth: 2 and 4 of the 8 blocks removed by block influence (ShortGPT) and by the perplexity with the block
   skipped (Minitron).
 
@@ -44,7 +45,7 @@ CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 SEQ, BATCH, LR, SEED = 256, 16, 3e-3, 0
 CALIB_WINDOWS = 64
-WIDTH = [("l1", 0.25), ("l1", 0.5), ("act", 0.25), ("act", 0.5)]
+WIDTH = [("l1", 0.25), ("l1", 0.5), ("act", 0.25), ("act", 0.5), ("thinet", 0.25), ("thinet", 0.5)]
 DEPTH = [("bi", 2), ("bi", 4), ("ppl", 2), ("ppl", 4)]
 
 

@@ -283,3 +283,104 @@ def test_cli_refuses_text_options_for_a_model_file(tmp_path, texts):
     assert res.exit_code == 2 and "Hugging Face model folder" in res.output, res.output
     res = CliRunner().invoke(app, ["eval", str(tmp_path), "--text", str(texts[1])])
     assert res.exit_code == 2 and "not a Hugging Face model folder" in res.output, res.output
+
+
+def _masked_with(model, plan, folder):
+    """The original with its pruned rows and columns zeroed and, where the pruned folder holds new values (a
+    reconstruction), those values in the kept positions."""
+    ref = masked_model(model, plan)
+    pruned = Checkpoint(folder)
+    with torch.no_grad():
+        for name, t in ref.state_dict().items():
+            if name not in pruned.tensors or name not in plan:
+                continue
+            index = torch.meshgrid(*[torch.as_tensor(plan[name].get(d, range(s))) for d, s in enumerate(t.shape)],
+                                   indexing="ij")
+            t[index] = pruned.read(name).to(t.dtype)
+    return ref
+
+
+def test_thinet_on_a_folder_rebuilds_layer_by_layer_and_is_exact(tmp_path, texts):
+    model, folder = _save(tmp_path, edit=_silence_half_the_neurons)
+    text = TextData(calib=texts[0], samples=8, length=LENGTH)
+    mlp_only = fxprune.Budget(ratio=0.5, protect=("*self_attn*",))
+    r = prune_checkpoint(folder, tmp_path / "thinet", "thinet", budget=mlp_only, text=text)
+    assert sorted(r.plan["model.layers.0.mlp.down_proj.weight"][1]) == list(range(1, 64, 2))  # the silent go first
+    ids = text_windows(Checkpoint(folder), texts[0], LENGTH, 8).batches[0]
+    pruned = T.LlamaForCausalLM.from_pretrained(tmp_path / "thinet", dtype=torch.float64).eval()
+    with torch.no_grad():
+        got = pruned(input_ids=ids).logits
+        want = _masked_with(model, r.plan, tmp_path / "thinet")(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-9)  # compaction exact, given the reconstructed weights
+    # the silent neurons carried nothing: the least squares keeps the rest as they were (scales of 1)
+    src, out = Checkpoint(folder), Checkpoint(tmp_path / "thinet")
+    kept = r.plan["model.layers.1.mlp.down_proj.weight"][1]
+    assert torch.allclose(out.read("model.layers.1.mlp.down_proj.weight"),
+                          src.read("model.layers.1.mlp.down_proj.weight")[:, kept], atol=1e-6)
+
+
+def _twin_neurons(model):
+    """Neuron j + 32 of every MLP fires exactly as neuron j and writes half of j's column: removing it is
+    undone by scaling j's column by 1.5, the reconstruction ThiNet solves for."""
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for proj in (mlp.up_proj, mlp.gate_proj):
+            proj.weight[32:] = proj.weight[:32]
+        mlp.down_proj.weight[:, 32:] = 0.5 * mlp.down_proj.weight[:, :32]
+
+
+def test_the_streamed_reconstruction_undoes_a_removal_it_can(tmp_path, texts):
+    """Removing the twins (neurons 32-63) is undone by scaling neurons 0-31's columns by 1.5: the layer-by-layer
+    least squares finds exactly that, in every block, from the calibration text."""
+    from fxprune.checkpoints.architecture import checkpoint_tensors, load_config
+    from fxprune.checkpoints.calibration import Calibration
+    from fxprune.checkpoints.prune import analyse_architecture
+    from fxprune.passes._calibrate import reconstruct_streamed
+    from fxprune.passes.base import PassContext
+    from fxprune.passes.thinet import ThiNet
+
+    model, folder = _save(tmp_path, edit=_twin_neurons)
+    ckpt = Checkpoint(folder)
+    arch = analyse_architecture(load_config(ckpt.root), ckpt.config, checkpoint_tensors(ckpt))
+    ctx = PassContext(arch.gm, arch.groups, arch.model,
+                      calibrate=Calibration(ckpt, TextData(calib=texts[0], samples=8, length=LENGTH)))
+    removed = np.zeros(len(arch.groups.comp_group), dtype=bool)
+    for g in arch.groups.prunable:
+        if any(p.name.endswith("mlp.down_proj.weight") and p.role == "consumer" for p in g.params):
+            removed[g.channels[32:]] = True
+    new = reconstruct_streamed(ctx, removed, ThiNet().solver(), per_batch=64)
+    assert sorted(new) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]
+    for i in range(3):
+        w = model.model.layers[i].mlp.down_proj.weight
+        assert torch.allclose(new[f"model.layers.{i}.mlp.down_proj.weight"][:, :32], 1.5 * w[:, :32], atol=1e-8)
+        assert not new[f"model.layers.{i}.mlp.down_proj.weight"][:, 32:].any()
+
+
+def test_the_layer_by_layer_rewrite_holds_one_layer(tmp_path, texts):
+    model, folder = _save(tmp_path, "llama", 4)
+    stream = DecoderStream(Checkpoint(folder))
+    batches = text_windows(Checkpoint(folder), texts[0], LENGTH, 4).batches
+    seen = []
+
+    def edit(run):
+        seen.append(run.prefix)
+        w = run.root.get_submodule(run.prefix).mlp.down_proj.weight
+        w.mul_(0.5)
+        return {f"{run.prefix}.mlp.down_proj.weight": w.clone()}
+
+    new = dict(stream.rewrite(batches, edit))
+    assert seen == [f"model.layers.{i}" for i in range(4)] and len(new) == 4
+    outside = sum(p.numel() * 8 for n, p in model.named_parameters() if ".layers." not in n)
+    layer = sum(p.numel() * 8 for p in model.model.layers[0].parameters())
+    assert stream.peak == max(outside, layer)
+    assert torch.equal(new["model.layers.2.mlp.down_proj.weight"], model.model.layers[2].mlp.down_proj.weight * 0.5)
+
+
+def test_passes_a_folder_cannot_run_say_why(tmp_path, texts):
+    _, folder = _save(tmp_path, "llama", 2)
+    text = TextData(calib=texts[0], samples=4, length=LENGTH)
+    with pytest.raises(PassError, match="layerwise=true fine-tunes"):
+        prune_checkpoint(folder, tmp_path / "o", "thinet", 0.5, options={"layerwise": True}, text=text)
+    with pytest.raises(PassError, match="trains or calibrates"):
+        prune_checkpoint(folder, tmp_path / "o", "lasso", 0.5, text=text)
+    assert not (tmp_path / "o").exists()

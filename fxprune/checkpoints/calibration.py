@@ -3,17 +3,21 @@ reads, streamed layer by layer from disk) and ``--eval-text FILE.txt`` (perplexi
 """
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from .folder import Checkpoint
-from .stream import DecoderStream, Hook
+from .stream import DecoderStream, Hook, LayerRun
 from .text import CALIB_LENGTH, CALIB_WINDOWS, Windows, text_windows
 
-__all__ = ["TextData", "Calibration"]
+__all__ = ["TextData", "Calibration", "Spilled"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,18 @@ class Calibration:
             self._stream = DecoderStream(self.ckpt)
         return self._stream
 
-    def __call__(self, hooks: Mapping[str, Hook]) -> None:
-        """``PassContext.calibrate``: the text through the model once, with ``hooks`` on their modules."""
-        self.timed(lambda: self.stream.run(self.windows.batches, hooks))
+    def __call__(self, hooks: Mapping[str, Hook], after_layer: Callable[[str, nn.Module], None] | None = None) -> None:
+        """``PassContext.calibrate``: the text through the model once, with ``hooks`` on their modules and
+        ``after_layer(prefix, layer)`` once each decoder layer has run (its tensors still loaded)."""
+        self.timed(lambda: self.stream.run(self.windows.batches, hooks, after_layer=after_layer))
+
+    def rewrite(self, edit: Callable[[LayerRun], Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
+        """``PassContext.calibrate.rewrite``: the text through the model layer by layer while ``edit`` rewrites
+        each layer (``DecoderStream.rewrite``); the new tensors, spilled to disk as they come (memory stays one
+        layer's), by model name."""
+        spilled = Spilled()
+        self.timed(lambda: [spilled.put(name, t) for name, t in self.stream.rewrite(self.windows.batches, edit)])
+        return spilled
 
     def timed(self, run: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -63,3 +76,30 @@ class Calibration:
         self.info["passes"] += 1
         self.info["peak_loaded_bytes"] = max(self.info.get("peak_loaded_bytes", 0), self.stream.peak)
         return result
+
+
+class Spilled(Mapping[str, torch.Tensor]):
+    """Tensors kept in a temporary folder, one safetensors file each, read back on access (the folder goes
+    with the object)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="fxprune-spill-")
+        self._files: dict[str, Path] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(self._dir.name) / f"{len(self._files)}.safetensors"
+        save_file({"t": tensor.detach().contiguous().cpu()}, str(path))
+        self._files[name] = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self._files[name]))["t"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,7 @@ class _Decided:
     why_not: str
     widths: dict[str, list[int]]    # kind of group -> channels kept per layer, for the kinds that shrank
     after: Cost
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the pass's new tensors, by model name
 
 
 def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter: CostCounter,
@@ -233,9 +234,10 @@ def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter:
     describe is an error with uniform widths, a warning without)."""
     selected = pipeline.select(scored)
     removed, sel = selected.removed, selected.selection
-    if any(scored.decision.finished(removed)):  # new weights or graph edits: nothing on disk could carry them
+    weights, edits = scored.decision.finished(removed)
+    if edits or (weights and scored.ctx.calibrate is None):  # only a layer-by-layer rewrite leaves them on disk
         raise PassError(f"pass {the_pass.name!r} changes weights or the graph, which pruning from disk cannot "
-                        "carry: use a pass that only scores (l1)")
+                        "carry: use a pass that only scores (l1, act) or rewrites layer by layer (thinet)")
     plan, new_config, why_not = arch.decide(removed)
     if new_config is None and sel.uniform_across_layers:
         raise CheckpointError(f"fxprune could not write a config.json for this selection: {why_not}. "
@@ -245,7 +247,7 @@ def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter:
                       "widths are in its plan.json and report.json", stacklevel=4)
     widths = {kind[0][0]: w for kind, w in layer_widths(arch.groups, removed).items() if min(w) < kind[1]}
     return _Decided(removed, sel, plan, new_config or original, new_config is not None, why_not, widths,
-                    counter(removed))
+                    counter(removed), weights)
 
 
 def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, report: dict[str, Any],
@@ -255,8 +257,10 @@ def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, r
     from fxprune.artifacts import save_plan, staging_folder, write_json
 
     entries = {arch.names[m]: e for m, e in decided.plan.items() if m in arch.names}
+    replaced = {arch.names[m]: m for m in decided.weights}  # checkpoint name -> model name of a new tensor
     with staging_folder(out, force=force) as tmp:
-        write_checkpoint(ckpt, entries, tmp, decided.config, shard_bytes or ckpt.shard_bytes())
+        write_checkpoint(ckpt, entries, tmp, decided.config, shard_bytes or ckpt.shard_bytes(),
+                         replaced=lambda key: decided.weights[replaced[key]] if key in replaced else None)
         save_plan(decided.plan, tmp / "plan.json", compact=True)
         clock.lap("write")
         report["seconds"] = clock.seconds()

@@ -107,10 +107,12 @@ class DecoderStream:
     # --- the three steps ------------------------------------------------------------------------------------
 
     def run(self, batches: list[torch.Tensor], hooks: Mapping[str, Hook] | None = None, *,
-            skip: Iterable[int] = (), tail: bool = False) -> StreamResult:
+            skip: Iterable[int] = (), tail: bool = False,
+            after_layer: Callable[[str, nn.Module], None] | None = None) -> StreamResult:
         """Run the token-id ``batches`` through the model layer by layer; ``hooks``: module name -> forward hook,
         registered while its module runs; ``skip``: decoder layers passed over (their input is the next one's);
-        ``tail``: also run the head and sum the next-token negative log-likelihood."""
+        ``tail``: also run the head and sum the next-token negative log-likelihood; ``after_layer(prefix,
+        layer)``: called once a layer has run every batch, its tensors still loaded."""
         hooks, skip = dict(hooks or {}), set(skip)
         self._held = self.peak = 0
         result = StreamResult()
@@ -119,13 +121,35 @@ class DecoderStream:
             if i in skip:
                 result.cosine.append(float("nan"))
                 continue
-            with self._loaded(f"{self.path}.{i}", layer), self._hooked(f"{self.path}.{i}", layer, hooks), \
-                    torch.no_grad():
-                result.cosine.append(self._through(layer, hidden, [c[i] for c in calls]))
+            prefix = f"{self.path}.{i}"
+            with self._loaded(prefix, layer), torch.no_grad():
+                with self._hooked(prefix, layer, hooks):
+                    result.cosine.append(self._through(layer, hidden, [c[i] for c in calls]))
+                if after_layer is not None:
+                    after_layer(prefix, layer)
         if tail:
             result.nll, result.predicted = self._tail(batches, hidden, tuple_out, hooks)
         result.peak_loaded_bytes = self.peak
         return result
+
+    def rewrite(self, batches: list[torch.Tensor], edit: Callable[[LayerRun], Mapping[str, torch.Tensor]]) \
+            -> Iterator[tuple[str, torch.Tensor]]:
+        """Rewrite the model layer by layer: for each decoder layer, ``edit(run)`` may run it on the original
+        model's hidden states and on the rewritten model's (:class:`LayerRun`), change its loaded tensors in place
+        and return the new ones (model name -> tensor), which are yielded; the rewritten model's hidden states then
+        advance through the changed layer, the original's through the original one."""
+        self._held = self.peak = 0
+        original, calls, _ = self._capture(batches)
+        rewritten = list(original)
+        for i, layer in enumerate(self.layers):
+            prefix = f"{self.path}.{i}"
+            with self._loaded(prefix, layer), torch.no_grad():
+                run = LayerRun(self, prefix, layer, original, rewritten, [c[i] for c in calls])
+                ahead = run.outputs(original, {})  # before the edit changes the layer
+                new = edit(run)
+                rewritten[:] = run.outputs(rewritten, {})
+                original[:] = ahead
+                yield from new.items()
 
     def _capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list], bool]:
         """Each batch's first hidden states and every layer's call, per batch; whether layers return tuples
@@ -246,6 +270,35 @@ class DecoderStream:
         finally:
             for h in handles:
                 h.remove()
+
+
+class LayerRun:
+    """One decoder layer of :meth:`DecoderStream.rewrite`, loaded: run it with forward hooks on its modules, on
+    the original model's hidden states (``original``: call it before changing the layer) or on the rewritten
+    model's (``rewritten``: the layers before already rewritten). ``root``: the whole model, this layer's tensors
+    loaded (the others on meta)."""
+
+    def __init__(self, stream: DecoderStream, prefix: str, layer: nn.Module, original: list[torch.Tensor],
+                 rewritten: list[torch.Tensor], calls: list) -> None:
+        self.stream, self.prefix, self.layer = stream, prefix, layer
+        self._original, self._rewritten, self._calls = original, rewritten, calls
+        self.root = stream.model
+
+    def original(self, hooks: Mapping[str, Hook]) -> None:
+        """The layer on the original model's hidden states, with ``hooks`` (call it before any change)."""
+        self.outputs(self._original, hooks)
+
+    def rewritten(self, hooks: Mapping[str, Hook]) -> None:
+        """The layer as changed so far on the rewritten model's hidden states, with ``hooks``."""
+        self.outputs(self._rewritten, hooks)
+
+    def outputs(self, hidden: list[torch.Tensor], hooks: Mapping[str, Hook]) -> list[torch.Tensor]:
+        out = []
+        with self.stream._hooked(self.prefix, self.layer, dict(hooks)):
+            for h, (args, kwargs) in zip(hidden, self._calls):
+                y = self.layer(h, *args, **kwargs)
+                out.append(y[0] if isinstance(y, tuple) else y)
+        return out
 
 
 class _Recording(_Stand):

@@ -43,10 +43,12 @@ def shard_layout(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
 
 def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]], folder: Path, config: dict,
                      shard_bytes: int, progress: Callable[[int, int], None] | None = None,
-                     rename: dict[str, str] | None = None) -> dict[str, str]:
+                     rename: dict[str, str] | None = None,
+                     replaced: Callable[[str], torch.Tensor | None] = lambda name: None) -> dict[str, str]:
     """Write every tensor of ``ckpt``, sliced by ``entries`` (checkpoint name -> kept indices per dim; absent:
     unchanged), into ``folder`` in shards of about ``shard_bytes``; then config.json and the side files.
-    ``rename``: checkpoint name -> its name in the output, the tensors it lacks left out (removed blocks).
+    ``rename``: checkpoint name -> its name in the output, the tensors it lacks left out (removed blocks);
+    ``replaced(name)``: a new full-size tensor written instead of the checkpoint's (sliced, in its dtype), or None.
     Returns the weight map (tensor -> shard file)."""
     sizes, shapes, source = {}, {}, {}
     for old, info in ckpt.tensors.items():
@@ -65,7 +67,7 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
         header = {name: (ckpt.tensors[source[name]].dtype, shapes[name]) for name in names}
         with open(folder / file, "wb") as f:
             for name, written in zip(names, safetensors_stream(f, header)):
-                written(ckpt.read_kept(source[name], entries.get(source[name])))
+                written(_kept(ckpt, source[name], entries.get(source[name]), replaced))
         weight_map.update({name: file for name in names})
         if progress is not None:
             progress(i + 1, len(layout))
@@ -76,6 +78,16 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
     for path in ckpt.side_files():
         shutil.copy2(path, folder / path.name)
     return weight_map
+
+
+def _kept(ckpt: Checkpoint, name: str, entry: dict[int, list[int]] | None,
+          replaced: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+    new = replaced(name)
+    if new is None:
+        return ckpt.read_kept(name, entry)
+    from fxprune.compaction.plan import slice_tensor
+
+    return slice_tensor(entry, new).to(ckpt.tensors[name].dtype)
 
 
 def safetensors_stream(f: BinaryIO, header: dict[str, tuple[torch.dtype, list[int]]]) \

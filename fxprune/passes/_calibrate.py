@@ -11,9 +11,10 @@ seeded per (layer, batch), so the original and the pruned copy are sampled at th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +30,9 @@ from fxprune.state import named_tensors
 from .base import Decision, Finish, Pass, PassContext, Scores
 from .l1 import L1Norm
 
-__all__ = ["Calibrated", "Consumer", "attr_order", "consumers", "calibration", "sample_layers", "mask_", "reconstruct",
-           "reconstruct_into", "reconstruct_removed", "contributions", "group_contributions", "live_outputs", "Solver"]
+__all__ = ["Calibrated", "Consumer", "Sampler", "attr_order", "consumers", "calibration", "sample_layers", "mask_",
+           "reconstruct", "reconstruct_into", "reconstruct_removed", "contributions", "group_contributions",
+           "live_outputs", "Solver"]
 
 
 @dataclass
@@ -101,56 +103,73 @@ def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.reshape(x.shape[0], m.in_channels, -1, u.shape[-1])
 
 
-def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_batch: int,
-                  stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``batches`` through ``model`` and sample each layer at ``per_batch`` (image, location) pairs
-    per call of the layer per batch: {layer: (inputs (S, C, K), outputs (S, O))}, float64. Sampling is seeded by
-    (layer, batch, call): another copy of the model is sampled at the same places. A layer that runs several
-    times per forward (a detector's head shared by its levels) is sampled at every call. ``stop_after``: the
-    forward of a batch stops once that layer ran as often as it did in the first batch's whole forward."""
-    got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
-    step = [0]
-    calls: dict[str, int] = {}  # the current batch's calls per layer
-    stop_at = [0]  # calls of stop_after per batch (0: not known yet, the first batch runs whole)
+class Sampler:
+    """Forward hooks that sample layers at ``per_batch`` (image, location) pairs per call of the layer per batch:
+    ``samples()`` gives {layer: (inputs (S, C, K), outputs (S, O))}, float64. Sampling is seeded by (layer, batch,
+    call), so another copy of the model is sampled at the same places. ``step`` is the batch being run; with
+    ``streamed`` each call of a layer is the next batch (a model run one layer at a time over all batches)."""
 
-    class _Stop(Exception):
-        pass
+    class Stop(Exception):
+        """Raised by the ``stop_after`` layer's hook once it ran as often as in the first batch."""
 
-    def hook(name: str) -> Callable:
+    def __init__(self, layers: Iterable[str], per_batch: int, streamed: bool = False) -> None:
+        self.got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+        self.per_batch, self.streamed = per_batch, streamed
+        self.step = 0
+        self.calls: dict[str, int] = {}  # calls per layer: in the current batch, or (streamed) so far
+        self.stop_after: str | None = None
+        self.stop_at = 0  # calls of stop_after per batch (0: not known yet, the first batch runs whole)
+
+    def hook(self, name: str) -> Callable:
         def fn(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            call = calls[name] = calls.get(name, 0) + 1
+            call = self.calls[name] = self.calls.get(name, 0) + 1
+            step, call = (call - 1, 1) if self.streamed else (self.step, call)
             u = _patches(m, args[0].detach()).double()
             y = out.detach().double()
             y = y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.flatten(2)  # (N, O) / (N, O, L)
             # zlib.crc32, not hash(): str hashes are salted per process, and runs must be reproducible
-            key = f"{name}/{step[0]}" + (f"/{call - 1}" if call > 1 else "")
+            key = f"{name}/{step}" + (f"/{call - 1}" if call > 1 else "")
             gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-            n = torch.randint(u.shape[0], (per_batch,), generator=gen)
-            loc = torch.randint(u.shape[-1], (per_batch,), generator=gen)
+            n = torch.randint(u.shape[0], (self.per_batch,), generator=gen)
+            loc = torch.randint(u.shape[-1], (self.per_batch,), generator=gen)
             ys = y[n] if y.dim() == 2 else y[n, :, loc]
-            got[name].append((u[n, :, :, loc].cpu(), ys.cpu()))
-            if name == stop_after and call == stop_at[0]:
-                raise _Stop
+            self.got[name].append((u[n, :, :, loc].cpu(), ys.cpu()))
+            if name == self.stop_after and call == self.stop_at:
+                raise Sampler.Stop
 
         return fn
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    def hooks(self) -> dict[str, Callable]:
+        return {name: self.hook(name) for name in self.got}
+
+    def samples(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in self.got.items() if v}
+
+
+def sample_layers(model: nn.Module, layers: list[str], batches: list[Any], per_batch: int,
+                  stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``batches`` through ``model`` and sample each layer (:class:`Sampler`). A layer that runs several
+    times per forward (a detector's head shared by its levels) is sampled at every call. ``stop_after``: the
+    forward of a batch stops once that layer ran as often as it did in the first batch's whole forward."""
+    sampler = Sampler(layers, per_batch)
+    sampler.stop_after = stop_after
+    handles = [model.get_submodule(name).register_forward_hook(fn) for name, fn in sampler.hooks().items()]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for i, x in enumerate(batches):
-                step[0] = i
-                calls.clear()
+                sampler.step = i
+                sampler.calls.clear()
                 try:
                     model(to_device(x, device))
-                except _Stop:
+                except Sampler.Stop:
                     pass
-                if stop_after is not None and not stop_at[0]:
-                    stop_at[0] = calls.get(stop_after, 0)
+                if stop_after is not None and not sampler.stop_at:
+                    sampler.stop_at = sampler.calls.get(stop_after, 0)
     finally:
         for h in handles:
             h.remove()
-    return {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in got.items() if v}
+    return sampler.samples()
 
 
 def mask_(model: nn.Module, groups: ChannelGroups, removed: np.ndarray, only: set[int] | None = None) -> None:
@@ -269,7 +288,9 @@ class Calibrated(Pass):
     def score(self, ctx: PassContext) -> Decision:
         scores = L1Norm().score(ctx)  # the fallback
         cons = consumers(ctx)
-        if cons:
+        if cons and ctx.calibrate is not None:  # a folder's text, one decoder layer at a time
+            scores.update(self.score_streamed(ctx, cons))
+        elif cons:
             batches = calibration(ctx, self.calibration, self.batches)
             layers = sorted({c.layer for cs in cons.values() for c in cs})
             samples = sample_layers(ctx.model, layers, batches, self.per_batch)
@@ -290,7 +311,71 @@ class Calibrated(Pass):
         """How a consumer's new tensors are solved from the kept inputs (see :func:`reconstruct`)."""
         raise NotImplementedError
 
+    def score_streamed(self, ctx: PassContext, cons: dict[int, list[Consumer]]) -> Scores:
+        """``score_consumed`` on a folder's calibration text, run one decoder layer at a time: each group is scored
+        as soon as its consumers' layer has run (its tensors loaded), and their samples let go. A group read by
+        layers of several decoder layers (the residual stream, with allow_inexact) keeps its l1 score."""
+        sampler = Sampler(sorted({c.layer for cs in cons.values() for c in cs}), self.per_batch, streamed=True)
+        rng, pending, scores = np.random.default_rng(self.seed), dict(cons), {}
+
+        def after_layer(prefix: str, layer: nn.Module) -> None:
+            ready = {gid: [bound(c, layer, prefix) for c in cs] for gid, cs in pending.items()
+                     if all(_under(c.layer, prefix) for c in cs)}
+            if ready:
+                scores.update(self.score_consumed(ctx, ready, [], sampler.samples(), rng))
+            for gid in ready:
+                del pending[gid]
+            for name in [n for n in sampler.got if _under(n, prefix)]:
+                sampler.got[name] = []
+
+        assert ctx.calibrate is not None
+        ctx.calibrate(sampler.hooks(), after_layer=after_layer)
+        return scores
+
     def reconstructed(self, ctx: PassContext, removed: np.ndarray) -> Finish:
         """The consumers of the removed channels, solved again from the kept inputs (the decision's finish)."""
+        if ctx.calibrate is not None:
+            return Finish(reconstruct_streamed(ctx, removed, self.solver(), self.per_batch))
         return Finish(reconstruct_removed(ctx, removed, self.solver(), self.calibration, self.batches,
                                           self.per_batch))
+
+
+def bound(c: Consumer, layer: nn.Module, prefix: str) -> Consumer:
+    """``c`` with its module taken from ``layer`` (a decoder layer loaded from disk, at ``prefix``)."""
+    return dataclasses.replace(c, module=layer.get_submodule(c.layer[len(prefix) + 1:]))
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+def reconstruct_streamed(ctx: PassContext, removed: np.ndarray, solve: Solver, per_batch: int) \
+        -> Mapping[str, torch.Tensor]:
+    """:func:`reconstruct` on a folder, one decoder layer at a time: each layer's removed channels zeroed, then
+    its consumers of removed channels solved in graph order, the targets Y from the original model's hidden
+    states, the inputs X from the model rewritten so far. The new tensors come back from disk on access."""
+    todo = {c.layer: c for gid, cs in consumers(ctx).items() if removed[ctx.groups[gid].channels].any() for c in cs}
+    assert ctx.calibrate is not None
+
+    def edit(run: Any) -> dict[str, torch.Tensor]:
+        mine = sorted((c for c in todo.values() if _under(c.layer, run.prefix)), key=lambda c: c.order)
+        target = Sampler([c.layer for c in mine], per_batch, streamed=True)
+        if mine:
+            run.original(target.hooks())
+        mask_(run.root, ctx.groups, removed)  # the loaded layer's removed rows and columns (the rest is on meta)
+        state, new = named_tensors(run.root), {}
+        for c in mine:
+            inputs = Sampler([c.layer], per_batch, streamed=True)
+            run.rewritten(inputs.hooks())
+            unit, gone = unit_matrix(c, removed, ctx.groups)
+            w = state[c.slot.name].detach().double().cpu()
+            module = run.root.get_submodule(c.layer)
+            tensors = solve(dataclasses.replace(c, module=module), inputs.samples()[c.layer][0],
+                            target.samples()[c.layer][1], w, unit, gone)
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    state[name].copy_(t.to(state[name].dtype))
+            new.update(tensors)
+        return new
+
+    return ctx.calibrate.rewrite(edit)

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the masks (and networkx, through the block edits) load only
     from fxprune.edits.blocks import Block
     from fxprune.masking import MaskedModel
 
-__all__ = ["Decision", "Finish", "Pass", "PassContext", "PassError", "Scores", "require_weights_only",
+__all__ = ["Calibrator", "Decision", "Finish", "Pass", "PassContext", "PassError", "Scores", "require_weights_only",
            "require_modules_support"]
 
 
@@ -52,6 +52,21 @@ _GONE = {  # what a pass wrote into its context before passes returned a Decisio
     "artifacts": "Decision(scores, artifacts={name: writer})",
     "state": "a closure: Decision(scores, finish=functools.partial(my_finish, what_it_needs))",
 }
+
+
+class Calibrator(Protocol):
+    """How a pass runs a Hugging Face folder's calibration text through the model, one decoder layer at a time
+    from disk (``fxprune.checkpoints.calibration.Calibration``)."""
+
+    def __call__(self, hooks: Mapping[str, Callable], after_layer: Callable[[str, torch.nn.Module], None] | None = None
+                 ) -> None:
+        """The text through the model once: each forward hook (module name -> hook) as its module runs, and
+        ``after_layer(prefix, layer)`` once a decoder layer has run every batch (its tensors still loaded)."""
+
+    def rewrite(self, edit: Callable[[Any], Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
+        """The text through the model while ``edit(run)`` rewrites each decoder layer
+        (``fxprune.checkpoints.stream.LayerRun``: the layer on the original and the rewritten model's hidden states,
+        ``run.root`` the model with that layer loaded); the new tensors by name, read from disk on access."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +93,9 @@ class PassContext:
     # how the model is compacted: "graph" (the traced graph runs) or "modules" (its modules are resized; no traced
     # graph runs, and ``insert_masks`` puts the masks on a copy of the user's modules)
     compaction: str = "graph"
-    # runs the calibration data through the model once, calling each forward hook (module name -> hook) as its
-    # module runs: a Hugging Face folder's text (``--calib``), streamed from disk one decoder layer at a time
-    # (``fxprune.checkpoints.stream``); None: the pass reads the model file's loaders itself
-    calibrate: Callable[[Mapping[str, Callable]], None] | None = None
+    # a Hugging Face folder's calibration text (``--calib``), run from disk one decoder layer at a time
+    # (:class:`Calibrator`); None: the pass reads the model file's loaders itself
+    calibrate: Calibrator | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", MappingProxyType(dict(self.data)))

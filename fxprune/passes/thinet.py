@@ -55,7 +55,7 @@ from ._calibrate import (
     reconstruct_into,
     sample_layers,
 )
-from .base import Decision, Finish, PassContext, Scores
+from .base import Decision, Finish, PassContext, PassError, Scores
 
 __all__ = ["ThiNet", "greedy_order"]
 
@@ -81,6 +81,7 @@ class ThiNet(Calibrated):
     graph_only = None  # runs on the modules target too: its calibration hooks the user's modules
     description = "ThiNet (Luo et al. 2017): greedy next-layer reconstruction error, least-squares rescale"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"layerwise": True}}
+    calibrates: ClassVar[bool] = True  # a Hugging Face folder runs it with --calib, one decoder layer at a time
 
     layerwise: bool = False     # the paper's layer-by-layer pruning with a fine-tune after each layer
     layer_epochs: int = 1       # layerwise: fine-tuning epochs after each layer (the paper: 1)
@@ -88,6 +89,9 @@ class ThiNet(Calibrated):
     preset: str = ""            # "paper": layer by layer
 
     def score(self, ctx: PassContext) -> Decision:
+        if self.layerwise and ctx.calibrate is not None:
+            raise PassError("thinet: layerwise=true fine-tunes after each layer, and a folder pruned from disk is not "
+                            "trained: use the default one-shot ranking (its reconstruction runs layer by layer)")
         one_shot = super().score(ctx)
         if not self.layerwise:
             return one_shot
