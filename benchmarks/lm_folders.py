@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-mb", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    started = time.time()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fxprune-lm-") as tmp:
         results = memory(args, Path(tmp)) if args.memory else quality(args, Path(tmp))
     if args.out is not None:

@@ -131,18 +131,21 @@ class Checkpoint:
         """One tensor, whole."""
         return self.read_kept(name, None)
 
-    def read_kept(self, name: str, entry: dict[int, list[int]] | None) -> torch.Tensor:
+    def read_kept(self, name: str, entry: dict[int, list[int]] | None, dtype: torch.dtype | None = None) \
+            -> torch.Tensor:
         """The kept part of one tensor (``entry``: kept indices per dim, as in a plan; None: all of it), read
-        ``CHUNK_BYTES`` of rows at a time into the preallocated result. The shard is opened for each chunk, so
-        that no more of its mapping than one chunk is resident next to the result."""
+        ``CHUNK_BYTES`` of rows at a time into the preallocated result (in ``dtype``, converted chunk by chunk;
+        default: the tensor's own). The shard is opened for each chunk, so that no more of its mapping than one
+        chunk is resident next to the result."""
         from safetensors import safe_open
 
         info = self.tensors[name]
         kept = {int(d): torch.as_tensor(np.asarray(k, dtype=np.int64)) for d, k in (entry or {}).items()}
         if not info.shape:  # a scalar: nothing to slice
             with safe_open(str(self.root / info.file), framework="pt") as f:
-                return f.get_tensor(name)
-        out = torch.empty([len(kept[d]) if d in kept else s for d, s in enumerate(info.shape)], dtype=info.dtype)
+                return f.get_tensor(name).to(dtype or info.dtype)
+        out = torch.empty([len(kept[d]) if d in kept else s for d, s in enumerate(info.shape)],
+                          dtype=dtype or info.dtype)
         if out.numel() == 0:
             return out
         rows = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))

@@ -293,8 +293,8 @@ def _folder_pass(method: str, options: dict[str, Any] | None, text: TextData) ->
                             "(text=TextData(calib=...)), a plain-text file like the text the model will see")
         return the_pass
     require_weights_only(the_pass, "a model, and a checkpoint folder is pruned from disk without loading it: use a "
-                         "pass that reads weights only (l1) or calibration text (act, depth, with --calib), or "
-                         "write a model file whose model() loads the checkpoint")
+                         "pass that reads weights only (l1) or calibration text (act, thinet, lasso, depth, with "
+                         "--calib), or write a model file whose model() loads the checkpoint")
     return the_pass
 
 

@@ -320,12 +320,12 @@ class Calibrated(Pass):
 
         def after_layer(prefix: str, layer: nn.Module) -> None:
             ready = {gid: [bound(c, layer, prefix) for c in cs] for gid, cs in pending.items()
-                     if all(_under(c.layer, prefix) for c in cs)}
+                     if all(under(c.layer, prefix) for c in cs)}
             if ready:
                 scores.update(self.score_consumed(ctx, ready, [], sampler.samples(), rng))
             for gid in ready:
                 del pending[gid]
-            for name in [n for n in sampler.got if _under(n, prefix)]:
+            for name in [n for n in sampler.got if under(n, prefix)]:
                 sampler.got[name] = []
 
         assert ctx.calibrate is not None
@@ -345,8 +345,29 @@ def bound(c: Consumer, layer: nn.Module, prefix: str) -> Consumer:
     return dataclasses.replace(c, module=layer.get_submodule(c.layer[len(prefix) + 1:]))
 
 
-def _under(name: str, prefix: str) -> bool:
+def under(name: str, prefix: str) -> bool:
+    """Is module ``name`` inside the module at ``prefix``?"""
     return name.startswith(prefix + ".")
+
+
+def solve_in_layer(run: Any, ctx: PassContext, removed: np.ndarray, todo: list[Consumer], solve: Solver,
+                   per_batch: int, target: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The loop of :func:`reconstruct_into` inside one loaded decoder layer of a folder's rewrite (``run``, a
+    ``fxprune.checkpoints.stream.LayerRun``): each consumer in turn, its inputs sampled on the rewritten model's
+    hidden states with the consumers before it already solved; the layer's tensors changed in place."""
+    state, new = named_tensors(run.root), {}
+    for c in todo:
+        inputs = Sampler([c.layer], per_batch, streamed=True)
+        run.rewritten(inputs.hooks())
+        unit, gone = unit_matrix(c, removed, ctx.groups)
+        w = state[c.slot.name].detach().double().cpu()
+        tensors = solve(dataclasses.replace(c, module=run.root.get_submodule(c.layer)), inputs.samples()[c.layer][0],
+                        target[c.layer][1], w, unit, gone)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                state[name].copy_(t.to(state[name].dtype))
+        new.update(tensors)
+    return new
 
 
 def reconstruct_streamed(ctx: PassContext, removed: np.ndarray, solve: Solver, per_batch: int) \
@@ -358,24 +379,11 @@ def reconstruct_streamed(ctx: PassContext, removed: np.ndarray, solve: Solver, p
     assert ctx.calibrate is not None
 
     def edit(run: Any) -> dict[str, torch.Tensor]:
-        mine = sorted((c for c in todo.values() if _under(c.layer, run.prefix)), key=lambda c: c.order)
+        mine = sorted((c for c in todo.values() if under(c.layer, run.prefix)), key=lambda c: c.order)
         target = Sampler([c.layer for c in mine], per_batch, streamed=True)
         if mine:
             run.original(target.hooks())
         mask_(run.root, ctx.groups, removed)  # the loaded layer's removed rows and columns (the rest is on meta)
-        state, new = named_tensors(run.root), {}
-        for c in mine:
-            inputs = Sampler([c.layer], per_batch, streamed=True)
-            run.rewritten(inputs.hooks())
-            unit, gone = unit_matrix(c, removed, ctx.groups)
-            w = state[c.slot.name].detach().double().cpu()
-            module = run.root.get_submodule(c.layer)
-            tensors = solve(dataclasses.replace(c, module=module), inputs.samples()[c.layer][0],
-                            target.samples()[c.layer][1], w, unit, gone)
-            with torch.no_grad():
-                for name, t in tensors.items():
-                    state[name].copy_(t.to(state[name].dtype))
-            new.update(tensors)
-        return new
+        return solve_in_layer(run, ctx, removed, mine, solve, per_batch, target.samples())
 
     return ctx.calibrate.rewrite(edit)

@@ -59,9 +59,9 @@ class _Magnitudes:
         self.samples = 0
 
     def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
-        x = args[0].detach().double().movedim(self.dim, -1)
+        x = args[0].detach().movedim(self.dim, -1)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (samples, positions, channels)
-        v = x.abs().mean(1) if self.seq == "mean" else x.pow(2).mean(1).sqrt()
+        v = (x.abs().mean(1) if self.seq == "mean" else x.float().pow(2).mean(1).sqrt()).double()
         s, q = v.sum(0).cpu(), v.pow(2).sum(0).cpu()
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q

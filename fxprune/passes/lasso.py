@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,12 +37,15 @@ from fxprune.state import named_tensors
 from ._calibrate import (
     Calibrated,
     Consumer,
+    Sampler,
     Solver,
     group_contributions,
     live_outputs,
     mask_,
     reconstruct_into,
     sample_layers,
+    solve_in_layer,
+    under,
 )
 from .base import PassContext, Scores
 
@@ -98,6 +101,8 @@ class Lasso(Calibrated):
     graph_only = None  # runs on the modules target too: its calibration hooks the user's modules
     description = "Channel Pruning (He et al. 2017): LASSO selection with bisected lambda, least-squares weights"
 
+    calibrates: ClassVar[bool] = True  # a Hugging Face folder runs it with --calib, one decoder layer at a time
+
     rows: int = 4000
     lam: float = 1e-3
     ridge: float = 1e-6        # relative ridge in the least squares
@@ -109,30 +114,71 @@ class Lasso(Calibrated):
         removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
         scores: Scores = {}
         for gid, cs in sorted(cons.items(), key=lambda kv: min(c.order for c in kv[1])):
-            group = ctx.groups[gid]
-            if keep[gid] >= len(group) or not all(c.layer in samples for c in cs):
+            if keep[gid] >= len(ctx.groups[gid]) or not all(c.layer in samples for c in cs):
                 continue
-            zs, ys = [], []
-            for c in cs:
-                x, _ = sample_layers(work, [c.layer], batches, self.per_batch, stop_after=c.layer)[c.layer]
-                w = named_tensors(work)[c.slot.name].detach().double().cpu()
-                contrib = group_contributions(c, x, w, gid, len(group))
-                live = live_outputs(w)
-                bias = c.module.bias.detach().double().cpu()[live] if c.module.bias is not None else 0.0
-                y = samples[c.layer][1][:, live] - bias - contrib[:, :, len(group)]
-                zs.append(contrib[:, :, :len(group)].reshape(-1, len(group)).numpy())
-                ys.append(y.reshape(-1).numpy())
-            z, y = np.concatenate(zs), np.concatenate(ys)
-            pick = self.subsample(rng, len(y))
-            z, y = z[pick], y[pick]
-            rms = max(float(np.sqrt((y * y).mean())), 1e-12)
-            beta, _, _ = lasso_select(z / rms, y / rms, keep[gid], self.lam)
-            norms = np.linalg.norm(z, axis=0)
-            scores[gid] = np.where(beta != 0, np.abs(beta), -1.0 / (1.0 + norms))
-            order = np.argsort(-scores[gid], kind="stable")
-            removed[group.channels[order[keep[gid]:]]] = True
+            inputs = {c.layer: sample_layers(work, [c.layer], batches, self.per_batch, stop_after=c.layer)[c.layer][0]
+                      for c in cs}
+            scores[gid] = self._select(ctx, gid, cs, inputs, samples, named_tensors(work), keep[gid], removed, rng)
             mask_(work, ctx.groups, removed, only={gid})
             reconstruct_into(work, ctx, removed, cs, self.solver(), batches, self.per_batch, samples)
+        return scores
+
+    def score_streamed(self, ctx: PassContext, cons: dict[int, list[Consumer]]) -> Scores:
+        """On a folder, one decoder layer at a time: the same group-by-group selection and reconstruction inside
+        each layer (a rewrite of the model whose tensors are not kept: the decision's finish solves the
+        consumers again for the removal the budget selects)."""
+        keep, rng = _keep_counts(ctx), np.random.default_rng(self.seed)
+        removed = np.zeros(len(ctx.groups.comp_group), dtype=bool)
+        ordered = sorted(cons.items(), key=lambda kv: min(c.order for c in kv[1]))
+        scores: Scores = {}
+
+        def edit(run: Any) -> dict[str, torch.Tensor]:
+            mine = [(gid, cs) for gid, cs in ordered if keep[gid] < len(ctx.groups[gid])
+                    and all(under(c.layer, run.prefix) for c in cs)]
+            target = Sampler(sorted({c.layer for _, cs in mine for c in cs}), self.per_batch, streamed=True)
+            if mine:
+                run.original(target.hooks())
+            for gid, cs in mine:
+                sampled = Sampler([c.layer for c in cs], self.per_batch, streamed=True)
+                run.rewritten(sampled.hooks())
+                inputs = {layer: x for layer, (x, _) in sampled.samples().items()}
+                bound = [dataclasses.replace(c, module=run.root.get_submodule(c.layer)) for c in cs]
+                scores[gid] = self._select(ctx, gid, bound, inputs, target.samples(), named_tensors(run.root),
+                                           keep[gid], removed, rng)
+                mask_(run.root, ctx.groups, removed, only={gid})
+                solve_in_layer(run, ctx, removed, sorted(cs, key=lambda c: c.order), self.solver(), self.per_batch,
+                               target.samples())
+            return {}
+
+        assert ctx.calibrate is not None
+        ctx.calibrate.rewrite(edit)
+        return scores
+
+    def _select(self, ctx: PassContext, gid: int, cs: list[Consumer], inputs: dict[str, torch.Tensor],
+                targets: dict[str, tuple[torch.Tensor, torch.Tensor]], state: dict[str, torch.Tensor], keep: int,
+                removed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """He et al.'s LASSO over group ``gid``'s channels: each consumer's output (``targets``, the original
+        model's) less its other inputs' part, from each channel's contribution (``inputs``, the model pruned so
+        far); the ``keep`` channels with the largest |beta| stay, the rest are marked in ``removed``."""
+        group = ctx.groups[gid]
+        zs, ys = [], []
+        for c in cs:
+            w = state[c.slot.name].detach().double().cpu()
+            contrib = group_contributions(c, inputs[c.layer], w, gid, len(group))
+            live = live_outputs(w)
+            bias = c.module.bias.detach().double().cpu()[live] if c.module.bias is not None else 0.0
+            y = targets[c.layer][1][:, live] - bias - contrib[:, :, len(group)]
+            zs.append(contrib[:, :, :len(group)].reshape(-1, len(group)).numpy())
+            ys.append(y.reshape(-1).numpy())
+        z, y = np.concatenate(zs), np.concatenate(ys)
+        pick = self.subsample(rng, len(y))
+        z, y = z[pick], y[pick]
+        rms = max(float(np.sqrt((y * y).mean())), 1e-12)
+        beta, _, _ = lasso_select(z / rms, y / rms, keep, self.lam)
+        norms = np.linalg.norm(z, axis=0)
+        scores = np.where(beta != 0, np.abs(beta), -1.0 / (1.0 + norms))
+        order = np.argsort(-scores, kind="stable")
+        removed[group.channels[order[keep:]]] = True
         return scores
 
     def solver(self) -> Solver:
