@@ -11,7 +11,8 @@
     measure        (eval text) perplexity of the source and the written folder, streamed
 
 Passes that read weights alone (``Pass.runs_graph`` False: l1) apply, and passes that read activations on
-calibration text (``calibrates``: act, depth), which runs through the model one decoder layer at a time from disk
+calibration text (``calibrates``: act, thinet, lasso, depth), which runs through the model one decoder layer at a
+time from disk
 (``fxprune.checkpoints.stream``); the others train a model, which a checkpoint larger than memory cannot be.
 """
 from __future__ import annotations
@@ -285,7 +286,8 @@ def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, An
 
 def _folder_pass(method: str, options: dict[str, Any] | None, text: TextData) -> Any:
     """The pass, which must read weights only (``Pass.runs_graph`` False), or read activations on calibration
-    text (``calibrates``: act, depth) given with ``text.calib``: the others train, which a folder is not."""
+    text (``calibrates``: act, thinet, lasso, depth) given with ``text.calib``: the others train, which a folder is
+    not."""
     the_pass = make_pass(method, options)
     if getattr(the_pass, "calibrates", False):
         if text.calib is None:

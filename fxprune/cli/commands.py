@@ -113,8 +113,9 @@ SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model()
                                            "pruned from disk", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
 CalibOpt = Annotated[Optional[Path], typer.Option("--calib", help="a Hugging Face folder: calibration text (a plain-"
-                                                  "text file) for the passes that read activations (act, depth), "
-                                                  "run through the model one decoder layer at a time from disk",
+                                                  "text file) for the passes that read activations (act, thinet, "
+                                                  "lasso, depth), run through the model one decoder layer at a time "
+                                                  "from disk",
                                                   show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
 
