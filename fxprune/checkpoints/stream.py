@@ -297,7 +297,9 @@ class DecoderStream:
         key = self.names.get(name)
         if key is None:
             if is_param:
-                raise CheckpointError(f"{self.ckpt.root} has no tensor for {name}")
+                raise CheckpointError(f"{self.ckpt.root}: {name} is not one tensor of the checkpoint (transformers "
+                                      "assembles it from several at load: fused experts), and fxprune does not run "
+                                      "such a model from disk yet: prune it with l1, or load it in a model file")
             return None  # a buffer computed at construction (rotary frequencies), or one that is not saved
         info = self.ckpt.tensors[key]
         return self.ckpt.read_kept(key, None, dtype=self.dtype if info.dtype.is_floating_point else None)
