@@ -165,8 +165,8 @@ def test_depth_removes_the_block_that_does_nothing_and_renumbers(tmp_path, texts
     text = TextData(calib=texts[0], eval_text=texts[1], samples=4, length=LENGTH)
     r = prune_checkpoint(folder, tmp_path / "out", "depth", options={"by": by, "blocks": 1}, text=text)
     assert r.removed == [2]
-    assert r.importance[2] == pytest.approx(0.0, abs=1e-9)
-    assert min(r.importance[i] for i in (0, 1, 3)) > 1e-6
+    assert r.importance[2] == pytest.approx(0.0, abs=1e-6)  # block influence's cosine is taken in float32
+    assert min(r.importance[i] for i in (0, 1, 3)) > 1e-3
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and len(cfg["layer_types"]) == 3
     pruned = T.Qwen2ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
