@@ -9,7 +9,8 @@ One folder per stage of the pipeline, in order:
     edits/        graph edits beyond slicing: residual blocks (find, remove, depth masks), factorised linears
     selection/    scores + a budget -> which channels go; the cost model; why a budget falls short
     compaction/   the selection -> a plan and an exactly equivalent smaller module
-    checkpoints/  Hugging Face model folders pruned from disk, streamed shard by shard (no model in memory)
+    checkpoints/  Hugging Face model folders pruned from disk, streamed shard by shard (no model in memory); language
+                  models calibrated and measured on text one decoder layer at a time
     recovery/     the training engine: fine-tune / scratch-e / scratch-b, distillation, checkpoints, DDP
     pipeline/     a run as one value (RunSpec: the pass, Budget, Recovery...) and the stages in order (run)
     cli/          the command line around them: pipeline, output folder, report, bench, measurement
