@@ -16,7 +16,8 @@ Calibration text: 64 windows of 256 bytes spread evenly over the training text; 
 ``--eval-bytes`` of the last 10%. Each pruned folder is measured as written, then after a short distillation
 recovery in memory through fxprune's engine (``fxprune.recovery.modes.recover``: ``--recovery-steps`` AdamW steps
 at 1e-3, cosine, 16 windows of 256 bytes per step, the dense model as teacher, alpha 0.9, temperature 4), saved
-with ``save_pretrained`` and measured the same way.
+with ``save_pretrained`` and measured the same way; the dense model is given the same steps (distilled from
+itself), the reference the recovered column compares with.
 
 Part 2, memory (``--memory``). LLaMA-shaped checkpoints with random bf16 weights (TinyLlama's widths, 1.1 B
 parameters at 22 layers, and the same widths at 11 layers), pruned by ``fxprune run DIR --pass act --calib``
@@ -112,6 +113,8 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     text = ["--text", str(evalt), "--seq-length", str(SEQ)]
     rows = [dict(fxprune_cli("eval", str(src), *text)[0], method="dense", removed="-", kind="dense")]
     print(f"dense: perplexity {rows[0]['perplexity']:.3f}", flush=True)
+    if args.recovery_steps:  # the reference of the recovered column: the dense model given the same steps
+        rows[0]["recovered"] = _recovered(src, src, work / "dense-recovered", train_bytes, evalt, args.recovery_steps)
     runs = [(f"{method}-{ratio}", ["--pass", method, "--ratio", str(ratio)],
              dict(method=method, removed=f"{ratio:.0%} of MLP neurons and heads", kind="width", ratio=ratio))
             for method, ratio in WIDTH]

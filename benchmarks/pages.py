@@ -273,6 +273,7 @@ def lm_folders(res: dict[str, Any]) -> list[str]:
 
 def lm_quality(res: dict[str, Any]) -> list[str]:
     dense = next(r for r in res["rows"] if r["method"] == "dense")
+    dense_rec = (dense.get("recovered") or dense)["perplexity"]  # recovered rows compare with the dense model
 
     def row(r: dict[str, Any]) -> list[Any]:
         kept = r["params_after"] / r["params_before"] if r.get("params_before") else 1.0
@@ -280,7 +281,7 @@ def lm_quality(res: dict[str, Any]) -> list[str]:
         return [r["method"], r["removed"], pct(kept), f"{r['perplexity']:.3f}",
                 f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}%" if r is not dense else None,
                 f"{rec['perplexity']:.3f}" if rec else None,
-                f"{(rec['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}%" if rec else None,
+                f"{(rec['perplexity'] / dense_rec - 1) * 100:+.1f}%" if rec and r is not dense else None,
                 f"{r['bits_per_byte']:.4f}", ", ".join(map(str, r["removed_blocks"])) if r.get("removed_blocks")
                 else None, f"{r['prune_seconds']:.1f}" if r.get("prune_seconds") else None]
 
@@ -291,11 +292,12 @@ def lm_quality(res: dict[str, Any]) -> list[str]:
             f"{res['seq']} bytes in {res['train_seconds']:.0f} s (last 20 steps' loss {res['final_train_loss']:.3f} "
             f"nats). Perplexity per byte on {res['eval_bytes']:,} held-out bytes (windows of {res['seq']}); "
             f"calibration: {res['calibration']['windows']} windows of {res['calibration']['length']} bytes of the "
-            "training text. Recovered: the pruned folder after a distillation from the dense model of "
+            "training text. Recovered: the pruned folder (and, on the dense row, the dense model itself: the "
+            "reference) after a distillation from the dense model of "
             f"{res.get('recovery_steps', 0)} steps (AdamW at {res.get('recovery_lr', 0):g}, {res['batch']} x "
             f"{res['seq']} bytes a step; bits per byte are before recovery). Seconds: the whole `fxprune run` (a child "
             "process, imports included).",
-            table(["method", "removed", "params kept", "perplexity", "vs dense", "recovered", "vs dense",
+            table(["method", "removed", "params kept", "perplexity", "vs dense", "recovered", "vs dense recovered",
                    "bits per byte", "blocks removed", "seconds"], [row(r) for r in res["rows"]])]
 
 
