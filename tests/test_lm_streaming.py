@@ -401,15 +401,3 @@ def test_lasso_on_a_folder_keeps_the_neurons_that_carry_the_output(tmp_path, tex
     with torch.no_grad():
         got, want = pruned(input_ids=ids).logits, model(input_ids=ids).logits
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())  # the least squares carries a 1e-6 ridge
-
-
-def test_a_model_with_fused_experts_is_refused_with_why(tmp_path, texts):
-    """transformers assembles a MoE layer's fused expert tensors from several checkpoint tensors at load: the
-    layer-by-layer run cannot read them one by one yet, and says so (l1 prunes such a folder, experts kept)."""
-    torch.manual_seed(0)
-    cfg = T.Qwen2MoeConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
-                           shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
-    T.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "moe")
-    with pytest.raises(CheckpointError, match="fused experts"):
-        perplexity(tmp_path / "moe", texts[1], LENGTH)

@@ -42,9 +42,9 @@ class MLP(nn.Module):
 FAST = {"l1": {}, "slimming": {"epochs": 1}, "thinet": {"batches": 1, "per_batch": 8},
         "lasso": {"batches": 1, "per_batch": 8}, "scratch": {"epochs": 1}, "anp": {"epochs": 1, "steps": 1},
         "tas": {"epochs": 1}, "sanp": {"epochs": 1}, "flop": {"epochs": 1}, "act": {"calib_batches": 1}}
-# passes that run on Hugging Face folders only (their side effects: tests/test_lm_streaming.py, which checks the
-# source folder is untouched and nothing is left behind on a refusal)
-FOLDER_ONLY = {"depth"}
+# passes that run on Hugging Face folders only (their side effects: tests/test_lm_streaming.py and
+# tests/test_lm_experts.py, which check the source folder is untouched and nothing is left behind on a refusal)
+FOLDER_ONLY = {"depth", "experts"}
 
 
 def _case(name: str) -> tuple[nn.Module, tuple[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:

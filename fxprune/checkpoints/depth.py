@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import checkpoint_names, meta_model, model_class
+from .architecture import written_mismatches
 from .calibration import Calibration, TextData
-from .folder import Checkpoint, CheckpointError, TensorInfo
+from .folder import Checkpoint, CheckpointError
 from .stream import DecoderStream
 from .text import Windows
 
@@ -91,13 +91,12 @@ def depth_plan(stream: DecoderStream, removed: list[int]) -> DepthPlan:
 
 
 def _owners(stream: DecoderStream) -> dict[str, int]:
-    """Checkpoint name -> the decoder block holding it (tensors outside the blocks are absent)."""
+    """Checkpoint name -> the decoder block holding it (tensors outside the blocks are absent); the per-expert
+    tensors of a fused expert tensor belong to its block."""
     prefix = stream.path + "."
-    out: dict[str, int] = {}
-    for name, key in stream.names.items():
-        if name.startswith(prefix):
-            out[key] = int(name[len(prefix):].split(".", 1)[0])
-    return out
+    pairs = [(name, key) for name, key in stream.names.items()]
+    pairs += [(name, key) for name, f in stream.fused.items() for keys in f.keys for key in keys]
+    return {key: int(name[len(prefix):].split(".", 1)[0]) for name, key in pairs if name.startswith(prefix)}
 
 
 def _config_without(config: dict, removed: list[int], n: int) -> dict:
@@ -122,21 +121,11 @@ def _config_without(config: dict, removed: list[int], n: int) -> dict:
 
 def _check(stream: DecoderStream, rename: dict[str, str], config: dict) -> None:
     """The new config builds, on meta, a model whose checkpoint names and shapes are exactly those written."""
-    cfg = type(stream.config).from_dict(config)
-    model = meta_model(cfg, model_class(cfg))
-
-    @dataclass
-    class _Written:
-        tensors: dict[str, TensorInfo]
-
-    written = {new: stream.ckpt.tensors[old] for old, new in rename.items()}
-    names = checkpoint_names(model, _Written(written))  # type: ignore[arg-type]
-    state = model.state_dict()
-    missing = sorted(n for n in state if n not in names)
-    bad = [n for n, key in names.items() if n in state and tuple(state[n].shape) != written[key].shape]
-    if missing or bad:
+    problems = written_mismatches(type(stream.config).from_dict(config),
+                                  {new: stream.ckpt.tensors[old].shape for old, new in rename.items()})
+    if problems:
         raise CheckpointError(f"the rewritten config.json does not describe the kept blocks' tensors "
-                              f"({(missing or bad)[0]}): fxprune cannot remove blocks from this architecture")
+                              f"({problems[0]}): fxprune cannot remove blocks from this architecture")
 
 
 def block_params(ckpt: Checkpoint, stream: DecoderStream) -> tuple[int, int]:

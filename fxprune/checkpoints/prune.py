@@ -11,9 +11,9 @@
     measure        (eval text) perplexity of the source and the written folder, streamed
 
 Passes that read weights alone (``Pass.runs_graph`` False: l1) apply, and passes that read activations on
-calibration text (``calibrates``: act, thinet, lasso, depth), which runs through the model one decoder layer at a
-time from disk
-(``fxprune.checkpoints.stream``); the others train a model, which a checkpoint larger than memory cannot be.
+calibration text (``calibrates``: act, thinet, lasso, depth, experts), which runs through the model one decoder
+layer at a time from disk (``fxprune.checkpoints.stream``); the others train a model, which a checkpoint larger
+than memory cannot be.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from fxprune.tracing.tracer import trace
 from .architecture import checkpoint_tensors, example_inputs, load_config, meta_model, model_class
 from .calibration import Calibration, TextData
 from .depth import drop_blocks
+from .experts import drop_experts
 from .folder import Checkpoint, CheckpointError
 from .steps import Clock, measure_perplexity, recorded_notes
 from .widths import ConfigWidths, freeze_unexpressible, layer_widths, mismatches, planned_shapes
@@ -154,8 +155,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     ``require_prunable=False``, which writes the folder unchanged; ``force`` replaces an existing ``out``.
 
     ``text`` (:class:`fxprune.checkpoints.TextData`): calibration text for the passes that read activations
-    (act; depth, which removes whole decoder blocks and returns a ``DepthResult``), run through the model one
-    decoder layer at a time from disk, and the text whose perplexity report.json records before and after."""
+    (act, thinet, lasso; depth, which removes whole decoder blocks and returns a ``DepthResult``; experts, which
+    removes routed experts or their neurons and returns an ``ExpertsResult``), run through the model one decoder
+    layer at a time from disk, and the text whose perplexity report.json records before and after."""
     from fxprune.artifacts import check_target
 
     budget, text = _budget(ratio, budget, deprecated), text or TextData()
@@ -164,6 +166,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
     calib = Calibration(ckpt, text) if text.calib is not None else None
     if getattr(the_pass, "removes_blocks", False):
         return drop_blocks(ckpt, Path(out), the_pass, budget, calib, text, shard_bytes, force, progress)
+    if getattr(the_pass, "removes_experts", False):
+        return drop_experts(ckpt, Path(out), the_pass, budget, calib, text, shard_bytes, force, progress)
     with recorded_notes() as notes:  # fxprune's warnings: report.json's notes, and warned on as usual
         clock = Clock(progress)
         arch, analysed, sel = _analyse(ckpt, the_pass, budget, allow_inexact, require_prunable, clock.lap)
@@ -286,8 +290,8 @@ def _budget(ratio: float | None, budget: Budget | None, deprecated: dict[str, An
 
 def _folder_pass(method: str, options: dict[str, Any] | None, text: TextData) -> Any:
     """The pass, which must read weights only (``Pass.runs_graph`` False), or read activations on calibration
-    text (``calibrates``: act, thinet, lasso, depth) given with ``text.calib``: the others train, which a folder is
-    not."""
+    text (``calibrates``: act, thinet, lasso, depth, experts) given with ``text.calib``: the others train, which a
+    folder is not."""
     the_pass = make_pass(method, options)
     if getattr(the_pass, "calibrates", False):
         if text.calib is None:
@@ -295,8 +299,8 @@ def _folder_pass(method: str, options: dict[str, Any] | None, text: TextData) ->
                             "(text=TextData(calib=...)), a plain-text file like the text the model will see")
         return the_pass
     require_weights_only(the_pass, "a model, and a checkpoint folder is pruned from disk without loading it: use a "
-                         "pass that reads weights only (l1) or calibration text (act, thinet, lasso, depth, with "
-                         "--calib), or write a model file whose model() loads the checkpoint")
+                         "pass that reads weights only (l1) or calibration text (act, thinet, lasso, depth, experts, "
+                         "with --calib), or write a model file whose model() loads the checkpoint")
     return the_pass
 
 

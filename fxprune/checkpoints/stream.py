@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architecture import checkpoint_names, load_config, model_class
+from .architecture import checkpoint_names, fused_sources, load_config, model_class
 from .folder import Checkpoint, CheckpointError
 
 __all__ = ["DecoderStream", "StreamResult", "Hook", "params_on_meta"]
@@ -98,12 +98,15 @@ class DecoderStream:
         self.ckpt, self.config = ckpt, load_config(ckpt.root)
         if hasattr(self.config, "use_cache"):
             self.config.use_cache = False
+        self.dtype = dtype or _compute_dtype(ckpt)
+        if self.dtype == torch.float64 and hasattr(self.config, "_experts_implementation"):
+            self.config._experts_implementation = "eager"  # transformers' grouped kernel has no float64
         cls = model_class(self.config)
         with params_on_meta(), contextlib.redirect_stderr(io.StringIO()):
             self.model = cls(self.config).eval()
         self.names = checkpoint_names(self.model, ckpt)
+        self.fused = fused_sources(self.model, ckpt)  # expert tensors assembled from one per expert
         self.path, self.layers = _decoder_layers(self.model, self.config)
-        self.dtype = dtype or _compute_dtype(ckpt)
         self._held = self.peak = 0
         self.eager_outside = False  # the modules outside the layers all read at once (see _outside)
 
@@ -187,14 +190,11 @@ class DecoderStream:
 
     def _through(self, layer: nn.Module, hidden: list[torch.Tensor], calls: list) -> float:
         """Every batch through ``layer`` (in place in ``hidden``); the mean cosine of input and output."""
-        total, count = 0.0, 0
-        for b, (args, kwargs) in enumerate(calls):
-            out = layer(hidden[b], *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(hidden[b].float(), out.float(), dim=-1)
-            total, count = total + float(cos.double().sum()), count + cos.numel()
-            hidden[b] = out
-        return total / max(count, 1)
+        out = _forward(layer, hidden, calls)
+        cos = [torch.nn.functional.cosine_similarity(h.float(), o.float(), dim=-1).double()
+               for h, o in zip(hidden, out)]
+        hidden[:] = out
+        return float(sum(c.sum() for c in cos)) / max(sum(c.numel() for c in cos), 1)
 
     def _tail(self, batches: list[torch.Tensor], hidden: list[torch.Tensor], tuple_out: bool,
               hooks: dict[str, Hook]) -> tuple[float, int]:
@@ -295,12 +295,17 @@ class DecoderStream:
 
     def _read(self, name: str, is_param: bool) -> torch.Tensor | None:
         key = self.names.get(name)
+        if key is None and name in self.fused:  # a layer's experts, stacked as transformers assembles them
+            return self.fused[name].assemble(self._read_key)
         if key is None:
             if is_param:
-                raise CheckpointError(f"{self.ckpt.root}: {name} is not one tensor of the checkpoint (transformers "
-                                      "assembles it from several at load: fused experts), and fxprune does not run "
-                                      "such a model from disk yet: prune it with l1, or load it in a model file")
+                raise CheckpointError(f"{self.ckpt.root}: {name} is not one tensor of the checkpoint, and transformers "
+                                      "assembles it in a way fxprune does not know: load the model in a model file "
+                                      "to calibrate it in memory")
             return None  # a buffer computed at construction (rotary frequencies), or one that is not saved
+        return self._read_key(key)
+
+    def _read_key(self, key: str) -> torch.Tensor:
         info = self.ckpt.tensors[key]
         return self.ckpt.read_kept(key, None, dtype=self.dtype if info.dtype.is_floating_point else None)
 
@@ -340,12 +345,8 @@ class LayerRun:
         self.outputs(self._rewritten, hooks)
 
     def outputs(self, hidden: list[torch.Tensor], hooks: Mapping[str, Hook]) -> list[torch.Tensor]:
-        out = []
         with self.stream._hooked(self.prefix, self.layer, dict(hooks)):
-            for h, (args, kwargs) in zip(hidden, self._calls):
-                y = self.layer(h, *args, **kwargs)
-                out.append(y[0] if isinstance(y, tuple) else y)
-        return out
+            return _forward(self.layer, hidden, self._calls)
 
 
 class _Recording(_Stand):
@@ -358,6 +359,15 @@ class _Recording(_Stand):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.seen.append(args[0] if args else kwargs["hidden_states"])
         return super().forward(*args, **kwargs)
+
+
+def _forward(layer: nn.Module, hidden: list[torch.Tensor], calls: list) -> list[torch.Tensor]:
+    """Each batch's hidden states through ``layer``, called as the model called it (``calls``: per batch)."""
+    out = []
+    for h, (args, kwargs) in zip(hidden, calls):
+        y = layer(h, *args, **kwargs)
+        out.append(y[0] if isinstance(y, tuple) else y)
+    return out
 
 
 def release_freed_memory() -> None:

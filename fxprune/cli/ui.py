@@ -105,6 +105,11 @@ def folder_table(report: dict[str, Any]) -> Table:
         blocks = report["blocks"]
         table.add_row("decoder blocks", str(blocks["before"]), str(blocks["after"]),
                       "removed " + ", ".join(map(str, blocks["removed"])))
+    if isinstance(report.get("experts"), dict):
+        experts, width = report["experts"], report["expert_width"]
+        table.add_row("experts per layer", str(experts["before"]), str(experts["after"]), "")
+        if width["after"] != width["before"]:
+            table.add_row("expert width", str(width["before"]), str(width["after"]), "")
     ppl = report.get("perplexity") or {}
     if ppl:
         a, b = ppl["before"]["perplexity"], (ppl["after"] or {}).get("perplexity")
