@@ -274,3 +274,15 @@ def test_the_cli_prunes_experts_and_reports_them(tmp_path, texts):
     assert report["config_changes"] == {"num_experts": [6, 4]}
     assert report["perplexity"]["after"]["perplexity"] > 0
     assert "experts per layer" in res.output
+
+
+def test_inspect_shows_each_experts_share_of_the_calibration_tokens(tmp_path, texts):
+    _, folder, _ = _save(tmp_path, "mixtral")
+    res = CliRunner().invoke(app, ["inspect", str(folder), "--calib", str(texts[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["experts"]
+    tokens = sum(b.numel() for b in text_windows(Checkpoint(folder), texts[0], 256, 64).batches)
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(sum(r["picks"]) == 2 * tokens and sum(r["share"]) == pytest.approx(1.0) for r in rows)
+    res = CliRunner().invoke(app, ["inspect", str(folder), "--calib", str(texts[0])])
+    assert res.exit_code == 0 and "routed experts on the calibration text" in res.output

@@ -38,7 +38,7 @@ from .folder import Checkpoint, CheckpointError
 from .stream import DecoderStream
 
 __all__ = ["UNITS", "RANKINGS", "MoeLayer", "moe_layers", "ExpertStats", "expert_stats", "ExpertPlan",
-           "expert_plan", "ExpertsResult", "drop_experts"]
+           "expert_plan", "plan_removal", "ExpertsResult", "drop_experts"]
 
 UNITS = ("experts", "neurons")
 RANKINGS = ("frequency", "weight")
@@ -223,6 +223,13 @@ class ExpertPlan:
     config: dict
     changed: dict[str, list[int]]      # config field -> [before, after]
 
+    def write(self, ckpt: Checkpoint, folder: Path, shard_bytes: int) -> None:
+        """The pruned checkpoint into ``folder`` (``fxprune.checkpoints.write``), one tensor in memory at a time."""
+        from .write import write_checkpoint
+
+        write_checkpoint(ckpt, self.entries, folder, self.config, shard_bytes, rename=self.rename,
+                         replaced=lambda key: self.replaced[key]() if key in self.replaced else None)
+
 
 def expert_plan(stream: DecoderStream, layers: list[MoeLayer], kept_experts: dict[int, list[int]],
                 kept_neurons: dict[int, list[list[int]]]) -> ExpertPlan:
@@ -326,7 +333,6 @@ def drop_experts(ckpt: Checkpoint, out: Path, the_pass: Any, budget: Any, calib:
     from fxprune.selection.budget import SelectionError
 
     from .steps import Clock, measure_perplexity, recorded_notes
-    from .write import write_checkpoint
 
     with recorded_notes() as notes:
         clock = Clock(progress, ("read", "score", "select", "write"))
@@ -348,7 +354,7 @@ def drop_experts(ckpt: Checkpoint, out: Path, the_pass: Any, budget: Any, calib:
         total = sum(int(np.prod(t.shape)) for t in ckpt.tensors.values())
         kept_experts, kept_neurons, k, unit_params = _choose(ckpt, stream, layers, stats, the_pass, budget, total,
                                                              resource if which == "params" else None)
-        plan = _plan_and_config(stream, layers, kept_experts, kept_neurons, the_pass.unit)
+        plan = plan_removal(stream, layers, kept_experts, kept_neurons, the_pass.unit)
         clock.lap("select")
         first = layers[0]
         removed = {m.index: [e for e in range(m.count) if e not in kept_experts.get(m.index, range(m.count))]
@@ -368,8 +374,7 @@ def drop_experts(ckpt: Checkpoint, out: Path, the_pass: Any, budget: Any, calib:
                   "config_changes": plan.changed, "loadable": True, "calibration": calib.info}
     report["notes"] = notes
     with staging_folder(out, force=force) as tmp:
-        write_checkpoint(ckpt, plan.entries, tmp, plan.config, shard_bytes or ckpt.shard_bytes(), rename=plan.rename,
-                         replaced=lambda key: plan.replaced[key]() if key in plan.replaced else None)
+        plan.write(ckpt, tmp, shard_bytes or ckpt.shard_bytes())
         clock.lap("write")
         report["seconds"] = clock.seconds()
         measure_perplexity(report, ckpt, tmp, text, True)
@@ -421,8 +426,10 @@ def _top_k(config: Any) -> int | None:
     return getattr(text, "num_experts_per_tok", None)
 
 
-def _plan_and_config(stream: DecoderStream, layers: list[MoeLayer], kept_experts: dict[int, list[int]],
-                     kept_neurons: dict[int, list[list[int]]], unit: str) -> ExpertPlan:
+def plan_removal(stream: DecoderStream, layers: list[MoeLayer], kept_experts: dict[int, list[int]],
+                 kept_neurons: dict[int, list[list[int]]], unit: str) -> ExpertPlan:
+    """``expert_plan`` with config.json's expert count (``unit="experts"``) or expert width (``"neurons"``)
+    rewritten, checked against the tensors written."""
     plan = expert_plan(stream, layers, kept_experts, kept_neurons)
     written = {plan.rename[old]: _written_shape(info.shape, plan.entries.get(old))
                for old, info in stream.ckpt.tensors.items() if old in plan.rename}

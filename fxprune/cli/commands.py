@@ -114,8 +114,8 @@ SourceArg = Annotated[Path, typer.Argument(help="the model file (defines model()
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout instead of tables")]
 CalibOpt = Annotated[Optional[Path], typer.Option("--calib", help="a Hugging Face folder: calibration text (a plain-"
                                                   "text file) for the passes that read activations (act, thinet, "
-                                                  "lasso, depth), run through the model one decoder layer at a time "
-                                                  "from disk",
+                                                  "lasso, depth, experts), run through the model one decoder layer "
+                                                  "at a time from disk",
                                                   show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no tables")]
 
@@ -324,7 +324,8 @@ def inspect(
     calib: CalibOpt = None,
 ) -> None:
     """Show the channel groups of a model file: size, producing and consuming layers, prunable or frozen and why;
-    for a Hugging Face folder with --calib, also each decoder block's importance on that text."""
+    for a Hugging Face folder with --calib, also each decoder block's importance on that text and, for a
+    mixture-of-experts model, each routed expert's share of the tokens."""
     from fxprune.measure import count_macs, count_params
 
     from ..annotations import dump
@@ -398,9 +399,10 @@ def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None
         with stderr_only_on_success():
             groups, info = inspect_folder(folder)
         if calib is not None:
-            from .language import block_rows
+            from .language import block_rows, expert_rows
 
             info["blocks"] = block_rows(folder, calib)
+            info["experts"] = expert_rows(folder, calib)
     if graph:
         from ..annotations import dump
 
@@ -418,9 +420,11 @@ def _inspect_folder(folder: Path, as_json: bool, graph: bool, method: str | None
                                      f"{len(info['groups'])} channel groups, {prunable} prunable; "
                                      f"{human(info['macs'])} MACs on 8 tokens, {human(info['params'])} params"))
         if "blocks" in info:
-            from .language import blocks_importance_table
+            from .language import blocks_importance_table, experts_table
 
             Console().print(blocks_importance_table(info["blocks"]))
+            if info["experts"]:
+                Console().print(experts_table(info["experts"]))
 
 
 def _block_rows(gm: Any, total_macs: int) -> list[dict[str, Any]]:

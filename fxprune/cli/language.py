@@ -1,6 +1,7 @@
 """The command line's language-model folder pieces: the text options (``--calib``, ``--eval-text``), perplexity
-(``fxprune eval DIR --text FILE``) and the decoder blocks' importance (``fxprune inspect DIR --calib FILE``), all
-run one decoder layer at a time from disk (``fxprune.checkpoints.stream``).
+(``fxprune eval DIR --text FILE``), the decoder blocks' importance and the routed experts' share of the tokens
+(``fxprune inspect DIR --calib FILE``), all run one decoder layer at a time from disk
+(``fxprune.checkpoints.stream``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from rich.table import Table
 
 from .runconfig import OptionError
 
-__all__ = ["text_data", "perplexity_command", "perplexity_table", "block_rows", "blocks_importance_table"]
+__all__ = ["text_data", "perplexity_command", "perplexity_table", "block_rows", "blocks_importance_table",
+           "expert_rows", "experts_table"]
 
 
 def text_data(calib: Path | None, eval_text: Path | None, samples: int | None, length: int | None,
@@ -70,9 +72,7 @@ def block_rows(folder: Path, calib: Path) -> list[dict[str, Any]]:
     from fxprune.checkpoints.calibration import Calibration, TextData
     from fxprune.checkpoints.depth import block_importance
 
-    if not Path(calib).is_file():
-        raise OptionError(f"--calib {calib}: no such file (give a plain-text file)")
-    cal = Calibration(Checkpoint(folder), TextData(calib=calib))
+    cal = Calibration(Checkpoint(folder), TextData(calib=_text_file(calib)))
     bi = block_importance(cal.stream, cal.windows, "bi")
     order = {int(i): r for r, i in enumerate(sorted(range(len(bi)), key=bi.__getitem__))}
     return [{"block": i, "block_influence": v, "rank": order[i]} for i, v in enumerate(bi)]
@@ -86,3 +86,37 @@ def blocks_importance_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         table.add_row(str(r["block"]), f"{r['block_influence']:.4f}", str(r["rank"] + 1))
     return table
+
+
+def expert_rows(folder: Path, calib: Path) -> list[dict[str, Any]]:
+    """Per decoder layer with routed experts: how many calibration tokens the router sends to each expert (its
+    top-k picks), and their share; empty for a model without experts."""
+    from fxprune.checkpoints import Checkpoint
+    from fxprune.checkpoints.calibration import Calibration, TextData
+    from fxprune.checkpoints.experts import expert_stats, moe_layers
+
+    cal = Calibration(Checkpoint(folder), TextData(calib=_text_file(calib)))
+    layers = moe_layers(cal.stream)
+    if not layers:
+        return []
+    stats = expert_stats(cal.stream, cal, layers)
+    return [{"layer": i, "picks": s.picks.astype(int).tolist(), "share": (s.picks / max(s.picks.sum(), 1)).tolist()}
+            for i, s in stats.items()]
+
+
+def experts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="routed experts on the calibration text: each one's share of the router's picks, per layer "
+                        "(fxprune run DIR --pass experts removes the least picked first)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for e in range(len(rows[0]["share"])):
+        table.add_column(f"e{e}", justify="right")
+    for r in rows:
+        least = min(r["share"])
+        table.add_row(str(r["layer"]), *[f"[yellow]{v:.1%}" if v == least else f"{v:.1%}" for v in r["share"]])
+    return table
+
+
+def _text_file(path: Path) -> Path:
+    if not Path(path).is_file():
+        raise OptionError(f"--calib {path}: no such file (give a plain-text file)")
+    return path
