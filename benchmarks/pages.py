@@ -322,9 +322,40 @@ def lm_memory(res: dict[str, Any]) -> list[str]:
                    "run s"], [row(r) for r in res["runs"]])]
 
 
+def lm_experts(res: dict[str, Any]) -> list[str]:
+    """benchmarks/lm_experts.py: the experts pass against its controls, on a trained mixture-of-experts model."""
+    dense = next(r for r in res["rows"] if r["method"] == "dense")
+
+    def row(r: dict[str, Any]) -> list[Any]:
+        kept = r["params_after"] / r["params_before"] if r.get("params_before") else 1.0
+        seeds = r.get("perplexity_per_seed")
+        return [r["method"], r["removed"], pct(kept), f"{r['perplexity']:.3f}",
+                f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f}%" if r is not dense else None,
+                ", ".join(f"{p:.3f}" for p in seeds) if seeds else None, f"{r['bits_per_byte']:.4f}",
+                f"{r['prune_seconds']:.1f}" if r.get("prune_seconds") else None]
+
+    cfg = res["config"]
+    first = next((r for r in res["rows"] if r.get("picks")), None)
+    share = None
+    if first is not None:
+        picks = [sorted(v) for v in first["picks"].values()]
+        share = ", ".join(f"{min(p) / sum(p):.1%}-{max(p) / sum(p):.1%}" for p in picks)
+    return [f"The dense model: Mixtral architecture, {cfg['num_hidden_layers']} blocks, hidden {cfg['hidden_size']}, "
+            f"{cfg['num_local_experts']} experts of width {cfg['intermediate_size']} per block "
+            f"({cfg['num_experts_per_tok']} picked per token), bytes as tokens; trained {res['steps']} steps of "
+            f"{res['batch']} x {res['seq']} bytes in {res['train_seconds']:.0f} s (last 20 steps' loss "
+            f"{res['final_train_loss']:.3f} nats, the load-balancing term included). Perplexity per byte on "
+            f"{res['eval_bytes']:,} held-out bytes (windows of {res['seq']}); calibration: "
+            f"{res['calibration']['windows']} windows of {res['calibration']['length']} bytes of the training text"
+            + (f"; each expert's share of the router's picks on it, per block (least-most): {share}" if share else "")
+            + ". Seconds: the whole `fxprune run` (a child process, imports included). No recovery.",
+            table(["method", "removed", "params kept", "perplexity", "vs dense", "per seed", "bits per byte",
+                   "seconds"], [row(r) for r in res["rows"]])]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "headline": headline, "methods": methods, "recovery": recovery, "scratch": scratch, "sanp": sanp, "tas": tas,
     "anp": anp, "flop": flop, "meta_plan": measurements, "hf_stream": measurements, "hf_folders": hf_folders,
     "masks": masks, "latency": latency, "zoo": zoo, "methods_robustness": methods_robustness, "detection": detection,
-    "lm_folders": lm_folders,
+    "lm_folders": lm_folders, "lm_experts": lm_experts,
 }
