@@ -6,9 +6,10 @@ library's source (the corpus of ``examples/charlm.py``: its first 90% trains, th
 as a Hugging Face folder, then prunes that folder from disk with the CLI and measures the perplexity of every
 result on held-out text with ``fxprune eval DIR --text``:
 
-- width: l1, act (activation magnitude on calibration text, Minitron's estimator) and thinet (greedy next-layer
-  error, then least-squares rescaling, layer by layer) at 25% and 50% of the MLP neurons and attention heads
-  removed (``--ratio``; the residual stream stays whole: exact by default);
+- width: l1, act (activation magnitude on calibration text, Minitron's estimator), act with FLAP's bias
+  compensation (``--opt compensate=true``: each removed channel's mean input folded into the next layer's bias)
+  and thinet (greedy next-layer error, then least-squares rescaling, layer by layer) at 25% and 50% of the MLP
+  neurons and attention heads removed (``--ratio``; the residual stream stays whole: exact by default);
 - depth: 2 and 4 of the 8 blocks removed by block influence (ShortGPT) and by the perplexity with the block
   skipped (Minitron).
 
@@ -50,7 +51,9 @@ CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden
 SEQ, BATCH, LR, SEED = 256, 16, 3e-3, 0
 CALIB_WINDOWS = 64
 RECOVERY_LR = 1e-3
-WIDTH = [("l1", 0.25), ("l1", 0.5), ("act", 0.25), ("act", 0.5), ("thinet", 0.25), ("thinet", 0.5)]
+WIDTH = [("l1", 0.25, []), ("l1", 0.5, []), ("act", 0.25, []), ("act", 0.5, []),
+         ("act", 0.25, ["compensate=true"]), ("act", 0.5, ["compensate=true"]), ("thinet", 0.25, []),
+         ("thinet", 0.5, [])]
 DEPTH = [("bi", 2), ("bi", 4), ("ppl", 2), ("ppl", 4)]
 
 
@@ -115,9 +118,11 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"dense: perplexity {rows[0]['perplexity']:.3f}", flush=True)
     if args.recovery_steps:  # the reference of the recovered column: the dense model given the same steps
         rows[0]["recovered"] = _recovered(src, src, work / "dense-recovered", train_bytes, evalt, args.recovery_steps)
-    runs = [(f"{method}-{ratio}", ["--pass", method, "--ratio", str(ratio)],
-             dict(method=method, removed=f"{ratio:.0%} of MLP neurons and heads", kind="width", ratio=ratio))
-            for method, ratio in WIDTH]
+    runs = [(f"{method}-{ratio}{'-'.join([''] + opts)}",
+             ["--pass", method, "--ratio", str(ratio)] + [a for o in opts for a in ("--opt", o)],
+             dict(method=method + (" + bias compensation" if "compensate=true" in opts else ""),
+                  removed=f"{ratio:.0%} of MLP neurons and heads", kind="width", ratio=ratio))
+            for method, ratio, opts in WIDTH]
     runs += [(f"depth-{by}-{blocks}", ["--pass", "depth", "--opt", f"by={by}", "--opt", f"blocks={blocks}"],
               dict(method=f"depth ({by})", removed=f"{blocks} of 8 blocks", kind="depth", blocks=blocks))
              for by, blocks in DEPTH]

@@ -148,6 +148,96 @@ def test_act_in_memory_reads_the_model_files_train_loader():
         fxprune.prune(m, (torch.randn(2, 3, 6, 6),), "act", 0.5)
 
 
+def _input_means(model, windows, layers):
+    """The mean input of each named layer over every position of the calibration windows (the model in memory)."""
+    sums, counts, handles = {}, {}, []
+    for name in layers:
+        def hook(mod, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in windows:
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return {name: sums[name] / counts[name] for name in layers}
+
+
+def _held_at(model, values):
+    """Forward pre-hooks that set the given input channels of named layers to fixed values."""
+    def hook(idx, v):
+        def pre(mod, args):
+            x = args[0].clone()
+            x[..., idx] = v.to(x.dtype)
+            return (x,)
+        return pre
+    return [model.get_submodule(name).register_forward_pre_hook(hook(idx, v)) for name, (idx, v) in values.items()]
+
+
+def test_act_compensation_equals_the_original_with_removed_channels_held_at_their_mean(tmp_path, texts):
+    """FLAP's bias compensation: the pruned folder (new biases, the config flags that create them) equals the
+    original with each removed input channel of the output and down projections held at its calibration mean, not
+    zeroed; and it is closer to the original on the calibration text than the same removal without it."""
+    model, folder = _save(tmp_path)
+    text = TextData(calib=texts[0], samples=8, length=LENGTH)
+    r = prune_checkpoint(folder, tmp_path / "flap", "act", 0.5, options={"compensate": True}, text=text)
+    plain = prune_checkpoint(folder, tmp_path / "plain", "act", 0.5, text=text)
+    assert r.report["config_changes"]["mlp_bias"] == [False, True]
+    assert r.report["config_changes"]["attention_bias"] == [False, True]
+    assert r.plan == plain.plan  # the same channels: compensation changes the biases, not the choice
+    pruned = T.LlamaForCausalLM.from_pretrained(tmp_path / "flap", dtype=torch.float64).eval()
+    assert r.report["params"]["after"] == sum(p.numel() for p in pruned.parameters())
+    assert not pruned.model.layers[0].self_attn.q_proj.bias.any()  # the flag's other biases: zeros
+    consumers = [f"model.layers.{i}.{leaf}" for i in range(3) for leaf in ("self_attn.o_proj", "mlp.down_proj")]
+    calib = text_windows(Checkpoint(folder), texts[0], LENGTH, 8).batches
+    means = _input_means(model, calib, consumers)
+    held = {}
+    for name in consumers:
+        kept = set(r.plan[f"{name}.weight"][1])
+        gone = [j for j in range(means[name].numel()) if j not in kept]
+        held[name] = (gone, means[name][gone])
+    handles = _held_at(model, held)  # the removed channels' producers then feed nothing: no need to zero them
+    ids = text_windows(Checkpoint(folder), texts[1], LENGTH, 2).batches[0]
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, pruned(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    assert float((got - want).abs().max()) < 1e-6 * float(want.abs().max())  # the bias is summed in float32
+    without = T.LlamaForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref = model(input_ids=calib[0]).logits
+        err = [float((m(input_ids=calib[0]).logits - ref).pow(2).mean()) for m in (pruned, without)]
+    assert err[0] < err[1]
+
+
+def test_act_compensation_in_memory_folds_into_existing_biases_and_names_layers_without():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 3))
+    loader = [(torch.randn(16, 6) + 1.0, torch.zeros(16, dtype=torch.long)) for _ in range(4)]
+    r = fxprune.prune(net, (torch.randn(2, 6),), "act", 0.5, options={"compensate": True}, train_loader=loader)
+    x = torch.cat([b for b, _ in loader])
+    with torch.no_grad():
+        hidden = net[1](net[0](x))
+        means = {"2": hidden.mean(0), "4": net[3](net[2](hidden)).mean(0)}
+    held = {}
+    for layer, mean in means.items():
+        gone = [j for j in range(len(mean)) if j not in set(r.plan[f"{layer}.weight"][1])]
+        assert gone
+        held[layer] = (gone, mean[gone])
+    handles = _held_at(net, held)
+    probe = torch.randn(64, 6) + 1.0
+    with torch.no_grad():
+        assert torch.allclose(r.module(probe), net(probe), atol=1e-5)
+    for h in handles:
+        h.remove()
+    net[4].bias = None
+    with pytest.warns(UserWarning, match=r"no bias to carry .*\(4\)"):
+        fxprune.prune(net, (torch.randn(2, 6),), "act", 0.5, options={"compensate": True}, train_loader=loader)
+
+
 def _identity_block(index):
     def edit(model):
         _layers(model)[index].self_attn.o_proj.weight.zero_()

@@ -40,6 +40,7 @@ from fxprune.selection.cost import Cost, CostCounter
 from fxprune.tracing.tracer import trace
 
 from .architecture import checkpoint_tensors, example_inputs, load_config, meta_model, model_class
+from .biases import with_biases
 from .calibration import Calibration, TextData
 from .depth import drop_blocks
 from .experts import drop_experts
@@ -174,7 +175,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, method: str = "l1", ratio
         scored = pipeline.score(the_pass, analysed, arch.model, {}, sel, *budget.resource, bool(arch.groups.prunable),
                                 source=lambda name: _read(ckpt, arch.names, name), calibrate=calib)
         clock.lap("score")
-        decided = _decide(the_pass, arch, scored, analysed.counter, ckpt.config)
+        decided = _decide(the_pass, arch, scored, analysed.counter, ckpt)
         clock.lap("select")
         report = _report(ckpt, arch, decided, analysed.before, the_pass.name, budget)
         if calib is not None:
@@ -231,10 +232,11 @@ class _Decided:
     widths: dict[str, list[int]]    # kind of group -> channels kept per layer, for the kinds that shrank
     after: Cost
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the pass's new tensors, by model name
+    added: Mapping[str, torch.Tensor] = field(default_factory=dict)    # tensors the checkpoint lacks, as written
 
 
 def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter: CostCounter,
-            original: dict) -> _Decided:
+            ckpt: Checkpoint) -> _Decided:
     """The budget applied to the pass's scores; the plan and the rewritten config (a selection no config can
     describe is an error with uniform widths, a warning without)."""
     selected = pipeline.select(scored)
@@ -251,8 +253,33 @@ def _decide(the_pass: Any, arch: Architecture, scored: pipeline.Scored, counter:
         warnings.warn(f"fxprune: the pruned folder is not loadable by from_pretrained: {why_not}; the per-layer "
                       "widths are in its plan.json and report.json", stacklevel=4)
     widths = {kind[0][0]: w for kind, w in layer_widths(arch.groups, removed).items() if min(w) < kind[1]}
-    return _Decided(removed, sel, plan, new_config or original, new_config is not None, why_not, widths,
-                    counter(removed), weights)
+    after, added = counter(removed), {}
+    new = {m: t for m, t in weights.items() if m not in arch.names}  # biases a layer lacks (act's compensation)
+    if new:
+        if new_config is None:
+            raise CheckpointError("new biases (act compensate) need a config.json that describes the pruned widths: "
+                                  "keep uniform widths across layers")
+        new_config, added = with_biases(arch, new_config, new, plan, _float_dtype(ckpt), _written(ckpt, arch, plan))
+        weights = {m: t for m, t in weights.items() if m in arch.names}
+        after = dataclasses.replace(after, params=after.params + sum(t.numel() for t in added.values()))
+    return _Decided(removed, sel, plan, new_config or ckpt.config, new_config is not None, why_not, widths,
+                    after, weights, added)
+
+
+def _float_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The checkpoint's floating-point dtype (the most bytes of)."""
+    count: dict[torch.dtype, int] = {}
+    for info in ckpt.tensors.values():
+        if info.dtype.is_floating_point:
+            count[info.dtype] = count.get(info.dtype, 0) + int(np.prod(info.shape))
+    return max(count, key=count.__getitem__)
+
+
+def _written(ckpt: Checkpoint, arch: Architecture, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> the shape written under ``plan``."""
+    entries = {arch.names[m]: e for m, e in plan.items() if m in arch.names}
+    return {key: tuple(len(entries[key][d]) if key in entries and d in entries[key] else s
+                       for d, s in enumerate(info.shape)) for key, info in ckpt.tensors.items()}
 
 
 def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, report: dict[str, Any],
@@ -265,7 +292,8 @@ def _write(ckpt: Checkpoint, out: Path, arch: Architecture, decided: _Decided, r
     replaced = {arch.names[m]: m for m in decided.weights}  # checkpoint name -> model name of a new tensor
     with staging_folder(out, force=force) as tmp:
         write_checkpoint(ckpt, entries, tmp, decided.config, shard_bytes or ckpt.shard_bytes(),
-                         replaced=lambda key: decided.weights[replaced[key]] if key in replaced else None)
+                         replaced=lambda key: decided.weights[replaced[key]] if key in replaced else None,
+                         added=decided.added)
         save_plan(decided.plan, tmp / "plan.json", compact=True)
         clock.lap("write")
         report["seconds"] = clock.seconds()

@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,13 +44,16 @@ def shard_layout(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
 def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]], folder: Path, config: dict,
                      shard_bytes: int, progress: Callable[[int, int], None] | None = None,
                      rename: dict[str, str] | None = None,
-                     replaced: Callable[[str], torch.Tensor | None] = lambda name: None) -> dict[str, str]:
+                     replaced: Callable[[str], torch.Tensor | None] = lambda name: None,
+                     added: Mapping[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Write every tensor of ``ckpt``, sliced by ``entries`` (checkpoint name -> kept indices per dim; absent:
     unchanged), into ``folder`` in shards of about ``shard_bytes``; then config.json and the side files.
     ``rename``: checkpoint name -> its name in the output, the tensors it lacks left out (removed blocks);
-    ``replaced(name)``: a new full-size tensor written instead of the checkpoint's (sliced, in its dtype), or None.
+    ``replaced(name)``: a new full-size tensor written instead of the checkpoint's (sliced, in its dtype), or None;
+    ``added``: tensors the checkpoint lacks (new biases), written as they are after the others.
     Returns the weight map (tensor -> shard file)."""
-    sizes, shapes, source = {}, {}, {}
+    added = dict(added or {})
+    sizes, shapes, dtypes, source = {}, {}, {}, {}
     for old, info in ckpt.tensors.items():
         if rename is not None and old not in rename:
             continue
@@ -58,16 +61,20 @@ def write_checkpoint(ckpt: Checkpoint, entries: dict[str, dict[int, list[int]]],
         entry = entries.get(old) or {}
         source[name] = old
         shapes[name] = [len(entry[d]) if d in entry else s for d, s in enumerate(info.shape)]
-        sizes[name] = math.prod(shapes[name]) * info.dtype.itemsize
+        dtypes[name] = info.dtype
+    for name, t in added.items():
+        shapes[name], dtypes[name] = list(t.shape), t.dtype
+    sizes = {name: math.prod(shape) * dtypes[name].itemsize for name, shape in shapes.items()}
     layout = shard_layout(sizes, shard_bytes)
     files = [SINGLE] if len(layout) == 1 else \
         [f"model-{i + 1:05d}-of-{len(layout):05d}.safetensors" for i in range(len(layout))]
     weight_map: dict[str, str] = {}
     for i, (file, names) in enumerate(zip(files, layout)):
-        header = {name: (ckpt.tensors[source[name]].dtype, shapes[name]) for name in names}
+        header = {name: (dtypes[name], shapes[name]) for name in names}
         with open(folder / file, "wb") as f:
             for name, written in zip(names, safetensors_stream(f, header)):
-                written(_kept(ckpt, source[name], entries.get(source[name]), replaced))
+                written(added[name] if name in added else
+                        _kept(ckpt, source[name], entries.get(source[name]), replaced))
         weight_map.update({name: file for name in names})
         if progress is not None:
             progress(i + 1, len(layout))

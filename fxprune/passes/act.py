@@ -14,9 +14,17 @@ Calibration data: ``ctx.calibrate`` where the driver provides it (a Hugging Face
 from disk: ``fxprune run DIR --pass act --calib FILE.txt``), else ``calib_batches`` batches of the model file's
 ``train_loader`` run through the user's model with forward hooks. The pass only scores: kept weights are
 unchanged, so the pruned model equals the masked original.
+
+``compensate=true``: FLAP's bias compensation (An et al., AAAI 2024): a removed channel's mean input on the
+calibration data, times its weight column, is folded into the consumer's bias (``b += W[:, removed] @
+mean(x[removed])``), so that the pruned model equals the original with each removed channel held at its mean
+instead of zeroed. A consumer without a bias gets one: on a Hugging Face folder the config flag that adds it
+(``mlp_bias``, ``attention_bias``) is set and the other new biases written as zeros; in memory a layer without a
+bias keeps none, and a warning names it.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,6 +38,7 @@ from fxprune.measure import to_device
 
 from ._calibrate import calibration
 from .base import Decision, Pass, PassContext, PassError
+from .decision import Finish
 from .l1 import producer_l1
 
 __all__ = ["Activation", "input_axis"]
@@ -56,7 +65,8 @@ class _Magnitudes:
         self.dim, self.seq = dim, seq
         self.total: torch.Tensor | None = None
         self.squares: torch.Tensor | None = None
-        self.samples = 0
+        self.sums: torch.Tensor | None = None   # of x itself, over every position of every sample
+        self.samples = self.positions = 0
 
     def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
         x = args[0].detach().movedim(self.dim, -1)
@@ -66,6 +76,12 @@ class _Magnitudes:
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
         self.samples += v.shape[0]
+        m = x.reshape(-1, x.shape[-1]).double().sum(0).cpu()
+        self.sums = m if self.sums is None else self.sums + m
+        self.positions += x.shape[0] * x.shape[1]
+
+    def mean(self) -> torch.Tensor | None:
+        return None if self.sums is None else self.sums / max(self.positions, 1)
 
     def per_channel(self, batch: str) -> np.ndarray | None:
         if self.total is None:
@@ -85,6 +101,7 @@ class Activation(Pass):
     seq: str = "mean"           # per sample, over positions: "mean" (of |x|) or "rms"
     batch: str = "l2"           # over samples: "l2" or "mean"
     calib_batches: int = 16     # train_loader batches, for a model in memory
+    compensate: bool = False    # FLAP's bias compensation: removed channels' mean input folded into the next bias
 
     def __post_init__(self) -> None:
         if self.seq not in ("mean", "rms") or self.batch not in ("l2", "mean"):
@@ -106,8 +123,46 @@ class Activation(Pass):
                 by_l1.append(group.id)
                 continue
             scores[group.id] = sum(ctx.groups.channel_sum(group, p, v) for p, v in slots)
+        means = {layer: s.mean() for layer, s in stats.items()}
+        finish = (lambda removed: compensation(ctx, wanted, means, removed)) if self.compensate else None
         return Decision(scores, report={"calibration_samples": max((s.samples for s in stats.values()), default=0),
-                                        "scored_by_l1": by_l1, "seq": self.seq, "batch": self.batch})
+                                        "scored_by_l1": by_l1, "seq": self.seq, "batch": self.batch,
+                                        "compensate": self.compensate}, finish=finish)
+
+
+def compensation(ctx: PassContext, wanted: dict[int, dict[str, ParamSlot]], means: dict[str, torch.Tensor | None],
+                 removed: np.ndarray) -> Finish:
+    """FLAP's bias compensation for ``removed``: per consumer layer, its bias plus ``W[:, gone] @ mean[gone]``
+    over the input channels removed (a full-size tensor by the bias's name; a new one where the layer has none
+    and the driver can add it: ``ctx.model`` on the meta device, a Hugging Face folder)."""
+    gone: dict[str, tuple[ParamSlot, list[int]]] = {}
+    for gid, slots in wanted.items():
+        group = ctx.groups[gid]
+        cut = removed[group.channels]
+        for layer, p in slots.items():
+            g, pos = ctx.groups.positions(p.key)
+            hit = np.flatnonzero((g == gid) & cut[np.maximum(pos, 0)])
+            if len(hit):
+                gone.setdefault(layer, (p, []))[1].extend(hit.tolist())
+    weights, without = {}, []
+    for layer, (p, idx) in sorted(gone.items()):
+        mean, w = means.get(layer), ctx.tensor(p.name)
+        if mean is None or w.dim() != 2:
+            continue
+        at = torch.as_tensor(sorted(idx))
+        delta = (w.double().movedim(p.axis, -1)[:, at] @ mean[at]).to(w.dtype)
+        module = ctx.model.get_submodule(layer)
+        if getattr(module, "bias", None) is not None:
+            weights[f"{layer}.bias"] = ctx.tensor(f"{layer}.bias") + delta
+        elif ctx.source is not None:  # a folder: the driver adds the bias with the config flag that makes it
+            weights[f"{layer}.bias"] = delta
+        else:
+            without.append(layer)
+    if without:
+        warnings.warn(f"fxprune: act compensate: {len(without)} layers have no bias to carry the removed channels' "
+                      f"mean into ({', '.join(without[:3])}{'...' if len(without) > 3 else ''}); they are pruned "
+                      "without compensation (on a Hugging Face folder fxprune adds the biases)", stacklevel=2)
+    return Finish(weights)
 
 
 def _layer(p: ParamSlot) -> str:
