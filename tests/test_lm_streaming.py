@@ -212,6 +212,19 @@ def test_act_compensation_equals_the_original_with_removed_channels_held_at_thei
     assert err[0] < err[1]
 
 
+def test_act_compensation_skips_with_a_warning_the_layers_no_config_flag_gives_a_bias(tmp_path, texts):
+    """Qwen2 has biases on its query, key and value projections only, and no config field to add others."""
+    _, folder = _save(tmp_path, "qwen2")
+    text = TextData(calib=texts[0], samples=4, length=LENGTH)
+    with pytest.warns(UserWarning, match="no config.json field"):
+        r = prune_checkpoint(folder, tmp_path / "flap", "act", 0.5, options={"compensate": True}, text=text)
+    plain = prune_checkpoint(folder, tmp_path / "plain", "act", 0.5, text=text)
+    assert r.config == plain.config
+    a = T.Qwen2ForCausalLM.from_pretrained(tmp_path / "flap").state_dict()
+    b = T.Qwen2ForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_act_compensation_in_memory_folds_into_existing_biases_and_names_layers_without():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),

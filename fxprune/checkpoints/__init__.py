@@ -9,6 +9,8 @@
     calibration.py   the calibration text (--calib) and the text perplexity is measured on (--eval-text)
     perplexity.py    perplexity and bits per byte, streamed
     depth.py         whole decoder blocks scored (block influence, perplexity) and removed, renumbered
+    experts.py       routed experts of a mixture of experts counted on the text and removed, or narrowed
+    biases.py        new bias tensors (act's compensation) and the config flags that create them
     steps.py         what every folder run shares: the stages' clock, the notes, the perplexity before/after
     prune.py         the steps in order: ``prune_checkpoint``
 """

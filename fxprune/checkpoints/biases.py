@@ -3,12 +3,14 @@ no bias gets one through the config.json flag that gives its family's projection
 ``attention_bias``); the flag's other new biases are written as zeros, so every layer computes what it did.
 
     find      per flag the family's config has off: the tensors turning it on adds (the model rebuilt on meta)
-    choose    the flags whose tensors hold every compensated bias; none: an error naming the layer
+    choose    the flags whose tensors hold a compensated bias; a layer no flag gives a bias is pruned without
+              compensation, and a warning names it
     write     the compensated biases (sliced as their layer's output) and zeros for the rest, in the
               checkpoint's dtype; then checked: the new config builds exactly the tensors written
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,9 +41,9 @@ def with_biases(arch: Any, config: dict, new: Mapping[str, torch.Tensor], plan: 
     covered = set().union(*(made[f] for f in flags))
     missing = sorted(set(new) - covered)
     if missing:
-        raise CheckpointError(f"{missing[0]}: its layer has no bias and no config.json field "
-                              f"({', '.join(BIAS_FLAGS)}) gives it one, so the compensation cannot be written: run "
-                              "act without compensate")
+        warnings.warn(f"fxprune: {len(missing)} layers have no bias and no config.json field ({', '.join(BIAS_FLAGS)})"
+                      f" gives them one ({', '.join(missing[:2])}{'...' if len(missing) > 2 else ''}): they are "
+                      "pruned without compensation", stacklevel=5)
     final = {**config, **{f: True for f in flags}}
     state = named_tensors(arch.build(final))
     out: dict[str, torch.Tensor] = {}

@@ -20,7 +20,8 @@ calibration data, times its weight column, is folded into the consumer's bias (`
 mean(x[removed])``), so that the pruned model equals the original with each removed channel held at its mean
 instead of zeroed. A consumer without a bias gets one: on a Hugging Face folder the config flag that adds it
 (``mlp_bias``, ``attention_bias``) is set and the other new biases written as zeros; in memory a layer without a
-bias keeps none, and a warning names it.
+bias keeps none, and a warning names it (as does a folder whose config has no such flag: Qwen2's output
+projection).
 """
 from __future__ import annotations
 
