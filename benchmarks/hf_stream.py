@@ -35,13 +35,14 @@ LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=6
                 vocab_size=128256, max_position_embeddings=4096)
 
 
-def write_checkpoint(folder: Path, layers: int, shard_mb: int, seed: int = 0) -> dict:
-    """A random bf16 checkpoint written shard by shard (never the whole model in memory)."""
+def write_checkpoint(folder: Path, layers: int, shard_mb: int, seed: int = 0, widths: dict | None = None) -> dict:
+    """A random bf16 checkpoint of ``widths`` (default TinyLlama's) written shard by shard (never the whole model
+    in memory)."""
     import torch
     import transformers as T
     from safetensors.torch import save_file
 
-    config = T.LlamaConfig(num_hidden_layers=layers, **TINYLLAMA)
+    config = T.LlamaConfig(num_hidden_layers=layers, **(widths or TINYLLAMA))
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = "bfloat16"
     with torch.device("meta"):

@@ -21,13 +21,18 @@ with ``save_pretrained`` and measured the same way; the dense model is given the
 itself), the reference the recovered column compares with.
 
 Part 2, memory (``--memory``). LLaMA-shaped checkpoints with random bf16 weights (TinyLlama's widths, 1.1 B
-parameters at 22 layers, and the same widths at 11 layers), pruned by ``fxprune run DIR --pass act --calib``
-in a child process: its peak resident memory (VmHWM) against the fixed cost of a process that only imports
-torch, transformers and fxprune, one decoder layer in the compute dtype (float32), the embedding and head, the
-calibration activations and one shard. Memory independent of depth: the two peaks differ by less than one layer.
+parameters at 22 layers, and the same widths at 11 layers; or, ``--mem-shape llama70b``, LLaMA-70B's widths at a
+few layers: 0.86 B parameters per layer, a 128,256-token vocabulary), pruned by ``fxprune run DIR --pass act
+--calib`` in a child process: its peak resident memory (VmHWM) against the bound: the fixed cost of a process
+that only imports torch, transformers and fxprune, plus the larger of one decoder layer in the compute dtype
+(float32) and the embedding table as stored, plus the calibration activations (the hidden states of every
+window, and one batch's largest intermediates inside a layer) and one shard. Memory independent of depth: the
+two peaks differ by less than one layer.
 
     python benchmarks/lm_folders.py --out benchmarks/results/lm_folders.json            # part 1 (~15 min)
-    python benchmarks/lm_folders.py --memory --out benchmarks/results/lm_memory.json    # part 2 (~10 min)
+    python benchmarks/lm_folders.py --memory --out benchmarks/results/lm_memory.json    # part 2 (~5 min)
+    python benchmarks/lm_folders.py --memory --mem-shape llama70b --mem-layers 3 2 \
+        --out benchmarks/results/lm_memory_70b.json                                      # part 2 at 70B widths
     python benchmarks/lm_folders.py --steps 20 --eval-bytes 8192                        # a quick smoke run
 """
 from __future__ import annotations
@@ -198,6 +203,9 @@ def _recovered(dense: Path, pruned: Path, out: Path, train_bytes: bytes, evalt: 
 def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import hf_stream
 
+    from fxprune.checkpoints.text import BATCH as CALIB_BATCH
+
+    widths = {"tinyllama": hf_stream.TINYLLAMA, "llama70b": hf_stream.LLAMA70B}[args.mem_shape]
     calib = work / "calib.txt"
     train_bytes, _ = corpus()
     calib.write_bytes(train_bytes[:args.mem_windows * SEQ * 2])
@@ -206,24 +214,35 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs = []
     for layers in args.mem_layers:
         folder = work / f"llama-{layers}"
-        info = hf_stream.write_checkpoint(folder, layers, args.shard_mb)
+        info = hf_stream.write_checkpoint(folder, layers, args.shard_mb, widths=widths)
         out = work / f"llama-{layers}-act"
         code, seconds, peak_mb, _ = hf_stream._child(
             ["-m", "fxprune", "run", str(folder), "--pass", "act", "--ratio", "0.25", "--calib", str(calib),
              "--calib-samples", str(args.mem_windows), "--seq-length", str(SEQ), "--out", str(out), "--quiet"])
         report = json.loads((out / "report.json").read_text()) if code == 0 else {}
-        hidden, inter, vocab = 2048, 5632, 32000
-        layer_fp32 = 4 * (2 * hidden * hidden + 2 * hidden * 256 + 3 * hidden * inter + 2 * hidden)
-        outside_fp32 = 4 * (2 * vocab * hidden + hidden)
-        activations = 4 * args.mem_windows * SEQ * hidden * 2
         runs.append({**info, "exit_code": code, "seconds": seconds, "peak_mb": peak_mb, "imports_mb": imports_mb,
-                     "layer_fp32_mb": layer_fp32 / 2**20, "embedding_and_head_fp32_mb": outside_fp32 / 2**20,
-                     "activations_mb": activations / 2**20, "shard_mb": info["largest_shard_bytes"] / 2**20,
+                     **_bound_parts(widths, args.mem_windows, CALIB_BATCH),
+                     "shard_mb": info["largest_shard_bytes"] / 2**20,
                      "calibration": report.get("calibration"), "seconds_by_stage": report.get("seconds")})
         shutil.rmtree(folder)
         shutil.rmtree(out, ignore_errors=True)
         print(json.dumps(runs[-1]), flush=True)
-    return {"runs": runs, "windows": args.mem_windows, "seq": SEQ}
+    return {"runs": runs, "windows": args.mem_windows, "seq": SEQ, "shape": args.mem_shape, "widths": widths}
+
+
+def _bound_parts(widths: dict, windows: int, batch: int) -> dict[str, float]:
+    """The terms of the memory bound, MB: one decoder layer in float32, the embedding table as stored (bf16: the
+    stream converts the rows it looks up, not the table; held before the layers, never with one), the
+    calibration hidden states (every window's input and output of the layer running) and one batch's largest
+    intermediates inside a layer (the MLP's gate, up and their product; the attention scores)."""
+    h, inter, heads, kv, vocab = (widths[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                      "num_key_value_heads", "vocab_size"))
+    head_dim = h // heads
+    layer = 2 * h * h + 2 * h * kv * head_dim + 3 * h * inter + 2 * h
+    hidden = 2 * windows * SEQ * h
+    inside = batch * SEQ * (3 * inter + heads * SEQ)
+    return {"layer_fp32_mb": 4 * layer / 2**20, "embedding_stored_mb": 2 * vocab * h / 2**20,
+            "activations_mb": 4 * (hidden + inside) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -233,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recovery-steps", type=int, default=50, help="distillation steps after pruning (0: none)")
     parser.add_argument("--memory", action="store_true", help="part 2: peak memory on 1.1B-shaped checkpoints")
     parser.add_argument("--mem-layers", type=int, nargs="+", default=[22, 11])
+    parser.add_argument("--mem-shape", choices=["tinyllama", "llama70b"], default="tinyllama",
+                        help="part 2's widths: TinyLlama's (1.1 B at 22 layers) or LLaMA-70B's (0.86 B per layer)")
     parser.add_argument("--mem-windows", type=int, default=16, help="calibration windows of part 2")
     parser.add_argument("--shard-mb", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)

@@ -303,22 +303,24 @@ def lm_quality(res: dict[str, Any]) -> list[str]:
 
 def lm_memory(res: dict[str, Any]) -> list[str]:
     def row(r: dict[str, Any]) -> list[Any]:
-        bound = r["imports_mb"] + r["layer_fp32_mb"] + r["embedding_and_head_fp32_mb"] + r["activations_mb"] + \
-            r["shard_mb"]
+        held = max(r["layer_fp32_mb"], r.get("embedding_stored_mb", 0.0))
+        bound = r["imports_mb"] + held + r["activations_mb"] + r["shard_mb"]
         cal = r.get("calibration") or {}
         return [r["layers"], f"{r['parameters_billion']:.2f}", f"{r['bytes'] / 2**30:.2f}", f"{r['shard_mb']:.0f}",
                 f"{r['peak_mb']:.0f}", f"{r['imports_mb']:.0f}", f"{r['layer_fp32_mb']:.0f}",
-                f"{r['embedding_and_head_fp32_mb']:.0f}", f"{r['activations_mb']:.0f}", f"{bound:.0f}",
+                f"{r.get('embedding_stored_mb', float('nan')):.0f}", f"{r['activations_mb']:.0f}", f"{bound:.0f}",
                 "yes" if r["peak_mb"] <= bound else "**no**", f"{cal.get('seconds', float('nan')):.1f}",
                 f"{cal.get('seconds', float('nan')) / r['layers']:.2f}", f"{r['seconds']:.0f}"]
 
-    return [f"MB (2^20 bytes). `fxprune run DIR --pass act --ratio 0.25 --calib` with {res['windows']} calibration "
-            f"windows of {res['seq']} tokens, in a child process: its peak resident memory against the bound "
-            "imports + one decoder layer + embedding and head + calibration activations (input and output) + one "
-            "shard, each in float32 (the compute dtype for a bf16 checkpoint on the CPU). Calibration seconds: the "
-            "streamed pass over the text (reading each layer's tensors from the shards included).",
+    return [f"MB (2^20 bytes); widths: {res.get('shape', 'tinyllama')}. `fxprune run DIR --pass act --ratio 0.25 "
+            f"--calib` with {res['windows']} calibration windows of {res['seq']} tokens, in a child process: its peak "
+            "resident memory against the bound imports + the larger of one decoder layer (float32, the compute "
+            "dtype for a bf16 checkpoint on the CPU) and the embedding table as stored + the calibration activations "
+            "(every window's hidden states in and out of a layer, and one batch's largest intermediates inside it) + "
+            "one shard. Calibration seconds: the streamed pass over the text (reading each layer's tensors from the "
+            "shards included).",
             table(["layers", "params (B)", "checkpoint GiB", "largest shard", "peak", "imports", "one layer",
-                   "embedding + head", "activations", "bound", "peak <= bound", "calibration s", "s per layer",
+                   "embedding (stored)", "activations", "bound", "peak <= bound", "calibration s", "s per layer",
                    "run s"], [row(r) for r in res["runs"]])]
 
 

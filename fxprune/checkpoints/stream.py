@@ -227,7 +227,11 @@ class DecoderStream:
     @contextlib.contextmanager
     def _loaded(self, prefix: str, module: nn.Module, direct: bool = False) -> Iterator[None]:
         """``module``'s parameters (and saved buffers) read from the shards for the duration (``direct``: its own,
-        not its children's). Tied parameters are read once."""
+        not its children's), in the compute dtype; an embedding table in the checkpoint's own (a lookup converts
+        the rows it returns exactly as converting the table would, and the table is often the largest tensor).
+        Tied parameters are read once."""
+        stored = direct and isinstance(module, nn.Embedding)
+        cast = module.register_forward_hook(self._to_compute_dtype) if stored else None
         owners = [("", module)] if direct else list(module.named_modules(remove_duplicate=False))
         swapped: list[tuple[nn.Module, str, Any, bool]] = []
         by_id: dict[int, Any] = {}
@@ -240,7 +244,7 @@ class DecoderStream:
                     full = ".".join(p for p in (prefix, name, leaf) if p)
                     is_param = leaf in owner._parameters
                     if id(t) not in by_id:
-                        value = self._read(full, is_param)
+                        value = self._read(full, is_param, stored)
                         if value is None:
                             continue
                         by_id[id(t)] = nn.Parameter(value, requires_grad=False) if is_param else value
@@ -255,6 +259,13 @@ class DecoderStream:
             for owner, leaf, t, is_param in reversed(swapped):
                 (owner._parameters if is_param else owner._buffers)[leaf] = t
             self._held -= nbytes
+            if cast is not None:
+                cast.remove()
+
+    def _to_compute_dtype(self, module: nn.Module, args: Any, out: Any) -> Any:
+        """An embedding's rows in the compute dtype, before anything reads them (rotary tables and masks take
+        their dtype from the embeddings)."""
+        return out.to(self.dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
     @contextlib.contextmanager
     def _outside(self) -> Iterator[None]:
@@ -293,8 +304,10 @@ class DecoderStream:
             for stack in stacks.values():
                 stack.close()
 
-    def _read(self, name: str, is_param: bool) -> torch.Tensor | None:
+    def _read(self, name: str, is_param: bool, stored: bool = False) -> torch.Tensor | None:
         key = self.names.get(name)
+        if stored and key is not None:
+            return self.ckpt.read_kept(key, None)
         if key is None and name in self.fused:  # a layer's experts, stacked as transformers assembles them
             return self.fused[name].assemble(self._read_key)
         if key is None:
