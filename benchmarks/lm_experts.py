@@ -33,53 +33,29 @@ from typing import Any
 import numpy as np
 import torch
 from _results import save
-from lm_folders import SEQ, calibration_text, corpus, fxprune_cli
+from lm_folders import BATCH, LR, SEED, SEQ, fit, fxprune_cli, trained
 
 CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
               tie_word_embeddings=False, router_aux_loss_coef=0.02)
-BATCH, LR, SEED = 16, 3e-3, 0
 EXPERTS, FRACTIONS, SEEDS = [2, 4], [0.25, 0.5], [0, 1, 2]
 
 
 def train(train_bytes: bytes, steps: int) -> tuple[torch.nn.Module, list[float]]:
-    """The Mixtral-architecture model trained for ``steps`` AdamW steps (one-cycle schedule) on random windows,
-    the load-balancing loss included."""
+    """The Mixtral-architecture model trained as lm_folders trains its LLaMA (``lm_folders.fit``), the
+    load-balancing loss included."""
     import transformers as T
 
     torch.manual_seed(SEED)
     model = T.MixtralForCausalLM(T.MixtralConfig(**CONFIG, output_router_logits=True))
-    data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(SEED)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - SEQ, (BATCH,), generator=gen)
-        ids = torch.stack([data[s:s + SEQ] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    losses = fit(model, train_bytes, steps)
     model.config.output_router_logits = False
     return model.eval(), losses
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    train_bytes, held_out = corpus()
-    t0 = time.perf_counter()
-    model, losses = train(train_bytes, args.steps)
-    train_s = time.perf_counter() - t0
-    src = work / "dense"
-    model.save_pretrained(src)
-    calib, evalt = work / "calib.txt", work / "eval.txt"
-    calib.write_bytes(calibration_text(train_bytes))
-    evalt.write_bytes(held_out[:args.eval_bytes])
-    text = ["--text", str(evalt), "--seq-length", str(SEQ)]
+    t = trained(train, args, work)
+    model, losses, train_s, src, calib, evalt, text = t.model, t.losses, t.seconds, t.src, t.calib, t.evalt, t.text
     rows = [dict(fxprune_cli("eval", str(src), *text)[0], method="dense", removed="-", unit="-")]
     print(f"dense: perplexity {rows[0]['perplexity']:.3f} (trained in {train_s:.0f} s)", flush=True)
     for k in EXPERTS:
@@ -96,7 +72,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                  model))
     return {"config": CONFIG, "steps": args.steps, "batch": BATCH, "seq": SEQ, "lr": LR, "train_seconds": train_s,
             "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "calibration": {"windows": 64, "length": SEQ}, "eval_bytes": len(held_out[:args.eval_bytes]),
+            "calibration": {"windows": 64, "length": SEQ}, "eval_bytes": len(t.held_out),
             "rows": rows}
 
 

@@ -44,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,12 @@ def train(train_bytes: bytes, steps: int) -> tuple[torch.nn.Module, list[float]]
 
     torch.manual_seed(SEED)
     model = T.LlamaForCausalLM(T.LlamaConfig(**CONFIG))
+    return model.eval(), fit(model, train_bytes, steps)
+
+
+def fit(model: torch.nn.Module, train_bytes: bytes, steps: int) -> list[float]:
+    """``steps`` AdamW steps (one-cycle schedule, clipped at norm 1) of BATCH random windows of SEQ bytes; the
+    model's own loss (with its auxiliary terms). Returns the losses."""
     data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
@@ -91,7 +99,8 @@ def train(train_bytes: bytes, steps: int) -> tuple[torch.nn.Module, list[float]]
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return model.eval(), losses
+    model.eval()
+    return losses
 
 
 def calibration_text(train_bytes: bytes) -> bytes:
@@ -108,17 +117,43 @@ def fxprune_cli(*args: str) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+@dataclass
+class Trained:
+    """A model trained on the corpus and saved as a folder, with the calibration and held-out text files."""
+
+    model: torch.nn.Module
+    losses: list[float]
+    seconds: float
+    train_bytes: bytes
+    held_out: bytes
+    src: Path
+    calib: Path
+    evalt: Path
+
+    @property
+    def text(self) -> list[str]:
+        return ["--text", str(self.evalt), "--seq-length", str(SEQ)]
+
+
+def trained(make: Callable[[bytes, int], tuple[torch.nn.Module, list[float]]], args: argparse.Namespace,
+            work: Path) -> Trained:
+    """``make(train_bytes, steps)`` timed, saved as ``work/dense``, and the text files beside it."""
     train_bytes, held_out = corpus()
     t0 = time.perf_counter()
-    model, losses = train(train_bytes, args.steps)
-    train_s = time.perf_counter() - t0
-    src = work / "dense"
-    model.save_pretrained(src)
-    calib, evalt = work / "calib.txt", work / "eval.txt"
-    calib.write_bytes(calibration_text(train_bytes))
-    evalt.write_bytes(held_out[:args.eval_bytes])
-    text = ["--text", str(evalt), "--seq-length", str(SEQ)]
+    model, losses = make(train_bytes, args.steps)
+    out = Trained(model, losses, time.perf_counter() - t0, train_bytes, held_out[:args.eval_bytes], work / "dense",
+                  work / "calib.txt", work / "eval.txt")
+    model.save_pretrained(out.src)
+    out.calib.write_bytes(calibration_text(train_bytes))
+    out.evalt.write_bytes(out.held_out)
+    return out
+
+
+def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    t = trained(train, args, work)
+    losses, train_s, train_bytes, src, calib, evalt, text = \
+        t.losses, t.seconds, t.train_bytes, t.src, t.calib, t.evalt, t.text
+    held_out = t.held_out
     rows = [dict(fxprune_cli("eval", str(src), *text)[0], method="dense", removed="-", kind="dense")]
     print(f"dense: perplexity {rows[0]['perplexity']:.3f}", flush=True)
     if args.recovery_steps:  # the reference of the recovered column: the dense model given the same steps
@@ -140,7 +175,7 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"config": CONFIG, "steps": args.steps, "recovery_steps": args.recovery_steps,
             "recovery_lr": RECOVERY_LR, "batch": BATCH, "seq": SEQ, "lr": LR, "train_seconds": train_s,
             "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "calibration": {"windows": CALIB_WINDOWS, "length": SEQ}, "eval_bytes": len(held_out[:args.eval_bytes]),
+            "calibration": {"windows": CALIB_WINDOWS, "length": SEQ}, "eval_bytes": len(held_out),
             "rows": rows}
 
 

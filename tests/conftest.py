@@ -33,3 +33,16 @@ def cli():
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Calibration and held-out text for the language-model folder tests: two different parts of a standard-library
+    source file."""
+    import os
+
+    source = open(os.__file__, encoding="utf-8").read()
+    root = tmp_path_factory.mktemp("text")
+    (root / "calib.txt").write_text(source[:12000])
+    (root / "eval.txt").write_text(source[12000:18000])
+    return root / "calib.txt", root / "eval.txt"

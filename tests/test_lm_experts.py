@@ -4,7 +4,6 @@ loads with ``from_pretrained`` and equals the original with the removed experts'
 (or the removed neurons zeroed)."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -32,15 +31,6 @@ FAMILIES = {  # (class, config, top-k weights renormalised)
                                                                   num_experts_per_tok=2), False),
 }
 LENGTH = 32
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    source = open(os.__file__, encoding="utf-8").read()
-    root = tmp_path_factory.mktemp("text")
-    (root / "calib.txt").write_text(source[:12000])
-    (root / "eval.txt").write_text(source[12000:18000])
-    return root / "calib.txt", root / "eval.txt"
 
 
 def _save(tmp_path, family, edit=None, name="src"):

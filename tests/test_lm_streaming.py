@@ -2,7 +2,6 @@
 the act pass on calibration text and depth pruning, against the same model in memory."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -30,16 +29,6 @@ ARCHS = {
                                                        bos_token_id=0, eos_token_id=0)),
 }
 LENGTH = 32
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    """Calibration and held-out text: two different parts of a standard-library source file."""
-    source = open(os.__file__, encoding="utf-8").read()
-    root = tmp_path_factory.mktemp("text")
-    (root / "calib.txt").write_text(source[:12000])
-    (root / "eval.txt").write_text(source[12000:18000])
-    return root / "calib.txt", root / "eval.txt"
 
 
 def _save(tmp_path, arch="llama", layers=3, edit=None, name="src"):

@@ -11,6 +11,7 @@
     depth.py         whole decoder blocks scored (block influence, perplexity) and removed, renumbered
     experts.py       routed experts of a mixture of experts counted on the text and removed, or narrowed
     biases.py        new bias tensors (act's compensation) and the config flags that create them
+    units.py         whole units removed (blocks, experts, neurons): how many, and which
     steps.py         what every folder run shares: the stages' clock, the notes, the perplexity before/after
     prune.py         the steps in order: ``prune_checkpoint``
 """

@@ -13,7 +13,6 @@ from disk, and write a folder without the least important ones.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .calibration import Calibration, TextData
 from .folder import Checkpoint, CheckpointError
 from .stream import DecoderStream
 from .text import Windows
+from .units import least, removal_count
 
 __all__ = ["SCORES", "block_importance", "choose_blocks", "depth_plan", "DepthPlan", "DepthResult", "drop_blocks"]
 
@@ -48,14 +48,9 @@ def choose_blocks(importance: list[float], block_params: int, total_params: int,
     """The blocks to remove, least important first: ``blocks`` of them, or ``round(ratio * n)``, or as many as
     bring the parameters to ``target_params`` of ``total_params`` (each block holds ``block_params``). At least
     one block is kept."""
-    n = len(importance)
-    if blocks is None and target_params is not None:
-        blocks = max(0, math.ceil((total_params - target_params * total_params) / max(block_params, 1)))
-    elif blocks is None:
-        blocks = round((ratio or 0.0) * n)
-    if not 0 <= blocks < n:
-        raise CheckpointError(f"cannot remove {blocks} of {n} decoder blocks: at least one must stay")
-    return sorted(int(i) for i in np.argsort(np.asarray(importance), kind="stable")[:blocks])
+    k = removal_count(len(importance), block_params, total_params, count=blocks, ratio=ratio,
+                      target_params=target_params, what="decoder blocks")
+    return least(np.asarray(importance), k)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .architecture import Fused, written_mismatches
 from .calibration import Calibration, TextData
 from .folder import Checkpoint, CheckpointError
 from .stream import DecoderStream
+from .units import least, removal_count
 
 __all__ = ["UNITS", "RANKINGS", "MoeLayer", "moe_layers", "ExpertStats", "expert_stats", "ExpertPlan",
            "expert_plan", "plan_removal", "ExpertsResult", "drop_experts"]
@@ -191,24 +192,6 @@ def _magnitude(m: nn.Module) -> torch.Tensor:
 
 
 # --- the choice -------------------------------------------------------------------------------------------------
-
-def removal_count(units: int, unit_params: int, total_params: int, *, count: int | None = None,
-                  ratio: float | None = None, target_params: float | None = None) -> int:
-    """How many units (experts per layer, or neurons per expert) to remove: ``count``, or ``round(ratio *
-    units)``, or as many as bring the parameters to ``target_params`` of ``total_params``; one must stay."""
-    if count is None and target_params is not None:
-        count = max(0, math.ceil((total_params - target_params * total_params) / max(unit_params, 1)))
-    elif count is None:
-        count = round((ratio or 0.0) * units)
-    if not 0 <= count < units:
-        raise CheckpointError(f"cannot remove {count} of {units}: at least one must stay")
-    return count
-
-
-def least(scores: np.ndarray, k: int) -> list[int]:
-    """The ``k`` lowest-scoring indices (ties: the lower index first), sorted."""
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:k])
-
 
 # --- the plan ---------------------------------------------------------------------------------------------------
 
@@ -392,7 +375,7 @@ def _choose(ckpt: Checkpoint, stream: DecoderStream, layers: list[MoeLayer], sta
         per = sum(math.prod(shapes[n][1:]) for m in layers for n in m.tensors) + \
             sum(m.count and _router_params(stream, m) // m.count for m in layers)
         k = removal_count(layers[0].count, per, total, count=the_pass.count or None, ratio=budget.ratio,
-                          target_params=target)
+                          target_params=target, what="experts of a layer")
         top_k = _top_k(stream.config)
         if top_k is not None and layers[0].count - k < top_k:
             raise CheckpointError(f"removing {k} of {layers[0].count} experts leaves fewer than the {top_k} the router "
@@ -402,7 +385,7 @@ def _choose(ckpt: Checkpoint, stream: DecoderStream, layers: list[MoeLayer], sta
                 for m in layers}, {}, k, per
     per = sum(math.prod(shapes[n]) // layers[0].width for m in layers for n in m.tensors)
     k = removal_count(layers[0].width, per, total, count=the_pass.count or None, ratio=budget.ratio,
-                      target_params=target)
+                      target_params=target, what="neurons of an expert")
     neurons = {m.index: [[j for j in range(m.width) if j not in least(stats[m.index].neurons[e], k)]
                          for e in range(m.count)] for m in layers}
     return {}, neurons, k, per
