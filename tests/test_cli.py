@@ -617,6 +617,52 @@ def test_torchrun_run_writes_and_prints_once_and_matches_one_process(tmp_path):
     assert again.stderr.count("error: ") == 1, again.stderr[-3000:]
 
 
+LM_FILE = """
+import os
+import torch
+import transformers as T
+
+FOLDER = {folder!r}
+_ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(2))
+
+
+def model():
+    return T.LlamaForCausalLM.from_pretrained(FOLDER).eval()
+
+
+def example_inputs():
+    return (_ids[:2],)
+
+
+def train_loader():  # the same global batch of 8 whatever the number of processes
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_ids, _ids), batch_size=8 // world)
+"""
+
+
+def test_torchrun_fsdp_recovers_a_from_pretrained_model_file_like_one_process(tmp_path):
+    """--fsdp: the pruned language model (a model file returning from_pretrained) and its teacher sharded across
+    two processes; one output folder, and the distillation's losses those of one process on the same batches."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=48, num_hidden_layers=2)).save_pretrained(tmp_path / "hf")
+    model_file = _write(tmp_path, "lm.py", LM_FILE.format(folder=str(tmp_path / "hf")))
+    args = ("run", model_file, "--pass", "l1", "--ratio", "0.5", "--epochs", "2", "--distill", "--lr", "0.01")
+    two = _torchrun(*args, "--fsdp", "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "lm.py", "two"]
+    one = subprocess.run([sys.executable, "-m", "fxprune", *map(str, args), "--out", str(tmp_path / "one"),
+                          "--quiet"], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert one.returncode == 0, one.stderr[-3000:]
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+            for d in ("two", "one")]
+    assert len(logs[0]) == 2 and logs[0] == pytest.approx(logs[1], rel=1e-4)
+
+
 # ---- deployment formats ---------------------------------------------------------------------------------
 @pytest.fixture
 def folder_copy(tiny_run, tmp_path):

@@ -446,3 +446,56 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     # the curves differ; the band: within 5 accuracy points of the single-process run.
     assert abs(ranks[0]["accuracy"] - single) <= 0.05, (ranks[0]["accuracy"], single)
     assert len(read_log(tmp_path / "ckpt" / "training.jsonl")) == epochs, "one writer: rank 0"
+
+
+FSDP_SCRIPT = """
+import json, os, sys
+import torch
+import transformers as T
+from fxprune.recovery.modes import recover
+from fxprune.recovery.distributed import cleanup
+
+torch.manual_seed(0)
+cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, num_hidden_layers=2)
+student = T.LlamaForCausalLM(cfg)
+torch.manual_seed(1)
+teacher = T.LlamaForCausalLM(cfg).eval()
+ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(2))
+world = int(os.environ.get("WORLD_SIZE", "1"))
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=8 // world)
+teacher_before = {{k: v.clone() for k, v in teacher.state_dict().items()}}
+log = recover(student, mode="finetune", original=teacher, train_loader=loader, epochs=2, distill=True, lr=1e-2,
+              optimizer="adamw", max_grad_norm=1.0, shard={shard})
+with open(os.path.join(sys.argv[1], os.environ.get("RANK", "single") + ".json"), "w") as f:
+    json.dump({{"losses": [r["loss"] for r in log],
+               "weights": {{k: v.double().sum().item() for k, v in student.state_dict().items()}},
+               "teacher_kept": all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items()),
+               "plain": all(type(p) is torch.nn.Parameter for p in student.parameters())}}, f)
+cleanup()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_fsdp2_distillation_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
+    """A language model distilled from its teacher with both sharded by FSDP2 across two processes (gloo): the
+    same global batches as one process give the same losses and the same trained weights, written back into the
+    caller's plain module on every rank; the teacher is untouched."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT.format(shard=True))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = tmp_path / "single.py"
+    single.write_text(FSDP_SCRIPT.format(shard=False))
+    one = subprocess.run([sys.executable, str(single), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in ("0", "1", "single")]
+    for r in ranks[:2]:
+        assert r["losses"] == pytest.approx(ranks[2]["losses"], rel=1e-5)
+        assert r["weights"] == pytest.approx(ranks[2]["weights"], rel=1e-4, abs=1e-5)
+        assert r["teacher_kept"] and r["plain"]
+    assert ranks[0]["weights"] == ranks[1]["weights"], "every rank holds the same gathered weights"

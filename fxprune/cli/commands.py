@@ -167,6 +167,10 @@ def run(
                                                            "gradient norm to this before every step (0: never); "
                                                            "default: 5 when fine-tuning, never from scratch",
                                                            show_default=False)] = None,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="under torchrun, recovery shards the pruned model and the "
+                                       "teacher across the processes with PyTorch's FSDP2 (each holds 1/world of "
+                                       "them) instead of replicating them (DDP): a model larger than one device "
+                                       "recovers on several; not resumable")] = False,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="a pass option as key=value (repeatable)",
                                                      show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
@@ -229,6 +233,7 @@ def run(
                   "target_params": target_params, "target_latency": target_latency}
     if model_file.is_dir():  # a Hugging Face folder: one width per kind of layer unless --per-layer-widths
         given = {"finetune_epochs": finetune_epochs, "recover": recover, "distill": distill, "onnx": onnx,
+                 "fsdp": fsdp,
                  "scratch_lr": scratch_lr, "scratch_b_cap": scratch_b_cap,
                  "attack": attack, "target_latency": target_latency}
         with _user_errors():
@@ -244,7 +249,7 @@ def run(
                         lr, _parse_opts(opt or []), device, force, budget, recover, distill, no_recover, allow_inexact,
                         onnx=onnx, attack=attack, eps=eps, attack_steps=attack_steps, resume=resume,
                         scratch_lr=scratch_lr, scratch_b_cap=scratch_b_cap, kd_alpha=kd_alpha,
-                        kd_temperature=kd_temperature, max_grad_norm=max_grad_norm)
+                        kd_temperature=kd_temperature, max_grad_norm=max_grad_norm, fsdp=fsdp)
         report = _run(cfg, quiet or as_json or _rank() != 0)
     if _rank() != 0:  # rank 0 prints and writes; this rank trained with it
         return

@@ -20,6 +20,7 @@ NOT_FOR_FOLDERS = {
     "distill": "--distill (recovery trains the model)",
     "scratch_lr": "--scratch-lr (recovery trains the model)",
     "scratch_b_cap": "--scratch-b-cap (recovery trains the model)",
+    "fsdp": "--fsdp (recovery trains the model)",
     "onnx": "--onnx (export runs the model)",
     "attack": "--attack (evaluation runs the model)",
     "target_latency": "--target-latency (its latency model times the model)",

@@ -61,13 +61,14 @@ class RunConfig:
     kd_alpha: float = 0.9  # --kd-alpha, --kd-temperature: distillation's weight and temperature
     kd_temperature: float = 4.0
     max_grad_norm: float | None = None  # --max-grad-norm: recovery's gradient clipping (0: none; None: the mode's)
+    fsdp: bool = False  # --fsdp: under torchrun, recovery shards the model (FSDP2) instead of replicating it (DDP)
 
 
 def recovery_of(cfg: RunConfig, epochs: int) -> Recovery:
     """The run's ``fxprune.Recovery`` for ``epochs``: an OptionError naming the flag when a value makes no sense."""
     try:
         return Recovery(epochs, cfg.recover, cfg.distill, cfg.lr, cfg.scratch_lr, cfg.scratch_b_cap, cfg.kd_alpha,
-                        cfg.kd_temperature, cfg.max_grad_norm)
+                        cfg.kd_temperature, cfg.max_grad_norm, cfg.fsdp)
     except SelectionError as exc:
         raise OptionError(f"{exc} (--lr, --scratch-lr, --scratch-b-cap, --kd-alpha, --kd-temperature, "
                           f"--max-grad-norm)") from None

@@ -102,6 +102,8 @@ class Recovery:
     least-squares reconstruction (lasso, thinet) can leave so that the first SGD steps undo it (a ViT pruned by
     lasso fell from 94% to 22% in its first epoch unclipped; 97.5% clipped at 5); training from scratch with
     distillation has large gradients by design, and clipping them slows it (tas's ViT: 90% clipped, 94% not).
+    ``shard``: under ``torchrun``, the pruned model (and the teacher) trains sharded with PyTorch's FSDP2 instead of
+    replicated with DDP, so a model that does not fit one device recovers on several (not resumable).
     """
 
     epochs: int = 0
@@ -113,6 +115,7 @@ class Recovery:
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
     max_grad_norm: float | None = None
+    shard: bool = False     # under torchrun: FSDP2 (each process holds 1/world of the model) instead of DDP
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in RECOVERY:
@@ -155,7 +158,7 @@ class Recovery:
         """What ``fxprune.recovery.modes.recover`` takes from this recovery besides the model and data."""
         return {"mode": self.mode, "epochs": self.epochs, "distill": bool(self.distill), "lr": self.rate,
                 "alpha": self.kd_alpha, "temperature": self.kd_temperature, "max_budget_factor": self.scratch_b_cap,
-                "max_grad_norm": self.clip}
+                "max_grad_norm": self.clip, "shard": self.shard}
 
 
 @dataclass(frozen=True)

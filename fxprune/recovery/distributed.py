@@ -10,10 +10,17 @@
 - a ``DataLoader`` over a map-style dataset is rebuilt with a ``DistributedSampler`` (same batch size
   per process, collate function and workers), so each process sees 1/world of every epoch; any
   other iterable is used as it is (each process must then shard its own data);
-- only rank 0 writes files.
+- only rank 0 writes files;
+- with ``shard=True`` (:func:`fully_sharded`) the module is not wrapped in DDP: a copy of it is sharded with
+  PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, per repeated block, then the whole), so each
+  process holds 1/world of the weights, gradients and optimiser state, and a block's weights are gathered only
+  while it runs: a model that does not fit one device trains on several. The copy is built on the meta device
+  (no second copy of the weights), each process keeps its shard of the caller's weights, and
+  :func:`gather_into` writes the trained weights back into the caller's module (one tensor at a time).
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterable
@@ -25,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
-__all__ = ["DistContext", "context", "cleanup", "shard_loader", "wrap", "all_mean", "launch_rank"]
+__all__ = ["DistContext", "context", "cleanup", "shard_loader", "wrap", "all_mean", "launch_rank", "fully_sharded",
+           "gather_into"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,44 @@ def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
         return module
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def fully_sharded(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``module`` sharded with FSDP2 across the process group, on ``device``, holding ``module``'s
+    weights (each process its shard) and buffers. The blocks sharded one by one are the members of every
+    ``nn.ModuleList`` (decoder layers, residual blocks); the rest with the whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                            for p in module.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in module.buffers()})
+    replica = copy.deepcopy(module, memo)  # the structure, no weights
+    for m in replica.modules():
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(replica)
+    replica.to_empty(device=device)
+    set_model_state_dict(replica, module.state_dict(), options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        mine = dict(replica.named_buffers())
+        for name, b in module.named_buffers():  # buffers are not sharded; non-persistent ones are not in the state
+            mine[name].copy_(b)
+    return replica.train(module.training)
+
+
+def gather_into(replica: nn.Module, module: nn.Module) -> None:
+    """The full weights of a :func:`fully_sharded` replica copied into ``module``, on every process (a collective:
+    every process calls it), one tensor gathered at a time."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        target = module.state_dict(keep_vars=True)
+        for name, t in replica.state_dict().items():
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            target[name].copy_(full.to(target[name].device))
 
 
 def shard_loader(loader: Iterable[Any], ctx: DistContext, seed: int = 0) -> Iterable[Any]:

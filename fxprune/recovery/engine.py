@@ -391,7 +391,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
           evaluate: Evaluate | None = None, metric: str | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False, log_file: str | Path | None = None,
           parameters: Iterable[nn.Parameter] | None = None,
-          hooks: Sequence[Hook] = (), masks: MaskTraining | None = None) -> list[dict[str, Any]]:
+          hooks: Sequence[Hook] = (), masks: MaskTraining | None = None, shard: bool = False) -> list[dict[str, Any]]:
     """Train ``module`` in place for ``epochs`` epochs; returns one log record per epoch.
 
     ``train_loader`` yields ``(inputs, target)`` batches; ``loss_fn(output, target)`` defaults to
@@ -417,11 +417,21 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     - ``hooks``: :class:`Hook` objects; ``progress`` is one more hook (the progress bar).
     - ``masks``: :class:`MaskTraining`: mask parameters in their own optimiser, trained jointly or
       alternating on their own loader; they are left out of ``parameters``' default.
+    - ``shard``: under ``torchrun``, train a copy sharded with FSDP2 instead of DDP replicas
+      (:func:`fxprune.recovery.distributed.fully_sharded`): each process holds 1/world of the weights and the
+      optimiser state; the trained weights are gathered back into ``module`` after every epoch (what
+      ``evaluate`` and the ``best`` checkpoint read) and at the end. Its optimiser state is sharded and not
+      checkpointed: such a run is not resumable (``fxprune run``'s crash-safe folder is skipped; an explicit
+      ``checkpoint_dir`` keeps ``best`` and the log). Outside ``torchrun`` it changes nothing.
     """
-    if checkpoint_dir is None and (run_folder := next_checkpoint_dir()) is not None:
+    ctx, device = distributed.context(torch.device(device))
+    sharded = shard and ctx.enabled
+    if checkpoint_dir is None and not sharded and (run_folder := next_checkpoint_dir()) is not None:
         checkpoint_dir, resume = run_folder, True  # under checkpoints_in: this call's own folder of the run
     _check(optimizer, schedule, epochs, step_size, max_grad_norm, resume, checkpoint_dir)
-    ctx, device = distributed.context(torch.device(device))
+    if sharded and (masks is not None or parameters is not None or resume):
+        raise ValueError("shard=True (FSDP2) trains every parameter of the module and does not resume: no masks=, "
+                         "parameters= or resume=")
     hooks = [*hooks, *([progress] if progress is not None else [])]
     use_amp = device.type == "cuda" if amp is None else bool(amp)
     if use_amp and device.type != "cuda":
@@ -431,8 +441,9 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     module.to(device).train()
     loader = distributed.shard_loader(train_loader, ctx)
     mask_ids = {id(p) for p in masks.parameters} if masks is not None else set()
+    runner = distributed.fully_sharded(module, device) if sharded else distributed.wrap(module, ctx, device)
     params = list(parameters) if parameters is not None else \
-        [p for p in module.parameters() if p.requires_grad and id(p) not in mask_ids]
+        [p for p in (runner if sharded else module).parameters() if p.requires_grad and id(p) not in mask_ids]
     if any(id(p) in mask_ids for p in params):
         raise ValueError("a mask parameter is among the weights' parameters: give it to MaskTraining only")
     mask_opt = _mask_optimizer(masks) if masks is not None else None
@@ -441,7 +452,7 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
     opt = _optimizer(optimizer, params, lr, momentum, weight_decay, nesterov) if params else mask_opt
     sched = _schedule(schedule, opt, epochs, step_size, gamma) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    run = _Run(distributed.wrap(module, ctx, device), loader, loss_fn or F.cross_entropy, hooks, params, scaler,
+    run = _Run(runner, loader, loss_fn or F.cross_entropy, hooks, params, scaler,
                use_amp, max_grad_norm, masks=masks,
                target_parameter=target_parameter(module) if loss_fn is None else None)
     state = TrainState(module, opt, epochs, batches_per_epoch(loader), scaler=scaler if use_amp else None,
@@ -464,6 +475,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
             mean = distributed.all_mean(_epoch(state, run), ctx, device)
             if sched is not None:
                 sched.step()
+            if sharded:  # what evaluate() and the checkpoints read: the caller's module, now trained
+                distributed.gather_into(runner, module)
             distributed.sync_buffers(module, ctx)
             record: dict[str, Any] = {"epoch": state.epoch + 1, "loss": mean, "lr": rate,
                                       "seconds": time.perf_counter() - start}
@@ -491,7 +504,8 @@ def train(module: nn.Module, train_loader: Iterable[Any], loss_fn: LossFn | None
                     save_checkpoint(folder, "best", {f"model.{k}": v for k, v in module_tensors(module).items()},
                                     {"epoch": state.epoch + 1, "metric": metric or next(iter(state.metrics)),
                                      "metrics": state.metrics})
-                _save_last(folder, state, sched, scaler, hooks, generators, options)
+                if not sharded:  # a sharded optimiser state is not checkpointed (see shard)
+                    _save_last(folder, state, sched, scaler, hooks, generators, options)
     finally:
         module.train(was_training)
     if ctx.main and log_path is not None and state.log:

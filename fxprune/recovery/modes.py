@@ -113,6 +113,20 @@ class DistillHook(Hook):
         return self.alpha * kd - self.alpha * task
 
 
+def _sharded_teacher(original: nn.Module, device: str | torch.device) -> nn.Module:
+    """Under ``torchrun`` with ``shard=True``: the teacher sharded like the student (FSDP2), in eval mode; else
+    the teacher itself."""
+    from . import distributed
+
+    ctx, dev = distributed.context(torch.device(device))
+    if not ctx.enabled:
+        return original
+    teacher = distributed.fully_sharded(original, dev).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def scratch_b_epochs(epochs: int, macs_full: float, macs_pruned: float, max_budget_factor: float | None = None) -> int:
     """Scratch-B's epochs: the full model's compute budget spent on the pruned model,
     ``round(epochs * macs_full / macs_pruned)``, at most ``round(max_budget_factor * epochs)``,
@@ -252,8 +266,8 @@ def recover(module: nn.Module, *, mode: str, original: nn.Module | None = None, 
     scratch-b needs ``macs_full`` and ``macs_pruned``). ``distill=True`` distils from ``original``
     (the unpruned model: frozen, in eval mode, moved to the training device for the run and back
     afterwards, its train/eval mode restored). Everything else (``lr``, ``device``, ``optimizer``,
-    ``schedule``, ``checkpoint_dir``, ``resume``, ``hooks``, ``progress``...) goes to
-    :func:`fxprune.recovery.engine.train`.
+    ``schedule``, ``checkpoint_dir``, ``resume``, ``hooks``, ``progress``, ``shard``...) goes to
+    :func:`fxprune.recovery.engine.train`; with ``shard`` (FSDP2 under ``torchrun``) the teacher is sharded too.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -267,6 +281,8 @@ def recover(module: nn.Module, *, mode: str, original: nn.Module | None = None, 
     if mode != "finetune":
         reinitialize(module)  # (a resumed run then loads its checkpoint's weights over these)
     hooks = list(train_options.pop("hooks", ()))
+    if distill and original is not None and train_options.get("shard"):
+        original = _sharded_teacher(original, train_options.get("device", "cpu"))
     kd = DistillHook(original, temperature, alpha) if distill and original is not None else None
     with kd or contextlib.nullcontext():
         return train(module, train_loader, loss, epochs, evaluate=evaluate, hooks=[*hooks, *([kd] if kd else [])],
