@@ -137,6 +137,49 @@ def test_act_in_memory_reads_the_model_files_train_loader():
         fxprune.prune(m, (torch.randn(2, 3, 6, 6),), "act", 0.5)
 
 
+def _reads_half_the_inputs():
+    """Hidden neurons 0-3 read only inputs 0-1, neurons 4-7 only inputs 2-3 (a ReLU after)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].weight.abs_()
+        net[0].weight[:4, 2:] = 0
+        net[0].weight[4:, :2] = 0
+        net[0].bias.zero_()
+    return net
+
+
+def test_act_calibrates_on_calib_loader_before_train_loader(tmp_path):
+    """calib_loader (a model file's calibration data: a language model's text) is what act reads, train_loader
+    only without it; in the command line a model file with calib_loader() and no train_loader() runs act."""
+    net = _reads_half_the_inputs()
+    calib = [(torch.cat([torch.zeros(8, 2), torch.rand(8, 2)], 1), torch.zeros(8, dtype=torch.long))]
+    train = [(torch.cat([torch.rand(8, 2), torch.zeros(8, 2)], 1), torch.zeros(8, dtype=torch.long))]
+    r = fxprune.prune(net, (torch.rand(2, 4),), "act", 0.5, calib_loader=calib, train_loader=train)
+    assert sorted(r.plan["0.weight"][0]) == [4, 5, 6, 7]  # the neurons the calibration data reaches
+    r = fxprune.prune(net, (torch.rand(2, 4),), "act", 0.5, train_loader=train)
+    assert sorted(r.plan["0.weight"][0]) == [0, 1, 2, 3]
+    model_file = tmp_path / "calib.py"
+    model_file.write_text(
+        "import torch\n"
+        "def model():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "    with torch.no_grad():\n"
+        "        net[0].weight.abs_()\n"
+        "        net[0].weight[:4, 2:] = 0\n"
+        "        net[0].weight[4:, :2] = 0\n"
+        "        net[0].bias.zero_()\n"
+        "    return net\n"
+        "def example_inputs():\n    return (torch.rand(2, 4),)\n"
+        "def calib_loader():\n    return [torch.cat([torch.zeros(8, 2), torch.rand(8, 2)], 1)]\n")
+    res = CliRunner().invoke(app, ["run", str(model_file), "--pass", "act", "--ratio", "0.5", "--out",
+                                   str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert sorted(plan["0.weight"]["0"]) == [4, 5, 6, 7]
+
+
 def _input_means(model, windows, layers):
     """The mean input of each named layer over every position of the calibration windows (the model in memory)."""
     sums, counts, handles = {}, {}, []

@@ -34,6 +34,8 @@ CONTRACT: dict[str, str] = {
     "example_inputs": "def example_inputs() -> a tensor, a tuple of positional inputs or a dict of keyword inputs",
     "train_loader": "def train_loader() -> an iterable of (inputs, target) batches",
     "val_loader": "def val_loader() -> an iterable of (inputs, target) batches",
+    "calib_loader": "def calib_loader() -> an iterable of input batches (or (inputs, target)): what the passes that "
+                    "read activations (act, thinet, lasso) calibrate on; default: train_loader()",
     "loss": "def loss(output, target) -> a scalar tensor",
     "evaluate": "def evaluate(model) -> dict[str, float], e.g. {'accuracy': 0.97}",
     "dynamic_shapes": "def dynamic_shapes() -> torch.export's dynamic_shapes for example_inputs(), e.g. "

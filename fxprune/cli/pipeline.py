@@ -70,7 +70,8 @@ def _robustness(attack: Any, mf: ModelFile, model: nn.Module, fb: Feedback, whic
 
 def model_file_data(mf: ModelFile) -> dict[str, Any]:
     """What passes may read (``fxprune.prune``'s data keywords): loaders built once, functions as they are."""
-    data: dict[str, Any] = {name: mf.loader(name) for name in ("train_loader", "val_loader") if mf.has(name)}
+    data: dict[str, Any] = {name: mf.loader(name) for name in ("train_loader", "val_loader", "calib_loader")
+                            if mf.has(name)}
     data.update({name: mf.get(name) for name in ("loss", "evaluate") if mf.has(name)})
     return data
 

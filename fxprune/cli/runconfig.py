@@ -175,6 +175,8 @@ def check(cfg: RunConfig) -> tuple[ModelFile, Any]:
     if cfg.finetune_epochs:
         mf.require("train_loader", why=f"--finetune-epochs {cfg.finetune_epochs}")
     needs = tuple(getattr(pass_cls, "needs", ()))  # the model-file functions the pass reads (Pass.needs)
+    if getattr(pass_cls, "calibrates", False) and mf.has("calib_loader"):  # it calibrates on calib_loader() instead
+        needs = tuple(n for n in needs if n != "train_loader")
     if needs:
         mf.require(*needs, why=f"pass {cfg.method!r}")
     if attack is not None:

@@ -80,11 +80,12 @@ def consumers(ctx: PassContext) -> dict[int, list[Consumer]]:
 
 
 def calibration(ctx: PassContext, source: str, batches: int) -> list[Any]:
-    """Up to ``batches`` input batches from ``train_loader`` or ``val_loader`` (the other as fallback)."""
+    """Up to ``batches`` input batches from ``calib_loader`` when given (the model file's calibration data: a
+    language model's text), else ``train_loader`` or ``val_loader`` (``source`` first, the other as fallback)."""
     names = ["train_loader", "val_loader"] if source == "train" else ["val_loader", "train_loader"]
-    loader = next((ctx.data[n] for n in names if ctx.data.get(n) is not None), None)
+    loader = next((ctx.data[n] for n in ["calib_loader", *names] if ctx.data.get(n) is not None), None)
     if loader is None:
-        raise ValueError("this pass needs calibration data: give train_loader= or val_loader=")
+        raise ValueError("this pass needs calibration data: give calib_loader=, train_loader= or val_loader=")
     if callable(loader) and not isinstance(loader, Iterable):
         loader = loader()
     out = []

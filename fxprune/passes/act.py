@@ -210,8 +210,9 @@ def _run(ctx: PassContext, stats: dict[str, Callable], batches: int) -> None:
     try:
         data = calibration(ctx, "train", batches)
     except ValueError:
-        raise PassError("act needs calibration data: a model file with train_loader() (or train_loader= in "
-                        "fxprune.prune), or --calib FILE.txt for a Hugging Face folder") from None
+        raise PassError("act needs calibration data: a model file with calib_loader() or train_loader() (or "
+                        "calib_loader= / train_loader= in fxprune.prune), or --calib FILE.txt for a Hugging Face "
+                        "folder") from None
     model = ctx.model
     handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in stats.items()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
