@@ -66,7 +66,8 @@ def depth_plan(stream: DecoderStream, removed: list[int]) -> DepthPlan:
     """Renumber the kept blocks' tensors and rewrite config.json (see the module's doc); checked against the
     architecture the new config builds."""
     n = len(stream.layers)
-    new_index = {old: new for new, old in enumerate(i for i in range(n) if i not in set(removed))}
+    gone = set(removed)
+    new_index = {old: new for new, old in enumerate(i for i in range(n) if i not in gone)}
     seg = re.escape(stream.path.rpartition(".")[2])
     owner = _owners(stream)
     rename: dict[str, str] = {}

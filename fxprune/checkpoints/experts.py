@@ -36,7 +36,7 @@ from .architecture import Fused, written_mismatches
 from .calibration import Calibration, TextData
 from .folder import Checkpoint, CheckpointError
 from .stream import DecoderStream
-from .units import least, removal_count
+from .units import kept, removal_count
 
 __all__ = ["UNITS", "RANKINGS", "MoeLayer", "moe_layers", "ExpertStats", "expert_stats", "ExpertPlan",
            "expert_plan", "plan_removal", "ExpertsResult", "drop_experts"]
@@ -238,12 +238,13 @@ def _plan_stacked(stream: DecoderStream, plan: ExpertPlan, name: str, experts: l
     dim = NEURON_DIM.get(leaf)
     if name in stream.fused:
         fused: Fused = stream.fused[name]
+        new_number = {e: i for i, e in enumerate(experts)}
         for s, per in enumerate(fused.keys):
             for e, key in enumerate(per):
-                if e not in experts:
+                if e not in new_number:
                     del plan.rename[key]
                     continue
-                new = experts.index(e)
+                new = new_number[e]
                 plan.rename[key] = fused.renumbered(key, s, new)
                 if neurons is not None and dim is not None:  # one source holds one half of gate-up
                     plan.entries[key] = {dim - 1: neurons[e]}
@@ -263,7 +264,8 @@ def _kept_first(stream: DecoderStream, key: str, experts: list[int], neurons: li
     slice ``_kept_first_index`` then keeps neurons that differ from expert to expert."""
     t = stream.ckpt.read(key)
     for e in experts:
-        order = neurons[e] + [j for j in range(width) if j not in set(neurons[e])]
+        keep = set(neurons[e])
+        order = neurons[e] + [j for j in range(width) if j not in keep]
         t[e] = t[e].index_select(dim - 1, torch.tensor(order + [width + j for j in order] if halves else order))
     return t
 
@@ -381,13 +383,11 @@ def _choose(ckpt: Checkpoint, stream: DecoderStream, layers: list[MoeLayer], sta
             raise CheckpointError(f"removing {k} of {layers[0].count} experts leaves fewer than the {top_k} the router "
                                   "picks per token (num_experts_per_tok): remove fewer")
         score = "picks" if the_pass.by == "frequency" else "weight"
-        return {m.index: [e for e in range(m.count) if e not in least(getattr(stats[m.index], score), k)]
-                for m in layers}, {}, k, per
+        return {m.index: kept(getattr(stats[m.index], score), k) for m in layers}, {}, k, per
     per = sum(math.prod(shapes[n]) // layers[0].width for m in layers for n in m.tensors)
     k = removal_count(layers[0].width, per, total, count=the_pass.count or None, ratio=budget.ratio,
                       target_params=target, what="neurons of an expert")
-    neurons = {m.index: [[j for j in range(m.width) if j not in least(stats[m.index].neurons[e], k)]
-                         for e in range(m.count)] for m in layers}
+    neurons = {m.index: [kept(stats[m.index].neurons[e], k) for e in range(m.count)] for m in layers}
     return {}, neurons, k, per
 
 

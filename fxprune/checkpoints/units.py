@@ -7,7 +7,7 @@ import numpy as np
 
 from .folder import CheckpointError
 
-__all__ = ["removal_count", "least"]
+__all__ = ["removal_count", "least", "kept"]
 
 
 def removal_count(units: int, unit_params: int, total_params: int, *, count: int | None = None,
@@ -26,3 +26,8 @@ def removal_count(units: int, unit_params: int, total_params: int, *, count: int
 def least(scores: np.ndarray, k: int) -> list[int]:
     """The ``k`` lowest-scoring indices (ties: the lower index first), sorted."""
     return sorted(int(i) for i in np.argsort(np.asarray(scores), kind="stable")[:k])
+
+
+def kept(scores: np.ndarray, k: int) -> list[int]:
+    """The indices left when the ``k`` lowest-scoring go (:func:`least`'s complement), sorted."""
+    return sorted(int(i) for i in np.argsort(np.asarray(scores), kind="stable")[k:])
