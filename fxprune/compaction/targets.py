@@ -61,11 +61,12 @@ def trace_for(model: torch.nn.Module, example_inputs: Any, target: str, dynamic_
     held = ThreadHeldStream(sys.stderr, threading.get_ident())  # torch.export prints its partial graph on failure
     sys.stderr = held
     try:
-        return trace(model, example_inputs, dynamic_shapes=dynamic_shapes), \
+        return trace(model, example_inputs, dynamic_shapes=dynamic_shapes, fallback=True), \
             {"target": "graph", "why": "the model traces as a whole"}
     except TraceError as exc:
-        try:  # the axes the failed trace found stand: the model is not run at other sizes again
-            gm = analysis_trace(model, example_inputs, dynamic_shapes if exc.input_shapes is None else exc.input_shapes)
+        try:  # the axes the failed trace found stand, and its recording: the model is not run again for them
+            gm = analysis_trace(model, example_inputs, dynamic_shapes if exc.input_shapes is None else exc.input_shapes,
+                                exc.recorded)
         except Exception:  # the model does not even run under the recording: the trace's own error says most
             held.stream.write(held.buffer.getvalue())
             raise exc from None
@@ -80,10 +81,12 @@ def trace_for(model: torch.nn.Module, example_inputs: Any, target: str, dynamic_
         held.stream.write(held.buffer.getvalue())
 
 
-def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> fx.GraphModule:
+def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None,
+                   recorded: fx.GraphModule | None = None) -> fx.GraphModule:
     """The record of one real run, data-dependent parts included (``record_trace(analysis=True)``). The resized
     modules keep the model's own code, so the input axes it accepts at other sizes (``input_shapes``) stay free.
-    ``dynamic_shapes``: torch.export's spec, or the ``InputShapes`` a failed trace already found."""
+    ``dynamic_shapes``: torch.export's spec, or the ``InputShapes`` a failed trace already found; ``recorded``: the
+    recording a failed trace already made (``TraceError.recorded``)."""
     from fxprune.tracing.makefx import Unsupported
     from fxprune.tracing.record import record_trace
     from fxprune.tracing.tracer import INPUT_SHAPES, META_INPUTS, input_shapes, normalize_inputs
@@ -92,7 +95,7 @@ def analysis_trace(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     was = model.training
     model.eval()
     try:
-        gm = record_trace(model, args, kwargs, analysis=True)
+        gm = recorded if recorded is not None else record_trace(model, args, kwargs, analysis=True)
         shapes = input_shapes(model, args, kwargs, dynamic_shapes).ones_free()  # the resized modules keep the
         # model's code, so a batch of one it runs at two stays free (checked at two after resizing)
     except Unsupported as exc:

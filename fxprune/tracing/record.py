@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from .compat import Support, compiling_in_this_thread, op_schema, recorder_support
+from .decisions import Watch
 from .lazy_module import lazy_graph_module
 from .makefx import (
     Unsupported,
@@ -141,8 +142,9 @@ class _OpCheck:
 
 class _Recorder:
     def __init__(self, rs: Support, graph: fx.Graph, meta: bool, state_storages: set[int], state_ids: set[int],
-                 device: torch.device | None = None, analysis: bool = False) -> None:
+                 device: torch.device | None = None, analysis: bool = False, watch: Watch | None = None) -> None:
         self.rs = rs
+        self.watch = watch
         self.analysis = analysis  # record what a real run does, data-dependent parts included (see record_trace)
         self.graph = graph
         self.meta = meta
@@ -193,6 +195,8 @@ class _Recorder:
         else:  # a real kernel: torch's own C++ dispatch, not the Python dispatcher the recording needs
             with self.rs.DisablePythonDispatcher():
                 out = func(*args, **kwargs)
+        if self.watch is not None:
+            self.watch.after_op(func, args, kwargs, out)
         self._track(out, node)
         return out
 
@@ -299,15 +303,29 @@ class _TracingThreadOnly(TorchFunctionMode):
       ``torch.backends.mha.set_fastpath_enabled(False)``, is one process-wide flag: it would switch
       the fast path off for every thread while the trace runs.)"""
 
-    def __init__(self, analysis: bool = False) -> None:
+    def __init__(self, analysis: bool = False, watch: Watch | None = None) -> None:
         super().__init__()
         self.analysis = analysis
+        self.watch = watch
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = _VALUE_READERS.get(func)
         if name is not None and not self.analysis:
             raise Unsupported(f"Tensor.{name}() reads tensor values (data-dependent)")
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        return out if self.watch is None else self.watch.on_function(func, args, out)
+
+
+@contextlib.contextmanager
+def _armed(watch: Watch | None) -> Iterator[None]:
+    """The watch notes decisions while the forward runs, and not after (its numbers are plain ones then)."""
+    if watch is not None:
+        watch.armed = True
+    try:
+        yield
+    finally:
+        if watch is not None:
+            watch.armed = False
 
 
 @contextlib.contextmanager
@@ -349,7 +367,7 @@ def _heavy(state: dict[str, torch.Tensor], leaves: list[Any]) -> bool:
 
 
 def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: bool | None = None,
-                 analysis: bool = False) -> fx.GraphModule:
+                 analysis: bool = False, watch: Watch | None = None) -> fx.GraphModule:
     """Trace ``model`` (already in eval mode) into an export-like static GraphModule. Raises on anything
     unsupported. ``on_meta``: run the ops on meta copies of the weights and inputs (default: when the
     weights are on meta, or a real forward looks expensive, ``_heavy``); device literals then name the
@@ -360,7 +378,8 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     value reads, data-dependent shapes, cached tensors (as constants), gradient and autocast switches are
     recorded as what they are instead of refused; the ops run on the real tensors. The graph describes
     this run (its Python branches and loop counts taken); it is not a program for other inputs. Writes to
-    the model's state are still refused."""
+    the model's state are still refused. ``watch`` (with ``analysis``): notes the first Python decision the run
+    makes on a data-dependent value (``fxprune.tracing.decisions``), which torch.export could not follow."""
     rs = recorder_support().require()
     pytree = rs.pytree
     state, reader_of, readers = _state_readers(model)
@@ -380,7 +399,7 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
     graph = fx.Graph()
     recorder = _Recorder(rs, graph, meta, {t.untyped_storage().data_ptr() for t in run_state.values()
                                        if not meta and t.untyped_storage().nbytes()},
-                         {id(t) for t in run_state.values()}, device, analysis)
+                         {id(t) for t in run_state.values()}, device, analysis, watch if analysis else None)
     for name, t in state.items():  # one get_attr per state name; a tied tensor is read under its last name
         node = graph.get_attr(name)
         node.meta["val"] = _meta_val(t)
@@ -394,13 +413,17 @@ def record_trace(model: torch.nn.Module, args: tuple, kwargs: dict, *, on_meta: 
         if isinstance(x, torch.Tensor):
             recorder.bind(x, node)
     run_args, run_kwargs = pytree.tree_unflatten(run_leaves, in_spec)
+    watch = watch if analysis else None
+    if watch is not None:
+        watch.seed(run_leaves)
     owners = _owners(model, readers)
     weights = rs.reparametrize_module(model, run_state, tie_weights=True, strict=False) if copies \
         else _no_param_grads(state)
     # torch.compiler.is_compiling()/is_exporting() say True in this thread, as under torch.export:
     # libraries then take their traceable paths (Hugging Face skips its data-dependent mask shortcuts)
     with _module_stack(model, lambda: graph), weights, torch.enable_grad(), compiling_in_this_thread():
-        with _TracingThreadOnly(analysis), rs.enable_python_dispatcher(), _mode_class(rs)(recorder):
+        with _TracingThreadOnly(analysis, watch), rs.enable_python_dispatcher(), _mode_class(rs)(recorder), \
+                _armed(watch):
             out = model(*run_args, **run_kwargs)
         _check_state_kept(owners, run_state)
     recorder.finish()

@@ -50,6 +50,7 @@ from fxprune.annotations import EXAMPLE_INPUTS, FRONTEND
 from fxprune.state import callers_rng_kept
 
 from . import compat
+from .decisions import SizesSeen
 from .dynamic import (
     INPUT_SHAPES,
     Axis,
@@ -80,9 +81,11 @@ log = logging.getLogger(__name__)
 class TraceError(RuntimeError):
     """The model could not be traced; the message names the failing op and the user's source line.
     ``input_shapes``: the input axes found before the front ends failed (``dynamic.InputShapes``; None when
-    the probe did not run), so a fallback (the modules target's recording) need not run the model there again."""
+    the probe did not run), so a fallback (the modules target's recording) need not run the model there again.
+    ``recorded``: that recording already made (``trace(fallback=True)``), or None."""
 
     input_shapes: InputShapes | None = None
+    recorded: fx.GraphModule | None = None
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -156,6 +159,8 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=export_spec(model, args, kwargs, axes),
                                      strict=strict)
         except Exception as exc:  # noqa: BLE001 - a model that pins a size: a static program, saying why
+            if _on_data(exc):  # a static program meets the same values: no second try
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             why = f"torch.export refused it dynamic ({first[:200]})"
             return torch.export.export(model, args, kwargs, strict=strict), dict.fromkeys(axes, why)
@@ -163,6 +168,21 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list
         fixed = static_axes(values, axes)
         return ep, dict.fromkeys(fixed, "torch.export holds it at a constant (a size read as a Python number)")
     return torch.export.export(model, args, kwargs, strict=strict), {}
+
+
+# torch's errors for a trace that depends on values (a guard on an unbacked size, an op of data-dependent output)
+_ON_DATA = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException")
+
+
+def _on_data(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is torch's refusal to trace past a data-dependent value: static sizes
+    would not change that."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if any(c.__name__ in _ON_DATA for c in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _leaves(args: tuple, kwargs: dict) -> list[Any]:
@@ -261,7 +281,8 @@ def _warn_broken(name: str, exc: BaseException, fallback: str) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True,
-          fast: bool = True, frontend: str | None = None, dynamic_shapes: Any = None) -> fx.GraphModule:
+          fast: bool = True, frontend: str | None = None, dynamic_shapes: Any = None,
+          fallback: bool = False) -> fx.GraphModule:
     """Trace ``model`` on ``example_inputs`` into a GraphModule whose nodes all carry ``meta["val"]``.
 
     The returned module shares parameters with ``model`` (it is an analysis view); ``fxprune.prune``
@@ -279,6 +300,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     (``len(x)``), the next one tries (torch.export through TorchDynamo follows such reads); where none keeps
     it, the graph is fixed there. ``gm.meta[INPUT_SHAPES]`` records the outcome (``dynamic.InputShapes``:
     the free axes, and the fixed ones with the line that fixed them); ``fxprune.prune`` warns about those.
+
+    ``fallback``: the caller compacts a model no graph expresses another way (the modules target, from the record of
+    one real run). Then that recording is made, watching the forward for a Python decision on a data-dependent value
+    (``fxprune.tracing.decisions``): before any front end where the probe's runs met an op whose output size
+    depends on values (NMS, a boolean mask), else once a quick front end has failed. Where it finds one, torch.export
+    would fail on it, and the ``TraceError`` comes at once, carrying the recording (``TraceError.recorded``).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -295,11 +322,13 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
     name = chain[-1]
     try:
         with _eval_mode(model), torch_trace_noise_ignored():
-            shapes = _input_shapes(model, args, kwargs, dynamic_batch, dynamic_shapes)
+            sizes = SizesSeen() if fallback else None
+            shapes = _input_shapes(model, args, kwargs, dynamic_batch, dynamic_shapes, sizes)
             insist = dynamic_shapes is not None and dynamic_shapes is not False  # axes the caller named
             try:
                 name, gm, fixed = _first_trace(model, args, kwargs, list(shapes.dynamic), chain,
-                                               frontend is not None, skipped, broken, insist)
+                                               frontend is not None, skipped, broken, insist,
+                                               fallback, sizes is not None and sizes.seen)
             except TraceError as exc:
                 exc.input_shapes = shapes
                 raise
@@ -319,15 +348,21 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = 
 
 def _first_trace(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis], chain: list[str],
                  forced: bool, skipped: list[compat.Support], broken: list[tuple[str, BaseException]],
-                 insist: bool = False) -> tuple[str, fx.GraphModule, dict[Axis, str]]:
+                 insist: bool = False, fallback: bool = False,
+                 sizes_seen: bool = False) -> tuple[str, fx.GraphModule, dict[Axis, str]]:
     """The first front end of ``chain`` that traces the model with every one of ``axes`` symbolic; where each
     fixes some, the one that fixes fewest (TorchDynamo's export tried last, for that). Returns its name, its
-    graph and the axes it fixed (why: where the quick front end saw the size read, else export's reason)."""
+    graph and the axes it fixed (why: where the quick front end saw the size read, else export's reason).
+    ``fallback``: see ``trace``; ``sizes_seen``: the probe met an op whose output size depends on values, so the
+    watched recording is made first, before any front end."""
     passed: set[str] = set()  # front ends not worth trying after what an earlier one met
     best: tuple[str, fx.GraphModule, dict[Axis, str]] | None = None
     whys: dict[Axis, str] = {}
     slow: set[Axis] = set()  # axes no other front end keeps free: too slow to trace symbolically, an inner size of 1
+    recorded: fx.GraphModule | None = None  # the watched recording, made after the first quick front end fails
     chain = list(chain)
+    if fallback and sizes_seen and not forced:
+        recorded = _recorded_unless_decided(model, args, kwargs, None)
     for i, name in enumerate(chain):
         last = i == len(chain) - 1
         if name in passed and not last:
@@ -349,12 +384,16 @@ def _first_trace(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[A
                     failure = _self_test_failure(name)
                     if failure is not None:
                         broken.append((name, failure))
+                if fallback and not forced and recorded is None and best is None:
+                    recorded = _recorded_unless_decided(model, args, kwargs, exc)
                 continue
             if best is not None:  # an earlier graph that fixes some axes beats none
                 return best
             if forced:
                 raise
-            raise _trace_error(model, exc) from exc
+            error = _trace_error(model, exc)
+            error.recorded = recorded
+            raise error from exc
         if not fixed:
             return name, gm, {}
         fixed = {a: whys.get(a, why) for a, why in fixed.items()}
@@ -369,6 +408,33 @@ def _first_trace(model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[A
                 chain.append("export-strict")
     assert best is not None
     return best
+
+
+def _recorded_unless_decided(model: torch.nn.Module, args: tuple, kwargs: dict,
+                             cause: BaseException | None) -> fx.GraphModule | None:
+    """The watched recording (``_watched_recording``); where the forward decided on a data-dependent value,
+    the ``TraceError`` that says so, carrying the recording: torch.export would stop at that same line."""
+    recorded, decision = _watched_recording(model, args, kwargs)
+    if decision is None:
+        return recorded
+    error = TraceError(f"torch.export could not trace {type(model).__name__}: its forward {decision.what}"
+                       + (f"\n  at {decision.where}" if decision.where else ""))
+    error.recorded = recorded
+    raise error from cause
+
+
+def _watched_recording(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule | None, Any]:
+    """The record of one real run for the analysis (``record_trace(analysis=True)``), watched for a Python decision
+    on a data-dependent value; (None, None) where the model does not run under the recording."""
+    from .decisions import Watch
+    from .record import record_trace
+
+    watch = Watch()
+    try:
+        with _python_state_kept(model):
+            return record_trace(model, args, kwargs, analysis=True, watch=watch), watch.decision
+    except Exception:  # noqa: BLE001 - the chain goes on; the modules target records again and says why it failed
+        return None, None
 
 
 def _trace_keeping(name: str, model: torch.nn.Module, args: tuple, kwargs: dict, axes: list[Axis],
@@ -405,8 +471,10 @@ def input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec: Any = 
     return _input_shapes(model, args, kwargs, True, spec)
 
 
-def _input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, spec: Any) -> InputShapes:
-    """The input axes to keep symbolic: ``spec``'s, or those the model accepts at a second size (the probe)."""
+def _input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, spec: Any,
+                  sizes: SizesSeen | None = None) -> InputShapes:
+    """The input axes to keep symbolic: ``spec``'s, or those the model accepts at a second size (the probe).
+    ``sizes``: notes whether the probe's runs met an op whose output size depends on values."""
     if not dynamic or spec is False:
         return InputShapes()
     if isinstance(spec, InputShapes):  # a re-trace of a model derived from a traced one: the same axes
@@ -414,16 +482,17 @@ def _input_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
     names = leaf_names(model, args, kwargs)
     if spec is not None:
         return InputShapes(tuple(from_spec(spec, names, args, kwargs)))
-    axes, fixed = find_axes(lambda a, k: _runs(model, a, k), names, args, kwargs)
+    axes, fixed = find_axes(lambda a, k: _runs(model, a, k, sizes), names, args, kwargs)
     return InputShapes(tuple(axes), tuple(fixed))
 
 
-def _runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+def _runs(model: torch.nn.Module, args: tuple, kwargs: dict, sizes: SizesSeen | None = None) -> bool:
     """Whether ``model`` runs on these inputs, leaving its Python state and the caller's random stream as they
     were. A real run (on the meta device for a model there: shapes only): measured cheaper than fake tensors on
-    torchvision's CNNs, and only a real run sees what values decide (an index past an embedding's rows)."""
+    torchvision's CNNs, and only a real run sees what values decide (an index past an embedding's rows).
+    ``sizes``: notes an op whose output size depends on values."""
     try:
-        with _python_state_kept(model), callers_rng_kept(), torch.no_grad():
+        with _python_state_kept(model), callers_rng_kept(), torch.no_grad(), sizes or contextlib.nullcontext():
             model(*args, **kwargs)
         return True
     except Exception:  # noqa: BLE001 - any refusal means: not at these sizes
