@@ -1123,6 +1123,30 @@ def test_index_with_adjacent_index_tensors():
     assert kept(res, group_of(res.groups, "fc1.weight", 0)) == 8
 
 
+class MaskedRows(nn.Module):
+    """h[mask] with a (B, T) boolean mask on a (B, T, 16) tensor: the mask consumes both leading axes (its output
+    axis counts the positions picked), the feature axis passes through to the next layer; y[y > 0] consumes all
+    three (the rule used to fail there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)                   # (B, T, 16)
+        picked = h[x[..., 0] > 0]         # (n, 16): n depends on the values
+        y = self.fc2(h)
+        return self.fc2(picked).sum(0) + y.mean((0, 1)) + y[y > 0].sum()
+
+
+@pytest.mark.parametrize("target", ["graph", "modules"])
+def test_index_with_a_boolean_mask_over_several_axes(target):
+    """The graph's export decomposes the mask into integer indices; the modules target's recording keeps it."""
+    model = MaskedRows()
+    res = prune_checked(model, (torch.randn(2, 5, 8),), target=target)  # (a rule that fails warns: an error here)
+    assert kept(res, group_of(res.groups, "fc1.weight", 0)) == 8
+
+
 class NumpyT(nn.Module):
     """``x.T`` (aten.numpy_T) reverses every axis: the channels follow it."""
 

@@ -6,6 +6,7 @@ import operator
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..couple import Coupler, TensorRef, as_ref
@@ -531,23 +532,33 @@ def frozen_factory(node: fx.Node, coupler: Coupler) -> None:
 def index(node: fx.Node, coupler: Coupler) -> None:
     """x[..., i, j, ...] with adjacent index tensors (advanced indexing): the indexed axes are frozen, their
     broadcast index shape takes their place in the output, the other axes pass through. Index tensors link
-    to the output axes they span (right-aligned, as they broadcast); non-adjacent index tensors (whose
-    broadcast axes NumPy moves to the front) have no rule."""
+    to the output axes they span (right-aligned, as they broadcast); a boolean mask spans as many axes of x as
+    it has, and its output axis counts the positions it picked (frozen, as the mask). Non-adjacent index
+    tensors (whose broadcast axes NumPy moves to the front) have no rule."""
     x, out = as_ref(node.args[0]), TensorRef(node)
     indices = list(node.args[1])
     tensors = [i for i, t in enumerate(indices) if t is not None]
     if not tensors or tensors != list(range(tensors[0], tensors[-1] + 1)):
         coupler.unknown(node)
         return
-    p, k = tensors[0], len(tensors)
+    masks = {i for i in tensors if _is_mask(indices[i])}
+    if masks and len(tensors) > 1:
+        coupler.unknown(node)
+        return
+    p = tensors[0]
+    k = as_ref(indices[p]).ndim if masks else len(tensors)  # the axes of x the index tensors consume
     width = out.ndim - (x.ndim - k)  # axes of the broadcast index shape
-    for a in tensors:
+    for a in range(p, p + k):
         coupler.freeze(x, a, "indexed axis")
     for a in range(x.ndim):
         if a < p:
             coupler.link_axes(x, a, out, a)
         elif a >= p + k:
             coupler.link_axes(x, a, out, a - k + width)
+    if masks:
+        coupler.freeze(as_ref(indices[p]), None, "a boolean mask picks positions")
+        coupler.freeze(out, p, "positions a boolean mask picked")
+        return
     for i in tensors:
         idx = as_ref(indices[i])
         if idx is None:
@@ -556,6 +567,12 @@ def index(node: fx.Node, coupler: Coupler) -> None:
         for a in range(idx.ndim):
             if coupler.shape(idx)[a] == coupler.shape(out)[offset + a]:  # a size-1 axis broadcasts: no link
                 coupler.link_axes(idx, a, out, offset + a)
+
+
+def _is_mask(arg: Any) -> bool:
+    """A boolean (or uint8) index tensor: it picks positions across as many axes as it has."""
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return getattr(val, "dtype", None) in (torch.bool, torch.uint8)
 
 
 @rule(*ops("aten.gather.default"))
