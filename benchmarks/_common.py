@@ -29,15 +29,18 @@ def mean_std(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dic
                   for k in rs[0]} for row, rs in runs.items()}
 
 
-def run_example(name: str, method: str, ratio: float, folder: Path) -> dict[str, Any]:
-    """``fxprune run examples/NAME.py --pass METHOD --ratio RATIO`` with every other default (the pipeline function
-    the command line calls), into ``folder``; returns its report (report.json)."""
+def run_example(name: str, method: str, ratio: float, folder: Path, options: dict[str, str] | None = None
+                ) -> dict[str, Any]:
+    """``fxprune run examples/NAME.py --pass METHOD --ratio RATIO`` (and ``--opt K=V`` for each of ``options``) with
+    every other default (the pipeline function the command line calls), into ``folder``; returns its report
+    (report.json)."""
     from fxprune.cli.pipeline import run
     from fxprune.cli.runconfig import RunConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report, _ = run(RunConfig(ROOT / "examples" / f"{name}.py", method, ratio, folder / f"{method}-{ratio}"))
+        report, _ = run(RunConfig(ROOT / "examples" / f"{name}.py", method, ratio, folder / f"{method}-{ratio}",
+                                  options=dict(options or {})))
     return report
 
 

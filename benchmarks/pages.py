@@ -255,15 +255,18 @@ def detection(res: list[dict[str, Any]]) -> list[str]:
     def maps(m: dict[str, float] | None) -> str | None:
         return None if not m else f"{m['map_50']:.1f} / {m['map']:.1f}"
 
-    rows = [[r["pass"], r["ratio"], r["compaction"], f"{r['recovery']} ({r['recovery_epochs']})", pct(r["macs_kept"]),
+    rows = [[f"examples/{r.get('example', 'yolo')}.py", r["pass"], " ".join(f"{k}={v}" for k, v in
+                                                                        (r.get("options") or {}).items()) or None,
+             r["ratio"], r["compaction"], f"{r['recovery']} ({r['recovery_epochs']})", pct(r["macs_kept"]),
              pct(r["params_kept"]), maps(r["dense"]), maps(r["trained"]), maps(r["pruned"]), maps(r["final"]),
              f"{r['final']['map_50'] - r['dense']['map_50']:+.1f}", f"{r['seconds_total']:.0f}"] for r in res]
     return ["mAP@0.5 / mAP@0.5:0.95 in %, on the validation images (torchmetrics' MeanAveragePrecision); MACs and "
             "parameters kept in %. \"trained by the pass\": slimming's sparsity-trained copy of the modules, before "
             "the cut; \"pruned\": the resized model before recovery. Seconds: the whole `fxprune run`, the example's "
             "own training in `model()` included.",
-            table(["pass", "ratio", "compaction", "recovery (epochs)", "MACs kept", "params kept", "dense",
-                   "trained by the pass", "pruned", "final", "final - dense (mAP@0.5)", "seconds"], rows)]
+            table(["model file", "pass", "--opt", "ratio", "compaction", "recovery (epochs)", "MACs kept",
+                   "params kept", "dense", "trained by the pass", "pruned", "final", "final - dense (mAP@0.5)",
+                   "seconds"], rows)]
 
 
 def lm_folders(res: dict[str, Any]) -> list[str]:
