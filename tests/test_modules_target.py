@@ -278,6 +278,48 @@ def test_the_yolo_example_end_to_end(tmp_path, monkeypatch) -> None:
     assert set(report["finetune"]["log"][0]["terms"]) == {"loss_cls", "loss_box"}
 
 
+def test_the_fasterrcnn_example_end_to_end(tmp_path, monkeypatch) -> None:
+    """examples/fasterrcnn.py (torchvision's Faster R-CNN, MobileNetV3-Large FPN), trained on a few images: the
+    auto target decides from the recording that export cannot follow it (no export attempt) and l1 resizes it
+    exactly; through the CLI slimming trains its sparsity on torchvision's dict of losses, the report carries the mAP
+    and each of the four losses, and eval rebuilds the folder from the model file."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from fxprune.cli import app
+    from fxprune.cli.modelfile import load_model_file
+    from fxprune.tracing import tracer
+
+    monkeypatch.setenv("FRCNN_IMAGES", "32")
+    path = Path(__file__).resolve().parents[1] / "examples" / "fasterrcnn.py"
+    frcnn = load_model_file(path)
+    model, x = frcnn.model(), frcnn.example_inputs()
+    exports = []
+    original = tracer.FRONTENDS["export"]
+    monkeypatch.setitem(tracer.FRONTENDS, "export", lambda *a, **k: exports.append(1) or original(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxprune.prune(model, x, "l1", 0.5)
+    assert result.compaction["target"] == "modules" and "depends on the data" in result.compaction["why"]
+    assert not exports
+    assert_equivalent(model, result, x, tol=1e-5)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["run", str(path), "--pass", "slimming", "--ratio", "0.5", "--opt", "epochs=1",
+                                   "--epochs", "1", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["compaction"]["target"] == "modules" and report["after"]["macs"] < 0.6 * report["before"]["macs"]
+    for stage in ("before", "pruned", "after"):
+        assert {"map_50", "map"} <= set(report[stage]["metrics"])
+    assert set(report["finetune"]["log"][0]["terms"]) == {"loss_classifier", "loss_box_reg", "loss_objectness",
+                                                          "loss_rpn_box_reg"}
+    evaluated = CliRunner().invoke(app, ["eval", str(path), str(out), "--attack", "none"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "map_50" in evaluated.output
+
+
 class Decoder(nn.Module):
     """A DETR-like head: conv features as tokens, nn.MultiheadAttention with learned queries, then a
     data-dependent selection of the confident queries."""
