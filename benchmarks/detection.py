@@ -12,7 +12,12 @@ losses: the YOLO-style detector of examples/yolo.py, and torchvision's Faster R-
 backbone (examples/fasterrcnn.py, trained one pass over its images; slimming's sparsity training given two such
 passes, ``--opt epochs=2``: its default of 20 is over an hour there on two cores). fxprune prunes them through the
 modules target (their own modules resized; slimming's sparsity trained on a masked copy of them) and recovers them
-by default. Recorded per row: mAP@0.5 and mAP@0.5:0.95 (%, on
+by default.
+
+The control (``--control``, on by default): each example's dense model trained for as many passes over its images
+as the pruned one saw in all (the example's own training, the pass's, the recovery's), by the example's own recipe
+(its ``YOLO_EPOCHS`` / ``FRCNN_EPOCHS``). A pruned detector that ends above its dense model may only have trained
+longer: "final - dense trained as long" says what the pruning cost. Recorded per row: mAP@0.5 and mAP@0.5:0.95 (%, on
 the validation images, torchmetrics) of the dense model, of the network the pass trained, of the pruned model
 before recovery and after; MACs and parameters kept; the recovery; seconds.
 """
@@ -20,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import _common  # noqa: E402
 from _common import each_run, run_example  # noqa: E402
 from _results import save  # noqa: E402
 
@@ -42,7 +49,43 @@ def one(example: str, options: dict[str, str], method: str, ratio: float, folder
             "pruned": report["pruned"]["metrics"], "final": report["after"]["metrics"],
             "terms": report["finetune"]["log"][-1].get("terms") if report["finetune"]["log"] else None,
             "seconds_prune": report["seconds"]["prune"], "seconds_recovery": report["seconds"]["finetune"],
-            "seconds_total": time.perf_counter() - start, "notes": report["notes"]}
+            "seconds_total": time.perf_counter() - start, "notes": report["notes"],
+            "epochs_in_all": _epochs_in_all(example, method, options, report)}
+
+
+# the example's knob for the length of its own training in model(), and its default
+EPOCHS_KNOB = {"yolo": "YOLO_EPOCHS", "fasterrcnn": "FRCNN_EPOCHS"}
+
+
+def _epochs_in_all(example: str, method: str, options: dict[str, str], report: dict) -> int | None:
+    """Passes over the training images the pruned model saw: the example's training, the pass's (a pass that trains:
+    its ``epochs``), the recovery's."""
+    from fxprune.cli.runconfig import parse_options
+    from fxprune.passes.registry import load_pass, make_pass
+
+    the_pass = make_pass(method, parse_options(load_pass(method), options, method))
+    trains = getattr(the_pass, "train", False) and hasattr(the_pass, "epochs")
+    pass_epochs = int(the_pass.epochs) if trains else 0
+    own = int(_common.example(example).train_epochs)
+    return own + pass_epochs + int(report["finetune"]["epochs"] or 0)
+
+
+def control(example: str, epochs: int) -> dict:
+    """The example's dense model trained ``epochs`` passes over its images by its own recipe, and its metrics."""
+    start = time.perf_counter()
+    knob = EPOCHS_KNOB[example]
+    before = os.environ.get(knob)
+    os.environ[knob] = str(epochs)
+    try:
+        module = _common.example(example)  # a fresh import reads the knob
+        metrics = module.evaluate(module.model())
+    finally:
+        if before is None:
+            del os.environ[knob]
+        else:
+            os.environ[knob] = before
+    return {"example": example, "options": {}, "pass": "dense, trained as long", "control_epochs": epochs,
+            "final": metrics, "seconds_total": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -52,10 +95,15 @@ def main() -> None:
     ap.add_argument("--opt", nargs="*", default=[], help="pass options KEY=VALUE, as fxprune run's --opt")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection.json")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the dense model trained as long as the pruned one")
     args = ap.parse_args()
     started = time.perf_counter()
     options = dict(o.split("=", 1) for o in args.opt)
     rows = each_run(args.passes, args.ratios, functools.partial(one, args.example, options))
+    if args.control:
+        for epochs in sorted({r["epochs_in_all"] for r in rows if r["epochs_in_all"]}):
+            rows.append(control(args.example, epochs))
     save(args.out, rows, __file__, started)
 
 

@@ -255,18 +255,32 @@ def detection(res: list[dict[str, Any]]) -> list[str]:
     def maps(m: dict[str, float] | None) -> str | None:
         return None if not m else f"{m['map_50']:.1f} / {m['map']:.1f}"
 
+    controls = {r["control_epochs"]: r for r in res if "control_epochs" in r}
+
+    def against_control(r: dict[str, Any]) -> str | None:
+        c = controls.get(r.get("epochs_in_all"))
+        return None if c is None else f"{r['final']['map_50'] - c['final']['map_50']:+.1f}"
+
+    runs = [r for r in res if "control_epochs" not in r]
     rows = [[f"examples/{r.get('example', 'yolo')}.py", r["pass"], " ".join(f"{k}={v}" for k, v in
                                                                         (r.get("options") or {}).items()) or None,
              r["ratio"], r["compaction"], f"{r['recovery']} ({r['recovery_epochs']})", pct(r["macs_kept"]),
              pct(r["params_kept"]), maps(r["dense"]), maps(r["trained"]), maps(r["pruned"]), maps(r["final"]),
-             f"{r['final']['map_50'] - r['dense']['map_50']:+.1f}", f"{r['seconds_total']:.0f}"] for r in res]
+             f"{r['final']['map_50'] - r['dense']['map_50']:+.1f}", against_control(r),
+             r.get("epochs_in_all"), f"{r['seconds_total']:.0f}"] for r in runs]
+    rows += [[f"examples/{c['example']}.py", c["pass"], None, None, None, None, None, None, None, None, None,
+              maps(c["final"]), None, None, c["control_epochs"], f"{c['seconds_total']:.0f}"]
+             for c in controls.values()]
     return ["mAP@0.5 / mAP@0.5:0.95 in %, on the validation images (torchmetrics' MeanAveragePrecision); MACs and "
             "parameters kept in %. \"trained by the pass\": slimming's sparsity-trained copy of the modules, before "
-            "the cut; \"pruned\": the resized model before recovery. Seconds: the whole `fxprune run`, the example's "
+            "the cut; \"pruned\": the resized model before recovery. \"epochs in all\": passes over the training "
+            "images the model saw (the example's own training, the pass's, the recovery's); \"dense, trained as "
+            "long\": the example's dense model trained that many passes by its own recipe, the control for a pruned "
+            "model that only ends higher because it trained longer. Seconds: the whole `fxprune run`, the example's "
             "own training in `model()` included.",
             table(["model file", "pass", "--opt", "ratio", "compaction", "recovery (epochs)", "MACs kept",
                    "params kept", "dense", "trained by the pass", "pruned", "final", "final - dense (mAP@0.5)",
-                   "seconds"], rows)]
+                   "final - dense trained as long", "epochs in all", "seconds"], rows)]
 
 
 def lm_folders(res: dict[str, Any]) -> list[str]:

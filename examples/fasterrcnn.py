@@ -15,8 +15,8 @@ model whole (NMS keeps a data-dependent number of boxes), so fxprune prunes it b
     fxprune run examples/fasterrcnn.py --pass slimming --ratio 0.5 --opt epochs=2
 
 (slimming's default of 20 sparsity epochs is 6,400 steps here, over an hour on two cores: two passes over the
-images is the short schedule). ``FRCNN_IMAGES`` shortens the training (tests). Plain PyTorch and torchvision;
-fxprune is not imported here.
+images is the short schedule). ``FRCNN_IMAGES`` shortens the training (tests), ``FRCNN_EPOCHS`` lengthens it.
+Plain PyTorch and torchvision; fxprune is not imported here.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 SIZE = 128
 IMAGES = int(os.environ.get("FRCNN_IMAGES", "2560"))
+EPOCHS = int(os.environ.get("FRCNN_EPOCHS", "1"))  # passes over the images in model()
 BATCH = 8
 LR, WARMUP = 2e-3, 50
 
@@ -82,15 +83,16 @@ def _lr(step: int, total: int) -> float:
 
 
 def model() -> FasterRCNN:
-    """The detector trained one pass over the images (deterministic), in eval mode."""
+    """The detector trained EPOCHS passes over the images (one by default; deterministic), in eval mode."""
     torch.manual_seed(0)
     net = build()
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}])
-    total = len(train_loader())
+    total = EPOCHS * len(train_loader())
     net.train()
-    for step, (images, targets) in enumerate(train_loader()):
+    batches = (batch for _ in range(EPOCHS) for batch in train_loader())
+    for step, (images, targets) in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, total)
         optimizer.zero_grad()
@@ -100,7 +102,7 @@ def model() -> FasterRCNN:
     return net.eval()
 
 
-train_epochs = 1
+train_epochs = EPOCHS
 
 
 def example_inputs() -> tuple[torch.Tensor]:
