@@ -66,8 +66,9 @@ def _where() -> str:
 
 
 def _watched_number(kind: type) -> type:
-    """An int or float subclass that stops the run when Python compares it or tests its truth; arithmetic keeps it
-    watched. ``size``: a tensor's size (>= 0), whose trivial comparisons torch decides without a guard."""
+    """An int or float subclass that notes a decision (``Watch.decide``) when Python compares it or tests its truth,
+    and otherwise behaves as the plain number; arithmetic keeps it watched. ``size``: a tensor's size (>= 0), whose
+    trivial comparisons torch decides without a guard."""
 
     def compare(op: Any) -> Any:
         def method(self: Any, other: Any) -> Any:
