@@ -1,6 +1,7 @@
 """torchvision's Faster R-CNN with a MobileNetV3-Large FPN backbone as a model file, trained from scratch on the
-synthetic shapes (``examples/shapes.py``: squares, discs and triangles on textured backgrounds, boxes known), with
-mAP@0.5 and mAP@0.5:0.95 by torchmetrics (``pip install torchmetrics pycocotools``). Nothing is downloaded.
+synthetic shapes (``examples/shapes.py``'s ``CLUTTERED`` task: squares, discs and triangles on striped backgrounds,
+boxes known), with mAP@0.5 and mAP@0.5:0.95 by torchmetrics (``pip install torchmetrics pycocotools``). Nothing is
+downloaded.
 
 The detector is torchvision's own classes (``FasterRCNN``, ``mobilenet_backbone``, its RPN and RoI heads), sized for
 128-pixel images on a CPU: anchors of 16-192 pixels (the builder's fixed 32-512 do not fit such images), FPN levels
@@ -56,8 +57,8 @@ def build(classes: int = len(shapes.CLASSES) + 1) -> FasterRCNN:
 
 @functools.cache
 def _data() -> tuple[shapes.Batches, shapes.Batches]:
-    train = shapes.dataset(IMAGES, SIZE, seed=0)
-    val = shapes.dataset(256 if IMAGES >= 1024 else 64, SIZE, seed=1)
+    train = shapes.dataset(IMAGES, SIZE, seed=0, task=shapes.CLUTTERED)
+    val = shapes.dataset(256 if IMAGES >= 1024 else 64, SIZE, seed=1, task=shapes.CLUTTERED)
     return shapes.Batches(*train, BATCH, shuffle=True), shapes.Batches(*val, 32, shuffle=False)
 
 

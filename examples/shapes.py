@@ -1,7 +1,8 @@
 """A synthetic detection set for the detector examples: shapes of three classes (square, disc, triangle) in random
-colours on textured backgrounds, with their boxes known exactly. Generated from a seed, so nothing is downloaded
-and every run sees the same images. Also the examples' metric: mAP@0.5 and mAP@0.5:0.95 by torchmetrics'
-``MeanAveragePrecision`` (``pip install torchmetrics pycocotools``).
+colours on textured backgrounds, with their boxes known exactly. Generated from a seed, so nothing is downloaded and
+every run sees the same images. Two tasks (``Task``): ``CLUTTERED`` (small to large objects, up to three, on striped
+backgrounds) and ``PLAIN`` (larger objects, up to two, on plain colour noise). Also the examples' metric: mAP@0.5 and
+mAP@0.5:0.95 by torchmetrics' ``MeanAveragePrecision`` (``pip install torchmetrics pycocotools``).
 
 Plain PyTorch; fxprune is not imported here. The detector examples import it as a neighbour.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +21,21 @@ CLASSES = ("square", "disc", "triangle")
 Target = dict[str, torch.Tensor]  # {"boxes": (n, 4) x1 y1 x2 y2 in pixels, "labels": (n,) int64, 1 to 3}
 
 
+@dataclass(frozen=True)
+class Task:
+    """What the images hold: objects' sides from ``size // min_div`` to ``size // 2``, 1 to ``max_objects`` of
+    them, on low-frequency colour noise of amplitude ``noise`` plus stripes of amplitude ``stripes``."""
+
+    min_div: int
+    max_objects: int
+    noise: float
+    stripes: float
+
+
+CLUTTERED = Task(min_div=8, max_objects=3, noise=0.6, stripes=0.1)
+PLAIN = Task(min_div=3, max_objects=2, noise=0.3, stripes=0.0)
+
+
 @functools.cache
 def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ys, xs): each pixel's row and column, (size, size) each."""
@@ -26,15 +43,16 @@ def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
                           indexing="ij")
 
 
-def _background(size: int, g: torch.Generator) -> torch.Tensor:
-    """Low-frequency colour noise plus faint stripes at a random angle: a texture the detector must ignore."""
+def _background(size: int, g: torch.Generator, task: Task) -> torch.Tensor:
+    """Low-frequency colour noise plus faint stripes at a random angle: a texture the detector must ignore (mean
+    brightness 0.5 whatever the amplitudes)."""
     coarse = torch.rand(1, 3, 4, 4, generator=g)
     img = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
     ys, xs = _grid(size)
     angle = float(torch.rand((), generator=g)) * math.pi
     period = 4 + 8 * float(torch.rand((), generator=g))
     stripes = torch.sin((xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / period)
-    return (0.6 * img + 0.1 * stripes + 0.2).clamp(0, 1)
+    return (task.noise * img + task.stripes * stripes + 0.5 - task.noise / 2).clamp(0, 1)
 
 
 def _shape_mask(kind: int, x0: int, y0: int, side: int, size: int) -> torch.Tensor:
@@ -48,13 +66,13 @@ def _shape_mask(kind: int, x0: int, y0: int, side: int, size: int) -> torch.Tens
     return inside & (v >= 1 - 2 * torch.minimum(u, 1 - u) * 1.0)  # apex at the top centre, base at the bottom
 
 
-def image(size: int, g: torch.Generator, max_objects: int = 3) -> tuple[torch.Tensor, Target]:
-    """One image (3, size, size) in [0, 1] and its target: 1 to ``max_objects`` shapes, overlapping little."""
-    img = _background(size, g)
+def image(size: int, g: torch.Generator, task: Task) -> tuple[torch.Tensor, Target]:
+    """One image (3, size, size) in [0, 1] and its target: 1 to ``task.max_objects`` shapes, overlapping little."""
+    img = _background(size, g, task)
     boxes, labels = [], []
-    for _ in range(int(torch.randint(1, max_objects + 1, (), generator=g))):
+    for _ in range(int(torch.randint(1, task.max_objects + 1, (), generator=g))):
         for _attempt in range(10):
-            side = int(torch.randint(size // 8, size // 2, (), generator=g))
+            side = int(torch.randint(size // task.min_div, size // 2, (), generator=g))
             x0, y0 = (int(torch.randint(0, size - side, (), generator=g)) for _ in range(2))
             box = torch.tensor([x0, y0, x0 + side, y0 + side], dtype=torch.float32)
             if not boxes or _iou(box, torch.stack(boxes)).max() < 0.2:
@@ -76,10 +94,10 @@ def _iou(box: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     return box_iou(box[None], others)[0]
 
 
-def dataset(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[Target]]:
-    """``n`` images (n, 3, size, size) and their targets, the same for the same arguments."""
+def dataset(n: int, size: int, seed: int, task: Task) -> tuple[torch.Tensor, list[Target]]:
+    """``n`` images (n, 3, size, size) of ``task`` and their targets, the same for the same arguments."""
     g = torch.Generator().manual_seed(seed)
-    pairs = [image(size, g) for _ in range(n)]
+    pairs = [image(size, g, task) for _ in range(n)]
     return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 

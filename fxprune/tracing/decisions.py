@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .compat import dispatch_mode_base, tree_leaves
-from .frames import user_frames
+from .frames import last_user_line
 
 __all__ = ["Decision", "Watch", "SizesSeen", "DYNAMIC_SIZE_OPS"]
 
@@ -55,14 +55,6 @@ class Decision:
 
     def __str__(self) -> str:
         return f"{self.what}" + (f" at {self.where}" if self.where else "")
-
-
-def _where() -> str:
-    frames = user_frames(traceback.extract_stack()[:-2])
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
 def _watched_number(kind: type) -> type:
@@ -156,7 +148,7 @@ class Watch:
 
     def decide(self, what: str) -> None:
         if self.armed and self.decision is None:
-            self.decision = Decision(what, _where())
+            self.decision = Decision(what, last_user_line(traceback.extract_stack()[:-1]))
 
     def after_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -194,9 +186,15 @@ def _dynamic_size(func: Any, args: tuple) -> bool:
         return True
     if torch.Tag.dynamic_output_shape not in getattr(func, "tags", ()):
         return False
-    if func is torch.ops.aten.index.Tensor:  # integer indices keep a static size; boolean ones do not
-        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-    return True
+    return not integer_index(func, args)
+
+
+def integer_index(func: Any, args: tuple) -> bool:
+    """``aten.index.Tensor`` with integer indices: tagged ``dynamic_output_shape``, yet its output size is static
+    (boolean indices are what make it data-dependent)."""
+    if func is not torch.ops.aten.index.Tensor:
+        return False
+    return all(i is None or i.dtype not in (torch.bool, torch.uint8) for i in args[1])
 
 
 _SIZE_READERS = {torch.Tensor.numel: "the number of elements", torch.Tensor.size: "a size"}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["user_frames", "user_line"]
+__all__ = ["user_frames", "user_line", "last_user_line"]
 
 
 def _library_dirs() -> tuple[Path, ...]:
@@ -33,10 +33,15 @@ def user_frames(frames: list[Any]) -> list[Any]:
     return [f for f in frames if users(f.filename)]
 
 
+def last_user_line(frames: list[Any]) -> str:
+    """The deepest of ``frames`` that is the user's, as ``file:line: code``; "" when none is."""
+    mine = user_frames(frames)
+    if not mine:
+        return ""
+    f = mine[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
 def user_line(exc: BaseException) -> str:
     """The deepest traceback frame that is the user's (``user_frames``): the user's line that failed."""
-    frames = user_frames(traceback.extract_tb(exc.__traceback__))
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+    return last_user_line(traceback.extract_tb(exc.__traceback__))

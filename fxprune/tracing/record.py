@@ -44,7 +44,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from .compat import Support, compiling_in_this_thread, op_schema, recorder_support
-from .decisions import Watch
+from .decisions import Watch, integer_index
 from .lazy_module import lazy_graph_module
 from .makefx import (
     Unsupported,
@@ -255,7 +255,7 @@ class _Recorder:
             check = self.checks[func] = _OpCheck(func, func in self.state_updaters)
         if check.data_dependent and not self.analysis:  # (on meta these would fail anyway: the same message)
             raise Unsupported(f"{func} reads tensor values (data-dependent)")
-        if check.dynamic_shape and not self.analysis and not _integer_index(func, args):
+        if check.dynamic_shape and not self.analysis and not integer_index(func, args):
             raise Unsupported(f"{func} has a data-dependent output shape")
         for i in check.writes:
             value = args[i] if i < len(args) else kwargs.get(check.names[i])
@@ -276,13 +276,6 @@ class _Recorder:
             if not self.meta and t.untyped_storage().nbytes() and t.untyped_storage().data_ptr() in self.state_storages:
                 return True
         return False
-
-
-def _integer_index(func: Any, args: tuple) -> bool:
-    """``aten.index.Tensor`` with integer indices has a static output shape; with boolean ones it does not."""
-    if func is not aten.index.Tensor:
-        return False
-    return all(i is None or not (i.dtype == torch.bool or i.dtype == torch.uint8) for i in args[1])
 
 
 # Tensor methods that read values without going through the dispatcher (``np.asarray(t)`` calls ``__array__``)
