@@ -3,30 +3,35 @@
     fxprune run examples/EXAMPLE.py --pass PASS --ratio R [--opt K=V]      (no other flag)
 
     python benchmarks/detection.py [--example yolo] [--passes l1 slimming] [--ratios 0.5] [--opt K=V ...]
-                                   [--out benchmarks/results/detection.json]
-    python benchmarks/detection.py --example fasterrcnn --passes slimming --opt epochs=2 \
+                                   [--widths 4 6] [--out benchmarks/results/detection.json]
+    python benchmarks/detection.py --example fasterrcnn --passes slimming --opt epochs=2 \\
                                    --out benchmarks/results/detection_fasterrcnn.json
 
 The examples train in their ``model()`` on a synthetic detection set (examples/shapes.py) and compute their own
-losses: the YOLO-style detector of examples/yolo.py, and torchvision's Faster R-CNN with a MobileNetV3-Large FPN
-backbone (examples/fasterrcnn.py, trained one pass over its images; slimming's sparsity training given two such
-passes, ``--opt epochs=2``: its default of 20 is over an hour there on two cores). fxprune prunes them through the
-modules target (their own modules resized; slimming's sparsity trained on a masked copy of them) and recovers them
-by default.
+losses: the YOLO-style detector of examples/yolo.py (shapes.py's PLAIN task), and torchvision's Faster R-CNN with a
+MobileNetV3-Large FPN backbone (examples/fasterrcnn.py, trained one pass over its images; slimming's sparsity
+training given two such passes, ``--opt epochs=2``: its default of 20 is over an hour there on two cores). fxprune
+prunes them through the modules target (their own modules resized; slimming's sparsity trained on a masked copy of
+them) and recovers them by default.
 
 The control (``--control``, on by default): each example's dense model trained for as many passes over its images
 as the pruned one saw in all (the example's own training, the pass's, the recovery's), by the example's own recipe
 (its ``YOLO_EPOCHS`` / ``FRCNN_EPOCHS``). A pruned detector that ends above its dense model may only have trained
-longer: "final - dense trained as long" says what the pruning cost. Recorded per row: mAP@0.5 and mAP@0.5:0.95 (%, on
+longer: "final - dense trained as long" says what the pruning cost. The capacity rows (``--widths``, the YOLO
+example's ``YOLO_WIDTH``): the same network built narrower and trained in full by ``model()``, what a network of
+that size reaches on the task without pruning; where they fall as far as the pruned one, the task leaves no spare
+channels and no pass could keep the mAP. Recorded per row: mAP@0.5 and mAP@0.5:0.95 (%, on
 the validation images, torchmetrics) of the dense model, of the network the pass trained, of the pruned model
 before recovery and after; MACs and parameters kept; the recovery; seconds.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +48,7 @@ def one(example: str, options: dict[str, str], method: str, ratio: float, folder
     return {"example": example, "options": options, "pass": method, "ratio": ratio,
             "compaction": report["compaction"]["target"],
             "recovery": report["finetune"]["mode"], "recovery_epochs": report["finetune"]["epochs"],
-            "macs_kept": report["after"]["macs"] / report["before"]["macs"],
+            "macs_kept": report["after"]["macs"] / report["before"]["macs"], "macs_before": report["before"]["macs"],
             "params_kept": report["after"]["params"] / report["before"]["params"],
             "dense": report["before"]["metrics"], "trained": trained or None,
             "pruned": report["pruned"]["metrics"], "final": report["after"]["metrics"],
@@ -70,22 +75,46 @@ def _epochs_in_all(example: str, method: str, options: dict[str, str], report: d
     return own + pass_epochs + int(report["finetune"]["epochs"] or 0)
 
 
+@contextlib.contextmanager
+def _knob(name: str, value: int) -> Iterator[None]:
+    """The example's environment knob ``name`` set to ``value`` for the block (read on a fresh import)."""
+    before = os.environ.get(name)
+    os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def control(example: str, epochs: int) -> dict:
     """The example's dense model trained ``epochs`` passes over its images by its own recipe, and its metrics."""
     start = time.perf_counter()
-    knob = EPOCHS_KNOB[example]
-    before = os.environ.get(knob)
-    os.environ[knob] = str(epochs)
-    try:
+    with _knob(EPOCHS_KNOB[example], epochs):
         module = _common.example(example)  # a fresh import reads the knob
         metrics = module.evaluate(module.model())
-    finally:
-        if before is None:
-            del os.environ[knob]
-        else:
-            os.environ[knob] = before
     return {"example": example, "options": {}, "pass": "dense, trained as long", "control_epochs": epochs,
             "final": metrics, "seconds_total": time.perf_counter() - start}
+
+
+WIDTH_KNOB = {"yolo": "YOLO_WIDTH"}  # the examples built at another width by a knob
+
+
+def capacity(example: str, width: int, macs_full: int) -> dict:
+    """The example's network built at ``width`` and trained in full by ``model()``: its metrics and MACs (kept,
+    against the example's own width)."""
+    from fxprune.measure import count_macs
+
+    start = time.perf_counter()
+    with _knob(WIDTH_KNOB[example], width):
+        module = _common.example(example)
+        net = module.model()
+        metrics = module.evaluate(net)
+        macs = count_macs(net, module.example_inputs())
+    return {"example": example, "options": {}, "pass": f"dense, width {width}", "width": width,
+            "macs_kept": macs / macs_full, "final": metrics, "seconds_total": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -97,6 +126,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection.json")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="skip the dense model trained as long as the pruned one")
+    ap.add_argument("--widths", type=int, nargs="*", default=[4, 6],
+                    help="capacity rows: the example built at these widths, trained in full (yolo only)")
     args = ap.parse_args()
     started = time.perf_counter()
     options = dict(o.split("=", 1) for o in args.opt)
@@ -104,6 +135,9 @@ def main() -> None:
     if args.control:
         for epochs in sorted({r["epochs_in_all"] for r in rows if r["epochs_in_all"]}):
             rows.append(control(args.example, epochs))
+    if args.widths and args.example in WIDTH_KNOB:
+        macs_full = next(r["macs_before"] for r in rows if "macs_before" in r)
+        rows += [capacity(args.example, w, macs_full) for w in args.widths]
     save(args.out, rows, __file__, started)
 
 

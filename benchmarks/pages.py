@@ -261,7 +261,8 @@ def detection(res: list[dict[str, Any]]) -> list[str]:
         c = controls.get(r.get("epochs_in_all"))
         return None if c is None else f"{r['final']['map_50'] - c['final']['map_50']:+.1f}"
 
-    runs = [r for r in res if "control_epochs" not in r]
+    widths = [r for r in res if "width" in r]
+    runs = [r for r in res if "control_epochs" not in r and "width" not in r]
     rows = [[f"examples/{r.get('example', 'yolo')}.py", r["pass"], " ".join(f"{k}={v}" for k, v in
                                                                         (r.get("options") or {}).items()) or None,
              r["ratio"], r["compaction"], f"{r['recovery']} ({r['recovery_epochs']})", pct(r["macs_kept"]),
@@ -271,12 +272,16 @@ def detection(res: list[dict[str, Any]]) -> list[str]:
     rows += [[f"examples/{c['example']}.py", c["pass"], None, None, None, None, None, None, None, None, None,
               maps(c["final"]), None, None, c["control_epochs"], f"{c['seconds_total']:.0f}"]
              for c in controls.values()]
+    rows += [[f"examples/{w['example']}.py", w["pass"], None, None, None, None, pct(w["macs_kept"]), None, None, None,
+              None, maps(w["final"]), None, None, None, f"{w['seconds_total']:.0f}"] for w in widths]
     return ["mAP@0.5 / mAP@0.5:0.95 in %, on the validation images (torchmetrics' MeanAveragePrecision); MACs and "
             "parameters kept in %. \"trained by the pass\": slimming's sparsity-trained copy of the modules, before "
             "the cut; \"pruned\": the resized model before recovery. \"epochs in all\": passes over the training "
             "images the model saw (the example's own training, the pass's, the recovery's); \"dense, trained as "
             "long\": the example's dense model trained that many passes by its own recipe, the control for a pruned "
-            "model that only ends higher because it trained longer. Seconds: the whole `fxprune run`, the example's "
+            "model that only ends higher because it trained longer; \"dense, width W\": the same network built W wide "
+            "(the example's is 8) and trained in full by `model()`, what that many MACs reach on the task without "
+            "pruning. Seconds: the whole `fxprune run`, the example's "
             "own training in `model()` included.",
             table(["model file", "pass", "--opt", "ratio", "compaction", "recovery (epochs)", "MACs kept",
                    "params kept", "dense", "trained by the pass", "pruned", "final", "final - dense (mAP@0.5)",

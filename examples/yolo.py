@@ -18,7 +18,8 @@ The task leaves this network spare channels, as real detectors trained on a few 
 same network at 1/2 and 3/4 of the width reaches 96.7 and 97.3 mAP@0.5 where this one reaches 98.4 (on the
 ``CLUTTERED`` task every width is at its capacity: halving it costs 4-8 points whatever the pruning).
 
-``YOLO_EPOCHS`` and ``YOLO_IMAGES`` shorten the training (tests). Plain PyTorch and torchvision; fxprune is not
+``YOLO_EPOCHS`` and ``YOLO_IMAGES`` shorten the training (tests); ``YOLO_WIDTH`` (8) sets the width (the benchmark's
+capacity rows). Plain PyTorch and torchvision; fxprune is not
 imported here.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 
 CLASSES = len(shapes.CLASSES)  # labels 1..3 (0: background, as torchvision counts)
 SIZE = 64
-WIDTH = 8  # the stem's channels; every stage doubles it up to 8x
+WIDTH = int(os.environ.get("YOLO_WIDTH", "8"))  # the stem's channels; every stage doubles it up to 8x
 TRAIN_EPOCHS = int(os.environ.get("YOLO_EPOCHS", "10"))
 IMAGES = int(os.environ.get("YOLO_IMAGES", "4096"))
 TASK = shapes.PLAIN
