@@ -83,3 +83,15 @@ def test_a_results_file_without_meta_or_renderer_is_refused(tree):
 def test_the_committed_pages_are_what_the_results_give():
     """docs/benchmarks/ is generated: run `python benchmarks/report.py` after measuring, and commit the pages."""
     assert report.check(report.rendered()) == 0
+
+
+def test_the_zoo_summary_counts_a_detector_compared_by_its_dense_heads_as_exact():
+    import zoo
+
+    def run(status: str) -> dict:
+        return {"model": status, "fxprune": {"status": status}, "tp": {"status": "ok"}}
+
+    runs = [run("ok"), run("ok (dense heads; detections tie-break differently)"), run("inexact"),
+            run("trace failed: TraceError: x")]
+    t = zoo.totals(runs)
+    assert (t["fxprune_ok"], t["fxprune_inexact"], t["fxprune_failed"]) == (2, 1, 1)
