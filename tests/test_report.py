@@ -95,3 +95,12 @@ def test_the_zoo_summary_counts_a_detector_compared_by_its_dense_heads_as_exact(
             run("trace failed: TraceError: x")]
     t = zoo.totals(runs)
     assert (t["fxprune_ok"], t["fxprune_inexact"], t["fxprune_failed"]) == (2, 1, 1)
+
+
+def test_the_zoo_table_shows_the_error_the_status_rests_on():
+    import zoo
+
+    fx = {"status": "ok (dense heads; detections tie-break differently)", "max_rel_err": 0.8,
+          "max_rel_err_dense": 2e-16}
+    row = zoo.table_rows([{"suite": "detection", "model": "m", "fxprune": fx, "tp": {}}])[0]
+    assert "2.0e-16 (dense heads)" in row and "8.0e-01" not in row
