@@ -14,13 +14,12 @@ sparsity on that copy:
 
     fxprune run examples/yolo.py --pass slimming --ratio 0.5
 
-The task leaves this network spare channels, as real detectors trained on a few classes have: trained in full, the
-same network at 1/2 and 3/4 of the width reaches 96.7 and 97.3 mAP@0.5 where this one reaches 98.4 (on the
-``CLUTTERED`` task every width is at its capacity: halving it costs 4-8 points whatever the pruning).
+The task leaves this network spare channels, as real detectors trained on a few classes have: the same network
+built narrower and trained in full loses mAP@0.5 where pruning to the same MACs need not (the benchmark's capacity
+rows: docs/benchmarks/detection.md). On the ``CLUTTERED`` task every width is at its capacity.
 
-``YOLO_EPOCHS`` and ``YOLO_IMAGES`` shorten the training (tests); ``YOLO_WIDTH`` (8) sets the width (the benchmark's
-capacity rows). Plain PyTorch and torchvision; fxprune is not
-imported here.
+``YOLO_EPOCHS`` and ``YOLO_IMAGES`` shorten the training (tests); ``YOLO_WIDTH`` (8) sets the width (the
+benchmark's capacity rows). Plain PyTorch and torchvision; fxprune is not imported here.
 """
 from __future__ import annotations
 
