@@ -14,7 +14,7 @@ training given two such passes, ``--opt epochs=2``: its default of 20 is over an
 prunes them through the modules target (their own modules resized; slimming's sparsity trained on a masked copy of
 them) and recovers them by default.
 
-The control (``--control``, on by default): each example's dense model trained for as many passes over its images
+The control (on unless ``--no-control``): each example's dense model trained for as many passes over its images
 as the pruned one saw in all (the example's own training, the pass's, the recovery's), by the example's own recipe
 (its ``YOLO_EPOCHS`` / ``FRCNN_EPOCHS``). A pruned detector that ends above its dense model may only have trained
 longer: "final - dense trained as long" says what the pruning cost. The capacity rows (``--widths``, the YOLO
@@ -27,12 +27,11 @@ before recovery and after; MACs and parameters kept; the recovery; seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,24 +74,10 @@ def _epochs_in_all(example: str, method: str, options: dict[str, str], report: d
     return own + pass_epochs + int(report["finetune"]["epochs"] or 0)
 
 
-@contextlib.contextmanager
-def _knob(name: str, value: int) -> Iterator[None]:
-    """The example's environment knob ``name`` set to ``value`` for the block (read on a fresh import)."""
-    before = os.environ.get(name)
-    os.environ[name] = str(value)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
-
-
 def control(example: str, epochs: int) -> dict:
     """The example's dense model trained ``epochs`` passes over its images by its own recipe, and its metrics."""
     start = time.perf_counter()
-    with _knob(EPOCHS_KNOB[example], epochs):
+    with mock.patch.dict(os.environ, {EPOCHS_KNOB[example]: str(epochs)}):
         module = _common.example(example)  # a fresh import reads the knob
         metrics = module.evaluate(module.model())
     return {"example": example, "options": {}, "pass": "dense, trained as long", "control_epochs": epochs,
@@ -108,7 +93,7 @@ def capacity(example: str, width: int, macs_full: int) -> dict:
     from fxprune.measure import count_macs
 
     start = time.perf_counter()
-    with _knob(WIDTH_KNOB[example], width):
+    with mock.patch.dict(os.environ, {WIDTH_KNOB[example]: str(width)}):
         module = _common.example(example)
         net = module.model()
         metrics = module.evaluate(net)
